@@ -1,0 +1,679 @@
+"""The offline engine: SGLang-style ``generate`` / ``async_generate`` / streaming over one engine loop.
+
+One background thread owns the scheduler and the device: it drains an inbox of commands (new requests,
+aborts, cache flushes), runs a step, and hands each request's new tokens to that request's sink (a queue for
+synchronous callers, an asyncio queue for async ones). Callers never touch the scheduler directly, so the
+server, the CLI and ``generate`` all share one path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from jaxrt.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from jaxrt.page_table import PageAllocator
+from jaxrt.radix_cache import RadixCache
+from jaxrt.request import FinishReason, Request
+from jaxrt.sampling_params import SamplingParams
+from jaxrt.scheduler import Scheduler, SchedulerOutput
+from jaxrt.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger("jaxrt")
+
+Sink = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class _Track:
+    """Per-request host state the engine loop keeps beside the scheduler's Request."""
+
+    request: Request
+    sink: Sink
+    stream: bool
+    detok: IncrementalDetokenizer
+    stop_ids: list[int]
+    eos_ids: set[int]
+    return_logprob: bool
+    top_logprobs_num: int
+    stop_text: str | None = None  # text cut at a matched stop string
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _platform() -> str:
+    import jax
+
+    return jax.default_backend()
+
+
+def _default_dtype(checkpoint_dtype: str, platform: str) -> str:
+    if platform == "cpu":
+        return "float32"
+    return "float16" if checkpoint_dtype == "float16" else "bfloat16"
+
+
+class Engine:
+    """Generate text from a transformers causal LM with jaxrt.
+
+    ``Engine()`` with no ``model_path`` uses the default model (SmolLM2-135M-Instruct, fully offline).
+    Use as a context manager, or call :meth:`shutdown`.
+    """
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        impl: str = "auto",
+        dtype: str | None = None,
+        trust_remote_code: bool = False,
+        page_size: int = 16,
+        mem_fraction_static: float = 0.85,
+        max_running_requests: int | None = None,
+        chunked_prefill_size: int | None = None,
+        context_length: int | None = None,
+        disable_radix_cache: bool = False,
+        random_seed: int = 0,
+        attention_backend: str | None = None,
+        num_pages: int | None = None,
+        chat_template: str | None = None,
+        max_queued_requests: int | None = None,
+        skip_warmup: bool = False,
+        served_model_name: str | None = None,
+    ) -> None:
+        from jaxrt import envs
+        from jaxrt.converters.loader import (
+            build_native_model,
+            has_native,
+            load_hf_config,
+            native_model_config,
+            resolve_model_path,
+        )
+        from jaxrt.model_runner import ModelRunner, enable_compilation_cache
+
+        t0 = time.perf_counter()
+        if impl not in ("auto", "native", "transformers"):
+            raise ValueError(f"impl must be 'auto', 'native' or 'transformers', got {impl!r}")
+        if model_path is None:
+            from jaxrt.default_model import DEFAULT_MODEL_NAME, default_model_path
+
+            model_path = default_model_path()
+            served_model_name = served_model_name or DEFAULT_MODEL_NAME
+        model_path = resolve_model_path(model_path)
+        self.model_path = model_path
+        self.served_model_name = served_model_name or model_path.rstrip("/").split("/")[-1]
+        enable_compilation_cache()
+
+        hf_config = load_hf_config(model_path, trust_remote_code)
+        arch = (getattr(hf_config, "architectures", None) or ["?"])[0]
+        if impl == "auto":
+            impl = "native" if has_native(arch) else "transformers"
+            logger.info("impl=auto chose %s for %s", impl, arch)
+        if impl == "transformers":
+            raise NotImplementedError(
+                f"{arch}: the transformers fallback (impl='transformers') is not available in this build; "
+                "native architectures: LlamaForCausalLM, MistralForCausalLM"
+            )
+        model_cfg: ModelConfig = native_model_config(hf_config)
+        platform = _platform()
+        dtype = dtype or _default_dtype(model_cfg.dtype, platform)
+        context_length = context_length or model_cfg.max_position_embeddings
+        on_cpu = platform == "cpu"
+        max_running_requests = max_running_requests or (16 if on_cpu else 256)
+        chunked_prefill_size = chunked_prefill_size or (512 if on_cpu else 8192)
+        chunked_prefill_size = max(chunked_prefill_size, max_running_requests)
+        backend = attention_backend or envs.attention_backend()
+
+        self.config = EngineConfig(
+            model_path=model_path,
+            model=model_cfg,
+            cache=CacheConfig(
+                page_size=page_size,
+                mem_fraction_static=mem_fraction_static,
+                num_pages=num_pages,
+                disable_radix_cache=disable_radix_cache,
+            ),
+            scheduler=SchedulerConfig(
+                max_running_requests=max_running_requests,
+                chunked_prefill_size=chunked_prefill_size,
+                context_length=context_length,
+                max_queued_requests=max_queued_requests,
+            ),
+            impl=impl,
+            dtype=dtype,
+            attention_backend=backend,
+            random_seed=random_seed,
+            trust_remote_code=trust_remote_code,
+        )
+        self.tokenizer = Tokenizer(model_path, trust_remote_code, chat_template)
+        self.eos_ids = set(model_cfg.eos_token_ids) | self.tokenizer.eos_token_ids
+        self._read_generation_config_eos(model_path)
+
+        graphdef, state = build_native_model(
+            model_cfg, model_path, dtype, backend, interpret=envs.attention_interpret()
+        )
+        self.runner = ModelRunner(self.config, graphdef, state)
+        self.allocator = PageAllocator(self.runner.num_pages)
+        self.radix = RadixCache(self.allocator, page_size, disabled=disable_radix_cache)
+        self.scheduler = Scheduler(self.config.scheduler, self.allocator, self.radix, page_size)
+        if not skip_warmup:
+            self.runner.precompile()
+
+        self._rng = np.random.default_rng(random_seed)
+        self._tracks: dict[str, _Track] = {}
+        self._inbox: list[tuple[str, Any]] = []
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self.stats = {
+            "num_generated_tokens": 0,
+            "num_prompt_tokens": 0,
+            "num_cached_tokens": 0,
+            "num_steps": 0,
+        }
+        self._thread = threading.Thread(target=self._loop, name="jaxrt-engine", daemon=True)
+        self._thread.start()
+        self.startup_seconds = time.perf_counter() - t0
+        logger.info(
+            "engine ready in %.1f s (compile %.1f s)", self.startup_seconds, self.runner.compile_seconds
+        )
+
+    def _read_generation_config_eos(self, model_path: str) -> None:
+        try:
+            from transformers import GenerationConfig
+
+            gc = GenerationConfig.from_pretrained(model_path)
+        except Exception:
+            return
+        eos = gc.eos_token_id
+        if eos is not None:
+            self.eos_ids |= {eos} if isinstance(eos, int) else set(eos)
+
+    # ===================================================================================== public API
+
+    @property
+    def context_length(self) -> int:
+        return self.config.scheduler.context_length
+
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        stream: bool = False,
+        return_logprob: bool | None = None,
+        top_logprobs_num: int | None = None,
+    ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
+        """Generate for one prompt or a batch. Returns SGLang-shaped dicts; ``stream=True`` yields chunks."""
+        specs, single = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num)
+        if stream:
+            if len(specs) != 1:
+                raise ValueError("stream=True takes a single prompt with n=1")
+            return self._stream_sync(specs[0])
+        sinks = [queue.SimpleQueue() for _ in specs]
+        for spec, q in zip(specs, sinks, strict=True):
+            self._submit(spec, q.put, stream=False)
+        results = [self._wait(q) for q in sinks]
+        return results[0] if single else results
+
+    def _stream_sync(self, spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        rid = self._submit(spec, q.put, stream=True)
+        try:
+            while True:
+                chunk = self._wait(q)
+                yield chunk
+                if chunk["meta_info"]["finish_reason"] is not None:
+                    return
+        finally:
+            self.abort(rid)  # no-op if finished; frees everything if the consumer stopped early
+
+    def _wait(self, q: queue.SimpleQueue) -> dict[str, Any]:
+        while True:
+            try:
+                item = q.get(timeout=0.5)
+            except queue.Empty:
+                if self._dead is not None:
+                    raise RuntimeError("the engine loop died") from self._dead
+                if not self._thread.is_alive():
+                    raise RuntimeError("the engine is shut down")
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            return item
+
+    def async_generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        stream: bool = False,
+        return_logprob: bool | None = None,
+        top_logprobs_num: int | None = None,
+    ):
+        """Async twin of :meth:`generate`.
+
+        ``await engine.async_generate(...)`` gives the result; with ``stream=True`` the return value is an
+        async iterator of chunks (``async for chunk in engine.async_generate(..., stream=True)``; awaiting it
+        first also works, as in SGLang).
+        """
+        specs, single = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num)
+        if stream:
+            if len(specs) != 1:
+                raise ValueError("stream=True takes a single prompt with n=1")
+            return _AsyncStream(self, specs[0])
+        return self._async_batch(specs, single)
+
+    async def _async_batch(self, specs: list[dict[str, Any]], single: bool):
+        loop = asyncio.get_running_loop()
+        futures = []
+        for spec in specs:
+            fut = loop.create_future()
+
+            def sink(item, fut=fut):
+                def deliver():
+                    if fut.done():
+                        return
+                    if isinstance(item, BaseException):
+                        fut.set_exception(item)
+                    elif item["meta_info"]["finish_reason"] is not None:
+                        fut.set_result(item)
+
+                loop.call_soon_threadsafe(deliver)
+
+            rid = self._submit(spec, sink, stream=False)
+            futures.append((rid, fut))
+        try:
+            results = [await fut for _, fut in futures]
+        except asyncio.CancelledError:
+            for rid, _ in futures:
+                self.abort(rid)
+            raise
+        return results[0] if single else results
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request: it finishes with ``finish_reason.type == "abort"`` and frees all it holds."""
+        self._post("abort", request_id)
+
+    def flush_cache(self) -> bool:
+        """Drop all cached prefixes. Returns False (and does nothing) while requests are running."""
+        done = threading.Event()
+        result: list[bool] = []
+        self._post("flush", (done, result))
+        done.wait(timeout=60)
+        return bool(result and result[0])
+
+    def get_model_info(self) -> dict[str, Any]:
+        m = self.config.model
+        return {
+            "model_path": self.model_path,
+            "tokenizer_path": self.model_path,
+            "served_model_name": self.served_model_name,
+            "is_generation": True,
+            "architecture": m.architecture,
+            "impl": self.config.impl,
+            "dtype": self.config.dtype,
+            "context_length": self.context_length,
+            "vocab_size": m.vocab_size,
+        }
+
+    def get_server_info(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            **self.get_model_info(),
+            "page_size": c.cache.page_size,
+            "num_pages": self.runner.num_pages,
+            "max_running_requests": c.scheduler.max_running_requests,
+            "chunked_prefill_size": c.scheduler.chunked_prefill_size,
+            "disable_radix_cache": c.cache.disable_radix_cache,
+            "attention_backend": c.attention_backend,
+            "token_buckets": self.runner.token_buckets,
+            "startup_seconds": self.startup_seconds,
+        }
+
+    def load_stats(self) -> dict[str, Any]:
+        """A consistent-enough snapshot for metrics (read without stopping the loop)."""
+        used = self.allocator.num_used
+        return {
+            "num_running_reqs": len(self.scheduler.running),
+            "num_queue_reqs": len(self.scheduler.waiting),
+            "num_used_pages": used,
+            "token_usage": used / max(1, self.allocator.num_usable),
+            "num_cached_pages": self.radix.num_cached_pages,
+            "num_preemptions": self.scheduler.num_preemptions,
+            **self.stats,
+        }
+
+    def shutdown(self) -> None:
+        """Stop the loop; requests still in flight finish with an abort."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self._thread.join(timeout=60)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ===================================================================================== intake
+
+    def _prepare(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num):
+        """Validate everything up front; a bad request raises ValueError before anything is queued."""
+        if (prompt is None) == (input_ids is None):
+            raise ValueError("pass exactly one of prompt or input_ids")
+        if prompt is not None:
+            single = isinstance(prompt, str)
+            prompts = [prompt] if single else list(prompt)
+            if not all(isinstance(p, str) for p in prompts):
+                raise ValueError("prompt must be a string or a list of strings")
+            token_lists = [self.tokenizer.encode(p) if p else [] for p in prompts]
+        else:
+            single = bool(input_ids) and isinstance(input_ids[0], int) or input_ids == []
+            token_lists = [list(input_ids)] if single else [list(x) for x in input_ids]
+        if not token_lists:
+            raise ValueError("prompt: empty batch")
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != len(token_lists):
+                raise ValueError(
+                    f"sampling_params: got {len(sampling_params)} for a batch of {len(token_lists)} prompts"
+                )
+            sps = [SamplingParams.from_dict(s) for s in sampling_params]
+        else:
+            sps = [SamplingParams.from_dict(sampling_params) for _ in token_lists]
+        vocab = self.config.model.vocab_size
+        specs = []
+        for ids, sp in zip(token_lists, sps, strict=True):
+            if return_logprob is not None:
+                sp.return_logprob = bool(return_logprob)
+            if top_logprobs_num is not None:
+                sp.top_logprobs_num = int(top_logprobs_num)
+                sp.validate()
+            sp.validate(vocab)
+            self._validate_ids(ids)
+            room = self.context_length - len(ids)
+            for i in range(sp.n):
+                seed = sp.seed + i if sp.seed is not None else int(self._rng.integers(0, 2**31 - 1))
+                specs.append({"ids": ids, "sp": sp, "seed": seed, "max_new": min(sp.max_new_tokens, room)})
+            if sp.n > 1:
+                single = False
+        return specs, single
+
+    def _validate_ids(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("prompt: empty prompt (no tokens)")
+        vocab = self.config.model.vocab_size
+        if any(not isinstance(t, (int, np.integer)) or t < 0 or t >= vocab for t in ids):
+            raise ValueError(f"input_ids: token ids must be integers in [0, {vocab})")
+        if len(ids) >= self.context_length:
+            raise ValueError(
+                f"prompt: {len(ids)} tokens is too long for context_length {self.context_length} "
+                "(at least one token must be generated)"
+            )
+
+    def _submit(self, spec: dict[str, Any], sink: Sink, stream: bool) -> str:
+        if self._dead is not None:
+            raise RuntimeError("the engine loop died") from self._dead
+        if self._stopping:
+            raise RuntimeError("the engine is shutting down")
+        sp: SamplingParams = spec["sp"]
+        import dataclasses
+
+        sp = dataclasses.replace(sp, max_new_tokens=spec["max_new"])
+        rid = uuid.uuid4().hex
+        req = Request(
+            request_id=rid,
+            prompt_token_ids=list(map(int, spec["ids"])),
+            sampling_params=sp,
+            seed=spec["seed"],
+        )
+        # Fail here, in the caller, if the pool can never hold this request.
+        if self.scheduler.max_pages_for(req) > self.allocator.num_usable:
+            raise ValueError(
+                f"max_new_tokens: prompt + max_new_tokens needs {self.scheduler.max_pages_for(req)} KV pages, "
+                f"the pool has {self.allocator.num_usable}"
+            )
+        stop_ids = list(sp.stop_token_ids) + ([] if sp.ignore_eos else sorted(self.eos_ids))
+        track = _Track(
+            request=req,
+            sink=sink,
+            stream=stream,
+            detok=IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens),
+            stop_ids=stop_ids,
+            eos_ids=set() if sp.ignore_eos else self.eos_ids,
+            return_logprob=sp.return_logprob or sp.top_logprobs_num > 0,
+            top_logprobs_num=sp.top_logprobs_num,
+        )
+        self._post("add", track)
+        return rid
+
+    def _post(self, kind: str, payload: Any) -> None:
+        with self._cv:
+            self._inbox.append((kind, payload))
+            self._cv.notify_all()
+
+    # ===================================================================================== the loop
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._inbox and not self.scheduler.has_work and not self._stopping:
+                        self._cv.wait()
+                    inbox, self._inbox = self._inbox, []
+                    stopping = self._stopping
+                for kind, payload in inbox:
+                    self._apply(kind, payload)
+                if stopping:
+                    for rid in list(self._tracks):
+                        self._abort(rid, "the engine is shutting down")
+                    return
+                if self.scheduler.has_work:
+                    self._step_once()
+        except BaseException as e:  # noqa: BLE001 - reported to every waiter
+            logger.exception("engine loop died")
+            self._dead = e
+            for track in list(self._tracks.values()):
+                track.sink(RuntimeError(f"engine loop died: {e}"))
+
+    def _apply(self, kind: str, payload: Any) -> None:
+        if kind == "add":
+            track: _Track = payload
+            self._tracks[track.request.request_id] = track
+            try:
+                self.scheduler.add_request(track.request)
+            except ValueError as e:
+                self._tracks.pop(track.request.request_id)
+                track.sink(e)
+        elif kind == "abort":
+            self._abort(payload, "aborted by the client")
+        elif kind == "flush":
+            done, result = payload
+            result.append(self.scheduler.flush_cache())
+            done.set()
+
+    def _abort(self, rid: str, message: str) -> None:
+        track = self._tracks.get(rid)
+        if track is None:
+            return
+        req = self.scheduler.abort(rid)
+        if req is not None:
+            req.finish_reason = FinishReason("abort", message=message)
+        self._emit(track, final=True)
+
+    def _step_once(self) -> None:
+        sched: SchedulerOutput = self.scheduler.schedule()
+        if sched.is_empty:
+            time.sleep(0.001)
+            return
+        stop_ids = {
+            s.request.request_id: self._tracks[s.request.request_id].stop_ids for s in sched.scheduled
+        }
+        try:
+            out = self.runner.run(sched, stop_ids)
+        except Exception as e:
+            # A real fault in the step: fail the requests in it, keep serving the rest.
+            logger.exception("step failed; aborting its %d requests", len(sched.scheduled))
+            for s in sched.scheduled:
+                self._abort(s.request.request_id, f"internal error: {e}")
+            return
+        self.scheduler.commit(sched)
+        self.stats["num_steps"] += 1
+        now = time.perf_counter()
+        for i, s in enumerate(sched.scheduled):
+            if not s.sample:
+                continue
+            req = s.request
+            track = self._tracks[req.request_id]
+            token = int(out.tokens[i])
+            req.output_token_ids.append(token)
+            self.stats["num_generated_tokens"] += 1
+            if req.first_token_time is None:
+                req.first_token_time = now
+                self.stats["num_prompt_tokens"] += req.num_prompt_tokens
+                self.stats["num_cached_tokens"] += req.num_cached_tokens
+            if track.return_logprob:
+                req.output_logprobs.append(float(out.logprobs[i]))
+                if track.top_logprobs_num:
+                    k = track.top_logprobs_num
+                    req.output_top_logprobs.append(
+                        [
+                            (int(t), float(lp))
+                            for t, lp in zip(out.top_ids[i, :k], out.top_logprobs[i, :k], strict=True)
+                        ]
+                    )
+            reason = self._check_finish(req, track, token)
+            if reason is not None:
+                self.scheduler.finish(req, reason)
+                self._emit(track, final=True)
+            elif track.stream:
+                self._emit(track, final=False)
+
+    def _check_finish(self, req: Request, track: _Track, token: int) -> FinishReason | None:
+        sp = req.sampling_params
+        n_out = len(req.output_token_ids)
+        delta = track.detok.step(req.output_token_ids)
+        past_min = n_out >= sp.min_new_tokens
+        if past_min and token in track.eos_ids:
+            return FinishReason("stop", matched=token)
+        if past_min and token in sp.stop_token_ids:
+            return FinishReason("stop", matched=token)
+        if sp.stop and delta and past_min:
+            text = track.detok.text
+            start = max(0, len(text) - len(delta) - max(len(s) for s in sp.stop))
+            hits = [(text.find(s, start), s) for s in sp.stop]
+            hits = [(pos, s) for pos, s in hits if pos >= 0]
+            if hits:
+                pos, s = min(hits)
+                track.stop_text = text[:pos]
+                return FinishReason("stop", matched=s)
+        if n_out >= sp.max_new_tokens or req.num_tokens >= self.context_length:
+            return FinishReason("length")
+        return None
+
+    def _emit(self, track: _Track, final: bool) -> None:
+        req = track.request
+        sp = req.sampling_params
+        if final:
+            if track.stop_text is not None:
+                text = track.stop_text
+            else:
+                text = self.tokenizer.decode(req.output_token_ids, sp.skip_special_tokens)
+            self._tracks.pop(req.request_id, None)
+            req.finished_time = time.perf_counter()
+        else:
+            text = track.detok.text
+            if sp.stop:  # hold back a tail that may still become a stop string
+                hold = 0
+                for s in sp.stop:
+                    for k in range(min(len(s) - 1, len(text)), 0, -1):
+                        if text.endswith(s[:k]):
+                            hold = max(hold, k)
+                            break
+                text = text[: len(text) - hold] if hold else text
+        reason = req.finish_reason.to_dict() if final and req.finish_reason else None
+        meta: dict[str, Any] = {
+            "id": req.request_id,
+            "finish_reason": reason,
+            "prompt_tokens": req.num_prompt_tokens,
+            "completion_tokens": len(req.output_token_ids),
+            "cached_tokens": req.num_cached_tokens,
+            "e2e_latency": time.perf_counter() - req.arrival_time,
+        }
+        if req.first_token_time is not None:
+            meta["ttft"] = req.first_token_time - req.arrival_time
+        if track.return_logprob:
+            meta["output_token_logprobs"] = [
+                (lp, t, None) for lp, t in zip(req.output_logprobs, req.output_token_ids, strict=False)
+            ]
+            if track.top_logprobs_num:
+                meta["output_top_logprobs"] = [
+                    [(lp, t, None) for t, lp in row] for row in req.output_top_logprobs
+                ]
+        track.sink({"text": text, "output_ids": list(req.output_token_ids), "meta_info": meta})
+
+
+class _AsyncStream:
+    """Async iterator of a streamed request's chunks; awaiting it returns itself (SGLang's idiom)."""
+
+    def __init__(self, engine: Engine, spec: dict[str, Any]) -> None:
+        self._engine = engine
+        self._spec = spec
+        self._queue: asyncio.Queue | None = None
+        self._rid: str | None = None
+        self._done = False
+
+    def __await__(self):
+        async def _self():
+            return self
+
+        return _self().__await__()
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        return self
+
+    def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue()
+        q = self._queue
+        self._rid = self._engine._submit(
+            self._spec, lambda item: loop.call_soon_threadsafe(q.put_nowait, item), True
+        )
+
+    @property
+    def request_id(self) -> str | None:
+        return self._rid
+
+    async def __anext__(self) -> dict[str, Any]:
+        if self._done:
+            raise StopAsyncIteration
+        if self._queue is None:
+            self._start()
+        assert self._queue is not None
+        try:
+            item = await self._queue.get()
+        except asyncio.CancelledError:
+            self.aclose_sync()
+            raise
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item["meta_info"]["finish_reason"] is not None:
+            self._done = True
+        return item
+
+    def aclose_sync(self) -> None:
+        if self._rid is not None and not self._done:
+            self._engine.abort(self._rid)
+        self._done = True
+
+    async def aclose(self) -> None:
+        self.aclose_sync()

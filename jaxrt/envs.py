@@ -1,0 +1,34 @@
+"""Every environment flag jaxrt reads, typed, in one place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _get(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def cache_dir() -> Path:
+    """Root of jaxrt's caches (converted default model, compilation cache). ``JAXRT_CACHE_DIR``."""
+    return Path(_get("JAXRT_CACHE_DIR", str(Path.home() / ".cache" / "jaxrt"))).expanduser()
+
+
+def attention_backend() -> str:
+    """Attention backend override: auto | reference | pallas_gpu | pallas_tpu. ``JAXRT_ATTENTION_BACKEND``."""
+    return _get("JAXRT_ATTENTION_BACKEND", "auto")
+
+
+def attention_interpret() -> bool:
+    """Run Pallas attention in interpret mode (CPU testing of kernels). ``JAXRT_ATTENTION_INTERPRET``."""
+    return _get("JAXRT_ATTENTION_INTERPRET", "0") == "1"
+
+
+def compilation_cache_enabled() -> bool:
+    """Use JAX's persistent compilation cache under ``cache_dir()``. ``JAXRT_COMPILATION_CACHE`` (default 1)."""
+    return _get("JAXRT_COMPILATION_CACHE", "1") == "1"
+
+
+def disable_progress_bar() -> bool:
+    return _get("JAXRT_DISABLE_PROGRESS", "0") == "1"

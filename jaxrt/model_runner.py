@@ -1,0 +1,146 @@
+"""Owns the device side: parameters, the paged KV pool, the compiled step per shape bucket."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxrt import envs
+from jaxrt.batch import StepOutput, build_batch, history_buckets, pick_bucket, token_buckets
+from jaxrt.config import EngineConfig
+from jaxrt.models.layers import KVCache
+from jaxrt.scheduler import SchedulerOutput, cdiv
+from jaxrt.step import make_step
+
+logger = logging.getLogger(__name__)
+
+CPU_KV_POOL_BYTES = 1 << 30  # default KV pool on CPU, where memory stats are unavailable
+
+
+def enable_compilation_cache() -> None:
+    if not envs.compilation_cache_enabled() or jax.config.jax_compilation_cache_dir:
+        return
+    path = envs.cache_dir() / "xla"
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def kv_bytes_per_page(cfg: EngineConfig) -> int:
+    m = cfg.model
+    itemsize = jnp.dtype(cfg.cache.kv_dtype or cfg.dtype).itemsize
+    return 2 * m.num_layers * cfg.cache.page_size * m.num_kv_heads * m.head_dim * itemsize
+
+
+def plan_num_pages(cfg: EngineConfig, device: jax.Device) -> int:
+    """KV pool size: explicit ``num_pages``, else ``mem_fraction_static`` of device memory minus what is in use."""
+    if cfg.cache.num_pages is not None:
+        return cfg.cache.num_pages
+    per_page = kv_bytes_per_page(cfg)
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        budget = int(stats["bytes_limit"] * cfg.cache.mem_fraction_static) - int(stats.get("bytes_in_use", 0))
+    else:
+        pages_per_seq = cdiv(cfg.scheduler.context_length, cfg.cache.page_size)
+        want = cfg.scheduler.max_running_requests * pages_per_seq + 1
+        budget = min(want * per_page, CPU_KV_POOL_BYTES)
+    num_pages = budget // per_page
+    min_pages = cdiv(cfg.scheduler.context_length, cfg.cache.page_size) + 1
+    if num_pages < min_pages:
+        raise ValueError(
+            f"KV pool of {num_pages} pages cannot hold one request of context_length "
+            f"{cfg.scheduler.context_length}; raise mem_fraction_static or lower context_length"
+        )
+    return int(num_pages)
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig, graphdef: nnx.GraphDef, state: nnx.State) -> None:
+        self.cfg = cfg
+        self.device = jax.devices()[0]
+        self.graphdef = graphdef
+        self.state = state
+        self.page_size = cfg.cache.page_size
+        self.num_pages = plan_num_pages(cfg, self.device)
+        self.pages_per_seq = cdiv(cfg.scheduler.context_length, self.page_size)
+        m = cfg.model
+        kv_dtype = jnp.dtype(cfg.cache.kv_dtype or cfg.dtype)
+        shape = (self.num_pages, self.page_size, m.num_kv_heads, m.head_dim)
+        self.kv_caches: list[KVCache] = [
+            (jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(m.num_layers)
+        ]
+        self.token_buckets = token_buckets(cfg.scheduler.chunked_prefill_size)
+        self.history_buckets = history_buckets(cfg.scheduler.context_length)
+        self._step = make_step(graphdef)
+        self._compiled: dict[tuple[int, int, int], Any] = {}
+        self.compile_seconds = 0.0
+        logger.info(
+            "KV pool: %d pages x %d tokens (%.1f MiB)",
+            self.num_pages,
+            self.page_size,
+            self.num_pages * kv_bytes_per_page(cfg) / 2**20,
+        )
+
+    def num_seqs_for(self, num_tokens: int) -> int:
+        return min(num_tokens, self.cfg.scheduler.max_running_requests)
+
+    def _batch(
+        self, sched: SchedulerOutput, num_tokens: int, history_len: int, stop_ids: dict[str, list[int]]
+    ):
+        return build_batch(
+            sched,
+            num_tokens=num_tokens,
+            num_seqs=self.num_seqs_for(num_tokens),
+            pages_per_seq=self.pages_per_seq,
+            page_size=self.page_size,
+            vocab_size=self.cfg.model.vocab_size,
+            history_len=history_len,
+            stop_ids=stop_ids,
+        )
+
+    def _get_compiled(self, key: tuple[int, int, int], fb, sb):
+        fn = self._compiled.get(key)
+        if fn is None:
+            t0 = time.perf_counter()
+            fn = self._step.lower(self.state, self.kv_caches, fb, sb).compile()
+            self.compile_seconds += time.perf_counter() - t0
+            self._compiled[key] = fn
+        return fn
+
+    def precompile(self) -> None:
+        """Compile the step for every token bucket (no penalties variant) before serving."""
+        empty = SchedulerOutput()
+        buckets = self.token_buckets
+        bar = tqdm(buckets, desc="Compiling step buckets", disable=envs.disable_progress_bar(), leave=False)
+        for n in bar:
+            fb, sb = self._batch(empty, n, 1, {})
+            self._get_compiled((n, self.num_seqs_for(n), 1), fb, sb)
+
+    def run(self, sched: SchedulerOutput, stop_ids: dict[str, list[int]]) -> StepOutput:
+        """Run one scheduled step; returns host (numpy) outputs for the first ``len(sched.scheduled)`` rows."""
+        n = pick_bucket(self.token_buckets, sched.num_tokens)
+        history_len = 1
+        if any(s.sample and s.request.sampling_params.uses_penalties for s in sched.scheduled):
+            longest = max(
+                s.request.num_tokens for s in sched.scheduled if s.request.sampling_params.uses_penalties
+            )
+            history_len = pick_bucket(self.history_buckets, longest)
+        fb, sb = self._batch(sched, n, history_len, stop_ids)
+        fn = self._get_compiled((n, self.num_seqs_for(n), history_len), fb, sb)
+        out, self.kv_caches = fn(self.state, self.kv_caches, fb, sb)
+        k = len(sched.scheduled)
+        host = jax.device_get(out)
+        return StepOutput(
+            tokens=np.asarray(host.tokens[:k]),
+            logprobs=np.asarray(host.logprobs[:k]),
+            top_ids=np.asarray(host.top_ids[:k]),
+            top_logprobs=np.asarray(host.top_logprobs[:k]),
+        )

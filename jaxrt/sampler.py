@@ -1,0 +1,88 @@
+"""On-device sampling, inside the jitted step: penalties, temperature, top-k/top-p/min-p, per-request seeds."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxrt.batch import MAX_TOP_LOGPROBS, SamplingBatch, StepOutput
+
+NEG_INF = -jnp.inf
+
+
+def apply_penalties(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
+    """Repetition penalty over prompt+output (transformers' rule), frequency/presence over output (OpenAI's).
+
+    logits: [num_seqs, vocab] f32.
+    """
+    num_seqs, vocab = logits.shape
+    rows = jnp.arange(num_seqs)[:, None]
+    ids = jnp.where(sb.history < 0, vocab, sb.history)  # padding -> out of range, dropped
+    seen = jnp.zeros((num_seqs, vocab), jnp.bool_).at[rows, ids].set(True, mode="drop")
+    out_counts = (
+        jnp.zeros((num_seqs, vocab), jnp.float32)
+        .at[rows, ids]
+        .add(sb.history_is_output.astype(jnp.float32), mode="drop")
+    )
+    rep = sb.repetition_penalty[:, None]
+    penalized = jnp.where(logits > 0, logits / rep, logits * rep)
+    logits = jnp.where(seen, penalized, logits)
+    logits = logits - sb.frequency_penalty[:, None] * out_counts
+    logits = logits - sb.presence_penalty[:, None] * (out_counts > 0)
+    return logits
+
+
+def _sample(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
+    """Temperature, top-k, top-p, min-p, then a Gumbel-max draw keyed by (seed, sample_index) per row."""
+    num_seqs, vocab = logits.shape
+    temp = jnp.where(sb.temperature > 0, sb.temperature, 1.0)[:, None]
+    x = logits / temp
+    order = jnp.argsort(-x, axis=-1)
+    xs = jnp.take_along_axis(x, order, axis=-1)
+    probs = jax.nn.softmax(xs, axis=-1)
+    rank = jnp.arange(vocab)[None, :]
+    keep = rank < sb.top_k[:, None]
+    cum_before = jnp.cumsum(probs, axis=-1) - probs
+    keep &= cum_before < sb.top_p[:, None]
+    keep &= probs >= sb.min_p[:, None] * probs[:, :1]
+    keep = keep.at[:, 0].set(True)  # the most likely token always survives
+    xs = jnp.where(keep, xs, NEG_INF)
+
+    def gumbel(seed, index):
+        key = jax.random.fold_in(jax.random.key(seed), index)
+        return jax.random.gumbel(key, (vocab,), jnp.float32)
+
+    g = jax.vmap(gumbel)(sb.seeds, sb.sample_index)
+    choice = jnp.argmax(xs + g, axis=-1)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def sample(logits: jax.Array, sb: SamplingBatch) -> StepOutput:
+    """logits: [num_seqs, vocab] -> next tokens and their log-probabilities under the raw distribution."""
+    logits = logits.astype(jnp.float32)
+    num_seqs, vocab = logits.shape
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+
+    logits = jax.lax.cond(sb.any_penalty, apply_penalties, lambda lg, _: lg, logits, sb)
+    stop = jnp.where(sb.stop_ids < 0, vocab, sb.stop_ids)
+    rows = jnp.arange(num_seqs)[:, None]
+    suppress = jnp.zeros((num_seqs, vocab), jnp.bool_).at[rows, stop].set(True, mode="drop")
+    logits = jnp.where(suppress & sb.suppress_stop[:, None], NEG_INF, logits)
+
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampled = jax.lax.cond(sb.any_sampling, _sample, lambda lg, _: greedy, logits, sb)
+    tokens = jnp.where(sb.temperature > 0, sampled, greedy)
+    logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+
+    def top(lp):
+        vals, ids = jax.lax.top_k(lp, MAX_TOP_LOGPROBS)
+        return ids.astype(jnp.int32), vals
+
+    def no_top(lp):
+        return (
+            jnp.zeros((num_seqs, MAX_TOP_LOGPROBS), jnp.int32),
+            jnp.zeros((num_seqs, MAX_TOP_LOGPROBS), jnp.float32),
+        )
+
+    top_ids, top_lp = jax.lax.cond(sb.any_top_logprobs, top, no_top, raw_logprobs)
+    return StepOutput(tokens=tokens, logprobs=logprobs, top_ids=top_ids, top_logprobs=top_lp)

@@ -1,0 +1,222 @@
+"""Catch-up scheduler: each step grants tokens under a budget; prefill, chunked prefill and decode are one
+mechanism. Pure Python: no jax here.
+
+Every request has ``num_computed_tokens``; a step grants it ``min(remaining, budget)`` new tokens, so a long
+prompt is prefilled in chunks while other requests decode in the same batch. Running requests go first (oldest
+first), then waiting ones are admitted FCFS while the budget, ``max_running_requests`` and the KV pool allow.
+When pages run out, the youngest running request is preempted: its computed pages go to the radix cache (or
+are freed), and it is re-queued at the front to be recomputed later. Nothing is ever dropped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from jaxrt.config import SchedulerConfig
+from jaxrt.page_table import OutOfPagesError, PageAllocator
+from jaxrt.radix_cache import RadixCache
+from jaxrt.request import FinishReason, Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    start: int  # num_computed_tokens before this step: position of the first granted token
+    num_new_tokens: int
+    sample: bool  # the grant reaches the last known token, so the step samples the next one
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class Scheduler:
+    def __init__(
+        self, config: SchedulerConfig, allocator: PageAllocator, radix_cache: RadixCache, page_size: int
+    ) -> None:
+        self.config = config
+        self.allocator = allocator
+        self.radix = radix_cache
+        self.page_size = page_size
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # admission order: oldest first
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------------------------------ intake
+
+    def max_pages_for(self, req: Request) -> int:
+        total = min(req.max_total_tokens, self.config.context_length)
+        return cdiv(total, self.page_size)
+
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        if self.max_pages_for(req) > self.allocator.num_usable:
+            raise ValueError(
+                f"request needs up to {self.max_pages_for(req)} KV pages but the pool has "
+                f"{self.allocator.num_usable}; lower max_new_tokens or grow the pool"
+            )
+        req.status = RequestStatus.WAITING
+        self.waiting.append(req)
+        self.requests[req.request_id] = req
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------------------------------ pages
+
+    def _ensure_pages(self, req: Request, num_tokens: int) -> bool:
+        """Give ``req`` pages for its first ``num_tokens`` tokens, evicting cache if needed."""
+        missing = cdiv(num_tokens, self.page_size) - len(req.page_ids)
+        if missing <= 0:
+            return True
+        if self.allocator.num_free < missing:
+            self.radix.evict(missing - self.allocator.num_free)
+        try:
+            req.page_ids.extend(self.allocator.alloc(missing))
+        except OutOfPagesError:
+            return False
+        return True
+
+    def _release(self, req: Request, cache: bool) -> None:
+        """Drop everything ``req`` holds; with ``cache`` its computed full pages go to the radix cache."""
+        if cache and req.page_ids:
+            self.radix.insert(req.all_token_ids[: req.num_computed_tokens], req.page_ids)
+        if req.locked_node is not None:
+            self.radix.unlock(req.locked_node)
+            req.locked_node = None
+        if req.page_ids:
+            self.allocator.decref(req.page_ids)
+        req.page_ids = []
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self._release(req, cache=True)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _admit(self, req: Request, budget: int) -> int:
+        """Try to start ``req``: match its prefix, take pages for its first grant. Returns tokens granted."""
+        tokens = req.all_token_ids
+        pages, node = self.radix.match_prefix(tokens)
+        # At least one token must be computed to produce logits.
+        max_cached_pages = (len(tokens) - 1) // self.page_size
+        pages = pages[:max_cached_pages]
+        self.allocator.incref(pages)
+        self.radix.lock(node)
+        req.locked_node = node
+        req.page_ids = list(pages)
+        req.num_computed_tokens = len(pages) * self.page_size
+        grant = min(len(tokens) - req.num_computed_tokens, budget)
+        if not self._ensure_pages(req, req.num_computed_tokens + grant):
+            self._release(req, cache=False)
+            req.num_computed_tokens = 0
+            return 0
+        if not req.admitted_once:
+            req.num_cached_tokens = req.num_computed_tokens
+            req.admitted_once = True
+        return grant
+
+    # ------------------------------------------------------------------------------------------ step
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.chunked_prefill_size
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            grant = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self._ensure_pages(req, req.num_computed_tokens + grant):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status != RequestStatus.RUNNING:
+                continue  # req preempted itself; `running` shrank so index i is now past the end
+            out.scheduled.append(
+                ScheduledRequest(
+                    req, req.num_computed_tokens, grant, req.num_computed_tokens + grant == req.num_tokens
+                )
+            )
+            budget -= grant
+            i += 1
+
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
+            req = self.waiting[0]
+            grant = self._admit(req, budget)
+            if grant == 0:
+                break  # pool is full of running work: wait for it to finish
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append(
+                ScheduledRequest(
+                    req, req.num_computed_tokens, grant, req.num_computed_tokens + grant == req.num_tokens
+                )
+            )
+            budget -= grant
+        return out
+
+    def commit(self, out: SchedulerOutput) -> None:
+        """Mark the granted tokens as computed (their KV is in the pool once the step has run)."""
+        for s in out.scheduled:
+            s.request.num_computed_tokens = s.start + s.num_new_tokens
+
+    # ------------------------------------------------------------------------------------------ endings
+
+    def finish(self, req: Request, reason: FinishReason) -> None:
+        """End ``req`` (done or aborted), caching its pages for reuse and freeing the rest."""
+        if req.is_finished:
+            return
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+            self._release(req, cache=True)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        self.requests.pop(req.request_id, None)
+
+    def abort(self, request_id: str) -> Request | None:
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        self.finish(req, FinishReason("abort", message="aborted by the client"))
+        return req
+
+    def flush_cache(self) -> bool:
+        """Drop every cached prefix; refused (False) while requests are in flight, like SGLang."""
+        if self.has_work:
+            return False
+        self.radix.reset()
+        return True
+
+    def check_invariants(self) -> None:
+        self.allocator.check_invariants()
+        self.radix.check_invariants()
+        held = sum(len(r.page_ids) for r in self.running)
+        assert all(not r.page_ids for r in self.waiting), "a waiting request holds pages"
+        for r in self.running:
+            assert len(r.page_ids) * self.page_size >= r.num_computed_tokens
+        assert held <= sum(self.allocator.refcount(p) for p in range(1, self.allocator.num_pages))

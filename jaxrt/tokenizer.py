@@ -1,0 +1,74 @@
+"""Text <-> token ids with the checkpoint's own tokenizer and chat template; UTF-8-safe incremental decoding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Tokenizer:
+    def __init__(
+        self, model_path: str, trust_remote_code: bool = False, chat_template: str | None = None
+    ) -> None:
+        from transformers import AutoTokenizer
+
+        self.hf = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        if chat_template is not None:
+            self.hf.chat_template = chat_template
+        self.eos_token_ids: set[int] = set()
+        if self.hf.eos_token_id is not None:
+            self.eos_token_ids.add(int(self.hf.eos_token_id))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=True))
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs
+    ) -> list[int]:
+        if not getattr(self.hf, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template; pass one with chat_template=")
+        text = self.hf.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+        )
+        return list(self.hf.encode(text, add_special_tokens=False))
+
+    def decode(
+        self, ids: list[int], skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True
+    ) -> str:
+        return self.hf.decode(
+            ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+        )
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return self.hf.convert_ids_to_tokens(ids)
+
+
+@dataclass
+class IncrementalDetokenizer:
+    """Turns a growing list of output ids into text deltas; never emits half a UTF-8 character.
+
+    Decodes a short window ``ids[prefix_offset:]`` and emits what goes past ``ids[prefix_offset:read_offset]``,
+    so the cost per token stays constant.
+    """
+
+    tokenizer: Tokenizer
+    skip_special_tokens: bool = True
+    prefix_offset: int = 0
+    read_offset: int = 0
+    text: str = ""
+    _pending: list[int] = field(default_factory=list)
+
+    def step(self, ids: list[int]) -> str:
+        prefix = self.tokenizer.decode(ids[self.prefix_offset : self.read_offset], self.skip_special_tokens)
+        full = self.tokenizer.decode(ids[self.prefix_offset :], self.skip_special_tokens)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            delta = full[len(prefix) :]
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(ids)
+            self.text += delta
+            return delta
+        return ""

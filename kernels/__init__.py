@@ -1,0 +1,20 @@
+"""jaxrt attention kernels: ragged paged attention over a paged KV pool, the KV write, and references."""
+
+from jaxrt.kernels.attention import (
+    BACKEND_NAMES,
+    ragged_paged_attention,
+    register_backend,
+    resolve_backend,
+    write_kv,
+)
+from jaxrt.kernels.reference import ragged_paged_attention_reference, write_kv_reference
+
+__all__ = [
+    "BACKEND_NAMES",
+    "ragged_paged_attention",
+    "ragged_paged_attention_reference",
+    "register_backend",
+    "resolve_backend",
+    "write_kv",
+    "write_kv_reference",
+]

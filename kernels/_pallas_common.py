@@ -1,0 +1,186 @@
+"""Host-independent work planning shared by the Pallas ragged paged attention kernels.
+
+Both Pallas backends split a ragged batch into *work items*: one work item is a block of up to ``block_q``
+consecutive query tokens of one sequence. All of it is plain ``jnp`` on static shapes, so it traces under
+``jit`` and costs a few small XLA ops per call.
+
+For a work item ``w`` and a kv head ``h`` the kernels see a dense ``[rows, head_dim]`` query tile whose row
+``r * group_pad + g`` holds query token ``r`` of the block and q head ``h * group + g`` (zero for padding
+rows and padding heads). ``group_pad`` is the GQA group rounded up to a power of two, so the tile has a
+power-of-two row count as the Triton lowering requires.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+# Columns of the int32 per-work-item metadata table ``meta [num_work, META_COLS]``.
+META_SEQ = 0  # sequence id (clamped to 0 for empty work items)
+META_FIRST_POS = 1  # absolute KV position of the block's first query token
+META_NROWS = 2  # number of real query tokens in the block (0 = empty work item)
+META_KV_LEN = 3  # kv_lens[seq]
+META_LO_BLK = 4  # first kv compute block the block needs (sliding window start)
+META_HI_BLK = 5  # one past the last kv compute block the block needs (causal end)
+META_Q_START = 6  # row of q (token index) holding the block's first query token
+META_COLS = 8
+
+
+def next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def is_pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+def cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def num_work_items(num_tokens: int, max_num_seqs: int, block_q: int) -> int:
+    """Static upper bound on sum_i ceil(q_len_i / block_q) over a batch of ``num_tokens`` tokens."""
+    # ceil(q / B) <= floor(q / B) + 1 for every sequence with q >= 1, and every work item holds >= 1 token.
+    return max(1, min(num_tokens, num_tokens // block_q + min(max_num_seqs, num_tokens)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static tiling of a call plus the traced per-work-item / per-token index arrays."""
+
+    block_q: int  # query tokens per work item
+    group: int  # q heads per kv head
+    group_pad: int  # group rounded up to a power of two
+    block_kv: int  # kv tokens per compute block (a multiple of page_size)
+    num_work: int
+    meta: jax.Array  # [num_work, META_COLS] int32
+    token_work: jax.Array  # [num_tokens] int32, work item of each token (0 for padding rows)
+    token_row: jax.Array  # [num_tokens] int32, row of the token inside its work item
+    token_valid: jax.Array  # [num_tokens] bool
+
+    @property
+    def rows(self) -> int:
+        return self.block_q * self.group_pad
+
+
+def make_plan(
+    *,
+    num_tokens: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    block_q: int,
+    block_kv: int,
+    kv_lens: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    sliding_window: int | None,
+) -> Plan:
+    group = num_q_heads // num_kv_heads
+    group_pad = next_pow2(group)
+    max_num_seqs = kv_lens.shape[0]
+    num_work = num_work_items(num_tokens, max_num_seqs, block_q)
+
+    n = num_seqs.reshape(()).astype(jnp.int32)
+    seq_idx = jnp.arange(max_num_seqs, dtype=jnp.int32)
+    live = seq_idx < n
+    q_lens = jnp.where(live, jnp.maximum(cu_q_lens[1:] - cu_q_lens[:-1], 0), 0)
+    blocks = (q_lens + block_q - 1) // block_q
+    cum = jnp.cumsum(blocks).astype(jnp.int32)  # inclusive
+    first_block = cum - blocks  # exclusive
+
+    w = jnp.arange(num_work, dtype=jnp.int32)
+    w_seq = jnp.minimum(jnp.searchsorted(cum, w, side="right").astype(jnp.int32), max_num_seqs - 1)
+    w_valid = w < cum[-1]
+    w_blk = w - first_block[w_seq]
+    w_qlen = q_lens[w_seq]
+    nrows = jnp.where(w_valid, jnp.clip(w_qlen - w_blk * block_q, 0, block_q), 0)
+    kv_len = jnp.where(w_valid, kv_lens[w_seq], 0)
+    first_pos = kv_len - w_qlen + w_blk * block_q
+    hi = jnp.clip(first_pos + nrows, 0, kv_len)  # keys needed: positions < hi
+    if sliding_window is None:
+        lo = jnp.zeros_like(hi)
+    else:
+        lo = jnp.maximum(first_pos - sliding_window + 1, 0)
+    lo_blk = lo // block_kv
+    hi_blk = jnp.where(nrows > 0, (hi + block_kv - 1) // block_kv, 0)
+    lo_blk = jnp.minimum(lo_blk, hi_blk)
+    q_start = jnp.where(w_valid, cu_q_lens[w_seq] + w_blk * block_q, 0)
+    meta = jnp.stack(
+        [jnp.where(w_valid, w_seq, 0), first_pos, nrows, kv_len, lo_blk, hi_blk, q_start, jnp.zeros_like(w)],
+        axis=1,
+    ).astype(jnp.int32)
+
+    # Token -> (work item, row) for scattering results back.
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    # Entries of cu_q_lens past num_seqs may hold anything: mask them so the search stays sorted.
+    cu_end = jnp.where(live, cu_q_lens[1:], jnp.iinfo(jnp.int32).max)
+    t_seq = jnp.minimum(jnp.searchsorted(cu_end, t, side="right").astype(jnp.int32), max_num_seqs - 1)
+    t_valid = (t < cu_q_lens[n]) & (t_seq < n) & (t >= cu_q_lens[t_seq])
+    t_off = t - cu_q_lens[t_seq]
+    token_work = jnp.where(t_valid, first_block[t_seq] + t_off // block_q, 0)
+    token_row = jnp.where(t_valid, t_off % block_q, 0)
+    return Plan(
+        block_q=block_q,
+        group=group,
+        group_pad=group_pad,
+        block_kv=block_kv,
+        num_work=num_work,
+        meta=meta,
+        token_work=jnp.clip(token_work, 0, num_work - 1),
+        token_row=token_row,
+        token_valid=t_valid,
+    )
+
+
+def gather_q(q: jax.Array, plan: Plan, num_kv_heads: int, dtype) -> jax.Array:
+    """q [T, Hq, D] -> per work item and kv head query tiles [num_work, Hkv, rows, D] (padding zeroed)."""
+    num_tokens, _, head_dim = q.shape
+    bq, g, gp = plan.block_q, plan.group, plan.group_pad
+    nrows = plan.meta[:, META_NROWS]
+    first_tok = plan.meta[:, META_Q_START]
+    r = jnp.arange(bq, dtype=jnp.int32)
+    row_ok = r[None, :] < nrows[:, None]  # [W, bq]
+    tok = jnp.where(row_ok, first_tok[:, None] + r[None, :], 0)
+    tok = jnp.clip(tok, 0, num_tokens - 1)
+    qg = q[tok]  # [W, bq, Hq, D]
+    qg = jnp.where(row_ok[:, :, None, None], qg, 0).astype(dtype)
+    qg = qg.reshape(plan.num_work, bq, num_kv_heads, g, head_dim)
+    if gp != g:
+        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, 0), (0, gp - g), (0, 0)))
+    qg = qg.transpose(0, 2, 1, 3, 4)  # [W, Hkv, bq, gp, D]
+    return qg.reshape(plan.num_work, num_kv_heads, bq * gp, head_dim)
+
+
+def _token_index(plan: Plan, num_kv_heads: int):
+    hk = jnp.arange(num_kv_heads, dtype=jnp.int32)
+    return plan.token_work[:, None], hk[None, :], plan.token_row[:, None]
+
+
+def scatter_out(o: jax.Array, plan: Plan, num_q_heads: int, out_dtype) -> jax.Array:
+    """[num_work, Hkv, rows, D] tiles -> [T, Hq, D], padding rows zero."""
+    num_work, num_kv_heads, _, head_dim = o.shape
+    o5 = o.reshape(num_work, num_kv_heads, plan.block_q, plan.group_pad, head_dim)
+    w, h, r = _token_index(plan, num_kv_heads)
+    ot = o5[w, h, r][:, :, : plan.group]  # [T, Hkv, g, D]
+    ot = jnp.where(plan.token_valid[:, None, None, None], ot, 0)
+    return ot.reshape(-1, num_q_heads, head_dim).astype(out_dtype)
+
+
+def merge_splits(
+    acc: jax.Array, m: jax.Array, l: jax.Array, plan: Plan, num_q_heads: int, out_dtype
+) -> jax.Array:
+    """Flash-decoding merge. acc [K, W, Hkv, rows, D] (unnormalised), m, l [K, W, Hkv, rows] (base-2 max)."""
+    k, num_work, num_kv_heads, _, head_dim = acc.shape
+    w, h, r = _token_index(plan, num_kv_heads)
+    acc = acc.reshape(k, num_work, num_kv_heads, plan.block_q, plan.group_pad, head_dim)[:, w, h, r]
+    m = m.reshape(k, num_work, num_kv_heads, plan.block_q, plan.group_pad)[:, w, h, r]
+    l = l.reshape(k, num_work, num_kv_heads, plan.block_q, plan.group_pad)[:, w, h, r]
+    acc, m, l = acc[..., : plan.group, :], m[..., : plan.group], l[..., : plan.group]
+    m_max = m.max(axis=0)
+    alpha = jnp.exp2(m - m_max[None])
+    l_tot = (alpha * l).sum(axis=0)
+    o = (alpha[..., None] * acc).sum(axis=0) / jnp.where(l_tot == 0.0, 1.0, l_tot)[..., None]
+    o = jnp.where(plan.token_valid[:, None, None, None], o, 0)
+    return o.reshape(-1, num_q_heads, head_dim).astype(out_dtype)

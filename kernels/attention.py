@@ -1,0 +1,170 @@
+"""Public attention entry points: validate inputs, pick a backend, run it.
+
+Backends (``backend=``):
+
+- ``"reference"``: pure jnp (``kernels.reference``), any platform; the CPU default.
+- ``"pallas_gpu"``: Pallas kernel lowered through Triton, NVIDIA GPUs.
+- ``"pallas_tpu"``: Pallas Mosaic TPU kernel.
+- ``"auto"`` / ``None``: the best one registered for the default device's platform.
+
+``interpret=True`` runs a Pallas backend in Pallas interpret mode (CPU tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxrt.kernels.reference import ragged_paged_attention_reference, write_kv_reference
+
+# name -> implementation with the signature of `ragged_paged_attention_reference` plus `interpret`.
+_BACKENDS: dict[str, Callable[..., jax.Array]] = {}
+# platform -> preferred backend names, best first.
+_PLATFORM_PREFERENCE: dict[str, list[str]] = {"gpu": [], "tpu": [], "cpu": []}
+
+BACKEND_NAMES = ("auto", "reference", "pallas_gpu", "pallas_tpu")
+
+
+def register_backend(name: str, fn: Callable[..., jax.Array], platforms: tuple[str, ...] = ()) -> None:
+    """Register an attention backend and make it the preferred one for ``platforms``."""
+    _BACKENDS[name] = fn
+    for platform in platforms:
+        _PLATFORM_PREFERENCE.setdefault(platform, []).insert(0, name)
+
+
+def _reference(*args, interpret: bool = False, **kwargs) -> jax.Array:
+    del interpret
+    return ragged_paged_attention_reference(*args, **kwargs)
+
+
+register_backend("reference", _reference)
+
+
+def _load_pallas_backends() -> None:
+    # Imported lazily so that `import jaxrt.kernels` stays cheap and works where a Pallas backend is absent.
+    import importlib
+
+    for module in ("jaxrt.kernels.pallas_gpu", "jaxrt.kernels.pallas_tpu"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
+
+
+def resolve_backend(backend: str | None = None, platform: str | None = None) -> str:
+    """Name of the backend that ``backend`` ("auto" or None included) selects on ``platform``."""
+    if backend not in (None, "auto") and backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+    _load_pallas_backends()
+    if backend in (None, "auto"):
+        platform = platform or jax.default_backend()
+        for name in _PLATFORM_PREFERENCE.get(platform, []):
+            return name
+        return "reference"
+    if backend not in _BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is not available in this installation")
+    return backend
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def validate_inputs(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    kv_lens: jax.Array,
+    page_indices: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    sliding_window: int | None,
+    soft_cap: float | None,
+) -> None:
+    """Shape and dtype checks shared by every backend (static, so free under jit)."""
+    _check(q.ndim == 3, f"q must be [num_tokens, num_q_heads, head_dim], got shape {q.shape}")
+    _check(
+        k_pages.ndim == 4,
+        f"k_pages must be [num_pages, page_size, num_kv_heads, head_dim], got shape {k_pages.shape}",
+    )
+    _check(k_pages.shape == v_pages.shape, f"k_pages {k_pages.shape} and v_pages {v_pages.shape} differ")
+    _check(k_pages.dtype == v_pages.dtype, "k_pages and v_pages must have the same dtype")
+    _, num_q_heads, head_dim = q.shape
+    _, _, num_kv_heads, kv_head_dim = k_pages.shape
+    _check(head_dim == kv_head_dim, f"q head_dim {head_dim} != kv head_dim {kv_head_dim}")
+    _check(
+        num_kv_heads > 0 and num_q_heads % num_kv_heads == 0,
+        f"num_q_heads {num_q_heads} must be a multiple of num_kv_heads {num_kv_heads}",
+    )
+    _check(q.dtype in (jnp.float32, jnp.bfloat16, jnp.float16), f"q dtype {q.dtype} not supported")
+    for name, arr, ndim in (
+        ("kv_lens", kv_lens, 1),
+        ("page_indices", page_indices, 2),
+        ("cu_q_lens", cu_q_lens, 1),
+        ("num_seqs", num_seqs, 1),
+    ):
+        _check(arr.ndim == ndim, f"{name} must have {ndim} dims, got shape {arr.shape}")
+        _check(arr.dtype == jnp.int32, f"{name} must be int32, got {arr.dtype}")
+    max_num_seqs = kv_lens.shape[0]
+    _check(page_indices.shape[0] == max_num_seqs, "page_indices rows must equal len(kv_lens)")
+    _check(cu_q_lens.shape[0] == max_num_seqs + 1, "cu_q_lens must have len(kv_lens) + 1 entries")
+    _check(num_seqs.shape == (1,), f"num_seqs must have shape (1,), got {num_seqs.shape}")
+    _check(sliding_window is None or sliding_window > 0, "sliding_window must be positive or None")
+    _check(soft_cap is None or soft_cap > 0, "soft_cap must be positive or None")
+
+
+def ragged_paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    kv_lens: jax.Array,
+    page_indices: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    backend: str | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Causal attention of a ragged batch (prefill chunks and decodes mixed) over a paged KV pool.
+
+    q: [num_tokens, num_q_heads, head_dim]; k_pages, v_pages: [num_pages, page_size, num_kv_heads, head_dim];
+    kv_lens: [max_num_seqs] int32; page_indices: [max_num_seqs, pages_per_seq] int32;
+    cu_q_lens: [max_num_seqs + 1] int32; num_seqs: [1] int32. See `kernels.reference` for the semantics.
+    Returns [num_tokens, num_q_heads, head_dim] in q.dtype (padding rows zero).
+    """
+    validate_inputs(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sliding_window, soft_cap)
+    name = resolve_backend(backend)
+    return _BACKENDS[name](
+        q,
+        k_pages,
+        v_pages,
+        kv_lens,
+        page_indices,
+        cu_q_lens,
+        num_seqs,
+        sm_scale=sm_scale,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+        interpret=interpret,
+    )
+
+
+def write_kv(
+    k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Write new K/V rows ``[num_tokens, num_kv_heads, head_dim]`` into their flat slots (-1 = skip).
+
+    An XLA scatter; with the pools donated to the step it updates in place.
+    """
+    _check(k.shape == v.shape, f"k {k.shape} and v {v.shape} differ")
+    _check(
+        k.ndim == 3 and k.shape[1:] == k_pages.shape[2:], f"k {k.shape} does not match pages {k_pages.shape}"
+    )
+    _check(slot_mapping.shape == (k.shape[0],), "slot_mapping must be [num_tokens]")
+    return write_kv_reference(k_pages, v_pages, k, v, slot_mapping)

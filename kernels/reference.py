@@ -1,0 +1,133 @@
+"""Pure-jnp reference implementations of every jaxrt attention op.
+
+These run on any backend (they are plain XLA), define the semantics the Pallas kernels must match, and are
+the attention path on CPU.
+
+Layout contract (shared by the model, the KV write and every attention backend):
+
+- ``q``: ``[num_tokens, num_q_heads, head_dim]``. Tokens of all sequences are concatenated; sequence ``i``
+  owns rows ``cu_q_lens[i]:cu_q_lens[i + 1]``. Rows past ``cu_q_lens[num_seqs]`` are padding.
+- ``k_pages`` / ``v_pages``: ``[num_pages, page_size, num_kv_heads, head_dim]`` (token-major pages, as in
+  vLLM's flash-attention layout). Token ``j`` of sequence ``i`` lives at
+  ``k_pages[page_indices[i, j // page_size], j % page_size]``.
+- ``kv_lens``: ``[max_num_seqs] int32``, the KV length of each sequence *including* its new tokens.
+- ``page_indices``: ``[max_num_seqs, pages_per_seq] int32``.
+- ``cu_q_lens``: ``[max_num_seqs + 1] int32``, cumulative query lengths.
+- ``num_seqs``: ``[1] int32``, how many leading rows of the per-sequence arrays are real.
+
+The new tokens of a sequence are its *last* ``q_len`` KV positions: query row ``r`` of sequence ``i`` sits at
+absolute position ``kv_lens[i] - q_len + r`` and attends causally to positions ``<=`` its own.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Large negative instead of -inf keeps fully masked rows finite (they are padding and are zeroed later).
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def token_metadata(
+    num_tokens: int, cu_q_lens: jax.Array, kv_lens: jax.Array, num_seqs: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-token sequence id, absolute position and validity from the ragged batch description.
+
+    Returns ``seq_ids [num_tokens] int32`` (clamped to a real sequence for padding rows),
+    ``positions [num_tokens] int32`` and ``valid [num_tokens] bool``.
+    """
+    n = num_seqs.reshape(())
+    token_idx = jnp.arange(num_tokens, dtype=jnp.int32)
+    # seq of token t = number of sequence starts <= t, minus one.
+    seq_ids = jnp.searchsorted(cu_q_lens[1:], token_idx, side="right").astype(jnp.int32)
+    valid = (token_idx < cu_q_lens[n]) & (seq_ids < n)
+    seq_ids = jnp.where(valid, seq_ids, 0)
+    q_start = cu_q_lens[seq_ids]
+    q_len = cu_q_lens[seq_ids + 1] - q_start
+    positions = kv_lens[seq_ids] - q_len + (token_idx - q_start)
+    return seq_ids, jnp.where(valid, positions, 0), valid
+
+
+def write_kv_reference(
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    slot_mapping: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Scatter new K/V rows into their pages.
+
+    k, v: ``[num_tokens, num_kv_heads, head_dim]``; slot_mapping: ``[num_tokens] int32`` flat slot
+    ``page * page_size + offset``, or ``-1`` for padding rows (dropped).
+    """
+    num_pages, page_size, num_kv_heads, head_dim = k_pages.shape
+    num_slots = num_pages * page_size
+    slots = jnp.where(slot_mapping < 0, num_slots, slot_mapping)  # out of range -> dropped
+    flat_k = k_pages.reshape(num_slots, num_kv_heads, head_dim)
+    flat_v = v_pages.reshape(num_slots, num_kv_heads, head_dim)
+    flat_k = flat_k.at[slots].set(k.astype(k_pages.dtype), mode="drop")
+    flat_v = flat_v.at[slots].set(v.astype(v_pages.dtype), mode="drop")
+    return flat_k.reshape(k_pages.shape), flat_v.reshape(v_pages.shape)
+
+
+def ragged_paged_attention_reference(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    kv_lens: jax.Array,
+    page_indices: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+) -> jax.Array:
+    """Ragged paged attention in plain XLA: an online-softmax loop over the pages of each token's sequence.
+
+    Memory is O(num_tokens * page_size) per iteration and the loop runs only as many pages as the longest
+    sequence needs, so it is usable as the CPU attention path, not just as a test oracle.
+    Returns ``[num_tokens, num_q_heads, head_dim]`` in ``q.dtype``; padding rows are zero.
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, _ = k_pages.shape
+    group = num_q_heads // num_kv_heads
+    seq_ids, positions, valid = token_metadata(num_tokens, cu_q_lens, kv_lens, num_seqs)
+    n = num_seqs.reshape(())
+    max_kv = jnp.max(jnp.where(jnp.arange(kv_lens.shape[0]) < n, kv_lens, 0))
+    num_iters = (max_kv + page_size - 1) // page_size
+
+    qf = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * sm_scale
+    token_pages = page_indices[seq_ids]  # [num_tokens, pages_per_seq]
+
+    def body(p, carry):
+        m, l, acc = carry
+        page = token_pages[:, p]  # [num_tokens]
+        k = k_pages[page].astype(jnp.float32)  # [num_tokens, page_size, num_kv_heads, head_dim]
+        v = v_pages[page].astype(jnp.float32)
+        s = jnp.einsum("tkgd,tskd->tkgs", qf, k)
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        kv_pos = p * page_size + jnp.arange(page_size, dtype=jnp.int32)  # [page_size]
+        mask = kv_pos[None, :] <= positions[:, None]
+        if sliding_window is not None:
+            mask &= kv_pos[None, :] > positions[:, None] - sliding_window
+        mask &= valid[:, None]
+        s = jnp.where(mask[:, None, None, :], s, MASK_VALUE)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        alpha = jnp.exp(m - m_new)
+        pexp = jnp.exp(s - m_new[..., None])
+        pexp = jnp.where(mask[:, None, None, :], pexp, 0.0)
+        l_new = alpha * l + pexp.sum(axis=-1)
+        acc_new = alpha[..., None] * acc + jnp.einsum("tkgs,tskd->tkgd", pexp, v)
+        return m_new, l_new, acc_new
+
+    init = (
+        jnp.full((num_tokens, num_kv_heads, group), MASK_VALUE, jnp.float32),
+        jnp.zeros((num_tokens, num_kv_heads, group), jnp.float32),
+        jnp.zeros((num_tokens, num_kv_heads, group, head_dim), jnp.float32),
+    )
+    _, l, acc = jax.lax.fori_loop(0, num_iters, body, init)
+    out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]
+    out = jnp.where(valid[:, None, None, None], out, 0.0)
+    return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)

@@ -48,9 +48,8 @@ def has_native(architecture: str) -> bool:
 
 def native_model_config(hf_config: Any) -> ModelConfig:
     cfg = model_config_from_hf(hf_config)
-    if cfg.architecture == "MistralForCausalLM" and cfg.sliding_window is not None:
-        if cfg.sliding_window < cfg.max_position_embeddings:
-            logger.info("Mistral sliding window %d handled by the attention kernel", cfg.sliding_window)
+    if cfg.sliding_window is not None and cfg.sliding_window < cfg.max_position_embeddings:
+        logger.info("%s: sliding window %d handled by the attention kernel", cfg.architecture, cfg.sliding_window)
     return cfg
 
 

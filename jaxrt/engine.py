@@ -243,7 +243,7 @@ class Engine:
                 if self._dead is not None:
                     raise RuntimeError("the engine loop died") from self._dead
                 if not self._thread.is_alive():
-                    raise RuntimeError("the engine is shut down")
+                    raise RuntimeError("the engine is shut down") from None
                 continue
             if isinstance(item, BaseException):
                 raise item

@@ -97,6 +97,7 @@ class Engine:
             resolve_model_path,
         )
         from jaxrt.model_runner import ModelRunner, enable_compilation_cache
+        from jaxrt.step import nnx_forward
 
         t0 = time.perf_counter()
         if impl not in ("auto", "native", "transformers"):
@@ -159,7 +160,7 @@ class Engine:
         graphdef, state = build_native_model(
             model_cfg, model_path, dtype, backend, interpret=envs.attention_interpret()
         )
-        self.runner = ModelRunner(self.config, graphdef, state)
+        self.runner = ModelRunner(self.config, nnx_forward(graphdef), state)
         self.allocator = PageAllocator(self.runner.num_pages)
         self.radix = RadixCache(self.allocator, page_size, disabled=disable_radix_cache)
         self.scheduler = Scheduler(self.config.scheduler, self.allocator, self.radix, page_size)

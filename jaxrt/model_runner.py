@@ -9,7 +9,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxrt import envs
@@ -17,7 +16,7 @@ from jaxrt.batch import StepOutput, build_batch, history_buckets, pick_bucket, t
 from jaxrt.config import EngineConfig
 from jaxrt.models.layers import KVCache
 from jaxrt.scheduler import SchedulerOutput, cdiv
-from jaxrt.step import make_step
+from jaxrt.step import ForwardFn, make_step
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +62,11 @@ def plan_num_pages(cfg: EngineConfig, device: jax.Device) -> int:
 
 
 class ModelRunner:
-    def __init__(self, cfg: EngineConfig, graphdef: nnx.GraphDef, state: nnx.State) -> None:
+    def __init__(self, cfg: EngineConfig, forward: ForwardFn, params: Any) -> None:
+        """``forward`` is the model as a pure function (see `jaxrt.step`); ``params`` its weights pytree."""
         self.cfg = cfg
         self.device = jax.devices()[0]
-        self.graphdef = graphdef
-        self.state = state
+        self.state = params
         self.page_size = cfg.cache.page_size
         self.num_pages = plan_num_pages(cfg, self.device)
         self.pages_per_seq = cdiv(cfg.scheduler.context_length, self.page_size)
@@ -79,7 +78,7 @@ class ModelRunner:
         ]
         self.token_buckets = token_buckets(cfg.scheduler.chunked_prefill_size)
         self.history_buckets = history_buckets(cfg.scheduler.context_length)
-        self._step = make_step(graphdef)
+        self._step = make_step(forward)
         self._compiled: dict[tuple[int, int, int], Any] = {}
         self.compile_seconds = 0.0
         logger.info(

@@ -92,6 +92,9 @@ def ragged_paged_attention_reference(
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
     group = num_q_heads // num_kv_heads
+    kv_lens, page_indices, cu_q_lens, num_seqs = map(
+        jnp.asarray, (kv_lens, page_indices, cu_q_lens, num_seqs)
+    )
     seq_ids, positions, valid = token_metadata(num_tokens, cu_q_lens, kv_lens, num_seqs)
     n = num_seqs.reshape(())
     max_kv = jnp.max(jnp.where(jnp.arange(kv_lens.shape[0]) < n, kv_lens, 0))

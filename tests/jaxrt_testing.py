@@ -1,0 +1,89 @@
+"""Helpers for tests: tiny checkpoints, transformers references, page-leak checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TINY_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    initializer_range=0.2,  # peaked logits: greedy argmax is not decided by float noise
+    tie_word_embeddings=False,
+)
+
+
+def make_tiny_llama(out: Path, tokenizer_from: str, seed: int = 0, **overrides: Any) -> str:
+    """Random-weight LlamaForCausalLM with the default model's tokenizer, saved as a transformers checkpoint."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_from)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        **{**TINY_LLAMA, **overrides},
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).to(torch.float32)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def hf_model(path: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    return m.eval()
+
+
+def hf_greedy(model, prompts_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' greedy generate, one prompt at a time (no padding effects), eos suppressed throughout."""
+    import torch
+
+    outs = []
+    for ids in prompts_ids:
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([ids]),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens,
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                pad_token_id=model.config.pad_token_id,
+            )
+        outs.append(out[0, len(ids) :].tolist())
+    return outs
+
+
+def hf_last_logits(model, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, -1].float().numpy()
+
+
+def assert_no_leak(engine) -> None:
+    """Every page is free or held by the radix cache alone; nothing is running or queued."""
+    import time
+
+    deadline = time.time() + 10
+    while time.time() < deadline and (engine.scheduler.running or engine.scheduler.waiting):
+        time.sleep(0.05)
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+    alloc = engine.allocator
+    assert alloc.num_used == engine.radix.num_cached_pages, (alloc.num_used, engine.radix.num_cached_pages)
+    engine.scheduler.check_invariants()
+    for p in range(1, alloc.num_pages):
+        assert alloc.refcount(p) in (0, 1)

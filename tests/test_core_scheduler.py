@@ -1,0 +1,138 @@
+"""Scheduler simulations without a device: the "model" samples a deterministic function of the tokens."""
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxrt.config import SchedulerConfig
+from jaxrt.page_table import PageAllocator
+from jaxrt.radix_cache import RadixCache
+from jaxrt.request import FinishReason, Request
+from jaxrt.sampling_params import SamplingParams
+from jaxrt.scheduler import Scheduler
+
+
+def fake_next_token(tokens: list[int]) -> int:
+    return (sum(tokens) * 31 + len(tokens)) % 97
+
+
+def make(num_pages=64, page_size=4, max_running=4, chunk=16, context=256, radix=True):
+    alloc = PageAllocator(num_pages)
+    radix_cache = RadixCache(alloc, page_size, disabled=not radix)
+    cfg = SchedulerConfig(
+        max_running_requests=max_running, chunked_prefill_size=chunk, context_length=context
+    )
+    return Scheduler(cfg, alloc, radix_cache, page_size)
+
+
+def run_to_completion(s: Scheduler, reqs: list[Request], max_steps=10_000) -> dict[str, list[int]]:
+    for r in reqs:
+        s.add_request(r)
+    steps = 0
+    while s.has_work:
+        steps += 1
+        assert steps < max_steps, "scheduler made no progress"
+        out = s.schedule()
+        assert out.scheduled, "nothing scheduled while work remains (deadlock)"
+        assert out.num_tokens <= s.config.chunked_prefill_size
+        assert len(s.running) <= s.config.max_running_requests
+        for sr in out.scheduled:
+            r = sr.request
+            # KV for every granted position must have a page.
+            assert len(r.page_ids) * s.page_size >= sr.start + sr.num_new_tokens
+        s.commit(out)
+        for sr in out.scheduled:
+            if sr.sample:
+                r = sr.request
+                r.output_token_ids.append(fake_next_token(r.all_token_ids))
+                if len(r.output_token_ids) >= r.sampling_params.max_new_tokens:
+                    s.finish(r, FinishReason("length"))
+        s.check_invariants()
+    return {r.request_id: r.output_token_ids for r in reqs}
+
+
+def req(rid, prompt, max_new=8):
+    return Request(rid, list(prompt), SamplingParams(max_new_tokens=max_new), seed=0)
+
+
+def test_chunked_prefill_and_decode_mix():
+    s = make(chunk=8, max_running=4)
+    outs = run_to_completion(s, [req("a", range(1, 30)), req("b", [5, 6, 7])])
+    assert all(len(v) == 8 for v in outs.values())
+    assert s.allocator.num_used == s.radix.num_cached_pages
+
+
+def test_preemption_gives_same_outputs_as_big_pool():
+    prompts = [[random.Random(i).randrange(1, 50) for _ in range(20 + 3 * i)] for i in range(6)]
+    big = run_to_completion(make(num_pages=256), [req(str(i), p, 24) for i, p in enumerate(prompts)])
+    small = make(num_pages=16)  # 15 usable pages of 4 tokens: far less than 6 running requests need
+    tight = run_to_completion(small, [req(str(i), p, 24) for i, p in enumerate(prompts)])
+    assert tight == big
+    assert small.num_preemptions > 0
+
+
+def test_radix_reuse_reports_cached_tokens():
+    s = make()
+    shared = list(range(1, 17))
+    run_to_completion(s, [req("a", shared + [20, 21])])
+    b = req("b", shared + [30, 31, 32])
+    run_to_completion(s, [b])
+    assert b.num_cached_tokens == 16
+
+
+def test_fully_cached_prompt_still_computes_one_token():
+    s = make(page_size=4)
+    p = list(range(1, 9))
+    run_to_completion(s, [req("a", p)])
+    b = req("b", p)
+    outs = run_to_completion(s, [b])
+    assert b.num_cached_tokens == 4  # the last page is recomputed to get logits
+    assert len(outs["b"]) == 8
+
+
+def test_abort_frees_everything():
+    s = make()
+    a = req("a", range(1, 40), 100)
+    s.add_request(a)
+    s.commit(s.schedule())
+    assert a.page_ids
+    s.abort("a")
+    assert a.finish_reason.type == "abort" and not s.has_work
+    assert s.allocator.num_used == s.radix.num_cached_pages
+    s.check_invariants()
+
+
+def test_request_larger_than_pool_is_rejected():
+    s = make(num_pages=4, page_size=4)
+    with pytest.raises(ValueError, match="KV pages"):
+        s.add_request(req("a", range(1, 10), max_new=20))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 40), st.integers(1, 12)), min_size=1, max_size=8),
+    st.integers(1, 8),
+    st.sampled_from([1, 2, 4, 8]),
+    st.booleans(),
+)
+def test_random_workloads_finish_without_leaks(shapes, max_running, page_size, radix):
+    rng = random.Random(len(shapes))
+    reqs = [req(str(i), [rng.randrange(1, 9) for _ in range(p)], n) for i, (p, n) in enumerate(shapes)]
+    need = max(-(-(p + n) // page_size) for p, n in shapes)
+    s = make(
+        num_pages=need + 2,
+        page_size=page_size,
+        max_running=max_running,
+        chunk=max(8, max_running),
+        radix=radix,
+    )
+    outs = run_to_completion(s, reqs)
+    ref = run_to_completion(
+        make(num_pages=512, page_size=page_size, radix=False),
+        [req(r.request_id, r.prompt_token_ids, r.sampling_params.max_new_tokens) for r in reqs],
+    )
+    assert outs == ref
+    s.radix.reset()
+    assert s.allocator.num_free == s.allocator.num_usable

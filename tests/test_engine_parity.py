@@ -1,0 +1,153 @@
+"""Parity with transformers: logits of the native model and greedy tokens through the whole engine."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jaxrt_testing import assert_no_leak, hf_greedy, hf_last_logits, hf_model
+
+import jaxrt
+from jaxrt.batch import build_batch
+from jaxrt.converters.loader import build_native_model, load_hf_config, native_model_config
+from jaxrt.page_table import PageAllocator
+from jaxrt.request import Request
+from jaxrt.sampling_params import SamplingParams
+from jaxrt.scheduler import ScheduledRequest, SchedulerOutput
+from jaxrt.step import nnx_forward
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, there was a little",
+    "def fibonacci(n):\n    ",
+    "1, 2, 3, 4, 5,",
+    "A very long prompt that keeps going " * 6,
+]
+
+
+def native_logits(
+    path: str, prompts_ids: list[list[int]], page_size: int = 16, chunks: int = 1
+) -> np.ndarray:
+    """Last-token logits of each prompt through the native model, paged KV, prefill in ``chunks`` steps."""
+    cfg = native_model_config(load_hf_config(path))
+    graphdef, state = build_native_model(cfg, path, "float32", "reference")
+    forward = jax.jit(nnx_forward(graphdef))
+    num_pages = 64
+    shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+    kv = [(jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.num_layers)]
+    alloc = PageAllocator(num_pages)
+    reqs = []
+    for i, ids in enumerate(prompts_ids):
+        r = Request(str(i), ids, SamplingParams(), seed=0)
+        r.page_ids = alloc.alloc(-(-len(ids) // page_size))
+        reqs.append(r)
+    logits = None
+    for c in range(chunks):
+        sched = SchedulerOutput()
+        for r in reqs:
+            n = len(r.prompt_token_ids)
+            lo, hi = n * c // chunks, n * (c + 1) // chunks
+            if hi > lo:
+                sched.scheduled.append(ScheduledRequest(r, lo, hi - lo, hi == n))
+        fb, _ = build_batch(
+            sched,
+            num_tokens=256,
+            num_seqs=8,
+            pages_per_seq=16,
+            page_size=page_size,
+            vocab_size=cfg.vocab_size,
+            history_len=1,
+            stop_ids={},
+        )
+        out, kv = forward(state, kv, fb)
+        logits = np.asarray(out)[: len(sched.scheduled)]
+    return logits
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_tiny_llama_logits_match_transformers(tiny_llama_dir, chunks):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    ids = [tok.encode(p) for p in PROMPTS[:4]]
+    ours = native_logits(tiny_llama_dir, ids, chunks=chunks)
+    ref = hf_model(tiny_llama_dir)
+    for i, p in enumerate(ids):
+        np.testing.assert_allclose(ours[i], hf_last_logits(ref, p), atol=2e-4, rtol=1e-4)
+
+
+def test_default_model_logits_match_transformers(default_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    ids = [tok.encode(p) for p in PROMPTS[:2]]
+    ours = native_logits(default_model_dir, ids, page_size=4)
+    ref = hf_model(default_model_dir)
+    for i, p in enumerate(ids):
+        expected = hf_last_logits(ref, p)
+        np.testing.assert_allclose(ours[i], expected, atol=2e-3, rtol=1e-3)
+        assert ours[i].argmax() == expected.argmax()
+
+
+@pytest.fixture(scope="module")
+def hf_tiny(tiny_llama_dir):
+    return hf_model(tiny_llama_dir)
+
+
+ENGINE_VARIANTS = {
+    "page16": dict(page_size=16),
+    "page1-chunk8": dict(page_size=1, chunked_prefill_size=8, max_running_requests=8),
+    "no-radix": dict(page_size=16, disable_radix_cache=True),
+}
+
+
+@pytest.mark.parametrize("variant", list(ENGINE_VARIANTS))
+def test_engine_greedy_matches_transformers_generate(tiny_llama_dir, hf_tiny, variant):
+    kwargs = dict(
+        dtype="float32", chunked_prefill_size=32, max_running_requests=8, context_length=256, num_pages=600
+    )
+    kwargs.update(ENGINE_VARIANTS[variant])
+    with jaxrt.Engine(model_path=tiny_llama_dir, **kwargs) as llm:
+        ids = [llm.tokenizer.encode(p) for p in PROMPTS]
+        params = {"temperature": 0, "max_new_tokens": 32, "min_new_tokens": 32}
+        outs = llm.generate(input_ids=ids, sampling_params=params)
+        expected = hf_greedy(hf_tiny, ids, 32)
+        for out, exp in zip(outs, expected, strict=True):
+            assert out["output_ids"] == exp
+            assert out["meta_info"]["finish_reason"]["type"] == "length"
+        # Same prompts again: radix reuse must not change anything.
+        again = llm.generate(input_ids=ids, sampling_params=params)
+        assert [o["output_ids"] for o in again] == expected
+        cached = [o["meta_info"]["cached_tokens"] for o in again]
+        if kwargs.get("disable_radix_cache"):
+            assert cached == [0] * len(ids)
+        else:
+            assert sum(cached) > 0
+        assert_no_leak(llm)
+
+
+def test_preemption_small_pool_same_output(tiny_llama_dir, hf_tiny):
+    ids_list = None
+    results = {}
+    for num_pages in (600, 24):
+        with jaxrt.Engine(
+            model_path=tiny_llama_dir,
+            dtype="float32",
+            page_size=4,
+            chunked_prefill_size=32,
+            max_running_requests=8,
+            context_length=128,
+            num_pages=num_pages,
+        ) as llm:
+            ids_list = [llm.tokenizer.encode(p) for p in PROMPTS]
+            outs = llm.generate(
+                input_ids=ids_list,
+                sampling_params={"temperature": 0, "max_new_tokens": 40, "min_new_tokens": 40},
+            )
+            results[num_pages] = [o["output_ids"] for o in outs]
+            if num_pages == 24:
+                assert llm.scheduler.num_preemptions > 0
+            assert_no_leak(llm)
+    assert results[24] == results[600]
+    assert results[600] == hf_greedy(hf_tiny, ids_list, 40)

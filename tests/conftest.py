@@ -10,7 +10,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAXRT_DISABLE_PROGRESS", "1")
 
 import pytest  # noqa: E402
-
 from jaxrt_testing import make_tiny_llama  # noqa: E402
 
 

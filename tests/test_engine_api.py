@@ -1,0 +1,255 @@
+"""Engine API: sampling semantics, seeds, streaming, async, logprobs, validation errors, abort."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from jaxrt_testing import assert_no_leak
+
+import jaxrt
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir):
+    engine = jaxrt.Engine(
+        model_path=tiny_llama_dir,
+        dtype="float32",
+        chunked_prefill_size=32,
+        max_running_requests=8,
+        context_length=256,
+        num_pages=400,
+        page_size=8,
+    )
+    yield engine
+    engine.shutdown()
+
+
+def test_single_prompt_returns_sglang_shaped_dict(llm):
+    out = llm.generate("Hello there", {"temperature": 0, "max_new_tokens": 5})
+    assert isinstance(out, dict)
+    assert set(out) >= {"text", "output_ids", "meta_info"}
+    meta = out["meta_info"]
+    assert meta["completion_tokens"] == len(out["output_ids"]) <= 5
+    assert meta["prompt_tokens"] == len(llm.tokenizer.encode("Hello there"))
+    assert meta["finish_reason"]["type"] in ("length", "stop")
+    assert meta["e2e_latency"] > 0 and isinstance(meta["id"], str)
+    assert out["text"] == llm.tokenizer.decode(out["output_ids"])
+
+
+def test_seed_gives_same_output_whatever_the_batch(llm):
+    params = {"temperature": 1.0, "top_p": 0.9, "top_k": 50, "max_new_tokens": 16, "seed": 1234}
+    alone = llm.generate("The weather today", params)["output_ids"]
+    batch = llm.generate(
+        ["Other prompt one", "The weather today", "Another different prompt"],
+        [{"temperature": 0.7, "max_new_tokens": 9}, params, {"temperature": 1.3, "max_new_tokens": 20}],
+    )
+    assert batch[1]["output_ids"] == alone
+    other_seed = llm.generate("The weather today", {**params, "seed": 99})["output_ids"]
+    assert other_seed != alone
+
+
+def test_sampling_respects_top_k_one_and_greedy(llm):
+    greedy = llm.generate("Counting: one two", {"temperature": 0, "max_new_tokens": 8})["output_ids"]
+    top1 = llm.generate("Counting: one two", {"temperature": 1.5, "top_k": 1, "max_new_tokens": 8})[
+        "output_ids"
+    ]
+    assert top1 == greedy
+
+
+def test_n_returns_n_samples(llm):
+    outs = llm.generate("Pick a word:", {"temperature": 1.0, "max_new_tokens": 6, "n": 3, "seed": 5})
+    assert isinstance(outs, list) and len(outs) == 3
+    assert len({tuple(o["output_ids"]) for o in outs}) > 1
+
+
+def test_min_new_tokens_and_stop_token_ids(llm):
+    greedy = llm.generate("Stop test", {"temperature": 0, "max_new_tokens": 12})["output_ids"]
+    stop_tok = greedy[3]
+    first = greedy.index(stop_tok)
+    out = llm.generate("Stop test", {"temperature": 0, "max_new_tokens": 12, "stop_token_ids": [stop_tok]})
+    assert out["output_ids"] == greedy[: first + 1]
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop_tok}
+    held = llm.generate(
+        "Stop test",
+        {"temperature": 0, "max_new_tokens": 12, "stop_token_ids": [stop_tok], "min_new_tokens": 12},
+    )
+    assert len(held["output_ids"]) == 12 and stop_tok not in held["output_ids"]
+
+
+def test_stop_string_truncates_text(llm):
+    full = llm.generate("Stop string test", {"temperature": 0, "max_new_tokens": 16})
+    text = full["text"]
+    assert len(text) > 6
+    stop = text[3:6]
+    out = llm.generate("Stop string test", {"temperature": 0, "max_new_tokens": 16, "stop": stop})
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    assert out["text"] == text[: text.find(stop)]
+
+
+def test_penalties_match_transformers_and_openai_rules():
+    import torch
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    from jaxrt.batch import SamplingBatch
+    from jaxrt.sampler import apply_penalties
+
+    rng = np.random.default_rng(0)
+    vocab, rows, hist = 50, 3, 10
+    logits = rng.normal(size=(rows, vocab)).astype(np.float32) * 3
+    history = rng.integers(0, vocab, size=(rows, hist)).astype(np.int32)
+    history[2, 6:] = -1  # padding
+    is_out = np.zeros((rows, hist), bool)
+    is_out[:, 5:] = True
+    rep = np.array([1.0, 1.7, 0.8], np.float32)
+    freq = np.array([0.5, 0.0, -0.3], np.float32)
+    pres = np.array([0.2, 1.0, 0.0], np.float32)
+    z = np.zeros(rows, np.float32)
+    sb = SamplingBatch(
+        temperature=z,
+        top_p=z,
+        top_k=z.astype(np.int32),
+        min_p=z,
+        repetition_penalty=rep,
+        frequency_penalty=freq,
+        presence_penalty=pres,
+        seeds=z.astype(np.uint32),
+        sample_index=z.astype(np.int32),
+        stop_ids=np.full((rows, 8), -1, np.int32),
+        suppress_stop=z.astype(bool),
+        history=history,
+        history_is_output=is_out,
+        any_sampling=np.array(False),
+        any_penalty=np.array(True),
+        any_top_logprobs=np.array(False),
+    )
+    ours = np.asarray(apply_penalties(logits, sb))
+    for r in range(rows):
+        valid = history[r][history[r] >= 0]
+        expected = RepetitionPenaltyLogitsProcessor(float(rep[r]))(
+            torch.tensor(valid[None].astype(np.int64)), torch.tensor(logits[r : r + 1])
+        )[0].numpy()
+        outs = history[r][(history[r] >= 0) & is_out[r]]
+        counts = np.bincount(outs, minlength=vocab).astype(np.float32)
+        expected = expected - freq[r] * counts - pres[r] * (counts > 0)
+        np.testing.assert_allclose(ours[r], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_repetition_penalty_greedy_matches_transformers(llm, tiny_llama_dir):
+    import torch
+    from jaxrt_testing import hf_model
+
+    ids = llm.tokenizer.encode("repeat repeat repeat")
+    out = llm.generate(
+        input_ids=ids,
+        sampling_params={
+            "temperature": 0,
+            "max_new_tokens": 16,
+            "min_new_tokens": 16,
+            "repetition_penalty": 1.3,
+        },
+    )
+    ref = hf_model(tiny_llama_dir)
+    with torch.no_grad():
+        exp = ref.generate(
+            torch.tensor([ids]),
+            do_sample=False,
+            max_new_tokens=16,
+            min_new_tokens=16,
+            repetition_penalty=1.3,
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            pad_token_id=ref.config.pad_token_id,
+        )[0, len(ids) :].tolist()
+    assert out["output_ids"] == exp
+
+
+def test_logprobs_match_a_log_softmax(llm):
+    out = llm.generate(
+        "Logprobs please", {"temperature": 0, "max_new_tokens": 4}, return_logprob=True, top_logprobs_num=3
+    )
+    lps = out["meta_info"]["output_token_logprobs"]
+    tops = out["meta_info"]["output_top_logprobs"]
+    assert [t for _, t, _ in lps] == out["output_ids"]
+    for (lp, tok, _), top in zip(lps, tops, strict=True):
+        assert lp <= 0
+        assert len(top) == 3 and top[0][1] == tok  # greedy token is the most likely one
+        assert np.isclose(top[0][0], lp, atol=1e-5)
+        assert top[0][0] >= top[1][0] >= top[2][0]
+
+
+def test_stream_chunks_accumulate_to_the_final_text(llm):
+    params = {"temperature": 0, "max_new_tokens": 12}
+    final = llm.generate("Streaming test", params)
+    chunks = list(llm.generate("Streaming test", params, stream=True))
+    assert chunks[-1]["meta_info"]["finish_reason"] is not None
+    assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
+    assert chunks[-1]["text"] == final["text"]
+    assert chunks[-1]["output_ids"] == final["output_ids"]
+    texts = [c["text"] for c in chunks]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
+
+
+def test_async_generate_and_async_stream(llm):
+    params = {"temperature": 0, "max_new_tokens": 8}
+    expected = llm.generate(["Async one", "Async two"], params)
+
+    async def main():
+        res = await llm.async_generate(["Async one", "Async two"], params)
+        chunks = [c async for c in llm.async_generate("Async one", params, stream=True)]
+        stream = await llm.async_generate("Async two", params, stream=True)
+        chunks2 = [c async for c in stream]
+        return res, chunks, chunks2
+
+    res, chunks, chunks2 = asyncio.run(main())
+    assert [r["output_ids"] for r in res] == [e["output_ids"] for e in expected]
+    assert chunks[-1]["text"] == expected[0]["text"]
+    assert chunks2[-1]["text"] == expected[1]["text"]
+
+
+def test_abort_mid_stream_frees_pages(llm):
+    gen = llm.generate("Abort me", {"temperature": 0, "max_new_tokens": 200, "ignore_eos": True}, stream=True)
+    first = next(gen)
+    assert first["meta_info"]["finish_reason"] is None
+    gen.close()  # the consumer walks away: the request is aborted
+    assert_no_leak(llm)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"prompt": "x", "sampling_params": {"max_new_tokens": -1}}, "max_new_tokens"),
+        ({"prompt": "x", "sampling_params": {"temperature": -0.5}}, "temperature"),
+        ({"prompt": "x", "sampling_params": {"top_p": 0.0}}, "top_p"),
+        ({"prompt": "x", "sampling_params": {"top_p": 1.5}}, "top_p"),
+        ({"prompt": "x", "sampling_params": {"top_k": 0}}, "top_k"),
+        ({"prompt": "x", "sampling_params": {"top_k": -2}}, "top_k"),
+        ({"prompt": "x", "sampling_params": {"bogus_key": 1}}, "bogus_key"),
+        ({"prompt": ""}, "prompt"),
+        ({"input_ids": [1, 2, 10**9]}, "input_ids"),
+        ({"input_ids": [-1]}, "input_ids"),
+        ({"input_ids": [5] * 300}, "prompt"),
+        ({"prompt": "x", "sampling_params": [{}, {}]}, "sampling_params"),
+    ],
+)
+def test_bad_input_is_a_value_error_naming_the_field_and_engine_keeps_serving(llm, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        llm.generate(**kwargs)
+    out = llm.generate("still alive?", {"temperature": 0, "max_new_tokens": 2})
+    assert out["meta_info"]["completion_tokens"] == 2
+    assert_no_leak(llm)
+
+
+def test_flush_cache_and_model_info(llm):
+    llm.generate("fill the cache with something long enough", {"temperature": 0, "max_new_tokens": 4})
+    assert llm.radix.num_cached_pages > 0
+    assert llm.flush_cache() is True
+    assert llm.radix.num_cached_pages == 0
+    info = llm.get_model_info()
+    assert info["architecture"] == "LlamaForCausalLM" and info["impl"] == "native"
+    assert_no_leak(llm)
+
+
+def test_unknown_model_path_is_a_clear_error():
+    with pytest.raises(ValueError, match="not a local directory"):
+        jaxrt.Engine(model_path="some-org/not-downloaded-model")

@@ -53,6 +53,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def _generate(args: argparse.Namespace) -> int:
     from jaxrt.engine import Engine
+    from jaxrt.sampling_params import SamplingParams
 
     params: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
     if args.top_p is not None:
@@ -61,6 +62,7 @@ def _generate(args: argparse.Namespace) -> int:
         params["top_k"] = args.top_k
     if args.seed is not None:
         params["seed"] = args.seed
+    SamplingParams.from_dict(params)  # fail before loading anything
     with Engine(**engine_kwargs(args)) as llm:
         if args.chat:
             ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])

@@ -1,0 +1,61 @@
+"""The README's main job: `jaxrt generate` with the default model, in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_cli_generate_default_model_mentions_paris(default_model_dir):
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxrt.cli",
+        "generate",
+        "The capital of France is",
+        "--max-new-tokens",
+        "20",
+        "--json",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert "Paris" in out["text"]
+    assert out["meta_info"]["completion_tokens"] <= 20
+
+
+def test_cli_chat_stream_and_bad_flag(default_model_dir):
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxrt.cli",
+        "generate",
+        "What is the capital of France?",
+        "--chat",
+        "--stream",
+        "--max-new-tokens",
+        "16",
+        "--chunked-prefill-size",
+        "64",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Paris" in proc.stdout
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxrt.cli",
+            "generate",
+            "x",
+            "--temperature",
+            "-1",
+            "--chunked-prefill-size",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert bad.returncode == 2 and "temperature" in bad.stderr

@@ -40,7 +40,7 @@ class _Track:
     request: Request
     sink: Sink
     stream: bool
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None
     stop_ids: list[int]
     eos_ids: set[int]
     return_logprob: bool
@@ -87,6 +87,7 @@ class Engine:
         max_queued_requests: int | None = None,
         skip_warmup: bool = False,
         served_model_name: str | None = None,
+        skip_tokenizer_init: bool = False,
     ) -> None:
         from jaxrt import envs
         from jaxrt.converters.loader import (
@@ -153,8 +154,13 @@ class Engine:
             random_seed=random_seed,
             trust_remote_code=trust_remote_code,
         )
-        self.tokenizer = Tokenizer(model_path, trust_remote_code, chat_template)
-        self.eos_ids = set(model_cfg.eos_token_ids) | self.tokenizer.eos_token_ids
+        # skip_tokenizer_init (SGLang's flag): token ids in, token ids out, no text.
+        self.tokenizer = (
+            None if skip_tokenizer_init else Tokenizer(model_path, trust_remote_code, chat_template)
+        )
+        self.eos_ids = set(model_cfg.eos_token_ids) | (
+            self.tokenizer.eos_token_ids if self.tokenizer else set()
+        )
         self._read_generation_config_eos(model_path)
 
         graphdef, state = build_native_model(
@@ -376,6 +382,10 @@ class Engine:
             prompts = [prompt] if single else list(prompt)
             if not all(isinstance(p, str) for p in prompts):
                 raise ValueError("prompt must be a string or a list of strings")
+            if self.tokenizer is None:
+                raise ValueError(
+                    "prompt: text needs the tokenizer (engine started with skip_tokenizer_init); pass input_ids"
+                )
             token_lists = [self.tokenizer.encode(p) if p else [] for p in prompts]
         else:
             single = bool(input_ids) and isinstance(input_ids[0], int) or input_ids == []
@@ -447,7 +457,7 @@ class Engine:
             request=req,
             sink=sink,
             stream=stream,
-            detok=IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens),
+            detok=IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens) if self.tokenizer else None,
             stop_ids=stop_ids,
             eos_ids=set() if sp.ignore_eos else self.eos_ids,
             return_logprob=sp.return_logprob or sp.top_logprobs_num > 0,
@@ -561,7 +571,7 @@ class Engine:
     def _check_finish(self, req: Request, track: _Track, token: int) -> FinishReason | None:
         sp = req.sampling_params
         n_out = len(req.output_token_ids)
-        delta = track.detok.step(req.output_token_ids)
+        delta = track.detok.step(req.output_token_ids) if track.detok is not None else ""
         past_min = n_out >= sp.min_new_tokens
         if past_min and token in track.eos_ids:
             return FinishReason("stop", matched=token)
@@ -586,12 +596,14 @@ class Engine:
         if final:
             if track.stop_text is not None:
                 text = track.stop_text
+            elif self.tokenizer is None:
+                text = ""
             else:
                 text = self.tokenizer.decode(req.output_token_ids, sp.skip_special_tokens)
             self._tracks.pop(req.request_id, None)
             req.finished_time = time.perf_counter()
         else:
-            text = track.detok.text
+            text = track.detok.text if track.detok is not None else ""
             if sp.stop:  # hold back a tail that may still become a stop string
                 hold = 0
                 for s in sp.stop:

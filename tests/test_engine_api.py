@@ -253,3 +253,24 @@ def test_flush_cache_and_model_info(llm):
 def test_unknown_model_path_is_a_clear_error():
     with pytest.raises(ValueError, match="not a local directory"):
         jaxrt.Engine(model_path="some-org/not-downloaded-model")
+
+
+def test_skip_tokenizer_init_ids_in_ids_out(tiny_llama_dir, llm):
+    ids = llm.tokenizer.encode("token ids only")
+    expected = llm.generate(input_ids=ids, sampling_params={"temperature": 0, "max_new_tokens": 6})[
+        "output_ids"
+    ]
+    with jaxrt.Engine(
+        model_path=tiny_llama_dir,
+        dtype="float32",
+        chunked_prefill_size=32,
+        max_running_requests=8,
+        context_length=256,
+        num_pages=100,
+        page_size=8,
+        skip_tokenizer_init=True,
+    ) as raw:
+        out = raw.generate(input_ids=ids, sampling_params={"temperature": 0, "max_new_tokens": 6})
+        assert out["output_ids"] == expected and out["text"] == ""
+        with pytest.raises(ValueError, match="prompt"):
+            raw.generate("text is not accepted")

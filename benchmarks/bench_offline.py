@@ -1,0 +1,126 @@
+"""Offline throughput through ``jaxrt.Engine`` (SGLang's bench_offline_throughput vocabulary).
+
+    python benchmarks/bench_offline.py --random-model llama-3.2-1b --num-prompts 256 \
+        --random-input-len 128 --random-output-len 256 --output-file results.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from common import add_model_args, append_jsonl, device_name, ensure_checkpoint, print_block, random_requests
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    add_model_args(p)
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--random-input-len", type=int, default=128)
+    p.add_argument("--random-output-len", type=int, default=256)
+    p.add_argument("--random-range-ratio", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--max-running-requests", type=int, default=None)
+    p.add_argument("--chunked-prefill-size", type=int, default=None)
+    p.add_argument("--context-length", type=int, default=None)
+    p.add_argument("--mem-fraction-static", type=float, default=0.85)
+    p.add_argument("--disable-radix-cache", action="store_true")
+    p.add_argument("--attention-backend", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--output-file", default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run that checks the script works")
+    args = p.parse_args()
+    if args.smoke:
+        args.random_model, args.random_dtype = "tiny", "float32"
+        args.num_prompts, args.random_input_len, args.random_output_len = 6, 24, 8
+        args.max_running_requests, args.chunked_prefill_size, args.context_length = 4, 32, 128
+
+    import jaxrt
+
+    path = ensure_checkpoint(args)
+    t0 = time.perf_counter()
+    llm = jaxrt.Engine(
+        model_path=path,
+        skip_tokenizer_init=True,
+        dtype=args.dtype,
+        page_size=args.page_size,
+        max_running_requests=args.max_running_requests,
+        chunked_prefill_size=args.chunked_prefill_size,
+        context_length=args.context_length or (args.random_input_len + args.random_output_len + 16),
+        mem_fraction_static=args.mem_fraction_static,
+        disable_radix_cache=args.disable_radix_cache,
+        attention_backend=args.attention_backend,
+    )
+    startup = time.perf_counter() - t0
+    vocab = llm.config.model.vocab_size
+    reqs = random_requests(
+        args.num_prompts,
+        args.random_input_len,
+        args.random_output_len,
+        args.random_range_ratio,
+        vocab,
+        args.seed,
+    )
+    # Warm-up: one short request so the timed run sees no first-call costs.
+    t1 = time.perf_counter()
+    llm.generate(input_ids=reqs[0][0], sampling_params={"max_new_tokens": 1, "temperature": 0})
+    first_token = time.perf_counter() - t1
+    llm.flush_cache()
+
+    ids = [r[0] for r in reqs]
+    params = [{"max_new_tokens": o, "temperature": 0, "ignore_eos": True} for _, o in reqs]
+    t2 = time.perf_counter()
+    outs = llm.generate(input_ids=ids, sampling_params=params)
+    dur = time.perf_counter() - t2
+    stats = llm.load_stats()
+    llm.shutdown()
+
+    n_in = sum(len(i) for i in ids)
+    n_out = sum(o["meta_info"]["completion_tokens"] for o in outs)
+    assert n_out == sum(o for _, o in reqs), "every request must produce exactly its output length"
+    rows = [
+        ("Backend", "jaxrt engine"),
+        ("Device", device_name()),
+        ("Model", args.model_path or f"random {args.random_model} ({args.random_dtype})"),
+        ("Successful requests", len(outs)),
+        ("Input lengths (min/max)", f"{min(len(i) for i in ids)}/{max(len(i) for i in ids)}"),
+        ("Output lengths (min/max)", f"{min(o for _, o in reqs)}/{max(o for _, o in reqs)}"),
+        ("Benchmark duration (s)", dur),
+        ("Total input tokens", n_in),
+        ("Total generated tokens", n_out),
+        ("Request throughput (req/s)", len(outs) / dur),
+        ("Input token throughput (tok/s)", n_in / dur),
+        ("Output token throughput (tok/s)", n_out / dur),
+        ("Total token throughput (tok/s)", (n_in + n_out) / dur),
+        ("Engine start-up (s)", startup),
+        ("First request latency (s)", first_token),
+        ("Steps", stats["num_steps"]),
+        ("Preemptions", stats["num_preemptions"]),
+    ]
+    print_block("Offline Throughput Benchmark Result", rows)
+    append_jsonl(
+        args.output_file,
+        {
+            "bench": "offline",
+            "device": device_name(),
+            "model": args.model_path or args.random_model,
+            "num_prompts": len(outs),
+            "input_len": args.random_input_len,
+            "output_len": args.random_output_len,
+            "range_ratio": args.random_range_ratio,
+            "duration_s": dur,
+            "output_throughput": n_out / dur,
+            "total_throughput": (n_in + n_out) / dur,
+            "request_throughput": len(outs) / dur,
+            "startup_s": startup,
+            "first_request_s": first_token,
+            "max_running_requests": llm.config.scheduler.max_running_requests,
+            "chunked_prefill_size": llm.config.scheduler.chunked_prefill_size,
+            "page_size": args.page_size,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Decode step time and prefill latency of one static batch, against the bandwidth floor.
+
+Decode: ``B`` sequences with ``C`` tokens of context each generate one token; the step is the engine's own
+(bucketed batch, paged KV, sampling). ``device`` times back-to-back compiled calls; ``engine`` adds the host
+side (building the batch, reading the tokens back). Floor = (weight bytes + KV bytes read) / read bandwidth.
+
+    python benchmarks/bench_one_batch.py --random-model llama-3.2-1b --batch-sizes 1,64 --context-lens 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+from common import add_model_args, append_jsonl, device_name, ensure_checkpoint, print_block
+
+
+def ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    add_model_args(p)
+    p.add_argument("--batch-sizes", type=ints, default=[1, 8, 32, 64, 128, 256])
+    p.add_argument("--context-lens", type=ints, default=[1024])
+    p.add_argument("--prefill-lens", type=ints, default=[128, 1024, 4096])
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--bandwidth", type=float, default=3.188e12, help="measured HBM read bandwidth, bytes/s")
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--attention-backend", default=None)
+    p.add_argument("--mem-fraction-static", type=float, default=0.85)
+    p.add_argument("--output-file", default=None)
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args()
+    if args.smoke:
+        args.random_model, args.random_dtype = "tiny", "float32"
+        args.batch_sizes, args.context_lens, args.prefill_lens, args.iters = [1, 4], [48], [32], 3
+
+    import jax
+
+    import jaxrt
+    from jaxrt.request import Request
+    from jaxrt.sampling_params import SamplingParams
+    from jaxrt.scheduler import ScheduledRequest, SchedulerOutput, cdiv
+
+    path = ensure_checkpoint(args)
+    max_ctx = max(args.context_lens)
+    max_b = max(args.batch_sizes)
+    llm = jaxrt.Engine(
+        model_path=path,
+        skip_tokenizer_init=True,
+        skip_warmup=True,
+        page_size=args.page_size,
+        context_length=max(max_ctx, max(args.prefill_lens)) + args.page_size,
+        max_running_requests=max_b,
+        chunked_prefill_size=max(max_b, max(args.prefill_lens)),
+        mem_fraction_static=args.mem_fraction_static,
+        attention_backend=args.attention_backend,
+    )
+    runner = llm.runner
+    m = llm.config.model
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(runner.state))
+    kv_per_token = 2 * m.num_layers * m.num_kv_heads * m.head_dim * runner.kv_caches[0][0].dtype.itemsize
+    usable = runner.num_pages - 1
+    rng = np.random.default_rng(0)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=1)
+
+    def fake_batch(batch: int, ctx: int, q_len: int) -> SchedulerOutput | None:
+        pps = cdiv(ctx, args.page_size)
+        if batch * pps > usable:
+            return None
+        out = SchedulerOutput()
+        for i in range(batch):
+            req = Request(str(i), rng.integers(10, m.vocab_size - 10, ctx).tolist(), greedy, seed=i)
+            req.page_ids = list(range(1 + i * pps, 1 + (i + 1) * pps))
+            out.scheduled.append(ScheduledRequest(req, ctx - q_len, q_len, True))
+        return out
+
+    def time_step(sched: SchedulerOutput) -> tuple[float, float]:
+        runner.run(sched, {})  # compile + warm
+        t = time.perf_counter()
+        for _ in range(args.iters):
+            runner.run(sched, {})
+        engine_s = (time.perf_counter() - t) / args.iters
+        # Device only: the same compiled step called back to back on device-resident inputs.
+        from jaxrt.batch import pick_bucket
+
+        n = pick_bucket(runner.token_buckets, sched.num_tokens)
+        fb, sb = runner._batch(sched, n, 1, {})
+        fb, sb = jax.device_put((fb, sb))
+        fn = runner._get_compiled((n, runner.num_seqs_for(n), 1), fb, sb)
+        out, runner.kv_caches = fn(runner.state, runner.kv_caches, fb, sb)
+        jax.block_until_ready(out)
+        t = time.perf_counter()
+        for _ in range(args.iters):
+            out, runner.kv_caches = fn(runner.state, runner.kv_caches, fb, sb)
+        jax.block_until_ready(out)
+        return engine_s, (time.perf_counter() - t) / args.iters
+
+    rows = []
+    for ctx in args.context_lens:
+        for b in args.batch_sizes:
+            sched = fake_batch(b, ctx, 1)
+            if sched is None:
+                print(f"skip decode B={b} C={ctx}: KV pool too small")
+                continue
+            engine_s, device_s = time_step(sched)
+            floor = (weight_bytes + b * ctx * kv_per_token) / args.bandwidth
+            rows.append(
+                (
+                    f"decode B={b} C={ctx}",
+                    f"device {device_s * 1e3:.3f} ms  engine {engine_s * 1e3:.3f} ms  "
+                    f"floor {floor * 1e3:.3f} ms  ({floor / device_s:.0%} of floor)  {b / engine_s:.0f} tok/s",
+                )
+            )
+            append_jsonl(
+                args.output_file,
+                {
+                    "bench": "one_batch_decode",
+                    "device": device_name(),
+                    "model": args.model_path or args.random_model,
+                    "batch": b,
+                    "context": ctx,
+                    "device_ms": device_s * 1e3,
+                    "engine_ms": engine_s * 1e3,
+                    "floor_ms": floor * 1e3,
+                    "attention_backend": llm.config.attention_backend,
+                },
+            )
+    for n in args.prefill_lens:
+        sched = fake_batch(1, n, n)
+        if sched is None:
+            continue
+        engine_s, device_s = time_step(sched)
+        rows.append(
+            (
+                f"prefill L={n}",
+                f"device {device_s * 1e3:.3f} ms  engine {engine_s * 1e3:.3f} ms  {n / device_s:.0f} tok/s",
+            )
+        )
+        append_jsonl(
+            args.output_file,
+            {
+                "bench": "one_batch_prefill",
+                "device": device_name(),
+                "model": args.model_path or args.random_model,
+                "tokens": n,
+                "device_ms": device_s * 1e3,
+                "engine_ms": engine_s * 1e3,
+            },
+        )
+    llm.shutdown()
+    print_block(
+        "One Batch Benchmark Result", [("Device", device_name()), ("Weights (GB)", weight_bytes / 1e9), *rows]
+    )
+
+
+if __name__ == "__main__":
+    main()

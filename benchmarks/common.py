@@ -1,0 +1,181 @@
+"""Shared helpers for the benchmark scripts: random-weight checkpoints of real shapes, datasets, output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Real architectures with random weights: same speed as the released checkpoints.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    ),
+    "smollm2-135m": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "llama-3.2-1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=128000,
+        eos_token_id=[128001, 128008, 128009],
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+    "llama-3.1-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=128000,
+        eos_token_id=[128001, 128008, 128009],
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+}
+
+
+def make_random_checkpoint(preset: str, out_dir: str | Path, dtype: str = "bfloat16") -> str:
+    """Save a random-weight LlamaForCausalLM of ``preset``'s shape (normal x 0.02, norms 1) to ``out_dir``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    if (out / "config.json").exists():
+        return str(out)
+    cfg = LlamaConfig(**PRESETS[preset])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(cfg, dtype=getattr(torch, dtype))
+    model.save_pretrained(out)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return str(out)
+
+
+def ensure_checkpoint(args) -> str:
+    """--model-path, or a --random-model preset built in a subprocess (so torch never shares the GPU with JAX)."""
+    if args.model_path:
+        return args.model_path
+    out = Path(args.model_cache) / f"{args.random_model}-{args.random_dtype}"
+    if not (out / "config.json").exists():
+        code = (
+            "import sys; sys.path.insert(0, %r); from common import make_random_checkpoint; "
+            "make_random_checkpoint(%r, %r, %r)"
+            % (str(Path(__file__).parent), args.random_model, str(out), args.random_dtype)
+        )
+        subprocess.run([sys.executable, "-c", code], check=True)
+    return str(out)
+
+
+def add_model_args(p) -> None:
+    p.add_argument("--model-path", default=None)
+    p.add_argument("--random-model", default="llama-3.2-1b", choices=sorted(PRESETS))
+    p.add_argument("--random-dtype", default="bfloat16")
+    p.add_argument("--model-cache", default=os.environ.get("JAXRT_BENCH_MODELS", "/tmp/jaxrt-bench-models"))
+
+
+def random_requests(
+    num: int, input_len: int, output_len: int, range_ratio: float, vocab: int, seed: int
+) -> list[tuple[list[int], int]]:
+    """SGLang's 'random' dataset: lengths uniform in [ratio * len, len], token ids uniform over the vocab."""
+    rng = np.random.default_rng(seed)
+    in_lens = rng.integers(max(1, int(input_len * range_ratio)), input_len + 1, size=num)
+    out_lens = rng.integers(max(1, int(output_len * range_ratio)), output_len + 1, size=num)
+    return [
+        (rng.integers(100, vocab - 100, size=int(i)).tolist(), int(o))
+        for i, o in zip(in_lens, out_lens, strict=True)
+    ]
+
+
+def git_commit() -> str:
+    try:
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+            ).stdout.strip()
+            or "unknown"
+        )
+    except OSError:
+        return "unknown"
+
+
+def device_name() -> str:
+    import jax
+
+    d = jax.devices()[0]
+    return getattr(d, "device_kind", d.platform)
+
+
+def append_jsonl(path: str | None, record: dict[str, Any]) -> None:
+    record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(), **record}
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    print(json.dumps(record))
+
+
+def print_block(title: str, rows: list[tuple[str, Any]]) -> None:
+    print(f"{'=' * 16} {title} {'=' * 16}")
+    for k, v in rows:
+        v = f"{v:.2f}" if isinstance(v, float) else v
+        print(f"{k + ':':<42}{v}")
+    print("=" * (34 + len(title)))

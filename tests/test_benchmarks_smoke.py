@@ -1,0 +1,37 @@
+"""Every benchmark script runs in its tiny CPU mode, so the scripts cannot rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.mark.parametrize("script", ["bench_offline.py", "bench_one_batch.py", "bench_hf.py"])
+def test_benchmark_smoke(script, tmp_path):
+    out = tmp_path / "results.jsonl"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / script),
+            "--smoke",
+            "--output-file",
+            str(out),
+            "--model-cache",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records and all("commit" in r and "bench" in r for r in records)
+    if script == "bench_offline.py":
+        assert "Offline Throughput Benchmark Result" in proc.stdout
+        assert records[0]["output_throughput"] > 0

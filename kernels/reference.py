@@ -60,6 +60,7 @@ def write_kv_reference(
     k, v: ``[num_tokens, num_kv_heads, head_dim]``; slot_mapping: ``[num_tokens] int32`` flat slot
     ``page * page_size + offset``, or ``-1`` for padding rows (dropped).
     """
+    k_pages, v_pages, k, v, slot_mapping = map(jnp.asarray, (k_pages, v_pages, k, v, slot_mapping))
     num_pages, page_size, num_kv_heads, head_dim = k_pages.shape
     num_slots = num_pages * page_size
     slots = jnp.where(slot_mapping < 0, num_slots, slot_mapping)  # out of range -> dropped
@@ -92,6 +93,7 @@ def ragged_paged_attention_reference(
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
     group = num_q_heads // num_kv_heads
+    q, k_pages, v_pages = jnp.asarray(q), jnp.asarray(k_pages), jnp.asarray(v_pages)
     kv_lens, page_indices, cu_q_lens, num_seqs = map(
         jnp.asarray, (kv_lens, page_indices, cu_q_lens, num_seqs)
     )

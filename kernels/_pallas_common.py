@@ -4,6 +4,9 @@ Both Pallas backends split a ragged batch into *work items*: one work item is a 
 consecutive query tokens of one sequence. All of it is plain ``jnp`` on static shapes, so it traces under
 ``jit`` and costs a few small XLA ops per call.
 
+The searches default to ``method="compare_all"`` (one fused compare + reduce) rather than jnp's "scan", which
+lowers to a loop of small kernels.
+
 For a work item ``w`` and a kv head ``h`` the kernels see a dense ``[rows, head_dim]`` query tile whose row
 ``r * group_pad + g`` holds query token ``r`` of the block and q head ``h * group + g`` (zero for padding
 rows and padding heads). ``group_pad`` is the GQA group rounded up to a power of two, so the tile has a
@@ -76,6 +79,7 @@ def make_plan(
     cu_q_lens: jax.Array,
     num_seqs: jax.Array,
     sliding_window: int | None,
+    search_method: str = "compare_all",
 ) -> Plan:
     group = num_q_heads // num_kv_heads
     group_pad = next_pow2(group)
@@ -91,7 +95,9 @@ def make_plan(
     first_block = cum - blocks  # exclusive
 
     w = jnp.arange(num_work, dtype=jnp.int32)
-    w_seq = jnp.minimum(jnp.searchsorted(cum, w, side="right").astype(jnp.int32), max_num_seqs - 1)
+    w_seq = jnp.minimum(
+        jnp.searchsorted(cum, w, side="right", method=search_method).astype(jnp.int32), max_num_seqs - 1
+    )
     w_valid = w < cum[-1]
     w_blk = w - first_block[w_seq]
     w_qlen = q_lens[w_seq]
@@ -116,7 +122,9 @@ def make_plan(
     t = jnp.arange(num_tokens, dtype=jnp.int32)
     # Entries of cu_q_lens past num_seqs may hold anything: mask them so the search stays sorted.
     cu_end = jnp.where(live, cu_q_lens[1:], jnp.iinfo(jnp.int32).max)
-    t_seq = jnp.minimum(jnp.searchsorted(cu_end, t, side="right").astype(jnp.int32), max_num_seqs - 1)
+    t_seq = jnp.minimum(
+        jnp.searchsorted(cu_end, t, side="right", method=search_method).astype(jnp.int32), max_num_seqs - 1
+    )
     t_valid = (t < cu_q_lens[n]) & (t_seq < n) & (t >= cu_q_lens[t_seq])
     t_off = t - cu_q_lens[t_seq]
     token_work = jnp.where(t_valid, first_block[t_seq] + t_off // block_q, 0)

@@ -41,8 +41,11 @@ class GpuConfig:
     """Static tiling of the GPU kernel.
 
     block_rows: target rows of the query tile (query tokens x padded GQA group), a power of two >= 16.
-    block_kv: kv tokens per inner step, a power of two and a multiple of page_size (raised to page_size).
+    block_kv: kv tokens per inner step, a power of two >= 16 (whole pages are gathered when it is >= the
+      page size, else a slice of one page is read).
     num_splits: kv splits per work item (1 = no split-K).
+    heads_fastest: launch order; True puts the kv heads of one work item in adjacent programs, so the
+      token-major pages they read are fetched at about the same time.
     """
 
     block_rows: int = 16
@@ -50,6 +53,7 @@ class GpuConfig:
     num_splits: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    heads_fastest: bool = True  # grid (kv head, work item, split): a sequence's kv heads run side by side
 
 
 def supports(q_shape, k_shape, kv_dtype) -> str | None:
@@ -60,8 +64,6 @@ def supports(q_shape, k_shape, kv_dtype) -> str | None:
         return f"head_dim {head_dim} is not a power of two >= 16"
     if not common.is_pow2(page_size):
         return f"page_size {page_size} is not a power of two"
-    if page_size > 256:
-        return f"page_size {page_size} > 256"
     if jnp.dtype(kv_dtype) not in _KV_DTYPES:
         return f"kv dtype {kv_dtype} not supported"
     return None
@@ -86,17 +88,20 @@ def default_config(
     head_dim: int,
     page_size: int,
     pages_per_seq: int,
+    itemsize: int = 2,
     num_sms: int | None = None,
 ) -> GpuConfig:
     """Heuristic tiling from static shapes.
 
     A batch with no more tokens than sequences is treated as decode (small query tiles, split-K when the
     grid would not fill the GPU); anything else as prefill / mixed (large query tiles, no split).
+    ``block_kv`` is capped so that one pipeline stage of K+V stays within 64 KiB of shared memory.
     """
     group_pad = common.next_pow2(num_q_heads // num_kv_heads)
+    kv_cap = max(16, 65536 // (2 * head_dim * itemsize))
     if num_tokens <= max_num_seqs:
         rows = max(16, group_pad)
-        block_kv = max(page_size, 128 if head_dim <= 128 else 64)
+        block_kv = min(128, kv_cap)
         block_q = max(1, rows // group_pad)
         num_work = common.num_work_items(num_tokens, max_num_seqs, block_q)
         programs = num_work * num_kv_heads
@@ -105,11 +110,22 @@ def default_config(
         splits = 1
         while programs * splits < target and splits * 2 <= min(16, max_blocks):
             splits *= 2
-        return GpuConfig(block_rows=rows, block_kv=block_kv, num_splits=splits, num_warps=4, num_stages=3)
-    rows = max(64 if head_dim > 128 else 128, group_pad)
-    block_kv = max(page_size, 64 if head_dim <= 128 else 32)
+        stage = 2 * block_kv * head_dim * itemsize
+        stages = 3 if 3 * stage + rows * head_dim * itemsize <= 192 * 1024 else 2
+        return GpuConfig(
+            block_rows=rows, block_kv=block_kv, num_splits=splits, num_warps=4, num_stages=stages
+        )
+    rows = max(64, group_pad)
+    block_kv = 64
+    # Keep the q tile plus two K/V stages within ~160 KiB of shared memory (f32 with head_dim 256).
+    while block_kv > 16 and rows * head_dim * itemsize + 2 * 2 * block_kv * head_dim * itemsize > 160 * 1024:
+        block_kv //= 2
     return GpuConfig(
-        block_rows=rows, block_kv=block_kv, num_splits=1, num_warps=8 if rows >= 128 else 4, num_stages=2
+        block_rows=rows,
+        block_kv=block_kv,
+        num_splits=1,
+        num_warps=8 if rows * head_dim > 8192 else 4,
+        num_stages=2,
     )
 
 
@@ -123,21 +139,36 @@ def _kernel(
     sm_scale: float,
     soft_cap: float | None,
     sliding_window: int | None,
+    block_q: int,
+    group: int,
+    group_pad: int,
     block_kv: int,
     page_size: int,
-    group_pad: int,
     num_pages: int,
     num_splits: int,
+    direct: bool,
+    heads_fastest: bool,
     precision,
 ):
-    rows, head_dim = q_ref.shape
-    pages_per_blk = block_kv // page_size
+    """One program: one work item, one kv head, one kv split (``program_id(2)``).
+
+    direct=True: q_ref / outputs are whole ``[T, Hq, ...]`` arrays and the program loads / stores its
+    ``[block_q, group, ...]`` tile with row masks (needs a power-of-two group). direct=False: q_ref and the
+    outputs are this program's ``[rows, ...]`` tiles, gathered / scattered by the wrapper.
+    """
+    head_dim = k_ref.shape[-1]
+    rows = block_q * group_pad
+    pages_per_blk = max(1, block_kv // page_size)
+    blocks_per_page = max(1, page_size // block_kv)
     pt_cols = pt_ref.shape[1]
+    h = pl.program_id(0) if heads_fastest else pl.program_id(1)
     seq = meta_ref[common.META_SEQ]
     first_pos = meta_ref[common.META_FIRST_POS]
+    nrows = meta_ref[common.META_NROWS]
     kv_len = meta_ref[common.META_KV_LEN]
     lo_blk = meta_ref[common.META_LO_BLK]
     hi_blk = meta_ref[common.META_HI_BLK]
+    q_start = meta_ref[common.META_Q_START]
     if num_splits > 1:
         per = (hi_blk - lo_blk + num_splits - 1) // num_splits
         b0 = lo_blk + pl.program_id(2) * per
@@ -145,39 +176,49 @@ def _kernel(
     else:
         b0, b1 = lo_blk, hi_blk
 
-    q = q_ref[...]
+    if direct:
+        tok_ok = lax.broadcasted_iota(jnp.int32, (block_q, 1, 1), 0) < nrows
+        q_tile = q_ref.at[pl.ds(q_start, block_q), pl.ds(h * group, group), :]
+        q = pltriton.load(q_tile, mask=tok_ok, other=0).reshape(rows, head_dim)
+    else:
+        q = q_ref[...]
     q_pos = first_pos + lax.div(lax.broadcasted_iota(jnp.int32, (rows,), 0), group_pad)
     # Scores are kept in base 2: s2 = log2(e) * s.
-    if soft_cap is None:
-        s_scale = sm_scale * LOG2E
-    else:
-        s_scale = sm_scale / soft_cap
+    s_scale = sm_scale * LOG2E if soft_cap is None else sm_scale / soft_cap
 
-    def body(i, carry):
+    def step(b, carry, masked):
         m_prev, l_prev, acc_prev = carry
-        b = b0 + i
-        start = jnp.minimum(b * pages_per_blk, pt_cols - pages_per_blk)
-        pages = pt_ref[seq, pl.ds(start, pages_per_blk)]
-        pages = jnp.clip(pages, 0, num_pages - 1)
-        k = k_ref[pages].reshape(block_kv, head_dim)
-        v = v_ref[pages].reshape(block_kv, head_dim)
+        if block_kv >= page_size:  # gather whole pages
+            start = jnp.minimum(b * pages_per_blk, pt_cols - pages_per_blk)
+            pages = jnp.clip(pt_ref[seq, pl.ds(start, pages_per_blk)], 0, num_pages - 1)
+            k = k_ref[pages].reshape(block_kv, head_dim)
+            v = v_ref[pages].reshape(block_kv, head_dim)
+        else:  # a slice of one page
+            col = jnp.minimum(lax.div(b, blocks_per_page), pt_cols - 1)
+            page = jnp.clip(pt_ref[seq, col], 0, num_pages - 1)
+            off = lax.rem(b, blocks_per_page) * block_kv
+            k = k_ref[page, pl.ds(off, block_kv), :]
+            v = v_ref[page, pl.ds(off, block_kv), :]
         s = lax.dot_general(
             q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
         )
         s = s * s_scale
         if soft_cap is not None:
             s = jnp.tanh(s) * (soft_cap * LOG2E)
-        k_pos = b * block_kv + lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
-        mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < kv_len)
-        if sliding_window is not None:
-            mask = mask & (k_pos[None, :] > q_pos[:, None] - sliding_window)
-        s = jnp.where(mask, s, MASK_VALUE)
+        if masked:
+            k_pos = b * block_kv + lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
+            mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < kv_len)
+            if sliding_window is not None:
+                mask = mask & (k_pos[None, :] > q_pos[:, None] - sliding_window)
+            s = jnp.where(mask, s, MASK_VALUE)
         m_next = jnp.maximum(m_prev, s.max(axis=1))
         alpha = jnp.exp2(m_prev - m_next)
-        p = jnp.where(mask, jnp.exp2(s - m_next[:, None]), 0.0)
+        p = jnp.exp2(s - m_next[:, None])
+        if masked:
+            p = jnp.where(mask, p, 0.0)
+            # Slots past kv_len may hold anything (stale or never-written pages): keep them out of p @ v.
+            v = jnp.where((k_pos < kv_len)[:, None], v, jnp.zeros_like(v))
         l_next = alpha * l_prev + p.sum(axis=1)
-        # Slots past kv_len may hold anything (stale or never-written pages): keep them out of p @ v.
-        v = jnp.where((k_pos < kv_len)[:, None], v, jnp.zeros_like(v))
         pv = lax.dot_general(
             p.astype(v.dtype),
             v,
@@ -187,20 +228,44 @@ def _kernel(
         )
         return m_next, l_next, alpha[:, None] * acc_prev + pv
 
-    init = (
+    def run(lo, hi, carry, masked):
+        return lax.fori_loop(0, jnp.maximum(hi - lo, 0), lambda i, c: step(lo + i, c, masked), carry)
+
+    # Blocks every real query row sees in full (below the causal diagonal of the first row, inside kv_len
+    # and inside the window of the last row) skip all masking; the rest are masked.
+    hi_full = jnp.minimum(first_pos + 1, kv_len)
+    fb1 = jnp.clip(hi_full // block_kv, b0, b1)
+    if sliding_window is None:
+        fb0 = b0
+    else:
+        lo_full = jnp.maximum(first_pos + nrows - sliding_window, 0)
+        fb0 = jnp.clip((lo_full + block_kv - 1) // block_kv, b0, fb1)
+    fb1 = jnp.maximum(fb1, fb0)
+    carry = (
         jnp.full((rows,), MASK_VALUE, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
         jnp.zeros((rows, head_dim), jnp.float32),
     )
-    m, l, acc = lax.fori_loop(0, jnp.maximum(b1 - b0, 0), body, init)
+    carry = run(b0, fb0, carry, True)
+    carry = run(fb0, fb1, carry, False)
+    m, l, acc = run(fb1, b1, carry, True)
     if num_splits == 1:
-        (o_ref,) = out_refs
-        o_ref[...] = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_ref.dtype)
+        results = ((acc / jnp.where(l == 0.0, 1.0, l)[:, None]),)
     else:
-        acc_ref, m_ref, l_ref = out_refs
-        acc_ref[...] = acc
-        m_ref[...] = m
-        l_ref[...] = l
+        results = (acc, m, l)
+    for ref, val in zip(out_refs, results, strict=True):
+        val = val.astype(ref.dtype)
+        if direct:
+            tile = (pl.ds(q_start, block_q), pl.ds(h * group, group))
+            if val.ndim == 2:
+                val = val.reshape(block_q, group, head_dim)
+                ok = tok_ok
+            else:
+                val = val.reshape(block_q, group)
+                ok = tok_ok[:, :, 0]
+            pltriton.store(ref.at[tile], val, mask=ok)
+        else:
+            ref[...] = val
 
 
 def ragged_paged_attention_gpu(
@@ -245,6 +310,7 @@ def ragged_paged_attention_gpu(
             head_dim=head_dim,
             page_size=page_size,
             pages_per_seq=pages_per_seq,
+            itemsize=jnp.dtype(k_pages.dtype).itemsize,
         )
     return _gpu_call(
         q,
@@ -281,11 +347,13 @@ def _gpu_call(
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, num_kv_heads, _ = k_pages.shape
     max_num_seqs, pages_per_seq = page_indices.shape
-    group_pad = common.next_pow2(num_q_heads // num_kv_heads)
+    group = num_q_heads // num_kv_heads
+    group_pad = common.next_pow2(group)
+    direct = group == group_pad  # q / out tiles are plain strided slices of q / out
     rows = max(16, common.next_pow2(config.block_rows), group_pad)
     block_q = rows // group_pad
-    block_kv = max(common.next_pow2(config.block_kv), page_size, 16)
-    pages_per_blk = block_kv // page_size
+    block_kv = max(common.next_pow2(config.block_kv), 16)
+    pages_per_blk = max(1, block_kv // page_size)
     num_splits = max(1, int(config.num_splits))
 
     plan = common.make_plan(
@@ -300,7 +368,6 @@ def _gpu_call(
         sliding_window=sliding_window,
     )
     kv_dtype = k_pages.dtype
-    q_tiles = common.gather_q(q, plan, num_kv_heads, kv_dtype)  # [W, Hkv, rows, D]
     pt_cols = common.cdiv(pages_per_seq, pages_per_blk) * pages_per_blk
     pt = page_indices
     if pt_cols != pages_per_seq:
@@ -316,35 +383,59 @@ def _gpu_call(
         sm_scale=sm_scale,
         soft_cap=soft_cap,
         sliding_window=sliding_window,
+        block_q=block_q,
+        group=group,
+        group_pad=group_pad,
         block_kv=block_kv,
         page_size=page_size,
-        group_pad=group_pad,
         num_pages=num_pages,
         num_splits=num_splits,
+        direct=direct,
+        heads_fastest=config.heads_fastest,
         precision=precision,
     )
     num_work = plan.num_work
-    grid = (num_work, num_kv_heads, num_splits)
+    if config.heads_fastest:
+        grid = (num_kv_heads, num_work, num_splits)
+
+        def spec(block, index_map):
+            return pl.BlockSpec(block, lambda h, w, s: index_map(w, h, s))
+    else:
+        grid = (num_work, num_kv_heads, num_splits)
+        spec = pl.BlockSpec
+    kv_spec = spec((num_pages, page_size, None, head_dim), lambda w, h, s: (0, 0, h, 0))
     in_specs = [
-        pl.BlockSpec((None, common.META_COLS), lambda w, h, s: (w, 0)),
-        pl.BlockSpec((None, None, rows, head_dim), lambda w, h, s: (w, h, 0, 0)),
-        pl.BlockSpec((num_pages, page_size, None, head_dim), lambda w, h, s: (0, 0, h, 0)),
-        pl.BlockSpec((num_pages, page_size, None, head_dim), lambda w, h, s: (0, 0, h, 0)),
-        pl.BlockSpec((max_num_seqs, pt_cols), lambda w, h, s: (0, 0)),
+        spec((None, common.META_COLS), lambda w, h, s: (w, 0)),
+        None,  # q, below
+        kv_spec,
+        kv_spec,
+        spec((max_num_seqs, pt_cols), lambda w, h, s: (0, 0)),
     ]
+    if direct:
+        q_in = q.astype(kv_dtype)
+        in_specs[1] = spec((num_tokens, num_q_heads, head_dim), lambda w, h, s: (0, 0, 0))
+        lead = (num_tokens, num_q_heads)
+    else:
+        q_in = common.gather_q(q, plan, num_kv_heads, kv_dtype)  # [W, Hkv, rows, D]
+        in_specs[1] = spec((None, None, rows, head_dim), lambda w, h, s: (w, h, 0, 0))
+        lead = (num_work, num_kv_heads, rows)
+    if direct:
+        o_block, o_map = (num_tokens, num_q_heads), lambda *i: (0, 0)
+    else:
+        o_block, o_map = (None, None, rows), lambda w, h: (w, h, 0)
     if num_splits == 1:
-        out_specs = pl.BlockSpec((None, None, rows, head_dim), lambda w, h, s: (w, h, 0, 0))
-        out_shape = jax.ShapeDtypeStruct((num_work, num_kv_heads, rows, head_dim), q.dtype)
+        out_specs = [spec((*o_block, head_dim), lambda w, h, s: (*o_map(w, h), 0))]
+        out_shape = [jax.ShapeDtypeStruct((*lead, head_dim), q.dtype)]
     else:
         out_specs = [
-            pl.BlockSpec((None, None, None, rows, head_dim), lambda w, h, s: (s, w, h, 0, 0)),
-            pl.BlockSpec((None, None, None, rows), lambda w, h, s: (s, w, h, 0)),
-            pl.BlockSpec((None, None, None, rows), lambda w, h, s: (s, w, h, 0)),
+            spec((None, *o_block, head_dim), lambda w, h, s: (s, *o_map(w, h), 0)),
+            spec((None, *o_block), lambda w, h, s: (s, *o_map(w, h))),
+            spec((None, *o_block), lambda w, h, s: (s, *o_map(w, h))),
         ]
         out_shape = [
-            jax.ShapeDtypeStruct((num_splits, num_work, num_kv_heads, rows, head_dim), jnp.float32),
-            jax.ShapeDtypeStruct((num_splits, num_work, num_kv_heads, rows), jnp.float32),
-            jax.ShapeDtypeStruct((num_splits, num_work, num_kv_heads, rows), jnp.float32),
+            jax.ShapeDtypeStruct((num_splits, *lead, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((num_splits, *lead), jnp.float32),
+            jax.ShapeDtypeStruct((num_splits, *lead), jnp.float32),
         ]
     out = pl.pallas_call(
         kernel,
@@ -355,9 +446,21 @@ def _gpu_call(
         compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name=f"jaxrt_rpa_r{rows}_kv{block_kv}_s{num_splits}",
-    )(plan.meta, q_tiles, k_pages, v_pages, pt)
+    )(plan.meta, q_in, k_pages, v_pages, pt)
+    valid = plan.token_valid[:, None, None]
+    if direct:
+        if num_splits == 1:
+            o = out[0]
+        else:
+            acc, m, l = out
+            m_max = m.max(axis=0)
+            alpha = jnp.exp2(m - m_max[None])
+            l_tot = (alpha * l).sum(axis=0)
+            o = (alpha[..., None] * acc).sum(axis=0) / jnp.where(l_tot == 0.0, 1.0, l_tot)[..., None]
+        # Rows no work item covers (padding tokens) were never written.
+        return jnp.where(valid, o, 0).astype(q.dtype)
     if num_splits == 1:
-        return common.scatter_out(out, plan, num_q_heads, q.dtype)
+        return common.scatter_out(out[0], plan, num_q_heads, q.dtype)
     acc, m, l = out
     return common.merge_splits(acc, m, l, plan, num_q_heads, q.dtype)
 

@@ -100,7 +100,9 @@ def _kernel(
             mask = (k_pos <= q_pos) & (k_pos < kv_len)
             if sliding_window is not None:
                 mask = mask & (k_pos > q_pos - sliding_window)
-            v_ok = (b * block_kv + pi * page_size + lax.broadcasted_iota(jnp.int32, (page_size, 1), 0)) < kv_len
+            v_ok = (
+                b * block_kv + pi * page_size + lax.broadcasted_iota(jnp.int32, (page_size, 1), 0)
+            ) < kv_len
             for h in range(num_kv_heads):
                 q = q_ref[h]
                 k = k_refs[pi][:, h, :]
@@ -119,7 +121,10 @@ def _kernel(
                 l_sc[h] = alpha * l_sc[h] + p.sum(axis=1, keepdims=True)
                 v = jnp.where(v_ok, v, jnp.zeros_like(v))
                 pv = lax.dot_general(
-                    p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+                    p.astype(v.dtype),
+                    v,
+                    (((1,), (0,)), ((), ())),
+                    precision=precision,
                     preferred_element_type=jnp.float32,
                 )
                 acc_sc[h] = alpha * acc_sc[h] + pv
@@ -149,11 +154,25 @@ def ragged_paged_attention_tpu(
     """The "pallas_tpu" backend (signature of the reference plus ``interpret`` and an optional ``config``)."""
     if supports(q.shape, k_pages.shape, k_pages.dtype) is not None:
         return ragged_paged_attention_reference(
-            q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
-            sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+            q,
+            k_pages,
+            v_pages,
+            kv_lens,
+            page_indices,
+            cu_q_lens,
+            num_seqs,
+            sm_scale=sm_scale,
+            sliding_window=sliding_window,
+            soft_cap=soft_cap,
         )
     return _tpu_call(
-        q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+        q,
+        k_pages,
+        v_pages,
+        kv_lens,
+        page_indices,
+        cu_q_lens,
+        num_seqs,
         sm_scale=float(sm_scale),
         sliding_window=None if sliding_window is None else int(sliding_window),
         soft_cap=None if soft_cap is None else float(soft_cap),
@@ -164,8 +183,19 @@ def ragged_paged_attention_tpu(
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "interpret", "config"))
 def _tpu_call(
-    q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
-    sm_scale, sliding_window, soft_cap, interpret, config: TpuConfig,
+    q,
+    k_pages,
+    v_pages,
+    kv_lens,
+    page_indices,
+    cu_q_lens,
+    num_seqs,
+    *,
+    sm_scale,
+    sliding_window,
+    soft_cap,
+    interpret,
+    config: TpuConfig,
 ):
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, num_kv_heads, _ = k_pages.shape
@@ -179,8 +209,14 @@ def _tpu_call(
     num_steps = common.cdiv(pages_per_seq, pages_per_step)
 
     plan = common.make_plan(
-        num_tokens=num_tokens, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-        block_q=block_q, block_kv=block_kv, kv_lens=kv_lens, cu_q_lens=cu_q_lens, num_seqs=num_seqs,
+        num_tokens=num_tokens,
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        block_q=block_q,
+        block_kv=block_kv,
+        kv_lens=kv_lens,
+        cu_q_lens=cu_q_lens,
+        num_seqs=num_seqs,
         sliding_window=sliding_window,
     )
     q_tiles = common.gather_q(q, plan, num_kv_heads, k_pages.dtype)  # [W, Hkv, rows, D]
@@ -200,13 +236,22 @@ def _tpu_call(
 
         return index_map
 
-    kv_spec = [pl.BlockSpec((None, page_size, num_kv_heads, head_dim), kv_index_map(pi)) for pi in range(pages_per_step)]
+    kv_spec = [
+        pl.BlockSpec((None, page_size, num_kv_heads, head_dim), kv_index_map(pi))
+        for pi in range(pages_per_step)
+    ]
     tile_spec = pl.BlockSpec((None, num_kv_heads, rows, head_dim), lambda w, j, meta, pt: (w, 0, 0, 0))
     precision = lax.Precision.HIGHEST if jnp.dtype(k_pages.dtype) == jnp.float32 else None
     kernel = functools.partial(
         _kernel,
-        sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window, page_size=page_size,
-        pages_per_step=pages_per_step, group_pad=group_pad, num_steps=num_steps, precision=precision,
+        sm_scale=sm_scale,
+        soft_cap=soft_cap,
+        sliding_window=sliding_window,
+        page_size=page_size,
+        pages_per_step=pages_per_step,
+        group_pad=group_pad,
+        num_steps=num_steps,
+        precision=precision,
     )
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
@@ -230,11 +275,32 @@ def _tpu_call(
     return common.scatter_out(out, plan, num_q_heads, q.dtype)
 
 
-def _backend(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale,
-             sliding_window=None, soft_cap=None, interpret=False):
+def _backend(
+    q,
+    k_pages,
+    v_pages,
+    kv_lens,
+    page_indices,
+    cu_q_lens,
+    num_seqs,
+    *,
+    sm_scale,
+    sliding_window=None,
+    soft_cap=None,
+    interpret=False,
+):
     return ragged_paged_attention_tpu(
-        q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
-        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret,
+        q,
+        k_pages,
+        v_pages,
+        kv_lens,
+        page_indices,
+        cu_q_lens,
+        num_seqs,
+        sm_scale=sm_scale,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+        interpret=interpret,
     )
 
 

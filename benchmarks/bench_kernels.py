@@ -1,0 +1,900 @@
+#!/usr/bin/env python
+"""Check and benchmark jaxrt's ragged paged attention kernels.
+
+Modes (combine freely):
+
+  --smoke     CPU, Pallas interpret mode, tiny shapes: a few correctness checks and a tiny timing table
+              (what tests/kernels/test_pallas_gpu.py runs).
+  --check     GPU: compile and run every supported configuration of the pallas_gpu kernel (head_dim x
+              page_size x dtype x window/soft-cap x GQA ratio, each on a mixed prefill+decode batch and on a
+              decode batch) against a float64 numpy oracle and the jnp reference; prints PASS/FAIL per config.
+  --tune      GPU: sweep block sizes / warps / stages / splits at a few decode and prefill points.
+  --decode    GPU: decode benchmark (batch x context, Llama-3.2-1B and Llama-3-8B head shapes).
+  --prefill   GPU: prefill benchmark (single sequence of 1k..8k tokens, and chunked prefill behind a prefix).
+
+Decode bandwidth counts the K and V bytes of every sequence's context once (what any kernel must read);
+HBM read bandwidth of the H100 is taken as 3.19 TB/s (measured read-only reduction, notes/gpu-probe.md).
+Times are per call, from a jitted loop of calls (each call's q depends on the previous output, so calls
+cannot overlap or be hoisted), median of --repeats runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import os
+import sys
+import time
+import traceback
+import warnings
+
+import numpy as np
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from jaxrt.kernels import pallas_gpu, ragged_paged_attention_reference  # noqa: E402
+from jaxrt.kernels.pallas_gpu import GpuConfig  # noqa: E402
+
+HBM_READ_BW = 3.19e12
+SHAPES = {"1b": (32, 8, 64), "8b": (32, 8, 128)}  # (num_q_heads, num_kv_heads, head_dim)
+DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs and oracle
+
+
+@dataclasses.dataclass
+class Batch:
+    q: np.ndarray
+    k_pages: np.ndarray
+    v_pages: np.ndarray
+    kv_lens: np.ndarray
+    page_indices: np.ndarray
+    cu_q_lens: np.ndarray
+    num_seqs: np.ndarray
+
+    def args(self):
+        return (
+            self.q,
+            self.k_pages,
+            self.v_pages,
+            self.kv_lens,
+            self.page_indices,
+            self.cu_q_lens,
+            self.num_seqs,
+        )
+
+
+def make_batch(
+    rng,
+    q_lens,
+    kv_lens,
+    *,
+    hq,
+    hkv,
+    d,
+    page,
+    dtype,
+    max_num_seqs=None,
+    num_tokens=None,
+    pages_per_seq=None,
+    spare_pages=2,
+    poison=True,
+) -> Batch:
+    """Random ragged batch; pages not referenced by any sequence (and slots past kv_len) hold NaN if poison."""
+    n = len(q_lens)
+    max_num_seqs = max_num_seqs or n
+    num_tokens = num_tokens or int(sum(q_lens))
+    need = [-(-kv // page) for kv in kv_lens]
+    pages_per_seq = pages_per_seq or max(max(need), 1) + 1
+    num_pages = sum(need) + spare_pages
+    perm = rng.permutation(num_pages)
+    pt = rng.integers(0, num_pages, size=(max_num_seqs, pages_per_seq)).astype(np.int32)  # junk past the end
+    used = np.zeros(num_pages, bool)
+    o = 0
+    for i, c in enumerate(need):
+        pt[i, :c] = perm[o : o + c]
+        used[perm[o : o + c]] = True
+        o += c
+    np_dtype = np.float32
+    k = rng.standard_normal((num_pages, page, hkv, d)).astype(np_dtype)
+    v = rng.standard_normal((num_pages, page, hkv, d)).astype(np_dtype)
+    if poison:
+        k[~used] = np.nan
+        v[~used] = np.nan
+        for i, kv in enumerate(kv_lens):
+            if kv % page:
+                last = pt[i, need[i] - 1]
+                k[last, kv % page :] = np.nan
+                v[last, kv % page :] = np.nan
+    q = rng.standard_normal((num_tokens, hq, d)).astype(np_dtype)
+    cu = np.zeros(max_num_seqs + 1, np.int32)
+    cu[1 : n + 1] = np.cumsum(q_lens)
+    cu[n + 1 :] = cu[n]
+    kvl = np.zeros(max_num_seqs, np.int32)
+    kvl[:n] = kv_lens
+    cast = lambda x: np.asarray(jnp.asarray(x, dtype))  # noqa: E731  (round to the kernel dtype)
+    return Batch(cast(q), cast(k), cast(v), kvl, pt, cu, np.array([n], np.int32))
+
+
+def oracle(b: Batch, sm_scale, sliding_window=None, soft_cap=None) -> np.ndarray:
+    """Dense per-sequence attention in float64 numpy."""
+    q = np.asarray(b.q, np.float64)
+    kp = np.asarray(b.k_pages, np.float64)
+    vp = np.asarray(b.v_pages, np.float64)
+    _, page, hkv, d = kp.shape
+    hq = q.shape[1]
+    g = hq // hkv
+    out = np.zeros_like(q)
+    for i in range(int(b.num_seqs[0])):
+        s0, s1 = b.cu_q_lens[i], b.cu_q_lens[i + 1]
+        ql, kvl = s1 - s0, b.kv_lens[i]
+        if ql == 0:
+            continue
+        pages = b.page_indices[i, : -(-kvl // page)]
+        k = np.repeat(kp[pages].reshape(-1, hkv, d)[:kvl], g, axis=1)
+        v = np.repeat(vp[pages].reshape(-1, hkv, d)[:kvl], g, axis=1)
+        s = np.einsum("qhd,khd->hqk", q[s0:s1], k) * sm_scale
+        if soft_cap is not None:
+            s = soft_cap * np.tanh(s / soft_cap)
+        qpos = kvl - ql + np.arange(ql)
+        kpos = np.arange(kvl)
+        mask = kpos[None, :] <= qpos[:, None]
+        if sliding_window is not None:
+            mask &= kpos[None, :] > qpos[:, None] - sliding_window
+        s = np.where(mask[None], s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        out[s0:s1] = np.einsum("hqk,khd->qhd", p, v)
+    return out
+
+
+def rel_err(x, ref):
+    x = np.asarray(x, np.float64)
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def mixed_case(page):
+    """q_lens / kv_lens of a mixed batch: decodes at kv 1, page-1, page, page+1, prefill chunks with prefix."""
+    q_lens = [1, 37, 1, 100, 5, 1, 64]
+    kv_lens = [1, page + 36, page - 1 if page > 1 else 1, 2 * page + 101, page + 1, page, 64]
+    return q_lens, kv_lens
+
+
+def decode_case(page):
+    kv_lens = [1, page - 1 if page > 1 else 2, page, page + 1, 3 * page + 7, 5, 4 * page]
+    return [1] * len(kv_lens), kv_lens
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compilation helpers
+
+
+def compile_many(jobs, threads):
+    """jobs: list of (key, fn, args). Lower + compile in a thread pool; returns {key: compiled | Exception}."""
+
+    def one(job):
+        key, fn, args = job
+        try:
+            return key, jax.jit(fn).lower(*args).compile()
+        except Exception as e:  # noqa: BLE001 - reported per config
+            return key, e
+
+    out = {}
+    if threads <= 1:
+        for job in jobs:
+            k, v = one(job)
+            out[k] = v
+        return out
+    with concurrent.futures.ThreadPoolExecutor(threads) as ex:
+        for k, v in ex.map(one, jobs):
+            out[k] = v
+    return out
+
+
+def short_err(e: BaseException) -> str:
+    msg = f"{type(e).__name__}: {e}".replace("\n", " ")
+    return msg[:300]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --check
+
+
+def check_configs(quick: bool):
+    gqa = [(4, 4), (8, 2), (16, 2), (8, 1), (6, 2), (32, 8)]  # ratios 1, 4, 8, MQA 8, 3 (padded), 4
+    head_dims = [64, 128, 256]
+    pages = [16, 32, 64, 128]
+    dtypes = ["bf16", "f32"]
+    flags = [(None, None), (48, None), (None, 30.0), (48, 30.0)]
+    if quick:
+        head_dims, pages, flags = [64], [16], [(None, None), (48, 30.0)]
+    cases = []
+    for i, (d, p, dt, (win, cap)) in enumerate(itertools.product(head_dims, pages, dtypes, flags)):
+        hq, hkv = gqa[i % len(gqa)]
+        for kind in ("mixed", "decode"):
+            cases.append(dict(d=d, page=p, dtype=dt, window=win, soft_cap=cap, hq=hq, hkv=hkv, kind=kind))
+    return cases
+
+
+def run_check(args, interpret=False):
+    rng = np.random.default_rng(0)
+    cases = check_configs(args.smoke)
+    log(f"# check: {len(cases)} configurations, interpret={interpret}")
+    jobs, batches, refs = [], {}, []
+    for ci, c in enumerate(cases):
+        ql, kvl = (mixed_case if c["kind"] == "mixed" else decode_case)(c["page"])
+        if c["kind"] == "mixed":
+            b = make_batch(
+                rng,
+                ql,
+                kvl,
+                hq=c["hq"],
+                hkv=c["hkv"],
+                d=c["d"],
+                page=c["page"],
+                dtype=DTYPES[c["dtype"]],
+                max_num_seqs=len(ql) + 2,
+                num_tokens=sum(ql) + 5,
+            )
+        else:
+            b = make_batch(
+                rng,
+                ql,
+                kvl,
+                hq=c["hq"],
+                hkv=c["hkv"],
+                d=c["d"],
+                page=c["page"],
+                dtype=DTYPES[c["dtype"]],
+                max_num_seqs=len(ql) + 1,
+                num_tokens=len(ql) + 1,
+            )
+        batches[ci] = b
+        kw = dict(sm_scale=1.0 / math.sqrt(c["d"]), sliding_window=c["window"], soft_cap=c["soft_cap"])
+        jargs = tuple(jnp.asarray(x) for x in b.args())
+        jobs.append(
+            (
+                ("k", ci),
+                functools.partial(pallas_gpu.ragged_paged_attention_gpu, interpret=interpret, **kw),
+                jargs,
+            )
+        )
+        # The jnp reference multiplies masked-out V rows by zero, so NaN poison would reach it: give it the
+        # same batch with the poison replaced by zeros (the oracle never reads those entries).
+        clean = tuple(
+            jnp.asarray(np.nan_to_num(x)) if np.issubdtype(x.dtype, np.floating) else jnp.asarray(x)
+            for x in b.args()
+        )
+        jobs.append((("r", ci), functools.partial(ragged_paged_attention_reference, **kw), clean))
+        refs.append(kw)
+    t0 = time.time()
+    compiled = compile_many(jobs, args.threads)
+    log(f"# compiled {len(jobs)} programs in {time.time() - t0:.1f}s")
+    rows, n_fail = [], 0
+    for ci, c in enumerate(cases):
+        b = batches[ci]
+        jargs = tuple(jnp.asarray(x) for x in b.args())
+        want = oracle(b, **refs[ci])
+        tol = 2e-2 if c["dtype"] == "bf16" else 1e-4
+        status, err, ref_err, note = "PASS", float("nan"), float("nan"), ""
+        kern = compiled[("k", ci)]
+        if isinstance(kern, Exception):
+            status, note = "FAIL", "compile: " + short_err(kern)
+        else:
+            try:
+                out = np.asarray(jax.block_until_ready(kern(*jargs)), np.float64)
+                n_real = int(b.cu_q_lens[b.num_seqs[0]])
+                err = rel_err(out[:n_real], want[:n_real])
+                pad_ok = bool(np.all(out[n_real:] == 0))
+                if not np.all(np.isfinite(out)):
+                    status, note = "FAIL", "non-finite output"
+                elif not pad_ok:
+                    status, note = "FAIL", "padding rows not zero"
+                elif not err < tol:
+                    status, note = "FAIL", f"error {err:.2e} > {tol:.0e}"
+            except Exception as e:  # noqa: BLE001
+                status, note = "FAIL", "run: " + short_err(e)
+        ref = compiled[("r", ci)]
+        if not isinstance(ref, Exception):
+            r = np.asarray(jax.block_until_ready(ref(*jobs[2 * ci + 1][2])), np.float64)
+            ref_err = rel_err(r, want)
+        n_fail += status != "PASS"
+        rows.append(dict(c, status=status, err=err, ref_err=ref_err, note=note))
+    log("")
+    log(
+        "| kind | head_dim | page | dtype | Hq/Hkv | window | soft_cap | status | rel err (kernel) | rel err (jnp ref) | note |"
+    )
+    log("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        log(
+            f"| {r['kind']} | {r['d']} | {r['page']} | {r['dtype']} | {r['hq']}/{r['hkv']} | {r['window']} | "
+            f"{r['soft_cap']} | {r['status']} | {r['err']:.2e} | {r['ref_err']:.2e} | {r['note']} |"
+        )
+    log(f"# check: {len(rows) - n_fail}/{len(rows)} PASS")
+    return rows, n_fail
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Timing
+
+
+def time_loop(fn, q, rest, *, iters, repeats, threads_compiled=None):
+    """Per-call seconds of fn(q, *rest) in a jitted loop of `iters` dependent calls (median of repeats)."""
+
+    def loop(q, eps, *rest):
+        def body(_, carry):
+            out = fn(q + eps * carry.astype(q.dtype), *rest)
+            return out.astype(carry.dtype)
+
+        return jax.lax.fori_loop(0, iters, body, jnp.zeros(q.shape, q.dtype))
+
+    eps = jnp.zeros((), q.dtype)
+    compiled = threads_compiled or jax.jit(loop).lower(q, eps, *rest).compile()
+    jax.block_until_ready(compiled(q, eps, *rest))
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(q, eps, *rest))
+        ts.append((time.perf_counter() - t0) / iters)
+    return float(np.median(ts))
+
+
+def loop_fn(fn, iters):
+    def loop(q, eps, *rest):
+        def body(_, carry):
+            return fn(q + eps * carry.astype(q.dtype), *rest).astype(carry.dtype)
+
+        return jax.lax.fori_loop(0, iters, body, jnp.zeros(q.shape, q.dtype))
+
+    return loop
+
+
+def measure(jobs, threads, repeats):
+    """jobs: list of (key, fn, q, rest, iters). Compiles in parallel, runs one by one. {key: sec | Exception}."""
+    eps_cache = {}
+    cjobs = []
+    for key, fn, q, rest, iters in jobs:
+        eps = eps_cache.setdefault(q.dtype, jnp.zeros((), q.dtype))
+        cjobs.append((key, loop_fn(fn, iters), (q, eps, *rest)))
+    compiled = compile_many(cjobs, threads)
+    out = {}
+    for (key, _fn, _q, _rest, iters), (_, _, cargs) in zip(jobs, cjobs, strict=True):
+        c = compiled[key]
+        if isinstance(c, Exception):
+            out[key] = c
+            continue
+        try:
+            jax.block_until_ready(c(*cargs))
+            ts = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                jax.block_until_ready(c(*cargs))
+                ts.append((time.perf_counter() - t0) / iters)
+            out[key] = float(np.median(ts))
+        except Exception as e:  # noqa: BLE001
+            out[key] = e
+    return out
+
+
+def iters_for(est_seconds, budget=0.03, lo=3, hi=200):
+    return int(min(hi, max(lo, budget / max(est_seconds, 1e-6))))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decode
+
+
+def decode_inputs(key, b, ctx, hq, hkv, d, page, dtype):
+    pps = -(-ctx // page)
+    num_pages = b * pps + 1
+    k1, k2, k3 = jax.random.split(key, 3)
+    k_pages = jax.random.normal(k1, (num_pages, page, hkv, d), dtype)
+    v_pages = jax.random.normal(k2, (num_pages, page, hkv, d), dtype)
+    q = jax.random.normal(k3, (b, hq, d), dtype)
+    perm = np.random.default_rng(b * 7919 + ctx).permutation(num_pages)[: b * pps]
+    pt = jnp.asarray(perm.reshape(b, pps).astype(np.int32))
+    kv_lens = jnp.full((b,), ctx, jnp.int32)
+    cu = jnp.arange(b + 1, dtype=jnp.int32)
+    ns = jnp.array([b], jnp.int32)
+    return q, k_pages, v_pages, kv_lens, pt, cu, ns
+
+
+def kv_bytes(b, ctx, hkv, d, dtype):
+    return 2 * b * ctx * hkv * d * jnp.dtype(dtype).itemsize
+
+
+INTERPRET = False  # --interpret: dry-run the benchmark code paths on CPU
+
+
+def pallas_fn(sm_scale, config=None):
+    def f(q, k, v, kvl, pt, cu, ns):
+        return pallas_gpu.ragged_paged_attention_gpu(
+            q, k, v, kvl, pt, cu, ns, sm_scale=sm_scale, config=config, interpret=INTERPRET
+        )
+
+    return f
+
+
+def reference_fn(sm_scale):
+    def f(q, k, v, kvl, pt, cu, ns):
+        return ragged_paged_attention_reference(q, k, v, kvl, pt, cu, ns, sm_scale=sm_scale)
+
+    return f
+
+
+def jax_paged_fn(sm_scale, hkv, ppcb=8, k_splits=4, num_warps=4):
+    """jax.experimental.pallas.ops.gpu.paged_attention (deprecated; decode only; head-major pool)."""
+    from jax.experimental.pallas.ops.gpu import paged_attention as jpa
+
+    def f(q, k_hm, v_hm, kvl, pt):
+        pps = pt.shape[1]
+        ks = k_splits
+        while pps % ks:
+            ks //= 2
+        ppcb_ = min(ppcb, pps // ks)
+        while (pps // ks) % ppcb_:
+            ppcb_ //= 2
+        return jpa.paged_attention(
+            q * jnp.asarray(sm_scale, q.dtype),
+            k_hm,
+            v_hm,
+            pt,
+            kvl,
+            pages_per_compute_block=ppcb_,
+            k_splits=ks,
+            num_warps=num_warps,
+            interpret=INTERPRET,
+        )
+
+    return f
+
+
+def dense_decode_fn(sm_scale):
+    """XLA dense decode attention over a contiguous cache [B, S, Hkv, D] (no paging)."""
+
+    def f(q, k, v, kvl):
+        b, hq, d = q.shape
+        hkv = k.shape[2]
+        qg = q.reshape(b, hkv, hq // hkv, d)
+        s = jnp.einsum("bkgd,bskd->bkgs", qg, k, preferred_element_type=jnp.float32) * sm_scale
+        mask = jnp.arange(k.shape[1])[None, :] < kvl[:, None]
+        s = jnp.where(mask[:, None, None, :], s, -1e30)
+        p = jax.nn.softmax(s, axis=-1)
+        o = jnp.einsum("bkgs,bskd->bkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return o.reshape(b, hq, d).astype(q.dtype)
+
+    return f
+
+
+DECODE_DEFAULT_GRID = [
+    (b, c) for b in (1, 8, 32, 64, 128, 256) for c in (512, 1024, 4096, 16384, 32768) if b * c <= 2**21
+]
+
+
+def run_decode(args, grid, shapes, tune_points=()):
+    dtype = DTYPES[args.dtype]
+    results = []
+    key = jax.random.PRNGKey(0)
+    for shape in shapes:
+        hq, hkv, d = SHAPES[shape]
+        sm = 1.0 / math.sqrt(d)
+        for b, ctx in grid:
+            ins = decode_inputs(key, b, ctx, hq, hkv, d, args.page_size, dtype)
+            q, k_pages, v_pages, kv_lens, pt, cu, ns = ins
+            nbytes = kv_bytes(b, ctx, hkv, d, dtype)
+            est = nbytes / 2.0e12 + 4e-6
+            it = iters_for(est)
+            cfg = pallas_gpu.default_config(
+                num_tokens=b,
+                max_num_seqs=b,
+                num_q_heads=hq,
+                num_kv_heads=hkv,
+                head_dim=d,
+                page_size=args.page_size,
+                pages_per_seq=pt.shape[1],
+                itemsize=jnp.dtype(dtype).itemsize,
+            )
+            jobs = [("pallas", pallas_fn(sm), q, ins[1:], it)]
+            baselines = args.baselines.split(",") if args.baselines else []
+            if "jax_paged" in baselines:
+                k_hm = jnp.transpose(k_pages, (2, 0, 1, 3))
+                v_hm = jnp.transpose(v_pages, (2, 0, 1, 3))
+                jobs.append(("jax_paged", jax_paged_fn(sm, hkv), q, (k_hm, v_hm, kv_lens, pt), it))
+            if "dense" in baselines:
+                kd = k_pages[pt].reshape(b, -1, hkv, d)[:, :ctx]
+                vd = v_pages[pt].reshape(b, -1, hkv, d)[:, :ctx]
+                jobs.append(("xla_dense", dense_decode_fn(sm), q, (kd, vd, kv_lens), it))
+            if "reference" in baselines and b * ctx <= args.ref_max_tokens:
+                jobs.append(("xla_reference", reference_fn(sm), q, ins[1:], max(2, it // 20)))
+            if (shape, b, ctx) in tune_points:
+                for tc in decode_tune_configs(cfg, d, jnp.dtype(dtype).itemsize):
+                    jobs.append((("tune", tc), pallas_fn(sm, tc), q, ins[1:], it))
+            res = measure(jobs, args.threads, args.repeats)
+            row = dict(shape=shape, b=b, ctx=ctx, bytes=nbytes, config=dataclasses.asdict(cfg))
+            for k_, v_ in res.items():
+                if isinstance(k_, tuple):
+                    continue
+                row[k_] = v_ if not isinstance(v_, Exception) else short_err(v_)
+            tune = {
+                k_[1]: v_ for k_, v_ in res.items() if isinstance(k_, tuple) and not isinstance(v_, Exception)
+            }
+            if tune:
+                best = min(tune, key=tune.get)
+                row["tune_best"] = dataclasses.asdict(best)
+                row["tune_best_s"] = tune[best]
+                row["tune_all"] = [
+                    (dataclasses.asdict(c), t) for c, t in sorted(tune.items(), key=lambda x: x[1])
+                ]
+                fails = [
+                    short_err(v_)
+                    for k_, v_ in res.items()
+                    if isinstance(k_, tuple) and isinstance(v_, Exception)
+                ]
+                row["tune_failures"] = fails[:5]
+            results.append(row)
+            log(decode_row(row))
+            del ins, jobs, res
+            if "jax_paged" in baselines:
+                del k_hm, v_hm
+            if "dense" in baselines:
+                del kd, vd
+    return results
+
+
+def decode_tune_configs(cfg: GpuConfig, d, itemsize):
+    out = {cfg}
+    for hf, bk, ns in itertools.product((True, False), (64, 128, 256), (2, 3, 4)):
+        if 2 * bk * d * itemsize * ns > 200 * 1024:
+            continue
+        for nw in (4, 8) if bk == 256 else (4,):
+            out.add(dataclasses.replace(cfg, block_kv=bk, num_warps=nw, num_stages=ns, heads_fastest=hf))
+    for hf, sp in itertools.product((True, False), (1, 2, 4, 8, 16)):
+        out.add(dataclasses.replace(cfg, num_splits=sp, heads_fastest=hf))
+    return sorted(out, key=lambda c: dataclasses.astuple(c))
+
+
+def fmt_t(x):
+    return f"{x * 1e6:.1f}" if isinstance(x, float) else "-"
+
+
+def gbs(nbytes, t):
+    return nbytes / t / 1e9 if isinstance(t, float) else float("nan")
+
+
+def decode_header():
+    return (
+        "| shape | batch | context | KV MB | pallas µs | GB/s | % of 3.19 TB/s | jax paged µs (GB/s) | "
+        "XLA dense µs | XLA reference µs | pallas config (rows, block_kv, splits, warps, stages) | best tuned µs (%) |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
+
+
+def decode_row(r):
+    t = r.get("pallas")
+    c = r["config"]
+    jp = r.get("jax_paged")
+    tb = r.get("tune_best_s")
+    best = f"{fmt_t(tb)} ({100 * gbs(r['bytes'], tb) * 1e9 / HBM_READ_BW:.0f}%)" if tb else "-"
+    jp_s = f"{fmt_t(jp)} ({gbs(r['bytes'], jp):.0f})" if isinstance(jp, float) else (jp or "-")
+    return (
+        f"| {r['shape']} | {r['b']} | {r['ctx']} | {r['bytes'] / 1e6:.1f} | {fmt_t(t)} | {gbs(r['bytes'], t):.0f} | "
+        f"{100 * gbs(r['bytes'], t) * 1e9 / HBM_READ_BW:.0f}% | {jp_s} | {fmt_t(r.get('xla_dense'))} | "
+        f"{fmt_t(r.get('xla_reference'))} | {c['block_rows']}, {c['block_kv']}, {c['num_splits']}, "
+        f"{c['num_warps']}, {c['num_stages']} | {best} |"
+    )
+
+
+def run_plan_overhead(args):
+    """Time the XLA-side work planning alone (jnp.searchsorted method 'scan' vs 'compare_all')."""
+    from jaxrt.kernels import _pallas_common as common
+
+    rows = []
+    for label, t, s_, bq in (("decode B=256", 256, 256, 4), ("prefill T=8192, 64 seqs", 8192, 64, 16)):
+        cu = jnp.asarray(np.r_[0, np.cumsum(np.full(s_, t // s_))].astype(np.int32))
+        kvl = jnp.full((s_,), 1024, jnp.int32)
+        ns = jnp.array([s_], jnp.int32)
+        for method in ("scan", "compare_all"):
+
+            def f(q, cu, kvl, ns, method=method, t=t, bq=bq):
+                plan = common.make_plan(
+                    num_tokens=t,
+                    num_q_heads=32,
+                    num_kv_heads=8,
+                    block_q=bq,
+                    block_kv=128,
+                    kv_lens=kvl,
+                    cu_q_lens=cu,
+                    num_seqs=ns,
+                    sliding_window=None,
+                    search_method=method,
+                )
+                return q + (plan.meta.sum() + plan.token_work.sum()).astype(q.dtype)
+
+            q = jnp.zeros((t, 32, 64), jnp.bfloat16)
+            res = measure([("plan", f, q, (cu, kvl, ns), 50)], 1, args.repeats)
+            rows.append((label, method, res["plan"]))
+            log(f"# plan overhead {label}, searchsorted {method}: {fmt_t(res['plan'])} µs/call")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prefill
+
+
+def prefill_inputs(key, n_seq, q_len, kv_len, hq, hkv, d, page, dtype, max_num_seqs):
+    pps = -(-kv_len // page)
+    num_pages = n_seq * pps + 1
+    k1, k2, k3 = jax.random.split(key, 3)
+    k_pages = jax.random.normal(k1, (num_pages, page, hkv, d), dtype)
+    v_pages = jax.random.normal(k2, (num_pages, page, hkv, d), dtype)
+    t = n_seq * q_len
+    q = jax.random.normal(k3, (t, hq, d), dtype)
+    perm = np.random.default_rng(q_len + kv_len).permutation(num_pages)[: n_seq * pps]
+    pt = np.zeros((max_num_seqs, pps), np.int32)
+    pt[:n_seq] = perm.reshape(n_seq, pps)
+    kvl = np.zeros(max_num_seqs, np.int32)
+    kvl[:n_seq] = kv_len
+    cu = np.zeros(max_num_seqs + 1, np.int32)
+    cu[1 : n_seq + 1] = np.arange(1, n_seq + 1) * q_len
+    cu[n_seq + 1 :] = t
+    return (
+        q,
+        k_pages,
+        v_pages,
+        jnp.asarray(kvl),
+        jnp.asarray(pt),
+        jnp.asarray(cu),
+        jnp.array([n_seq], jnp.int32),
+    )
+
+
+def dense_prefill_fn(sm_scale, n_seq, q_len, kv_len, implementation):
+    """jax.nn.dot_product_attention over contiguous K/V [n_seq, kv_len, Hkv, D] (bottom-right causal)."""
+
+    def f(q, k, v):
+        t, hq, d = q.shape
+        qb = q.reshape(n_seq, q_len, hq, d)
+        if q_len == kv_len:
+            o = jax.nn.dot_product_attention(
+                qb, k, v, scale=sm_scale, is_causal=True, implementation=implementation
+            )
+        else:
+            qpos = kv_len - q_len + jnp.arange(q_len)
+            mask = jnp.arange(kv_len)[None, :] <= qpos[:, None]
+            o = jax.nn.dot_product_attention(
+                qb, k, v, scale=sm_scale, mask=mask[None, None], implementation=implementation
+            )
+        return o.reshape(t, hq, d)
+
+    return f
+
+
+PREFILL_DEFAULT = [(1, 1024, 1024), (1, 2048, 2048), (1, 4096, 4096), (1, 8192, 8192), (4, 2048, 4096)]
+
+
+def prefill_tune_configs(cfg: GpuConfig, d, itemsize):
+    out = {cfg}
+    for rows, bk, nw, ns, hf in itertools.product(
+        (32, 64, 128), (32, 64, 128), (4, 8), (2, 3), (True, False)
+    ):
+        if (2 * bk * d * itemsize) * ns + rows * d * itemsize > 200 * 1024:
+            continue
+        if rows == 32 and nw == 8:
+            continue
+        out.add(
+            GpuConfig(
+                block_rows=rows, block_kv=bk, num_splits=1, num_warps=nw, num_stages=ns, heads_fastest=hf
+            )
+        )
+    return sorted(out, key=lambda c: dataclasses.astuple(c))
+
+
+def run_prefill(args, cases, shapes, tune_points=()):
+    dtype = DTYPES[args.dtype]
+    results = []
+    key = jax.random.PRNGKey(1)
+    baselines = args.baselines.split(",") if args.baselines else []
+    for shape in shapes:
+        hq, hkv, d = SHAPES[shape]
+        sm = 1.0 / math.sqrt(d)
+        for n_seq, q_len, kv_len in cases:
+            ins = prefill_inputs(
+                key, n_seq, q_len, kv_len, hq, hkv, d, args.page_size, dtype, args.max_num_seqs
+            )
+            q = ins[0]
+            # causal FLOPs actually needed: 2 dots x 2 flops x Hq x D x sum over queries of visible keys
+            visible = n_seq * sum(kv_len - q_len + r + 1 for r in range(q_len))
+            flops = 4 * hq * d * visible
+            est = flops / 300e12 + 1e-5
+            it = iters_for(est, budget=0.05, hi=50)
+            cfg = pallas_gpu.default_config(
+                num_tokens=n_seq * q_len,
+                max_num_seqs=args.max_num_seqs,
+                num_q_heads=hq,
+                num_kv_heads=hkv,
+                head_dim=d,
+                page_size=args.page_size,
+                pages_per_seq=ins[4].shape[1],
+                itemsize=jnp.dtype(dtype).itemsize,
+            )
+            jobs = [("pallas", pallas_fn(sm), q, ins[1:], it)]
+            pt = ins[4][:n_seq]
+            kd = ins[1][pt].reshape(n_seq, -1, hkv, d)[:, :kv_len]
+            vd = ins[2][pt].reshape(n_seq, -1, hkv, d)[:, :kv_len]
+            if "dense" in baselines:
+                jobs.append(("xla_dense", dense_prefill_fn(sm, n_seq, q_len, kv_len, "xla"), q, (kd, vd), it))
+            if "cudnn" in baselines:
+                jobs.append(("cudnn", dense_prefill_fn(sm, n_seq, q_len, kv_len, "cudnn"), q, (kd, vd), it))
+            if "reference" in baselines:
+                jobs.append(("xla_reference", reference_fn(sm), q, ins[1:], 2))
+            if (shape, n_seq, q_len, kv_len) in tune_points:
+                for tc in prefill_tune_configs(cfg, d, jnp.dtype(dtype).itemsize):
+                    jobs.append((("tune", tc), pallas_fn(sm, tc), q, ins[1:], it))
+            res = measure(jobs, args.threads, args.repeats)
+            row = dict(
+                shape=shape,
+                n_seq=n_seq,
+                q_len=q_len,
+                kv_len=kv_len,
+                flops=flops,
+                config=dataclasses.asdict(cfg),
+            )
+            for k_, v_ in res.items():
+                if not isinstance(k_, tuple):
+                    row[k_] = v_ if not isinstance(v_, Exception) else short_err(v_)
+            tune = {
+                k_[1]: v_ for k_, v_ in res.items() if isinstance(k_, tuple) and not isinstance(v_, Exception)
+            }
+            if tune:
+                best = min(tune, key=tune.get)
+                row["tune_best"] = dataclasses.asdict(best)
+                row["tune_best_s"] = tune[best]
+                row["tune_all"] = [
+                    (dataclasses.asdict(c), t) for c, t in sorted(tune.items(), key=lambda x: x[1])
+                ]
+            results.append(row)
+            log(prefill_row(row))
+            del ins, jobs, res, kd, vd
+    return results
+
+
+def prefill_header():
+    return (
+        "| shape | seqs x q_len (kv_len) | pallas µs | TFLOP/s | XLA dense µs | cuDNN µs | XLA reference µs | "
+        "pallas / XLA dense | pallas config (rows, block_kv, warps, stages) | best tuned µs |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
+
+
+def prefill_row(r):
+    t = r.get("pallas")
+    c = r["config"]
+    xd = r.get("xla_dense")
+    ratio = f"{t / xd:.2f}x" if isinstance(t, float) and isinstance(xd, float) else "-"
+    tf = r["flops"] / t / 1e12 if isinstance(t, float) else float("nan")
+    return (
+        f"| {r['shape']} | {r['n_seq']} x {r['q_len']} ({r['kv_len']}) | {fmt_t(t)} | {tf:.0f} | {fmt_t(xd)} | "
+        f"{fmt_t(r.get('cudnn'))} | {fmt_t(r.get('xla_reference'))} | {ratio} | {c['block_rows']}, "
+        f"{c['block_kv']}, {c['num_warps']}, {c['num_stages']} | {fmt_t(r.get('tune_best_s'))} |"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --smoke (CPU interpret)
+
+
+def run_smoke(args):
+    rows, n_fail = run_check(args, interpret=True)
+    # Tiny timing table in interpret mode (meaningless as performance; exercises the timing path).
+    rng = np.random.default_rng(1)
+    b = make_batch(
+        rng, [1, 1, 1, 1], [5, 17, 33, 8], hq=4, hkv=2, d=64, page=16, dtype=jnp.float32, poison=False
+    )
+    jargs = [jnp.asarray(x) for x in b.args()]
+    fn = lambda *a: pallas_gpu.ragged_paged_attention_gpu(*a, sm_scale=0.125, interpret=True)  # noqa: E731
+    t = time_loop(fn, jargs[0], jargs[1:], iters=2, repeats=2)
+    log(f"# smoke timing (interpret mode, not a performance number): {t * 1e3:.1f} ms/call")
+    return n_fail
+
+
+def parse_grid(s):
+    out = []
+    for item in s.split(","):
+        b, c = item.split("x")
+        out.append((int(b), int(c)))
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="CPU interpret-mode self test (tiny)")
+    p.add_argument("--check", action="store_true")
+    p.add_argument("--tune", action="store_true")
+    p.add_argument("--decode", action="store_true")
+    p.add_argument("--prefill", action="store_true")
+    p.add_argument("--shapes", default="1b,8b")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--decode-grid", default=None, help="e.g. 1x512,32x1024 (batch x context)")
+    p.add_argument(
+        "--prefill-cases", default=None, help="e.g. 1x1024x1024,4x2048x4096 (seqs x q_len x kv_len)"
+    )
+    p.add_argument("--max-num-seqs", type=int, default=64, help="max_num_seqs of prefill batches")
+    p.add_argument("--baselines", default="jax_paged,dense,reference,cudnn")
+    p.add_argument("--ref-max-tokens", type=int, default=2**19)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 1))
+    p.add_argument("--json", default=None, help="write all results here")
+    p.add_argument(
+        "--interpret", action="store_true", help="run the GPU modes in interpret mode (CPU dry run)"
+    )
+    args = p.parse_args(argv)
+    global INTERPRET
+    INTERPRET = args.interpret
+
+    if args.smoke:
+        args.threads = 1
+        return 1 if run_smoke(args) else 0
+    log(f"# jax {jax.__version__}, devices {jax.devices()}, backend {jax.default_backend()}")
+    out = {"jax": jax.__version__, "device": str(jax.devices()[0]), "argv": sys.argv}
+    status = 0
+    shapes = args.shapes.split(",")
+    if args.check:
+        rows, n_fail = run_check(args)
+        out["check"] = rows
+        status |= n_fail > 0
+    grid = parse_grid(args.decode_grid) if args.decode_grid else DECODE_DEFAULT_GRID
+    pcases = (
+        [tuple(int(x) for x in c.split("x")) for c in args.prefill_cases.split(",")]
+        if args.prefill_cases
+        else PREFILL_DEFAULT
+    )
+    if args.tune:
+        out["plan_overhead"] = run_plan_overhead(args)
+        dpts = [
+            ("1b", 32, 1024),
+            ("1b", 256, 1024),
+            ("1b", 1, 32768),
+            ("8b", 64, 4096),
+            ("8b", 8, 16384),
+            ("8b", 32, 4096),
+        ]
+        log("\n## decode tuning\n" + decode_header())
+        out["decode_tune"] = run_decode(
+            args, sorted({(b, c) for _, b, c in dpts}), shapes, tune_points={(s, b, c) for s, b, c in dpts}
+        )
+        ppts = [(s, 1, 4096, 4096) for s in shapes]
+        log("\n## prefill tuning\n" + prefill_header())
+        out["prefill_tune"] = run_prefill(args, [(1, 4096, 4096)], shapes, tune_points=set(ppts))
+    if args.decode:
+        log("\n## decode\n" + decode_header())
+        out["decode"] = run_decode(args, grid, shapes)
+    if args.prefill:
+        log("\n## prefill\n" + prefill_header())
+        out["prefill"] = run_prefill(args, pcases, shapes)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1, default=str)
+    return status
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Exception:
+        traceback.print_exc()
+        sys.exit(2)

@@ -20,7 +20,7 @@ class RopeConfig:
     partial_rotary_factor: float = 1.0
     extra: tuple[tuple[str, Any], ...] = ()  # family-specific keys, kept hashable
 
-    SUPPORTED = ("default", "linear", "llama3")
+    SUPPORTED = ("default", "linear", "llama3", "dynamic", "yarn", "longrope")
 
     def __post_init__(self) -> None:
         if self.rope_type not in self.SUPPORTED:
@@ -52,11 +52,23 @@ class ModelConfig:
     dtype: str = "bfloat16"  # the checkpoint's dtype
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Per-layer attention kind ("full_attention" | "sliding_attention"); empty: `sliding_window` (if set)
+    # applies to every layer.
+    layer_types: tuple[str, ...] = ()
+    local_rope: RopeConfig | None = None  # rope of sliding-window layers when it differs (Gemma 3)
+    attn_scale: float | None = None  # softmax scale when not head_dim**-0.5 (Gemma 2/3, Granite)
+    attn_logit_softcap: float | None = None  # cap * tanh(scores / cap) before the softmax (Gemma 2)
+    final_logit_softcap: float | None = None  # the same on the output logits (Gemma 2/3)
+    embedding_multiplier: float = 1.0  # Granite
+    residual_multiplier: float = 1.0  # Granite
+    logits_scaling: float = 1.0  # Granite: logits are divided by it
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
         if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
@@ -64,7 +76,7 @@ class ModelConfig:
 
     @property
     def sm_scale(self) -> float:
-        return self.head_dim**-0.5
+        return self.attn_scale if self.attn_scale is not None else self.head_dim**-0.5
 
     def replace(self, **kwargs: Any) -> ModelConfig:
         return dataclasses.replace(self, **kwargs)

@@ -1,0 +1,353 @@
+"""Build a transformers causal LM as a pure JAX ``forward(params, kv_caches, batch)`` for jaxrt's jitted step.
+
+The model is instantiated from its transformers code (``AutoModelForCausalLM.from_config``, remote code allowed)
+with parameters on the meta device, so no random weights are ever materialised; buffers that its constructor
+computes (rotary ``inv_freq``, causal-mask tables) are real and become jit inputs next to the weights. The
+forward is traced into JAX with torchax: the torch ops of the model's own code run as JAX ops on tracers inside
+jaxrt's single jitted step, with attention routed through ``attn_implementation="jaxrt"`` into the paged KV pool.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrt.config import ModelConfig
+from jaxrt.converters.fallback.attention import (
+    ATTN_IMPLEMENTATION,
+    CTX_KWARG,
+    FallbackError,
+    LayerSpec,
+    StepContext,
+    register_attention,
+)
+from jaxrt.converters.fallback.experts import EXPERTS_IMPLEMENTATION, register_experts
+from jaxrt.converters.fallback.torchax_compat import import_torchax
+from jaxrt.converters.fallback.weights import expected_tensors, jax_dtype, load_params, torch_to_jax
+
+logger = logging.getLogger(__name__)
+
+# Module class names of recurrent / state-space mixers: their per-request state does not fit a paged KV pool.
+_RECURRENT_MODULE = re.compile(
+    r"Mamba|Mixer2?$|SSM|Rwkv|RWKV|xLSTM|mLSTM|sLSTM|Recurrent|RecurrentBlock|LinearAttention|Lightning|"
+    r"GatedDeltaNet|DeltaNet|ShortConv|KimiDelta|Rglru",
+)
+_MAX_POSITION_FIELDS = (
+    "max_position_embeddings",
+    "n_positions",
+    "n_ctx",
+    "max_seq_len",
+    "seq_length",
+    "max_len",
+)
+_PROBE_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class FallbackPlan:
+    """Everything static about one model's forward, found by the build-time probe."""
+
+    layers: tuple[LayerSpec, ...]
+    head_dim: int
+    num_kv_heads: int
+    vocab_size: int
+    kwarg_names: frozenset[str]
+
+
+def checkpoint_dtype(hf_config: Any) -> str:
+    """The checkpoint's float dtype name (for picking a default compute dtype)."""
+    d = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    name = str(d).replace("torch.", "") if d is not None else "float32"
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def build_meta_model(hf_config: Any, dtype: str, trust_remote_code: bool):
+    """The transformers model with meta parameters and real buffers, in eval mode, attention set to jaxrt."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    register_attention()
+    register_experts()
+    config = copy.deepcopy(hf_config)
+    kwargs: dict[str, Any] = {
+        "trust_remote_code": trust_remote_code,
+        "attn_implementation": ATTN_IMPLEMENTATION,
+        "dtype": _torch_dtype(dtype),
+    }
+    with init_empty_weights(include_buffers=False):
+        try:
+            model = AutoModelForCausalLM.from_config(
+                config, experts_implementation=EXPERTS_IMPLEMENTATION, **kwargs
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            if "experts_implementation" not in str(e):
+                raise
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _forward_kwarg_names(model: Any) -> frozenset[str]:
+    try:
+        return frozenset(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
+def _module_names(model: Any) -> dict[int, str]:
+    return {id(m): name or type(m).__name__ for name, m in model.named_modules()}
+
+
+def _recurrent_modules(model: Any) -> list[str]:
+    return [
+        f"{name} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if _RECURRENT_MODULE.search(type(m).__name__)
+    ]
+
+
+class FallbackModel:
+    """A meta-device transformers model plus what jaxrt needs to run it as ``forward(params, kv, batch)``."""
+
+    def __init__(self, model: Any, attention_backend: str | None = None, interpret: bool = False) -> None:
+        self.torchax = import_torchax()
+        self.model = model
+        self.backend = None if attention_backend in (None, "auto") else attention_backend
+        self.interpret = interpret
+        self.names = _module_names(model)
+        self.kwarg_names = _forward_kwarg_names(model)
+        self.buffers = {n: torch_to_jax(b) for n, b in model.named_buffers() if not b.is_meta}
+        self.plan: FallbackPlan | None = None
+
+    # ------------------------------------------------------------------------------------------- tracing
+
+    def _call_model(self, params: dict[str, jax.Array], batch: Any, ctx: StepContext) -> jax.Array:
+        """Run the torch model on jax values (inside a trace). Returns logits ``[rows, vocab]`` (jax)."""
+        import torch
+        from torchax import interop
+
+        env = self.torchax.default_env()
+        tensors = {**self.buffers, **params}
+        input_ids = jnp.asarray(batch.input_ids)[None, :]
+        position_ids = jnp.asarray(batch.positions)[None, :]
+        keep = "logits_to_keep" in self.kwarg_names
+        with env, torch.no_grad():
+            t_params, t_ids, t_pos = interop.torch_view((tensors, input_ids, position_ids))
+            kwargs: dict[str, Any] = {
+                "input_ids": t_ids,
+                "position_ids": t_pos,
+                "use_cache": False,
+                "return_dict": True,
+                CTX_KWARG: ctx,
+            }
+            if "cache_position" in self.kwarg_names:
+                kwargs["cache_position"] = interop.torch_view(jnp.asarray(batch.positions))
+            if keep:
+                kwargs["logits_to_keep"] = interop.torch_view(jnp.asarray(batch.logits_indices))
+            out = torch.func.functional_call(
+                self.model, t_params, args=(), kwargs=kwargs, tie_weights=True, strict=False
+            )
+            logits = out["logits"] if isinstance(out, dict) or hasattr(out, "keys") else out[0]
+            logits = interop.jax_view(logits)
+        logits = logits[0]
+        if not keep or logits.shape[0] != batch.logits_indices.shape[0]:
+            if logits.shape[0] == batch.input_ids.shape[0]:
+                logits = logits[batch.logits_indices]
+            elif logits.shape[0] != batch.logits_indices.shape[0]:
+                raise FallbackError(
+                    f"unexpected logits shape {logits.shape} for {batch.input_ids.shape[0]} tokens"
+                )
+        return logits.astype(jnp.float32)
+
+    def probe(self, abstract_params: dict[str, Any]) -> FallbackPlan:
+        """Trace the forward once abstractly: record every attention call, check the model is usable."""
+        batch = _probe_batch(_PROBE_TOKENS)
+        ctx = StepContext(batch=batch, kv_caches=None, module_names=self.names)
+        logits = jax.eval_shape(lambda p: self._call_model(p, batch, ctx), abstract_params)
+        model_name = type(self.model).__name__
+        recurrent = _recurrent_modules(self.model)
+        if recurrent:
+            raise FallbackError(
+                f"{model_name} has recurrent / state-space layers ({', '.join(recurrent[:4])}"
+                f"{', ...' if len(recurrent) > 4 else ''}) whose per-request state jaxrt's paged KV pool cannot "
+                "hold; only attention layers are supported by the transformers fallback"
+            )
+        if not ctx.specs:
+            raise FallbackError(
+                f"{model_name} never called the attention interface: its attention layers compute attention "
+                "themselves instead of through `ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`, so "
+                "jaxrt cannot give them the paged KV cache"
+            )
+        num_layers = getattr(self.model.config, "num_hidden_layers", None)
+        if isinstance(num_layers, int) and len(ctx.specs) < num_layers:
+            called = {s.module for s in ctx.specs}
+            raise FallbackError(
+                f"{model_name}: only {len(ctx.specs)} of {num_layers} layers routed attention through the "
+                f"attention interface (called: {sorted(called)[:4]}...); the other layers would run without "
+                "their KV cache"
+            )
+        kv_heads = {s.num_kv_heads for s in ctx.specs}
+        if len(kv_heads) > 1:
+            raise FallbackError(
+                f"{model_name}: layers have different numbers of kv heads {sorted(kv_heads)}; jaxrt's KV "
+                "pool has one layout for all layers"
+            )
+        head_dim = max(max(s.qk_head_dim, s.v_head_dim) for s in ctx.specs)
+        rows = logits.shape
+        if len(rows) != 2 or rows[0] != batch.logits_indices.shape[0]:
+            raise FallbackError(f"{model_name}: unexpected logits shape {rows}")
+        return FallbackPlan(
+            layers=tuple(ctx.specs),
+            head_dim=int(head_dim),
+            num_kv_heads=kv_heads.pop(),
+            vocab_size=int(rows[1]),
+            kwarg_names=self.kwarg_names,
+        )
+
+    def forward(self, params: dict[str, jax.Array], kv_caches: list, batch: Any):
+        """jaxrt ``ForwardFn``: logits ``[num_seqs, vocab]`` f32 and the updated KV pool."""
+        plan = self.plan
+        ctx = StepContext(
+            batch=batch,
+            kv_caches=kv_caches,
+            module_names=self.names,
+            expected=list(plan.layers),
+            head_dim=plan.head_dim,
+            backend=self.backend,
+            interpret=self.interpret,
+        )
+        logits = self._call_model(params, batch, ctx)
+        if ctx.num_calls != len(plan.layers):
+            raise FallbackError(
+                f"{type(self.model).__name__}: {ctx.num_calls} attention calls in this trace, "
+                f"{len(plan.layers)} at build time"
+            )
+        return logits, ctx.kv_caches
+
+
+def _probe_batch(num_tokens: int):
+    """Two sequences (a prefill chunk and a decode) over a tiny page table: shapes for the abstract trace.
+
+    Built from an empty `build_batch` so that fields added to `ForwardBatch` later get their usual shapes.
+    """
+    from jaxrt.batch import build_batch
+    from jaxrt.scheduler import SchedulerOutput
+
+    n = num_tokens
+    empty, _ = build_batch(
+        SchedulerOutput(),
+        num_tokens=n,
+        num_seqs=2,
+        pages_per_seq=1,
+        page_size=16,
+        vocab_size=2,
+        history_len=1,
+        stop_ids={},
+    )
+    return dataclasses.replace(
+        empty,
+        positions=np.concatenate([np.arange(n - 1), [5]]).astype(np.int32),
+        slot_mapping=np.arange(n, dtype=np.int32),
+        cu_q_lens=np.array([0, n - 1, n], np.int32),
+        kv_lens=np.array([n - 1, 6], np.int32),
+        page_indices=np.array([[1], [2]], np.int32),
+        num_seqs=np.array([2], np.int32),
+        logits_indices=np.array([n - 2, n - 1], np.int32),
+    )
+
+
+def _max_positions(hf_config: Any) -> int:
+    for name in _MAX_POSITION_FIELDS:
+        v = getattr(hf_config, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return 1 << 20  # no learned/limited positions declared: the engine's context_length decides
+
+
+def _eos_ids(hf_config: Any) -> tuple[int, ...]:
+    eos = getattr(hf_config, "eos_token_id", None)
+    if eos is None:
+        return ()
+    if isinstance(eos, int):
+        return (eos,)
+    return tuple(int(e) for e in eos)
+
+
+def fallback_model_config(hf_config: Any, plan: FallbackPlan, dtype_name: str) -> ModelConfig:
+    """A jaxrt ModelConfig sized from what the model actually does (the probe), not from config field names."""
+    arch = (
+        getattr(hf_config, "architectures", None)
+        or [type(hf_config).__name__.replace("Config", "ForCausalLM")]
+    )[0]
+    first = plan.layers[0]
+    hidden = getattr(hf_config, "hidden_size", None)
+    inter = getattr(hf_config, "intermediate_size", None)
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=plan.vocab_size,
+        hidden_size=hidden
+        if isinstance(hidden, int) and hidden > 0
+        else first.num_q_heads * first.qk_head_dim,
+        intermediate_size=inter if isinstance(inter, int) and inter > 0 else 1,
+        num_layers=len(plan.layers),
+        num_heads=first.num_q_heads,
+        num_kv_heads=plan.num_kv_heads,
+        head_dim=plan.head_dim,
+        max_position_embeddings=_max_positions(hf_config),
+        sliding_window=None,  # per layer, inside the fallback's attention calls
+        dtype=dtype_name,
+        bos_token_id=getattr(hf_config, "bos_token_id", None),
+        eos_token_ids=_eos_ids(hf_config),
+    )
+
+
+def build_fallback(
+    model_path: str | Path,
+    hf_config: Any,
+    dtype: str,
+    attention_backend: str | None = "auto",
+    trust_remote_code: bool = False,
+    interpret: bool = False,
+):
+    """``(ModelConfig, forward_fn, params)`` for any transformers causal LM whose attention uses the interface.
+
+    Raises `FallbackError` with the reason when the model cannot run on jaxrt (no attention interface, dropped
+    kwargs, recurrent layers, ...), before any weight is read.
+    """
+    import_torchax()
+    model = build_meta_model(hf_config, dtype, trust_remote_code)
+    fm = FallbackModel(model, attention_backend=attention_backend, interpret=interpret)
+    abstract = {
+        name: jax.ShapeDtypeStruct(tuple(t.shape), jax_dtype(t.dtype))
+        for name, t in expected_tensors(model).items()
+    }
+    fm.plan = fm.probe(abstract)
+    cfg = fallback_model_config(hf_config, fm.plan, checkpoint_dtype(hf_config))
+    logger.info(
+        "transformers fallback: %s, %d attention layers, %d kv heads x %d, vocab %d",
+        type(model).__name__,
+        cfg.num_layers,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.vocab_size,
+    )
+    params = load_params(model, model_path)
+    return cfg, fm.forward, params

@@ -88,6 +88,7 @@ class Engine:
         skip_warmup: bool = False,
         served_model_name: str | None = None,
         skip_tokenizer_init: bool = False,
+        disable_overlap_schedule: bool = False,
     ) -> None:
         from jaxrt import envs
         from jaxrt.converters.loader import (
@@ -118,12 +119,20 @@ class Engine:
         if impl == "auto":
             impl = "native" if has_native(arch) else "transformers"
             logger.info("impl=auto chose %s for %s", impl, arch)
+        fallback = None
         if impl == "transformers":
-            raise NotImplementedError(
-                f"{arch}: the transformers fallback (impl='transformers') is not available in this build; "
-                "native architectures: LlamaForCausalLM, MistralForCausalLM"
+            from jaxrt.converters.fallback import build_fallback, checkpoint_dtype
+
+            dtype = dtype or _default_dtype(checkpoint_dtype(hf_config), _platform())
+            fallback = build_fallback(  # (ModelConfig, forward, params)
+                model_path,
+                hf_config,
+                dtype,
+                attention_backend or envs.attention_backend(),
+                trust_remote_code,
+                interpret=envs.attention_interpret(),
             )
-        model_cfg: ModelConfig = native_model_config(hf_config)
+        model_cfg: ModelConfig = fallback[0] if fallback else native_model_config(hf_config)
         platform = _platform()
         dtype = dtype or _default_dtype(model_cfg.dtype, platform)
         context_length = context_length or model_cfg.max_position_embeddings
@@ -163,16 +172,20 @@ class Engine:
         )
         self._read_generation_config_eos(model_path)
 
-        graphdef, state = build_native_model(
-            model_cfg, model_path, dtype, backend, interpret=envs.attention_interpret()
-        )
-        self.runner = ModelRunner(self.config, nnx_forward(graphdef), state)
+        if fallback:
+            self.runner = ModelRunner(self.config, fallback[1], fallback[2])
+        else:
+            graphdef, state = build_native_model(
+                model_cfg, model_path, dtype, backend, interpret=envs.attention_interpret()
+            )
+            self.runner = ModelRunner(self.config, nnx_forward(graphdef), state)
         self.allocator = PageAllocator(self.runner.num_pages)
         self.radix = RadixCache(self.allocator, page_size, disabled=disable_radix_cache)
         self.scheduler = Scheduler(self.config.scheduler, self.allocator, self.radix, page_size)
         if not skip_warmup:
             self.runner.precompile()
 
+        self.overlap_schedule = not disable_overlap_schedule
         self._rng = np.random.default_rng(random_seed)
         self._tracks: dict[str, _Track] = {}
         self._inbox: list[tuple[str, Any]] = []
@@ -474,26 +487,53 @@ class Engine:
     # ===================================================================================== the loop
 
     def _loop(self) -> None:
+        """Overlap schedule: step N+1 is built and dispatched before step N's tokens are read back.
+
+        Decode inputs that step N sampled reach step N+1 on the device (``prev_tokens``), so the host work
+        of one step (scheduling, batch layout, stop checks, detokenization) hides behind the device work of
+        the next. Batches with penalties need the real token history, so they run synchronously.
+        """
+        inflight: tuple[SchedulerOutput, Any] | None = None
         try:
             while True:
                 with self._cv:
-                    while not self._inbox and not self.scheduler.has_work and not self._stopping:
+                    while (
+                        not self._inbox
+                        and not self.scheduler.has_work
+                        and inflight is None
+                        and not self._stopping
+                    ):
                         self._cv.wait()
                     inbox, self._inbox = self._inbox, []
                     stopping = self._stopping
                 for kind, payload in inbox:
                     self._apply(kind, payload)
                 if stopping:
+                    if inflight is not None:
+                        self._process(*inflight)
                     for rid in list(self._tracks):
                         self._abort(rid, "the engine is shutting down")
                     return
-                if self.scheduler.has_work:
-                    self._step_once()
+                if inflight is not None and not self._can_overlap():
+                    self._process(*inflight)
+                    inflight = None
+                launched = self._launch(inflight)
+                if inflight is not None:
+                    self._process(*inflight)
+                inflight = launched
+                if launched is None and self.scheduler.has_work:
+                    time.sleep(0.0005)  # nothing runnable until results arrive or requests finish
         except BaseException as e:  # noqa: BLE001 - reported to every waiter
             logger.exception("engine loop died")
             self._dead = e
             for track in list(self._tracks.values()):
                 track.sink(RuntimeError(f"engine loop died: {e}"))
+
+    def _can_overlap(self) -> bool:
+        if not self.overlap_schedule:
+            return False
+        s = self.scheduler
+        return not any(r.sampling_params.uses_penalties for r in (*s.running, *s.waiting))
 
     def _apply(self, kind: str, payload: Any) -> None:
         if kind == "add":
@@ -520,30 +560,49 @@ class Engine:
             req.finish_reason = FinishReason("abort", message=message)
         self._emit(track, final=True)
 
-    def _step_once(self) -> None:
+    def _launch(self, prev: tuple[SchedulerOutput, Any] | None) -> tuple[SchedulerOutput, Any] | None:
+        """Schedule and dispatch one step (not waiting for it). Returns (schedule, device outputs) or None."""
         sched: SchedulerOutput = self.scheduler.schedule()
         if sched.is_empty:
-            time.sleep(0.001)
-            return
+            return None
         stop_ids = {
             s.request.request_id: self._tracks[s.request.request_id].stop_ids for s in sched.scheduled
         }
         try:
-            out = self.runner.run(sched, stop_ids)
+            dev = self.runner.dispatch(sched, stop_ids, prev[1] if prev is not None else None)
         except Exception as e:
             # A real fault in the step: fail the requests in it, keep serving the rest.
             logger.exception("step failed; aborting its %d requests", len(sched.scheduled))
             for s in sched.scheduled:
                 self._abort(s.request.request_id, f"internal error: {e}")
-            return
+            return None
         self.scheduler.commit(sched)
+        for i, s in enumerate(sched.scheduled):
+            if s.sample:
+                s.request.pending_rows.append(i)
+        return sched, dev
+
+    def _process(self, sched: SchedulerOutput, dev: Any) -> None:
+        """Read a step's tokens back; append them, check stop conditions, stream or finish."""
+        try:
+            out = self.runner.fetch(dev, len(sched.scheduled))
+        except Exception as e:
+            logger.exception("step failed; aborting its %d requests", len(sched.scheduled))
+            for s in sched.scheduled:
+                self._abort(s.request.request_id, f"internal error: {e}")
+            return
         self.stats["num_steps"] += 1
         now = time.perf_counter()
         for i, s in enumerate(sched.scheduled):
             if not s.sample:
                 continue
             req = s.request
-            track = self._tracks[req.request_id]
+            if req.pending_rows:
+                assert req.pending_rows[0] == i, "pending tokens must be read back in order"
+                req.pending_rows.pop(0)
+            track = self._tracks.get(req.request_id)
+            if track is None or req.is_finished:
+                continue  # finished or aborted while this step was in flight: its token is dropped
             token = int(out.tokens[i])
             req.output_token_ids.append(token)
             self.stats["num_generated_tokens"] += 1
@@ -586,7 +645,7 @@ class Engine:
                 pos, s = min(hits)
                 track.stop_text = text[:pos]
                 return FinishReason("stop", matched=s)
-        if n_out >= sp.max_new_tokens or req.num_tokens >= self.context_length:
+        if n_out >= sp.max_new_tokens or req.num_known_tokens >= self.context_length:
             return FinishReason("length")
         return None
 

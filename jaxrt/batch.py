@@ -36,6 +36,9 @@ class ForwardBatch:
     page_indices: jax.Array  # [num_seqs, pages_per_seq] int32
     num_seqs: jax.Array  # [1] int32
     logits_indices: jax.Array  # [num_seqs] int32, row of each sequence's last token
+    # Overlap scheduling: token t's id is prev_tokens[prev_index[t]] (the previous step's output, still on
+    # the device) when prev_index[t] >= 0, else input_ids[t].
+    prev_index: jax.Array  # [num_tokens] int32
 
 
 @_pytree_dataclass
@@ -102,6 +105,7 @@ def build_batch(
     n = len(sched.scheduled)
     assert n <= num_seqs and sched.num_tokens <= num_tokens
     input_ids = np.zeros(num_tokens, np.int32)
+    prev_index = np.full(num_tokens, -1, np.int32)
     positions = np.zeros(num_tokens, np.int32)
     slot_mapping = np.full(num_tokens, -1, np.int32)
     cu_q_lens = np.zeros(num_seqs + 1, np.int32)
@@ -130,7 +134,12 @@ def build_batch(
         tokens = req.all_token_ids
         q = s.num_new_tokens
         pos = np.arange(s.start, s.start + q, dtype=np.int32)
-        input_ids[t : t + q] = tokens[s.start : s.start + q]
+        known = min(len(tokens), s.start + q)
+        if known > s.start:
+            input_ids[t : t + known - s.start] = tokens[s.start : known]
+        for j, row in enumerate(req.pending_rows[: s.start + q - known]):
+            # Sampled by the step still in flight: the device reads it from that step's output.
+            prev_index[t + known - s.start + j] = row
         positions[t : t + q] = pos
         pages = np.asarray(req.page_ids, np.int32)
         slot_mapping[t : t + q] = pages[pos // page_size] * page_size + pos % page_size
@@ -149,8 +158,8 @@ def build_batch(
         freq[i] = sp.frequency_penalty
         pres[i] = sp.presence_penalty
         seeds[i] = req.seed & 0xFFFFFFFF
-        sample_index[i] = len(req.output_token_ids)
-        if s.sample and len(req.output_token_ids) < sp.min_new_tokens:
+        sample_index[i] = req.num_outputs
+        if s.sample and req.num_outputs < sp.min_new_tokens:
             ids = stop_ids.get(req.request_id, [])[:MAX_STOP_IDS]
             stops[i, : len(ids)] = ids
             suppress[i] = True
@@ -176,6 +185,7 @@ def build_batch(
         page_indices=page_indices,
         num_seqs=np.array([n], np.int32),
         logits_indices=logits_indices,
+        prev_index=prev_index,
     )
     sb = SamplingBatch(
         temperature=temperature,

@@ -78,7 +78,8 @@ class ModelRunner:
         ]
         self.token_buckets = token_buckets(cfg.scheduler.chunked_prefill_size)
         self.history_buckets = history_buckets(cfg.scheduler.context_length)
-        self._step = make_step(forward)
+        self._step = make_step(forward, cfg.scheduler.max_running_requests)
+        self._no_prev = jnp.zeros((cfg.scheduler.max_running_requests,), jnp.int32)
         self._compiled: dict[tuple[int, int, int], Any] = {}
         self.compile_seconds = 0.0
         logger.info(
@@ -109,7 +110,7 @@ class ModelRunner:
         fn = self._compiled.get(key)
         if fn is None:
             t0 = time.perf_counter()
-            fn = self._step.lower(self.state, self.kv_caches, fb, sb).compile()
+            fn = self._step.lower(self.state, self.kv_caches, fb, sb, self._no_prev).compile()
             self.compile_seconds += time.perf_counter() - t0
             self._compiled[key] = fn
         return fn
@@ -123,8 +124,14 @@ class ModelRunner:
             fb, sb = self._batch(empty, n, 1, {})
             self._get_compiled((n, self.num_seqs_for(n), 1), fb, sb)
 
-    def run(self, sched: SchedulerOutput, stop_ids: dict[str, list[int]]) -> StepOutput:
-        """Run one scheduled step; returns host (numpy) outputs for the first ``len(sched.scheduled)`` rows."""
+    def dispatch(
+        self, sched: SchedulerOutput, stop_ids: dict[str, list[int]], prev: StepOutput | None = None
+    ) -> StepOutput:
+        """Launch one scheduled step without waiting for it; returns device-side outputs.
+
+        ``prev`` is the previous step's (device) output: tokens sampled there and not yet read back are fed
+        from it (see ``Request.pending_rows``).
+        """
         n = pick_bucket(self.token_buckets, sched.num_tokens)
         history_len = 1
         if any(s.sample and s.request.sampling_params.uses_penalties for s in sched.scheduled):
@@ -134,12 +141,21 @@ class ModelRunner:
             history_len = pick_bucket(self.history_buckets, longest)
         fb, sb = self._batch(sched, n, history_len, stop_ids)
         fn = self._get_compiled((n, self.num_seqs_for(n), history_len), fb, sb)
-        out, self.kv_caches = fn(self.state, self.kv_caches, fb, sb)
-        k = len(sched.scheduled)
+        prev_tokens = prev.tokens if prev is not None else self._no_prev
+        out, self.kv_caches = fn(self.state, self.kv_caches, fb, sb, prev_tokens)
+        return out
+
+    @staticmethod
+    def fetch(out: StepOutput, num_rows: int) -> StepOutput:
+        """Read a dispatched step's outputs back to the host (blocks until the step is done)."""
         host = jax.device_get(out)
         return StepOutput(
-            tokens=np.asarray(host.tokens[:k]),
-            logprobs=np.asarray(host.logprobs[:k]),
-            top_ids=np.asarray(host.top_ids[:k]),
-            top_logprobs=np.asarray(host.top_logprobs[:k]),
+            tokens=np.asarray(host.tokens[:num_rows]),
+            logprobs=np.asarray(host.logprobs[:num_rows]),
+            top_ids=np.asarray(host.top_ids[:num_rows]),
+            top_logprobs=np.asarray(host.top_logprobs[:num_rows]),
         )
+
+    def run(self, sched: SchedulerOutput, stop_ids: dict[str, list[int]]) -> StepOutput:
+        """Run one scheduled step synchronously; host outputs for the ``len(sched.scheduled)`` rows."""
+        return self.fetch(self.dispatch(sched, stop_ids), len(sched.scheduled))

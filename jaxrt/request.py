@@ -57,6 +57,9 @@ class Request:
     first_token_time: float | None = None
     finished_time: float | None = None
     admitted_once: bool = False
+    # Rows of in-flight step outputs holding this request's sampled-but-unread tokens, oldest first
+    # (overlap scheduling: step N+1 is dispatched before step N's tokens are read back).
+    pending_rows: list[int] = field(default_factory=list)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -64,7 +67,17 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
+        """Known tokens plus sampled tokens not yet read back."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + len(self.pending_rows)
+
+    @property
+    def num_known_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_outputs(self) -> int:
+        """Output tokens sampled so far, read back or not."""
+        return len(self.output_token_ids) + len(self.pending_rows)
 
     @property
     def num_prompt_tokens(self) -> int:

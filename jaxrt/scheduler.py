@@ -120,14 +120,14 @@ class Scheduler:
         tokens = req.all_token_ids
         pages, node = self.radix.match_prefix(tokens)
         # At least one token must be computed to produce logits.
-        max_cached_pages = (len(tokens) - 1) // self.page_size
+        max_cached_pages = (req.num_tokens - 1) // self.page_size
         pages = pages[:max_cached_pages]
         self.allocator.incref(pages)
         self.radix.lock(node)
         req.locked_node = node
         req.page_ids = list(pages)
         req.num_computed_tokens = len(pages) * self.page_size
-        grant = min(len(tokens) - req.num_computed_tokens, budget)
+        grant = min(req.num_tokens - req.num_computed_tokens, budget)
         if not self._ensure_pages(req, req.num_computed_tokens + grant):
             self._release(req, cache=False)
             req.num_computed_tokens = 0
@@ -145,6 +145,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if self.done_sampling(req):
+                i += 1  # its last token is sampled; it finishes when that token is read back
+                continue
             grant = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self._ensure_pages(req, req.num_computed_tokens + grant):
                 victim = self.running[-1]
@@ -162,12 +165,16 @@ class Scheduler:
             budget -= grant
             i += 1
 
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
-            req = self.waiting[0]
+        j = 0
+        while j < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_running_requests:
+            req = self.waiting[j]
+            if self.done_sampling(req):
+                j += 1  # preempted after its last sample: it finishes when that token is read back
+                continue
             grant = self._admit(req, budget)
             if grant == 0:
-                break  # pool is full of running work: wait for it to finish
-            self.waiting.popleft()
+                break  # pool is full of running work: wait for it to finish (FCFS, no overtaking)
+            del self.waiting[j]
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.scheduled.append(
@@ -177,6 +184,13 @@ class Scheduler:
             )
             budget -= grant
         return out
+
+    def done_sampling(self, req: Request) -> bool:
+        """No further token may be sampled: max_new_tokens or the context is reached."""
+        return (
+            req.num_outputs >= req.sampling_params.max_new_tokens
+            or req.num_tokens >= self.config.context_length
+        )
 
     def commit(self, out: SchedulerOutput) -> None:
         """Mark the granted tokens as computed (their KV is in the pool once the step has run)."""

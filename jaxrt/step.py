@@ -7,10 +7,12 @@ jit inputs, never constants.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxrt.batch import ForwardBatch, SamplingBatch, StepOutput
@@ -29,13 +31,29 @@ def nnx_forward(graphdef: nnx.GraphDef) -> ForwardFn:
     return forward
 
 
-def make_step(forward: ForwardFn) -> Callable:
-    """Build the jitted step. The KV pool (argument 1) is donated, so XLA updates it in place."""
+def make_step(forward: ForwardFn, max_num_seqs: int) -> Callable:
+    """Build the jitted step. The KV pool (argument 1) is donated, so XLA updates it in place.
+
+    ``prev_tokens`` ([max_num_seqs] int32, on device) is the previous step's ``tokens``: decode inputs can
+    come from it without a round trip to the host, so the host schedules step N+1 while step N runs.
+    Outputs are padded to ``max_num_seqs`` rows so that every bucket hands the next one the same shape.
+    """
 
     def step(
-        params: Any, kv_caches: list[KVCache], batch: ForwardBatch, sampling: SamplingBatch
+        params: Any,
+        kv_caches: list[KVCache],
+        batch: ForwardBatch,
+        sampling: SamplingBatch,
+        prev_tokens: jax.Array,
     ) -> tuple[StepOutput, list[KVCache]]:
+        from_prev = prev_tokens[jnp.maximum(batch.prev_index, 0)]
+        batch = dataclasses.replace(
+            batch, input_ids=jnp.where(batch.prev_index >= 0, from_prev, batch.input_ids)
+        )
         logits, kv_caches = forward(params, kv_caches, batch)
-        return sample(logits, sampling), kv_caches
+        out = sample(logits, sampling)
+        pad = max_num_seqs - out.tokens.shape[0]
+        out = jax.tree.map(lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)), out)
+        return out, kv_caches
 
     return jax.jit(step, donate_argnums=(1,))

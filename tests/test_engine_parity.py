@@ -99,6 +99,7 @@ ENGINE_VARIANTS = {
     "page16": dict(page_size=16),
     "page1-chunk8": dict(page_size=1, chunked_prefill_size=8, max_running_requests=8),
     "no-radix": dict(page_size=16, disable_radix_cache=True),
+    "no-overlap": dict(page_size=16, disable_overlap_schedule=True),
 }
 
 

@@ -1,8 +1,17 @@
-"""Building blocks shared by the model families: norms, rotary embeddings, paged attention, gated MLPs."""
+"""Building blocks shared by the model families: norms, rotary embeddings, paged attention, gated MLPs.
+
+A family is a :class:`Family` (the few structural switches that tell, say, Gemma 2 from Llama) plus a weight
+map in ``jaxrt.converters.weights``; everything numeric (sizes, windows, soft caps, rope) comes from
+``ModelConfig``. :class:`DecoderForCausalLM` assembles the blocks; each family module subclasses it with
+its own ``family``.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import partial
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -12,31 +21,89 @@ from flax import nnx
 from jaxrt.batch import ForwardBatch
 from jaxrt.config import ModelConfig, RopeConfig
 from jaxrt.kernels import ragged_paged_attention, write_kv
+from jaxrt.kernels.reference import token_metadata
 
 KVCache = tuple[jax.Array, jax.Array]  # (k_pages, v_pages): [num_pages, page_size, num_kv_heads, head_dim]
+
+SLIDING = "sliding_attention"
 
 
 def as_dtype(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
+@dataclass(frozen=True)
+class Family:
+    """The structural differences between decoder families (transformers' modeling code, not its config)."""
+
+    qkv_bias: bool | None = None  # bias on q/k/v projections; None: ModelConfig.attention_bias
+    o_bias: bool | None = None  # bias on the output projection; None: ModelConfig.attention_bias
+    qk_norm: str | None = None  # None | "head" (RMSNorm over head_dim: Qwen3, Gemma 3) | "full" (OLMo 2)
+    norm_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + w)
+    norm_scale_f32: bool = False  # scale by the weight in f32, then cast (Gemma, OLMo 2); else Llama's order
+    norm_placement: str = (
+        "pre"  # "pre" (Llama) | "sandwich" (Gemma 2/3: pre and post norms) | "post" (OLMo 2)
+    )
+    embed_scale_sqrt_hidden: bool = False  # Gemma: embeddings * sqrt(hidden_size), rounded to the dtype
+    attn_soft_cap: bool = True  # honour ModelConfig.attn_logit_softcap (transformers' Gemma 3 ignores it)
+
+    def __post_init__(self) -> None:
+        if self.qk_norm not in (None, "head", "full"):
+            raise ValueError(f"qk_norm must be None, 'head' or 'full', got {self.qk_norm!r}")
+        if self.norm_placement not in ("pre", "sandwich", "post"):
+            raise ValueError(f"norm_placement must be pre, sandwich or post, got {self.norm_placement!r}")
+
+
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+    """RMSNorm over the last axis, statistics in f32.
+
+    ``offset=1`` is Gemma's ``x * (1 + w)`` (weights stored around zero). ``scale_f32`` multiplies by the
+    weight before casting back (Gemma, OLMo 2); otherwise the normalised activations are cast to the input
+    dtype first and then scaled (Llama, Qwen, Mistral). The two orders only differ below f32.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        eps: float,
+        *,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+        offset: float = 0.0,
+        scale_f32: bool = False,
+    ) -> None:
+        self.weight = nnx.Param(jnp.zeros((dim,), dtype) if offset else jnp.ones((dim,), dtype))
         self.eps = eps
+        self.offset = offset
+        self.scale_f32 = scale_f32 or bool(offset)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (self.weight[...].astype(jnp.float32) * xf).astype(x.dtype)
+        w = self.weight[...]
+        if self.scale_f32:
+            return (xf * (w.astype(jnp.float32) + self.offset)).astype(x.dtype)
+        return (xf.astype(x.dtype) * w).astype(x.dtype)
 
 
-def rope_inv_freq(rope: RopeConfig, rotary_dim: int) -> np.ndarray:
-    """Inverse frequencies [rotary_dim // 2] for transformers' rope types (computed at trace time, in numpy)."""
-    inv_freq = 1.0 / (rope.theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim))
-    if rope.rope_type == "linear":
+# ----------------------------------------------------------------------------------------------- rotary
+
+
+def _extra(rope: RopeConfig) -> dict:
+    return dict(rope.extra)
+
+
+def rope_inv_freq(rope: RopeConfig, rotary_dim: int, long: bool = False) -> np.ndarray:
+    """Inverse frequencies [rotary_dim // 2] of transformers' position-independent rope types (numpy, at trace
+    time). ``dynamic`` gives its base frequencies (valid up to ``max_position_embeddings``); ``longrope`` its
+    short factors, or the long ones with ``long=True``.
+    """
+    exponents = np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim
+    inv_freq = 1.0 / (rope.theta**exponents)
+    t = rope.rope_type
+    if t == "linear":
         inv_freq = inv_freq / rope.factor
-    elif rope.rope_type == "llama3":
+    elif t == "llama3":
         old_len = rope.original_max_position_embeddings or 8192
         low_wavelen = old_len / rope.low_freq_factor
         high_wavelen = old_len / rope.high_freq_factor
@@ -46,33 +113,143 @@ def rope_inv_freq(rope: RopeConfig, rotary_dim: int) -> np.ndarray:
         smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv_freq = np.where(medium, smoothed, scaled)
+    elif t == "yarn":
+        ex = _extra(rope)
+        base, factor, dim = rope.theta, rope.factor, rotary_dim
+        orig = rope.original_max_position_embeddings
+        beta_fast = ex.get("beta_fast") or 32
+        beta_slow = ex.get("beta_slow") or 1
+
+        def correction_dim(rot: float) -> float:
+            return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(base))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if ex.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+        extrapolation = 1 - ramp
+        inv_freq = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
+    elif t == "longrope":
+        ex = _extra(rope)
+        ext = np.asarray(ex["long_factor" if long else "short_factor"], np.float64)
+        inv_freq = 1.0 / (ext * rope.theta**exponents)
     return inv_freq.astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate-half rotary embedding (transformers' Llama convention).
+def rope_attention_factor(rope: RopeConfig) -> float:
+    """transformers' ``attention_scaling``: multiplies cos and sin (yarn, longrope), 1 otherwise."""
+    ex = _extra(rope)
+    if rope.rope_type == "yarn":
+        if ex.get("attention_factor") is not None:
+            return float(ex["attention_factor"])
 
-    x: [num_tokens, num_heads, head_dim]; positions: [num_tokens] int32.
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        if ex.get("mscale") and ex.get("mscale_all_dim"):
+            return mscale(rope.factor, ex["mscale"]) / mscale(rope.factor, ex["mscale_all_dim"])
+        return mscale(rope.factor)
+    if rope.rope_type == "longrope":
+        if ex.get("attention_factor") is not None:
+            return float(ex["attention_factor"])
+        if rope.factor <= 1.0:
+            return 1.0
+        return math.sqrt(1 + math.log(rope.factor) / math.log(rope.original_max_position_embeddings))
+    return 1.0
+
+
+def rope_cos_sin(
+    rope: RopeConfig,
+    rotary_dim: int,
+    positions: jax.Array,
+    seq_lens: jax.Array | None = None,
+    max_position_embeddings: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """cos, sin ``[num_tokens, rotary_dim // 2]`` (f32) for each token's position.
+
+    ``dynamic`` and ``longrope`` depend on the sequence length, as in transformers: ``seq_lens`` is each
+    token's sequence length after this step (its KV length), which is what transformers sees for a one-shot
+    prefill and for every decode step.
     """
-    rotary_dim = 2 * inv_freq.shape[0]
-    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]
-    cos = jnp.cos(freqs)[:, None, :]
-    sin = jnp.sin(freqs)[:, None, :]
+    pos = positions.astype(jnp.float32)[:, None]
+    if rope.rope_type == "dynamic":
+        assert seq_lens is not None and max_position_embeddings is not None
+        exps = jnp.asarray(np.arange(0, rotary_dim, 2, dtype=np.float32) / rotary_dim)
+        length = jnp.maximum(seq_lens, max_position_embeddings).astype(jnp.float32)
+        f = rope.factor
+        base = rope.theta * ((f * length / max_position_embeddings) - (f - 1)) ** (
+            rotary_dim / (rotary_dim - 2)
+        )
+        inv = 1.0 / (base[:, None] ** exps[None, :])
+        freqs = pos * inv
+    elif rope.rope_type == "longrope":
+        assert seq_lens is not None
+        short = jnp.asarray(rope_inv_freq(rope, rotary_dim))
+        long = jnp.asarray(rope_inv_freq(rope, rotary_dim, long=True))
+        use_long = (seq_lens > rope.original_max_position_embeddings)[:, None]
+        freqs = pos * jnp.where(use_long, long[None, :], short[None, :])
+    else:
+        freqs = pos * jnp.asarray(rope_inv_freq(rope, rotary_dim))[None, :]
+    scale = rope_attention_factor(rope)
+    cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos, sin
+
+
+def needs_seq_lens(rope: RopeConfig) -> bool:
+    return rope.rope_type in ("dynamic", "longrope")
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half rotary embedding (transformers' convention) on the first ``2 * cos.shape[-1]`` dims.
+
+    x: [num_tokens, num_heads, head_dim]; cos, sin: [num_tokens, rotary_dim // 2].
+    """
+    half = cos.shape[-1]
+    rotary_dim = 2 * half
+    cos2 = jnp.concatenate([cos, cos], axis=-1)[:, None, :]
+    sin2 = jnp.concatenate([sin, sin], axis=-1)[:, None, :]
     xf = x.astype(jnp.float32)
     rot, rest = xf[..., :rotary_dim], xf[..., rotary_dim:]
-    x1, x2 = rot[..., : rotary_dim // 2], rot[..., rotary_dim // 2 :]
-    cos2 = jnp.concatenate([cos, cos], axis=-1)
-    sin2 = jnp.concatenate([sin, sin], axis=-1)
+    x1, x2 = rot[..., :half], rot[..., half:]
     rotated = rot * cos2 + jnp.concatenate([-x2, x1], axis=-1) * sin2
     return jnp.concatenate([rotated, rest], axis=-1).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- modules
 
 
 def linear(din: int, dout: int, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
 
+def _norm_factory(cfg: ModelConfig, family: Family, dtype: jnp.dtype, rngs: nnx.Rngs):
+    return partial(
+        RMSNorm,
+        eps=cfg.rms_norm_eps,
+        dtype=dtype,
+        rngs=rngs,
+        offset=family.norm_offset,
+        scale_f32=family.norm_scale_f32,
+    )
+
+
+def is_sliding_layer(cfg: ModelConfig, layer_idx: int) -> bool:
+    if cfg.sliding_window is None:
+        return False
+    return not cfg.layer_types or cfg.layer_types[layer_idx] == SLIDING
+
+
 class PagedAttention(nnx.Module):
-    """Multi-head attention with GQA whose K/V live in the paged pool and are read by `ragged_paged_attention`."""
+    """Multi-head attention with GQA whose K/V live in the paged pool and are read by `ragged_paged_attention`.
+
+    Per layer: sliding window (``is_sliding_layer``), its rope (``local_rope`` on sliding layers when set),
+    optional q/k RMSNorm, logit soft-capping, the softmax scale ``cfg.sm_scale``.
+    """
 
     def __init__(
         self,
@@ -83,28 +260,57 @@ class PagedAttention(nnx.Module):
         attention_backend: str = "auto",
         interpret: bool = False,
         sliding_window: int | None = None,
+        family: Family | None = None,
+        layer_idx: int | None = None,
     ) -> None:
+        family = family or Family()
         h, hd = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
-        self.q_proj = linear(h, cfg.num_heads * hd, cfg.attention_bias, dtype, rngs)
-        self.k_proj = linear(h, cfg.num_kv_heads * hd, cfg.attention_bias, dtype, rngs)
-        self.v_proj = linear(h, cfg.num_kv_heads * hd, cfg.attention_bias, dtype, rngs)
-        self.o_proj = linear(cfg.num_heads * hd, h, cfg.attention_bias, dtype, rngs)
-        self.rope = cfg.rope
+        qkv_bias = cfg.attention_bias if family.qkv_bias is None else family.qkv_bias
+        o_bias = cfg.attention_bias if family.o_bias is None else family.o_bias
+        self.q_proj = linear(h, cfg.num_heads * hd, qkv_bias, dtype, rngs)
+        self.k_proj = linear(h, cfg.num_kv_heads * hd, qkv_bias, dtype, rngs)
+        self.v_proj = linear(h, cfg.num_kv_heads * hd, qkv_bias, dtype, rngs)
+        self.o_proj = linear(cfg.num_heads * hd, h, o_bias, dtype, rngs)
+        self.qk_norm = family.qk_norm
+        if family.qk_norm is not None:
+            norm = _norm_factory(cfg, family, dtype, rngs)
+            full = family.qk_norm == "full"
+            self.q_norm = norm(cfg.num_heads * hd if full else hd)
+            self.k_norm = norm(cfg.num_kv_heads * hd if full else hd)
+        if layer_idx is not None:
+            sliding = is_sliding_layer(cfg, layer_idx)
+            sliding_window = cfg.sliding_window if sliding else None
+            self.rope = cfg.local_rope if (sliding and cfg.local_rope is not None) else cfg.rope
+        else:
+            self.rope = cfg.rope
+        self.rotary_dim = int(hd * self.rope.partial_rotary_factor)
+        self.max_position_embeddings = cfg.max_position_embeddings
         self.sm_scale = cfg.sm_scale
+        self.soft_cap = cfg.attn_logit_softcap if family.attn_soft_cap else None
         self.sliding_window = sliding_window
         self.attention_backend = attention_backend
         self.interpret = interpret
 
     def __call__(self, x: jax.Array, batch: ForwardBatch, kv: KVCache) -> tuple[jax.Array, KVCache]:
         t = x.shape[0]
-        q = self.q_proj(x).reshape(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
-        rotary_dim = int(self.head_dim * self.rope.partial_rotary_factor)
-        inv_freq = rope_inv_freq(self.rope, rotary_dim)
-        q = apply_rope(q, batch.positions, inv_freq)
-        k = apply_rope(k, batch.positions, inv_freq)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        seq_lens = None
+        if needs_seq_lens(self.rope):
+            seq_ids, _, _ = token_metadata(t, batch.cu_q_lens, batch.kv_lens, batch.num_seqs)
+            seq_lens = batch.kv_lens[seq_ids]
+        cos, sin = rope_cos_sin(
+            self.rope, self.rotary_dim, batch.positions, seq_lens, self.max_position_embeddings
+        )
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
         k_pages, v_pages = write_kv(kv[0], kv[1], k, v, batch.slot_mapping)
         o = ragged_paged_attention(
             q,
@@ -116,30 +322,160 @@ class PagedAttention(nnx.Module):
             batch.num_seqs,
             sm_scale=self.sm_scale,
             sliding_window=self.sliding_window,
+            soft_cap=self.soft_cap,
             backend=self.attention_backend,
             interpret=self.interpret,
         )
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim)), (k_pages, v_pages)
 
 
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": partial(jax.nn.gelu, approximate=False),
+    "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
+    "gelu_tanh": partial(jax.nn.gelu, approximate=True),
+    "gelu_new": partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
 class GatedMLP(nnx.Module):
-    """down(act(gate(x)) * up(x)) — SwiGLU for Llama-style models."""
+    """down(act(gate(x)) * up(x)): SwiGLU (Llama), GeGLU (Gemma). Fused gate_up checkpoints are split at load."""
 
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
         h, i = cfg.hidden_size, cfg.intermediate_size
+        if cfg.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r} (supported: {sorted(ACTIVATIONS)})")
         self.gate_proj = linear(h, i, cfg.mlp_bias, dtype, rngs)
         self.up_proj = linear(h, i, cfg.mlp_bias, dtype, rngs)
         self.down_proj = linear(i, h, cfg.mlp_bias, dtype, rngs)
         self.act = cfg.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = self.gate_proj(x)
-        if self.act == "silu":
-            gate = jax.nn.silu(gate)
-        elif self.act in ("gelu_pytorch_tanh", "gelu_tanh"):
-            gate = jax.nn.gelu(gate, approximate=True)
-        elif self.act == "gelu":
-            gate = jax.nn.gelu(gate, approximate=False)
+        return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Attention + MLP with the family's norm placement; parameter names follow transformers'."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        family: Family,
+        layer_idx: int,
+        *,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+        **attn_kwargs,
+    ) -> None:
+        norm = _norm_factory(cfg, family, dtype, rngs)
+        h = cfg.hidden_size
+        self.placement = family.norm_placement
+        if self.placement != "post":
+            self.input_layernorm = norm(h)
+        self.self_attn = PagedAttention(
+            cfg, dtype=dtype, rngs=rngs, family=family, layer_idx=layer_idx, **attn_kwargs
+        )
+        self.post_attention_layernorm = norm(h)
+        if self.placement == "sandwich":
+            self.pre_feedforward_layernorm = norm(h)
+        if self.placement != "pre":
+            self.post_feedforward_layernorm = norm(h)
+        self.mlp = GatedMLP(cfg, dtype=dtype, rngs=rngs)
+        self.residual_multiplier = cfg.residual_multiplier
+
+    def _residual(self, x: jax.Array, h: jax.Array) -> jax.Array:
+        if self.residual_multiplier != 1.0:
+            h = h * self.residual_multiplier
+        return x + h
+
+    def __call__(self, x: jax.Array, batch: ForwardBatch, kv: KVCache) -> tuple[jax.Array, KVCache]:
+        if self.placement == "pre":
+            h, kv = self.self_attn(self.input_layernorm(x), batch, kv)
+            x = self._residual(x, h)
+            return self._residual(x, self.mlp(self.post_attention_layernorm(x))), kv
+        if self.placement == "sandwich":
+            h, kv = self.self_attn(self.input_layernorm(x), batch, kv)
+            x = self._residual(x, self.post_attention_layernorm(h))
+            h = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            return self._residual(x, h), kv
+        h, kv = self.self_attn(x, batch, kv)  # "post" (OLMo 2): norms on the branch outputs only
+        x = self._residual(x, self.post_attention_layernorm(h))
+        return self._residual(x, self.post_feedforward_layernorm(self.mlp(x))), kv
+
+
+class DecoderModel(nnx.Module):
+    def __init__(
+        self, cfg: ModelConfig, family: Family, *, dtype: jnp.dtype, rngs: nnx.Rngs, **attn_kwargs
+    ) -> None:
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs
+        )
+        self.layers = nnx.List(
+            [
+                DecoderLayer(cfg, family, i, dtype=dtype, rngs=rngs, **attn_kwargs)
+                for i in range(cfg.num_layers)
+            ]
+        )
+        self.norm = _norm_factory(cfg, family, dtype, rngs)(cfg.hidden_size)
+        self.embed_scale = math.sqrt(cfg.hidden_size) if family.embed_scale_sqrt_hidden else None
+        self.embedding_multiplier = cfg.embedding_multiplier
+
+    def __call__(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> tuple[jax.Array, list[KVCache]]:
+        x = self.embed_tokens(batch.input_ids)
+        if self.embed_scale is not None:
+            x = x * jnp.asarray(self.embed_scale, x.dtype)  # transformers rounds the scale to the dtype
+        if self.embedding_multiplier != 1.0:
+            x = x * self.embedding_multiplier
+        new_caches = []
+        for layer, kv in zip(self.layers, kv_caches, strict=True):
+            x, kv = layer(x, batch, kv)
+            new_caches.append(kv)
+        return self.norm(x), new_caches
+
+
+class DecoderForCausalLM(nnx.Module):
+    """A decoder-only LM over a ragged batch; returns f32 logits of each sequence's last token only.
+
+    Subclasses set ``family``; the call contract is the same for all of them.
+    """
+
+    family: ClassVar[Family] = Family()
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+        attention_backend: str = "auto",
+        interpret: bool = False,
+    ) -> None:
+        self.config = cfg
+        self.model = DecoderModel(
+            cfg, self.family, dtype=dtype, rngs=rngs, attention_backend=attention_backend, interpret=interpret
+        )
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nnx.Linear(
+                cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs
+            )
+
+    def __call__(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> tuple[jax.Array, list[KVCache]]:
+        hidden, kv_caches = self.model(batch, kv_caches)
+        last = hidden[batch.logits_indices]  # [num_seqs, hidden]
+        return self.compute_logits(last), kv_caches
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:
+        cfg = self.config
+        if cfg.tie_word_embeddings:
+            logits = self.model.embed_tokens.attend(hidden)
         else:
-            raise ValueError(f"unsupported hidden_act {self.act!r}")
-        return self.down_proj(gate * self.up_proj(x))
+            logits = self.lm_head(hidden)
+        logits = logits.astype(jnp.float32)
+        if cfg.logits_scaling != 1.0:
+            logits = logits / cfg.logits_scaling
+        if cfg.final_logit_softcap is not None:
+            logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
+        return logits

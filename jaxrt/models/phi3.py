@@ -1,0 +1,10 @@
+"""Phi-3 / Phi-3.5 / Phi-4-mini: Llama layout with fused qkv_proj and gate_up_proj (split when loading, see
+``converters.weights.PHI3_WEIGHT_MAP``), partial rotary and LongRoPE scaling, optional sliding window."""
+
+from __future__ import annotations
+
+from jaxrt.models.layers import DecoderForCausalLM, Family
+
+
+class Phi3ForCausalLM(DecoderForCausalLM):
+    family = Family(qkv_bias=False, o_bias=False)

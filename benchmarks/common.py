@@ -144,6 +144,8 @@ def random_requests(
 
 
 def git_commit() -> str:
+    if os.environ.get("JAXRT_COMMIT"):
+        return os.environ["JAXRT_COMMIT"]
     try:
         return (
             subprocess.run(

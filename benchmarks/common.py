@@ -119,7 +119,7 @@ def ensure_checkpoint(args) -> str:
             "make_random_checkpoint(%r, %r, %r)"
             % (str(Path(__file__).parent), args.random_model, str(out), args.random_dtype)
         )
-        subprocess.run([sys.executable, "-c", code], check=True)
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=str(Path(__file__).parent))
     return str(out)
 
 

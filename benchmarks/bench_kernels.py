@@ -363,13 +363,35 @@ def loop_fn(fn, iters):
     return loop
 
 
+TIMER = "cupti"  # --timer
+KERNEL_TIMES: dict = {}  # key -> seconds of the main kernel alone (CUPTI only)
+MAIN_KERNEL = {"pallas": "jaxrt_rpa", "jax_paged": "paged_attention"}
+
+
+def _cupti_times(compiled, args, iterations, main):
+    """(median total GPU seconds per call, median seconds of kernels whose name contains `main`)."""
+    from jax.experimental.mosaic.gpu import profiler
+
+    _, timings = profiler.measure(compiled, aggregate=False, iterations=iterations)(*args)
+    totals = [sum(ms for _, ms in it) * 1e-3 for it in timings]
+    mains = [sum(ms for name, ms in it if main and main in name) * 1e-3 for it in timings]
+    return float(np.median(totals)), float(np.median(mains))
+
+
 def measure(jobs, threads, repeats):
-    """jobs: list of (key, fn, q, rest, iters). Compiles in parallel, runs one by one. {key: sec | Exception}."""
+    """jobs: list of (key, fn, q, rest, iters). Compiles in parallel, runs one by one. {key: sec | Exception}.
+
+    TIMER "cupti": sum of the GPU kernel times of one call (CUPTI, median of max(iters, 10) calls; no launch
+    gaps). TIMER "wall": wall time of a jitted loop of `iters` dependent calls, median of `repeats`.
+    """
     eps_cache = {}
     cjobs = []
     for key, fn, q, rest, iters in jobs:
-        eps = eps_cache.setdefault(q.dtype, jnp.zeros((), q.dtype))
-        cjobs.append((key, loop_fn(fn, iters), (q, eps, *rest)))
+        if TIMER == "cupti":
+            cjobs.append((key, fn, (q, *rest)))
+        else:
+            eps = eps_cache.setdefault(q.dtype, jnp.zeros((), q.dtype))
+            cjobs.append((key, loop_fn(fn, iters), (q, eps, *rest)))
     compiled = compile_many(cjobs, threads)
     out = {}
     for (key, _fn, _q, _rest, iters), (_, _, cargs) in zip(jobs, cjobs, strict=True):
@@ -379,6 +401,17 @@ def measure(jobs, threads, repeats):
             continue
         try:
             jax.block_until_ready(c(*cargs))
+            if TIMER == "cupti":
+                main = MAIN_KERNEL.get(key) if isinstance(key, str) else "jaxrt_rpa"
+                n = max(10, min(iters, 50))
+                try:
+                    out[key], KERNEL_TIMES[key] = _cupti_times(c, cargs, n, main)
+                except Exception as e:  # noqa: BLE001 - fall back to wall time of back-to-back calls
+                    log(f"# CUPTI failed ({short_err(e)}); wall time of {n} back-to-back calls instead")
+                    t0 = time.perf_counter()
+                    jax.block_until_ready([c(*cargs) for _ in range(n)])
+                    out[key] = (time.perf_counter() - t0) / n
+                continue
             ts = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
@@ -525,6 +558,7 @@ def run_decode(args, grid, shapes, tune_points=()):
                     jobs.append((("tune", tc), pallas_fn(sm, tc), q, ins[1:], it))
             res = measure(jobs, args.threads, args.repeats)
             row = dict(shape=shape, b=b, ctx=ctx, bytes=nbytes, config=dataclasses.asdict(cfg))
+            row["pallas_kernel"] = KERNEL_TIMES.pop("pallas", None)
             for k_, v_ in res.items():
                 if isinstance(k_, tuple):
                     continue
@@ -557,13 +591,15 @@ def run_decode(args, grid, shapes, tune_points=()):
 
 def decode_tune_configs(cfg: GpuConfig, d, itemsize):
     out = {cfg}
-    for hf, bk, ns in itertools.product((True, False), (64, 128, 256), (2, 3, 4)):
-        if 2 * bk * d * itemsize * ns > 200 * 1024:
+    for pf, bk, ns in itertools.product((False, True), (64, 128, 256), (1, 2, 3)):
+        if 2 * bk * d * itemsize * max(ns, 1) > 200 * 1024:
             continue
-        for nw in (4, 8) if bk == 256 else (4,):
-            out.add(dataclasses.replace(cfg, block_kv=bk, num_warps=nw, num_stages=ns, heads_fastest=hf))
-    for hf, sp in itertools.product((True, False), (1, 2, 4, 8, 16)):
-        out.add(dataclasses.replace(cfg, num_splits=sp, heads_fastest=hf))
+        c = dataclasses.replace(cfg, block_kv=bk, num_stages=ns, prefetch=pf, heads_fastest=False)
+        out.add(c)
+        if ns == 2:
+            out.add(dataclasses.replace(c, heads_fastest=True))
+    for pf, sp in itertools.product((False, True), (1, 2, 4, 8, 16)):
+        out.add(dataclasses.replace(cfg, num_splits=sp, prefetch=pf))
     return sorted(out, key=lambda c: dataclasses.astuple(c))
 
 
@@ -575,26 +611,38 @@ def gbs(nbytes, t):
     return nbytes / t / 1e9 if isinstance(t, float) else float("nan")
 
 
+def pct(nbytes, t):
+    return f"{100 * nbytes / t / HBM_READ_BW:.0f}%" if isinstance(t, float) and t > 0 else "-"
+
+
+def cfg_str(c):
+    return (
+        f"{c['block_rows']}/{c['block_kv']}/{c['num_splits']}/{c['num_warps']}/{c['num_stages']}"
+        f"{'/hf' if c.get('heads_fastest') else ''}{'/pf' if c.get('prefetch') else ''}"
+    )
+
+
 def decode_header():
     return (
-        "| shape | batch | context | KV MB | pallas µs | GB/s | % of 3.19 TB/s | jax paged µs (GB/s) | "
-        "XLA dense µs | XLA reference µs | pallas config (rows, block_kv, splits, warps, stages) | best tuned µs (%) |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| shape | batch | context | KV MB | pallas µs | GB/s | % of 3.19 TB/s | pallas kernel only µs (%) | "
+        "jax paged µs (%) | XLA dense µs (%) | XLA reference µs | pallas config | best tuned µs (%) config |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
 
 
 def decode_row(r):
     t = r.get("pallas")
-    c = r["config"]
-    jp = r.get("jax_paged")
+    nb = r["bytes"]
     tb = r.get("tune_best_s")
-    best = f"{fmt_t(tb)} ({100 * gbs(r['bytes'], tb) * 1e9 / HBM_READ_BW:.0f}%)" if tb else "-"
-    jp_s = f"{fmt_t(jp)} ({gbs(r['bytes'], jp):.0f})" if isinstance(jp, float) else (jp or "-")
+    best = f"{fmt_t(tb)} ({pct(nb, tb)}) {cfg_str(r['tune_best'])}" if tb else "-"
+
+    def tp(x):
+        return f"{fmt_t(x)} ({pct(nb, x)})" if isinstance(x, float) else (x if isinstance(x, str) else "-")
+
     return (
-        f"| {r['shape']} | {r['b']} | {r['ctx']} | {r['bytes'] / 1e6:.1f} | {fmt_t(t)} | {gbs(r['bytes'], t):.0f} | "
-        f"{100 * gbs(r['bytes'], t) * 1e9 / HBM_READ_BW:.0f}% | {jp_s} | {fmt_t(r.get('xla_dense'))} | "
-        f"{fmt_t(r.get('xla_reference'))} | {c['block_rows']}, {c['block_kv']}, {c['num_splits']}, "
-        f"{c['num_warps']}, {c['num_stages']} | {best} |"
+        f"| {r['shape']} | {r['b']} | {r['ctx']} | {nb / 1e6:.1f} | {fmt_t(t)} | {gbs(nb, t):.0f} | {pct(nb, t)} | "
+        f"{tp(r.get('pallas_kernel'))} | {tp(r.get('jax_paged'))} | {tp(r.get('xla_dense'))} | "
+        f"{fmt_t(r.get('xla_reference'))} | {cfg_str(r['config'])} | {best} |"
     )
 
 
@@ -687,18 +735,12 @@ PREFILL_DEFAULT = [(1, 1024, 1024), (1, 2048, 2048), (1, 4096, 4096), (1, 8192, 
 
 
 def prefill_tune_configs(cfg: GpuConfig, d, itemsize):
-    out = {cfg}
-    for rows, bk, nw, ns, hf in itertools.product(
-        (32, 64, 128), (32, 64, 128), (4, 8), (2, 3), (True, False)
-    ):
+    out = {cfg, dataclasses.replace(cfg, heads_fastest=not cfg.heads_fastest)}
+    for rows, bk, nw, ns, pf in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3), (False, True)):
         if (2 * bk * d * itemsize) * ns + rows * d * itemsize > 200 * 1024:
             continue
-        if rows == 32 and nw == 8:
-            continue
         out.add(
-            GpuConfig(
-                block_rows=rows, block_kv=bk, num_splits=1, num_warps=nw, num_stages=ns, heads_fastest=hf
-            )
+            GpuConfig(block_rows=rows, block_kv=bk, num_splits=1, num_warps=nw, num_stages=ns, prefetch=pf)
         )
     return sorted(out, key=lambda c: dataclasses.astuple(c))
 
@@ -746,6 +788,7 @@ def run_prefill(args, cases, shapes, tune_points=()):
                     jobs.append((("tune", tc), pallas_fn(sm, tc), q, ins[1:], it))
             res = measure(jobs, args.threads, args.repeats)
             row = dict(
+                pallas_kernel=KERNEL_TIMES.pop("pallas", None),
                 shape=shape,
                 n_seq=n_seq,
                 q_len=q_len,
@@ -774,22 +817,23 @@ def run_prefill(args, cases, shapes, tune_points=()):
 
 def prefill_header():
     return (
-        "| shape | seqs x q_len (kv_len) | pallas µs | TFLOP/s | XLA dense µs | cuDNN µs | XLA reference µs | "
-        "pallas / XLA dense | pallas config (rows, block_kv, warps, stages) | best tuned µs |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| shape | seqs x q_len (kv_len) | pallas µs | TFLOP/s | pallas kernel only µs | XLA dense µs | cuDNN µs | "
+        "XLA reference µs | pallas / XLA dense time | pallas config | best tuned µs config |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
 
 
 def prefill_row(r):
     t = r.get("pallas")
-    c = r["config"]
     xd = r.get("xla_dense")
-    ratio = f"{t / xd:.2f}x" if isinstance(t, float) and isinstance(xd, float) else "-"
+    ratio = f"{t / xd:.2f}" if isinstance(t, float) and isinstance(xd, float) else "-"
     tf = r["flops"] / t / 1e12 if isinstance(t, float) else float("nan")
+    tb = r.get("tune_best_s")
+    best = f"{fmt_t(tb)} {cfg_str(r['tune_best'])}" if tb else "-"
     return (
-        f"| {r['shape']} | {r['n_seq']} x {r['q_len']} ({r['kv_len']}) | {fmt_t(t)} | {tf:.0f} | {fmt_t(xd)} | "
-        f"{fmt_t(r.get('cudnn'))} | {fmt_t(r.get('xla_reference'))} | {ratio} | {c['block_rows']}, "
-        f"{c['block_kv']}, {c['num_warps']}, {c['num_stages']} | {fmt_t(r.get('tune_best_s'))} |"
+        f"| {r['shape']} | {r['n_seq']} x {r['q_len']} ({r['kv_len']}) | {fmt_t(t)} | {tf:.0f} | "
+        f"{fmt_t(r.get('pallas_kernel'))} | {fmt_t(xd)} | {fmt_t(r.get('cudnn'))} | {fmt_t(r.get('xla_reference'))} | "
+        f"{ratio} | {cfg_str(r['config'])} | {best} |"
     )
 
 
@@ -842,9 +886,11 @@ def main(argv=None):
     p.add_argument(
         "--interpret", action="store_true", help="run the GPU modes in interpret mode (CPU dry run)"
     )
+    p.add_argument("--timer", default="cupti", choices=("cupti", "wall"))
     args = p.parse_args(argv)
-    global INTERPRET
+    global INTERPRET, TIMER
     INTERPRET = args.interpret
+    TIMER = "wall" if args.interpret or args.smoke else args.timer
 
     if args.smoke:
         args.threads = 1

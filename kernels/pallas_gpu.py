@@ -46,6 +46,8 @@ class GpuConfig:
     num_splits: kv splits per work item (1 = no split-K).
     heads_fastest: launch order; True puts the kv heads of one work item in adjacent programs, so the
       token-major pages they read are fetched at about the same time.
+    prefetch: software-pipeline the K/V loads one block ahead in the loop carry (on top of, or instead of,
+      Triton's own ``num_stages`` pipelining).
     """
 
     block_rows: int = 16
@@ -53,7 +55,8 @@ class GpuConfig:
     num_splits: int = 1
     num_warps: int = 4
     num_stages: int = 2
-    heads_fastest: bool = True  # grid (kv head, work item, split): a sequence's kv heads run side by side
+    heads_fastest: bool = False  # grid (kv head, work item, split): a sequence's kv heads run side by side
+    prefetch: bool = False  # issue block b+1's loads before block b's math (tiles carried in registers)
 
 
 def supports(q_shape, k_shape, kv_dtype) -> str | None:
@@ -101,7 +104,7 @@ def default_config(
     kv_cap = max(16, 65536 // (2 * head_dim * itemsize))
     if num_tokens <= max_num_seqs:
         rows = max(16, group_pad)
-        block_kv = min(128, kv_cap)
+        block_kv = min(128, kv_cap // 2)  # 32 KiB of K+V per step
         block_q = max(1, rows // group_pad)
         num_work = common.num_work_items(num_tokens, max_num_seqs, block_q)
         programs = num_work * num_kv_heads
@@ -148,6 +151,7 @@ def _kernel(
     num_splits: int,
     direct: bool,
     heads_fastest: bool,
+    prefetch: bool,
     precision,
 ):
     """One program: one work item, one kv head, one kv split (``program_id(2)``).
@@ -186,19 +190,19 @@ def _kernel(
     # Scores are kept in base 2: s2 = log2(e) * s.
     s_scale = sm_scale * LOG2E if soft_cap is None else sm_scale / soft_cap
 
-    def step(b, carry, masked):
-        m_prev, l_prev, acc_prev = carry
+    def load(b):
         if block_kv >= page_size:  # gather whole pages
             start = jnp.minimum(b * pages_per_blk, pt_cols - pages_per_blk)
             pages = jnp.clip(pt_ref[seq, pl.ds(start, pages_per_blk)], 0, num_pages - 1)
-            k = k_ref[pages].reshape(block_kv, head_dim)
-            v = v_ref[pages].reshape(block_kv, head_dim)
-        else:  # a slice of one page
-            col = jnp.minimum(lax.div(b, blocks_per_page), pt_cols - 1)
-            page = jnp.clip(pt_ref[seq, col], 0, num_pages - 1)
-            off = lax.rem(b, blocks_per_page) * block_kv
-            k = k_ref[page, pl.ds(off, block_kv), :]
-            v = v_ref[page, pl.ds(off, block_kv), :]
+            return k_ref[pages].reshape(block_kv, head_dim), v_ref[pages].reshape(block_kv, head_dim)
+        # a slice of one page
+        col = jnp.minimum(lax.div(b, blocks_per_page), pt_cols - 1)
+        page = jnp.clip(pt_ref[seq, col], 0, num_pages - 1)
+        off = lax.rem(b, blocks_per_page) * block_kv
+        return k_ref[page, pl.ds(off, block_kv), :], v_ref[page, pl.ds(off, block_kv), :]
+
+    def compute(b, k, v, carry, masked):
+        m_prev, l_prev, acc_prev = carry
         s = lax.dot_general(
             q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
         )
@@ -228,8 +232,22 @@ def _kernel(
         )
         return m_next, l_next, alpha[:, None] * acc_prev + pv
 
+    last = jnp.maximum(b1 - 1, 0)
+
     def run(lo, hi, carry, masked):
-        return lax.fori_loop(0, jnp.maximum(hi - lo, 0), lambda i, c: step(lo + i, c, masked), carry)
+        n = jnp.maximum(hi - lo, 0)
+        if not prefetch:
+            return lax.fori_loop(0, n, lambda i, c: compute(lo + i, *load(lo + i), c, masked), carry)
+
+        # Software prefetch: the loads of block b + 1 are issued before block b's math (the last block's
+        # "next" is itself again, an L2 hit). The tiles ride in the loop carry across the three loops.
+        def body(i, c):
+            kv, state = c
+            b = lo + i
+            nxt = load(jnp.minimum(b + 1, last))
+            return nxt, compute(b, *kv, state, masked)
+
+        return lax.fori_loop(0, n, body, carry)
 
     # Blocks every real query row sees in full (below the causal diagonal of the first row, inside kv_len
     # and inside the window of the last row) skip all masking; the rest are masked.
@@ -246,9 +264,12 @@ def _kernel(
         jnp.zeros((rows,), jnp.float32),
         jnp.zeros((rows, head_dim), jnp.float32),
     )
+    if prefetch:
+        carry = (load(jnp.minimum(b0, last)), carry)
     carry = run(b0, fb0, carry, True)
     carry = run(fb0, fb1, carry, False)
-    m, l, acc = run(fb1, b1, carry, True)
+    carry = run(fb1, b1, carry, True)
+    m, l, acc = carry[1] if prefetch else carry
     if num_splits == 1:
         results = ((acc / jnp.where(l == 0.0, 1.0, l)[:, None]),)
     else:
@@ -392,6 +413,7 @@ def _gpu_call(
         num_splits=num_splits,
         direct=direct,
         heads_fastest=config.heads_fastest,
+        prefetch=config.prefetch,
         precision=precision,
     )
     num_work = plan.num_work

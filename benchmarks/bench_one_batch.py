@@ -91,11 +91,11 @@ def main() -> None:
         fb, sb = runner._batch(sched, n, 1, {})
         fb, sb = jax.device_put((fb, sb))
         fn = runner._get_compiled((n, runner.num_seqs_for(n), 1), fb, sb)
-        out, runner.kv_caches = fn(runner.state, runner.kv_caches, fb, sb)
+        out, runner.kv_caches = fn(runner.state, runner.kv_caches, fb, sb, runner._no_prev)
         jax.block_until_ready(out)
         t = time.perf_counter()
         for _ in range(args.iters):
-            out, runner.kv_caches = fn(runner.state, runner.kv_caches, fb, sb)
+            out, runner.kv_caches = fn(runner.state, runner.kv_caches, fb, sb, runner._no_prev)
         jax.block_until_ready(out)
         return engine_s, (time.perf_counter() - t) / args.iters
 

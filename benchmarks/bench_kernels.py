@@ -42,6 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from jaxrt.kernels import pallas_gpu, ragged_paged_attention_reference  # noqa: E402
 from jaxrt.kernels.pallas_gpu import GpuConfig  # noqa: E402
+from jaxrt.kernels.testing import make_batch, oracle, rel_err  # noqa: E402
 
 HBM_READ_BW = 3.19e12
 SHAPES = {"1b": (32, 8, 64), "8b": (32, 8, 128)}  # (num_q_heads, num_kv_heads, head_dim)
@@ -54,117 +55,6 @@ def log(*a):
 
 # ----------------------------------------------------------------------------------------------------------
 # Inputs and oracle
-
-
-@dataclasses.dataclass
-class Batch:
-    q: np.ndarray
-    k_pages: np.ndarray
-    v_pages: np.ndarray
-    kv_lens: np.ndarray
-    page_indices: np.ndarray
-    cu_q_lens: np.ndarray
-    num_seqs: np.ndarray
-
-    def args(self):
-        return (
-            self.q,
-            self.k_pages,
-            self.v_pages,
-            self.kv_lens,
-            self.page_indices,
-            self.cu_q_lens,
-            self.num_seqs,
-        )
-
-
-def make_batch(
-    rng,
-    q_lens,
-    kv_lens,
-    *,
-    hq,
-    hkv,
-    d,
-    page,
-    dtype,
-    max_num_seqs=None,
-    num_tokens=None,
-    pages_per_seq=None,
-    spare_pages=2,
-    poison=True,
-) -> Batch:
-    """Random ragged batch; pages not referenced by any sequence (and slots past kv_len) hold NaN if poison."""
-    n = len(q_lens)
-    max_num_seqs = max_num_seqs or n
-    num_tokens = num_tokens or int(sum(q_lens))
-    need = [-(-kv // page) for kv in kv_lens]
-    pages_per_seq = pages_per_seq or max(max(need), 1) + 1
-    num_pages = sum(need) + spare_pages
-    perm = rng.permutation(num_pages)
-    pt = rng.integers(0, num_pages, size=(max_num_seqs, pages_per_seq)).astype(np.int32)  # junk past the end
-    used = np.zeros(num_pages, bool)
-    o = 0
-    for i, c in enumerate(need):
-        pt[i, :c] = perm[o : o + c]
-        used[perm[o : o + c]] = True
-        o += c
-    np_dtype = np.float32
-    k = rng.standard_normal((num_pages, page, hkv, d)).astype(np_dtype)
-    v = rng.standard_normal((num_pages, page, hkv, d)).astype(np_dtype)
-    if poison:
-        k[~used] = np.nan
-        v[~used] = np.nan
-        for i, kv in enumerate(kv_lens):
-            if kv % page:
-                last = pt[i, need[i] - 1]
-                k[last, kv % page :] = np.nan
-                v[last, kv % page :] = np.nan
-    q = rng.standard_normal((num_tokens, hq, d)).astype(np_dtype)
-    cu = np.zeros(max_num_seqs + 1, np.int32)
-    cu[1 : n + 1] = np.cumsum(q_lens)
-    cu[n + 1 :] = cu[n]
-    kvl = np.zeros(max_num_seqs, np.int32)
-    kvl[:n] = kv_lens
-    cast = lambda x: np.asarray(jnp.asarray(x, dtype))  # noqa: E731  (round to the kernel dtype)
-    return Batch(cast(q), cast(k), cast(v), kvl, pt, cu, np.array([n], np.int32))
-
-
-def oracle(b: Batch, sm_scale, sliding_window=None, soft_cap=None) -> np.ndarray:
-    """Dense per-sequence attention in float64 numpy."""
-    q = np.asarray(b.q, np.float64)
-    kp = np.asarray(b.k_pages, np.float64)
-    vp = np.asarray(b.v_pages, np.float64)
-    _, page, hkv, d = kp.shape
-    hq = q.shape[1]
-    g = hq // hkv
-    out = np.zeros_like(q)
-    for i in range(int(b.num_seqs[0])):
-        s0, s1 = b.cu_q_lens[i], b.cu_q_lens[i + 1]
-        ql, kvl = s1 - s0, b.kv_lens[i]
-        if ql == 0:
-            continue
-        pages = b.page_indices[i, : -(-kvl // page)]
-        k = np.repeat(kp[pages].reshape(-1, hkv, d)[:kvl], g, axis=1)
-        v = np.repeat(vp[pages].reshape(-1, hkv, d)[:kvl], g, axis=1)
-        s = np.einsum("qhd,khd->hqk", q[s0:s1], k) * sm_scale
-        if soft_cap is not None:
-            s = soft_cap * np.tanh(s / soft_cap)
-        qpos = kvl - ql + np.arange(ql)
-        kpos = np.arange(kvl)
-        mask = kpos[None, :] <= qpos[:, None]
-        if sliding_window is not None:
-            mask &= kpos[None, :] > qpos[:, None] - sliding_window
-        s = np.where(mask[None], s, -np.inf)
-        p = np.exp(s - s.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
-        out[s0:s1] = np.einsum("hqk,khd->qhd", p, v)
-    return out
-
-
-def rel_err(x, ref):
-    x = np.asarray(x, np.float64)
-    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
 def mixed_case(page):
@@ -237,32 +127,20 @@ def run_check(args, interpret=False):
     jobs, batches, refs = [], {}, []
     for ci, c in enumerate(cases):
         ql, kvl = (mixed_case if c["kind"] == "mixed" else decode_case)(c["page"])
-        if c["kind"] == "mixed":
-            b = make_batch(
-                rng,
-                ql,
-                kvl,
-                hq=c["hq"],
-                hkv=c["hkv"],
-                d=c["d"],
-                page=c["page"],
-                dtype=DTYPES[c["dtype"]],
-                max_num_seqs=len(ql) + 2,
-                num_tokens=sum(ql) + 5,
-            )
-        else:
-            b = make_batch(
-                rng,
-                ql,
-                kvl,
-                hq=c["hq"],
-                hkv=c["hkv"],
-                d=c["d"],
-                page=c["page"],
-                dtype=DTYPES[c["dtype"]],
-                max_num_seqs=len(ql) + 1,
-                num_tokens=len(ql) + 1,
-            )
+        extra = dict(max_num_seqs=len(ql) + 2, num_tokens=sum(ql) + 5)
+        if c["kind"] == "decode":  # no more tokens than sequences: the decode tiling (with split-K)
+            extra = dict(max_num_seqs=len(ql) + 1, num_tokens=len(ql) + 1)
+        b = make_batch(
+            rng,
+            ql,
+            kvl,
+            num_q_heads=c["hq"],
+            num_kv_heads=c["hkv"],
+            head_dim=c["d"],
+            page_size=c["page"],
+            dtype=DTYPES[c["dtype"]],
+            **extra,
+        )
         batches[ci] = b
         kw = dict(sm_scale=1.0 / math.sqrt(c["d"]), sliding_window=c["window"], soft_cap=c["soft_cap"])
         jargs = tuple(jnp.asarray(x) for x in b.args())
@@ -275,10 +153,7 @@ def run_check(args, interpret=False):
         )
         # The jnp reference multiplies masked-out V rows by zero, so NaN poison would reach it: give it the
         # same batch with the poison replaced by zeros (the oracle never reads those entries).
-        clean = tuple(
-            jnp.asarray(np.nan_to_num(x)) if np.issubdtype(x.dtype, np.floating) else jnp.asarray(x)
-            for x in b.args()
-        )
+        clean = tuple(jnp.asarray(x) for x in b.clean_args())
         jobs.append((("r", ci), functools.partial(ragged_paged_attention_reference, **kw), clean))
         refs.append(kw)
     t0 = time.time()
@@ -297,7 +172,7 @@ def run_check(args, interpret=False):
         else:
             try:
                 out = np.asarray(jax.block_until_ready(kern(*jargs)), np.float64)
-                n_real = int(b.cu_q_lens[b.num_seqs[0]])
+                n_real = b.num_real_tokens
                 err = rel_err(out[:n_real], want[:n_real])
                 pad_ok = bool(np.all(out[n_real:] == 0))
                 if not np.all(np.isfinite(out)):
@@ -846,7 +721,14 @@ def run_smoke(args):
     # Tiny timing table in interpret mode (meaningless as performance; exercises the timing path).
     rng = np.random.default_rng(1)
     b = make_batch(
-        rng, [1, 1, 1, 1], [5, 17, 33, 8], hq=4, hkv=2, d=64, page=16, dtype=jnp.float32, poison=False
+        rng,
+        [1, 1, 1, 1],
+        [5, 17, 33, 8],
+        num_q_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        page_size=16,
+        poison=False,
     )
     jargs = [jnp.asarray(x) for x in b.args()]
     fn = lambda *a: pallas_gpu.ragged_paged_attention_gpu(*a, sm_scale=0.125, interpret=True)  # noqa: E731

@@ -1,0 +1,285 @@
+"""The "pallas_gpu" ragged paged attention backend, run on CPU in Pallas interpret mode.
+
+Every case draws fresh random inputs, poisons (NaN) the pool pages no sequence references, the slots past
+kv_len in each last page and the padding rows of q, and compares against a float64 numpy oracle and the jnp
+reference. Interpret mode does not check Triton's lowering rules; benchmarks/bench_kernels.py --check does
+that on a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrt.kernels import (
+    pallas_gpu,
+    ragged_paged_attention,
+    ragged_paged_attention_reference,
+    resolve_backend,
+)
+from jaxrt.kernels.pallas_gpu import GpuConfig, default_config, ragged_paged_attention_gpu
+from jaxrt.kernels.testing import make_batch, oracle, rel_err
+
+_REF = jax.jit(ragged_paged_attention_reference, static_argnames=("sm_scale", "sliding_window", "soft_cap"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    q_lens: tuple
+    kv_lens: tuple
+    hq: int = 8
+    hkv: int = 2
+    d: int = 64
+    page: int = 16
+    dtype: str = "f32"
+    window: int | None = None
+    cap: float | None = None
+    pad_tokens: int = 3  # padding rows after the last real token
+    pad_seqs: int = 1  # unused sequence slots
+    config: GpuConfig | None = None  # None: the backend's heuristic
+
+    def __str__(self):
+        cfg = "" if self.config is None else f"-cfg{dataclasses.astuple(self.config)}"
+        return (
+            f"q{list(self.q_lens)}-kv{list(self.kv_lens)}-h{self.hq}/{self.hkv}-d{self.d}-p{self.page}-{self.dtype}"
+            f"-w{self.window}-cap{self.cap}{cfg}"
+        )
+
+
+DT = {"f32": np.float32, "bf16": jnp.bfloat16}
+
+
+def _mixed(p):
+    # decodes at kv 1, p-1, p, p+1; prefill chunks with and without a prefix
+    return (1, 13, 1, 1, 1, 20), (1, p + 13, p - 1, p, p + 1, 20)
+
+
+def _decode(p):
+    return (1,) * 6, (1, p - 1, p, p + 1, 3 * p + 2, 5)
+
+
+def run_case(case: Case, seed: int):
+    rng = np.random.default_rng(seed)
+    decode_like = case.pad_tokens < 0
+    n_tok = sum(case.q_lens) + max(case.pad_tokens, 0)
+    max_seqs = len(case.q_lens) + case.pad_seqs
+    if decode_like:  # as many token rows as sequence slots: the backend picks its decode tiling
+        n_tok = max_seqs
+    b = make_batch(
+        rng,
+        case.q_lens,
+        case.kv_lens,
+        num_q_heads=case.hq,
+        num_kv_heads=case.hkv,
+        head_dim=case.d,
+        page_size=case.page,
+        dtype=DT[case.dtype],
+        max_num_seqs=max_seqs,
+        num_tokens=n_tok,
+    )
+    kw = dict(sm_scale=1 / math.sqrt(case.d), sliding_window=case.window, soft_cap=case.cap)
+    out = ragged_paged_attention_gpu(*map(jnp.asarray, b.args()), interpret=True, config=case.config, **kw)
+    out = np.asarray(out.astype(jnp.float32), np.float64)
+    assert out.shape == b.q.shape
+    assert np.all(np.isfinite(out)), "non-finite output"
+    n = b.num_real_tokens
+    assert np.all(out[n:] == 0), "padding rows must be zero"
+    want = oracle(b, **kw)
+    ref = np.asarray(_REF(*map(jnp.asarray, b.clean_args()), **kw).astype(jnp.float32), np.float64)
+    tol = 1e-5 if case.dtype == "f32" else 2e-2
+    assert rel_err(out, want) < tol, f"vs numpy oracle: {rel_err(out, want):.2e}"
+    assert rel_err(out, ref) < tol, f"vs jnp reference: {rel_err(out, ref):.2e}"
+    if case.dtype == "f32":
+        np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5)
+    return out
+
+
+P16 = _mixed(16)
+CASES = [
+    # mixed prefill + decode, GQA 4 (direct q/out tiles), heuristic tiling
+    Case(*P16),
+    Case(*P16, dtype="bf16"),
+    # decode-shaped batches take the decode tiling with split-K
+    Case(*_decode(16), pad_tokens=-1),
+    Case(*_decode(16), pad_tokens=-1, dtype="bf16", hq=16, hkv=2),
+    # GQA ratios: MHA, MQA, 8, and a non-power-of-two group (gathered q tiles)
+    Case(*P16, hq=4, hkv=4),
+    Case(*P16, hq=8, hkv=1),
+    Case(*P16, hq=16, hkv=2),
+    Case(*P16, hq=6, hkv=2),
+    Case(*_decode(16), pad_tokens=-1, hq=6, hkv=2),
+    # head dims
+    Case(*P16, d=128, hq=4, hkv=2),
+    Case(*P16, d=32, hq=4, hkv=1),
+    # sliding window / soft cap
+    Case(*P16, window=7),
+    Case(*P16, cap=5.0),
+    Case(*P16, window=20, cap=3.0, dtype="bf16"),
+    Case(*_decode(16), pad_tokens=-1, window=9, cap=4.0),
+    # page sizes: several pages per step, and a step smaller than a page (slice of one page)
+    Case(*_mixed(8), page=8),
+    Case(*_mixed(32), page=32, config=GpuConfig(block_rows=16, block_kv=16)),
+    Case(*_mixed(64), page=64, hq=4, hkv=4),
+    # explicit tilings: odd split count, prefetch, head-fastest grid, tiny kv steps
+    Case(*_decode(16), pad_tokens=-1, config=GpuConfig(block_rows=16, block_kv=16, num_splits=3)),
+    Case(*P16, config=GpuConfig(block_rows=32, block_kv=32, num_splits=2, prefetch=True)),
+    Case(*P16, window=11, config=GpuConfig(block_rows=16, block_kv=16, heads_fastest=True, prefetch=True)),
+    # a sequence with no new tokens, a long prefill chunk spanning several query blocks, no padding at all
+    Case((3, 0, 40), (3, 5, 50), pad_tokens=0, pad_seqs=0, config=GpuConfig(block_rows=32, block_kv=16)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_oracle_and_reference(case):
+    run_case(case, seed=zlib.crc32(str(case).encode()))
+
+
+def test_num_seqs_zero_gives_zeros():
+    rng = np.random.default_rng(0)
+    b = make_batch(
+        rng, [2, 1], [5, 9], num_q_heads=4, num_kv_heads=2, head_dim=64, page_size=16, num_tokens=6
+    )
+    args = list(map(jnp.asarray, b.args()))
+    args[6] = jnp.array([0], jnp.int32)
+    out = ragged_paged_attention_gpu(*args, sm_scale=0.1, interpret=True)
+    assert np.all(np.asarray(out) == 0)
+
+
+def test_under_jit_and_public_entry_point():
+    rng = np.random.default_rng(1)
+    b = make_batch(
+        rng, [1, 7], [4, 30], num_q_heads=8, num_kv_heads=2, head_dim=64, page_size=16, num_tokens=9
+    )
+    args = tuple(map(jnp.asarray, b.args()))
+    f = jax.jit(lambda *a: ragged_paged_attention(*a, sm_scale=0.125, backend="pallas_gpu", interpret=True))
+    out = np.asarray(f(*args), np.float64)
+    np.testing.assert_allclose(out, oracle(b, sm_scale=0.125), atol=2e-5, rtol=2e-5)
+
+
+def test_unsupported_shapes_fall_back_to_reference():
+    rng = np.random.default_rng(2)
+    b = make_batch(
+        rng, [3, 1], [9, 4], num_q_heads=4, num_kv_heads=2, head_dim=48, page_size=16, poison=False
+    )
+    assert pallas_gpu.supports(b.q.shape, b.k_pages.shape, b.k_pages.dtype) is not None
+    args = tuple(map(jnp.asarray, b.args()))
+    out = ragged_paged_attention_gpu(*args, sm_scale=0.2, interpret=True)
+    np.testing.assert_allclose(np.asarray(out, np.float64), oracle(b, sm_scale=0.2), atol=2e-5, rtol=2e-5)
+
+
+def test_default_config_tiles_are_triton_legal():
+    for tokens, seqs in ((256, 256), (8192, 64), (7, 8)):
+        for hq, hkv, d, item in (
+            (32, 8, 64, 2),
+            (32, 8, 128, 2),
+            (8, 1, 256, 4),
+            (12, 4, 128, 2),
+            (64, 8, 64, 4),
+        ):
+            c = default_config(
+                num_tokens=tokens,
+                max_num_seqs=seqs,
+                num_q_heads=hq,
+                num_kv_heads=hkv,
+                head_dim=d,
+                page_size=16,
+                pages_per_seq=64,
+                itemsize=item,
+                num_sms=132,
+            )
+            assert c.block_rows >= 16 and c.block_rows & (c.block_rows - 1) == 0
+            assert c.block_kv >= 16 and c.block_kv & (c.block_kv - 1) == 0
+            assert 1 <= c.num_splits <= 16
+            if tokens > seqs:
+                assert c.num_splits == 1
+
+
+def test_cpu_auto_backend_stays_reference():
+    assert resolve_backend("auto", platform="cpu") == "reference"
+    assert resolve_backend(None, platform="cpu") == "reference"
+    assert resolve_backend("pallas_gpu") == "pallas_gpu"
+
+
+def _valid_args():
+    rng = np.random.default_rng(3)
+    b = make_batch(
+        rng, [2, 1], [5, 9], num_q_heads=4, num_kv_heads=2, head_dim=64, page_size=16, poison=False
+    )
+    return list(map(jnp.asarray, b.args()))
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda a: a.__setitem__(0, a[0][0]), "q must be"),
+        (lambda a: a.__setitem__(1, a[1][0]), "k_pages must be"),
+        (lambda a: a.__setitem__(2, a[2][:, :8]), "differ"),
+        (lambda a: a.__setitem__(0, a[0][:, :3]), "multiple of num_kv_heads"),
+        (lambda a: a.__setitem__(0, a[0][..., :32]), "head_dim"),
+        (lambda a: a.__setitem__(3, a[3].astype(jnp.float32)), "kv_lens must be int32"),
+        (lambda a: a.__setitem__(4, a[4][0]), "page_indices must have 2 dims"),
+        (lambda a: a.__setitem__(5, a[5][:-1]), "cu_q_lens"),
+        (lambda a: a.__setitem__(6, jnp.array([2, 2], jnp.int32)), "num_seqs"),
+    ],
+)
+def test_public_function_validates_inputs(mutate, match):
+    args = _valid_args()
+    mutate(args)
+    with pytest.raises(ValueError, match=match):
+        ragged_paged_attention(*args, sm_scale=0.1, backend="pallas_gpu", interpret=True)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(sliding_window=0), "sliding_window"),
+        (dict(soft_cap=-1.0), "soft_cap"),
+        (dict(backend="cuda"), "backend must be one of"),
+    ],
+)
+def test_public_function_validates_options(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ragged_paged_attention(*_valid_args(), sm_scale=0.1, interpret=True, **kw)
+
+
+def test_bench_smoke_runs():
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bench_kernels.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "8/8 PASS" in r.stdout
+
+
+SLOW_CASES = [
+    Case(*_mixed(p), d=d, page=p, dtype=dt, window=w, cap=c, hq=hq, hkv=hkv)
+    for (d, p, dt, (w, c)), (hq, hkv) in zip(
+        [
+            (d, p, dt, wc)
+            for d in (64, 128, 256)
+            for p in (16, 32, 64)
+            for dt in ("f32", "bf16")
+            for wc in ((None, None), (17, 7.0))
+        ],
+        [(4, 4), (8, 2), (16, 2), (8, 1), (6, 2), (32, 8)] * 6,
+        strict=False,
+    )
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SLOW_CASES, ids=str)
+def test_full_grid(case):
+    run_case(case, seed=zlib.crc32(str(case).encode()))

@@ -123,8 +123,14 @@ class StepContext:
             raise FallbackError(
                 f"{name}: expected query [1, heads, tokens, head_dim], got {tuple(query.shape)}"
             )
-        if kwargs.get("is_causal") is False:
-            raise FallbackError(f"{name}: non-causal (bidirectional) attention is not supported by jaxrt")
+        is_causal = kwargs.get("is_causal")
+        if is_causal is None:
+            is_causal = getattr(module, "is_causal", True)
+        if is_causal is False and attention_mask is None:
+            raise FallbackError(
+                f"{name}: the layer asks for non-causal (bidirectional) attention, which jaxrt's causal paged "
+                "attention does not provide (for BERT-style models: not a decoder)"
+            )
         for k, v in kwargs.items():
             if k not in _IGNORED_KWARGS and v is not None and hasattr(v, "shape"):
                 raise FallbackError(

@@ -99,6 +99,8 @@ def build_meta_model(hf_config: Any, dtype: str, trust_remote_code: bool):
             if "experts_implementation" not in str(e):
                 raise
             model = AutoModelForCausalLM.from_config(config, **kwargs)
+    # Parameter tying is skipped for meta-initialised weights; tie now so tied names share one param.
+    model.tie_weights()
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -1,0 +1,331 @@
+"""Coverage sweep of the transformers fallback over transformers' causal-LM architectures.
+
+For each ``model_type`` in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``: build a tiny config from its config class, save a
+random-weight checkpoint, greedy-generate 16 tokens with transformers (eager attention, float32) and with
+``jaxrt.Engine(impl="transformers")``, and compare the tokens. Used by ``test_fallback_sweep.py`` (slow) and as a
+script that writes docs/fallback_coverage.md::
+
+    python tests/fallback/fallback_sweep.py --out docs/fallback_coverage.md [model_type ...]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("JAXRT_DISABLE_PROGRESS", "1")
+
+NEW_TOKENS = 16
+VOCAB = 320
+PROMPT_LENGTHS = (6, 13, 37)  # 37 > chunked_prefill_size=32: the longest prompt is prefilled in two chunks
+SLIDING_WINDOW = 12  # where a config has a sliding window, make it shorter than the prompts
+
+BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    initializer_range=0.2,  # peaked logits: greedy argmax is not decided by float noise
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+# Mixture-of-experts, MLA and other family knobs, set where the config class has them.
+EXTRA = dict(
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    moe_num_experts=4,
+    num_experts_per_tok=2,
+    moe_topk=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    n_shared_experts=1,
+    num_shared_experts=1,
+    first_k_dense_replace=1,
+    n_group=1,
+    topk_group=1,
+    q_lora_rank=32,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    qk_head_dim=16,
+    global_head_dim=16,
+    ffn_hidden_size=128,
+    n_inner=128,
+    d_ff=128,
+    ffn_dim=128,
+    max_seq_len=256,
+    seq_length=256,
+)
+# Per-architecture adjustments the generic shrinking cannot guess.
+SPECIAL: dict[str, dict[str, Any]] = {
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=SLIDING_WINDOW),
+}
+
+# Not text-only decoder-only LMs: listed in the coverage doc, not counted in the target.
+_OUT_OF_SCOPE = {
+    "encoder (BERT family) used as a decoder": (
+        "bert bert-generation big_bird camembert data2vec-text electra ernie megatron-bert rembert roberta "
+        "roberta-prelayernorm roc_bert roformer xlm xlm-roberta xlm-roberta-xl xmod"
+    ),
+    "decoder half of an encoder-decoder model": (
+        "bart bigbird_pegasus blenderbot blenderbot-small marian mbart mvp pegasus plbart prophetnet trocr whisper"
+    ),
+    "multimodal / audio model (config with vision or audio parts)": (
+        "fuyu git got_ocr2 gemma3 gemma3n gemma4 gemma4_unified mllama phi4_multimodal musicgen musicgen_melody "
+        "moshi qwen3_5 qwen3_5_moe qwen4_exp llama4"
+    ),
+}
+NOT_TEXT_DECODER: dict[str, str] = {t: why for why, types in _OUT_OF_SCOPE.items() for t in types.split()}
+NOT_TEXT_DECODER["xlnet"] = "permutation LM with two-stream attention, not a causal decoder"
+
+
+def causal_lm_types() -> dict[str, str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return dict(sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()))
+
+
+def tiny_config(model_type: str, **overrides: Any):
+    """The config class of ``model_type`` with tiny sizes, set only where the class has the field."""
+    from transformers import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    amap = dict(getattr(cls, "attribute_map", {}) or {})
+    defaults = cls()
+    want = {**BASE, **EXTRA, **SPECIAL.get(model_type, {}), **overrides}
+    kwargs = {}
+    for key, value in want.items():
+        name = key if key in fields else amap.get(key)
+        if name is None or name not in fields or name in kwargs:
+            continue
+        if key in EXTRA and getattr(defaults, name, None) is None and key not in SPECIAL.get(model_type, {}):
+            continue  # a family knob the family leaves off
+        kwargs[name] = value
+    sw = getattr(defaults, "sliding_window", None)
+    if "sliding_window" in fields and isinstance(sw, int) and sw > 0:
+        kwargs.setdefault("sliding_window", SLIDING_WINDOW)
+    cfg = cls(**kwargs)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(cfg, name, want[name])
+    cfg.architectures = [causal_lm_types()[model_type]]
+    return cfg
+
+
+def save_random_model(config: Any, out: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out)
+    config.save_pretrained(out)
+    return out
+
+
+def prompts(vocab: int, seed: int = 0) -> list[list[int]]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, n).tolist() for n in PROMPT_LENGTHS]
+
+
+def hf_greedy_ids(
+    path: Path, prompt_ids: list[list[int]], trust_remote_code: bool = False
+) -> list[list[int]]:
+    """transformers' greedy generate (eager attention, float32), one prompt at a time, eos suppressed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager", trust_remote_code=trust_remote_code
+    ).eval()
+    outs = []
+    for ids in prompt_ids:
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([ids]),
+                do_sample=False,
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                pad_token_id=0,
+            )
+        outs.append(out[0, len(ids) :].tolist())
+    return outs
+
+
+def jaxrt_greedy_ids(
+    path: Path, prompt_ids: list[list[int]], trust_remote_code: bool = False
+) -> list[list[int]]:
+    import jaxrt
+
+    with jaxrt.Engine(
+        model_path=str(path),
+        impl="transformers",
+        dtype="float32",
+        chunked_prefill_size=32,
+        max_running_requests=8,
+        num_pages=256,
+        context_length=128,
+        skip_tokenizer_init=True,
+        skip_warmup=True,
+        trust_remote_code=trust_remote_code,
+    ) as llm:
+        outs = llm.generate(
+            input_ids=prompt_ids,
+            sampling_params={"temperature": 0, "max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS},
+        )
+    return [o["output_ids"] for o in outs]
+
+
+def _short(e: BaseException) -> str:
+    from jaxrt.converters.fallback import FallbackError
+
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    kind = "FallbackError" if isinstance(e, FallbackError) else type(e).__name__
+    return f"{kind}: {msg[:300]}"
+
+
+def run_one(model_type: str, workdir: Path) -> dict[str, Any]:
+    """Build, generate both ways, compare. Returns ``{model_type, status, reason, seconds}``."""
+    t0 = time.perf_counter()
+    res: dict[str, Any] = {"model_type": model_type, "architecture": causal_lm_types()[model_type]}
+    path = workdir / model_type
+    stage = "config"
+    try:
+        cfg = tiny_config(model_type)
+        stage = "transformers"
+        save_random_model(cfg, path)
+        ids = prompts(VOCAB)
+        expected = hf_greedy_ids(path, ids)
+        stage = "jaxrt"
+        got = jaxrt_greedy_ids(path, ids)
+        if got == expected:
+            res.update(status="pass", reason="")
+        else:
+            diverge = [
+                next((i for i, (a, b) in enumerate(zip(g, e, strict=True)) if a != b), None)
+                for g, e in zip(got, expected, strict=True)
+            ]
+            res.update(status="fail", reason=f"tokens differ (first mismatch per prompt: {diverge})")
+    except Exception as e:  # noqa: BLE001 - every failure is a sweep result
+        from jaxrt.converters.fallback import FallbackError
+
+        status = "unsupported" if isinstance(e, FallbackError) and stage == "jaxrt" else f"error-{stage}"
+        res.update(status=status, reason=_short(e), traceback=traceback.format_exc(limit=-6))
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        gc.collect()
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    return res
+
+
+def render(results: list[dict[str, Any]]) -> str:
+    """docs/fallback_coverage.md from sweep results."""
+    import jax
+    import torch
+    import transformers
+
+    in_scope = [r for r in results if r["model_type"] not in NOT_TEXT_DECODER]
+    out_scope = [r for r in results if r["model_type"] in NOT_TEXT_DECODER]
+    passed = [r for r in in_scope if r["status"] == "pass"]
+    lines = [
+        "# Transformers fallback coverage",
+        "",
+        f"Sweep of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` (transformers {transformers.__version__}, torch "
+        f"{torch.__version__}, jax {jax.__version__}, CPU): each architecture built tiny from its config class "
+        f"(`tests/fallback/fallback_sweep.py`), random weights, greedy {NEW_TOKENS} tokens for {len(PROMPT_LENGTHS)} prompts "
+        f'of {", ".join(map(str, PROMPT_LENGTHS))} tokens through `jaxrt.Engine(impl="transformers")` '
+        "compared with transformers `generate` (eager attention, float32). Regenerate with "
+        "`python tests/fallback/fallback_sweep.py --out docs/fallback_coverage.md`.",
+        "",
+        f"**Text-only decoder architectures: {len(passed)} / {len(in_scope)} pass "
+        f"({100 * len(passed) / max(1, len(in_scope)):.0f}%).**",
+        "",
+    ]
+    groups = [
+        ("Passing", [r for r in in_scope if r["status"] == "pass"]),
+        ("Refused with a clear error (FallbackError)", [r for r in in_scope if r["status"] == "unsupported"]),
+        ("Failing", [r for r in in_scope if r["status"] not in ("pass", "unsupported")]),
+    ]
+    for title, rows in groups:
+        lines += [f"## {title} ({len(rows)})", ""]
+        if title == "Passing":
+            lines += [", ".join(f"`{r['model_type']}`" for r in rows), ""]
+            continue
+        lines += ["| model_type | class | status | why |", "|---|---|---|---|"]
+        for r in rows:
+            why = (r.get("note") or r["reason"]).replace("|", "\\|")
+            lines.append(f"| `{r['model_type']}` | {r['architecture']} | {r['status']} | {why} |")
+        lines.append("")
+    lines += [
+        f"## Not text-only decoders ({len(out_scope)}; not counted)",
+        "",
+        "| model_type | class | why out of scope | sweep result |",
+        "|---|---|---|---|",
+    ]
+    for r in out_scope:
+        lines.append(
+            f"| `{r['model_type']}` | {r['architecture']} | {NOT_TEXT_DECODER[r['model_type']]} | {r['status']} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+    import logging
+
+    logging.disable(logging.WARNING)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model_types", nargs="*")
+    ap.add_argument("--out", help="write the markdown report here")
+    ap.add_argument("--jsonl", default="/tmp/jaxrt_fallback_sweep.jsonl", help="results, one line per type")
+    ap.add_argument("--resume", action="store_true", help="skip types already in --jsonl")
+    args = ap.parse_args(argv)
+    types = args.model_types or list(causal_lm_types())
+    done: dict[str, dict] = {}
+    if args.resume and os.path.exists(args.jsonl):
+        with open(args.jsonl) as fh:
+            for line in fh:
+                r = json.loads(line)
+                done[r["model_type"]] = r
+    work = Path(tempfile.mkdtemp(prefix="jaxrt_sweep_"))
+    with open(args.jsonl, "a" if args.resume else "w") as fh:
+        for t in types:
+            if t in done:
+                continue
+            r = run_one(t, work)
+            done[t] = r
+            fh.write(json.dumps(r) + "\n")
+            fh.flush()
+            print(f"{t:28s} {r['status']:18s} {r['seconds']:6.1f}s {r['reason'][:150]}", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    results = [done[t] for t in causal_lm_types() if t in done]
+    if args.out:
+        Path(args.out).write_text(render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,172 @@
+"""The transformers fallback end to end: greedy parity with transformers through jaxrt.Engine, logits parity of
+the traced forward on a ragged paged batch, remote code, and clear errors for models it cannot run."""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_checkpoint, make_remote_code_checkpoint
+from fallback_sweep import NEW_TOKENS, hf_greedy_ids, prompts
+from jaxrt_testing import assert_no_leak
+
+import jaxrt
+from jaxrt.batch import build_batch
+from jaxrt.converters.fallback import FallbackError, build_fallback
+from jaxrt.converters.loader import load_hf_config
+from jaxrt.page_table import PageAllocator
+from jaxrt.request import Request
+from jaxrt.sampling_params import SamplingParams
+from jaxrt.scheduler import ScheduledRequest, SchedulerOutput
+
+ENGINE = dict(
+    impl="transformers",
+    dtype="float32",
+    chunked_prefill_size=32,
+    max_running_requests=8,
+    num_pages=256,
+    context_length=256,
+)
+GREEDY = {"temperature": 0, "max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
+
+
+def engine_greedy(path: str, ids: list[list[int]], **kwargs) -> tuple[list[list[int]], jaxrt.Engine]:
+    llm = jaxrt.Engine(model_path=path, **{**ENGINE, "skip_warmup": True, **kwargs})
+    outs = llm.generate(input_ids=ids, sampling_params=GREEDY)
+    return [o["output_ids"] for o in outs], llm
+
+
+# ============================================================================== logits of the traced forward
+
+
+def _forward_logits(path: str, prompt_ids: list[list[int]], chunks: int, page_size: int = 4) -> np.ndarray:
+    """Last-token logits of each prompt: all prompts in one ragged batch per step, prefill in ``chunks`` steps."""
+    cfg, forward, params = build_fallback(path, load_hf_config(path), "float32", "reference")
+    fwd = jax.jit(forward)
+    num_pages = 64
+    shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+    kv = [(jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.num_layers)]
+    alloc = PageAllocator(num_pages)
+    reqs = []
+    for i, ids in enumerate(prompt_ids):
+        r = Request(str(i), ids, SamplingParams(), seed=0)
+        r.page_ids = alloc.alloc(-(-len(ids) // page_size))
+        reqs.append(r)
+    logits = None
+    for c in range(chunks):
+        sched = SchedulerOutput()
+        for r in reqs:
+            n = len(r.prompt_token_ids)
+            lo, hi = n * c // chunks, n * (c + 1) // chunks
+            if hi > lo:
+                sched.scheduled.append(ScheduledRequest(r, lo, hi - lo, hi == n))
+        fb, _ = build_batch(
+            sched,
+            num_tokens=64,
+            num_seqs=4,
+            pages_per_seq=16,
+            page_size=page_size,
+            vocab_size=cfg.vocab_size,
+            history_len=1,
+            stop_ids={},
+        )
+        logits, kv = fwd(params, kv, fb)
+    return np.asarray(logits)[: len(prompt_ids)]
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_forward_logits_match_transformers(llama_dir, chunks):
+    """Several sequences in one flattened ragged batch, prefilled in one or three chunks through the KV pool."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = prompts(320)
+    ours = _forward_logits(llama_dir, ids, chunks)
+    ref = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32, attn_implementation="eager")
+    for i, p in enumerate(ids):
+        with torch.no_grad():
+            expected = ref(torch.tensor([p])).logits[0, -1].numpy()
+        np.testing.assert_allclose(ours[i], expected, atol=1e-4, rtol=1e-4)
+
+
+# ============================================================================== engine parity
+
+
+def test_llama_engine_greedy_text_radix_and_preemption(llama_dir, caplog):
+    """Llama through the fallback: text in/out, chunked prefill, radix reuse, preemption, no page leak."""
+    ids = prompts(320)
+    expected = hf_greedy_ids(llama_dir, ids)
+    with caplog.at_level(logging.INFO, logger="jaxrt"):
+        got, llm = engine_greedy(llama_dir, ids)
+    with llm:
+        assert got == expected
+        assert llm.get_model_info()["impl"] == "transformers"
+        again = llm.generate(input_ids=ids, sampling_params=GREEDY)
+        assert [o["output_ids"] for o in again] == expected
+        assert sum(o["meta_info"]["cached_tokens"] for o in again) > 0
+        prompt = "The capital of France is"
+        out = llm.generate(prompt, GREEDY)
+        assert out["output_ids"] == hf_greedy_ids(llama_dir, [llm.tokenizer.encode(prompt)])[0]
+        assert out["text"] == llm.tokenizer.decode(out["output_ids"])
+        assert_no_leak(llm)
+    # A pool too small for all requests at once: preempted requests recompute and still match.
+    got, llm = engine_greedy(llama_dir, ids, page_size=4, num_pages=20, context_length=64)
+    with llm:
+        assert got == expected
+        assert llm.scheduler.num_preemptions > 0
+        assert_no_leak(llm)
+
+
+@pytest.mark.parametrize("model_type, impl", [("qwen2", "transformers"), ("gpt2", "auto")])
+def test_engine_greedy_matches_transformers(tmp_path, model_type, impl, caplog):
+    """Qwen2 (biases, GQA) and GPT-2 (learned positions, Conv1D, tied embeddings) through the fallback.
+
+    impl="auto" routes an architecture without a native port to the fallback and logs the choice."""
+    from jaxrt.converters.loader import has_native
+
+    path = make_checkpoint(tmp_path / model_type, model_type)
+    arch = load_hf_config(path).architectures[0]
+    ids = prompts(320)
+    expected = hf_greedy_ids(path, ids)
+    with caplog.at_level(logging.INFO, logger="jaxrt"):
+        got, llm = engine_greedy(path, ids, impl=impl, skip_tokenizer_init=True)
+    with llm:
+        assert got == expected
+        chosen = llm.get_model_info()["impl"]
+        assert_no_leak(llm)
+    if impl == "auto":
+        assert chosen == ("native" if has_native(arch) else "transformers")
+        assert any(f"impl=auto chose {chosen} for {arch}" in r.getMessage() for r in caplog.records)
+    else:
+        assert chosen == "transformers"
+
+
+# ============================================================================== remote code and clear errors
+
+
+def test_remote_code_model_through_engine(remote_code_dir):
+    ids = prompts(320)
+    expected = hf_greedy_ids(remote_code_dir, ids, trust_remote_code=True)
+    got, llm = engine_greedy(remote_code_dir, ids, trust_remote_code=True)
+    with llm:
+        assert got == expected
+        assert llm.get_model_info()["architecture"] == "TinyDecForCausalLM"
+        text = llm.generate("Once upon a time", {"temperature": 0, "max_new_tokens": 4})["text"]
+        assert isinstance(text, str)
+
+
+@pytest.mark.parametrize(
+    "mode, message",
+    [
+        ("manual", "never called the attention interface"),
+        ("drop_kwargs", "do not pass **kwargs through to the attention interface"),
+    ],
+)
+def test_model_not_using_the_interface_is_refused_clearly(tmp_path, mode, message):
+    path = make_remote_code_checkpoint(tmp_path / mode, attention_mode=mode)
+    with pytest.raises(FallbackError) as e:
+        jaxrt.Engine(model_path=path, trust_remote_code=True, **ENGINE)
+    assert message in str(e.value)

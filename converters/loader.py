@@ -1,9 +1,15 @@
-"""From a checkpoint directory to an nnx (graphdef, state) pair ready for the jitted step."""
+"""From a checkpoint directory to an nnx (graphdef, state) pair ready for the jitted step.
+
+A checkpoint directory is one of: a transformers safetensors checkpoint, a directory holding one ``.gguf``
+file, or a jaxrt converted directory (``jaxrt convert``; Orbax params). Safetensors and GGUF checkpoints go
+through the automatic converted-params cache (``jaxrt.converters.checkpoint``) when it has an entry.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +17,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrt.config import ModelConfig
+from jaxrt.converters import checkpoint
 from jaxrt.converters.hf_config import model_config_from_hf
-from jaxrt.converters.weights import WEIGHT_MAPS, iter_tensors, load_weights
+from jaxrt.converters.weights import WEIGHT_MAPS, gguf_file, iter_tensors, load_weights
 from jaxrt.models import MODEL_REGISTRY, get_model_class
 
 logger = logging.getLogger(__name__)
+
+# How the last build_native_model got its params: "converted" | "cache" | "safetensors" | "gguf" (+ seconds).
+last_load_info: dict[str, Any] = {}
 
 
 def resolve_model_path(model_path: str) -> str:
@@ -39,6 +49,10 @@ def resolve_model_path(model_path: str) -> str:
 def load_hf_config(model_path: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig
 
+    if not checkpoint.is_converted(model_path) and not (Path(model_path) / "config.json").exists():
+        g = gguf_file(model_path)
+        if g is not None:
+            return AutoConfig.from_pretrained(str(g.parent), gguf_file=g.name)
     return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
 
 
@@ -49,14 +63,16 @@ def has_native(architecture: str) -> bool:
 def native_model_config(hf_config: Any) -> ModelConfig:
     cfg = model_config_from_hf(hf_config)
     if cfg.sliding_window is not None and cfg.sliding_window < cfg.max_position_embeddings:
-        logger.info("%s: sliding window %d handled by the attention kernel", cfg.architecture, cfg.sliding_window)
+        logger.info(
+            "%s: sliding window %d handled by the attention kernel", cfg.architecture, cfg.sliding_window
+        )
     return cfg
 
 
-def build_native_model(
-    cfg: ModelConfig, model_path: str | Path, dtype: str, attention_backend: str, interpret: bool = False
+def abstract_model(
+    cfg: ModelConfig, dtype: str, attention_backend: str, interpret: bool = False
 ) -> tuple[nnx.GraphDef, nnx.State]:
-    """Abstract-init the nnx model (no random weights materialised), then stream the checkpoint into it."""
+    """The model's graphdef and abstract state (shapes and dtypes only; nothing allocated)."""
     cls = get_model_class(cfg.architecture)
     jdtype = jnp.dtype(dtype)
     abstract = nnx.eval_shape(
@@ -64,9 +80,63 @@ def build_native_model(
             cfg, dtype=jdtype, rngs=nnx.Rngs(0), attention_backend=attention_backend, interpret=interpret
         )
     )
-    graphdef, abstract_state = nnx.split(abstract)
+    return nnx.split(abstract)
+
+
+def stream_weights(
+    cfg: ModelConfig, model_path: str | Path, abstract_state: nnx.State, dtype: jnp.dtype
+) -> nnx.State:
+    """Read a safetensors or GGUF checkpoint tensor by tensor into ``abstract_state``'s layout."""
+    if cfg.architecture not in WEIGHT_MAPS:
+        raise ValueError(f"no weight map for {cfg.architecture}")
     skip = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
-    state = load_weights(
-        abstract_state, iter_tensors(model_path), WEIGHT_MAPS[cfg.architecture], jdtype, skip
-    )
+    return load_weights(abstract_state, iter_tensors(model_path), WEIGHT_MAPS[cfg.architecture], dtype, skip)
+
+
+def load_params(
+    cfg: ModelConfig,
+    model_path: str | Path,
+    abstract_state: nnx.State,
+    dtype: str,
+    use_cache: bool | None = None,
+) -> nnx.State:
+    """Params for ``abstract_state``: from a converted directory, the automatic cache, or the checkpoint."""
+    t0 = time.perf_counter()
+    if checkpoint.is_converted(model_path):
+        state = checkpoint.restore_params(Path(model_path) / checkpoint.PARAMS_DIR, abstract_state)
+        last_load_info.update(source="converted", seconds=time.perf_counter() - t0)
+        return state
+    enabled = checkpoint.converted_cache_enabled() if use_cache is None else use_cache
+    key = checkpoint.cache_key(model_path, dtype, abstract_state) if enabled else None
+    entry = checkpoint.cache_lookup(key) if key else None
+    if entry is not None:
+        try:
+            state = checkpoint.restore_params(entry / checkpoint.PARAMS_DIR, abstract_state)
+            last_load_info.update(source="cache", seconds=time.perf_counter() - t0, entry=str(entry))
+            return state
+        except Exception as e:
+            logger.warning("ignoring unreadable converted-params cache entry %s: %s", entry, e)
+    state = stream_weights(cfg, model_path, abstract_state, jnp.dtype(dtype))
+    source = "gguf" if gguf_file(model_path) is not None else "safetensors"
+    last_load_info.update(source=source, seconds=time.perf_counter() - t0)
+    if key and (use_cache or checkpoint.should_auto_cache(model_path)):
+        checkpoint.cache_store(key, state, model_path, cfg.architecture, dtype)
+    return state
+
+
+def build_native_model(
+    cfg: ModelConfig,
+    model_path: str | Path,
+    dtype: str,
+    attention_backend: str,
+    interpret: bool = False,
+    use_cache: bool | None = None,
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """Abstract-init the nnx model (no random weights materialised), then load its params into it.
+
+    ``use_cache``: None follows ``JAXRT_CONVERTED_CACHE`` and the size policy of ``checkpoint``; True always
+    writes the cache entry; False neither reads nor writes it.
+    """
+    graphdef, abstract_state = abstract_model(cfg, dtype, attention_backend, interpret)
+    state = load_params(cfg, model_path, abstract_state, dtype, use_cache)
     return graphdef, state

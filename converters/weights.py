@@ -1,11 +1,17 @@
 """Declarative weight maps (transformers tensor name -> jaxrt param path) and the streaming loader.
 
-A family's map is a list of ``WeightRule(pattern, path, transform, sharding)``: ``pattern`` is a regex over the
-checkpoint's tensor name, ``path`` the nnx state path (``/``-separated, regex groups substituted), ``transform``
-one of ``None`` or ``"T"`` (transpose a torch ``[out, in]`` Linear weight into a Flax ``[in, out]`` kernel),
-and ``sharding`` the logical axes for tensor parallelism (``"tp"`` marks the sharded one).
-The loader streams tensor by tensor from safetensors (sharded checkpoints via their index file), so the
-checkpoint is never in memory twice, and reports missing and unexpected keys by name.
+A family's map is a list of ``WeightRule(pattern, path, transform, sharding, split)``: ``pattern`` is a regex
+over the checkpoint's tensor name, ``path`` the nnx state path (``/``-separated, regex groups substituted),
+``transform`` one of ``None`` or ``"T"`` (transpose a torch ``[out, in]`` Linear weight into a Flax
+``[in, out]`` kernel), ``sharding`` the logical axes for tensor parallelism (``"tp"`` marks the sharded one),
+and ``split`` the parts of a fused tensor (Phi-3's ``qkv_proj``, ``gate_up_proj``): ``{part}`` in ``path`` is
+replaced by each, and the tensor is cut along its last axis into pieces as wide as those params.
+
+The jaxrt modules name their parameters after transformers' modules, so most families share
+``DECODER_WEIGHT_MAP``; a name the model has no parameter for is reported, never silently dropped.
+The loader streams tensor by tensor (safetensors, sharded via the index file, or one GGUF file dequantized a
+tensor at a time), so the checkpoint is never in host memory twice; it reports missing and unexpected keys
+and shape mismatches by name.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
@@ -29,55 +36,29 @@ class WeightRule:
     path: str
     transform: str | None = None
     sharding: tuple[str | None, ...] = ()
+    split: tuple[str, ...] = ()
 
 
-LLAMA_WEIGHT_MAP: list[WeightRule] = [
+_L = r"model\.layers\.(\d+)"
+_P = r"model/layers/\1"
+
+DECODER_WEIGHT_MAP: list[WeightRule] = [
     WeightRule(r"model\.embed_tokens\.weight", "model/embed_tokens/embedding", None, ("tp", None)),
     WeightRule(
-        r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.weight",
-        r"model/layers/\1/self_attn/\2_proj/kernel",
-        "T",
-        (None, "tp"),
+        rf"{_L}\.self_attn\.([qkv])_proj\.weight", rf"{_P}/self_attn/\2_proj/kernel", "T", (None, "tp")
     ),
+    WeightRule(rf"{_L}\.self_attn\.([qkv])_proj\.bias", rf"{_P}/self_attn/\2_proj/bias", None, ("tp",)),
+    WeightRule(rf"{_L}\.self_attn\.o_proj\.weight", rf"{_P}/self_attn/o_proj/kernel", "T", ("tp", None)),
+    WeightRule(rf"{_L}\.self_attn\.o_proj\.bias", rf"{_P}/self_attn/o_proj/bias", None, (None,)),
+    WeightRule(rf"{_L}\.self_attn\.([qk])_norm\.weight", rf"{_P}/self_attn/\2_norm/weight", None, (None,)),
+    WeightRule(rf"{_L}\.mlp\.(gate|up)_proj\.weight", rf"{_P}/mlp/\2_proj/kernel", "T", (None, "tp")),
+    WeightRule(rf"{_L}\.mlp\.(gate|up)_proj\.bias", rf"{_P}/mlp/\2_proj/bias", None, ("tp",)),
+    WeightRule(rf"{_L}\.mlp\.down_proj\.weight", rf"{_P}/mlp/down_proj/kernel", "T", ("tp", None)),
+    WeightRule(rf"{_L}\.mlp\.down_proj\.bias", rf"{_P}/mlp/down_proj/bias", None, (None,)),
     WeightRule(
-        r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.bias",
-        r"model/layers/\1/self_attn/\2_proj/bias",
-        None,
-        ("tp",),
-    ),
-    WeightRule(
-        r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight",
-        r"model/layers/\1/self_attn/o_proj/kernel",
-        "T",
-        ("tp", None),
-    ),
-    WeightRule(
-        r"model\.layers\.(\d+)\.self_attn\.o_proj\.bias",
-        r"model/layers/\1/self_attn/o_proj/bias",
-        None,
-        (None,),
-    ),
-    WeightRule(
-        r"model\.layers\.(\d+)\.mlp\.(gate|up)_proj\.weight",
-        r"model/layers/\1/mlp/\2_proj/kernel",
-        "T",
-        (None, "tp"),
-    ),
-    WeightRule(
-        r"model\.layers\.(\d+)\.mlp\.(gate|up)_proj\.bias", r"model/layers/\1/mlp/\2_proj/bias", None, ("tp",)
-    ),
-    WeightRule(
-        r"model\.layers\.(\d+)\.mlp\.down_proj\.weight",
-        r"model/layers/\1/mlp/down_proj/kernel",
-        "T",
-        ("tp", None),
-    ),
-    WeightRule(
-        r"model\.layers\.(\d+)\.mlp\.down_proj\.bias", r"model/layers/\1/mlp/down_proj/bias", None, (None,)
-    ),
-    WeightRule(
-        r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
-        r"model/layers/\1/\2/weight",
+        rf"{_L}\.(input_layernorm|post_attention_layernorm|pre_feedforward_layernorm|post_feedforward_layernorm)"
+        r"\.weight",
+        rf"{_P}/\2/weight",
         None,
         (None,),
     ),
@@ -85,9 +66,37 @@ LLAMA_WEIGHT_MAP: list[WeightRule] = [
     WeightRule(r"lm_head\.weight", "lm_head/kernel", "T", (None, "tp")),
 ]
 
+LLAMA_WEIGHT_MAP = DECODER_WEIGHT_MAP
+
+PHI3_WEIGHT_MAP: list[WeightRule] = [
+    WeightRule(
+        rf"{_L}\.self_attn\.qkv_proj\.weight",
+        rf"{_P}/self_attn/{{part}}_proj/kernel",
+        "T",
+        (None, "tp"),
+        split=("q", "k", "v"),
+    ),
+    WeightRule(
+        rf"{_L}\.mlp\.gate_up_proj\.weight",
+        rf"{_P}/mlp/{{part}}_proj/kernel",
+        "T",
+        (None, "tp"),
+        ("gate", "up"),
+    ),
+    *DECODER_WEIGHT_MAP,
+]
+
 WEIGHT_MAPS: dict[str, list[WeightRule]] = {
-    "LlamaForCausalLM": LLAMA_WEIGHT_MAP,
-    "MistralForCausalLM": LLAMA_WEIGHT_MAP,
+    "LlamaForCausalLM": DECODER_WEIGHT_MAP,
+    "MistralForCausalLM": DECODER_WEIGHT_MAP,
+    "GraniteForCausalLM": DECODER_WEIGHT_MAP,
+    "Qwen2ForCausalLM": DECODER_WEIGHT_MAP,
+    "Qwen3ForCausalLM": DECODER_WEIGHT_MAP,
+    "GemmaForCausalLM": DECODER_WEIGHT_MAP,
+    "Gemma2ForCausalLM": DECODER_WEIGHT_MAP,
+    "Gemma3ForCausalLM": DECODER_WEIGHT_MAP,
+    "Olmo2ForCausalLM": DECODER_WEIGHT_MAP,
+    "Phi3ForCausalLM": PHI3_WEIGHT_MAP,
 }
 
 # Tensors some checkpoints carry that no jaxrt model needs.
@@ -98,6 +107,20 @@ class WeightLoadError(ValueError):
     pass
 
 
+# ------------------------------------------------------------------------------------------ checkpoint files
+
+
+def gguf_file(model_dir: str | Path) -> Path | None:
+    """The one ``*.gguf`` of a checkpoint directory without safetensors, else None."""
+    d = Path(model_dir)
+    if any(d.glob("*.safetensors")):
+        return None
+    files = sorted(d.glob("*.gguf"))
+    if len(files) > 1:
+        raise WeightLoadError(f"{d} holds several GGUF files ({', '.join(f.name for f in files)}); keep one")
+    return files[0] if files else None
+
+
 def safetensors_files(model_dir: str | Path) -> list[Path]:
     d = Path(model_dir)
     index = d / "model.safetensors.index.json"
@@ -106,16 +129,70 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
         return [d / f for f in sorted(set(weight_map.values()))]
     files = sorted(d.glob("*.safetensors"))
     if not files:
-        raise WeightLoadError(f"no *.safetensors files in {d}")
+        raise WeightLoadError(f"no *.safetensors (or single *.gguf) files in {d}")
     return files
 
 
-def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, jax.Array]]:
-    """Yield (name, array) one tensor at a time, as jax arrays (bf16 kept as bf16)."""
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    """The weight files of a checkpoint directory (safetensors shards, or its GGUF file)."""
+    g = gguf_file(model_dir)
+    return [g] if g is not None else safetensors_files(model_dir)
+
+
+def iter_safetensors(model_dir: str | Path) -> Iterator[tuple[str, jax.Array]]:
     for f in safetensors_files(model_dir):
         with safe_open(str(f), framework="flax") as fh:
             for name in fh.keys():  # noqa: SIM118 - safe_open is not a dict
                 yield name, fh.get_tensor(name)
+
+
+def iter_gguf(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Dequantize a GGUF file one tensor at a time, under transformers' tensor names.
+
+    Uses transformers' GGUF support for the metadata, the GGUF -> transformers name map (built from the
+    transformers model on the meta device, so no weights are allocated) and the per-architecture fix-ups
+    (Llama's q/k permutation, Gemma's norm offset).
+    """
+    import torch
+    from gguf import GGUFReader, dequantize
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+        read_field,
+    )
+
+    path = Path(path)
+    parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+    hf_config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    with torch.device("meta"):
+        meta_model = AutoModelForCausalLM.from_config(hf_config)
+    reader = GGUFReader(str(path))
+    architecture = read_field(reader, "general.architecture")[0]
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
+    name_map = get_gguf_hf_weights_map(meta_model, processor)
+    del meta_model
+    for tensor in reader.tensors:
+        weights = dequantize(tensor.data, tensor.tensor_type)
+        result = processor.process(
+            weights=weights, name=tensor.name, tensor_key_mapping=name_map, parsed_parameters=parsed
+        )
+        if result.name in name_map:
+            yield name_map[result.name], np.asarray(result.weights)
+
+
+def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, Any]]:
+    """Yield (transformers name, array) one tensor at a time (bf16 kept as bf16 for safetensors)."""
+    g = gguf_file(model_dir)
+    if g is not None:
+        yield from iter_gguf(g)
+    else:
+        yield from iter_safetensors(model_dir)
+
+
+# ---------------------------------------------------------------------------------------------- mapping
 
 
 def _path_key(path: str) -> tuple[Any, ...]:
@@ -123,15 +200,20 @@ def _path_key(path: str) -> tuple[Any, ...]:
 
 
 def map_name(rules: list[WeightRule], name: str) -> tuple[tuple[Any, ...], WeightRule] | None:
+    """(param key, rule) of a tensor name; a split rule's key still contains ``{part}``."""
     for rule in rules:
         if re.fullmatch(rule.pattern, name):
             return _path_key(re.sub(rule.pattern, rule.path, name)), rule
     return None
 
 
+def _part_key(key: tuple[Any, ...], part: str) -> tuple[Any, ...]:
+    return tuple(k.replace("{part}", part) if isinstance(k, str) else k for k in key)
+
+
 def load_weights(
     abstract_state: nnx.State,
-    tensors: Iterator[tuple[str, jax.Array]],
+    tensors: Iterator[tuple[str, Any]],
     rules: list[WeightRule],
     dtype: jnp.dtype,
     skip: tuple[str, ...] = (),
@@ -141,27 +223,44 @@ def load_weights(
     Raises WeightLoadError naming every missing or unexpected tensor and every shape mismatch.
     """
     flat = dict(nnx.to_flat_state(abstract_state))
-    wanted = {k: v for k, v in flat.items()}
+    wanted = dict(flat)
     loaded: dict[tuple[Any, ...], jax.Array] = {}
     unexpected, mismatched = [], []
+
+    def shape_of(key: tuple[Any, ...]) -> tuple[int, ...]:
+        return tuple(wanted[key].get_value().shape)
+
     for name, tensor in tensors:
         if any(p.fullmatch(name) for p in IGNORED) or name in skip:
             continue
         hit = map_name(rules, name)
-        if hit is None or hit[0] not in wanted:
+        if hit is None:
             unexpected.append(name)
             continue
         key, rule = hit
+        keys = [_part_key(key, p) for p in rule.split] if rule.split else [key]
+        if any(k not in wanted for k in keys):
+            unexpected.append(name)
+            continue
         arr = jnp.asarray(tensor)
         if rule.transform == "T":
             arr = arr.T
-        target = wanted[key]
-        if tuple(arr.shape) != tuple(target.get_value().shape):
-            mismatched.append(
-                f"{name}: checkpoint {tuple(arr.shape)} vs model {tuple(target.get_value().shape)}"
-            )
-            continue
-        loaded[key] = arr.astype(dtype)
+        if rule.split:
+            widths = [shape_of(k)[-1] for k in keys]
+            if sum(widths) != arr.shape[-1]:
+                mismatched.append(
+                    f"{name}: checkpoint {tuple(arr.shape)} vs parts {[shape_of(k) for k in keys]}"
+                )
+                continue
+            pieces = jnp.split(arr, np.cumsum(widths)[:-1].tolist(), axis=-1)
+        else:
+            pieces = [arr]
+        for k, piece in zip(keys, pieces, strict=True):
+            if tuple(piece.shape) != shape_of(k):
+                mismatched.append(f"{name}: checkpoint {tuple(piece.shape)} vs model {shape_of(k)}")
+                continue
+            loaded[k] = piece.astype(dtype)
+        del arr, pieces
     missing = ["/".join(map(str, k)) for k in wanted if k not in loaded]
     problems = []
     if missing:

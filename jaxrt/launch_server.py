@@ -1,0 +1,164 @@
+"""HTTP server entry point: ``python -m jaxrt.launch_server --model-path PATH`` (also ``jaxrt serve``).
+
+The socket comes up first; the engine loads and compiles in a background thread (``/health`` is 503 until
+then). SIGTERM/SIGINT stop new work (503), let running requests finish within ``--shutdown-timeout``
+seconds, shut the engine down and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from typing import Any
+
+from jaxrt.cli import add_engine_args, engine_kwargs
+
+logger = logging.getLogger("jaxrt.server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jaxrt.launch_server",
+        description="Serve a causal LM over HTTP (SGLang + OpenAI APIs).",
+    )
+    add_engine_args(p)
+    p.add_argument(
+        "--served-model-name", default=None, help="model id in /v1/models (default: the path's name)"
+    )
+    p.add_argument("--chat-template", default=None, help="a Jinja chat template file, or the template itself")
+    p.add_argument(
+        "--api-key", default=os.environ.get("JAXRT_API_KEY"), help="require 'Authorization: Bearer KEY'"
+    )
+    p.add_argument(
+        "--max-queued-requests", type=int, default=None, help="answer 503 when more would wait in the queue"
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds running requests get to finish on SIGTERM",
+    )
+    p.add_argument("--skip-server-warmup", action="store_true", help="do not precompile before serving")
+    return p
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """``--chat-template``: a file path, or the template text itself."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"--chat-template: {value!r} is neither a file nor a Jinja template")
+
+
+def build_state(args: argparse.Namespace):
+    from jaxrt.server.state import ServerState
+
+    kwargs: dict[str, Any] = {
+        **engine_kwargs(args),
+        "served_model_name": args.served_model_name,
+        "chat_template": read_chat_template(args.chat_template),
+        "skip_warmup": args.skip_server_warmup,
+    }
+
+    def factory():
+        from jaxrt.engine import Engine
+
+        return Engine(**kwargs)
+
+    shown = {k: v for k, v in vars(args).items() if k != "api_key"}
+    return ServerState(
+        factory,
+        api_key=args.api_key,
+        max_queued_requests=args.max_queued_requests,
+        args={"server_args": shown},
+    )
+
+
+def make_server(app, host: str, port: int, log_level: str, shutdown_timeout: float, state):
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        """uvicorn, plus: a signal marks the server draining (503s) and does not re-raise after shutdown."""
+
+        def handle_exit(self, sig, frame) -> None:
+            state.draining = True
+            super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            sigs = (signal.SIGINT, signal.SIGTERM)
+            original = {s: signal.signal(s, self.handle_exit) for s in sigs}
+            try:
+                yield
+            finally:
+                for s, h in original.items():
+                    signal.signal(s, h)
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level.lower(),
+        timeout_graceful_shutdown=shutdown_timeout,
+        timeout_keep_alive=5,
+        lifespan="on",
+    )
+    return _Server(config)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        state = build_state(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from jaxrt.server.app import create_app
+
+    app = create_app(state)
+    server = make_server(app, args.host, args.port, args.log_level, args.shutdown_timeout, state)
+
+    def on_load_failure(e: BaseException) -> None:
+        server.should_exit = True
+
+    state.on_load_failure = on_load_failure
+    try:
+        sock = bind_socket(args.host, args.port)
+    except OSError as e:
+        print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 1
+    print(f"jaxrt server listening on http://{args.host}:{sock.getsockname()[1]}", flush=True)
+    server.run(sockets=[sock])
+    return 1 if state.load_error is not None else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""The OpenAI API through the official ``openai`` client (and raw SSE where the shape matters)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import sse_events
+
+
+def test_models(oai, model_name, server):
+    models = oai.models.list()
+    assert [m.id for m in models.data] == [model_name]
+    card = oai.models.retrieve(model_name)
+    assert card.id == model_name and card.max_model_len == 512
+
+
+def test_completion_prompt_forms_and_usage(oai, model_name, server):
+    tok = server.engine.tokenizer
+    r = oai.completions.create(model=model_name, prompt="Hello world", max_tokens=6, temperature=0)
+    assert r.object == "text_completion" and len(r.choices) == 1
+    assert r.usage.prompt_tokens == len(tok.encode("Hello world"))
+    assert r.usage.completion_tokens <= 6
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.choices[0].finish_reason in ("length", "stop")
+    ref = server.engine.generate("Hello world", {"temperature": 0, "max_new_tokens": 6})
+    assert r.choices[0].text == ref["text"]
+
+    ids = tok.encode("Hello world")
+    by_ids = oai.completions.create(model=model_name, prompt=ids, max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == r.choices[0].text
+    batch = oai.completions.create(
+        model=model_name, prompt=["Hello world", "Bye"], max_tokens=6, temperature=0, n=2
+    )
+    assert len(batch.choices) == 4 and [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert batch.choices[0].text == r.choices[0].text == batch.choices[1].text
+    assert batch.usage.prompt_tokens == len(ids) + len(tok.encode("Bye"))
+    ids_batch = oai.completions.create(model=model_name, prompt=[ids, ids[:1]], max_tokens=2, temperature=0)
+    assert len(ids_batch.choices) == 2
+    echo = oai.completions.create(
+        model=model_name, prompt="Echo this", max_tokens=3, temperature=0, echo=True
+    )
+    assert echo.choices[0].text.startswith("Echo this")
+
+
+def test_completion_stop_seed_and_max_tokens(oai, model_name):
+    base = oai.completions.create(
+        model=model_name, prompt="Count:", max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+    )
+    text = base.choices[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = text[: text.index(stop)]
+    r = oai.completions.create(
+        model=model_name,
+        prompt="Count:",
+        max_tokens=24,
+        temperature=0,
+        stop=[stop],
+        extra_body={"ignore_eos": True},
+    )
+    assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
+    kept = oai.completions.create(
+        model=model_name,
+        prompt="Count:",
+        max_tokens=24,
+        temperature=0,
+        stop=stop,
+        extra_body={"ignore_eos": True, "include_stop_str_in_output": True},
+    )
+    assert kept.choices[0].text == cut + stop
+
+    kw = dict(model=model_name, prompt="Seeded", max_tokens=8, temperature=1.0)
+    a = oai.completions.create(seed=7, **kw)
+    b = oai.completions.create(seed=7, **kw)
+    assert a.choices[0].text == b.choices[0].text
+    three = oai.completions.create(seed=42, n=3, **kw)
+    assert len({c.text for c in three.choices}) == 3
+
+    exact = oai.completions.create(
+        model=model_name, prompt="x", max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert exact.usage.completion_tokens == 5 and exact.choices[0].finish_reason == "length"
+
+
+def test_completion_logprobs(oai, model_name):
+    r = oai.completions.create(model=model_name, prompt="Log", max_tokens=4, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    n = r.usage.completion_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
+    assert all(3 <= len(d) <= 4 for d in lp.top_logprobs)
+    assert all(x <= 0 for x in lp.token_logprobs)
+    assert "".join(lp.tokens) == r.choices[0].text
+    zero = oai.completions.create(model=model_name, prompt="Log", max_tokens=2, temperature=0, logprobs=0)
+    assert all(len(d) == 1 for d in zero.choices[0].logprobs.top_logprobs)
+
+
+def test_chat_non_stream_and_extra_sampling_keys(oai, model_name, server):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
+    r = oai.chat.completions.create(model=model_name, messages=msgs, max_tokens=8, temperature=0)
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant"
+    ids = server.engine.tokenizer.apply_chat_template(msgs)
+    assert r.usage.prompt_tokens == len(ids)
+    ref = server.engine.generate(input_ids=ids, sampling_params={"temperature": 0, "max_new_tokens": 8})
+    assert r.choices[0].message.content == ref["text"]
+    capped = oai.chat.completions.create(
+        model=model_name,
+        messages=msgs,
+        max_completion_tokens=3,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert capped.usage.completion_tokens == 3 and capped.choices[0].finish_reason == "length"
+    extra = oai.chat.completions.create(
+        model=model_name,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Say hi"}]}],
+        max_tokens=6,
+        temperature=0.8,
+        top_p=0.9,
+        seed=1,
+        frequency_penalty=0.5,
+        presence_penalty=0.2,
+        user="someone",
+        extra_body={
+            "top_k": 20,
+            "min_p": 0.05,
+            "repetition_penalty": 1.1,
+            "min_tokens": 6,
+            "ignore_eos": False,
+            "unknown_field": 1,
+            "stop_token_ids": [5],
+        },
+    )
+    assert extra.usage.completion_tokens == 6
+
+
+def test_chat_logprobs(oai, model_name):
+    r = oai.chat.completions.create(
+        model=model_name,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert all(
+        len(c.top_logprobs) == 2 and c.logprob <= 0 and c.bytes == list(c.token.encode()) for c in content
+    )
+    assert content[0].top_logprobs[0].logprob >= content[0].top_logprobs[1].logprob
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_chat_stream_shape_and_equality(oai, model_name, n):
+    msgs = [{"role": "user", "content": "Tell me a story"}]
+    whole = oai.chat.completions.create(model=model_name, messages=msgs, max_tokens=16, temperature=0)
+    stream = oai.chat.completions.create(
+        model=model_name,
+        messages=msgs,
+        max_tokens=16,
+        temperature=0,
+        n=n,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    texts = {i: "" for i in range(n)}
+    first_seen: set[int] = set()
+    finishes = {i: 0 for i in range(n)}
+    for c in chunks[:-1]:
+        assert c.object == "chat.completion.chunk" and c.usage is None and len(c.choices) == 1
+        ch = c.choices[0]
+        if ch.index not in first_seen:
+            assert ch.delta.role == "assistant"
+            first_seen.add(ch.index)
+        texts[ch.index] += ch.delta.content or ""
+        finishes[ch.index] += ch.finish_reason is not None
+    assert finishes == {i: 1 for i in range(n)}
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == [] and usage_chunk.usage.prompt_tokens == whole.usage.prompt_tokens
+    assert usage_chunk.usage.completion_tokens == n * whole.usage.completion_tokens
+    for i in range(n):
+        assert texts[i] == whole.choices[0].message.content
+
+
+def test_completion_stream_raw_sse(http, model_name):
+    body = {
+        "model": model_name,
+        "prompt": "Streaming test",
+        "max_tokens": 12,
+        "temperature": 0,
+        "logprobs": 2,
+    }
+    whole = http.post("/v1/completions", json=body).json()
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert sum(c["choices"][0]["finish_reason"] is not None for c in chunks) == 1
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    tokens = [t for c in chunks for t in (c["choices"][0]["logprobs"] or {}).get("tokens", [])]
+    assert tokens == whole["choices"][0]["logprobs"]["tokens"]
+    assert "usage" not in chunks[0]  # only with stream_options.include_usage

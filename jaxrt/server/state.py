@@ -200,6 +200,8 @@ class ServerState:
         except ClientDisconnected:
             self.metrics.count_abort(num_seqs)
             raise
+        except RuntimeError as e:
+            raise _engine_error(e) from e
         finally:
             self._unregister(a)
         results = out if isinstance(out, list) else [out]
@@ -218,6 +220,9 @@ class ServerState:
         ss = StreamSet(self, a)
         try:
             await until_disconnect(request, ss.prime())
+        except RuntimeError as e:
+            ss.close()
+            raise _engine_error(e) from e
         except BaseException:
             ss.close()
             raise
@@ -338,6 +343,13 @@ async def until_disconnect(request: Request, aw) -> Any:
             await task  # let the cancellation run its abort
         raise ClientDisconnected("the client disconnected; request aborted")
     return task.result()  # cancelled by /abort_request: raises CancelledError
+
+
+def _engine_error(e: RuntimeError) -> Exception:
+    """The engine refusing work while it stops is a 503; anything else stays a real fault (500)."""
+    if "shutting down" in str(e) or "shut down" in str(e):
+        return APIError(503, "The server is shutting down.", headers={"Retry-After": "5"})
+    return e
 
 
 def _aborted_result(rid, i: int) -> dict[str, Any]:

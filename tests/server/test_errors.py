@@ -206,3 +206,13 @@ def test_503_while_loading_then_failed_load():
     finally:
         gate.set()
         live.stop()
+
+
+def test_engine_refusals_map_to_status():
+    from jaxrt.server.protocol import APIError
+    from jaxrt.server.state import _engine_error
+
+    e = _engine_error(RuntimeError("the engine is shutting down"))
+    assert isinstance(e, APIError) and e.status == 503 and e.headers["Retry-After"]
+    died = RuntimeError("the engine loop died")
+    assert _engine_error(died) is died  # a real fault: the catch-all answers 500

@@ -151,6 +151,17 @@ def run_check(args, interpret=False):
                 jargs,
             )
         )
+        if "prefetch" in VARIANTS:
+            pf = dataclasses.replace(pallas_gpu.config_for(b.q, b.k_pages, b.page_indices), prefetch=True)
+            jobs.append(
+                (
+                    ("kpf", ci),
+                    functools.partial(
+                        pallas_gpu.ragged_paged_attention_gpu, interpret=interpret, config=pf, **kw
+                    ),
+                    jargs,
+                )
+            )
         # The jnp reference multiplies masked-out V rows by zero, so NaN poison would reach it: give it the
         # same batch with the poison replaced by zeros (the oracle never reads those entries).
         clean = tuple(jnp.asarray(x) for x in b.clean_args())
@@ -160,44 +171,55 @@ def run_check(args, interpret=False):
     compiled = compile_many(jobs, args.threads)
     log(f"# compiled {len(jobs)} programs in {time.time() - t0:.1f}s")
     rows, n_fail = [], 0
+    ref_args = {key: args_ for key, _, args_ in jobs if key[0] == "r"}
+
+    def evaluate(kern, b, jargs, want, tol):
+        if isinstance(kern, Exception):
+            return "FAIL", float("nan"), "compile: " + short_err(kern)
+        try:
+            out = np.asarray(jax.block_until_ready(kern(*jargs)), np.float64)
+        except Exception as e:  # noqa: BLE001
+            return "FAIL", float("nan"), "run: " + short_err(e)
+        n_real = b.num_real_tokens
+        err = rel_err(out[:n_real], want[:n_real])
+        if not np.all(np.isfinite(out)):
+            return "FAIL", err, "non-finite output"
+        if not np.all(out[n_real:] == 0):
+            return "FAIL", err, "padding rows not zero"
+        if not err < tol:
+            return "FAIL", err, f"error {err:.2e} > {tol:.0e}"
+        return "PASS", err, ""
+
     for ci, c in enumerate(cases):
         b = batches[ci]
         jargs = tuple(jnp.asarray(x) for x in b.args())
         want = oracle(b, **refs[ci])
         tol = 2e-2 if c["dtype"] == "bf16" else 1e-4
-        status, err, ref_err, note = "PASS", float("nan"), float("nan"), ""
-        kern = compiled[("k", ci)]
-        if isinstance(kern, Exception):
-            status, note = "FAIL", "compile: " + short_err(kern)
-        else:
-            try:
-                out = np.asarray(jax.block_until_ready(kern(*jargs)), np.float64)
-                n_real = b.num_real_tokens
-                err = rel_err(out[:n_real], want[:n_real])
-                pad_ok = bool(np.all(out[n_real:] == 0))
-                if not np.all(np.isfinite(out)):
-                    status, note = "FAIL", "non-finite output"
-                elif not pad_ok:
-                    status, note = "FAIL", "padding rows not zero"
-                elif not err < tol:
-                    status, note = "FAIL", f"error {err:.2e} > {tol:.0e}"
-            except Exception as e:  # noqa: BLE001
-                status, note = "FAIL", "run: " + short_err(e)
+        status, err, note = evaluate(compiled[("k", ci)], b, jargs, want, tol)
+        row = dict(c, status=status, err=err, note=note, ref_err=float("nan"))
+        if ("kpf", ci) in compiled:
+            st2, err2, note2 = evaluate(compiled[("kpf", ci)], b, jargs, want, tol)
+            row.update(status_pf=st2, err_pf=err2, note_pf=note2)
+            if st2 != "PASS":
+                status = "FAIL"
         ref = compiled[("r", ci)]
         if not isinstance(ref, Exception):
-            r = np.asarray(jax.block_until_ready(ref(*jobs[2 * ci + 1][2])), np.float64)
-            ref_err = rel_err(r, want)
+            r = np.asarray(jax.block_until_ready(ref(*ref_args[("r", ci)])), np.float64)
+            row["ref_err"] = rel_err(r, want)
         n_fail += status != "PASS"
-        rows.append(dict(c, status=status, err=err, ref_err=ref_err, note=note))
+        row["all"] = status
+        rows.append(row)
     log("")
     log(
-        "| kind | head_dim | page | dtype | Hq/Hkv | window | soft_cap | status | rel err (kernel) | rel err (jnp ref) | note |"
+        "| kind | head_dim | page | dtype | Hq/Hkv | window | soft_cap | default tiling | rel err | "
+        "prefetch tiling | rel err | jnp ref rel err | note |"
     )
-    log("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    log("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         log(
             f"| {r['kind']} | {r['d']} | {r['page']} | {r['dtype']} | {r['hq']}/{r['hkv']} | {r['window']} | "
-            f"{r['soft_cap']} | {r['status']} | {r['err']:.2e} | {r['ref_err']:.2e} | {r['note']} |"
+            f"{r['soft_cap']} | {r['status']} | {r['err']:.2e} | {r.get('status_pf', '-')} | "
+            f"{r.get('err_pf', float('nan')):.2e} | {r['ref_err']:.2e} | {r['note']} {r.get('note_pf', '')} |"
         )
     log(f"# check: {len(rows) - n_fail}/{len(rows)} PASS")
     return rows, n_fail
@@ -240,7 +262,7 @@ def loop_fn(fn, iters):
 
 TIMER = "cupti"  # --timer
 KERNEL_TIMES: dict = {}  # key -> seconds of the main kernel alone (CUPTI only)
-MAIN_KERNEL = {"pallas": "jaxrt_rpa", "jax_paged": "paged_attention"}
+MAIN_KERNEL = {"pallas": "jaxrt_rpa", "pallas_pf": "jaxrt_rpa", "jax_paged": "paged_attention"}
 
 
 def _cupti_times(compiled, args, iterations, main):
@@ -326,6 +348,7 @@ def kv_bytes(b, ctx, hkv, d, dtype):
 
 
 INTERPRET = False  # --interpret: dry-run the benchmark code paths on CPU
+VARIANTS = ("default",)  # --variants: also measure/check GpuConfig(prefetch=True) on top of the default
 
 
 def pallas_fn(sm_scale, config=None):
@@ -417,6 +440,9 @@ def run_decode(args, grid, shapes, tune_points=()):
                 itemsize=jnp.dtype(dtype).itemsize,
             )
             jobs = [("pallas", pallas_fn(sm), q, ins[1:], it)]
+            if "prefetch" in VARIANTS:
+                pf = dataclasses.replace(cfg, prefetch=True)
+                jobs.append(("pallas_pf", pallas_fn(sm, pf), q, ins[1:], it))
             baselines = args.baselines.split(",") if args.baselines else []
             if "jax_paged" in baselines:
                 k_hm = jnp.transpose(k_pages, (2, 0, 1, 3))
@@ -434,6 +460,7 @@ def run_decode(args, grid, shapes, tune_points=()):
             res = measure(jobs, args.threads, args.repeats)
             row = dict(shape=shape, b=b, ctx=ctx, bytes=nbytes, config=dataclasses.asdict(cfg))
             row["pallas_kernel"] = KERNEL_TIMES.pop("pallas", None)
+            row["pallas_pf_kernel"] = KERNEL_TIMES.pop("pallas_pf", None)
             for k_, v_ in res.items():
                 if isinstance(k_, tuple):
                     continue
@@ -500,8 +527,9 @@ def cfg_str(c):
 def decode_header():
     return (
         "| shape | batch | context | KV MB | pallas µs | GB/s | % of 3.19 TB/s | pallas kernel only µs (%) | "
-        "jax paged µs (%) | XLA dense µs (%) | XLA reference µs | pallas config | best tuned µs (%) config |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "pallas+prefetch µs (%) | jax paged µs (%) | XLA dense µs (%) | XLA reference µs | pallas config | "
+        "best tuned µs (%) config |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
 
 
@@ -516,7 +544,8 @@ def decode_row(r):
 
     return (
         f"| {r['shape']} | {r['b']} | {r['ctx']} | {nb / 1e6:.1f} | {fmt_t(t)} | {gbs(nb, t):.0f} | {pct(nb, t)} | "
-        f"{tp(r.get('pallas_kernel'))} | {tp(r.get('jax_paged'))} | {tp(r.get('xla_dense'))} | "
+        f"{tp(r.get('pallas_kernel'))} | {tp(r.get('pallas_pf'))} | {tp(r.get('jax_paged'))} | "
+        f"{tp(r.get('xla_dense'))} | "
         f"{fmt_t(r.get('xla_reference'))} | {cfg_str(r['config'])} | {best} |"
     )
 
@@ -649,6 +678,10 @@ def run_prefill(args, cases, shapes, tune_points=()):
                 itemsize=jnp.dtype(dtype).itemsize,
             )
             jobs = [("pallas", pallas_fn(sm), q, ins[1:], it)]
+            if "prefetch" in VARIANTS:
+                jobs.append(
+                    ("pallas_pf", pallas_fn(sm, dataclasses.replace(cfg, prefetch=True)), q, ins[1:], it)
+                )
             pt = ins[4][:n_seq]
             kd = ins[1][pt].reshape(n_seq, -1, hkv, d)[:, :kv_len]
             vd = ins[2][pt].reshape(n_seq, -1, hkv, d)[:, :kv_len]
@@ -664,6 +697,7 @@ def run_prefill(args, cases, shapes, tune_points=()):
             res = measure(jobs, args.threads, args.repeats)
             row = dict(
                 pallas_kernel=KERNEL_TIMES.pop("pallas", None),
+                pallas_pf_kernel=KERNEL_TIMES.pop("pallas_pf", None),
                 shape=shape,
                 n_seq=n_seq,
                 q_len=q_len,
@@ -692,9 +726,10 @@ def run_prefill(args, cases, shapes, tune_points=()):
 
 def prefill_header():
     return (
-        "| shape | seqs x q_len (kv_len) | pallas µs | TFLOP/s | pallas kernel only µs | XLA dense µs | cuDNN µs | "
-        "XLA reference µs | pallas / XLA dense time | pallas config | best tuned µs config |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| shape | seqs x q_len (kv_len) | pallas µs | TFLOP/s | pallas kernel only µs | pallas+prefetch µs | "
+        "XLA dense µs | cuDNN µs | XLA reference µs | pallas / XLA dense time | pallas config | "
+        "best tuned µs config |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
 
 
@@ -707,7 +742,7 @@ def prefill_row(r):
     best = f"{fmt_t(tb)} {cfg_str(r['tune_best'])}" if tb else "-"
     return (
         f"| {r['shape']} | {r['n_seq']} x {r['q_len']} ({r['kv_len']}) | {fmt_t(t)} | {tf:.0f} | "
-        f"{fmt_t(r.get('pallas_kernel'))} | {fmt_t(xd)} | {fmt_t(r.get('cudnn'))} | {fmt_t(r.get('xla_reference'))} | "
+        f"{fmt_t(r.get('pallas_kernel'))} | {fmt_t(r.get('pallas_pf'))} | {fmt_t(xd)} | {fmt_t(r.get('cudnn'))} | {fmt_t(r.get('xla_reference'))} | "
         f"{ratio} | {cfg_str(r['config'])} | {best} |"
     )
 
@@ -769,8 +804,10 @@ def main(argv=None):
         "--interpret", action="store_true", help="run the GPU modes in interpret mode (CPU dry run)"
     )
     p.add_argument("--timer", default="cupti", choices=("cupti", "wall"))
+    p.add_argument("--variants", default="default", help="default[,prefetch]")
     args = p.parse_args(argv)
-    global INTERPRET, TIMER
+    global INTERPRET, TIMER, VARIANTS
+    VARIANTS = tuple(args.variants.split(","))
     INTERPRET = args.interpret
     TIMER = "wall" if args.interpret or args.smoke else args.timer
 
@@ -808,12 +845,12 @@ def main(argv=None):
         ppts = [(s, 1, 4096, 4096) for s in shapes]
         log("\n## prefill tuning\n" + prefill_header())
         out["prefill_tune"] = run_prefill(args, [(1, 4096, 4096)], shapes, tune_points=set(ppts))
-    if args.decode:
-        log("\n## decode\n" + decode_header())
-        out["decode"] = run_decode(args, grid, shapes)
     if args.prefill:
         log("\n## prefill\n" + prefill_header())
         out["prefill"] = run_prefill(args, pcases, shapes)
+    if args.decode:
+        log("\n## decode\n" + decode_header())
+        out["decode"] = run_decode(args, grid, shapes)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1, default=str)

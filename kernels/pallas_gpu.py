@@ -132,6 +132,23 @@ def default_config(
     )
 
 
+def config_for(q, k_pages, page_indices) -> GpuConfig:
+    """The default tiling for these operands (anything with .shape / .dtype)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, _ = k_pages.shape
+    max_num_seqs, pages_per_seq = page_indices.shape
+    return default_config(
+        num_tokens=num_tokens,
+        max_num_seqs=max_num_seqs,
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        page_size=page_size,
+        pages_per_seq=pages_per_seq,
+        itemsize=jnp.dtype(k_pages.dtype).itemsize,
+    )
+
+
 def _kernel(
     meta_ref,
     q_ref,
@@ -320,19 +337,8 @@ def ragged_paged_attention_gpu(
             soft_cap=soft_cap,
         )
     num_tokens, num_q_heads, head_dim = q.shape
-    num_pages, page_size, num_kv_heads, _ = k_pages.shape
-    max_num_seqs, pages_per_seq = page_indices.shape
     if config is None:
-        config = default_config(
-            num_tokens=num_tokens,
-            max_num_seqs=max_num_seqs,
-            num_q_heads=num_q_heads,
-            num_kv_heads=num_kv_heads,
-            head_dim=head_dim,
-            page_size=page_size,
-            pages_per_seq=pages_per_seq,
-            itemsize=jnp.dtype(k_pages.dtype).itemsize,
-        )
+        config = config_for(q, k_pages, page_indices)
     return _gpu_call(
         q,
         k_pages,

@@ -128,53 +128,62 @@ def build_batch(
     history_is_output = np.zeros((num_seqs, history_len), bool)
     any_sampling = any_penalty = any_top = False
 
-    t = 0
-    for i, s in enumerate(sched.scheduled):
-        req = s.request
-        tokens = req.all_token_ids
-        q = s.num_new_tokens
-        pos = np.arange(s.start, s.start + q, dtype=np.int32)
-        known = min(len(tokens), s.start + q)
-        if known > s.start:
-            input_ids[t : t + known - s.start] = tokens[s.start : known]
-        for j, row in enumerate(req.pending_rows[: s.start + q - known]):
-            # Sampled by the step still in flight: the device reads it from that step's output.
-            prev_index[t + known - s.start + j] = row
-        positions[t : t + q] = pos
-        pages = np.asarray(req.page_ids, np.int32)
-        slot_mapping[t : t + q] = pages[pos // page_size] * page_size + pos % page_size
-        page_indices[i, : len(pages)] = pages
-        kv_lens[i] = s.start + q
-        t += q
-        cu_q_lens[i + 1] = t
-        logits_indices[i] = t - 1
+    if n:
+        reqs = [s.request for s in sched.scheduled]
+        q_lens = np.fromiter((s.num_new_tokens for s in sched.scheduled), np.int32, n)
+        starts = np.fromiter((s.start for s in sched.scheduled), np.int32, n)
+        total = int(q_lens.sum())
+        cu_q_lens[1 : n + 1] = np.cumsum(q_lens)
+        cu_q_lens[n + 1 :] = total
+        kv_lens[:n] = starts + q_lens
+        logits_indices[:n] = cu_q_lens[1 : n + 1] - 1
+        seq_of_token = np.repeat(np.arange(n, dtype=np.int32), q_lens)
+        pos = np.arange(total, dtype=np.int32) - np.repeat(cu_q_lens[:n], q_lens) + np.repeat(starts, q_lens)
+        positions[:total] = pos
+        for i, req in enumerate(reqs):
+            page_indices[i, : len(req.page_ids)] = req.page_ids
+        slot_mapping[:total] = page_indices[seq_of_token, pos // page_size] * page_size + pos % page_size
 
-        sp = req.sampling_params
-        temperature[i] = sp.temperature
-        top_p[i] = sp.top_p
-        top_k[i] = vocab_size if sp.top_k == -1 else min(sp.top_k, vocab_size)
-        min_p[i] = sp.min_p
-        rep[i] = sp.repetition_penalty
-        freq[i] = sp.frequency_penalty
-        pres[i] = sp.presence_penalty
-        seeds[i] = req.seed & 0xFFFFFFFF
-        sample_index[i] = req.num_outputs
-        if s.sample and req.num_outputs < sp.min_new_tokens:
-            ids = stop_ids.get(req.request_id, [])[:MAX_STOP_IDS]
-            stops[i, : len(ids)] = ids
-            suppress[i] = True
-        if s.sample and not sp.is_greedy:
-            any_sampling = True
-        if s.sample and sp.uses_penalties:
-            any_penalty = True
-            hist = tokens[-history_len:]
-            history[i, : len(hist)] = hist
-            n_out = min(len(req.output_token_ids), len(hist))
-            if n_out:
-                history_is_output[i, len(hist) - n_out : len(hist)] = True
-        if s.sample and sp.top_logprobs_num > 0:
-            any_top = True
-    cu_q_lens[n + 1 :] = t
+        ids: list[int] = []
+        for i, (s, req) in enumerate(zip(sched.scheduled, reqs, strict=True)):
+            end = s.start + s.num_new_tokens
+            known = min(req.num_known_tokens, end)
+            if known > s.start:
+                ids.extend(req.token_slice(s.start, known))
+            if end > known:
+                # Sampled by the step still in flight: the device reads it from that step's output.
+                t0 = int(cu_q_lens[i]) + known - s.start
+                prev_index[t0 : t0 + end - known] = req.pending_rows[: end - known]
+                ids.extend([0] * (end - known))
+        input_ids[:total] = ids
+
+        rows = np.array([r.sampling_row for r in reqs], np.float64)
+        temperature[:n] = rows[:, 0]
+        top_p[:n] = rows[:, 1]
+        top_k[:n] = np.where(rows[:, 2] == -1, vocab_size, np.minimum(rows[:, 2], vocab_size))
+        min_p[:n] = rows[:, 3]
+        seeds[:n] = rows[:, 4].astype(np.uint32)
+        sample_index[:n] = [r.num_outputs for r in reqs]
+        for i, (s, req) in enumerate(zip(sched.scheduled, reqs, strict=True)):
+            if not (s.sample and req.needs_row_setup):
+                continue
+            sp = req.sampling_params
+            if req.num_outputs < sp.min_new_tokens:
+                stop = stop_ids.get(req.request_id, [])[:MAX_STOP_IDS]
+                stops[i, : len(stop)] = stop
+                suppress[i] = True
+            if not sp.is_greedy:
+                any_sampling = True
+            if sp.top_logprobs_num > 0:
+                any_top = True
+            if sp.uses_penalties:
+                any_penalty = True
+                rep[i], freq[i], pres[i] = sp.repetition_penalty, sp.frequency_penalty, sp.presence_penalty
+                hist = req.all_token_ids[-history_len:]
+                history[i, : len(hist)] = hist
+                n_out = min(len(req.output_token_ids), len(hist))
+                if n_out:
+                    history_is_output[i, len(hist) - n_out : len(hist)] = True
 
     fb = ForwardBatch(
         input_ids=input_ids,

@@ -107,13 +107,19 @@ class ModelRunner:
         )
 
     def _get_compiled(self, key: tuple[int, int, int], fb, sb):
-        fn = self._compiled.get(key)
-        if fn is None:
+        """The jitted step, compiled for this shape key (compiling it now if new).
+
+        Compiling is done by running the step once on an empty batch (no sequences: nothing is read or
+        written), which fills jit's own cache so later calls take its C++ dispatch path.
+        """
+        if key not in self._compiled:
             t0 = time.perf_counter()
-            fn = self._step.lower(self.state, self.kv_caches, fb, sb, self._no_prev).compile()
+            empty_fb, empty_sb = self._batch(SchedulerOutput(), key[0], key[2], {})
+            out, self.kv_caches = self._step(self.state, self.kv_caches, empty_fb, empty_sb, self._no_prev)
+            jax.block_until_ready(out)
             self.compile_seconds += time.perf_counter() - t0
-            self._compiled[key] = fn
-        return fn
+            self._compiled[key] = True
+        return self._step
 
     def precompile(self) -> None:
         """Compile the step for every token bucket (no penalties variant) before serving."""

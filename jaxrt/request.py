@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from jaxrt.sampling_params import SamplingParams
@@ -69,6 +70,27 @@ class Request:
     def num_tokens(self) -> int:
         """Known tokens plus sampled tokens not yet read back."""
         return len(self.prompt_token_ids) + len(self.output_token_ids) + len(self.pending_rows)
+
+    @cached_property
+    def sampling_row(self) -> tuple[float, float, int, float, int]:
+        """(temperature, top_p, top_k, min_p, seed) as the batch lays them out; fixed for the request's life."""
+        sp = self.sampling_params
+        return (sp.temperature, sp.top_p, sp.top_k, sp.min_p, self.seed & 0xFFFFFFFF)
+
+    @cached_property
+    def needs_row_setup(self) -> bool:
+        """Whether the batch needs per-step work beyond the plain row (stop suppression, penalties, ...)."""
+        sp = self.sampling_params
+        return sp.min_new_tokens > 0 or sp.uses_penalties or sp.top_logprobs_num > 0 or not sp.is_greedy
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Known tokens ``[start, end)`` without building the whole prompt + output list."""
+        n_prompt = len(self.prompt_token_ids)
+        if end <= n_prompt:
+            return self.prompt_token_ids[start:end]
+        if start >= n_prompt:
+            return self.output_token_ids[start - n_prompt : end - n_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n_prompt]
 
     @property
     def num_known_tokens(self) -> int:

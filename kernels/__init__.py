@@ -1,10 +1,5 @@
 """jaxrt attention kernels: ragged paged attention over a paged KV pool, the KV write, and references."""
 
-if __name__ == "kernels":
-    # Imported as a top-level `kernels` (a checkout's root on sys.path): that name belongs to the Hugging Face
-    # `kernels` package, which transformers probes for. Refuse, so the probe sees "not installed".
-    raise ImportError("this folder is jaxrt.kernels; import it as jaxrt.kernels")
-
 from jaxrt.kernels.attention import (
     BACKEND_NAMES,
     ragged_paged_attention,

@@ -20,6 +20,9 @@ def main() -> None:
     p.add_argument("--random-output-len", type=int, default=256)
     p.add_argument("--random-range-ratio", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--shared-prefix-len", type=int, default=0, help="prepend one shared random prefix to every prompt"
+    )
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--max-running-requests", type=int, default=None)
     p.add_argument("--chunked-prefill-size", type=int, default=None)
@@ -47,7 +50,8 @@ def main() -> None:
         page_size=args.page_size,
         max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size,
-        context_length=args.context_length or (args.random_input_len + args.random_output_len + 16),
+        context_length=args.context_length
+        or (args.shared_prefix_len + args.random_input_len + args.random_output_len + 16),
         mem_fraction_static=args.mem_fraction_static,
         disable_radix_cache=args.disable_radix_cache,
         attention_backend=args.attention_backend,
@@ -62,6 +66,13 @@ def main() -> None:
         vocab,
         args.seed,
     )
+    if args.shared_prefix_len:
+        import numpy as np
+
+        prefix = (
+            np.random.default_rng(args.seed + 1).integers(100, vocab - 100, args.shared_prefix_len).tolist()
+        )
+        reqs = [(prefix + ids, o) for ids, o in reqs]
     # Warm-up: one short request so the timed run sees no first-call costs.
     t1 = time.perf_counter()
     llm.generate(input_ids=reqs[0][0], sampling_params={"max_new_tokens": 1, "temperature": 0})
@@ -76,6 +87,9 @@ def main() -> None:
     stats = llm.load_stats()
     llm.shutdown()
 
+    import numpy as np
+
+    ttft = np.array([o["meta_info"]["ttft"] for o in outs])
     n_in = sum(len(i) for i in ids)
     n_out = sum(o["meta_info"]["completion_tokens"] for o in outs)
     assert n_out == sum(o for _, o in reqs), "every request must produce exactly its output length"
@@ -93,6 +107,10 @@ def main() -> None:
         ("Input token throughput (tok/s)", n_in / dur),
         ("Output token throughput (tok/s)", n_out / dur),
         ("Total token throughput (tok/s)", (n_in + n_out) / dur),
+        ("Mean TTFT (ms)", float(ttft.mean() * 1e3)),
+        ("Median TTFT (ms)", float(np.median(ttft) * 1e3)),
+        ("P99 TTFT (ms)", float(np.percentile(ttft, 99) * 1e3)),
+        ("Cached prompt tokens", sum(o["meta_info"]["cached_tokens"] for o in outs)),
         ("Engine start-up (s)", startup),
         ("First request latency (s)", first_token),
         ("Steps", stats["num_steps"]),
@@ -114,6 +132,10 @@ def main() -> None:
             "total_throughput": (n_in + n_out) / dur,
             "request_throughput": len(outs) / dur,
             "startup_s": startup,
+            "shared_prefix_len": args.shared_prefix_len,
+            "disable_radix_cache": args.disable_radix_cache,
+            "mean_ttft_ms": float(ttft.mean() * 1e3),
+            "median_ttft_ms": float(np.median(ttft) * 1e3),
             "first_request_s": first_token,
             "max_running_requests": llm.config.scheduler.max_running_requests,
             "chunked_prefill_size": llm.config.scheduler.chunked_prefill_size,

@@ -145,21 +145,24 @@ def test_unknown_model_and_route(http, oai):
 def test_internal_fault_is_500_and_engine_survives(server, http, model_name):
     """A step that raises fails only its requests (500 / in-band error); a handler bug is a 500."""
     runner = server.engine.runner
-    hook = "fetch" if hasattr(runner, "fetch") else "run"  # where a step's device result is read back
-    real_run = getattr(runner, hook)
+    hooks = [h for h in ("fetch", "run") if hasattr(runner, h)]  # where a step's result is read back
+    real = {h: getattr(runner, h) for h in hooks}
     fail = {"left": 1}
 
-    def flaky(*a, **k):
-        if fail["left"] > 0:
-            fail["left"] -= 1
-            raise RuntimeError("injected device fault")
-        return real_run(*a, **k)
+    def flaky(hook):
+        def call(*a, **k):
+            if fail["left"] > 0:
+                fail["left"] -= 1
+                raise RuntimeError("injected device fault")
+            return real[hook](*a, **k)
 
-    setattr(runner, hook, flaky)
+        return call
+
+    for h in hooks:
+        setattr(runner, h, flaky(h))
     try:
-        err = assert_error(
-            http.post(COMP, json={"model": model_name, "prompt": "boom", "max_tokens": 4}), 500
-        )
+        r = http.post(COMP, json={"model": model_name, "prompt": "boom", "max_tokens": 4})
+        err = assert_error(r, 500)
         assert "injected device fault" in err["message"] and err["type"] == "internal_server_error"
         fail["left"] = 1
         with http.stream(
@@ -169,7 +172,8 @@ def test_internal_fault_is_500_and_engine_survives(server, http, model_name):
         # the fault hits the first step, before any token: answered with the real status, not a stream
         assert r.status_code == 500 or ("error" in events[-2] and events[-1] == "[DONE]")
     finally:
-        setattr(runner, hook, real_run)
+        for h in hooks:
+            setattr(runner, h, real[h])
     tok = server.engine.tokenizer
     real_template = tok.apply_chat_template
     tok.apply_chat_template = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("template bug"))

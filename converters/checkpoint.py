@@ -7,11 +7,12 @@ Two uses, one format:
   config, generation config and tokenizer files. ``Engine(model_path=dst)`` loads it directly.
 - An automatic cache under ``jaxrt.envs.cache_dir() / "converted"``, keyed by the checkpoint's weight files
   (resolved path, names, sizes, modification times), the compute dtype and the model's parameter layout. The
-  loader restores from it when an entry exists, and writes one after loading a checkpoint of at least
-  ``AUTO_CACHE_MIN_BYTES`` (smaller ones load from source as fast as from the cache) or any GGUF file
-  (dequantizing is slow). Stale entries (source gone or changed) are dropped when a new entry is written, and
-  at most ``MAX_CACHE_ENTRIES`` are kept (least recently used go first). ``JAXRT_CONVERTED_CACHE=0`` turns
-  the cache off.
+  loader restores from it whenever an entry exists. It writes one after loading a GGUF file (dequantizing is
+  the slow part: 21 s vs 1.3 s from the entry for the default model on CPU) or a safetensors checkpoint of at
+  least ``AUTO_CACHE_MIN_BYTES`` (default: never, since streaming safetensors is as fast as restoring; see
+  benchmarks/RESULTS.md). ``JAXRT_CONVERTED_CACHE=1`` writes entries for every checkpoint, ``0`` turns the
+  cache off. Stale entries (source gone or changed) are dropped when a new entry is written, and at most
+  ``MAX_CACHE_ENTRIES`` are kept (least recently used go first).
 
 Params are stored as a flat ``{"model.layers.0.self_attn.q_proj.kernel": array}`` dict, so the layout is
 readable without jaxrt; restoring casts to the requested dtype and places arrays on the default device.
@@ -31,6 +32,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxrt import envs
@@ -40,16 +42,26 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # bump when weight maps or the stored layout change: old cache entries stop matching
 META_FILE = "jaxrt_converted.json"
 PARAMS_DIR = "params"
-AUTO_CACHE_MIN_BYTES = 256 << 20
+# Safetensors checkpoints from this size on are written to the cache automatically; None: never (measured
+# on CPU, restoring the Orbax copy is not faster than streaming safetensors: benchmarks/RESULTS.md, Loading).
+AUTO_CACHE_MIN_BYTES: int | None = None
 MAX_CACHE_ENTRIES = 8
 # Non-weight files a servable directory needs (config, generation config, tokenizer, chat template).
 _COPY_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".py")
 _SKIP_FILES = ("model.safetensors.index.json", META_FILE)
 
 
+def converted_cache_mode() -> str:
+    """``JAXRT_CONVERTED_CACHE``: ``auto`` (default: use entries, write them for GGUF sources and checkpoints
+    of at least ``AUTO_CACHE_MIN_BYTES``), ``1`` (also write them for every checkpoint), ``0`` (off)."""
+    v = os.environ.get("JAXRT_CONVERTED_CACHE", "auto").strip().lower()
+    if v in ("0", "off", "false", "no"):
+        return "off"
+    return "always" if v in ("1", "on", "true", "yes", "always") else "auto"
+
+
 def converted_cache_enabled() -> bool:
-    """``JAXRT_CONVERTED_CACHE`` (default 1): use and fill the automatic converted-params cache."""
-    return os.environ.get("JAXRT_CONVERTED_CACHE", "1") != "0"
+    return converted_cache_mode() != "off"
 
 
 def cache_root() -> Path:
@@ -80,13 +92,22 @@ def param_layout(abstract_state: nnx.State) -> list[tuple[str, list[int], str]]:
     return sorted(out)
 
 
-def _checkpointer():
+def _checkpointer(restore_gb: float | None = None):
     import orbax.checkpoint as ocp
 
     # OCDBT + zarr2 without compression: measured fastest to restore (zstd decompression costs more than the
-    # extra bytes); the files are about the size of the params.
-    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=False, use_compression=False)
+    # extra bytes); the files are about the size of the params. `restore_concurrent_gb` bounds the host
+    # buffers in flight: unbounded, a restore briefly holds the params twice.
+    handler = ocp.PyTreeCheckpointHandler(
+        use_ocdbt=True, use_zarr3=False, use_compression=False, restore_concurrent_gb=restore_gb
+    )
     return ocp.Checkpointer(handler)
+
+
+def _restore_budget_gb(sizes: list[int]) -> float:
+    """In-flight restore bytes: the largest array (a smaller budget cannot hold it), at least 1/8 of the total
+    and 128 MiB, so that reads still overlap."""
+    return max(max(sizes, default=0), sum(sizes) / 8, 128 << 20) / 2**30
 
 
 def save_params(state: nnx.State, directory: str | Path) -> None:
@@ -132,7 +153,8 @@ def restore_params(directory: str | Path, abstract_state: nnx.State) -> nnx.Stat
             f"converted checkpoint {directory} does not fit the model: missing {missing}, "
             f"unexpected {unexpected}, shape mismatches {mismatched}"
         )
-    with _checkpointer() as ckptr:
+    sizes = [int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in target.values()]
+    with _checkpointer(_restore_budget_gb(sizes)) as ckptr:
         restored = ckptr.restore(directory, args=ocp.args.PyTreeRestore(target, restore_args=restore_args))
     return nnx.from_flat_state([(k, v.replace(restored[_flat_name(k)])) for k, v in flat])
 
@@ -230,9 +252,12 @@ def _evict(keep: str) -> None:
 def should_auto_cache(model_dir: str | Path) -> bool:
     from jaxrt.converters.weights import gguf_file
 
-    if not converted_cache_enabled():
-        return False
-    return gguf_file(model_dir) is not None or checkpoint_bytes(model_dir) >= AUTO_CACHE_MIN_BYTES
+    mode = converted_cache_mode()
+    if mode != "auto":
+        return mode == "always"
+    if gguf_file(model_dir) is not None:
+        return True
+    return AUTO_CACHE_MIN_BYTES is not None and checkpoint_bytes(model_dir) >= AUTO_CACHE_MIN_BYTES
 
 
 def cache_store(
@@ -287,7 +312,7 @@ def _copy_side_files(src: Path, dst: Path, hf_config: Any) -> None:
         logger.warning("no tokenizer could be extracted from %s: %s", g, e)
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str | None = None) -> Path:
+def convert_checkpoint(src: str | Path, dst: str | Path | None, dtype: str | None = None) -> Path:
     """Convert a transformers checkpoint directory (safetensors or one GGUF file) into a jaxrt directory.
 
     ``dtype`` (float32 | bfloat16 | float16) defaults to the checkpoint's. ``dst`` must not exist or be empty.
@@ -300,6 +325,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str | None = Non
         stream_weights,
     )
 
+    if dst is None:
+        raise ValueError("convert needs a destination directory: jaxrt convert SRC DST")
     src = Path(resolve_model_path(str(src)))
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()):

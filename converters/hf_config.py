@@ -137,8 +137,6 @@ def _attn_scale(hf: Any, arch: str) -> float | None:
 def model_config_from_hf(hf: Any) -> ModelConfig:
     """Read the fields every jaxrt family needs; a missing required field is a ValueError naming it."""
     arch = (getattr(hf, "architectures", None) or [type(hf).__name__.replace("Config", "ForCausalLM")])[0]
-    if arch == "Gemma3TextForCausalLM":
-        arch = "Gemma3ForCausalLM"
     try:
         num_heads = hf.num_attention_heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads

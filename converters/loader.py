@@ -52,7 +52,13 @@ def load_hf_config(model_path: str, trust_remote_code: bool = False) -> Any:
     if not checkpoint.is_converted(model_path) and not (Path(model_path) / "config.json").exists():
         g = gguf_file(model_path)
         if g is not None:
-            return AutoConfig.from_pretrained(str(g.parent), gguf_file=g.name)
+            cfg = AutoConfig.from_pretrained(str(g.parent), gguf_file=g.name)
+            if not getattr(cfg, "architectures", None):  # GGUF metadata has a model type, not a class
+                from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+                arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(cfg.model_type)
+                cfg.architectures = [arch] if arch else None
+            return cfg
     return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
 
 

@@ -11,8 +11,9 @@ range needs. For decode batches that would not fill the GPU the kv range is also
 
 Triton constraints honoured here (interpret mode does not check them): grid of 3 dims, no scalar prefetch
 (metadata travels as ordinary int32 inputs), power-of-two load shapes, 2-D dots with M, N, K >= 16.
-Shapes the kernel cannot take (head_dim or page_size not a power of two, head_dim < 16, a page larger
-than ``block_kv`` cap, unsupported dtypes) fall back to the reference implementation.
+The backend runs the kernel only for what was validated on an H100 (head_dim 64/128/256, page_size
+16/32/64/128, bf16/f32 K/V; any GQA group) and falls back to the jnp reference otherwise
+(``supports``).
 """
 
 from __future__ import annotations
@@ -59,16 +60,36 @@ class GpuConfig:
     prefetch: bool = False  # issue block b+1's loads before block b's math (tiles carried in registers)
 
 
-def supports(q_shape, k_shape, kv_dtype) -> str | None:
-    """None if the kernel takes these shapes, else the reason it falls back to the reference."""
-    _, num_q_heads, head_dim = q_shape
-    _, page_size, num_kv_heads, _ = k_shape
+# What benchmarks/bench_kernels.py --check compiled and ran correctly on an H100 (jax 0.11.2, Triton path):
+# every combination of these head dims, page sizes and dtypes, with and without window / soft cap, GQA
+# groups 1, 3, 4, 8 and MQA, on mixed and decode batches, in both the default and the prefetch tilings.
+VALIDATED_HEAD_DIMS = (64, 128, 256)
+VALIDATED_PAGE_SIZES = (16, 32, 64, 128)
+VALIDATED_KV_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+
+
+def supports(q_shape, k_shape, kv_dtype, *, validated_only: bool = True) -> str | None:
+    """None if the kernel takes these shapes, else the reason it falls back to the reference.
+
+    validated_only: also require head_dim / page_size / dtype validated on a GPU (the backend's setting);
+    False admits anything the kernel can express (power-of-two head_dim >= 16 and page_size, bf16 / f16 /
+    f32), e.g. for interpret-mode tests of other shapes.
+    """
+    _, _, head_dim = q_shape
+    _, page_size, _, _ = k_shape
     if not common.is_pow2(head_dim) or head_dim < 16:
         return f"head_dim {head_dim} is not a power of two >= 16"
     if not common.is_pow2(page_size):
         return f"page_size {page_size} is not a power of two"
     if jnp.dtype(kv_dtype) not in _KV_DTYPES:
         return f"kv dtype {kv_dtype} not supported"
+    if validated_only:
+        if head_dim not in VALIDATED_HEAD_DIMS:
+            return f"head_dim {head_dim} not validated on GPU"
+        if page_size not in VALIDATED_PAGE_SIZES:
+            return f"page_size {page_size} not validated on GPU"
+        if jnp.dtype(kv_dtype) not in VALIDATED_KV_DTYPES:
+            return f"kv dtype {kv_dtype} not validated on GPU"
     return None
 
 
@@ -97,7 +118,8 @@ def default_config(
     """Heuristic tiling from static shapes.
 
     A batch with no more tokens than sequences is treated as decode (small query tiles, split-K when the
-    grid would not fill the GPU); anything else as prefill / mixed (large query tiles, no split).
+    grid would not fill the GPU, software prefetch); anything else as prefill / mixed (64-row query tiles,
+    no split).
     ``block_kv`` is capped so that one pipeline stage of K+V stays within 64 KiB of shared memory.
     """
     group_pad = common.next_pow2(num_q_heads // num_kv_heads)
@@ -115,8 +137,15 @@ def default_config(
             splits *= 2
         stage = 2 * block_kv * head_dim * itemsize
         stages = 3 if 3 * stage + rows * head_dim * itemsize <= 192 * 1024 else 2
+        # Software prefetch beat Triton's own pipelining alone at every decode point measured on the H100
+        # (benchmarks/RESULTS.md, "Kernels"); it is slower for prefill tiles.
         return GpuConfig(
-            block_rows=rows, block_kv=block_kv, num_splits=splits, num_warps=4, num_stages=stages
+            block_rows=rows,
+            block_kv=block_kv,
+            num_splits=splits,
+            num_warps=4,
+            num_stages=stages,
+            prefetch=True,
         )
     rows = max(64, group_pad)
     block_kv = 64
@@ -320,9 +349,14 @@ def ragged_paged_attention_gpu(
     soft_cap: float | None = None,
     interpret=False,
     config: GpuConfig | None = None,
+    validated_only: bool = True,
 ) -> jax.Array:
-    """The "pallas_gpu" backend (signature of the reference plus ``interpret`` and an optional ``config``)."""
-    reason = supports(q.shape, k_pages.shape, k_pages.dtype)
+    """The "pallas_gpu" backend (signature of the reference plus ``interpret``).
+
+    config: tiling (default: ``default_config`` from the static shapes). validated_only: fall back to the
+    reference for head_dim / page_size / dtype not validated on a GPU (see ``supports``).
+    """
+    reason = supports(q.shape, k_pages.shape, k_pages.dtype, validated_only=validated_only)
     if reason is not None:
         return ragged_paged_attention_reference(
             q,
@@ -522,5 +556,5 @@ def _backend(
     )
 
 
-# Preferred on GPU only once every configuration has passed on an H100 (see benchmarks/RESULTS.md).
-register_backend("pallas_gpu", _backend, platforms=())
+# Preferred on GPU: every validated configuration passed on an H100 (benchmarks/RESULTS.md, "Kernels").
+register_backend("pallas_gpu", _backend, platforms=("gpu",))

@@ -6,14 +6,18 @@ query tokens of one sequence, and its ``block_q * group_pad`` query rows (tokens
 the kv head) form the M dimension of both dots, so K/V pages are read once per kv head. Each program
 walks the sequence's page table ``block_kv`` tokens at a time (an online softmax in base 2), gathering
 whole pages straight from the token-major pool, and stops at the last block its causal / sliding-window
-range needs. For decode batches that would not fill the GPU the kv range is also split across programs
-("flash decoding"); the splits are merged in XLA.
+range needs; blocks that every query row sees in full skip all masking. For decode batches that would not
+fill the GPU the kv range is also split across programs ("flash decoding"); the splits are merged in XLA.
+When the GQA group is a power of two, programs read their q rows from, and write their output rows to,
+the ``[T, Hq, D]`` arrays directly (masked loads / stores); otherwise the wrapper gathers padded q tiles.
+Decode tilings carry the next block's K/V tiles through the loop (software prefetch), which is what moved
+decode from ~50% to ~80% of HBM bandwidth on an H100 (benchmarks/RESULTS.md, "Kernels").
 
 Triton constraints honoured here (interpret mode does not check them): grid of 3 dims, no scalar prefetch
 (metadata travels as ordinary int32 inputs), power-of-two load shapes, 2-D dots with M, N, K >= 16.
 The backend runs the kernel only for what was validated on an H100 (head_dim 64/128/256, page_size
-16/32/64/128, bf16/f32 K/V; any GQA group) and falls back to the jnp reference otherwise
-(``supports``).
+16/32/64/128, bf16/f32 K/V; any GQA group, groups 1, 3, 4, 8 validated) and falls back to the jnp reference
+otherwise (``supports``).
 """
 
 from __future__ import annotations

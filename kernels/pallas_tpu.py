@@ -12,8 +12,11 @@ Correctness-first design, validated only in Pallas interpret mode (no TPU was av
 - Online softmax state lives in VMEM scratch across the ``arbitrary`` kv axis; the output is normalised and
   written at the last step.
 
-No manual DMA or semaphores. Not tuned (one grid step per ``pages_per_step`` pages; no fusion of heads into
-lanes); see the issue notes for what a production TPU kernel adds.
+No manual DMA or semaphores, and never compiled for or run on a TPU: Mosaic tiling / VMEM limits are
+unchecked. Not tuned: every work item walks all ``pages_per_seq / pages_per_step`` grid steps (steps past
+its end do no DMA and no math, but still cost a step), each step DMAs ``pages_per_step`` separate pages, and
+heads are a static loop of small dots. A production TPU kernel (jax's / tpu-inference's RPA) batches page
+DMAs by hand with double buffering and skips finished sequences.
 """
 
 from __future__ import annotations

@@ -66,20 +66,25 @@ class ModelRunner:
         """``forward`` is the model as a pure function (see `jaxrt.step`); ``params`` its weights pytree."""
         self.cfg = cfg
         self.device = jax.devices()[0]
-        self.state = params
+        # Everything the step takes is committed to one device, so every call (warm-up included) presents
+        # the same argument placement to jit's cache: a placement change is a silent recompile.
+        self.state = jax.device_put(params, self.device)
         self.page_size = cfg.cache.page_size
         self.num_pages = plan_num_pages(cfg, self.device)
         self.pages_per_seq = cdiv(cfg.scheduler.context_length, self.page_size)
         m = cfg.model
         kv_dtype = jnp.dtype(cfg.cache.kv_dtype or cfg.dtype)
         shape = (self.num_pages, self.page_size, m.num_kv_heads, m.head_dim)
-        self.kv_caches: list[KVCache] = [
-            (jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(m.num_layers)
-        ]
+        self.kv_caches: list[KVCache] = jax.device_put(
+            [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(m.num_layers)],
+            self.device,
+        )
         self.token_buckets = token_buckets(cfg.scheduler.chunked_prefill_size)
         self.history_buckets = history_buckets(cfg.scheduler.context_length)
         self._step = make_step(forward, cfg.scheduler.max_running_requests)
-        self._no_prev = jnp.zeros((cfg.scheduler.max_running_requests,), jnp.int32)
+        self._no_prev = jax.device_put(
+            jnp.zeros((cfg.scheduler.max_running_requests,), jnp.int32), self.device
+        )
         self._compiled: dict[tuple[int, int, int], Any] = {}
         self.compile_seconds = 0.0
         logger.info(
@@ -149,7 +154,19 @@ class ModelRunner:
         fn = self._get_compiled((n, self.num_seqs_for(n), history_len), fb, sb)
         prev_tokens = prev.tokens if prev is not None else self._no_prev
         out, self.kv_caches = fn(self.state, self.kv_caches, fb, sb, prev_tokens)
+        if self._step._cache_size() > len(self._compiled):
+            # A shape key we compiled is being compiled again (argument placement or dtype drift): slow.
+            logger.warning(
+                "the step recompiled outside warm-up (%d compiles for %d keys)",
+                self._step._cache_size(),
+                len(self._compiled),
+            )
+            self._compiled[("recompile", self._step._cache_size())] = True
         return out
+
+    @property
+    def num_compiles(self) -> int:
+        return self._step._cache_size()
 
     @staticmethod
     def fetch(out: StepOutput, num_rows: int) -> StepOutput:

@@ -274,3 +274,11 @@ def test_skip_tokenizer_init_ids_in_ids_out(tiny_llama_dir, llm):
         assert out["output_ids"] == expected and out["text"] == ""
         with pytest.raises(ValueError, match="prompt"):
             raw.generate("text is not accepted")
+
+
+def test_no_recompiles_after_warmup(llm):
+    """Every step after start-up hits a compiled bucket (a silent recompile costs seconds on a GPU)."""
+    before = llm.runner.num_compiles
+    llm.generate(["one", "two words", "three words here"], {"temperature": 0, "max_new_tokens": 12})
+    llm.generate("streamed", {"temperature": 0.5, "max_new_tokens": 5, "seed": 1})
+    assert llm.runner.num_compiles == before

@@ -124,6 +124,8 @@ def ragged_paged_attention_reference(
         pexp = jnp.exp(s - m_new[..., None])
         pexp = jnp.where(mask[:, None, None, :], pexp, 0.0)
         l_new = alpha * l + pexp.sum(axis=-1)
+        # Zero masked V rows too: 0 * NaN (a stale slot of a reused page) must not poison the sum.
+        v = jnp.where(mask[:, :, None, None], v, 0.0)
         acc_new = alpha[..., None] * acc + jnp.einsum("tkgs,tskd->tkgd", pexp, v)
         return m_new, l_new, acc_new
 

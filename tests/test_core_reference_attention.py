@@ -58,6 +58,13 @@ def test_reference_matches_naive(q_lens, ctx_lens, page_size, heads, window, cap
     cu = np.zeros(max_seqs + 1, np.int32)
     cu[1 : n + 1] = np.cumsum(q_lens)
     cu[n + 1 :] = cu[n]
+    # Poison every slot no sequence may read: a NaN there must not reach any output.
+    used = np.zeros((num_pages, page_size), bool)
+    for i in range(n):
+        for j in range(ctx_lens[i]):
+            used[page_indices[i, j // page_size], j % page_size] = True
+    k_pages[~used] = np.nan
+    v_pages[~used] = np.nan
     num_tokens = int(cu[n]) + 3  # three padding rows
     q = rng.normal(size=(num_tokens, hq, d)).astype(np.float32)
     scale = d**-0.5
@@ -76,7 +83,7 @@ def test_reference_matches_naive(q_lens, ctx_lens, page_size, heads, window, cap
             backend="reference",
         )
     )
-    exp = naive(q, k_pages, v_pages, kv_lens, page_indices, cu, n, scale, window, cap)
+    exp = naive(q, np.nan_to_num(k_pages), np.nan_to_num(v_pages), kv_lens, page_indices, cu, n, scale, window, cap)
     np.testing.assert_allclose(got, exp, atol=2e-5, rtol=1e-5)
     assert np.all(got[cu[n] :] == 0)  # padding rows
 

@@ -63,6 +63,7 @@ class LayerSpec:
     scaling: float
     sliding_window: int | None
     soft_cap: float | None
+    has_sinks: bool = False
 
 
 def _static_number(value: Any, name: str, module: str) -> float | None:
@@ -116,7 +117,7 @@ class StepContext:
     def name_of(self, module: Any) -> str:
         return self.module_names.get(id(module), type(module).__name__)
 
-    def attend(self, module, query, key, value, attention_mask, scaling, kwargs) -> jax.Array:
+    def attend(self, module, query, key, value, attention_mask, scaling, kwargs, sinks=None) -> jax.Array:
         """``query [1, Hq, T, Dk]``, ``key [1, Hkv, T, Dk]``, ``value [1, Hkv, T, Dv]`` (jax) -> ``[1, T, Hq, Dv]``."""
         name = self.name_of(module)
         if query.ndim != 4 or query.shape[0] != 1:
@@ -134,8 +135,8 @@ class StepContext:
         for k, v in kwargs.items():
             if k not in _IGNORED_KWARGS and v is not None and hasattr(v, "shape"):
                 raise FallbackError(
-                    f"{name}: the attention call passes tensor argument {k!r} (e.g. attention sinks or a "
-                    "positional bias) that jaxrt's paged attention cannot apply"
+                    f"{name}: the attention call passes tensor argument {k!r} (e.g. a positional bias) that "
+                    "jaxrt's paged attention cannot apply"
                 )
         _, hq, t, dk = query.shape
         hkv, dv = key.shape[1], value.shape[3]
@@ -158,7 +159,10 @@ class StepContext:
             scaling=float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(dk),
             sliding_window=int(sliding_window) if sliding_window else None,
             soft_cap=float(soft_cap) if soft_cap else None,
+            has_sinks=sinks is not None,
         )
+        if sinks is not None and tuple(sinks.shape) != (hq,):
+            raise FallbackError(f"{name}: attention sinks of shape {tuple(sinks.shape)}, expected ({hq},)")
         slot = len(self.specs)
         self.specs.append(spec)
         if self.probing:
@@ -169,9 +173,10 @@ class StepContext:
                 f"attention call {slot} ({spec}) differs from the build-time probe ({want}); the model's "
                 "attention pattern changed between traces"
             )
-        return self._paged(slot, spec, query[0], key[0], value[0])
+        return self._paged(slot, spec, query[0], key[0], value[0], sinks)
 
-    def _paged(self, slot: int, spec: LayerSpec, q, k, v) -> jax.Array:
+    def _paged(self, slot: int, spec: LayerSpec, q, k, v, sinks) -> jax.Array:
+        from jaxrt.converters.fallback.sinks import ragged_paged_attention_with_sinks
         from jaxrt.kernels import ragged_paged_attention, write_kv
 
         b = self.batch
@@ -181,6 +186,21 @@ class StepContext:
         k_pages, v_pages = self.kv_caches[slot]
         k_pages, v_pages = write_kv(k_pages, v_pages, k, v, b.slot_mapping)
         self.kv_caches[slot] = (k_pages, v_pages)
+        if sinks is not None:
+            out = ragged_paged_attention_with_sinks(
+                q,
+                k_pages,
+                v_pages,
+                b.kv_lens,
+                b.page_indices,
+                b.cu_q_lens,
+                b.num_seqs,
+                sinks,
+                sm_scale=spec.scaling,
+                sliding_window=spec.sliding_window,
+                soft_cap=spec.soft_cap,
+            )
+            return out[None, :, :, : spec.v_head_dim]
         out = ragged_paged_attention(
             q,
             k_pages,
@@ -223,8 +243,10 @@ def jaxrt_attention_forward(
             "cache cannot reach them (the model needs `**kwargs` forwarded from the model forward down to "
             "`attention_interface(...)`)"
         )
-    q, k, v = interop.jax_view((query, key, value))
-    out = ctx.attend(module, q, k, v, attention_mask, scaling, kwargs)
+    kwargs = dict(kwargs)
+    sinks = kwargs.pop("s_aux", None)  # per-head attention sinks (gpt-oss, Granite-SWA, DeepSeek-V4)
+    q, k, v, sinks = interop.jax_view((query, key, value, sinks))
+    out = ctx.attend(module, q, k, v, attention_mask, scaling, kwargs, sinks=sinks)
     return interop.torch_view(out), None
 
 

@@ -61,7 +61,6 @@ class FallbackPlan:
     head_dim: int
     num_kv_heads: int
     vocab_size: int
-    kwarg_names: frozenset[str]
 
 
 def checkpoint_dtype(hf_config: Any) -> str:
@@ -85,20 +84,30 @@ def build_meta_model(hf_config: Any, dtype: str, trust_remote_code: bool):
     register_attention()
     register_experts()
     config = copy.deepcopy(hf_config)
+    name = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     kwargs: dict[str, Any] = {
         "trust_remote_code": trust_remote_code,
         "attn_implementation": ATTN_IMPLEMENTATION,
         "dtype": _torch_dtype(dtype),
     }
-    with init_empty_weights(include_buffers=False):
-        try:
-            model = AutoModelForCausalLM.from_config(
-                config, experts_implementation=EXPERTS_IMPLEMENTATION, **kwargs
-            )
-        except (ValueError, KeyError, TypeError) as e:
-            if "experts_implementation" not in str(e):
-                raise
-            model = AutoModelForCausalLM.from_config(config, **kwargs)
+    try:
+        with init_empty_weights(include_buffers=False):
+            try:
+                model = AutoModelForCausalLM.from_config(
+                    config, experts_implementation=EXPERTS_IMPLEMENTATION, **kwargs
+                )
+            except (ValueError, KeyError, TypeError) as e:
+                if "experts_implementation" not in str(e):
+                    raise
+                model = AutoModelForCausalLM.from_config(config, **kwargs)
+    except KeyError as e:
+        if ATTN_IMPLEMENTATION not in str(e):
+            raise
+        raise FallbackError(
+            f"{name} picks its attention classes from a fixed table keyed by attn_implementation (KeyError "
+            f"{e}) instead of calling transformers' attention interface, so jaxrt cannot plug in its paged "
+            "attention"
+        ) from e
     # Parameter tying is skipped for meta-initialised weights; tie now so tied names share one param.
     model.tie_weights()
     model.eval()
@@ -119,10 +128,12 @@ def _module_names(model: Any) -> dict[int, str]:
 
 
 def _recurrent_modules(model: Any) -> list[str]:
+    from transformers import PreTrainedModel
+
     return [
         f"{name} ({type(m).__name__})"
         for name, m in model.named_modules()
-        if _RECURRENT_MODULE.search(type(m).__name__)
+        if not isinstance(m, PreTrainedModel) and _RECURRENT_MODULE.search(type(m).__name__)
     ]
 
 
@@ -138,6 +149,8 @@ class FallbackModel:
         self.kwarg_names = _forward_kwarg_names(model)
         self.buffers = {n: torch_to_jax(b) for n, b in model.named_buffers() if not b.is_meta}
         self.plan: FallbackPlan | None = None
+        # Project only each sequence's last row to the vocabulary (logits_to_keep as an index tensor).
+        self.keep_logits = "logits_to_keep" in self.kwarg_names
 
     # ------------------------------------------------------------------------------------------- tracing
 
@@ -150,7 +163,7 @@ class FallbackModel:
         tensors = {**self.buffers, **params}
         input_ids = jnp.asarray(batch.input_ids)[None, :]
         position_ids = jnp.asarray(batch.positions)[None, :]
-        keep = "logits_to_keep" in self.kwarg_names
+        keep = self.keep_logits
         with env, torch.no_grad():
             t_params, t_ids, t_pos = interop.torch_view((tensors, input_ids, position_ids))
             kwargs: dict[str, Any] = {
@@ -181,17 +194,32 @@ class FallbackModel:
 
     def probe(self, abstract_params: dict[str, Any]) -> FallbackPlan:
         """Trace the forward once abstractly: record every attention call, check the model is usable."""
-        batch = _probe_batch(_PROBE_TOKENS)
-        ctx = StepContext(batch=batch, kv_caches=None, module_names=self.names)
-        logits = jax.eval_shape(lambda p: self._call_model(p, batch, ctx), abstract_params)
         model_name = type(self.model).__name__
         recurrent = _recurrent_modules(self.model)
         if recurrent:
             raise FallbackError(
-                f"{model_name} has recurrent / state-space layers ({', '.join(recurrent[:4])}"
-                f"{', ...' if len(recurrent) > 4 else ''}) whose per-request state jaxrt's paged KV pool cannot "
+                f"{model_name} has recurrent / state-space layers ({', '.join(recurrent[:3])}"
+                f"{', ...' if len(recurrent) > 3 else ''}) whose per-request state jaxrt's paged KV pool cannot "
                 "hold; only attention layers are supported by the transformers fallback"
             )
+        batch = _probe_batch(_PROBE_TOKENS)
+        ctx = StepContext(batch=batch, kv_caches=None, module_names=self.names)
+        try:
+            logits = jax.eval_shape(lambda p: self._call_model(p, batch, ctx), abstract_params)
+        except FallbackError:
+            raise
+        except Exception as e:
+            if not self.keep_logits:
+                raise FallbackError(_trace_failure(self.model, e)) from e
+            # Some modeling code cannot index with a tensor logits_to_keep; full logits, gathered afterwards.
+            self.keep_logits = False
+            ctx = StepContext(batch=batch, kv_caches=None, module_names=self.names)
+            try:
+                logits = jax.eval_shape(lambda p: self._call_model(p, batch, ctx), abstract_params)
+            except FallbackError:
+                raise
+            except Exception:
+                raise FallbackError(_trace_failure(self.model, e)) from e
         if not ctx.specs:
             raise FallbackError(
                 f"{model_name} never called the attention interface: its attention layers compute attention "
@@ -221,7 +249,6 @@ class FallbackModel:
             head_dim=int(head_dim),
             num_kv_heads=kv_heads.pop(),
             vocab_size=int(rows[1]),
-            kwarg_names=self.kwarg_names,
         )
 
     def forward(self, params: dict[str, jax.Array], kv_caches: list, batch: Any):
@@ -243,6 +270,36 @@ class FallbackModel:
                 f"{len(plan.layers)} at build time"
             )
         return logits, ctx.kv_caches
+
+
+_DATA_DEPENDENT = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerArrayConversionError,
+    jax.errors.TracerBoolConversionError,
+    jax.errors.TracerIntegerConversionError,
+)
+
+
+def _trace_failure(model: Any, e: BaseException) -> str:
+    """A one-paragraph reason why the model's forward could not be traced, pointing at the model's code."""
+    import traceback
+
+    name = type(model).__name__
+    where = ""
+    for frame in reversed(traceback.extract_tb(e.__traceback__)):
+        if "modeling_" in Path(frame.filename).name or "transformers_modules" in frame.filename:
+            where = f" at {Path(frame.filename).name}:{frame.lineno} (`{(frame.line or '').strip()[:80]}`)"
+            break
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    if isinstance(e, _DATA_DEPENDENT):
+        why = (
+            "its forward has data-dependent Python control flow or host transfers (.item(), .cpu(), nonzero)"
+        )
+    else:
+        why = "its forward cannot be traced into JAX with jaxrt attention"
+    if not getattr(type(model), "_supports_attention_backend", True):
+        why += " (the class does not support transformers' attention interface: _supports_attention_backend=False)"
+    return f"{name}: {why}{where}: {type(e).__name__}: {first}"
 
 
 def _probe_batch(num_tokens: int):

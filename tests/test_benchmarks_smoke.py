@@ -12,19 +12,22 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-@pytest.mark.parametrize("script", ["bench_offline.py", "bench_one_batch.py", "bench_hf.py"])
-def test_benchmark_smoke(script, tmp_path):
+@pytest.mark.parametrize(
+    "script",
+    [
+        "bench_offline.py",
+        "bench_one_batch.py",
+        "bench_hf.py",
+        "bench_serving.py",
+        "bench_serving.py --backend openai",
+        "bench_load.py",
+    ],
+)
+def test_benchmark_smoke(script, tmp_path, default_model_dir):
     out = tmp_path / "results.jsonl"
+    name, *extra = script.split()
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / script),
-            "--smoke",
-            "--output-file",
-            str(out),
-            "--model-cache",
-            str(tmp_path),
-        ],
+        [sys.executable, str(BENCH / name), "--smoke", *extra, "--output-file", str(out), "--model-cache", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -32,6 +35,9 @@ def test_benchmark_smoke(script, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert records and all("commit" in r and "bench" in r for r in records)
-    if script == "bench_offline.py":
+    if name == "bench_serving.py":
+        assert "Serving Benchmark Result" in proc.stdout
+        assert records[0]["completed"] == records[0]["num_prompts"]
+    if name == "bench_offline.py":
         assert "Offline Throughput Benchmark Result" in proc.stdout
         assert records[0]["output_throughput"] > 0

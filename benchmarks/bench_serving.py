@@ -1,0 +1,282 @@
+"""Online serving benchmark against a running server (SGLang's bench_serving vocabulary).
+
+Requests arrive as a Poisson process at ``--request-rate`` (inf = all at once), at most ``--max-concurrency``
+in flight, each streamed so that time to first token (TTFT), inter-token latency (ITL) and time per output
+token (TPOT) are measured per request. Works with jaxrt's ``/generate`` (``--backend jaxrt``) and any
+OpenAI-compatible ``/v1/completions`` (``--backend openai``). Loopback by default; every loop is bounded.
+
+    python -m jaxrt.launch_server --model-path PATH --port 30000 &
+    python benchmarks/bench_serving.py --port 30000 --num-prompts 200 --request-rate 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from common import append_jsonl, make_random_checkpoint, print_block, random_requests
+
+
+@dataclass
+class Result:
+    ok: bool = False
+    ttft: float = 0.0
+    latency: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    error: str = ""
+
+
+async def one_request(client, args, ids: list[int], out_len: int) -> Result:
+    import httpx
+
+    res = Result(prompt_tokens=len(ids))
+    if args.backend == "jaxrt":
+        url = f"{args.base_url}/generate"
+        body = {
+            "input_ids": ids,
+            "sampling_params": {"max_new_tokens": out_len, "temperature": 0, "ignore_eos": True},
+            "stream": True,
+        }
+    else:
+        url = f"{args.base_url}/v1/completions"
+        body = {
+            "model": args.model,
+            "prompt": ids,
+            "max_tokens": out_len,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+            "stream_options": {"include_usage": True},
+        }
+    t0 = time.perf_counter()
+    last = t0
+    try:
+        async with client.stream("POST", url, json=body, timeout=args.timeout) as r:
+            if r.status_code != 200:
+                res.error = f"HTTP {r.status_code}"
+                return res
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                now = time.perf_counter()
+                if args.backend == "jaxrt":
+                    n = chunk["meta_info"]["completion_tokens"]
+                else:
+                    if chunk.get("usage"):
+                        res.output_tokens = chunk["usage"]["completion_tokens"]
+                    if not chunk.get("choices"):
+                        continue
+                    n = res.output_tokens + 1
+                if n > res.output_tokens or args.backend == "openai":
+                    if res.ttft == 0.0:
+                        res.ttft = now - t0
+                    else:
+                        res.itl.append(now - last)
+                    last = now
+                    res.output_tokens = max(res.output_tokens, n)
+        res.latency = time.perf_counter() - t0
+        res.ok = True
+    except (httpx.HTTPError, json.JSONDecodeError, KeyError) as e:
+        res.error = repr(e)
+    return res
+
+
+async def run(args, reqs) -> tuple[list[Result], float]:
+    import httpx
+
+    rng = np.random.default_rng(args.seed)
+    sem = asyncio.Semaphore(args.max_concurrency or len(reqs))
+    limits = httpx.Limits(max_connections=(args.max_concurrency or len(reqs)) + 8)
+    async with httpx.AsyncClient(limits=limits) as client:
+
+        async def guarded(ids, n):
+            async with sem:
+                return await one_request(client, args, ids, n)
+
+        tasks = []
+        t0 = time.perf_counter()
+        for ids, n in reqs:
+            tasks.append(asyncio.create_task(guarded(ids, n)))
+            if args.request_rate != float("inf"):
+                await asyncio.sleep(rng.exponential(1.0 / args.request_rate))
+        results = await asyncio.gather(*tasks)
+        return results, time.perf_counter() - t0
+
+
+def summarize(args, results: list[Result], dur: float) -> None:
+    ok = [r for r in results if r.ok]
+    ms = lambda xs: np.array(xs) * 1e3 if xs else np.zeros(1)  # noqa: E731
+    ttft = ms([r.ttft for r in ok])
+    e2e = ms([r.latency for r in ok])
+    itl = ms([x for r in ok for x in r.itl])
+    tpot = ms([(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1])
+    n_in = sum(r.prompt_tokens for r in ok)
+    n_out = sum(r.output_tokens for r in ok)
+    rows = [
+        ("Backend", args.backend),
+        ("Traffic request rate", args.request_rate),
+        ("Max request concurrency", args.max_concurrency or "not set"),
+        ("Successful requests", len(ok)),
+        ("Failed requests", len(results) - len(ok)),
+        ("Benchmark duration (s)", dur),
+        ("Total input tokens", n_in),
+        ("Total generated tokens", n_out),
+        ("Request throughput (req/s)", len(ok) / dur),
+        ("Input token throughput (tok/s)", n_in / dur),
+        ("Output token throughput (tok/s)", n_out / dur),
+        ("Mean E2E Latency (ms)", float(e2e.mean())),
+        ("Median E2E Latency (ms)", float(np.median(e2e))),
+        ("P99 E2E Latency (ms)", float(np.percentile(e2e, 99))),
+        ("Mean TTFT (ms)", float(ttft.mean())),
+        ("Median TTFT (ms)", float(np.median(ttft))),
+        ("P99 TTFT (ms)", float(np.percentile(ttft, 99))),
+        ("Mean TPOT (ms)", float(tpot.mean())),
+        ("Median TPOT (ms)", float(np.median(tpot))),
+        ("P99 TPOT (ms)", float(np.percentile(tpot, 99))),
+        ("Mean ITL (ms)", float(itl.mean())),
+        ("Median ITL (ms)", float(np.median(itl))),
+        ("P99 ITL (ms)", float(np.percentile(itl, 99))),
+    ]
+    print_block("Serving Benchmark Result", rows)
+    errors = sorted({r.error for r in results if not r.ok})
+    append_jsonl(
+        args.output_file,
+        {
+            "bench": "serving",
+            "backend": args.backend,
+            "request_rate": args.request_rate,
+            "max_concurrency": args.max_concurrency,
+            "num_prompts": len(results),
+            "completed": len(ok),
+            "duration_s": dur,
+            "output_throughput": n_out / dur,
+            "mean_ttft_ms": float(ttft.mean()),
+            "median_ttft_ms": float(np.median(ttft)),
+            "p99_ttft_ms": float(np.percentile(ttft, 99)),
+            "mean_tpot_ms": float(tpot.mean()),
+            "mean_itl_ms": float(itl.mean()),
+            "p99_itl_ms": float(np.percentile(itl, 99)),
+            "mean_e2e_ms": float(e2e.mean()),
+            "errors": errors[:5],
+        },
+    )
+
+
+def start_smoke_server(args) -> subprocess.Popen:
+    """--smoke: a tiny random model served on a free loopback port, so the script checks itself on CPU."""
+    import socket
+
+    import requests
+
+    path = make_random_checkpoint("tiny", f"{args.model_cache}/tiny-float32", "float32")
+    from pathlib import Path
+
+    if not (Path(path) / "tokenizer.json").exists():  # the server detokenizes: borrow the default model's
+        from transformers import AutoTokenizer
+
+        from jaxrt.default_model import default_model_path
+
+        AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jaxrt.launch_server",
+            "--model-path",
+            path,
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--chunked-prefill-size",
+            "32",
+            "--max-running-requests",
+            "4",
+            "--context-length",
+            "128",
+            "--num-pages",
+            "64",
+            "--skip-server-warmup",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    args.base_url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        assert proc.poll() is None, "smoke server exited"
+        try:
+            if requests.get(f"{args.base_url}/health", timeout=2).status_code == 200:
+                return proc
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise TimeoutError("smoke server did not become healthy")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--backend", default="jaxrt", choices=["jaxrt", "openai"])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--base-url", default=None)
+    p.add_argument(
+        "--model", default=None, help="model name for the OpenAI backend (default: first of /v1/models)"
+    )
+    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--random-input-len", type=int, default=128)
+    p.add_argument("--random-output-len", type=int, default=256)
+    p.add_argument("--random-range-ratio", type=float, default=1.0)
+    p.add_argument("--vocab-size", type=int, default=32000, help="token ids are drawn below this")
+    p.add_argument("--request-rate", type=float, default=float("inf"))
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--output-file", default=None)
+    p.add_argument("--model-cache", default="/tmp/jaxrt-bench-models")
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args()
+    proc = None
+    if args.smoke:
+        args.num_prompts, args.random_input_len, args.random_output_len, args.vocab_size = 6, 16, 6, 500
+        args.request_rate, args.max_concurrency = 20.0, 4
+        proc = start_smoke_server(args)
+    args.base_url = args.base_url or f"http://{args.host}:{args.port}"
+    try:
+        if args.backend == "openai" and args.model is None:
+            import requests
+
+            args.model = requests.get(f"{args.base_url}/v1/models", timeout=30).json()["data"][0]["id"]
+        reqs = random_requests(
+            args.num_prompts,
+            args.random_input_len,
+            args.random_output_len,
+            args.random_range_ratio,
+            args.vocab_size,
+            args.seed,
+        )
+        results, dur = asyncio.run(run(args, reqs))
+        summarize(args, results, dur)
+        if args.smoke:
+            assert all(r.ok for r in results), [r.error for r in results]
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    main()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from pathlib import Path
 
 
 def main() -> None:
@@ -25,7 +26,7 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = [json.loads(line) for f in args.files for line in open(f) if line.strip()]
+    recs = [json.loads(line) for f in args.files for line in Path(f).read_text().splitlines() if line.strip()]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
 
     decode = defaultdict(list)

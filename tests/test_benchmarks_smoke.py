@@ -41,3 +41,15 @@ def test_benchmark_smoke(script, tmp_path, default_model_dir):
     if name == "bench_offline.py":
         assert "Offline Throughput Benchmark Result" in proc.stdout
         assert records[0]["output_throughput"] > 0
+
+
+def test_plot_results_makes_a_png(tmp_path):
+    out = tmp_path / "plot.png"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "plot_results.py"), str(BENCH / "results" / "h100-2026-11-27.jsonl"), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -106,8 +106,8 @@ def _checkpointer(restore_gb: float | None = None):
 
 def _restore_budget_gb(sizes: list[int]) -> float:
     """In-flight restore bytes: the largest array (a smaller budget cannot hold it), at least 1/8 of the total
-    and 128 MiB, so that reads still overlap."""
-    return max(max(sizes, default=0), sum(sizes) / 8, 128 << 20) / 2**30
+    and 128 MiB, so that reads still overlap. Orbax counts this budget in decimal GB (1e9 bytes)."""
+    return max(max(sizes, default=0) * 1.05, sum(sizes) / 8, 128 << 20) / 1e9
 
 
 def save_params(state: nnx.State, directory: str | Path) -> None:

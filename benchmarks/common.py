@@ -114,10 +114,10 @@ def ensure_checkpoint(args) -> str:
         return args.model_path
     out = Path(args.model_cache) / f"{args.random_model}-{args.random_dtype}"
     if not (out / "config.json").exists():
+        here = str(Path(__file__).parent)
         code = (
-            "import sys; sys.path.insert(0, %r); from common import make_random_checkpoint; "
-            "make_random_checkpoint(%r, %r, %r)"
-            % (str(Path(__file__).parent), args.random_model, str(out), args.random_dtype)
+            f"import sys; sys.path.insert(0, {here!r}); from common import make_random_checkpoint; "
+            f"make_random_checkpoint({args.random_model!r}, {str(out)!r}, {args.random_dtype!r})"
         )
         subprocess.run([sys.executable, "-c", code], check=True, cwd=str(Path(__file__).parent))
     return str(out)

@@ -27,7 +27,16 @@ def test_benchmark_smoke(script, tmp_path, default_model_dir):
     out = tmp_path / "results.jsonl"
     name, *extra = script.split()
     proc = subprocess.run(
-        [sys.executable, str(BENCH / name), "--smoke", *extra, "--output-file", str(out), "--model-cache", str(tmp_path)],
+        [
+            sys.executable,
+            str(BENCH / name),
+            "--smoke",
+            *extra,
+            "--output-file",
+            str(out),
+            "--model-cache",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -46,7 +55,13 @@ def test_benchmark_smoke(script, tmp_path, default_model_dir):
 def test_plot_results_makes_a_png(tmp_path):
     out = tmp_path / "plot.png"
     proc = subprocess.run(
-        [sys.executable, str(BENCH / "plot_results.py"), str(BENCH / "results" / "h100-2026-11-27.jsonl"), "-o", str(out)],
+        [
+            sys.executable,
+            str(BENCH / "plot_results.py"),
+            str(BENCH / "results" / "h100-2026-11-27.jsonl"),
+            "-o",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=300,

@@ -83,7 +83,9 @@ def test_reference_matches_naive(q_lens, ctx_lens, page_size, heads, window, cap
             backend="reference",
         )
     )
-    exp = naive(q, np.nan_to_num(k_pages), np.nan_to_num(v_pages), kv_lens, page_indices, cu, n, scale, window, cap)
+    exp = naive(
+        q, np.nan_to_num(k_pages), np.nan_to_num(v_pages), kv_lens, page_indices, cu, n, scale, window, cap
+    )
     np.testing.assert_allclose(got, exp, atol=2e-5, rtol=1e-5)
     assert np.all(got[cu[n] :] == 0)  # padding rows
 

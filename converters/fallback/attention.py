@@ -94,6 +94,7 @@ class StepContext:
         module_names: dict[int, str],
         expected: list[LayerSpec] | None = None,
         head_dim: int | None = None,
+        num_kv_heads: int | None = None,
         backend: str | None = None,
         interpret: bool = False,
     ) -> None:
@@ -102,6 +103,7 @@ class StepContext:
         self.module_names = module_names
         self.expected = expected
         self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
         self.backend = backend
         self.interpret = interpret
         self.specs: list[LayerSpec] = []
@@ -127,10 +129,17 @@ class StepContext:
         is_causal = kwargs.get("is_causal")
         if is_causal is None:
             is_causal = getattr(module, "is_causal", True)
-        if is_causal is False and attention_mask is None:
+        if is_causal is False:
             raise FallbackError(
                 f"{name}: the layer asks for non-causal (bidirectional) attention, which jaxrt's causal paged "
                 "attention does not provide (for BERT-style models: not a decoder)"
+            )
+        if attention_mask is not None:
+            # transformers builds no mask for attn_implementation="jaxrt"; a mask here was made by the layer
+            # itself (a learned or dynamic bias, ALiBi, a custom pattern) and would be silently dropped.
+            raise FallbackError(
+                f"{name}: the layer passes an attention mask / bias of its own making (shape "
+                f"{tuple(getattr(attention_mask, 'shape', ()))}) that jaxrt's paged attention cannot apply"
             )
         for k, v in kwargs.items():
             if k not in _IGNORED_KWARGS and v is not None and hasattr(v, "shape"):
@@ -183,6 +192,9 @@ class StepContext:
         d = self.head_dim
         q, k, v = (jnp.swapaxes(x, 0, 1) for x in (q, k, v))  # [T, heads, dim]
         q, k, v = (_pad_last(x, d) for x in (q, k, v))
+        if self.num_kv_heads and spec.num_kv_heads != self.num_kv_heads:
+            # fewer kv heads than the pool's layout: repeat each (query head i still reads its original kv head)
+            k, v = (jnp.repeat(x, self.num_kv_heads // spec.num_kv_heads, axis=1) for x in (k, v))
         k_pages, v_pages = self.kv_caches[slot]
         k_pages, v_pages = write_kv(k_pages, v_pages, k, v, b.slot_mapping)
         self.kv_caches[slot] = (k_pages, v_pages)
@@ -230,8 +242,9 @@ def jaxrt_attention_forward(
 ) -> tuple[Any, None]:
     """The function registered with ``transformers.AttentionInterface`` under the name ``"jaxrt"``.
 
-    The causal / sliding-window mask is applied inside the paged kernel from the batch layout; transformers'
-    ``attention_mask`` (None for this implementation, or a model-made dense mask) is not used.
+    The causal / sliding-window mask is applied inside the paged kernel from the batch layout. transformers builds
+    no ``attention_mask`` for this implementation; a mask that arrives anyway was made by the layer itself and is
+    refused (it could carry a bias the kernel cannot apply).
     """
     from torchax import interop
 

@@ -137,6 +137,17 @@ def _recurrent_modules(model: Any) -> list[str]:
     ]
 
 
+def _watch_convolutions(model: Any, called: set[str]) -> list[Any]:
+    """Forward hooks recording which ``nn.Conv1d`` (token-mixing convolutions) run during the probe."""
+    import torch
+
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Conv1d):
+            hooks.append(m.register_forward_pre_hook(lambda *_, name=name: called.add(name)))
+    return hooks
+
+
 class FallbackModel:
     """A meta-device transformers model plus what jaxrt needs to run it as ``forward(params, kv, batch)``."""
 
@@ -204,6 +215,8 @@ class FallbackModel:
             )
         batch = _probe_batch(_PROBE_TOKENS)
         ctx = StepContext(batch=batch, kv_caches=None, module_names=self.names)
+        called_convs: set[str] = set()
+        hooks = _watch_convolutions(self.model, called_convs)
         try:
             logits = jax.eval_shape(lambda p: self._call_model(p, batch, ctx), abstract_params)
         except FallbackError:
@@ -220,6 +233,9 @@ class FallbackModel:
                 raise
             except Exception:
                 raise FallbackError(_trace_failure(self.model, e)) from e
+        finally:
+            for h in hooks:
+                h.remove()
         if not ctx.specs:
             raise FallbackError(
                 f"{model_name} never called the attention interface: its attention layers compute attention "
@@ -234,12 +250,21 @@ class FallbackModel:
                 f"attention interface (called: {sorted(called)[:4]}...); the other layers would run without "
                 "their KV cache"
             )
-        kv_heads = {s.num_kv_heads for s in ctx.specs}
-        if len(kv_heads) > 1:
+        convs = sorted(called_convs)
+        if convs:
             raise FallbackError(
-                f"{model_name}: layers have different numbers of kv heads {sorted(kv_heads)}; jaxrt's KV "
-                "pool has one layout for all layers"
+                f"{model_name} runs causal convolutions over the token sequence ({', '.join(convs[:3])}): they "
+                "carry state across tokens that jaxrt's paged KV pool cannot hold"
             )
+        # One pool layout: the most kv heads any layer has; layers with fewer get their heads repeated.
+        pool_kv_heads = max(s.num_kv_heads for s in ctx.specs)
+        for s in ctx.specs:
+            if pool_kv_heads % s.num_kv_heads or s.num_q_heads % pool_kv_heads:
+                kv_heads = sorted({x.num_kv_heads for x in ctx.specs})
+                raise FallbackError(
+                    f"{model_name}: layers have kv-head counts {kv_heads} that do not fit one KV pool layout "
+                    f"({s.module}: {s.num_q_heads} query heads, {s.num_kv_heads} kv heads)"
+                )
         head_dim = max(max(s.qk_head_dim, s.v_head_dim) for s in ctx.specs)
         rows = logits.shape
         if len(rows) != 2 or rows[0] != batch.logits_indices.shape[0]:
@@ -247,7 +272,7 @@ class FallbackModel:
         return FallbackPlan(
             layers=tuple(ctx.specs),
             head_dim=int(head_dim),
-            num_kv_heads=kv_heads.pop(),
+            num_kv_heads=pool_kv_heads,
             vocab_size=int(rows[1]),
         )
 
@@ -260,6 +285,7 @@ class FallbackModel:
             module_names=self.names,
             expected=list(plan.layers),
             head_dim=plan.head_dim,
+            num_kv_heads=plan.num_kv_heads,
             backend=self.backend,
             interpret=self.interpret,
         )

@@ -14,27 +14,6 @@ os.environ.setdefault("JAXRT_DISABLE_PROGRESS", "1")
 
 import pytest  # noqa: E402
 
-
-def _warm_transformers_kernels_probe() -> None:
-    """transformers probes for the Hugging Face ``kernels`` package (``import kernels``) the first time it is
-    imported. Under ``python -m pytest`` the checkout root is on sys.path, the probe finds jaxrt's own
-    ``kernels/`` folder, which refuses to import under that name, and every transformers model import fails.
-    Run the (cached) probe once with the checkout root hidden, so it answers "not installed"."""
-    import sys
-
-    root = str(Path(__file__).resolve().parents[2])
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != root]
-    try:
-        from transformers.utils.import_utils import is_kernels_available
-
-        is_kernels_available()
-    finally:
-        sys.path[:] = saved
-
-
-_warm_transformers_kernels_probe()
-
 REMOTE_CODE = Path(__file__).parent / "remote_code"
 TOKENIZER_TEXTS = [
     "The capital of France is Paris.",

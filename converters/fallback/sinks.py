@@ -1,6 +1,6 @@
 """Ragged paged attention with per-head attention sinks, in plain XLA, for the fallback's sink layers.
 
-Attention sinks (gpt-oss, Granite-SWA, DeepSeek-V4: transformers passes them as ``s_aux``) add one learned
+Attention sinks (gpt-oss, Granite-SWA, MiMo-V2-Flash: transformers passes them as ``s_aux``) add one learned
 logit per head to every softmax denominator: ``out = sum_j e^{s_j} v_j / (sum_j e^{s_j} + e^{sink})``.
 `jaxrt.kernels.ragged_paged_attention` takes no sinks and returns no log-sum-exp, so the denominator cannot be
 corrected afterwards; this is the same online-softmax page loop as `jaxrt.kernels.reference` with the sink

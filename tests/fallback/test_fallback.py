@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_checkpoint, make_remote_code_checkpoint
 from fallback_sweep import NEW_TOKENS, hf_greedy_ids, prompts
+from fallback_testing import make_checkpoint, make_remote_code_checkpoint
 from jaxrt_testing import assert_no_leak
 
 import jaxrt

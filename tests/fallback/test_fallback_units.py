@@ -102,7 +102,7 @@ def test_jaxrt_experts_match_transformers(model_type):
 
 
 def test_missing_tensor_is_named(tmp_path):
-    from conftest import make_checkpoint
+    from fallback_testing import make_checkpoint
     from safetensors.torch import load_file, save_file
 
     from jaxrt.converters.fallback import build_fallback

@@ -7,7 +7,7 @@ import time
 
 import httpx
 import openai
-from conftest import API_KEY, metric, wait_idle
+from server_testing import API_KEY, metric, wait_idle
 
 N = 32
 MAX_TOKENS = 12

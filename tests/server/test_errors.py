@@ -8,7 +8,7 @@ import threading
 import httpx
 import openai
 import pytest
-from conftest import API_KEY, sse_events, start_inprocess, wait_idle
+from server_testing import API_KEY, sse_events, start_inprocess, wait_idle
 
 CHAT = "/v1/chat/completions"
 COMP = "/v1/completions"
@@ -195,7 +195,7 @@ def test_503_while_loading_then_failed_load():
 
     live = start_inprocess(factory, wait=False)
     try:
-        from conftest import wait_http
+        from server_testing import wait_http
 
         assert wait_http(live.base_url + "/health", timeout=30, ok=(503,)) == 503
         for method, path in [("POST", "/generate"), ("GET", "/v1/models"), ("GET", "/get_model_info")]:

@@ -13,7 +13,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import spawn_server, wait_http
+from server_testing import spawn_server, wait_http
 
 TEMPLATE = "{% for m in messages %}<<{{ m['role'] }}:{{ m['content'] }}>>{% endfor %}"
 

@@ -7,7 +7,7 @@ import threading
 import time
 
 import httpx
-from conftest import API_KEY, metric, sse_events, wait_idle
+from server_testing import API_KEY, metric, sse_events, wait_idle
 
 GREEDY = {"temperature": 0, "max_new_tokens": 12}
 

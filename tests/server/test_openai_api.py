@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import sse_events
+from server_testing import sse_events
 
 
 def test_models(oai, model_name, server):

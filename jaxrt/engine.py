@@ -9,6 +9,7 @@ server, the CLI and ``generate`` all share one path.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -449,8 +450,6 @@ class Engine:
         if self._stopping:
             raise RuntimeError("the engine is shutting down")
         sp: SamplingParams = spec["sp"]
-        import dataclasses
-
         sp = dataclasses.replace(sp, max_new_tokens=spec["max_new"])
         rid = uuid.uuid4().hex
         req = Request(
@@ -565,8 +564,11 @@ class Engine:
         sched: SchedulerOutput = self.scheduler.schedule()
         if sched.is_empty:
             return None
+        # Stop ids are only laid out for rows still under min_new_tokens (the batch suppresses them there).
         stop_ids = {
-            s.request.request_id: self._tracks[s.request.request_id].stop_ids for s in sched.scheduled
+            s.request.request_id: self._tracks[s.request.request_id].stop_ids
+            for s in sched.scheduled
+            if s.request.num_outputs < s.request.sampling_params.min_new_tokens
         }
         try:
             dev = self.runner.dispatch(sched, stop_ids, prev[1] if prev is not None else None)

@@ -30,7 +30,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True  # accepted for SGLang clients; fast tokenizers ignore it
     n: int = 1
     seed: int | None = None
     return_logprob: bool = False

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -36,9 +36,7 @@ class Tokenizer:
         )
         return list(self.hf.encode(text, add_special_tokens=False))
 
-    def decode(
-        self, ids: list[int], skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True
-    ) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(
             ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
         )
@@ -60,7 +58,6 @@ class IncrementalDetokenizer:
     prefix_offset: int = 0
     read_offset: int = 0
     text: str = ""
-    _pending: list[int] = field(default_factory=list)
 
     def step(self, ids: list[int]) -> str:
         prefix = self.tokenizer.decode(ids[self.prefix_offset : self.read_offset], self.skip_special_tokens)

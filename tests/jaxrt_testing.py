@@ -87,3 +87,61 @@ def assert_no_leak(engine) -> None:
     engine.scheduler.check_invariants()
     for p in range(1, alloc.num_pages):
         assert alloc.refcount(p) in (0, 1)
+
+
+def chunked_prefill_logits(
+    forward,
+    params,
+    cfg,
+    prompts_ids: list[list[int]],
+    page_size: int,
+    chunks: int,
+    num_tokens: int,
+    num_seqs: int,
+) -> np.ndarray:
+    """Last-token logits of each prompt through ``forward`` over a real paged KV pool.
+
+    All prompts go in one ragged batch per step; each is prefilled in ``chunks`` steps, so later chunks attend
+    to KV written by earlier ones. ``forward(params, kv_caches, batch) -> (logits, kv_caches)`` is the model
+    as `jaxrt.step` takes it (native or fallback).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from jaxrt.batch import build_batch
+    from jaxrt.page_table import PageAllocator
+    from jaxrt.request import Request
+    from jaxrt.sampling_params import SamplingParams
+    from jaxrt.scheduler import ScheduledRequest, SchedulerOutput
+
+    fwd = jax.jit(forward)
+    num_pages = 64
+    shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+    kv = [(jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.num_layers)]
+    alloc = PageAllocator(num_pages)
+    reqs = []
+    for i, ids in enumerate(prompts_ids):
+        r = Request(str(i), ids, SamplingParams(), seed=0)
+        r.page_ids = alloc.alloc(-(-len(ids) // page_size))
+        reqs.append(r)
+    logits = None
+    for c in range(chunks):
+        sched = SchedulerOutput()
+        for r in reqs:
+            n = len(r.prompt_token_ids)
+            lo, hi = n * c // chunks, n * (c + 1) // chunks
+            if hi > lo:
+                sched.scheduled.append(ScheduledRequest(r, lo, hi - lo, hi == n))
+        fb, _ = build_batch(
+            sched,
+            num_tokens=num_tokens,
+            num_seqs=num_seqs,
+            pages_per_seq=16,
+            page_size=page_size,
+            vocab_size=cfg.vocab_size,
+            history_len=1,
+            stop_ids={},
+        )
+        logits, kv = fwd(params, kv, fb)
+    # Every prompt's last chunk is in the last step, in prompt order.
+    return np.asarray(logits)[: len(prompts_ids)]

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from jaxrt_testing import assert_no_leak, hf_greedy, hf_last_logits, hf_model
+from jaxrt_testing import assert_no_leak, chunked_prefill_logits, hf_greedy, hf_last_logits, hf_model
 
 import jaxrt
-from jaxrt.batch import build_batch
 from jaxrt.converters.loader import build_native_model, load_hf_config, native_model_config
-from jaxrt.page_table import PageAllocator
-from jaxrt.request import Request
-from jaxrt.sampling_params import SamplingParams
-from jaxrt.scheduler import ScheduledRequest, SchedulerOutput
 from jaxrt.step import nnx_forward
 
 PROMPTS = [
@@ -32,37 +25,7 @@ def native_logits(
     """Last-token logits of each prompt through the native model, paged KV, prefill in ``chunks`` steps."""
     cfg = native_model_config(load_hf_config(path))
     graphdef, state = build_native_model(cfg, path, "float32", "reference")
-    forward = jax.jit(nnx_forward(graphdef))
-    num_pages = 64
-    shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-    kv = [(jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.num_layers)]
-    alloc = PageAllocator(num_pages)
-    reqs = []
-    for i, ids in enumerate(prompts_ids):
-        r = Request(str(i), ids, SamplingParams(), seed=0)
-        r.page_ids = alloc.alloc(-(-len(ids) // page_size))
-        reqs.append(r)
-    logits = None
-    for c in range(chunks):
-        sched = SchedulerOutput()
-        for r in reqs:
-            n = len(r.prompt_token_ids)
-            lo, hi = n * c // chunks, n * (c + 1) // chunks
-            if hi > lo:
-                sched.scheduled.append(ScheduledRequest(r, lo, hi - lo, hi == n))
-        fb, _ = build_batch(
-            sched,
-            num_tokens=256,
-            num_seqs=8,
-            pages_per_seq=16,
-            page_size=page_size,
-            vocab_size=cfg.vocab_size,
-            history_len=1,
-            stop_ids={},
-        )
-        out, kv = forward(state, kv, fb)
-        logits = np.asarray(out)[: len(sched.scheduled)]
-    return logits
+    return chunked_prefill_logits(nnx_forward(graphdef), state, cfg, prompts_ids, page_size, chunks, 256, 8)
 
 
 @pytest.mark.parametrize("chunks", [1, 3])

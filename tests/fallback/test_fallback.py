@@ -5,22 +5,15 @@ from __future__ import annotations
 
 import logging
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from fallback_sweep import NEW_TOKENS, hf_greedy_ids, prompts
 from fallback_testing import make_checkpoint, make_remote_code_checkpoint
-from jaxrt_testing import assert_no_leak
+from jaxrt_testing import assert_no_leak, chunked_prefill_logits
 
 import jaxrt
-from jaxrt.batch import build_batch
 from jaxrt.converters.fallback import FallbackError, build_fallback
 from jaxrt.converters.loader import load_hf_config
-from jaxrt.page_table import PageAllocator
-from jaxrt.request import Request
-from jaxrt.sampling_params import SamplingParams
-from jaxrt.scheduler import ScheduledRequest, SchedulerOutput
 
 ENGINE = dict(
     impl="transformers",
@@ -45,36 +38,7 @@ def engine_greedy(path: str, ids: list[list[int]], **kwargs) -> tuple[list[list[
 def _forward_logits(path: str, prompt_ids: list[list[int]], chunks: int, page_size: int = 4) -> np.ndarray:
     """Last-token logits of each prompt: all prompts in one ragged batch per step, prefill in ``chunks`` steps."""
     cfg, forward, params = build_fallback(path, load_hf_config(path), "float32", "reference")
-    fwd = jax.jit(forward)
-    num_pages = 64
-    shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-    kv = [(jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.num_layers)]
-    alloc = PageAllocator(num_pages)
-    reqs = []
-    for i, ids in enumerate(prompt_ids):
-        r = Request(str(i), ids, SamplingParams(), seed=0)
-        r.page_ids = alloc.alloc(-(-len(ids) // page_size))
-        reqs.append(r)
-    logits = None
-    for c in range(chunks):
-        sched = SchedulerOutput()
-        for r in reqs:
-            n = len(r.prompt_token_ids)
-            lo, hi = n * c // chunks, n * (c + 1) // chunks
-            if hi > lo:
-                sched.scheduled.append(ScheduledRequest(r, lo, hi - lo, hi == n))
-        fb, _ = build_batch(
-            sched,
-            num_tokens=64,
-            num_seqs=4,
-            pages_per_seq=16,
-            page_size=page_size,
-            vocab_size=cfg.vocab_size,
-            history_len=1,
-            stop_ids={},
-        )
-        logits, kv = fwd(params, kv, fb)
-    return np.asarray(logits)[: len(prompt_ids)]
+    return chunked_prefill_logits(forward, params, cfg, prompt_ids, page_size, chunks, 64, 4)
 
 
 @pytest.mark.parametrize("chunks", [1, 3])

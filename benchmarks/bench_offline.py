@@ -31,6 +31,9 @@ def main() -> None:
     p.add_argument("--disable-radix-cache", action="store_true")
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--dtype", default=None)
+    p.add_argument(
+        "--impl", default="auto", choices=["auto", "native", "transformers"], help="model implementation"
+    )
     p.add_argument("--output-file", default=None)
     p.add_argument("--smoke", action="store_true", help="tiny CPU run that checks the script works")
     args = p.parse_args()
@@ -55,6 +58,7 @@ def main() -> None:
         mem_fraction_static=args.mem_fraction_static,
         disable_radix_cache=args.disable_radix_cache,
         attention_backend=args.attention_backend,
+        impl=args.impl,
     )
     startup = time.perf_counter() - t0
     vocab = llm.config.model.vocab_size
@@ -94,7 +98,7 @@ def main() -> None:
     n_out = sum(o["meta_info"]["completion_tokens"] for o in outs)
     assert n_out == sum(o for _, o in reqs), "every request must produce exactly its output length"
     rows = [
-        ("Backend", "jaxrt engine"),
+        ("Backend", f"jaxrt engine ({llm.config.impl})"),
         ("Device", device_name()),
         ("Model", args.model_path or f"random {args.random_model} ({args.random_dtype})"),
         ("Successful requests", len(outs)),
@@ -123,6 +127,7 @@ def main() -> None:
             "bench": "offline",
             "device": device_name(),
             "model": args.model_path or args.random_model,
+            "impl": llm.config.impl,
             "num_prompts": len(outs),
             "input_len": args.random_input_len,
             "output_len": args.random_output_len,

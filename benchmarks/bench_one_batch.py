@@ -20,6 +20,68 @@ def ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
 
 
+KERNEL_GROUPS = (
+    ("attention", ("ragged", "paged", "attention", "_kernel")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "cublas", "sm90_xmma", "dot")),
+    ("sort/top-k", ("sort", "topk", "top_k")),
+    ("reduce", ("reduce", "reduction")),
+    ("copy", ("copy", "memcpy", "memset", "dynamic_update_slice", "scatter")),
+)
+
+
+def kernel_group(name: str) -> str:
+    low = name.lower()
+    for group, keys in KERNEL_GROUPS:
+        if any(k in low for k in keys):
+            return group
+    return "other fusions"
+
+
+def profile_kernels(fn, runner, fb, sb, label: str, top: int, device_s: float, iters: int = 5) -> None:
+    """Per-kernel GPU times of the compiled step (CUPTI, as jax's mosaic GPU profiler reads them)."""
+    import jax
+
+    try:
+        from jax._src.lib import mosaic_gpu as mosaic_gpu_lib
+
+        ext = mosaic_gpu_lib._mosaic_gpu_ext
+    except Exception as e:  # noqa: BLE001 - CPU or a jaxlib without the extension
+        print(f"[profile] {label}: CUPTI unavailable ({type(e).__name__})")
+        return
+    ext._cupti_init()
+    try:
+        for _ in range(iters):
+            out, runner.kv_caches = fn(runner.state, runner.kv_caches, fb, sb, runner._no_prev)
+        jax.block_until_ready(out)
+    finally:
+        timings = ext._cupti_get_timings(True)
+    if not timings:
+        print(f"[profile] {label}: no kernels recorded")
+        return
+    per_iter = len(timings) / iters
+    by_name: dict[str, list[float]] = {}
+    for name, ms in timings:
+        by_name.setdefault(name, []).append(ms)
+    total = sum(ms for _, ms in timings) / iters
+    groups: dict[str, float] = {}
+    for name, times in by_name.items():
+        g = kernel_group(name)
+        groups[g] = groups.get(g, 0.0) + sum(times) / iters
+    print(
+        f"[profile] {label}: {per_iter:.0f} kernels/step, kernel time {total:.3f} ms, "
+        f"wall {device_s * 1e3:.3f} ms (gaps {device_s * 1e3 - total:.3f} ms)"
+    )
+    for g, ms in sorted(groups.items(), key=lambda kv: -kv[1]):
+        print(f"[profile]   {g:<14} {ms:8.3f} ms  {ms / total:5.1%}")
+    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
+    for name, times in ranked[:top]:
+        n = len(times) / iters
+        print(
+            f"[profile]     {sum(times) / iters * 1e3:8.1f} us  x{n:<4.0f} {sum(times) / len(times) * 1e3:7.1f} us  "
+            f"{name[:110]}"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     add_model_args(p)
@@ -32,6 +94,12 @@ def main() -> None:
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--mem-fraction-static", type=float, default=0.85)
     p.add_argument("--output-file", default=None)
+    p.add_argument(
+        "--profile-top",
+        type=int,
+        default=0,
+        help="GPU: also print the step's kernels (CUPTI), grouped, with the K most expensive by name",
+    )
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
     if args.smoke:
@@ -78,7 +146,7 @@ def main() -> None:
             out.scheduled.append(ScheduledRequest(req, ctx - q_len, q_len, True))
         return out
 
-    def time_step(sched: SchedulerOutput) -> tuple[float, float]:
+    def time_step(sched: SchedulerOutput, label: str) -> tuple[float, float]:
         runner.run(sched, {})  # compile + warm
         t = time.perf_counter()
         for _ in range(args.iters):
@@ -97,7 +165,10 @@ def main() -> None:
         for _ in range(args.iters):
             out, runner.kv_caches = fn(runner.state, runner.kv_caches, fb, sb, runner._no_prev)
         jax.block_until_ready(out)
-        return engine_s, (time.perf_counter() - t) / args.iters
+        device_s = (time.perf_counter() - t) / args.iters
+        if args.profile_top:
+            profile_kernels(fn, runner, fb, sb, label, args.profile_top, device_s)
+        return engine_s, device_s
 
     rows = []
     for ctx in args.context_lens:
@@ -106,7 +177,7 @@ def main() -> None:
             if sched is None:
                 print(f"skip decode B={b} C={ctx}: KV pool too small")
                 continue
-            engine_s, device_s = time_step(sched)
+            engine_s, device_s = time_step(sched, f"decode B={b} C={ctx}")
             floor = (weight_bytes + b * ctx * kv_per_token) / args.bandwidth
             rows.append(
                 (
@@ -133,7 +204,7 @@ def main() -> None:
         sched = fake_batch(1, n, n)
         if sched is None:
             continue
-        engine_s, device_s = time_step(sched)
+        engine_s, device_s = time_step(sched, f"prefill L={n}")
         rows.append(
             (
                 f"prefill L={n}",

@@ -3,8 +3,9 @@
 `jaxrt_attention_forward` is registered as ``attn_implementation="jaxrt"``. transformers calls it from each
 attention layer with torch-shaped ``query [1, Hq, T, D]``, ``key``/``value [1, Hkv, T, D]`` (torchax tensors
 wrapping JAX tracers). The per-step state it needs (the KV pool, the `ForwardBatch`) arrives through the model's
-``**kwargs`` as ``jaxrt_ctx``: a `StepContext` that the fallback's forward creates inside each traced call and
-drops afterwards, so nothing here is a module-level mutable global.
+``**kwargs`` as ``jaxrt_ctx`` (or, for layers that do not forward their kwargs, from the calling module, where the
+fallback's forward puts it for the duration of the call): a `StepContext` that the fallback's forward creates
+inside each traced call and drops afterwards, so nothing here is a module-level mutable global.
 
 Each attention *call* gets a KV slot in call order (slot i is ``kv_caches[i]``); `StepContext` checks that the call
 sequence matches the one recorded by the build-time probe, so a model whose layers route attention differently
@@ -249,12 +250,13 @@ def jaxrt_attention_forward(
     from torchax import interop
 
     ctx = kwargs.get(CTX_KWARG)
+    if ctx is None:  # the layers dropped **kwargs: the model put the context on the module for this call
+        ctx = getattr(module, "__dict__", {}).get(CTX_KWARG)
     if not isinstance(ctx, StepContext):
         raise FallbackError(
-            f"{type(module).__name__}: the jaxrt attention function was called without the jaxrt step context: "
-            "this model's layers do not pass **kwargs through to the attention interface, so the paged KV "
-            "cache cannot reach them (the model needs `**kwargs` forwarded from the model forward down to "
-            "`attention_interface(...)`)"
+            f"{type(module).__name__}: the jaxrt attention function was called without the jaxrt step context "
+            "(neither in **kwargs nor on the calling module): the call does not come from a layer of the model "
+            "being run, so the paged KV cache cannot reach it"
         )
     kwargs = dict(kwargs)
     sinks = kwargs.pop("s_aux", None)  # per-head attention sinks (gpt-oss, Granite-SWA, DeepSeek-V4)

@@ -9,6 +9,7 @@ jaxrt's single jitted step, with attention routed through ``attn_implementation=
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -175,7 +176,7 @@ class FallbackModel:
         input_ids = jnp.asarray(batch.input_ids)[None, :]
         position_ids = jnp.asarray(batch.positions)[None, :]
         keep = self.keep_logits
-        with env, torch.no_grad():
+        with env, torch.no_grad(), _context_on_modules(self.model, ctx):
             t_params, t_ids, t_pos = interop.torch_view((tensors, input_ids, position_ids))
             kwargs: dict[str, Any] = {
                 "input_ids": t_ids,
@@ -296,6 +297,25 @@ class FallbackModel:
                 f"{len(plan.layers)} at build time"
             )
         return logits, ctx.kv_caches
+
+
+@contextlib.contextmanager
+def _context_on_modules(model: Any, ctx: StepContext):
+    """Make ``ctx`` reachable from every module for the duration of one traced call.
+
+    The context normally travels through ``**kwargs`` from the model's forward to the attention call; some
+    decoder layers call their attention module without forwarding them (Nemotron, StableLM). The attention
+    function then finds the context on the module it is called with. Removed again after the call, so a module
+    never holds a context outside the trace that created it.
+    """
+    modules = [m for _, m in model.named_modules()]
+    for m in modules:
+        m.__dict__[CTX_KWARG] = ctx
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.__dict__.pop(CTX_KWARG, None)
 
 
 _DATA_DEPENDENT = (

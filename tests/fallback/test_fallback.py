@@ -122,15 +122,19 @@ def test_remote_code_model_through_engine(remote_code_dir):
         assert isinstance(text, str)
 
 
-@pytest.mark.parametrize(
-    "mode, message",
-    [
-        ("manual", "never called the attention interface"),
-        ("drop_kwargs", "do not pass **kwargs through to the attention interface"),
-    ],
-)
-def test_model_not_using_the_interface_is_refused_clearly(tmp_path, mode, message):
-    path = make_remote_code_checkpoint(tmp_path / mode, attention_mode=mode)
+def test_model_not_using_the_interface_is_refused_clearly(tmp_path):
+    path = make_remote_code_checkpoint(tmp_path / "manual", attention_mode="manual")
     with pytest.raises(FallbackError) as e:
         jaxrt.Engine(model_path=path, trust_remote_code=True, **ENGINE)
-    assert message in str(e.value)
+    assert "never called the attention interface" in str(e.value)
+
+
+@pytest.mark.parametrize("mode", ["drop_kwargs", "layer_drops_kwargs"])
+def test_layers_that_drop_kwargs_still_reach_the_paged_cache(tmp_path, mode):
+    """The step context reaches the attention call through the module when layers do not forward **kwargs."""
+    path = make_remote_code_checkpoint(tmp_path / mode, attention_mode=mode)
+    ids = prompts(320)
+    expected = hf_greedy_ids(path, ids, trust_remote_code=True)
+    got, llm = engine_greedy(path, ids, trust_remote_code=True)
+    with llm:
+        assert got == expected

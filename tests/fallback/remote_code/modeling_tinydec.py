@@ -3,8 +3,9 @@
 ``config.attention_mode`` picks how its attention layers behave:
 - ``"interface"``: the transformers way, attention through ``ALL_ATTENTION_FUNCTIONS`` with ``**kwargs`` passed on;
 - ``"manual"``: attention computed in the layer itself (never calls the interface);
-- ``"drop_kwargs"``: calls the interface but does not forward ``**kwargs``.
-The last two must make jaxrt's fallback refuse the model with a clear error.
+- ``"drop_kwargs"``: calls the interface but does not forward ``**kwargs``;
+- ``"layer_drops_kwargs"``: the decoder layer calls its attention module without ``**kwargs``.
+``"manual"`` must make jaxrt's fallback refuse the model with a clear error; the others must run.
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ class TinyDecLayer(nn.Module):
         )
 
     def forward(self, hidden, cos, sin, attention_mask, past_key_values=None, **kwargs):
+        if self.attn.config.attention_mode == "layer_drops_kwargs":
+            kwargs = {}
         hidden = hidden + self.attn(self.norm1(hidden), cos, sin, attention_mask, past_key_values, **kwargs)
         return hidden + self.mlp(self.norm2(hidden))
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrt.config import ModelConfig
+from jaxrt.converters.fallback.adapters import install_adapters
 from jaxrt.converters.fallback.attention import (
     ATTN_IMPLEMENTATION,
     CTX_KWARG,
@@ -111,6 +112,9 @@ def build_meta_model(hf_config: Any, dtype: str, trust_remote_code: bool):
         ) from e
     # Parameter tying is skipped for meta-initialised weights; tie now so tied names share one param.
     model.tie_weights()
+    adapted = install_adapters(model)
+    if adapted:
+        logger.info("transformers fallback: trace-friendly adapters for %s", ", ".join(adapted))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -101,6 +101,61 @@ def test_jaxrt_experts_match_transformers(model_type):
     np.testing.assert_allclose(np.asarray(got), expected.numpy(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "model_type, cls_name, overrides",
+    [("dbrx", "DbrxExperts", {}), ("longcat_flash", "LongcatFlashExperts", {"zero_expert_num": 3})],
+)
+def test_expert_adapters_match_the_modules_own_forward(model_type, cls_name, overrides):
+    """The static-shape adapters (adapters.py) against the data-dependent loop they replace, same weights."""
+    import jax
+    from fallback_sweep import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from jaxrt.converters.fallback.adapters import install_adapters
+
+    tx = import_torchax()
+    from torchax import interop
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=torch.float32)
+    experts = next(m for m in model.modules() if type(m).__name__ == cls_name)
+    for p in experts.parameters():
+        p.data.normal_(0, 0.2)
+    n_idx = getattr(experts, "total_experts", getattr(experts, "num_experts", 0))
+    hidden = torch.randn(7, model.config.hidden_size)
+    idx = torch.stack([torch.randperm(n_idx)[:2] for _ in range(7)])
+    idx[0] = torch.tensor([n_idx - 1, 0])  # an identity expert for LongCat, the last routed one for DBRX
+    weights = torch.rand(7, 2)
+    with torch.no_grad():
+        expected = experts(hidden, idx, weights)
+    assert install_adapters(model) != [] and "forward" in experts.__dict__
+    assert "forward" not in type(experts).__dict__ or type(experts).forward is not experts.forward
+    params = {k: jnp.asarray(v.detach().numpy()) for k, v in experts.named_parameters()}
+
+    @jax.jit
+    def run(p, h, i, w):
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        with tx.default_env(), torch.no_grad(), _reparametrize_module(experts, interop.torch_view(p)):
+            res = experts(*interop.torch_view((h, i, w)))
+        return interop.jax_view(res)
+
+    got = run(params, jnp.asarray(hidden.numpy()), jnp.asarray(idx.numpy()), jnp.asarray(weights.numpy()))
+    np.testing.assert_allclose(
+        np.asarray(got).reshape(expected.shape), expected.numpy(), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_adapters_skip_classes_outside_transformers():
+    """A remote-code class that shares a name with an adapted transformers class keeps its own forward."""
+    from jaxrt.converters.fallback.adapters import install_adapters
+
+    DbrxExperts = type("DbrxExperts", (torch.nn.Module,), {"forward": lambda self, x: x})
+    model = torch.nn.Sequential(DbrxExperts())
+    assert install_adapters(model) == []
+    assert "forward" not in model[0].__dict__
+
+
 def test_missing_tensor_is_named(tmp_path):
     from fallback_testing import make_checkpoint
     from safetensors.torch import load_file, save_file

@@ -1,9 +1,15 @@
-"""Per-class adapters for transformers modules that cannot be traced as written, with the same math.
+"""Per-class adapters for transformers modules that cannot run on jaxrt as written, with the same math.
 
-Some transformers classes dispatch MoE experts with data-dependent Python (``.tolist()``, ``nonzero`` loops,
-``.cpu()`` group sizes). For those, `install_adapters` replaces ``forward`` *on the instances of the fallback's own
-meta model* (never on the class: transformers' models elsewhere in the process are untouched) with a static-shape
-equivalent built on `experts.route` / `experts.grouped`. Adapters are keyed by class name and only apply to
+- **Inline attention.** Older architectures compute attention in the layer (``_attn`` with a ``[T, T]`` causal
+  mask buffer) or pick attention classes from a fixed ``attn_implementation`` table, so the attention interface
+  never sees them. Their adapter replaces only the attention *core*: q/k/v after the layer's own projections and
+  rotary go to `attention.attend_module` (paged KV write + ragged paged attention) with the layer's scaling and
+  local window; the projections, rotary and output projection stay the model's code.
+- **MoE experts** dispatched with data-dependent Python (``.tolist()``, ``nonzero`` loops, ``.cpu()`` group
+  sizes): a static-shape equivalent built on `experts.route` / `experts.grouped`.
+
+`install_adapters` replaces methods *on the instances of the fallback's own meta model* (never on the class:
+transformers' models elsewhere in the process are untouched). Adapters are keyed by class name and only apply to
 classes defined in transformers itself (``transformers.models.*``), whose code they were checked against: a
 remote-code class that happens to share a name is left alone. Every adapted architecture is verified token-exact
 against transformers by the coverage sweep (``tests/fallback/fallback_sweep.py``).
@@ -11,13 +17,85 @@ against transformers by the coverage sweep (``tests/fallback/fallback_sweep.py``
 
 from __future__ import annotations
 
+import math
+import sys
 import types
 from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
 
+from jaxrt.converters.fallback.attention import FallbackError, attend_module
 from jaxrt.converters.fallback.experts import _j, _t, grouped, route
+
+# ------------------------------------------------------------------------------------------- inline attention
+
+
+def _core_attn(scaling: Callable[[Any], float], window: Callable[[Any], int | None] = lambda m: None):
+    """An ``_attn(query, key, value, attention_mask)`` for layers that hand it ``[1, H, T, D]`` q/k/v (after
+    rotary) and take back ``([1, H, T, D], weights)``. The ``[T, T]`` mask (causal / local) is the kernel's."""
+
+    def _attn(self, query, key, value, attention_mask=None, *args, **kwargs):
+        out = attend_module(self, query, key, value, scaling(self), window(self))
+        return out.transpose(1, 2), None
+
+    return _attn
+
+
+def _openai_attn(self, q, k, v, attention_mask=None, output_attentions=False):
+    """OpenAI GPT: ``k`` arrives transposed ``[1, H, D, T]``; scores scaled by 1/sqrt(D) only if ``self.scale``."""
+    scaling = 1.0 / math.sqrt(v.size(-1)) if self.scale else 1.0
+    return [attend_module(self, q, k.transpose(-1, -2), v, scaling).transpose(1, 2)]
+
+
+def _xglm_attention(
+    self, hidden_states, key_value_states=None, past_key_values=None, attention_mask=None, **kw
+):
+    """XGLM self-attention (query pre-scaled, as the original); cross-attention has no place in a decoder-only
+    runtime."""
+    if key_value_states is not None:
+        raise FallbackError(f"{type(self).__name__}: cross-attention (encoder states) is not supported")
+    b, t, _ = hidden_states.size()
+    q = (self.q_proj(hidden_states) * self.scaling).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+    k = self.k_proj(hidden_states).view(b, t, -1, self.head_dim).transpose(1, 2)
+    v = self.v_proj(hidden_states).view(b, t, -1, self.head_dim).transpose(1, 2)
+    out = attend_module(self, q, k, v, 1.0).reshape(b, t, self.embed_dim)
+    return self.out_proj(out), None
+
+
+def _falcon_attention(
+    self,
+    hidden_states,
+    alibi,
+    attention_mask,
+    position_ids=None,
+    layer_past=None,
+    use_cache=False,
+    output_attentions=False,
+    position_embeddings=None,
+    **kwargs,
+):
+    """Falcon (rotary variants). ALiBi variants are refused: the paged kernel takes no positional bias."""
+    if alibi is not None:
+        raise FallbackError(
+            f"{type(self).__name__}: ALiBi position bias (config.alibi=True) that jaxrt's paged attention cannot "
+            "apply"
+        )
+    q, k, v = self._split_heads(self.query_key_value(hidden_states))
+    b, t = q.shape[:2]
+    kv_heads = self.num_heads if self.new_decoder_architecture else self.num_kv_heads
+    q = q.transpose(1, 2).reshape(b, self.num_heads, t, self.head_dim)
+    k = k.transpose(1, 2).reshape(b, kv_heads, t, self.head_dim)
+    v = v.transpose(1, 2).reshape(b, kv_heads, t, self.head_dim)
+    cos, sin = position_embeddings
+    q, k = sys.modules[type(self).__module__].apply_rotary_pos_emb(q, k, cos, sin)
+    if self.new_decoder_architecture and self.num_kv_heads < self.num_heads:
+        # _split_heads broadcast each kv head over its query group (head h = kv * group + g): cache one copy
+        group = self.num_heads // self.num_kv_heads
+        k, v = k[:, ::group], v[:, ::group]
+    out = attend_module(self, q, k, v, 1.0 / math.sqrt(self.head_dim))
+    return self.dense(out.reshape(b, t, self.num_heads * self.head_dim)), None
+
 
 # ---------------------------------------------------------------------------------------------- MoE experts
 
@@ -87,7 +165,23 @@ def _jetmoe_parallel_experts(self, inputs, expert_size):
 # ------------------------------------------------------------------------------------------------- registry
 
 # class name -> {method name: replacement}; all replacements of a class are installed together.
+ATTENTION_ADAPTERS: dict[str, dict[str, Callable[..., Any]]] = {
+    "GPTJAttention": {"_attn": _core_attn(lambda m: 1.0 / m.scale_attn)},
+    "CodeGenAttention": {"_attn": _core_attn(lambda m: 1.0 / m.scale_attn)},
+    "GPTNeoXJapaneseAttention": {"_attn": _core_attn(lambda m: 1.0 / m.norm_factor)},
+    # GPT-Neo does not scale its scores; "local" layers see the last window_size tokens (self included)
+    "GPTNeoSelfAttention": {
+        "_attn": _core_attn(
+            lambda m: 1.0, lambda m: m.config.window_size if m.attention_type == "local" else None
+        )
+    },
+    "Attention": {"_attn": _openai_attn},  # transformers.models.openai
+    "XGLMAttention": {"forward": _xglm_attention},
+    "FalconAttention": {"forward": _falcon_attention},
+}
+_ADAPTER_MODULES = {"Attention": "transformers.models.openai."}  # generic class names: only in that model
 ADAPTERS: dict[str, dict[str, Callable[..., Any]]] = {
+    **ATTENTION_ADAPTERS,
     "DbrxExperts": {"forward": _dbrx_experts},
     "LongcatFlashExperts": {"forward": _longcat_experts},
     "AriaGroupedExpertsGemm": {"forward": _aria_grouped_gemm},
@@ -97,7 +191,7 @@ ADAPTERS: dict[str, dict[str, Callable[..., Any]]] = {
 
 
 def _is_transformers_class(cls: type) -> bool:
-    return cls.__module__.startswith("transformers.models.")
+    return cls.__module__.startswith(_ADAPTER_MODULES.get(cls.__name__, "transformers.models."))
 
 
 def install_adapters(model: Any) -> list[str]:

@@ -265,6 +265,23 @@ def jaxrt_attention_forward(
     return interop.torch_view(out), None
 
 
+def attend_module(module, query, key, value, scaling: float, sliding_window: int | None = None):
+    """Paged causal attention for a layer that computes attention inline (see ``adapters.py``).
+
+    ``query [1, Hq, T, Dk]``, ``key [1, Hkv, T, Dk]``, ``value [1, Hkv, T, Dv]`` (torch, after projections and
+    rotary) -> ``[1, T, Hq, Dv]`` torch, exactly what the attention interface returns, in ``value``'s dtype.
+    """
+    from torchax import interop
+
+    ctx = getattr(module, "__dict__", {}).get(CTX_KWARG)
+    if not isinstance(ctx, StepContext):
+        raise FallbackError(f"{type(module).__name__}: adapted attention called outside a jaxrt step")
+    q, k, v = interop.jax_view((query, key, value))
+    q, k = q.astype(v.dtype), k.astype(v.dtype)
+    out = ctx.attend(module, q, k, v, None, scaling, {"sliding_window": sliding_window})
+    return interop.torch_view(out)
+
+
 def register_attention() -> None:
     """Register ``attn_implementation="jaxrt"`` with transformers (idempotent).
 

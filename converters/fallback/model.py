@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrt.config import ModelConfig
-from jaxrt.converters.fallback.adapters import install_adapters
+from jaxrt.converters.fallback.adapters import ATTENTION_ADAPTERS, install_adapters
 from jaxrt.converters.fallback.attention import (
     ATTN_IMPLEMENTATION,
     CTX_KWARG,
@@ -92,29 +92,40 @@ def build_meta_model(hf_config: Any, dtype: str, trust_remote_code: bool):
         "attn_implementation": ATTN_IMPLEMENTATION,
         "dtype": _torch_dtype(dtype),
     }
-    try:
+
+    def build(attn_implementation: str):
+        kw = {**kwargs, "attn_implementation": attn_implementation}
         with init_empty_weights(include_buffers=False):
             try:
-                model = AutoModelForCausalLM.from_config(
-                    config, experts_implementation=EXPERTS_IMPLEMENTATION, **kwargs
+                return AutoModelForCausalLM.from_config(
+                    copy.deepcopy(config), experts_implementation=EXPERTS_IMPLEMENTATION, **kw
                 )
             except (ValueError, KeyError, TypeError) as e:
                 if "experts_implementation" not in str(e):
                     raise
-                model = AutoModelForCausalLM.from_config(config, **kwargs)
+                return AutoModelForCausalLM.from_config(copy.deepcopy(config), **kw)
+
+    table_error = None
+    try:
+        model = build(ATTN_IMPLEMENTATION)
     except KeyError as e:
         if ATTN_IMPLEMENTATION not in str(e):
             raise
-        raise FallbackError(
-            f"{name} picks its attention classes from a fixed table keyed by attn_implementation (KeyError "
-            f"{e}) instead of calling transformers' attention interface, so jaxrt cannot plug in its paged "
-            "attention"
-        ) from e
+        # Attention classes from a fixed table: build the eager classes, then adapt their attention core.
+        table_error = e
+        model = build("eager")
+        model.config._attn_implementation = ATTN_IMPLEMENTATION  # no [T, T] masks built at the model level
     # Parameter tying is skipped for meta-initialised weights; tie now so tied names share one param.
     model.tie_weights()
     adapted = install_adapters(model)
+    if table_error is not None and not set(adapted) & set(ATTENTION_ADAPTERS):
+        raise FallbackError(
+            f"{name} picks its attention classes from a fixed table keyed by attn_implementation (KeyError "
+            f"{table_error}) instead of calling transformers' attention interface, and jaxrt has no adapter for "
+            "them, so it cannot plug in its paged attention"
+        ) from table_error
     if adapted:
-        logger.info("transformers fallback: trace-friendly adapters for %s", ", ".join(adapted))
+        logger.info("transformers fallback: adapters for %s", ", ".join(adapted))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

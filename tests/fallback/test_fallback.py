@@ -138,3 +138,31 @@ def test_layers_that_drop_kwargs_still_reach_the_paged_cache(tmp_path, mode):
     got, llm = engine_greedy(path, ids, trust_remote_code=True)
     with llm:
         assert got == expected
+
+
+# ============================================================================== adapted (inline) attention
+
+
+@pytest.mark.parametrize(
+    "model_type, overrides",
+    [
+        # Falcon-40B style: grouped kv heads broadcast over their query group, cached once per kv head
+        ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2, num_attention_heads=4)),
+        ("gpt_neo", dict(attention_types=[[["local", "global"], 1]], window_size=5)),
+    ],
+)
+def test_adapted_attention_variants_match_transformers(tmp_path, model_type, overrides):
+    path = make_checkpoint(tmp_path / model_type, model_type, **overrides)
+    ids = prompts(320)
+    expected = hf_greedy_ids(path, ids)
+    got, llm = engine_greedy(path, ids, skip_tokenizer_init=True)
+    with llm:
+        assert got == expected
+        if overrides.get("new_decoder_architecture"):
+            assert llm.config.model.num_kv_heads == 2
+
+
+def test_alibi_falcon_is_refused(tmp_path):
+    path = make_checkpoint(tmp_path / "falcon", "falcon", alibi=True)
+    with pytest.raises(FallbackError, match="ALiBi"):
+        jaxrt.Engine(model_path=path, skip_tokenizer_init=True, **ENGINE)

@@ -2,6 +2,8 @@
 
 from jaxrt.kernels.attention import (
     BACKEND_NAMES,
+    AttentionMetadata,
+    attention_metadata,
     ragged_paged_attention,
     register_backend,
     resolve_backend,
@@ -11,6 +13,8 @@ from jaxrt.kernels.reference import ragged_paged_attention_reference, write_kv_r
 
 __all__ = [
     "BACKEND_NAMES",
+    "AttentionMetadata",
+    "attention_metadata",
     "ragged_paged_attention",
     "ragged_paged_attention_reference",
     "register_backend",

@@ -16,6 +16,7 @@ power-of-two row count as the Triton lowering requires.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,10 @@ META_KV_LEN = 3  # kv_lens[seq]
 META_LO_BLK = 4  # first kv compute block the block needs (sliding window start)
 META_HI_BLK = 5  # one past the last kv compute block the block needs (causal end)
 META_Q_START = 6  # row of q (token index) holding the block's first query token
+# Rows of the output tile the work item writes: nrows for a real work item; for an empty one, the number of
+# padding rows (past cu_q_lens[num_seqs]) it zero-fills from META_Q_START on, so that kernels which store
+# straight into the [num_tokens, ...] output leave no row unwritten.
+META_OUT_ROWS = 7
 META_COLS = 8
 
 
@@ -44,11 +49,21 @@ def cdiv(a, b):
 
 
 def num_work_items(num_tokens: int, max_num_seqs: int, block_q: int) -> int:
-    """Static upper bound on sum_i ceil(q_len_i / block_q) over a batch of ``num_tokens`` tokens."""
-    # ceil(q / B) <= floor(q / B) + 1 for every sequence with q >= 1, and every work item holds >= 1 token.
-    return max(1, min(num_tokens, num_tokens // block_q + min(max_num_seqs, num_tokens)))
+    """Static bound on the work items of a batch of ``num_tokens`` tokens, padding blocks included.
+
+    Real work items: sum_i ceil(q_i / B) <= sum_i floor(q_i / B) + k (k <= min(max_num_seqs, num_tokens)
+    sequences with q_i >= 1); the padding rows P = num_tokens - sum_i q_i need ceil(P / B) more, and
+    sum_i floor(q_i / B) + ceil(P / B) <= ceil(num_tokens / B) <= num_tokens // B + 1. With num_tokens
+    items the bound also holds, since every real item holds >= 1 token and every padding item >= 1 row.
+    """
+    return max(1, min(num_tokens, num_tokens // block_q + 1 + min(max_num_seqs, num_tokens)))
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["meta", "token_work", "token_row", "token_valid"],
+    meta_fields=["block_q", "group", "group_pad", "block_kv", "num_work"],
+)
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Static tiling of a call plus the traced per-work-item / per-token index arrays."""
@@ -59,9 +74,10 @@ class Plan:
     block_kv: int  # kv tokens per compute block (a multiple of page_size)
     num_work: int
     meta: jax.Array  # [num_work, META_COLS] int32
-    token_work: jax.Array  # [num_tokens] int32, work item of each token (0 for padding rows)
-    token_row: jax.Array  # [num_tokens] int32, row of the token inside its work item
-    token_valid: jax.Array  # [num_tokens] bool
+    # Token -> tile maps (None when make_plan was asked for no token map):
+    token_work: jax.Array | None  # [num_tokens] int32, work item of each token (0 for padding rows)
+    token_row: jax.Array | None  # [num_tokens] int32, row of the token inside its work item
+    token_valid: jax.Array | None  # [num_tokens] bool
 
     @property
     def rows(self) -> int:
@@ -80,6 +96,7 @@ def make_plan(
     num_seqs: jax.Array,
     sliding_window: int | None,
     search_method: str = "compare_all",
+    token_map: bool = True,
 ) -> Plan:
     group = num_q_heads // num_kv_heads
     group_pad = next_pow2(group)
@@ -112,11 +129,16 @@ def make_plan(
     lo_blk = lo // block_kv
     hi_blk = jnp.where(nrows > 0, (hi + block_kv - 1) // block_kv, 0)
     lo_blk = jnp.minimum(lo_blk, hi_blk)
-    q_start = jnp.where(w_valid, cu_q_lens[w_seq] + w_blk * block_q, 0)
+    # Work items past the real ones cover the padding rows, block_q rows each (see num_work_items).
+    pad_start = cu_q_lens[n] + (w - cum[-1]) * block_q
+    pad_rows = jnp.clip(num_tokens - pad_start, 0, block_q)
+    q_start = jnp.where(w_valid, cu_q_lens[w_seq] + w_blk * block_q, jnp.clip(pad_start, 0, num_tokens))
+    out_rows = jnp.where(w_valid, nrows, pad_rows)
     meta = jnp.stack(
-        [jnp.where(w_valid, w_seq, 0), first_pos, nrows, kv_len, lo_blk, hi_blk, q_start, jnp.zeros_like(w)],
-        axis=1,
+        [jnp.where(w_valid, w_seq, 0), first_pos, nrows, kv_len, lo_blk, hi_blk, q_start, out_rows], axis=1
     ).astype(jnp.int32)
+    if not token_map:
+        return Plan(block_q, group, group_pad, block_kv, num_work, meta, None, None, None)
 
     # Token -> (work item, row) for scattering results back.
     t = jnp.arange(num_tokens, dtype=jnp.int32)

@@ -7,39 +7,71 @@ Backends (``backend=``):
 - ``"pallas_tpu"``: Pallas Mosaic TPU kernel.
 - ``"auto"`` / ``None``: the best one registered for the default device's platform.
 
+A backend that cannot take a call's shapes or dtypes (its ``supports`` predicate gives a reason) hands the
+call to the reference, here, for every backend alike.
+
 ``interpret=True`` runs a Pallas backend in Pallas interpret mode (CPU tests).
+
+Planning: the Pallas backends turn ``cu_q_lens`` / ``kv_lens`` / ``num_seqs`` into a work list with a few
+small XLA ops. That work depends only on the batch, not on the layer, so a model computes it once per step
+with ``attention_metadata`` and passes it to every layer's ``ragged_paged_attention(..., metadata=...)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import logging
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jaxrt.kernels.reference import ragged_paged_attention_reference, write_kv_reference
 
-# name -> implementation with the signature of `ragged_paged_attention_reference` plus `interpret`.
-_BACKENDS: dict[str, Callable[..., jax.Array]] = {}
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Backend:
+    # Signature of `ragged_paged_attention_reference` plus `interpret` (and `metadata` when `metadata_fn`).
+    fn: Callable[..., jax.Array]
+    # (q, k_pages) -> None if the backend takes them, else the reason it does not (objects with .shape/.dtype).
+    supports: Callable[[Any, Any], str | None] | None
+    # (q, k_pages, kv_lens, page_indices, cu_q_lens, num_seqs) -> a pytree the backend takes as `metadata`.
+    metadata_fn: Callable[..., Any] | None
+
+
+_BACKENDS: dict[str, _Backend] = {}
 # platform -> preferred backend names, best first.
 _PLATFORM_PREFERENCE: dict[str, list[str]] = {"gpu": [], "tpu": [], "cpu": []}
+_FALLBACKS_LOGGED: set[tuple[str, str]] = set()
 
 BACKEND_NAMES = ("auto", "reference", "pallas_gpu", "pallas_tpu")
 
 
-def register_backend(name: str, fn: Callable[..., jax.Array], platforms: tuple[str, ...] = ()) -> None:
-    """Register an attention backend and make it the preferred one for ``platforms``."""
-    _BACKENDS[name] = fn
+def register_backend(
+    name: str,
+    fn: Callable[..., jax.Array],
+    platforms: tuple[str, ...] = (),
+    *,
+    supports: Callable[[Any, Any], str | None] | None = None,
+    metadata: Callable[..., Any] | None = None,
+) -> None:
+    """Register an attention backend and make it the preferred one for ``platforms``.
+
+    fn: called like ``ragged_paged_attention_reference`` plus ``interpret=`` (and ``metadata=`` when
+    ``metadata`` is given). supports: ``(q, k_pages) -> None | reason``; calls with a reason run the
+    reference instead. metadata: ``(q, k_pages, kv_lens, page_indices, cu_q_lens, num_seqs) -> pytree``,
+    the backend's per-batch planning (see ``attention_metadata``).
+    """
+    _BACKENDS[name] = _Backend(fn, supports, metadata)
     for platform in platforms:
         _PLATFORM_PREFERENCE.setdefault(platform, []).insert(0, name)
 
 
-def _reference(*args, interpret: bool = False, **kwargs) -> jax.Array:
-    del interpret
-    return ragged_paged_attention_reference(*args, **kwargs)
-
-
-register_backend("reference", _reference)
+register_backend("reference", ragged_paged_attention_reference)
 
 
 def _load_pallas_backends() -> None:
@@ -68,15 +100,40 @@ def resolve_backend(backend: str | None = None, platform: str | None = None) -> 
     return backend
 
 
+def _runnable_backend(backend: str | None, q, k_pages) -> str:
+    """The backend that runs a call: the selected one, or the reference when it does not support the call."""
+    name = resolve_backend(backend)
+    supports = _BACKENDS[name].supports
+    reason = None if supports is None else supports(q, k_pages)
+    if reason is None:
+        return name
+    if (name, reason) not in _FALLBACKS_LOGGED:
+        _FALLBACKS_LOGGED.add((name, reason))
+        logger.warning("attention backend %r: %s; running the jnp reference instead", name, reason)
+    return "reference"
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["plan"], meta_fields=["backend"])
+@dataclasses.dataclass(frozen=True)
+class AttentionMetadata:
+    """Per-batch planning of one backend, shared by every attention call over the same batch.
+
+    A pytree (it passes through ``jit`` / ``scan`` / nnx like any array); ``plan`` is backend-specific.
+    """
+
+    backend: str
+    plan: Any
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
 
 
 def validate_inputs(
-    q: jax.Array,
-    k_pages: jax.Array,
-    v_pages: jax.Array,
+    q: Any,
+    k_pages: Any,
+    v_pages: Any,
     kv_lens: jax.Array,
     page_indices: jax.Array,
     cu_q_lens: jax.Array,
@@ -84,10 +141,13 @@ def validate_inputs(
     sliding_window: int | None,
     soft_cap: float | None,
 ) -> None:
-    """Shape and dtype checks shared by every backend (static, so free under jit)."""
-    _check(q.ndim == 3, f"q must be [num_tokens, num_q_heads, head_dim], got shape {q.shape}")
+    """Shape and dtype checks shared by every backend (static, so free under jit).
+
+    q, k_pages, v_pages: arrays or anything with ``.shape`` / ``.dtype``.
+    """
+    _check(len(q.shape) == 3, f"q must be [num_tokens, num_q_heads, head_dim], got shape {q.shape}")
     _check(
-        k_pages.ndim == 4,
+        len(k_pages.shape) == 4,
         f"k_pages must be [num_pages, page_size, num_kv_heads, head_dim], got shape {k_pages.shape}",
     )
     _check(k_pages.shape == v_pages.shape, f"k_pages {k_pages.shape} and v_pages {v_pages.shape} differ")
@@ -116,6 +176,32 @@ def validate_inputs(
     _check(soft_cap is None or soft_cap > 0, "soft_cap must be positive or None")
 
 
+def attention_metadata(
+    q: Any,
+    k_pages: Any,
+    kv_lens: jax.Array,
+    page_indices: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    backend: str | None = None,
+) -> AttentionMetadata | None:
+    """The planning ``ragged_paged_attention`` would do for this batch, to compute once and share.
+
+    q / k_pages: the arrays of the attention calls, or anything with their ``.shape`` and ``.dtype``
+    (e.g. ``jax.ShapeDtypeStruct``): only the static shapes are read. The result is valid for every call
+    with the same ``q`` / ``k_pages`` shapes and dtypes, the same batch arrays and the same ``backend``,
+    whatever its ``sm_scale``, ``sliding_window`` or ``soft_cap``. None when the selected backend does no
+    planning (the reference) or would hand these shapes to the reference.
+    """
+    validate_inputs(q, k_pages, k_pages, kv_lens, page_indices, cu_q_lens, num_seqs, None, None)
+    name = _runnable_backend(backend, q, k_pages)
+    metadata_fn = _BACKENDS[name].metadata_fn
+    if metadata_fn is None:
+        return None
+    return AttentionMetadata(name, metadata_fn(q, k_pages, kv_lens, page_indices, cu_q_lens, num_seqs))
+
+
 def ragged_paged_attention(
     q: jax.Array,
     k_pages: jax.Array,
@@ -130,29 +216,31 @@ def ragged_paged_attention(
     soft_cap: float | None = None,
     backend: str | None = None,
     interpret: bool = False,
+    metadata: AttentionMetadata | None = None,
 ) -> jax.Array:
     """Causal attention of a ragged batch (prefill chunks and decodes mixed) over a paged KV pool.
 
     q: [num_tokens, num_q_heads, head_dim]; k_pages, v_pages: [num_pages, page_size, num_kv_heads, head_dim];
     kv_lens: [max_num_seqs] int32; page_indices: [max_num_seqs, pages_per_seq] int32;
     cu_q_lens: [max_num_seqs + 1] int32; num_seqs: [1] int32. See `kernels.reference` for the semantics.
+    metadata: ``attention_metadata(q, k_pages, kv_lens, page_indices, cu_q_lens, num_seqs, backend=backend)``
+    of this batch, to share the planning between layers; computed here when None.
     Returns [num_tokens, num_q_heads, head_dim] in q.dtype (padding rows zero).
     """
     validate_inputs(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sliding_window, soft_cap)
-    name = resolve_backend(backend)
-    return _BACKENDS[name](
-        q,
-        k_pages,
-        v_pages,
-        kv_lens,
-        page_indices,
-        cu_q_lens,
-        num_seqs,
-        sm_scale=sm_scale,
-        sliding_window=sliding_window,
-        soft_cap=soft_cap,
-        interpret=interpret,
-    )
+    name = _runnable_backend(backend, q, k_pages)
+    if metadata is not None and metadata.backend != name:
+        raise ValueError(
+            f"metadata was made for attention backend {metadata.backend!r}, this call runs {name!r}"
+        )
+    args = (q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    if name == "reference":
+        return ragged_paged_attention_reference(*args, **kwargs)
+    entry = _BACKENDS[name]
+    if entry.metadata_fn is not None:
+        kwargs["metadata"] = None if metadata is None else metadata.plan
+    return entry.fn(*args, interpret=interpret, **kwargs)
 
 
 def write_kv(

@@ -34,7 +34,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from jaxrt.kernels import _pallas_common as common
 from jaxrt.kernels.attention import register_backend
-from jaxrt.kernels.reference import MASK_VALUE, ragged_paged_attention_reference
+from jaxrt.kernels.reference import MASK_VALUE
 
 LOG2E = math.log2(math.e)
 _KV_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -45,7 +45,8 @@ _DEFAULT_NUM_SMS = 132  # H100 SXM
 class GpuConfig:
     """Static tiling of the GPU kernel.
 
-    block_rows: target rows of the query tile (query tokens x padded GQA group), a power of two >= 16.
+    block_rows: target rows of the query tile (query tokens x kv_heads x padded GQA group), a power of two
+      >= 16.
     block_kv: kv tokens per inner step, a power of two >= 16 (whole pages are gathered when it is >= the
       page size, else a slice of one page is read).
     num_splits: kv splits per work item (1 = no split-K).
@@ -53,6 +54,9 @@ class GpuConfig:
       token-major pages they read are fetched at about the same time.
     prefetch: software-pipeline the K/V loads one block ahead in the loop carry (on top of, or instead of,
       Triton's own ``num_stages`` pipelining).
+    kv_heads: kv heads per program (a power of two dividing num_kv_heads; needs a power-of-two GQA group,
+      else 1 is used). The program reads ``kv_heads * head_dim`` contiguous elements per token instead of
+      ``head_dim``, and its query tile holds ``kv_heads * group_pad`` rows per query token.
     """
 
     block_rows: int = 16
@@ -62,6 +66,7 @@ class GpuConfig:
     num_stages: int = 2
     heads_fastest: bool = False  # grid (kv head, work item, split): a sequence's kv heads run side by side
     prefetch: bool = False  # issue block b+1's loads before block b's math (tiles carried in registers)
+    kv_heads: int = 1
 
 
 # What benchmarks/bench_kernels.py --check compiled and ran correctly on an H100 (jax 0.11.2, Triton path):
@@ -182,6 +187,100 @@ def config_for(q, k_pages, page_indices) -> GpuConfig:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Tiling:
+    """A GpuConfig resolved against the static shapes of a call."""
+
+    group: int
+    group_pad: int
+    direct: bool  # q / out tiles are plain strided slices of q / out (power-of-two group)
+    heads: int  # kv heads per program
+    rows: int  # query tile rows = block_q * heads * group_pad
+    block_q: int
+    block_kv: int
+    pages_per_blk: int
+    num_splits: int
+    pt_cols: int  # page-table columns after padding to whole kv blocks
+
+
+def _tiling(config: GpuConfig, num_q_heads: int, num_kv_heads: int, page_size: int, pages_per_seq: int):
+    group = num_q_heads // num_kv_heads
+    group_pad = common.next_pow2(group)
+    direct = group == group_pad
+    heads = int(config.kv_heads)
+    if not (direct and common.is_pow2(heads) and num_kv_heads % heads == 0):
+        heads = 1  # several heads per program need direct q / out tiles and whole head groups
+    rows = max(16, common.next_pow2(config.block_rows), heads * group_pad)
+    block_kv = max(common.next_pow2(config.block_kv), 16)
+    pages_per_blk = max(1, block_kv // page_size)
+    return _Tiling(
+        group=group,
+        group_pad=group_pad,
+        direct=direct,
+        heads=heads,
+        rows=rows,
+        block_q=rows // (heads * group_pad),
+        block_kv=block_kv,
+        pages_per_blk=pages_per_blk,
+        num_splits=max(1, int(config.num_splits)),
+        pt_cols=common.cdiv(pages_per_seq, pages_per_blk) * pages_per_blk,
+    )
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["work", "page_table"], meta_fields=["config", "key"]
+)
+@dataclasses.dataclass(frozen=True)
+class GpuPlan:
+    """The "pallas_gpu" planning of one batch (``attention_metadata``): work list and padded page table.
+
+    Independent of sm_scale, sliding window and soft cap (the kernel derives the window's first block from
+    the work item's positions), so one plan serves every layer of a model whose layers share head shapes.
+    """
+
+    config: GpuConfig
+    key: tuple  # static shapes it was made for (_plan_key)
+    work: common.Plan
+    page_table: jax.Array  # [max_num_seqs, pt_cols] int32
+
+
+def _plan_key(q, k_pages, page_indices) -> tuple:
+    return (
+        tuple(q.shape),
+        tuple(k_pages.shape[1:]),
+        str(jnp.dtype(k_pages.dtype)),
+        tuple(page_indices.shape),
+    )
+
+
+def gpu_metadata(
+    q, k_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, config: GpuConfig | None = None
+) -> GpuPlan:
+    """Plan a batch for ``ragged_paged_attention_gpu`` (q, k_pages: arrays or shape/dtype structs)."""
+    num_tokens, num_q_heads, _ = q.shape
+    _, page_size, num_kv_heads, _ = k_pages.shape
+    max_num_seqs, pages_per_seq = page_indices.shape
+    if config is None:
+        config = config_for(q, k_pages, page_indices)
+    t = _tiling(config, num_q_heads, num_kv_heads, page_size, pages_per_seq)
+    work = common.make_plan(
+        num_tokens=num_tokens,
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        block_q=t.block_q,
+        block_kv=t.block_kv,
+        kv_lens=kv_lens,
+        cu_q_lens=cu_q_lens,
+        num_seqs=num_seqs,
+        sliding_window=None,
+        token_map=not t.direct,
+    )
+    pt = page_indices
+    if t.pt_cols != pages_per_seq:
+        pt = jnp.pad(pt, ((0, 0), (0, t.pt_cols - pages_per_seq)))
+    return GpuPlan(config=config, key=_plan_key(q, k_pages, page_indices), work=work, page_table=pt)
+
+
 def _kernel(
     meta_ref,
     q_ref,
@@ -192,37 +291,50 @@ def _kernel(
     sm_scale: float,
     soft_cap: float | None,
     sliding_window: int | None,
-    block_q: int,
-    group: int,
-    group_pad: int,
-    block_kv: int,
+    t: _Tiling,
     page_size: int,
     num_pages: int,
-    num_splits: int,
-    direct: bool,
     heads_fastest: bool,
     prefetch: bool,
     precision,
 ):
-    """One program: one work item, one kv head, one kv split (``program_id(2)``).
+    """One program: one work item, ``t.heads`` kv heads, one kv split (``program_id(2)``).
 
     direct=True: q_ref / outputs are whole ``[T, Hq, ...]`` arrays and the program loads / stores its
-    ``[block_q, group, ...]`` tile with row masks (needs a power-of-two group). direct=False: q_ref and the
-    outputs are this program's ``[rows, ...]`` tiles, gathered / scattered by the wrapper.
+    ``[block_q, heads * group, ...]`` tile with row masks (needs a power-of-two group). direct=False: q_ref
+    and the outputs are this program's ``[rows, ...]`` tiles, gathered / scattered by the wrapper.
+
+    With ``heads`` > 1 the K/V tiles are ``[block_kv, heads * head_dim]`` (each token's heads are adjacent
+    in the token-major page, so the rows read are ``heads`` times longer) and the query tile is spread
+    block-diagonally over the ``heads * head_dim`` columns: row r (kv head j) holds its q in column block
+    j and zeros elsewhere, so one dot gives every head's scores, and column block j of ``p @ v`` is head
+    j's output.
     """
     head_dim = k_ref.shape[-1]
-    rows = block_q * group_pad
-    pages_per_blk = max(1, block_kv // page_size)
+    group, group_pad, block_q, block_kv, rows, heads = (
+        t.group,
+        t.group_pad,
+        t.block_q,
+        t.block_kv,
+        t.rows,
+        t.heads,
+    )
+    num_splits, pages_per_blk = t.num_splits, t.pages_per_blk
     blocks_per_page = max(1, page_size // block_kv)
+    width = heads * head_dim
     pt_cols = pt_ref.shape[1]
-    h = pl.program_id(0) if heads_fastest else pl.program_id(1)
+    hg = pl.program_id(0) if heads_fastest else pl.program_id(1)
     seq = meta_ref[common.META_SEQ]
     first_pos = meta_ref[common.META_FIRST_POS]
     nrows = meta_ref[common.META_NROWS]
     kv_len = meta_ref[common.META_KV_LEN]
-    lo_blk = meta_ref[common.META_LO_BLK]
     hi_blk = meta_ref[common.META_HI_BLK]
     q_start = meta_ref[common.META_Q_START]
+    out_rows = meta_ref[common.META_OUT_ROWS]
+    if sliding_window is None:
+        lo_blk = jnp.zeros_like(hi_blk)
+    else:
+        lo_blk = jnp.minimum(jnp.maximum(first_pos - sliding_window + 1, 0) // block_kv, hi_blk)
     if num_splits > 1:
         per = (hi_blk - lo_blk + num_splits - 1) // num_splits
         b0 = lo_blk + pl.program_id(2) * per
@@ -230,13 +342,19 @@ def _kernel(
     else:
         b0, b1 = lo_blk, hi_blk
 
-    if direct:
-        tok_ok = lax.broadcasted_iota(jnp.int32, (block_q, 1, 1), 0) < nrows
-        q_tile = q_ref.at[pl.ds(q_start, block_q), pl.ds(h * group, group), :]
-        q = pltriton.load(q_tile, mask=tok_ok, other=0).reshape(rows, head_dim)
+    q_cols = pl.ds(hg * heads * group, heads * group)
+    if t.direct:
+        tok = lax.broadcasted_iota(jnp.int32, (block_q, 1, 1), 0)
+        q = pltriton.load(q_ref.at[pl.ds(q_start, block_q), q_cols, :], mask=tok < nrows, other=0)
+        q = q.reshape(rows, head_dim)
     else:
         q = q_ref[...]
-    q_pos = first_pos + lax.div(lax.broadcasted_iota(jnp.int32, (rows,), 0), group_pad)
+    if heads > 1:
+        row_head = lax.rem(lax.div(lax.broadcasted_iota(jnp.int32, (rows, heads, 1), 0), group_pad), heads)
+        on_diag = row_head == lax.broadcasted_iota(jnp.int32, (rows, heads, 1), 1)  # [rows, heads, 1]
+        q = jnp.where(on_diag, q.reshape(rows, 1, head_dim), jnp.zeros_like(q).reshape(rows, 1, head_dim))
+        q = q.reshape(rows, width)
+    q_pos = first_pos + lax.div(lax.broadcasted_iota(jnp.int32, (rows,), 0), heads * group_pad)
     # Scores are kept in base 2: s2 = log2(e) * s.
     s_scale = sm_scale * LOG2E if soft_cap is None else sm_scale / soft_cap
 
@@ -244,12 +362,13 @@ def _kernel(
         if block_kv >= page_size:  # gather whole pages
             start = jnp.minimum(b * pages_per_blk, pt_cols - pages_per_blk)
             pages = jnp.clip(pt_ref[seq, pl.ds(start, pages_per_blk)], 0, num_pages - 1)
-            return k_ref[pages].reshape(block_kv, head_dim), v_ref[pages].reshape(block_kv, head_dim)
+            return k_ref[pages].reshape(block_kv, width), v_ref[pages].reshape(block_kv, width)
         # a slice of one page
         col = jnp.minimum(lax.div(b, blocks_per_page), pt_cols - 1)
         page = jnp.clip(pt_ref[seq, col], 0, num_pages - 1)
         off = lax.rem(b, blocks_per_page) * block_kv
-        return k_ref[page, pl.ds(off, block_kv), :], v_ref[page, pl.ds(off, block_kv), :]
+        k = k_ref[page, pl.ds(off, block_kv)].reshape(block_kv, width)
+        return k, v_ref[page, pl.ds(off, block_kv)].reshape(block_kv, width)
 
     def compute(b, k, v, carry, masked):
         m_prev, l_prev, acc_prev = carry
@@ -312,7 +431,7 @@ def _kernel(
     carry = (
         jnp.full((rows,), MASK_VALUE, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
-        jnp.zeros((rows, head_dim), jnp.float32),
+        jnp.zeros((rows, width), jnp.float32),
     )
     if prefetch:
         carry = (load(jnp.minimum(b0, last)), carry)
@@ -320,20 +439,23 @@ def _kernel(
     carry = run(fb0, fb1, carry, False)
     carry = run(fb1, b1, carry, True)
     m, l, acc = carry[1] if prefetch else carry
+    if heads > 1:  # keep each row's own head's column block
+        acc = jnp.where(on_diag, acc.reshape(rows, heads, head_dim), 0.0).sum(axis=1)
     if num_splits == 1:
         results = ((acc / jnp.where(l == 0.0, 1.0, l)[:, None]),)
     else:
         results = (acc, m, l)
     for ref, val in zip(out_refs, results, strict=True):
         val = val.astype(ref.dtype)
-        if direct:
-            tile = (pl.ds(q_start, block_q), pl.ds(h * group, group))
+        if t.direct:
+            # Empty work items write zeros over the padding rows they cover (META_OUT_ROWS).
+            ok = lax.broadcasted_iota(jnp.int32, (block_q, 1), 0) < out_rows
+            tile = (pl.ds(q_start, block_q), q_cols)
             if val.ndim == 2:
-                val = val.reshape(block_q, group, head_dim)
-                ok = tok_ok
+                val = val.reshape(block_q, heads * group, head_dim)
+                ok = ok.reshape(block_q, 1, 1)
             else:
-                val = val.reshape(block_q, group)
-                ok = tok_ok[:, :, 0]
+                val = val.reshape(block_q, heads * group)
             pltriton.store(ref.at[tile], val, mask=ok)
         else:
             ref[...] = val
@@ -352,92 +474,48 @@ def ragged_paged_attention_gpu(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     interpret=False,
+    metadata: GpuPlan | None = None,
     config: GpuConfig | None = None,
     validated_only: bool = True,
 ) -> jax.Array:
-    """The "pallas_gpu" backend (signature of the reference plus ``interpret``).
+    """The "pallas_gpu" backend (signature of the reference plus ``interpret`` and ``metadata``).
 
-    config: tiling (default: ``default_config`` from the static shapes). validated_only: fall back to the
-    reference for head_dim / page_size / dtype not validated on a GPU (see ``supports``).
+    metadata: ``gpu_metadata`` of this batch (computed here when None). config: tiling (default:
+    ``default_config`` from the static shapes; must match the metadata's when both are given).
+    validated_only: refuse head_dim / page_size / dtype not validated on a GPU (see ``supports``);
+    ``ragged_paged_attention`` sends such calls to the reference before they get here.
     """
     reason = supports(q.shape, k_pages.shape, k_pages.dtype, validated_only=validated_only)
     if reason is not None:
-        return ragged_paged_attention_reference(
-            q,
-            k_pages,
-            v_pages,
-            kv_lens,
-            page_indices,
-            cu_q_lens,
-            num_seqs,
-            sm_scale=sm_scale,
-            sliding_window=sliding_window,
-            soft_cap=soft_cap,
+        raise ValueError(f"pallas_gpu cannot run this call: {reason}")
+    if metadata is None:
+        metadata = gpu_metadata(q, k_pages, kv_lens, page_indices, cu_q_lens, num_seqs, config=config)
+    elif metadata.key != _plan_key(q, k_pages, page_indices) or config not in (None, metadata.config):
+        raise ValueError(
+            f"metadata was made for shapes {metadata.key} and tiling {metadata.config}, not for "
+            f"{_plan_key(q, k_pages, page_indices)} and {config}"
         )
-    num_tokens, num_q_heads, head_dim = q.shape
-    if config is None:
-        config = config_for(q, k_pages, page_indices)
     return _gpu_call(
         q,
         k_pages,
         v_pages,
-        kv_lens,
-        page_indices,
-        cu_q_lens,
-        num_seqs,
+        metadata,
         sm_scale=float(sm_scale),
         sliding_window=None if sliding_window is None else int(sliding_window),
         soft_cap=None if soft_cap is None else float(soft_cap),
         interpret=interpret,
-        config=config,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "interpret", "config"))
-def _gpu_call(
-    q,
-    k_pages,
-    v_pages,
-    kv_lens,
-    page_indices,
-    cu_q_lens,
-    num_seqs,
-    *,
-    sm_scale,
-    sliding_window,
-    soft_cap,
-    interpret,
-    config: GpuConfig,
-):
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "interpret"))
+def _gpu_call(q, k_pages, v_pages, plan: GpuPlan, *, sm_scale, sliding_window, soft_cap, interpret):
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, num_kv_heads, _ = k_pages.shape
-    max_num_seqs, pages_per_seq = page_indices.shape
-    group = num_q_heads // num_kv_heads
-    group_pad = common.next_pow2(group)
-    direct = group == group_pad  # q / out tiles are plain strided slices of q / out
-    rows = max(16, common.next_pow2(config.block_rows), group_pad)
-    block_q = rows // group_pad
-    block_kv = max(common.next_pow2(config.block_kv), 16)
-    pages_per_blk = max(1, block_kv // page_size)
-    num_splits = max(1, int(config.num_splits))
-
-    plan = common.make_plan(
-        num_tokens=num_tokens,
-        num_q_heads=num_q_heads,
-        num_kv_heads=num_kv_heads,
-        block_q=block_q,
-        block_kv=block_kv,
-        kv_lens=kv_lens,
-        cu_q_lens=cu_q_lens,
-        num_seqs=num_seqs,
-        sliding_window=sliding_window,
-    )
+    max_num_seqs, pages_per_seq = plan.page_table.shape
+    config = plan.config
+    t = _tiling(config, num_q_heads, num_kv_heads, page_size, pages_per_seq)
+    work, rows, num_splits = plan.work, t.rows, t.num_splits
     kv_dtype = k_pages.dtype
-    pt_cols = common.cdiv(pages_per_seq, pages_per_blk) * pages_per_blk
-    pt = page_indices
-    if pt_cols != pages_per_seq:
-        pt = jnp.pad(pt, ((0, 0), (0, pt_cols - pages_per_seq)))
-
     if jnp.dtype(kv_dtype) == jnp.float32:
         # Triton's default for f32 dots is TF32; TF32x3 keeps ~f32 accuracy on the tensor cores.
         precision = lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
@@ -448,46 +526,40 @@ def _gpu_call(
         sm_scale=sm_scale,
         soft_cap=soft_cap,
         sliding_window=sliding_window,
-        block_q=block_q,
-        group=group,
-        group_pad=group_pad,
-        block_kv=block_kv,
+        t=t,
         page_size=page_size,
         num_pages=num_pages,
-        num_splits=num_splits,
-        direct=direct,
         heads_fastest=config.heads_fastest,
         prefetch=config.prefetch,
         precision=precision,
     )
-    num_work = plan.num_work
+    num_work, num_groups = work.num_work, num_kv_heads // t.heads
     if config.heads_fastest:
-        grid = (num_kv_heads, num_work, num_splits)
+        grid = (num_groups, num_work, num_splits)
 
         def spec(block, index_map):
             return pl.BlockSpec(block, lambda h, w, s: index_map(w, h, s))
     else:
-        grid = (num_work, num_kv_heads, num_splits)
+        grid = (num_work, num_groups, num_splits)
         spec = pl.BlockSpec
-    kv_spec = spec((num_pages, page_size, None, head_dim), lambda w, h, s: (0, 0, h, 0))
+    kv_block = (num_pages, page_size, None if t.heads == 1 else t.heads, head_dim)
+    kv_spec = spec(kv_block, lambda w, h, s: (0, 0, h, 0))
     in_specs = [
         spec((None, common.META_COLS), lambda w, h, s: (w, 0)),
         None,  # q, below
         kv_spec,
         kv_spec,
-        spec((max_num_seqs, pt_cols), lambda w, h, s: (0, 0)),
+        spec((max_num_seqs, pages_per_seq), lambda w, h, s: (0, 0)),
     ]
-    if direct:
+    if t.direct:
         q_in = q.astype(kv_dtype)
         in_specs[1] = spec((num_tokens, num_q_heads, head_dim), lambda w, h, s: (0, 0, 0))
         lead = (num_tokens, num_q_heads)
-    else:
-        q_in = common.gather_q(q, plan, num_kv_heads, kv_dtype)  # [W, Hkv, rows, D]
-        in_specs[1] = spec((None, None, rows, head_dim), lambda w, h, s: (w, h, 0, 0))
-        lead = (num_work, num_kv_heads, rows)
-    if direct:
         o_block, o_map = (num_tokens, num_q_heads), lambda *i: (0, 0)
     else:
+        q_in = common.gather_q(q, work, num_kv_heads, kv_dtype)  # [W, Hkv, rows, D]
+        in_specs[1] = spec((None, None, rows, head_dim), lambda w, h, s: (w, h, 0, 0))
+        lead = (num_work, num_kv_heads, rows)
         o_block, o_map = (None, None, rows), lambda w, h: (w, h, 0)
     if num_splits == 1:
         out_specs = [spec((*o_block, head_dim), lambda w, h, s: (*o_map(w, h), 0))]
@@ -511,54 +583,29 @@ def _gpu_call(
         out_shape=out_shape,
         compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
-        name=f"jaxrt_rpa_r{rows}_kv{block_kv}_s{num_splits}",
-    )(plan.meta, q_in, k_pages, v_pages, pt)
-    valid = plan.token_valid[:, None, None]
-    if direct:
+        name=f"jaxrt_rpa_r{rows}_kv{t.block_kv}_h{t.heads}_s{num_splits}",
+    )(work.meta, q_in, k_pages, v_pages, plan.page_table)
+    if t.direct:
+        # Every row of the output, padding included, was written by some program (META_OUT_ROWS).
         if num_splits == 1:
-            o = out[0]
-        else:
-            acc, m, l = out
-            m_max = m.max(axis=0)
-            alpha = jnp.exp2(m - m_max[None])
-            l_tot = (alpha * l).sum(axis=0)
-            o = (alpha[..., None] * acc).sum(axis=0) / jnp.where(l_tot == 0.0, 1.0, l_tot)[..., None]
-        # Rows no work item covers (padding tokens) were never written.
-        return jnp.where(valid, o, 0).astype(q.dtype)
+            return out[0]
+        acc, m, l = out
+        m_max = m.max(axis=0)
+        alpha = jnp.exp2(m - m_max[None])
+        l_tot = (alpha * l).sum(axis=0)
+        o = (alpha[..., None] * acc).sum(axis=0) / jnp.where(l_tot == 0.0, 1.0, l_tot)[..., None]
+        return o.astype(q.dtype)
     if num_splits == 1:
-        return common.scatter_out(out[0], plan, num_q_heads, q.dtype)
+        return common.scatter_out(out[0], work, num_q_heads, q.dtype)
     acc, m, l = out
-    return common.merge_splits(acc, m, l, plan, num_q_heads, q.dtype)
+    return common.merge_splits(acc, m, l, work, num_q_heads, q.dtype)
 
 
-def _backend(
-    q,
-    k_pages,
-    v_pages,
-    kv_lens,
-    page_indices,
-    cu_q_lens,
-    num_seqs,
-    *,
-    sm_scale,
-    sliding_window=None,
-    soft_cap=None,
-    interpret=False,
-):
-    return ragged_paged_attention_gpu(
-        q,
-        k_pages,
-        v_pages,
-        kv_lens,
-        page_indices,
-        cu_q_lens,
-        num_seqs,
-        sm_scale=sm_scale,
-        sliding_window=sliding_window,
-        soft_cap=soft_cap,
-        interpret=interpret,
-    )
+def _supports(q, k_pages) -> str | None:
+    return supports(q.shape, k_pages.shape, k_pages.dtype)
 
 
 # Preferred on GPU: every validated configuration passed on an H100 (benchmarks/RESULTS.md, "Kernels").
-register_backend("pallas_gpu", _backend, platforms=("gpu",))
+register_backend(
+    "pallas_gpu", ragged_paged_attention_gpu, platforms=("gpu",), supports=_supports, metadata=gpu_metadata
+)

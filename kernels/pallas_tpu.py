@@ -32,7 +32,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from jaxrt.kernels import _pallas_common as common
 from jaxrt.kernels.attention import register_backend
-from jaxrt.kernels.reference import MASK_VALUE, ragged_paged_attention_reference
+from jaxrt.kernels.reference import MASK_VALUE
 
 _KV_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 
@@ -154,20 +154,13 @@ def ragged_paged_attention_tpu(
     interpret=False,
     config: TpuConfig | None = None,
 ) -> jax.Array:
-    """The "pallas_tpu" backend (signature of the reference plus ``interpret`` and an optional ``config``)."""
-    if supports(q.shape, k_pages.shape, k_pages.dtype) is not None:
-        return ragged_paged_attention_reference(
-            q,
-            k_pages,
-            v_pages,
-            kv_lens,
-            page_indices,
-            cu_q_lens,
-            num_seqs,
-            sm_scale=sm_scale,
-            sliding_window=sliding_window,
-            soft_cap=soft_cap,
-        )
+    """The "pallas_tpu" backend (signature of the reference plus ``interpret`` and an optional ``config``).
+
+    ``ragged_paged_attention`` sends calls ``supports`` refuses to the reference before they get here.
+    """
+    reason = supports(q.shape, k_pages.shape, k_pages.dtype)
+    if reason is not None:
+        raise ValueError(f"pallas_tpu cannot run this call: {reason}")
     return _tpu_call(
         q,
         k_pages,
@@ -278,34 +271,9 @@ def _tpu_call(
     return common.scatter_out(out, plan, num_q_heads, q.dtype)
 
 
-def _backend(
-    q,
-    k_pages,
-    v_pages,
-    kv_lens,
-    page_indices,
-    cu_q_lens,
-    num_seqs,
-    *,
-    sm_scale,
-    sliding_window=None,
-    soft_cap=None,
-    interpret=False,
-):
-    return ragged_paged_attention_tpu(
-        q,
-        k_pages,
-        v_pages,
-        kv_lens,
-        page_indices,
-        cu_q_lens,
-        num_seqs,
-        sm_scale=sm_scale,
-        sliding_window=sliding_window,
-        soft_cap=soft_cap,
-        interpret=interpret,
-    )
+def _supports(q, k_pages) -> str | None:
+    return supports(q.shape, k_pages.shape, k_pages.dtype)
 
 
 # Opt-in (attention_backend="pallas_tpu") until it has run on TPU hardware; "auto" on TPU uses the reference.
-register_backend("pallas_tpu", _backend, platforms=())
+register_backend("pallas_tpu", ragged_paged_attention_tpu, platforms=(), supports=_supports)

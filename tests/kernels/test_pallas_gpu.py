@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 
 from jaxrt.kernels import (
+    AttentionMetadata,
+    attention_metadata,
     pallas_gpu,
     ragged_paged_attention,
     ragged_paged_attention_reference,
@@ -135,6 +137,20 @@ CASES = [
     Case(*_decode(16), pad_tokens=-1, config=GpuConfig(block_rows=16, block_kv=16, num_splits=3)),
     Case(*P16, config=GpuConfig(block_rows=32, block_kv=32, num_splits=2, prefetch=True)),
     Case(*P16, window=11, config=GpuConfig(block_rows=16, block_kv=16, heads_fastest=True, prefetch=True)),
+    # several kv heads per program (block-diagonal query tile), with split-K, prefetch, window and cap,
+    # the one-page-slice path, and a non-power-of-two group (falls back to one head per program)
+    Case(
+        *_decode(16),
+        pad_tokens=-1,
+        hq=32,
+        hkv=8,
+        dtype="bf16",
+        config=GpuConfig(16, 32, kv_heads=4, prefetch=True),
+    ),
+    Case(*_decode(16), pad_tokens=-1, hq=16, hkv=8, config=GpuConfig(16, 64, 3, prefetch=True, kv_heads=8)),
+    Case(*P16, hq=16, hkv=4, window=7, cap=3.0, config=GpuConfig(32, 16, 2, kv_heads=2)),
+    Case(*_mixed(32), page=32, hq=8, hkv=4, config=GpuConfig(16, 16, kv_heads=4, heads_fastest=True)),
+    Case(*P16, hq=6, hkv=2, config=GpuConfig(16, 32, kv_heads=2)),
     # a sequence with no new tokens, a long prefill chunk spanning several query blocks, no padding at all
     Case((3, 0, 40), (3, 5, 50), pad_tokens=0, pad_seqs=0, config=GpuConfig(block_rows=32, block_kv=16)),
 ]
@@ -174,8 +190,75 @@ def test_unsupported_shapes_fall_back_to_reference():
     )
     assert pallas_gpu.supports(b.q.shape, b.k_pages.shape, b.k_pages.dtype) is not None
     args = tuple(map(jnp.asarray, b.args()))
-    out = ragged_paged_attention_gpu(*args, sm_scale=0.2, interpret=True)
+    out = ragged_paged_attention(*args, sm_scale=0.2, backend="pallas_gpu", interpret=True)
     np.testing.assert_allclose(np.asarray(out, np.float64), oracle(b, sm_scale=0.2), atol=2e-5, rtol=2e-5)
+    # The fallback lives in the public function: no plan is made for it, and the kernel itself refuses.
+    assert attention_metadata(*args[:2], *args[3:], backend="pallas_gpu") is None
+    with pytest.raises(ValueError, match="head_dim 48"):
+        ragged_paged_attention_gpu(*args, sm_scale=0.2, interpret=True)
+
+
+def _poisoned(rng, q_lens, kv_lens, *, num_tokens, max_num_seqs, hq=32, hkv=8, d=64, dtype=jnp.bfloat16):
+    return make_batch(
+        rng,
+        q_lens,
+        kv_lens,
+        num_q_heads=hq,
+        num_kv_heads=hkv,
+        head_dim=d,
+        page_size=16,
+        dtype=dtype,
+        max_num_seqs=max_num_seqs,
+        num_tokens=num_tokens,
+    )
+
+
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "mixed"])
+def test_shared_metadata_gives_identical_results(decode):
+    """One plan for several layers (different windows / caps / scales) == planning inside each call."""
+    rng = np.random.default_rng(11 + decode)
+    if decode:
+        b = _poisoned(rng, [1] * 5, [1, 15, 16, 40, 7], num_tokens=6, max_num_seqs=6)
+    else:
+        b = _poisoned(rng, [1, 13, 1, 20], [1, 29, 17, 20], num_tokens=40, max_num_seqs=5)
+    args = tuple(map(jnp.asarray, b.args()))
+    q, k_pages = args[0], args[1]
+    shapes = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype))
+
+    @jax.jit
+    def layers(*a):
+        plan = attention_metadata(*shapes, *a[3:], backend="pallas_gpu")
+        assert isinstance(plan, AttentionMetadata) and plan.backend == "pallas_gpu"
+        outs = []
+        for layer_kw in (dict(sm_scale=0.125), dict(sm_scale=0.2, sliding_window=9, soft_cap=4.0)):
+            for metadata in (plan, None):
+                outs.append(
+                    ragged_paged_attention(
+                        *a, backend="pallas_gpu", interpret=True, metadata=metadata, **layer_kw
+                    )
+                )
+        return outs
+
+    shared, own, shared_w, own_w = (np.asarray(o.astype(jnp.float32)) for o in layers(*args))
+    np.testing.assert_array_equal(shared, own)
+    np.testing.assert_array_equal(shared_w, own_w)
+    kw_w = dict(sm_scale=0.2, sliding_window=9, soft_cap=4.0)
+    assert rel_err(shared, oracle(b, sm_scale=0.125)) < 2e-2
+    assert rel_err(shared_w, oracle(b, **kw_w)) < 2e-2
+    assert np.all(shared[b.num_real_tokens :] == 0) and np.all(np.isfinite(shared))
+
+
+def test_metadata_must_match_the_call():
+    rng = np.random.default_rng(12)
+    b = _poisoned(rng, [1, 1], [5, 9], num_tokens=2, max_num_seqs=2, dtype=np.float32)
+    args = list(map(jnp.asarray, b.args()))
+    plan = attention_metadata(args[0], args[1], *args[3:], backend="pallas_gpu")
+    assert attention_metadata(args[0], args[1], *args[3:], backend="reference") is None
+    with pytest.raises(ValueError, match="metadata was made for attention backend"):
+        ragged_paged_attention(*args, sm_scale=0.1, backend="reference", metadata=plan)
+    longer = [args[0].repeat(2, axis=0), *args[1:]]
+    with pytest.raises(ValueError, match="metadata was made for shapes"):
+        ragged_paged_attention(*longer, sm_scale=0.1, backend="pallas_gpu", interpret=True, metadata=plan)
 
 
 def test_default_config_tiles_are_triton_legal():

@@ -123,8 +123,11 @@ def test_unsupported_page_size_falls_back_to_reference():
     rng = np.random.default_rng(6)
     b = make_batch(rng, [2, 1], [7, 3], num_q_heads=4, num_kv_heads=2, head_dim=64, page_size=4, poison=False)
     assert pallas_tpu.supports(b.q.shape, b.k_pages.shape, b.k_pages.dtype) is not None
-    out = ragged_paged_attention_tpu(*map(jnp.asarray, b.args()), sm_scale=0.3, interpret=True)
+    args = tuple(map(jnp.asarray, b.args()))
+    out = ragged_paged_attention(*args, sm_scale=0.3, backend="pallas_tpu", interpret=True)
     np.testing.assert_allclose(np.asarray(out, np.float64), oracle(b, sm_scale=0.3), atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="page_size"):
+        ragged_paged_attention_tpu(*args, sm_scale=0.3, interpret=True)
 
 
 SLOW_CASES = [

@@ -82,6 +82,7 @@ def main() -> None:
     llm.generate(input_ids=reqs[0][0], sampling_params={"max_new_tokens": 1, "temperature": 0})
     first_token = time.perf_counter() - t1
     llm.flush_cache()
+    stats0 = llm.load_stats()
 
     ids = [r[0] for r in reqs]
     params = [{"max_new_tokens": o, "temperature": 0, "ignore_eos": True} for _, o in reqs]
@@ -118,6 +119,13 @@ def main() -> None:
         ("Engine start-up (s)", startup),
         ("First request latency (s)", first_token),
         ("Steps", stats["num_steps"]),
+        *[
+            (
+                f"Host {k[5:-2]} per step (ms)",
+                (stats[k] - stats0[k]) / max(1, stats["num_steps"] - stats0["num_steps"]) * 1e3,
+            )
+            for k in ("host_schedule_s", "host_dispatch_s", "host_wait_s", "host_process_s")
+        ],
         ("Preemptions", stats["num_preemptions"]),
     ]
     print_block("Offline Throughput Benchmark Result", rows)

@@ -13,7 +13,7 @@ import argparse
 import time
 
 import numpy as np
-from common import add_model_args, append_jsonl, device_name, ensure_checkpoint, print_block
+from common import add_model_args, append_jsonl, device_name, ensure_checkpoint, print_block, trace_timeline
 
 
 def ints(s: str) -> list[int]:
@@ -100,6 +100,7 @@ def main() -> None:
         default=0,
         help="GPU: also print the step's kernels (CUPTI), grouped, with the K most expensive by name",
     )
+    p.add_argument("--trace", action="store_true", help="also summarise a JAX profiler trace of 5 steps")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
     if args.smoke:
@@ -162,10 +163,27 @@ def main() -> None:
         out, runner.kv_caches = fn(runner.state, runner.kv_caches, fb, sb, runner._no_prev)
         jax.block_until_ready(out)
         t = time.perf_counter()
+        call_s = 0.0
         for _ in range(args.iters):
+            tc = time.perf_counter()
             out, runner.kv_caches = fn(runner.state, runner.kv_caches, fb, sb, runner._no_prev)
+            call_s += time.perf_counter() - tc
         jax.block_until_ready(out)
         device_s = (time.perf_counter() - t) / args.iters
+        # If the call itself takes about as long as the step, dispatch is not asynchronous (a host sync
+        # inside the program) and the engine cannot overlap host work with it.
+        print(
+            f"[dispatch] {label}: the call returns after {call_s / args.iters * 1e3:.3f} ms (step {device_s * 1e3:.3f} ms)"
+        )
+        if args.trace:
+
+            def five():
+                o = None
+                for _ in range(5):
+                    o, runner.kv_caches = fn(runner.state, runner.kv_caches, fb, sb, runner._no_prev)
+                jax.block_until_ready(o)
+
+            trace_timeline(five, label)
         if args.profile_top:
             profile_kernels(fn, runner, fb, sb, label, args.profile_top, device_s)
         return engine_s, device_s

@@ -181,3 +181,72 @@ def print_block(title: str, rows: list[tuple[str, Any]]) -> None:
         v = f"{v:.2f}" if isinstance(v, float) else v
         print(f"{k + ':':<42}{v}")
     print("=" * (34 + len(title)))
+
+
+def trace_timeline(run, label: str, top: int = 12) -> None:
+    """Trace ``run()`` with the JAX profiler and summarise the GPU timeline: busy vs idle time, the largest
+    idle gaps with the device events on either side, and the host events that overlap those gaps (what the
+    host was doing while the GPU waited). Needs ``jax.profiler.ProfileData`` (jax >= 0.4.36)."""
+    import glob
+    import tempfile
+
+    import jax
+
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        try:
+            run()
+        finally:
+            jax.profiler.stop_trace()
+        files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+        if not files:
+            print(f"[trace] {label}: no trace written")
+            return
+        data = jax.profiler.ProfileData.from_file(files[0])
+    dev, host = [], []
+    for plane in data.planes:
+        if plane.name.startswith("/device:GPU"):
+            for line in plane.lines:
+                for e in line.events:
+                    dev.append((e.start_ns, e.start_ns + e.duration_ns, e.name, line.name))
+        elif plane.name == "/host:CPU":
+            for line in plane.lines:
+                for e in line.events:
+                    if e.duration_ns > 0:
+                        host.append((e.start_ns, e.start_ns + e.duration_ns, e.name, line.name))
+    if not dev:
+        print(f"[trace] {label}: no GPU events")
+        return
+    dev.sort()
+    t0, t1 = dev[0][0], max(e[1] for e in dev)
+    gaps, busy_end, busy = [], dev[0][0], 0.0
+    prev = dev[0]
+    for e in dev:
+        if e[0] > busy_end:
+            gaps.append((e[0] - busy_end, busy_end, e[0], prev[2], e[2]))
+        if e[1] > busy_end:
+            busy += e[1] - max(e[0], busy_end)
+            busy_end, prev = e[1], e
+    lines = sorted({e[3] for e in dev})
+    print(
+        f"[trace] {label}: span {(t1 - t0) / 1e6:.3f} ms, GPU busy {busy / 1e6:.3f} ms, idle "
+        f"{(t1 - t0 - busy) / 1e6:.3f} ms in {len(gaps)} gaps; {len(dev)} device events on {lines}"
+    )
+    kinds: dict[str, float] = {}
+    for s, t, name, _ in dev:
+        if "memcpy" in name.lower() or "memset" in name.lower():
+            kinds[name[:60]] = kinds.get(name[:60], 0.0) + (t - s)
+    for name, ns in sorted(kinds.items(), key=lambda kv: -kv[1])[:6]:
+        print(f"[trace]   copy/set {ns / 1e3:9.1f} us  {name}")
+    for g, s, t, before, after in sorted(gaps, reverse=True)[:top]:
+        overlapping: dict[str, float] = {}
+        for hs, ht, name, _ in host:
+            ov = min(ht, t) - max(hs, s)
+            if ov > 0.2 * g:
+                overlapping[name[:50]] = max(overlapping.get(name[:50], 0.0), ov)
+        host_txt = ", ".join(
+            f"{n} ({v / 1e3:.0f})" for n, v in sorted(overlapping.items(), key=lambda kv: -kv[1])[:4]
+        )
+        print(
+            f"[trace]   gap {g / 1e3:8.1f} us after {before[:40]!r} before {after[:40]!r}; host: {host_txt}"
+        )

@@ -198,6 +198,13 @@ class Engine:
             "num_prompt_tokens": 0,
             "num_cached_tokens": 0,
             "num_steps": 0,
+            # Host time of the engine loop, by phase (seconds, cumulative): scheduling, building and
+            # dispatching the step, waiting for its outputs, and handling them. Waiting is the device's
+            # share; the rest is host work that overlap scheduling hides behind the device.
+            "host_schedule_s": 0.0,
+            "host_dispatch_s": 0.0,
+            "host_wait_s": 0.0,
+            "host_process_s": 0.0,
         }
         self._thread = threading.Thread(target=self._loop, name="jaxrt-engine", daemon=True)
         self._thread.start()
@@ -561,7 +568,10 @@ class Engine:
 
     def _launch(self, prev: tuple[SchedulerOutput, Any] | None) -> tuple[SchedulerOutput, Any] | None:
         """Schedule and dispatch one step (not waiting for it). Returns (schedule, device outputs) or None."""
+        t0 = time.perf_counter()
         sched: SchedulerOutput = self.scheduler.schedule()
+        t1 = time.perf_counter()
+        self.stats["host_schedule_s"] += t1 - t0
         if sched.is_empty:
             return None
         # Stop ids are only laid out for rows still under min_new_tokens (the batch suppresses them there).
@@ -582,10 +592,12 @@ class Engine:
         for i, s in enumerate(sched.scheduled):
             if s.sample:
                 s.request.pending_rows.append(i)
+        self.stats["host_dispatch_s"] += time.perf_counter() - t1
         return sched, dev
 
     def _process(self, sched: SchedulerOutput, dev: Any) -> None:
         """Read a step's tokens back; append them, check stop conditions, stream or finish."""
+        t0 = time.perf_counter()
         try:
             out = self.runner.fetch(dev, len(sched.scheduled))
         except Exception as e:
@@ -595,6 +607,7 @@ class Engine:
             return
         self.stats["num_steps"] += 1
         now = time.perf_counter()
+        self.stats["host_wait_s"] += now - t0
         for i, s in enumerate(sched.scheduled):
             if not s.sample:
                 continue
@@ -628,6 +641,7 @@ class Engine:
                 self._emit(track, final=True)
             elif track.stream:
                 self._emit(track, final=False)
+        self.stats["host_process_s"] += time.perf_counter() - now
 
     def _check_finish(self, req: Request, track: _Track, token: int) -> FinishReason | None:
         sp = req.sampling_params

@@ -10,6 +10,11 @@ the original method.
 The shim is applied only when this torch lacks the named overloads (``needs_named_overload_shim``); on torch 2.11
 (the GPU machine) it is never applied. Delete this module once a torchax release imports cleanly on the torch
 versions jaxrt supports: ``import_torchax`` then reduces to ``import torchax``.
+
+One behaviour fix, on every torch: torchax 0.0.13's ``Tensor.type_as`` casts ``self`` *in place* and returns it
+(torch returns a new tensor and leaves ``self`` alone), and fails on torchax's lazy ``View`` arguments
+(Gemma-3n's RMSNorm: ``normed.type_as(hidden_states)``). `import_torchax` replaces it with torch's semantics,
+``self.to(other.dtype)``.
 """
 
 from __future__ import annotations
@@ -85,13 +90,26 @@ def _import_and_init() -> ModuleType:
     return torchax
 
 
+def _type_as(self, other):
+    """torch's ``Tensor.type_as``: a tensor in ``other``'s dtype; ``self`` is not modified."""
+    return self.to(other.dtype)
+
+
+def _fix_type_as(torchax: ModuleType) -> None:
+    torchax.tensor.Tensor.type_as = _type_as
+
+
 def import_torchax() -> ModuleType:
     """``import torchax`` and build its default environment (which loads the op tables), with the
     named-overload shim around exactly that step only where this torch needs it."""
     mod = sys.modules.get("torchax")
     if mod is not None and getattr(mod, "_env", None) is not None:
+        _fix_type_as(mod)
         return mod
     if not needs_named_overload_shim():
-        return _import_and_init()
-    with named_overload_standins():
-        return _import_and_init()
+        mod = _import_and_init()
+    else:
+        with named_overload_standins():
+            mod = _import_and_init()
+    _fix_type_as(mod)
+    return mod

@@ -98,8 +98,9 @@ SPECIAL: dict[str, dict[str, Any]] = {
     "gemma3n_text": dict(num_kv_shared_layers=0),
     "cohere_compass_text": dict(
         rope_parameters={
-            "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            # mrope_section (halves of head_dim=16 split height/width/time) defaults to head_dim 128's
+            "full_attention": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]},
         }
     ),
     "whisper": dict(encoder_attention_heads=4, decoder_attention_heads=4),
@@ -140,6 +141,7 @@ EXPECTED_PASS: frozenset[str] = frozenset(
         "cohere",
         "cohere2",
         "cohere2_moe",
+        "cohere_compass_text",
         "ctrl",
         "cwm",
         "dbrx",
@@ -157,6 +159,7 @@ EXPECTED_PASS: frozenset[str] = frozenset(
         "gemma",
         "gemma2",
         "gemma3_text",
+        "gemma3n_text",
         "gemma4_text",
         "gemma4_unified_text",
         "glm",

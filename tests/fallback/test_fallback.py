@@ -140,7 +140,7 @@ def test_layers_that_drop_kwargs_still_reach_the_paged_cache(tmp_path, mode):
         assert got == expected
 
 
-# ============================================================================== adapted (inline) attention
+# ============================================================================== variants the sweep does not build
 
 
 @pytest.mark.parametrize(
@@ -149,9 +149,12 @@ def test_layers_that_drop_kwargs_still_reach_the_paged_cache(tmp_path, mode):
         # Falcon-40B style: grouped kv heads broadcast over their query group, cached once per kv head
         ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2, num_attention_heads=4)),
         ("gpt_neo", dict(attention_types=[[["local", "global"], 1]], window_size=5)),
+        # Gemma-3n's KV-shared layers attend with an earlier layer's K/V: written again into their own pages
+        ("gemma3n_text", dict(num_hidden_layers=4, num_kv_shared_layers=2)),
     ],
 )
-def test_adapted_attention_variants_match_transformers(tmp_path, model_type, overrides):
+def test_variants_beyond_the_sweep_match_transformers(tmp_path, model_type, overrides):
+    """Configurations of adapted / newly covered architectures that the sweep's one tiny config does not reach."""
     path = make_checkpoint(tmp_path / model_type, model_type, **overrides)
     ids = prompts(320)
     expected = hf_greedy_ids(path, ids)

@@ -53,3 +53,20 @@ def test_torchax_runs_a_torch_module_as_jax():
         return interop.jax_view(out)
 
     np.testing.assert_allclose(np.asarray(f(params, x)), lin(torch.from_numpy(x)).detach().numpy(), atol=1e-6)
+
+
+def test_type_as_returns_a_new_tensor_and_accepts_views():
+    """torch semantics: ``a.type_as(b)`` leaves ``a`` alone; works when ``b`` is one of torchax's lazy views."""
+    import jax.numpy as jnp
+    import torch
+
+    from jaxrt.converters.fallback.torchax_compat import import_torchax
+
+    tx = import_torchax()
+    from torchax import interop
+
+    with tx.default_env():
+        a, b = interop.torch_view((jnp.ones((2, 3), jnp.float32), jnp.zeros((3, 2), jnp.bfloat16)))
+        out = a.type_as(b)
+        assert out.dtype == torch.bfloat16 and a.dtype == torch.float32
+        assert a.type_as(b.transpose(0, 1)).dtype == torch.bfloat16

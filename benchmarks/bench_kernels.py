@@ -120,6 +120,23 @@ def check_configs(quick: bool):
     return cases
 
 
+def check_variant(cfg: GpuConfig, hkv: int, d: int, dtype: str) -> GpuConfig | None:
+    """The second tiling --check runs (--variants): "prefetch" flips prefetch; "heads" takes the largest
+    power-of-two kv_heads <= 4 dividing hkv (other than the default's), with block_kv cut to keep a K tile
+    within 32 KiB."""
+    if "prefetch" in VARIANTS:
+        return dataclasses.replace(cfg, prefetch=not cfg.prefetch)
+    if "heads" in VARIANTS:
+        heads = min(4, hkv & -hkv)
+        if heads == cfg.kv_heads:
+            heads = 1
+        bkv = cfg.block_kv
+        while bkv > 16 and bkv * heads * d * jnp.dtype(DTYPES[dtype]).itemsize > 32 * 1024:
+            bkv //= 2
+        return dataclasses.replace(cfg, kv_heads=heads, block_kv=bkv)
+    return None
+
+
 def run_check(args, interpret=False):
     rng = np.random.default_rng(0)
     cases = check_configs(args.smoke)
@@ -151,8 +168,11 @@ def run_check(args, interpret=False):
                 jargs,
             )
         )
-        if "prefetch" in VARIANTS:
-            pf = dataclasses.replace(pallas_gpu.config_for(b.q, b.k_pages, b.page_indices), prefetch=True)
+        alt = check_variant(
+            pallas_gpu.config_for(b.q, b.k_pages, b.page_indices), c["hkv"], c["d"], c["dtype"]
+        )
+        if alt is not None:
+            pf = alt
             jobs.append(
                 (
                     ("kpf", ci),
@@ -212,7 +232,7 @@ def run_check(args, interpret=False):
     log("")
     log(
         "| kind | head_dim | page | dtype | Hq/Hkv | window | soft_cap | default tiling | rel err | "
-        "prefetch tiling | rel err | jnp ref rel err | note |"
+        "variant tiling | rel err | jnp ref rel err | note |"
     )
     log("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
@@ -262,7 +282,15 @@ def loop_fn(fn, iters):
 
 TIMER = "cupti"  # --timer
 KERNEL_TIMES: dict = {}  # key -> seconds of the main kernel alone (CUPTI only)
-MAIN_KERNEL = {"pallas": "jaxrt_rpa", "pallas_pf": "jaxrt_rpa", "jax_paged": "paged_attention"}
+CAPTURE_OUTPUTS = False  # measure() keeps each job's first output in OUTPUTS (--sweep checks them)
+OUTPUTS: dict = {}
+MAIN_KERNEL = {
+    "pallas": "jaxrt_rpa",
+    "pallas_pf": "jaxrt_rpa",
+    "pallas_shared": "jaxrt_rpa",
+    "pallas_prior": "jaxrt_rpa",
+    "jax_paged": "paged_attention",
+}
 
 
 def _cupti_times(compiled, args, iterations, main):
@@ -297,7 +325,9 @@ def measure(jobs, threads, repeats):
             out[key] = c
             continue
         try:
-            jax.block_until_ready(c(*cargs))
+            first = jax.block_until_ready(c(*cargs))
+            if CAPTURE_OUTPUTS:
+                OUTPUTS[key] = first
             if TIMER == "cupti":
                 main = MAIN_KERNEL.get(key) if isinstance(key, str) else "jaxrt_rpa"
                 n = max(10, min(iters, 50))
@@ -351,11 +381,37 @@ INTERPRET = False  # --interpret: dry-run the benchmark code paths on CPU
 VARIANTS = ("default",)  # --variants: also measure/check GpuConfig(prefetch=True) on top of the default
 
 
-def pallas_fn(sm_scale, config=None):
+def pallas_fn(sm_scale, config=None, shared_plan=False):
+    """The pallas_gpu call; with shared_plan it takes the batch's plan (gpu_metadata) as an extra argument,
+    as every layer after the first does in a model that shares one plan per step."""
+    if shared_plan:
+
+        def g(q, k, v, kvl, pt, cu, ns, plan):
+            return pallas_gpu.ragged_paged_attention_gpu(
+                q, k, v, kvl, pt, cu, ns, sm_scale=sm_scale, metadata=plan, interpret=INTERPRET
+            )
+
+        return g
+
     def f(q, k, v, kvl, pt, cu, ns):
         return pallas_gpu.ragged_paged_attention_gpu(
             q, k, v, kvl, pt, cu, ns, sm_scale=sm_scale, config=config, interpret=INTERPRET
         )
+
+    return f
+
+
+def plan_for(ins, config=None):
+    q, k, _v, kvl, pt, cu, ns = ins
+    return jax.block_until_ready(pallas_gpu.gpu_metadata(q, k, kvl, pt, cu, ns, config=config))
+
+
+def plan_only_fn(config=None):
+    """The planning alone (what a model pays once per step instead of once per layer)."""
+
+    def f(q, k, v, kvl, pt, cu, ns):
+        plan = pallas_gpu.gpu_metadata(q, k, kvl, pt, cu, ns, config=config)
+        return q + (plan.work.meta.sum() + plan.page_table.sum()).astype(q.dtype)
 
     return f
 
@@ -439,10 +495,15 @@ def run_decode(args, grid, shapes, tune_points=()):
                 pages_per_seq=pt.shape[1],
                 itemsize=jnp.dtype(dtype).itemsize,
             )
-            jobs = [("pallas", pallas_fn(sm), q, ins[1:], it)]
-            if "prefetch" in VARIANTS:
-                pf = dataclasses.replace(cfg, prefetch=True)
-                jobs.append(("pallas_pf", pallas_fn(sm, pf), q, ins[1:], it))
+            jobs = [
+                ("pallas", pallas_fn(sm), q, ins[1:], it),
+                ("pallas_shared", pallas_fn(sm, shared_plan=True), q, (*ins[1:], plan_for(ins)), it),
+            ]
+            if "prior" in VARIANTS:
+                prior = prior_decode_config(
+                    b, hq, hkv, d, args.page_size, pt.shape[1], jnp.dtype(dtype).itemsize
+                )
+                jobs.append(("pallas_prior", pallas_fn(sm, prior), q, ins[1:], it))
             baselines = args.baselines.split(",") if args.baselines else []
             if "jax_paged" in baselines:
                 k_hm = jnp.transpose(k_pages, (2, 0, 1, 3))
@@ -460,7 +521,8 @@ def run_decode(args, grid, shapes, tune_points=()):
             res = measure(jobs, args.threads, args.repeats)
             row = dict(shape=shape, b=b, ctx=ctx, bytes=nbytes, config=dataclasses.asdict(cfg))
             row["pallas_kernel"] = KERNEL_TIMES.pop("pallas", None)
-            row["pallas_pf_kernel"] = KERNEL_TIMES.pop("pallas_pf", None)
+            row["pallas_shared_kernel"] = KERNEL_TIMES.pop("pallas_shared", None)
+            row["pallas_prior_kernel"] = KERNEL_TIMES.pop("pallas_prior", None)
             for k_, v_ in res.items():
                 if isinstance(k_, tuple):
                     continue
@@ -518,18 +580,200 @@ def pct(nbytes, t):
 
 
 def cfg_str(c):
+    """rows/block_kv/splits/warps/stages[/hf][/pf][/hN]: the --sweep-configs syntax."""
+    c = c if isinstance(c, dict) else dataclasses.asdict(c)
+    heads = c.get("kv_heads", 1)
     return (
         f"{c['block_rows']}/{c['block_kv']}/{c['num_splits']}/{c['num_warps']}/{c['num_stages']}"
         f"{'/hf' if c.get('heads_fastest') else ''}{'/pf' if c.get('prefetch') else ''}"
+        f"{f'/h{heads}' if heads > 1 else ''}"
     )
+
+
+def prior_decode_config(b, hq, hkv, d, page, pages_per_seq, itemsize, num_sms=None):
+    """The decode tiling that was the default before kv_heads existed (for comparison columns)."""
+    kv_cap = max(16, 65536 // (2 * d * itemsize))
+    rows = max(16, pallas_gpu.common.next_pow2(hq // hkv))
+    block_kv = min(128, kv_cap // 2)
+    block_q = max(1, rows // pallas_gpu.common.next_pow2(hq // hkv))
+    num_work = pallas_gpu.common.num_work_items(b, b, block_q)
+    max_blocks = pallas_gpu.common.cdiv(pages_per_seq * page, block_kv)
+    splits = pallas_gpu.decode_splits(num_work * hkv, max_blocks, num_sms)
+    stages = 3 if 3 * 2 * block_kv * d * itemsize + rows * d * itemsize <= 192 * 1024 else 2
+    return GpuConfig(rows, block_kv, splits, 4, stages, prefetch=True)
+
+
+def parse_cfg(spec, *, b, hq, hkv, d, page, pages_per_seq):
+    """'rows/block_kv/splits/warps/stages[/hf][/pf][/hN]' -> GpuConfig; splits 'a' = decode_splits' choice."""
+    parts = spec.split("/")
+    rows, bkv, splits, warps, stages = parts[:5]
+    flags = parts[5:]
+    heads = 1
+    for f in flags:
+        if f.startswith("h") and f[1:].isdigit():
+            heads = int(f[1:])
+    if splits == "a":
+        block_q = max(1, max(16, int(rows)) // (heads * pallas_gpu.common.next_pow2(hq // hkv)))
+        num_work = pallas_gpu.common.num_work_items(b, b, block_q)
+        max_blocks = pallas_gpu.common.cdiv(pages_per_seq * page, int(bkv))
+        splits = pallas_gpu.decode_splits(num_work * (hkv // heads), max_blocks)
+    return GpuConfig(
+        block_rows=int(rows),
+        block_kv=int(bkv),
+        num_splits=int(splits),
+        num_warps=int(warps),
+        num_stages=int(stages),
+        heads_fastest="hf" in flags,
+        prefetch="pf" in flags,
+        kv_heads=heads,
+    )
+
+
+SWEEP_POINTS = "1b:32x1024,1b:64x2048,1b:256x1024,1b:32x8192,8b:32x1024,8b:64x2048,8b:256x1024,8b:32x8192"
+SWEEP_CONFIGS = {
+    64: [
+        "16/128/a/4/3/pf",
+        "16/64/a/4/2/pf",
+        "16/128/a/8/3/pf",
+        "16/256/a/8/2/pf",
+        "16/64/a/4/2/pf/h2",
+        "16/128/a/4/2/pf/h2",
+        "16/128/a/8/2/pf/h2",
+        "16/32/a/4/2/pf/h4",
+        "16/64/a/4/2/pf/h4",
+        "16/64/a/8/2/pf/h4",
+        "16/32/a/4/3/h4",
+        "16/64/a/8/3/h4",
+        "16/128/a/8/2/pf/h4",
+        "16/32/a/8/2/pf/h4",
+        "16/64/a/4/1/pf/h4",
+        "16/64/1/4/2/pf/h4",
+        "16/64/2/4/2/pf/h4",
+        "16/64/4/4/2/pf/h4",
+        "32/16/a/4/2/pf/h8",
+        "32/32/a/4/2/pf/h8",
+        "32/32/a/8/2/pf/h8",
+        "32/64/a/8/2/pf/h8",
+        "32/32/a/8/3/h8",
+    ],
+    128: [
+        "16/64/a/4/3/pf",
+        "16/128/a/4/2/pf",
+        "16/128/a/8/2/pf",
+        "16/64/a/8/3/pf",
+        "16/64/1/4/3/pf",
+        "16/64/2/4/3/pf",
+        "16/32/a/4/2/pf/h2",
+        "16/64/a/4/2/pf/h2",
+        "16/64/a/8/2/pf/h2",
+        "16/32/a/4/3/h2",
+        "16/32/1/4/2/pf/h2",
+        "16/32/2/4/2/pf/h2",
+        "16/16/a/4/2/pf/h4",
+        "16/32/a/4/2/pf/h4",
+        "16/32/a/8/2/pf/h4",
+        "16/64/a/8/2/pf/h4",
+        "16/16/a/4/3/h4",
+        "16/32/a/8/3/h4",
+        "32/16/a/8/2/pf/h8",
+        "32/32/a/8/2/pf/h8",
+        "32/16/a/4/2/pf/h8",
+    ],
+}
+
+
+def run_sweep(args):
+    """One table per decode point: every tiling of --sweep-configs, whole call (shared plan) and kernel alone.
+
+    The plan is made outside the timed call (as a model sharing one plan per step does); "plan µs" is the
+    planning alone, measured once per point with the default tiling.
+    """
+    dtype = DTYPES[args.dtype]
+    key = jax.random.PRNGKey(0)
+    results = []
+    t_start = time.time()
+    for point in args.sweep_points.split(","):
+        if args.time_budget and time.time() - t_start > args.time_budget:
+            log(f"# sweep: time budget spent, skipping {point} and after")
+            break
+        shape, bc = point.split(":")
+        b, ctx = (int(x) for x in bc.split("x"))
+        hq, hkv, d = SHAPES[shape]
+        sm = 1.0 / math.sqrt(d)
+        ins = decode_inputs(key, b, ctx, hq, hkv, d, args.page_size, dtype)
+        q, pt = ins[0], ins[4]
+        nbytes = kv_bytes(b, ctx, hkv, d, dtype)
+        it = iters_for(nbytes / 2.0e12 + 4e-6)
+        specs = args.sweep_configs.split(",") if args.sweep_configs else SWEEP_CONFIGS[d]
+        default = pallas_gpu.config_for(q, ins[1], pt)
+        cfgs = {"default": default}
+        for spec in specs:
+            cfgs[spec] = parse_cfg(
+                spec, b=b, hq=hq, hkv=hkv, d=d, page=args.page_size, pages_per_seq=pt.shape[1]
+            )
+        jobs = [("plan", plan_only_fn(), q, ins[1:], it)]
+        for spec, cfg in cfgs.items():
+            jobs.append(((spec, cfg), pallas_fn(sm, shared_plan=True), q, (*ins[1:], plan_for(ins, cfg)), it))
+        # Every tiling's output is checked against XLA dense attention (f32 softmax) on the same K/V.
+        kd = ins[1][pt].reshape(b, -1, hkv, d)[:, :ctx]
+        vd = ins[2][pt].reshape(b, -1, hkv, d)[:, :ctx]
+        want = np.asarray(dense_decode_fn(sm)(q, kd, vd, ins[3]).astype(jnp.float32), np.float64)
+        del kd, vd
+        global CAPTURE_OUTPUTS
+        CAPTURE_OUTPUTS = True
+        t0 = time.time()
+        res = measure(jobs, args.threads, args.repeats)
+        CAPTURE_OUTPUTS = False
+        errs = {}
+        for k_ in list(OUTPUTS):
+            if k_ != "plan":
+                errs[k_] = rel_err(np.asarray(OUTPUTS[k_].astype(jnp.float32), np.float64), want)
+        OUTPUTS.clear()
+        rows = []
+        for k_, cfg in [j[0] for j in jobs[1:]]:
+            v_ = res[(k_, cfg)]
+            kern = KERNEL_TIMES.pop((k_, cfg), None)
+            err = errs.get((k_, cfg), float("nan"))
+            if isinstance(v_, float) and not err < 2e-2:
+                v_ = RuntimeError(f"wrong result: rel err {err:.2e} vs XLA dense")
+            rows.append(
+                dict(
+                    err=err,
+                    spec=k_,
+                    config=cfg_str(cfg),
+                    call=v_ if not isinstance(v_, Exception) else short_err(v_),
+                    kernel=kern,
+                )
+            )
+        ok = sorted((r for r in rows if isinstance(r["call"], float)), key=lambda r: r["call"])
+        bad = [r for r in rows if not isinstance(r["call"], float)]
+        plan_t = res["plan"] if isinstance(res["plan"], float) else float("nan")
+        log(
+            f"\n### sweep {shape} B={b} ctx={ctx} ({nbytes / 1e6:.0f} MB KV; plan alone {fmt_t(plan_t)} µs; "
+            f"{time.time() - t0:.0f} s)\n| tiling | call µs | % | kernel µs | % | rel err |\n| --- | --- | --- | --- | --- | --- |"
+        )
+        for r in ok:
+            name = r["config"] + (" (default)" if r["spec"] == "default" else "")
+            log(
+                f"| {name} | {fmt_t(r['call'])} | {pct(nbytes, r['call'])} | {fmt_t(r['kernel'])} | "
+                f"{pct(nbytes, r['kernel'])} | {r['err']:.1e} |"
+            )
+        for r in bad:
+            log(f"| {r['config']} | FAIL {r['call'][:150]} | | | | {r['err']:.1e} |")
+        results.append(dict(shape=shape, b=b, ctx=ctx, bytes=nbytes, plan=plan_t, rows=rows))
+        if args.json:
+            with open(args.json + ".sweep.json", "w") as f:
+                json.dump(results, f, indent=1, default=str)
+        del ins, jobs, res
+    return results
 
 
 def decode_header():
     return (
-        "| shape | batch | context | KV MB | pallas µs | GB/s | % of 3.19 TB/s | pallas kernel only µs (%) | "
-        "pallas+prefetch µs (%) | jax paged µs (%) | XLA dense µs (%) | XLA reference µs | pallas config | "
-        "best tuned µs (%) config |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| shape | batch | context | KV MB | pallas µs | GB/s | % of 3.19 TB/s | with shared plan µs (%) | "
+        "kernel alone µs (%) | prior tiling µs (%) | jax paged µs (%) | XLA dense µs (%) | XLA reference µs | "
+        "pallas config | best tuned µs (%) config |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
 
 
@@ -544,7 +788,8 @@ def decode_row(r):
 
     return (
         f"| {r['shape']} | {r['b']} | {r['ctx']} | {nb / 1e6:.1f} | {fmt_t(t)} | {gbs(nb, t):.0f} | {pct(nb, t)} | "
-        f"{tp(r.get('pallas_kernel'))} | {tp(r.get('pallas_pf'))} | {tp(r.get('jax_paged'))} | "
+        f"{tp(r.get('pallas_shared'))} | {tp(r.get('pallas_kernel'))} | {tp(r.get('pallas_prior'))} | "
+        f"{tp(r.get('jax_paged'))} | "
         f"{tp(r.get('xla_dense'))} | "
         f"{fmt_t(r.get('xla_reference'))} | {cfg_str(r['config'])} | {best} |"
     )
@@ -787,6 +1032,16 @@ def main(argv=None):
     p.add_argument("--tune", action="store_true")
     p.add_argument("--decode", action="store_true")
     p.add_argument("--prefill", action="store_true")
+    p.add_argument(
+        "--sweep", action="store_true", help="GPU: time a list of tilings at a list of decode points"
+    )
+    p.add_argument("--sweep-points", default=SWEEP_POINTS, help="shape:batchxcontext,...")
+    p.add_argument(
+        "--sweep-configs", default=None, help="rows/block_kv/splits|a/warps/stages[/hf][/pf][/hN],..."
+    )
+    p.add_argument(
+        "--time-budget", type=float, default=0, help="--sweep: skip points after this many seconds"
+    )
     p.add_argument("--shapes", default="1b,8b")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--page-size", type=int, default=16)
@@ -804,7 +1059,9 @@ def main(argv=None):
         "--interpret", action="store_true", help="run the GPU modes in interpret mode (CPU dry run)"
     )
     p.add_argument("--timer", default="cupti", choices=("cupti", "wall"))
-    p.add_argument("--variants", default="default", help="default[,prefetch]")
+    p.add_argument(
+        "--variants", default="default", help="default[,prefetch][,prior]: extra tilings to measure / check"
+    )
     args = p.parse_args(argv)
     global INTERPRET, TIMER, VARIANTS
     VARIANTS = tuple(args.variants.split(","))
@@ -845,6 +1102,8 @@ def main(argv=None):
         ppts = [(s, 1, 4096, 4096) for s in shapes]
         log("\n## prefill tuning\n" + prefill_header())
         out["prefill_tune"] = run_prefill(args, [(1, 4096, 4096)], shapes, tune_points=set(ppts))
+    if args.sweep:
+        out["sweep"] = run_sweep(args)
     if args.prefill:
         log("\n## prefill\n" + prefill_header())
         out["prefill"] = run_prefill(args, pcases, shapes)

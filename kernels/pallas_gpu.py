@@ -112,6 +112,15 @@ def _num_sms() -> int:
     return _DEFAULT_NUM_SMS
 
 
+def decode_splits(programs: int, max_blocks: int, num_sms: int | None = None) -> int:
+    """Split-K factor: double the splits (up to 16 and the kv blocks) while the grid is under 2 waves."""
+    target = 2 * (num_sms or _num_sms())
+    splits = 1
+    while programs * splits < target and splits * 2 <= min(16, max_blocks):
+        splits *= 2
+    return splits
+
+
 def default_config(
     *,
     num_tokens: int,
@@ -138,12 +147,8 @@ def default_config(
         block_kv = min(128, kv_cap // 2)  # 32 KiB of K+V per step
         block_q = max(1, rows // group_pad)
         num_work = common.num_work_items(num_tokens, max_num_seqs, block_q)
-        programs = num_work * num_kv_heads
         max_blocks = common.cdiv(pages_per_seq * page_size, block_kv)
-        target = 2 * (num_sms or _num_sms())
-        splits = 1
-        while programs * splits < target and splits * 2 <= min(16, max_blocks):
-            splits *= 2
+        splits = decode_splits(num_work * num_kv_heads, max_blocks, num_sms)
         stage = 2 * block_kv * head_dim * itemsize
         stages = 3 if 3 * stage + rows * head_dim * itemsize <= 192 * 1024 else 2
         # Software prefetch beat Triton's own pipelining alone at every decode point measured on the H100

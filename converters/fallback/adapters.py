@@ -97,6 +97,36 @@ def _falcon_attention(
     return self.dense(out.reshape(b, t, self.num_heads * self.head_dim)), None
 
 
+def _bloom_attention(
+    self, hidden_states, residual, alibi, attention_mask, layer_past=None, use_cache=False, **kwargs
+):
+    """BLOOM: ALiBi slopes from the model's own ``build_alibi_tensor`` (bias ``slope * j`` at key j), unscaled."""
+    import torch
+
+    b, t, _ = hidden_states.shape
+    q, k, v = self._reshape(self.query_key_value(hidden_states))
+    ones = torch.ones(1, 2, dtype=torch.long)
+    slopes = sys.modules[type(self).__module__].build_alibi_tensor(ones, self.num_heads, torch.float32)
+    out = attend_module(self, q, k, v, self.inv_norm_factor, alibi_slopes=slopes[:, 0, 1])
+    out = self.dense(out.reshape(b, t, self.num_heads * self.head_dim))
+    return residual + out, None  # dropout_add in eval mode
+
+
+def _mpt_attention(self, hidden_states, position_bias, past_key_values=None, attention_mask=None, **kwargs):
+    """MPT: the ALiBi slopes are read off the ``position_bias`` the model passes (``[H, 1, L]``, last two
+    columns ``-slope, 0``)."""
+    b, t = hidden_states.shape[:2]
+    qkv = self.Wqkv(hidden_states)
+    if self.clip_qkv:
+        qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+    q, k, v = (x.reshape(b, t, self.n_heads, self.head_dim).transpose(1, 2) for x in qkv.chunk(3, dim=2))
+    slopes = None
+    if position_bias is not None:
+        slopes = position_bias[:, 0, -1] - position_bias[:, 0, -2]
+    out = attend_module(self, q, k, v, self.softmax_scale, alibi_slopes=slopes)
+    return self.out_proj(out.reshape(b, t, -1)), None
+
+
 # ---------------------------------------------------------------------------------------------- MoE experts
 
 
@@ -178,7 +208,12 @@ ATTENTION_ADAPTERS: dict[str, dict[str, Callable[..., Any]]] = {
     "Attention": {"_attn": _openai_attn},  # transformers.models.openai
     "XGLMAttention": {"forward": _xglm_attention},
     "FalconAttention": {"forward": _falcon_attention},
+    "BloomAttention": {"forward": _bloom_attention},
+    "MptAttention": {"forward": _mpt_attention},
 }
+# Models whose forward builds its [T, T] mask with eager code only (MPT: ``create_causal_mask(...).to(bool)``):
+# built with attn_implementation="eager"; the adapted layers ignore that mask (and XLA drops it).
+EAGER_MASK_CLASSES = frozenset({"MptAttention"})
 _ADAPTER_MODULES = {"Attention": "transformers.models.openai."}  # generic class names: only in that model
 ADAPTERS: dict[str, dict[str, Callable[..., Any]]] = {
     **ATTENTION_ADAPTERS,

@@ -65,6 +65,7 @@ class LayerSpec:
     sliding_window: int | None
     soft_cap: float | None
     has_sinks: bool = False
+    has_alibi: bool = False
 
 
 def _static_number(value: Any, name: str, module: str) -> float | None:
@@ -120,7 +121,9 @@ class StepContext:
     def name_of(self, module: Any) -> str:
         return self.module_names.get(id(module), type(module).__name__)
 
-    def attend(self, module, query, key, value, attention_mask, scaling, kwargs, sinks=None) -> jax.Array:
+    def attend(
+        self, module, query, key, value, attention_mask, scaling, kwargs, sinks=None, alibi_slopes=None
+    ) -> jax.Array:
         """``query [1, Hq, T, Dk]``, ``key [1, Hkv, T, Dk]``, ``value [1, Hkv, T, Dv]`` (jax) -> ``[1, T, Hq, Dv]``."""
         name = self.name_of(module)
         if query.ndim != 4 or query.shape[0] != 1:
@@ -170,9 +173,14 @@ class StepContext:
             sliding_window=int(sliding_window) if sliding_window else None,
             soft_cap=float(soft_cap) if soft_cap else None,
             has_sinks=sinks is not None,
+            has_alibi=alibi_slopes is not None,
         )
         if sinks is not None and tuple(sinks.shape) != (hq,):
             raise FallbackError(f"{name}: attention sinks of shape {tuple(sinks.shape)}, expected ({hq},)")
+        if alibi_slopes is not None and tuple(alibi_slopes.shape) != (hq,):
+            raise FallbackError(
+                f"{name}: ALiBi slopes of shape {tuple(alibi_slopes.shape)}, expected ({hq},)"
+            )
         slot = len(self.specs)
         self.specs.append(spec)
         if self.probing:
@@ -183,9 +191,9 @@ class StepContext:
                 f"attention call {slot} ({spec}) differs from the build-time probe ({want}); the model's "
                 "attention pattern changed between traces"
             )
-        return self._paged(slot, spec, query[0], key[0], value[0], sinks)
+        return self._paged(slot, spec, query[0], key[0], value[0], sinks, alibi_slopes)
 
-    def _paged(self, slot: int, spec: LayerSpec, q, k, v, sinks) -> jax.Array:
+    def _paged(self, slot: int, spec: LayerSpec, q, k, v, sinks, alibi_slopes=None) -> jax.Array:
         from jaxrt.converters.fallback.sinks import ragged_paged_attention_with_sinks
         from jaxrt.kernels import ragged_paged_attention, write_kv
 
@@ -199,7 +207,7 @@ class StepContext:
         k_pages, v_pages = self.kv_caches[slot]
         k_pages, v_pages = write_kv(k_pages, v_pages, k, v, b.slot_mapping)
         self.kv_caches[slot] = (k_pages, v_pages)
-        if sinks is not None:
+        if sinks is not None or alibi_slopes is not None:
             out = ragged_paged_attention_with_sinks(
                 q,
                 k_pages,
@@ -212,6 +220,7 @@ class StepContext:
                 sm_scale=spec.scaling,
                 sliding_window=spec.sliding_window,
                 soft_cap=spec.soft_cap,
+                alibi_slopes=alibi_slopes,
             )
             return out[None, :, :, : spec.v_head_dim]
         out = ragged_paged_attention(
@@ -265,20 +274,27 @@ def jaxrt_attention_forward(
     return interop.torch_view(out), None
 
 
-def attend_module(module, query, key, value, scaling: float, sliding_window: int | None = None):
+def attend_module(
+    module, query, key, value, scaling: float, sliding_window: int | None = None, alibi_slopes=None
+):
     """Paged causal attention for a layer that computes attention inline (see ``adapters.py``).
 
     ``query [1, Hq, T, Dk]``, ``key [1, Hkv, T, Dk]``, ``value [1, Hkv, T, Dv]`` (torch, after projections and
     rotary) -> ``[1, T, Hq, Dv]`` torch, exactly what the attention interface returns, in ``value``'s dtype.
+    ``alibi_slopes [Hq]`` (torch) add ALiBi position biases (served by the plain-XLA loop in ``sinks.py``).
     """
+    import torch
     from torchax import interop
 
     ctx = getattr(module, "__dict__", {}).get(CTX_KWARG)
     if not isinstance(ctx, StepContext):
         raise FallbackError(f"{type(module).__name__}: adapted attention called outside a jaxrt step")
     q, k, v = interop.jax_view((query, key, value))
+    slopes = alibi_slopes
+    if slopes is not None:  # computed by the model from constants: a plain CPU tensor, or traced
+        slopes = jnp.asarray(slopes.numpy()) if type(slopes) is torch.Tensor else interop.jax_view(slopes)
     q, k = q.astype(v.dtype), k.astype(v.dtype)
-    out = ctx.attend(module, q, k, v, None, scaling, {"sliding_window": sliding_window})
+    out = ctx.attend(module, q, k, v, None, scaling, {"sliding_window": sliding_window}, alibi_slopes=slopes)
     return interop.torch_view(out)
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrt.config import ModelConfig
-from jaxrt.converters.fallback.adapters import ATTENTION_ADAPTERS, install_adapters
+from jaxrt.converters.fallback.adapters import ATTENTION_ADAPTERS, EAGER_MASK_CLASSES, install_adapters
 from jaxrt.converters.fallback.attention import (
     ATTN_IMPLEMENTATION,
     CTX_KWARG,
@@ -108,6 +108,8 @@ def build_meta_model(hf_config: Any, dtype: str, trust_remote_code: bool):
     table_error = None
     try:
         model = build(ATTN_IMPLEMENTATION)
+        if any(type(m).__name__ in EAGER_MASK_CLASSES for m in model.modules()):
+            model = build("eager")
     except KeyError as e:
         if ATTN_IMPLEMENTATION not in str(e):
             raise

@@ -1,4 +1,4 @@
-"""Ragged paged attention with per-head attention sinks, in plain XLA, for the fallback's sink layers.
+"""Ragged paged attention with per-head attention sinks and/or ALiBi slopes, in plain XLA, for the fallback.
 
 Attention sinks (gpt-oss, Granite-SWA, MiMo-V2-Flash: transformers passes them as ``s_aux``) add one learned
 logit per head to every softmax denominator: ``out = sum_j e^{s_j} v_j / (sum_j e^{s_j} + e^{sink})``.
@@ -6,6 +6,10 @@ logit per head to every softmax denominator: ``out = sum_j e^{s_j} v_j / (sum_j 
 corrected afterwards; this is the same online-softmax page loop as `jaxrt.kernels.reference` with the sink
 folded into the final normalisation. It reads the same paged KV pool (written by `jaxrt.kernels.write_kv`).
 A ``sinks=`` input on the kernels would let these layers use the fast backends too (see docs/fallback.md).
+
+ALiBi layers (BLOOM, MPT) add ``slope[h] * (kv_pos - q_pos)`` to each scaled score. The models add
+``slope[h] * kv_pos`` (or relative to the last key); per query row these differ by a constant, which softmax
+ignores. The same loop serves them, with or without sinks.
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ def ragged_paged_attention_with_sinks(
     page_indices: jax.Array,
     cu_q_lens: jax.Array,
     num_seqs: jax.Array,
-    sinks: jax.Array,
+    sinks: jax.Array | None,
     *,
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    alibi_slopes: jax.Array | None = None,
 ) -> jax.Array:
-    """Like `jaxrt.kernels.ragged_paged_attention`; ``sinks [num_q_heads]`` are raw (unscaled) logits."""
+    """Like `jaxrt.kernels.ragged_paged_attention`; ``sinks [num_q_heads]`` are raw (unscaled) logits (None: no
+    sink); ``alibi_slopes [num_q_heads]`` add ``slope * (kv_pos - q_pos)`` to the scaled scores."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
     group = num_q_heads // num_kv_heads
@@ -41,6 +47,8 @@ def ragged_paged_attention_with_sinks(
 
     qf = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * sm_scale
     token_pages = page_indices[seq_ids]
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.astype(jnp.float32).reshape(num_kv_heads, group)
 
     def body(p, carry):
         m, l, acc = carry
@@ -51,6 +59,9 @@ def ragged_paged_attention_with_sinks(
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         kv_pos = p * page_size + jnp.arange(page_size, dtype=jnp.int32)
+        if alibi_slopes is not None:
+            rel = (kv_pos[None, :] - positions[:, None]).astype(jnp.float32)  # [T, page_size]
+            s = s + slopes[None, :, :, None] * rel[:, None, None, :]
         mask = kv_pos[None, :] <= positions[:, None]
         if sliding_window is not None:
             mask &= kv_pos[None, :] > positions[:, None] - sliding_window
@@ -71,6 +82,9 @@ def ragged_paged_attention_with_sinks(
         jnp.zeros((num_tokens, num_kv_heads, group, head_dim), jnp.float32),
     )
     m, l, acc = jax.lax.fori_loop(0, num_iters, body, init)
+    if sinks is None:
+        out = jnp.where(valid[:, None, None, None], acc / jnp.maximum(l, 1e-30)[..., None], 0.0)
+        return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
     sink = sinks.astype(jnp.float32).reshape(num_kv_heads, group)[None]
     m_all = jnp.maximum(m, sink)
     scale = jnp.exp(m - m_all)

@@ -44,6 +44,8 @@ _RECURRENT_MODULE = re.compile(
     r"Mamba|Mixer2?$|SSM|Rwkv|RWKV|xLSTM|mLSTM|sLSTM|Recurrent|RecurrentBlock|LinearAttention|Lightning|"
     r"GatedDeltaNet|DeltaNet|ShortConv|KimiDelta|Rglru",
 )
+# Sparse-attention (DSA-style) indexers that pick the top-k keys per query.
+_INDEXER_MODULE = re.compile(r"Indexer$")
 _MAX_POSITION_FIELDS = (
     "max_position_embeddings",
     "n_positions",
@@ -230,6 +232,16 @@ class FallbackModel:
                 f"{model_name} has recurrent / state-space layers ({', '.join(recurrent[:3])}"
                 f"{', ...' if len(recurrent) > 3 else ''}) whose per-request state jaxrt's paged KV pool cannot "
                 "hold; only attention layers are supported by the transformers fallback"
+            )
+        indexers = [(n, m) for n, m in self.model.named_modules() if _INDEXER_MODULE.search(type(m).__name__)]
+        if indexers:
+            name, m = indexers[0]
+            k = getattr(m, "index_topk", None) or getattr(self.model.config, "index_topk", "k")
+            raise FallbackError(
+                f"{model_name} has sparse-attention indexers ({name} ({type(m).__name__}), ...): each query attends "
+                f"only to the top-{k} keys its indexer selects. jaxrt's paged attention is dense; the two agree "
+                f"only while a sequence is at most {k} tokens long, so serving it would change the model's "
+                "output on longer contexts"
             )
         batch = _probe_batch(_PROBE_TOKENS)
         ctx = StepContext(batch=batch, kv_caches=None, module_names=self.names)

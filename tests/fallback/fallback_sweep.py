@@ -436,7 +436,7 @@ CATEGORIES = (
     ("attention not through the attention interface", "_supports_attention_backend=False"),
     ("layers drop **kwargs before the attention call", "without the jaxrt step context"),
     ("data-dependent Python in the forward (MoE loops, .cpu())", "data-dependent"),
-    ("sparse-attention indexer needs a dense mask (DSA)", "attention_mask[:, 0"),
+    ("sparse-attention indexer (DSA: top-k keys per query)", "sparse-attention indexer"),
     ("layer-made attention mask / bias", "attention mask / bias of its own"),
     ("non-causal attention", "non-causal"),
     ("private / compressed KV cache in the layer", "concatenated a cache"),

@@ -37,7 +37,7 @@ def kernel_group(name: str) -> str:
     return "other fusions"
 
 
-def profile_kernels(fn, runner, fb, sb, label: str, top: int, device_s: float, iters: int = 5) -> None:
+def profile_kernels(fn, label: str, top: int, device_s: float, iters: int = 5) -> None:
     """Per-kernel GPU times of the compiled step (CUPTI, as jax's mosaic GPU profiler reads them)."""
     import jax
 
@@ -51,7 +51,7 @@ def profile_kernels(fn, runner, fb, sb, label: str, top: int, device_s: float, i
     ext._cupti_init()
     try:
         for _ in range(iters):
-            out, runner.kv_caches = fn(runner.state, runner.kv_caches, fb, sb, runner._no_prev)
+            out = fn()
         jax.block_until_ready(out)
     finally:
         timings = ext._cupti_get_timings(True)
@@ -154,19 +154,19 @@ def main() -> None:
             runner.run(sched, {})
         engine_s = (time.perf_counter() - t) / args.iters
         # Device only: the same compiled step called back to back on device-resident inputs.
-        from jaxrt.batch import pick_bucket
-
-        n = pick_bucket(runner.token_buckets, sched.num_tokens)
-        fb, sb = runner._batch(sched, n, 1, {})
+        fb, sb, mode = runner.prepare(sched, {})
         fb, sb = jax.device_put((fb, sb))
-        fn = runner._get_compiled((n, runner.num_seqs_for(n), 1), fb, sb)
-        out, runner.kv_caches = fn(runner.state, runner.kv_caches, fb, sb, runner._no_prev)
+
+        def fn():
+            return runner.device_step(fb, sb, mode)
+
+        out = fn()
         jax.block_until_ready(out)
         t = time.perf_counter()
         call_s = 0.0
         for _ in range(args.iters):
             tc = time.perf_counter()
-            out, runner.kv_caches = fn(runner.state, runner.kv_caches, fb, sb, runner._no_prev)
+            out = fn()
             call_s += time.perf_counter() - tc
         jax.block_until_ready(out)
         device_s = (time.perf_counter() - t) / args.iters
@@ -180,12 +180,12 @@ def main() -> None:
             def five():
                 o = None
                 for _ in range(5):
-                    o, runner.kv_caches = fn(runner.state, runner.kv_caches, fb, sb, runner._no_prev)
+                    o = fn()
                 jax.block_until_ready(o)
 
             trace_timeline(five, label)
         if args.profile_top:
-            profile_kernels(fn, runner, fb, sb, label, args.profile_top, device_s)
+            profile_kernels(fn, label, args.profile_top, device_s)
         return engine_s, device_s
 
     rows = []

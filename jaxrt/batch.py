@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -56,9 +57,16 @@ class SamplingBatch:
     suppress_stop: jax.Array  # [num_seqs] bool: min_new_tokens not reached yet
     history: jax.Array  # [num_seqs, history_len] int32 token ids (prompt + output), -1 padding
     history_is_output: jax.Array  # [num_seqs, history_len] bool
-    any_sampling: jax.Array  # [] bool: some row is not greedy
-    any_penalty: jax.Array  # [] bool
-    any_top_logprobs: jax.Array  # [] bool
+
+
+class SampleMode(NamedTuple):
+    """Which sampler variant a step needs: static (compiled per variant), so the step has no device-side
+    branch. A branch on a device value makes XLA read the predicate back to the host mid-program, which
+    blocks the dispatching thread until the forward pass is done and defeats overlap scheduling.
+    Penalties are implied by the history bucket (``history_len > 1``)."""
+
+    sampling: bool = False  # some row is not greedy (temperature / top-k / top-p / min-p / seed)
+    top_logprobs: bool = False  # some row asked for top log-probabilities
 
 
 @_pytree_dataclass
@@ -100,7 +108,7 @@ def build_batch(
     vocab_size: int,
     history_len: int,
     stop_ids: dict[str, list[int]],
-) -> tuple[ForwardBatch, SamplingBatch]:
+) -> tuple[ForwardBatch, SamplingBatch, SampleMode]:
     """Lay out one scheduled step as padded numpy arrays (host side, then handed to the jitted step)."""
     n = len(sched.scheduled)
     assert n <= num_seqs and sched.num_tokens <= num_tokens
@@ -126,7 +134,7 @@ def build_batch(
     suppress = np.zeros(num_seqs, bool)
     history = np.full((num_seqs, history_len), -1, np.int32)
     history_is_output = np.zeros((num_seqs, history_len), bool)
-    any_sampling = any_penalty = any_top = False
+    any_sampling = any_top = False
 
     if n:
         reqs = [s.request for s in sched.scheduled]
@@ -177,7 +185,6 @@ def build_batch(
             if sp.top_logprobs_num > 0:
                 any_top = True
             if sp.uses_penalties:
-                any_penalty = True
                 rep[i], freq[i], pres[i] = sp.repetition_penalty, sp.frequency_penalty, sp.presence_penalty
                 hist = req.all_token_ids[-history_len:]
                 history[i, : len(hist)] = hist
@@ -210,17 +217,15 @@ def build_batch(
         suppress_stop=suppress,
         history=history,
         history_is_output=history_is_output,
-        any_sampling=np.array(any_sampling),
-        any_penalty=np.array(any_penalty),
-        any_top_logprobs=np.array(any_top),
     )
-    return fb, sb
+    return fb, sb, SampleMode(sampling=any_sampling, top_logprobs=any_top)
 
 
 __all__ = [
     "MAX_STOP_IDS",
     "MAX_TOP_LOGPROBS",
     "ForwardBatch",
+    "SampleMode",
     "SamplingBatch",
     "StepOutput",
     "build_batch",

@@ -12,11 +12,20 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxrt import envs
-from jaxrt.batch import StepOutput, build_batch, history_buckets, pick_bucket, token_buckets
+from jaxrt.batch import (
+    ForwardBatch,
+    SampleMode,
+    SamplingBatch,
+    StepOutput,
+    build_batch,
+    history_buckets,
+    pick_bucket,
+    token_buckets,
+)
 from jaxrt.config import EngineConfig
 from jaxrt.models.layers import KVCache
 from jaxrt.scheduler import SchedulerOutput, cdiv
-from jaxrt.step import ForwardFn, make_step
+from jaxrt.step import ForwardFn, make_forward_step, make_sample_step
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +90,13 @@ class ModelRunner:
         )
         self.token_buckets = token_buckets(cfg.scheduler.chunked_prefill_size)
         self.history_buckets = history_buckets(cfg.scheduler.context_length)
-        self._step = make_step(forward, cfg.scheduler.max_running_requests)
+        self._forward = make_forward_step(forward)
+        self._sample = make_sample_step(cfg.scheduler.max_running_requests)
         self._no_prev = jax.device_put(
             jnp.zeros((cfg.scheduler.max_running_requests,), jnp.int32), self.device
         )
-        self._compiled: dict[tuple[int, int, int], Any] = {}
+        self._compiled: set[tuple] = set()
+        self._recompiles = 0
         self.compile_seconds = 0.0
         logger.info(
             "KV pool: %d pages x %d tokens (%.1f MiB)",
@@ -99,7 +110,7 @@ class ModelRunner:
 
     def _batch(
         self, sched: SchedulerOutput, num_tokens: int, history_len: int, stop_ids: dict[str, list[int]]
-    ):
+    ) -> tuple[ForwardBatch, SamplingBatch, SampleMode]:
         return build_batch(
             sched,
             num_tokens=num_tokens,
@@ -111,29 +122,59 @@ class ModelRunner:
             stop_ids=stop_ids,
         )
 
-    def _get_compiled(self, key: tuple[int, int, int], fb, sb):
-        """The jitted step, compiled for this shape key (compiling it now if new).
+    def _ensure_compiled(self, num_tokens: int, history_len: int, mode: SampleMode) -> None:
+        """Compile the model program for this token bucket and the sampler variant, if new.
 
-        Compiling is done by running the step once on an empty batch (no sequences: nothing is read or
-        written), which fills jit's own cache so later calls take its C++ dispatch path.
+        Compiling is done by running them once on an empty batch (no sequences: nothing is read or written),
+        which fills jit's own cache so later calls take its C++ dispatch path.
         """
-        if key not in self._compiled:
-            t0 = time.perf_counter()
-            empty_fb, empty_sb = self._batch(SchedulerOutput(), key[0], key[2], {})
-            out, self.kv_caches = self._step(self.state, self.kv_caches, empty_fb, empty_sb, self._no_prev)
-            jax.block_until_ready(out)
-            self.compile_seconds += time.perf_counter() - t0
-            self._compiled[key] = True
-        return self._step
+        num_seqs = self.num_seqs_for(num_tokens)
+        fwd_key = ("forward", num_tokens)
+        smp_key = ("sample", num_seqs, history_len, mode)
+        if fwd_key in self._compiled and smp_key in self._compiled:
+            return
+        t0 = time.perf_counter()
+        fb, sb, _ = self._batch(SchedulerOutput(), num_tokens, history_len, {})
+        if fwd_key not in self._compiled:
+            logits, self.kv_caches = self._forward(self.state, self.kv_caches, fb, self._no_prev)
+            jax.block_until_ready(logits)
+            self._compiled.add(fwd_key)
+        if smp_key not in self._compiled:
+            logits = jax.device_put(np.zeros((num_seqs, self.cfg.model.vocab_size), np.float32), self.device)
+            jax.block_until_ready(self._sample(logits, sb, mode=mode))
+            self._compiled.add(smp_key)
+        self.compile_seconds += time.perf_counter() - t0
 
     def precompile(self) -> None:
-        """Compile the step for every token bucket (no penalties variant) before serving."""
-        empty = SchedulerOutput()
+        """Compile the model for every token bucket, and the greedy and sampling samplers, before serving."""
         buckets = self.token_buckets
         bar = tqdm(buckets, desc="Compiling step buckets", disable=envs.disable_progress_bar(), leave=False)
         for n in bar:
-            fb, sb = self._batch(empty, n, 1, {})
-            self._get_compiled((n, self.num_seqs_for(n), 1), fb, sb)
+            for mode in (SampleMode(), SampleMode(sampling=True)):
+                self._ensure_compiled(n, 1, mode)
+
+    def prepare(
+        self, sched: SchedulerOutput, stop_ids: dict[str, list[int]]
+    ) -> tuple[ForwardBatch, SamplingBatch, SampleMode]:
+        """Lay out a scheduled step in its bucket (host arrays) and make sure its programs are compiled."""
+        n = pick_bucket(self.token_buckets, sched.num_tokens)
+        history_len = 1
+        if any(s.sample and s.request.sampling_params.uses_penalties for s in sched.scheduled):
+            longest = max(
+                s.request.num_tokens for s in sched.scheduled if s.request.sampling_params.uses_penalties
+            )
+            history_len = pick_bucket(self.history_buckets, longest)
+        fb, sb, mode = self._batch(sched, n, history_len, stop_ids)
+        self._ensure_compiled(n, history_len, mode)
+        return fb, sb, mode
+
+    def device_step(
+        self, fb: ForwardBatch, sb: SamplingBatch, mode: SampleMode, prev_tokens: jax.Array | None = None
+    ) -> StepOutput:
+        """Enqueue the model and the sampler (asynchronous: returns device arrays at once)."""
+        prev_tokens = self._no_prev if prev_tokens is None else prev_tokens
+        logits, self.kv_caches = self._forward(self.state, self.kv_caches, fb, prev_tokens)
+        return self._sample(logits, sb, mode=mode)
 
     def dispatch(
         self, sched: SchedulerOutput, stop_ids: dict[str, list[int]], prev: StepOutput | None = None
@@ -143,30 +184,21 @@ class ModelRunner:
         ``prev`` is the previous step's (device) output: tokens sampled there and not yet read back are fed
         from it (see ``Request.pending_rows``).
         """
-        n = pick_bucket(self.token_buckets, sched.num_tokens)
-        history_len = 1
-        if any(s.sample and s.request.sampling_params.uses_penalties for s in sched.scheduled):
-            longest = max(
-                s.request.num_tokens for s in sched.scheduled if s.request.sampling_params.uses_penalties
-            )
-            history_len = pick_bucket(self.history_buckets, longest)
-        fb, sb = self._batch(sched, n, history_len, stop_ids)
-        fn = self._get_compiled((n, self.num_seqs_for(n), history_len), fb, sb)
-        prev_tokens = prev.tokens if prev is not None else self._no_prev
-        out, self.kv_caches = fn(self.state, self.kv_caches, fb, sb, prev_tokens)
-        if self._step._cache_size() > len(self._compiled):
+        fb, sb, mode = self.prepare(sched, stop_ids)
+        out = self.device_step(fb, sb, mode, prev.tokens if prev is not None else None)
+        if self.num_compiles > len(self._compiled) + self._recompiles:
             # A shape key we compiled is being compiled again (argument placement or dtype drift): slow.
+            self._recompiles = self.num_compiles - len(self._compiled)
             logger.warning(
                 "the step recompiled outside warm-up (%d compiles for %d keys)",
-                self._step._cache_size(),
+                self.num_compiles,
                 len(self._compiled),
             )
-            self._compiled[("recompile", self._step._cache_size())] = True
         return out
 
     @property
     def num_compiles(self) -> int:
-        return self._step._cache_size()
+        return self._forward._cache_size() + self._sample._cache_size()
 
     @staticmethod
     def fetch(out: StepOutput, num_rows: int) -> StepOutput:

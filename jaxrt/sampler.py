@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxrt.batch import MAX_TOP_LOGPROBS, SamplingBatch, StepOutput
+from jaxrt.batch import MAX_TOP_LOGPROBS, SampleMode, SamplingBatch, StepOutput
 
 NEG_INF = -jnp.inf
 
@@ -57,32 +57,34 @@ def _sample(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-def sample(logits: jax.Array, sb: SamplingBatch) -> StepOutput:
-    """logits: [num_seqs, vocab] -> next tokens and their log-probabilities under the raw distribution."""
+def sample(logits: jax.Array, sb: SamplingBatch, mode: SampleMode = SampleMode()) -> StepOutput:
+    """logits: [num_seqs, vocab] -> next tokens and their log-probabilities under the raw distribution.
+
+    ``mode`` is static: each variant is its own program, and none branches on a device value.
+    """
     logits = logits.astype(jnp.float32)
     num_seqs, vocab = logits.shape
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
-
-    logits = jax.lax.cond(sb.any_penalty, apply_penalties, lambda lg, _: lg, logits, sb)
-    stop = jnp.where(sb.stop_ids < 0, vocab, sb.stop_ids)
     rows = jnp.arange(num_seqs)[:, None]
-    suppress = jnp.zeros((num_seqs, vocab), jnp.bool_).at[rows, stop].set(True, mode="drop")
-    logits = jnp.where(suppress & sb.suppress_stop[:, None], NEG_INF, logits)
+    penalties = sb.history.shape[1] > 1
+    lse = jax.nn.logsumexp(logits, axis=-1)  # normaliser of the raw distribution
+    top_ids = jnp.zeros((num_seqs, MAX_TOP_LOGPROBS), jnp.int32)
+    top_lp = jnp.zeros((num_seqs, MAX_TOP_LOGPROBS), jnp.float32)
+    if mode.top_logprobs:
+        top_lp, ids = jax.lax.top_k(logits, MAX_TOP_LOGPROBS)
+        top_ids, top_lp = ids.astype(jnp.int32), top_lp - lse[:, None]
+    raw = logits if penalties else None  # penalties change the chosen token's logit: keep the raw ones
+
+    if penalties:
+        logits = apply_penalties(logits, sb)
+    # Stop ids of rows under min_new_tokens can't be drawn; other rows' ids go out of range (dropped).
+    stop = jnp.where((sb.stop_ids < 0) | ~sb.suppress_stop[:, None], vocab, sb.stop_ids)
+    logits = logits.at[rows, stop].set(NEG_INF, mode="drop")
 
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    sampled = jax.lax.cond(sb.any_sampling, _sample, lambda lg, _: greedy, logits, sb)
-    tokens = jnp.where(sb.temperature > 0, sampled, greedy)
-    logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-
-    def top(lp):
-        vals, ids = jax.lax.top_k(lp, MAX_TOP_LOGPROBS)
-        return ids.astype(jnp.int32), vals
-
-    def no_top(lp):
-        return (
-            jnp.zeros((num_seqs, MAX_TOP_LOGPROBS), jnp.int32),
-            jnp.zeros((num_seqs, MAX_TOP_LOGPROBS), jnp.float32),
-        )
-
-    top_ids, top_lp = jax.lax.cond(sb.any_top_logprobs, top, no_top, raw_logprobs)
-    return StepOutput(tokens=tokens, logprobs=logprobs, top_ids=top_ids, top_logprobs=top_lp)
+    if mode.sampling:
+        tokens = jnp.where(sb.temperature > 0, _sample(logits, sb), greedy)
+    else:
+        tokens = greedy
+    # Without penalties the chosen token's logit is unchanged (a suppressed stop id is never chosen).
+    chosen = jnp.take_along_axis(raw if penalties else logits, tokens[:, None], axis=-1)[:, 0]
+    return StepOutput(tokens=tokens, logprobs=chosen - lse, top_ids=top_ids, top_logprobs=top_lp)

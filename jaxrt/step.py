@@ -1,4 +1,7 @@
-"""The one jitted function: (params, kv pool, batch, sampling arrays) -> (next tokens, logprobs, kv pool).
+"""The jitted step, in two programs run back to back without a host sync: the model
+``(params, kv pool, batch, prev tokens) -> (logits, kv pool)`` and the sampler
+``(logits, sampling arrays) -> (next tokens, logprobs)``. The sampler is separate so that its variants
+(greedy / sampling / top log-probs / penalties) are small programs of their own, not copies of the model.
 
 The model enters as a pure ``ForwardFn(params, kv_caches, batch) -> (logits, kv_caches)``: native nnx models
 provide one through :func:`nnx_forward`; the transformers fallback provides its own. Either way the weights are
@@ -15,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxrt.batch import ForwardBatch, SamplingBatch, StepOutput
+from jaxrt.batch import ForwardBatch, SampleMode, SamplingBatch, StepOutput
 from jaxrt.models.layers import KVCache
 from jaxrt.sampler import sample
 
@@ -31,29 +34,32 @@ def nnx_forward(graphdef: nnx.GraphDef) -> ForwardFn:
     return forward
 
 
-def make_step(forward: ForwardFn, max_num_seqs: int) -> Callable:
-    """Build the jitted step. The KV pool (argument 1) is donated, so XLA updates it in place.
+def make_forward_step(forward: ForwardFn) -> Callable:
+    """Jit the model half of a step: ``(params, kv pool[donated], batch, prev_tokens) -> (logits, kv pool)``.
 
     ``prev_tokens`` ([max_num_seqs] int32, on device) is the previous step's ``tokens``: decode inputs can
     come from it without a round trip to the host, so the host schedules step N+1 while step N runs.
-    Outputs are padded to ``max_num_seqs`` rows so that every bucket hands the next one the same shape.
+    The KV pool is donated, so XLA updates it in place. Logits are f32 ``[num_seqs, vocab]``.
     """
 
-    def step(
-        params: Any,
-        kv_caches: list[KVCache],
-        batch: ForwardBatch,
-        sampling: SamplingBatch,
-        prev_tokens: jax.Array,
-    ) -> tuple[StepOutput, list[KVCache]]:
+    def step(params: Any, kv_caches: list[KVCache], batch: ForwardBatch, prev_tokens: jax.Array):
         from_prev = prev_tokens[jnp.maximum(batch.prev_index, 0)]
         batch = dataclasses.replace(
             batch, input_ids=jnp.where(batch.prev_index >= 0, from_prev, batch.input_ids)
         )
-        logits, kv_caches = forward(params, kv_caches, batch)
-        out = sample(logits, sampling)
-        pad = max_num_seqs - out.tokens.shape[0]
-        out = jax.tree.map(lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)), out)
-        return out, kv_caches
+        return forward(params, kv_caches, batch)
 
     return jax.jit(step, donate_argnums=(1,))
+
+
+def make_sample_step(max_num_seqs: int) -> Callable:
+    """Jit the sampler half: ``(logits, sampling, mode=SampleMode) -> StepOutput`` padded to ``max_num_seqs``
+    rows, so every bucket hands the next step's ``prev_tokens`` the same shape. ``mode`` is static: one
+    small program per variant, no device-side branch (see :class:`jaxrt.batch.SampleMode`)."""
+
+    def step(logits: jax.Array, sampling: SamplingBatch, mode: SampleMode) -> StepOutput:
+        out = sample(logits, sampling, mode)
+        pad = max_num_seqs - out.tokens.shape[0]
+        return jax.tree.map(lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)), out)
+
+    return jax.jit(step, static_argnames=("mode",))

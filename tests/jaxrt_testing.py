@@ -132,7 +132,7 @@ def chunked_prefill_logits(
             lo, hi = n * c // chunks, n * (c + 1) // chunks
             if hi > lo:
                 sched.scheduled.append(ScheduledRequest(r, lo, hi - lo, hi == n))
-        fb, _ = build_batch(
+        fb, *_ = build_batch(
             sched,
             num_tokens=num_tokens,
             num_seqs=num_seqs,

@@ -120,9 +120,6 @@ def test_penalties_match_transformers_and_openai_rules():
         suppress_stop=z.astype(bool),
         history=history,
         history_is_output=is_out,
-        any_sampling=np.array(False),
-        any_penalty=np.array(True),
-        any_top_logprobs=np.array(False),
     )
     ours = np.asarray(apply_penalties(logits, sb))
     for r in range(rows):

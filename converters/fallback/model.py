@@ -386,7 +386,7 @@ def _probe_batch(num_tokens: int):
     from jaxrt.scheduler import SchedulerOutput
 
     n = num_tokens
-    empty, _ = build_batch(
+    empty, *_ = build_batch(
         SchedulerOutput(),
         num_tokens=n,
         num_seqs=2,

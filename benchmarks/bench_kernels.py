@@ -580,13 +580,13 @@ def pct(nbytes, t):
 
 
 def cfg_str(c):
-    """rows/block_kv/splits/warps/stages[/hf][/pf][/hN]: the --sweep-configs syntax."""
+    """rows/block_kv/splits/warps/stages[/hf][/pf][/hN][/la]: the --sweep-configs syntax."""
     c = c if isinstance(c, dict) else dataclasses.asdict(c)
     heads = c.get("kv_heads", 1)
     return (
         f"{c['block_rows']}/{c['block_kv']}/{c['num_splits']}/{c['num_warps']}/{c['num_stages']}"
         f"{'/hf' if c.get('heads_fastest') else ''}{'/pf' if c.get('prefetch') else ''}"
-        f"{f'/h{heads}' if heads > 1 else ''}"
+        f"{f'/h{heads}' if heads > 1 else ''}{'/la' if c.get('page_lookahead') else ''}"
     )
 
 
@@ -604,7 +604,7 @@ def prior_decode_config(b, hq, hkv, d, page, pages_per_seq, itemsize, num_sms=No
 
 
 def parse_cfg(spec, *, b, hq, hkv, d, page, pages_per_seq):
-    """'rows/block_kv/splits/warps/stages[/hf][/pf][/hN]' -> GpuConfig; splits 'a' = decode_splits' choice."""
+    """'rows/block_kv/splits/warps/stages[/hf][/pf][/hN][/la]' -> GpuConfig; splits 'a' = decode_splits'."""
     parts = spec.split("/")
     rows, bkv, splits, warps, stages = parts[:5]
     flags = parts[5:]
@@ -626,58 +626,52 @@ def parse_cfg(spec, *, b, hq, hkv, d, page, pages_per_seq):
         heads_fastest="hf" in flags,
         prefetch="pf" in flags,
         kv_heads=heads,
+        page_lookahead="la" in flags,
     )
 
 
-SWEEP_POINTS = "1b:32x1024,1b:64x2048,1b:256x1024,1b:32x8192,8b:32x1024,8b:64x2048,8b:256x1024,8b:32x8192"
+SWEEP_POINTS = (
+    "1b:32x1024,1b:32x4096,1b:64x2048,1b:128x1024,1b:256x1024,1b:32x8192,"
+    "8b:32x1024,8b:32x4096,8b:64x2048,8b:256x1024"
+)
+# Tilings with 32 KiB of K+V per step and 4 warps (bigger steps or kv_heads 8 spilled registers, 8 warps
+# was slower at every point of the first sweep: benchmarks/RESULTS.md, "Kernels").
 SWEEP_CONFIGS = {
     64: [
         "16/128/a/4/3/pf",
-        "16/64/a/4/2/pf",
-        "16/128/a/8/3/pf",
-        "16/256/a/8/2/pf",
-        "16/64/a/4/2/pf/h2",
-        "16/128/a/4/2/pf/h2",
-        "16/128/a/8/2/pf/h2",
-        "16/32/a/4/2/pf/h4",
-        "16/64/a/4/2/pf/h4",
-        "16/64/a/8/2/pf/h4",
-        "16/32/a/4/3/h4",
-        "16/64/a/8/3/h4",
-        "16/128/a/8/2/pf/h4",
-        "16/32/a/8/2/pf/h4",
-        "16/64/a/4/1/pf/h4",
-        "16/64/1/4/2/pf/h4",
-        "16/64/2/4/2/pf/h4",
-        "16/64/4/4/2/pf/h4",
-        "32/16/a/4/2/pf/h8",
-        "32/32/a/4/2/pf/h8",
-        "32/32/a/8/2/pf/h8",
-        "32/64/a/8/2/pf/h8",
-        "32/32/a/8/3/h8",
+        "16/128/1/4/3/pf/la",
+        "16/128/2/4/3/pf/la",
+        "16/32/1/4/2/pf/h4",
+        "16/32/2/4/2/pf/h4",
+        "16/32/4/4/2/pf/h4",
+        "16/32/8/4/2/pf/h4",
+        "16/32/1/4/2/pf/h4/la",
+        "16/32/2/4/2/pf/h4/la",
+        "16/32/4/4/2/pf/h4/la",
+        "16/32/8/4/2/pf/h4/la",
+        "16/32/4/4/3/pf/h4/la",
+        "16/32/4/4/1/pf/h4/la",
+        "16/64/2/4/2/pf/h2",
+        "16/64/1/4/2/pf/h2/la",
+        "16/64/2/4/2/pf/h2/la",
+        "16/64/4/4/2/pf/h2/la",
+        "16/16/4/4/2/pf/h4/la",
+        "16/16/8/4/2/pf/h4/la",
     ],
     128: [
-        "16/64/a/4/3/pf",
-        "16/128/a/4/2/pf",
-        "16/128/a/8/2/pf",
-        "16/64/a/8/3/pf",
         "16/64/1/4/3/pf",
         "16/64/2/4/3/pf",
-        "16/32/a/4/2/pf/h2",
-        "16/64/a/4/2/pf/h2",
-        "16/64/a/8/2/pf/h2",
-        "16/32/a/4/3/h2",
+        "16/64/1/4/3/pf/la",
+        "16/64/2/4/3/pf/la",
+        "16/64/4/4/3/pf/la",
+        "16/64/1/4/2/pf/la",
         "16/32/1/4/2/pf/h2",
-        "16/32/2/4/2/pf/h2",
-        "16/16/a/4/2/pf/h4",
-        "16/32/a/4/2/pf/h4",
-        "16/32/a/8/2/pf/h4",
-        "16/64/a/8/2/pf/h4",
-        "16/16/a/4/3/h4",
-        "16/32/a/8/3/h4",
-        "32/16/a/8/2/pf/h8",
-        "32/32/a/8/2/pf/h8",
-        "32/16/a/4/2/pf/h8",
+        "16/32/1/4/2/pf/h2/la",
+        "16/32/2/4/2/pf/h2/la",
+        "16/32/4/4/2/pf/h2/la",
+        "16/32/1/4/3/pf/la",
+        "16/32/2/4/3/pf/la",
+        "16/16/2/4/2/pf/h2/la",
     ],
 }
 

@@ -67,6 +67,7 @@ class GpuConfig:
     heads_fastest: bool = False  # grid (kv head, work item, split): a sequence's kv heads run side by side
     prefetch: bool = False  # issue block b+1's loads before block b's math (tiles carried in registers)
     kv_heads: int = 1
+    page_lookahead: bool = False  # with prefetch: read block b+2's page ids while block b+1's K/V load
 
 
 # What benchmarks/bench_kernels.py --check compiled and ran correctly on an H100 (jax 0.11.2, Triton path):
@@ -301,6 +302,7 @@ def _kernel(
     num_pages: int,
     heads_fastest: bool,
     prefetch: bool,
+    page_lookahead: bool,
     precision,
 ):
     """One program: one work item, ``t.heads`` kv heads, one kv split (``program_id(2)``).
@@ -363,17 +365,21 @@ def _kernel(
     # Scores are kept in base 2: s2 = log2(e) * s.
     s_scale = sm_scale * LOG2E if soft_cap is None else sm_scale / soft_cap
 
-    def load(b):
-        if block_kv >= page_size:  # gather whole pages
+    def lookup(b):  # page ids of kv block b (a vector of whole pages, or the one page it slices)
+        if block_kv >= page_size:
             start = jnp.minimum(b * pages_per_blk, pt_cols - pages_per_blk)
-            pages = jnp.clip(pt_ref[seq, pl.ds(start, pages_per_blk)], 0, num_pages - 1)
+            return jnp.clip(pt_ref[seq, pl.ds(start, pages_per_blk)], 0, num_pages - 1)
+        return jnp.clip(pt_ref[seq, jnp.minimum(lax.div(b, blocks_per_page), pt_cols - 1)], 0, num_pages - 1)
+
+    def fetch(b, pages):
+        if block_kv >= page_size:  # gather whole pages
             return k_ref[pages].reshape(block_kv, width), v_ref[pages].reshape(block_kv, width)
-        # a slice of one page
-        col = jnp.minimum(lax.div(b, blocks_per_page), pt_cols - 1)
-        page = jnp.clip(pt_ref[seq, col], 0, num_pages - 1)
-        off = lax.rem(b, blocks_per_page) * block_kv
-        k = k_ref[page, pl.ds(off, block_kv)].reshape(block_kv, width)
-        return k, v_ref[page, pl.ds(off, block_kv)].reshape(block_kv, width)
+        off = lax.rem(b, blocks_per_page) * block_kv  # a slice of one page
+        k = k_ref[pages, pl.ds(off, block_kv)].reshape(block_kv, width)
+        return k, v_ref[pages, pl.ds(off, block_kv)].reshape(block_kv, width)
+
+    def load(b):
+        return fetch(b, lookup(b))
 
     def compute(b, k, v, carry, masked):
         m_prev, l_prev, acc_prev = carry
@@ -415,11 +421,16 @@ def _kernel(
 
         # Software prefetch: the loads of block b + 1 are issued before block b's math (the last block's
         # "next" is itself again, an L2 hit). The tiles ride in the loop carry across the three loops.
+        # With page_lookahead the page ids of block b + 2 are read one iteration earlier still, so the
+        # K/V loads never wait on the page-table load they depend on.
         def body(i, c):
-            kv, state = c
             b = lo + i
-            nxt = load(jnp.minimum(b + 1, last))
-            return nxt, compute(b, *kv, state, masked)
+            if page_lookahead:
+                kv, pages, state = c
+                nxt = fetch(jnp.minimum(b + 1, last), pages)
+                return nxt, lookup(jnp.minimum(b + 2, last)), compute(b, *kv, state, masked)
+            kv, state = c
+            return load(jnp.minimum(b + 1, last)), compute(b, *kv, state, masked)
 
         return lax.fori_loop(0, n, body, carry)
 
@@ -438,12 +449,14 @@ def _kernel(
         jnp.zeros((rows,), jnp.float32),
         jnp.zeros((rows, width), jnp.float32),
     )
-    if prefetch:
+    if prefetch and page_lookahead:
+        carry = (load(jnp.minimum(b0, last)), lookup(jnp.minimum(b0 + 1, last)), carry)
+    elif prefetch:
         carry = (load(jnp.minimum(b0, last)), carry)
     carry = run(b0, fb0, carry, True)
     carry = run(fb0, fb1, carry, False)
     carry = run(fb1, b1, carry, True)
-    m, l, acc = carry[1] if prefetch else carry
+    m, l, acc = carry[-1] if prefetch else carry
     if heads > 1:  # keep each row's own head's column block
         acc = jnp.where(on_diag, acc.reshape(rows, heads, head_dim), 0.0).sum(axis=1)
     if num_splits == 1:
@@ -536,6 +549,7 @@ def _gpu_call(q, k_pages, v_pages, plan: GpuPlan, *, sm_scale, sliding_window, s
         num_pages=num_pages,
         heads_fastest=config.heads_fastest,
         prefetch=config.prefetch,
+        page_lookahead=config.page_lookahead,
         precision=precision,
     )
     num_work, num_groups = work.num_work, num_kv_heads // t.heads

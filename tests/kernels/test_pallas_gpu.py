@@ -151,6 +151,16 @@ CASES = [
     Case(*P16, hq=16, hkv=4, window=7, cap=3.0, config=GpuConfig(32, 16, 2, kv_heads=2)),
     Case(*_mixed(32), page=32, hq=8, hkv=4, config=GpuConfig(16, 16, kv_heads=4, heads_fastest=True)),
     Case(*P16, hq=6, hkv=2, config=GpuConfig(16, 32, kv_heads=2)),
+    # page-id lookahead (prefetch two blocks ahead in the page table), gathered pages and one-page slices
+    Case(
+        *_decode(16),
+        pad_tokens=-1,
+        dtype="bf16",
+        hq=32,
+        hkv=8,
+        config=GpuConfig(16, 32, 3, prefetch=True, kv_heads=4, page_lookahead=True),
+    ),
+    Case(*_mixed(32), page=32, window=9, config=GpuConfig(16, 16, 2, prefetch=True, page_lookahead=True)),
     # a sequence with no new tokens, a long prefill chunk spanning several query blocks, no padding at all
     Case((3, 0, 40), (3, 5, 50), pad_tokens=0, pad_seqs=0, config=GpuConfig(block_rows=32, block_kv=16)),
 ]

@@ -239,13 +239,15 @@ def trace_timeline(run, label: str, top: int = 12) -> None:
     for name, ns in sorted(kinds.items(), key=lambda kv: -kv[1])[:6]:
         print(f"[trace]   copy/set {ns / 1e3:9.1f} us  {name}")
     for g, s, t, before, after in sorted(gaps, reverse=True)[:top]:
-        overlapping: dict[str, float] = {}
+        # Host events overlapping the gap, innermost first: enclosing frames (much longer than the gap)
+        # are skipped, so what remains is what the host was actually doing while the GPU waited.
+        inner: dict[str, float] = {}
         for hs, ht, name, _ in host:
             ov = min(ht, t) - max(hs, s)
-            if ov > 0.2 * g:
-                overlapping[name[:50]] = max(overlapping.get(name[:50], 0.0), ov)
+            if ov > 0.05 * g and (ht - hs) < 1.5 * g:
+                inner[name[:50]] = inner.get(name[:50], 0.0) + ov
         host_txt = ", ".join(
-            f"{n} ({v / 1e3:.0f})" for n, v in sorted(overlapping.items(), key=lambda kv: -kv[1])[:4]
+            f"{n} ({v / 1e3:.0f})" for n, v in sorted(inner.items(), key=lambda kv: -kv[1])[:6]
         )
         print(
             f"[trace]   gap {g / 1e3:8.1f} us after {before[:40]!r} before {after[:40]!r}; host: {host_txt}"

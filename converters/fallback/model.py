@@ -280,6 +280,7 @@ class FallbackModel:
                 f"attention interface (called: {sorted(called)[:4]}...); the other layers would run without "
                 "their KV cache"
             )
+        _check_config_window(self.model, ctx.specs)
         convs = sorted(called_convs)
         if convs:
             raise FallbackError(
@@ -326,6 +327,25 @@ class FallbackModel:
                 f"{len(plan.layers)} at build time"
             )
         return logits, ctx.kv_caches
+
+
+def _check_config_window(model: Any, specs: list[LayerSpec]) -> None:
+    """Refuse a model whose config declares one sliding window for all layers that its layers do not pass to the
+    attention call: transformers then applies it only through the ``[T, T]`` mask it builds (Moshi), which jaxrt
+    does not build, so attention would reach past the window."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or window <= 0 or getattr(config, "layer_types", None):
+        return
+    if not getattr(config, "use_sliding_window", True):
+        return
+    unwindowed = [s.module for s in specs if s.sliding_window is None]
+    if unwindowed:
+        raise FallbackError(
+            f"{type(model).__name__}: config.sliding_window={window} applies to every layer, but "
+            f"{unwindowed[0]} (and {len(unwindowed) - 1} more) call attention without a sliding window: the "
+            "window would only be applied through transformers' attention mask, which jaxrt does not build"
+        )
 
 
 @contextlib.contextmanager

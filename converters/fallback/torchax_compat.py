@@ -8,8 +8,9 @@ keys and list members (no named-tensor op is ever dispatched), so during the imp
 the original method.
 
 The shim is applied only when this torch lacks the named overloads (``needs_named_overload_shim``); on torch 2.11
-(the GPU machine) it is never applied. Delete this module once a torchax release imports cleanly on the torch
-versions jaxrt supports: ``import_torchax`` then reduces to ``import torchax``.
+(the GPU machine) it is never applied. The shim can go once a torchax release imports cleanly on the torch
+versions jaxrt supports: ``import_torchax`` then reduces to ``import torchax`` plus the ``type_as`` fix below
+(which can go once torchax's ``type_as`` has torch's semantics).
 
 One behaviour fix, on every torch: torchax 0.0.13's ``Tensor.type_as`` casts ``self`` *in place* and returns it
 (torch returns a new tensor and leaves ``self`` alone), and fails on torchax's lazy ``View`` arguments

@@ -169,3 +169,11 @@ def test_alibi_falcon_is_refused(tmp_path):
     path = make_checkpoint(tmp_path / "falcon", "falcon", alibi=True)
     with pytest.raises(FallbackError, match="ALiBi"):
         jaxrt.Engine(model_path=path, skip_tokenizer_init=True, **ENGINE)
+
+
+def test_sliding_window_only_in_the_mask_is_refused(tmp_path):
+    """Moshi declares config.sliding_window but its layers never pass it to the attention call (transformers applies
+    it through the mask): serving it with unwindowed attention would give different tokens past the window."""
+    path = make_checkpoint(tmp_path / "moshi", "moshi")
+    with pytest.raises(FallbackError, match="sliding_window=12"):
+        jaxrt.Engine(model_path=path, skip_tokenizer_init=True, **ENGINE)

@@ -702,6 +702,10 @@ def run_sweep(args):
         default = pallas_gpu.config_for(q, ins[1], pt)
         cfgs = {"default": default}
         for spec in specs:
+            if ":" in spec:  # "head_dim:tiling" applies to that head_dim only
+                only_d, spec = spec.split(":")
+                if int(only_d) != d:
+                    continue
             cfgs[spec] = parse_cfg(
                 spec, b=b, hq=hq, hkv=hkv, d=d, page=args.page_size, pages_per_seq=pt.shape[1]
             )

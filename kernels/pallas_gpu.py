@@ -10,8 +10,11 @@ range needs; blocks that every query row sees in full skip all masking. For deco
 fill the GPU the kv range is also split across programs ("flash decoding"); the splits are merged in XLA.
 When the GQA group is a power of two, programs read their q rows from, and write their output rows to,
 the ``[T, Hq, D]`` arrays directly (masked loads / stores); otherwise the wrapper gathers padded q tiles.
-Decode tilings carry the next block's K/V tiles through the loop (software prefetch), which is what moved
-decode from ~50% to ~80% of HBM bandwidth on an H100 (benchmarks/RESULTS.md, "Kernels").
+Decode tilings carry the next block's K/V tiles through the loop (software prefetch, with the page ids read
+one block further ahead), which is what moved decode from ~50% to ~80% of HBM bandwidth on an H100, and
+with head_dim 64 a program serves two kv heads, reading 256 contiguous bytes per token instead of 128
+(benchmarks/RESULTS.md, "Kernels"). Every output row, padding included, is written by the kernel, and the
+planning (``gpu_metadata``) can be made once per batch and shared by every layer (``attention_metadata``).
 
 Triton constraints honoured here (interpret mode does not check them): grid of 3 dims, no scalar prefetch
 (metadata travels as ordinary int32 inputs), power-of-two load shapes, 2-D dots with M, N, K >= 16.
@@ -114,10 +117,12 @@ def _num_sms() -> int:
 
 
 def decode_splits(programs: int, max_blocks: int, num_sms: int | None = None) -> int:
-    """Split-K factor: double the splits (up to 16 and the kv blocks) while the grid is under 2 waves."""
+    """Split-K factor: the largest power of two (<= 16 and <= the kv blocks) that keeps the grid within
+    two programs per SM. Two per SM was the best decode grid at every batch >= 32 point of the H100
+    sweeps; a third wave of programs cost 5-10% (benchmarks/RESULTS.md, "Kernels")."""
     target = 2 * (num_sms or _num_sms())
     splits = 1
-    while programs * splits < target and splits * 2 <= min(16, max_blocks):
+    while programs * splits * 2 <= target and splits * 2 <= min(16, max_blocks):
         splits *= 2
     return splits
 
@@ -136,31 +141,41 @@ def default_config(
 ) -> GpuConfig:
     """Heuristic tiling from static shapes.
 
-    A batch with no more tokens than sequences is treated as decode (small query tiles, split-K when the
-    grid would not fill the GPU, software prefetch); anything else as prefill / mixed (64-row query tiles,
-    no split).
-    ``block_kv`` is capped so that one pipeline stage of K+V stays within 64 KiB of shared memory.
+    A batch with no more tokens than sequences is treated as decode: 16-row query tiles, 32 KiB of K+V per
+    kv step, split-K up to two programs per SM, software prefetch with page-id lookahead, and two kv heads
+    per program where one head's row of a page is only 128 bytes (head_dim 64 in bf16), so that each token
+    read is 256 contiguous bytes. Anything else is prefill / mixed (64-row query tiles, no split).
+    These are the best tilings of the H100 decode sweeps (benchmarks/RESULTS.md, "Kernels").
     """
-    group_pad = common.next_pow2(num_q_heads // num_kv_heads)
-    kv_cap = max(16, 65536 // (2 * head_dim * itemsize))
+    group = num_q_heads // num_kv_heads
+    group_pad = common.next_pow2(group)
+    sms = num_sms or _num_sms()
     if num_tokens <= max_num_seqs:
-        rows = max(16, group_pad)
-        block_kv = min(128, kv_cap // 2)  # 32 KiB of K+V per step
-        block_q = max(1, rows // group_pad)
+        heads = 1
+        num_work = common.num_work_items(num_tokens, max_num_seqs, 16 // min(16, group_pad))
+        if (
+            head_dim * itemsize <= 128
+            and group == group_pad
+            and 2 * group_pad <= 16
+            and num_kv_heads % 2 == 0
+            and num_work * (num_kv_heads // 2) * 16 >= 2 * sms  # enough programs left to fill the GPU
+        ):
+            heads = 2
+        rows = max(16, heads * group_pad)
+        block_kv = max(16, min(128, 32768 // (2 * heads * head_dim * itemsize)))  # 32 KiB of K+V per step
+        block_q = max(1, rows // (heads * group_pad))
         num_work = common.num_work_items(num_tokens, max_num_seqs, block_q)
         max_blocks = common.cdiv(pages_per_seq * page_size, block_kv)
-        splits = decode_splits(num_work * num_kv_heads, max_blocks, num_sms)
-        stage = 2 * block_kv * head_dim * itemsize
-        stages = 3 if 3 * stage + rows * head_dim * itemsize <= 192 * 1024 else 2
-        # Software prefetch beat Triton's own pipelining alone at every decode point measured on the H100
-        # (benchmarks/RESULTS.md, "Kernels"); it is slower for prefill tiles.
+        splits = decode_splits(num_work * (num_kv_heads // heads), max_blocks, sms)
         return GpuConfig(
             block_rows=rows,
             block_kv=block_kv,
             num_splits=splits,
             num_warps=4,
-            num_stages=stages,
+            num_stages=2,
             prefetch=True,
+            kv_heads=heads,
+            page_lookahead=True,
         )
     rows = max(64, group_pad)
     block_kv = 64

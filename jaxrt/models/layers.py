@@ -20,7 +20,7 @@ from flax import nnx
 
 from jaxrt.batch import ForwardBatch
 from jaxrt.config import ModelConfig, RopeConfig
-from jaxrt.kernels import ragged_paged_attention, write_kv
+from jaxrt.kernels import attention_metadata, ragged_paged_attention, write_kv
 from jaxrt.kernels.reference import token_metadata
 
 KVCache = tuple[jax.Array, jax.Array]  # (k_pages, v_pages): [num_pages, page_size, num_kv_heads, head_dim]
@@ -292,7 +292,22 @@ class PagedAttention(nnx.Module):
         self.attention_backend = attention_backend
         self.interpret = interpret
 
-    def __call__(self, x: jax.Array, batch: ForwardBatch, kv: KVCache) -> tuple[jax.Array, KVCache]:
+    def metadata(self, num_tokens: int, dtype: jnp.dtype, kv: KVCache, batch: ForwardBatch):
+        """The attention backend's per-step planning for this layer's shapes (shareable across layers)."""
+        q = jax.ShapeDtypeStruct((num_tokens, self.num_heads, self.head_dim), dtype)
+        return attention_metadata(
+            q,
+            kv[0],
+            batch.kv_lens,
+            batch.page_indices,
+            batch.cu_q_lens,
+            batch.num_seqs,
+            backend=self.attention_backend,
+        )
+
+    def __call__(
+        self, x: jax.Array, batch: ForwardBatch, kv: KVCache, metadata=None
+    ) -> tuple[jax.Array, KVCache]:
         t = x.shape[0]
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
@@ -325,6 +340,7 @@ class PagedAttention(nnx.Module):
             soft_cap=self.soft_cap,
             backend=self.attention_backend,
             interpret=self.interpret,
+            metadata=metadata,
         )
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim)), (k_pages, v_pages)
 
@@ -391,17 +407,19 @@ class DecoderLayer(nnx.Module):
             h = h * self.residual_multiplier
         return x + h
 
-    def __call__(self, x: jax.Array, batch: ForwardBatch, kv: KVCache) -> tuple[jax.Array, KVCache]:
+    def __call__(
+        self, x: jax.Array, batch: ForwardBatch, kv: KVCache, metadata=None
+    ) -> tuple[jax.Array, KVCache]:
         if self.placement == "pre":
-            h, kv = self.self_attn(self.input_layernorm(x), batch, kv)
+            h, kv = self.self_attn(self.input_layernorm(x), batch, kv, metadata)
             x = self._residual(x, h)
             return self._residual(x, self.mlp(self.post_attention_layernorm(x))), kv
         if self.placement == "sandwich":
-            h, kv = self.self_attn(self.input_layernorm(x), batch, kv)
+            h, kv = self.self_attn(self.input_layernorm(x), batch, kv, metadata)
             x = self._residual(x, self.post_attention_layernorm(h))
             h = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
             return self._residual(x, h), kv
-        h, kv = self.self_attn(x, batch, kv)  # "post" (OLMo 2): norms on the branch outputs only
+        h, kv = self.self_attn(x, batch, kv, metadata)  # "post" (OLMo 2): norms on the branch outputs only
         x = self._residual(x, self.post_attention_layernorm(h))
         return self._residual(x, self.post_feedforward_layernorm(self.mlp(x))), kv
 
@@ -429,9 +447,15 @@ class DecoderModel(nnx.Module):
             x = x * jnp.asarray(self.embed_scale, x.dtype)  # transformers rounds the scale to the dtype
         if self.embedding_multiplier != 1.0:
             x = x * self.embedding_multiplier
+        # The attention backend plans the batch once per step; every layer with the same shapes reuses it.
+        plans: dict[tuple, object] = {}
         new_caches = []
         for layer, kv in zip(self.layers, kv_caches, strict=True):
-            x, kv = layer(x, batch, kv)
+            attn = layer.self_attn
+            key = (attn.num_heads, attn.head_dim, x.dtype, kv[0].shape, kv[0].dtype, attn.attention_backend)
+            if key not in plans:
+                plans[key] = attn.metadata(x.shape[0], x.dtype, kv, batch)
+            x, kv = layer(x, batch, kv, plans[key])
             new_caches.append(kv)
         return self.norm(x), new_caches
 

@@ -115,3 +115,36 @@ def test_preemption_small_pool_same_output(tiny_llama_dir, hf_tiny):
             assert_no_leak(llm)
     assert results[24] == results[600]
     assert results[600] == hf_greedy(hf_tiny, ids_list, 40)
+
+
+def test_engine_through_pallas_gpu_kernel_interpret(tmp_path, default_model_dir, monkeypatch):
+    """The whole engine on the GPU kernel (Pallas interpret mode on CPU), with the attention plan shared
+    across layers: greedy tokens identical to transformers. head_dim 64 and a GQA group of 4 are shapes the
+    kernel takes itself (others would be handed to the reference, which this test must not measure)."""
+    import jax
+    from jaxrt_testing import make_tiny_llama
+
+    from jaxrt.kernels import attention_metadata
+
+    path = make_tiny_llama(
+        tmp_path / "hd64", default_model_dir, num_attention_heads=4, num_key_value_heads=1, head_dim=64
+    )
+    q = jax.ShapeDtypeStruct((16, 4, 64), np.float32)
+    k = jax.ShapeDtypeStruct((8, 16, 1, 64), np.float32)
+    z = np.zeros(4, np.int32)
+    plan = attention_metadata(
+        q, k, z, np.zeros((4, 2), np.int32), np.zeros(5, np.int32), z[:1], backend="pallas_gpu"
+    )
+    assert plan is not None, "these shapes must run on the kernel, not the reference"
+
+    monkeypatch.setenv("JAXRT_ATTENTION_INTERPRET", "1")
+    kwargs = dict(
+        dtype="float32", chunked_prefill_size=16, max_running_requests=4, context_length=128, num_pages=64
+    )
+    with jaxrt.Engine(model_path=path, attention_backend="pallas_gpu", **kwargs) as llm:
+        ids = [llm.tokenizer.encode(p) for p in PROMPTS[:3]]
+        params = {"temperature": 0, "max_new_tokens": 12, "min_new_tokens": 12}
+        outs = llm.generate(input_ids=ids, sampling_params=params)
+        expected = hf_greedy(hf_model(path), ids, 12)
+        assert [o["output_ids"] for o in outs] == expected
+        assert_no_leak(llm)

@@ -1102,12 +1102,12 @@ def main(argv=None):
         out["prefill_tune"] = run_prefill(args, [(1, 4096, 4096)], shapes, tune_points=set(ppts))
     if args.sweep:
         out["sweep"] = run_sweep(args)
-    if args.prefill:
-        log("\n## prefill\n" + prefill_header())
-        out["prefill"] = run_prefill(args, pcases, shapes)
     if args.decode:
         log("\n## decode\n" + decode_header())
         out["decode"] = run_decode(args, grid, shapes)
+    if args.prefill:
+        log("\n## prefill\n" + prefill_header())
+        out["prefill"] = run_prefill(args, pcases, shapes)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1, default=str)

@@ -70,6 +70,16 @@ def plan_num_pages(cfg: EngineConfig, device: jax.Device) -> int:
     return int(num_pages)
 
 
+def _jit_zeros(shape: tuple[int, ...], dtype) -> jax.Array:
+    """Zeros made by a jitted program, so they carry exactly the sharding a step's outputs carry.
+
+    Warm-up feeds these where serving feeds the previous step's outputs (``prev_tokens``, logits); an array
+    from ``device_put`` has an equal-looking but different sharding (memory kind), and jit would compile the
+    step again on the first real call.
+    """
+    return jax.jit(lambda: jnp.zeros(shape, dtype))()
+
+
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, forward: ForwardFn, params: Any) -> None:
         """``forward`` is the model as a pure function (see `jaxrt.step`); ``params`` its weights pytree."""
@@ -84,17 +94,14 @@ class ModelRunner:
         m = cfg.model
         kv_dtype = jnp.dtype(cfg.cache.kv_dtype or cfg.dtype)
         shape = (self.num_pages, self.page_size, m.num_kv_heads, m.head_dim)
-        self.kv_caches: list[KVCache] = jax.device_put(
-            [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(m.num_layers)],
-            self.device,
-        )
+        self.kv_caches: list[KVCache] = jax.jit(
+            lambda: [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(m.num_layers)]
+        )()
         self.token_buckets = token_buckets(cfg.scheduler.chunked_prefill_size)
         self.history_buckets = history_buckets(cfg.scheduler.context_length)
         self._forward = make_forward_step(forward)
         self._sample = make_sample_step(cfg.scheduler.max_running_requests)
-        self._no_prev = jax.device_put(
-            jnp.zeros((cfg.scheduler.max_running_requests,), jnp.int32), self.device
-        )
+        self._no_prev = _jit_zeros((cfg.scheduler.max_running_requests,), jnp.int32)
         self._compiled: set[tuple] = set()
         self._recompiles = 0
         self.compile_seconds = 0.0
@@ -140,7 +147,7 @@ class ModelRunner:
             jax.block_until_ready(logits)
             self._compiled.add(fwd_key)
         if smp_key not in self._compiled:
-            logits = jax.device_put(np.zeros((num_seqs, self.cfg.model.vocab_size), np.float32), self.device)
+            logits = _jit_zeros((num_seqs, self.cfg.model.vocab_size), jnp.float32)
             jax.block_until_ready(self._sample(logits, sb, mode=mode))
             self._compiled.add(smp_key)
         self.compile_seconds += time.perf_counter() - t0

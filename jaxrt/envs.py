@@ -30,5 +30,14 @@ def compilation_cache_enabled() -> bool:
     return _get("JAXRT_COMPILATION_CACHE", "1") == "1"
 
 
+def compile_workers(platform: str) -> int:
+    """Threads that compile the step's buckets side by side at start-up. ``JAXRT_COMPILE_WORKERS``
+    (default: up to 8 on accelerators, 1 (serial) on CPU, where the compiles compete with the host)."""
+    value = _get("JAXRT_COMPILE_WORKERS", "")
+    if value:
+        return max(1, int(value))
+    return 1 if platform == "cpu" else max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
 def disable_progress_bar() -> bool:
     return _get("JAXRT_DISABLE_PROGRESS", "0") == "1"

@@ -70,14 +70,14 @@ def plan_num_pages(cfg: EngineConfig, device: jax.Device) -> int:
     return int(num_pages)
 
 
-def _jit_zeros(shape: tuple[int, ...], dtype) -> jax.Array:
-    """Zeros made by a jitted program, so they carry exactly the sharding a step's outputs carry.
-
-    Warm-up feeds these where serving feeds the previous step's outputs (``prev_tokens``, logits); an array
-    from ``device_put`` has an equal-looking but different sharding (memory kind), and jit would compile the
+def _like_step_output(tree: Any, device: jax.Device) -> Any:
+    """Commit ``tree`` to ``device`` and pass it through a (donating) identity jit, so its arrays are placed
+    exactly as a jitted step's outputs are. Warm-up feeds such arrays where serving feeds the previous
+    step's outputs (KV pool, ``prev_tokens``, logits); an array that only went through ``device_put`` can
+    carry a sharding that compares unequal on some platforms (seen on the GPU), and jit then compiles the
     step again on the first real call.
     """
-    return jax.jit(lambda: jnp.zeros(shape, dtype))()
+    return jax.jit(lambda t: t, donate_argnums=0)(jax.device_put(tree, device))
 
 
 class ModelRunner:
@@ -94,14 +94,17 @@ class ModelRunner:
         m = cfg.model
         kv_dtype = jnp.dtype(cfg.cache.kv_dtype or cfg.dtype)
         shape = (self.num_pages, self.page_size, m.num_kv_heads, m.head_dim)
-        self.kv_caches: list[KVCache] = jax.jit(
-            lambda: [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(m.num_layers)]
-        )()
+        self.kv_caches: list[KVCache] = _like_step_output(
+            [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(m.num_layers)],
+            self.device,
+        )
         self.token_buckets = token_buckets(cfg.scheduler.chunked_prefill_size)
         self.history_buckets = history_buckets(cfg.scheduler.context_length)
         self._forward = make_forward_step(forward)
         self._sample = make_sample_step(cfg.scheduler.max_running_requests)
-        self._no_prev = _jit_zeros((cfg.scheduler.max_running_requests,), jnp.int32)
+        self._no_prev = _like_step_output(
+            jnp.zeros((cfg.scheduler.max_running_requests,), jnp.int32), self.device
+        )
         self._compiled: set[tuple] = set()
         self._recompiles = 0
         self.compile_seconds = 0.0
@@ -147,18 +150,41 @@ class ModelRunner:
             jax.block_until_ready(logits)
             self._compiled.add(fwd_key)
         if smp_key not in self._compiled:
-            logits = _jit_zeros((num_seqs, self.cfg.model.vocab_size), jnp.float32)
+            logits = _like_step_output(
+                jnp.zeros((num_seqs, self.cfg.model.vocab_size), jnp.float32), self.device
+            )
             jax.block_until_ready(self._sample(logits, sb, mode=mode))
             self._compiled.add(smp_key)
         self.compile_seconds += time.perf_counter() - t0
 
     def precompile(self) -> None:
-        """Compile the model for every token bucket, and the greedy and sampling samplers, before serving."""
+        """Compile the model for every token bucket, and the greedy and sampling samplers, before serving.
+
+        With the persistent compilation cache on, the model's buckets are first compiled side by side in
+        threads (XLA compiles without the GIL) into that cache; the serial pass below then only loads them.
+        """
         buckets = self.token_buckets
+        workers = envs.compile_workers(self.device.platform)
+        if workers > 1 and jax.config.jax_compilation_cache_dir and len(buckets) > 1:
+            self._compile_into_cache(buckets, workers)
         bar = tqdm(buckets, desc="Compiling step buckets", disable=envs.disable_progress_bar(), leave=False)
         for n in bar:
             for mode in (SampleMode(), SampleMode(sampling=True)):
                 self._ensure_compiled(n, 1, mode)
+
+    def _compile_into_cache(self, buckets: list[int], workers: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def compile_bucket(n: int) -> None:
+            fb, _, _ = self._batch(SchedulerOutput(), n, 1, {})
+            self._forward.lower(self.state, self.kv_caches, fb, self._no_prev).compile()
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxrt-compile") as pool:
+            list(pool.map(compile_bucket, [n for n in buckets if ("forward", n) not in self._compiled]))
+        logger.info(
+            "compiled %d buckets in %d threads in %.1f s", len(buckets), workers, time.perf_counter() - t0
+        )
 
     def prepare(
         self, sched: SchedulerOutput, stop_ids: dict[str, list[int]]

@@ -279,3 +279,19 @@ def test_no_recompiles_after_warmup(llm):
     llm.generate(["one", "two words", "three words here"], {"temperature": 0, "max_new_tokens": 12})
     llm.generate("streamed", {"temperature": 0.5, "max_new_tokens": 5, "seed": 1})
     assert llm.runner.num_compiles == before
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_fresh_engine_serves_without_compiling(tiny_llama_dir, monkeypatch, workers):
+    """From the first request on, greedy and sampled decoding (with overlap: step N+1 fed by step N's
+    outputs) hit programs compiled at start-up; with 2 workers the buckets are compiled side by side."""
+    monkeypatch.setenv("JAXRT_COMPILE_WORKERS", workers)
+    with jaxrt.Engine(
+        model_path=tiny_llama_dir, max_running_requests=4, chunked_prefill_size=64, context_length=128
+    ) as fresh:
+        runner = fresh.runner
+        assert runner.num_compiles == len(runner._compiled)
+        compiled = runner.num_compiles
+        fresh.generate(["one", "two words here"], {"temperature": 0, "max_new_tokens": 6})
+        fresh.generate("sampled", {"temperature": 0.7, "max_new_tokens": 4, "seed": 3})
+        assert runner.num_compiles == compiled

@@ -77,6 +77,15 @@ class StepOutput:
     top_logprobs: jax.Array  # [num_seqs, MAX_TOP_LOGPROBS] f32
 
 
+@_pytree_dataclass
+class DecodeLoopOutput:
+    """Outputs of a continuous-decode dispatch: ``num_steps`` tokens per row."""
+
+    tokens: jax.Array  # [max_num_seqs] int32: each row's last sampled token (the next step's input)
+    all_tokens: jax.Array  # [num_steps, max_num_seqs] int32
+    all_logprobs: jax.Array  # [num_steps, max_num_seqs] f32
+
+
 def token_buckets(max_tokens: int, min_bucket: int = 8) -> list[int]:
     """Powers of two from ``min_bucket`` up to and including ``max_tokens``."""
     out, b = [], min_bucket
@@ -160,9 +169,12 @@ def build_batch(
                 ids.extend(req.token_slice(s.start, known))
             if end > known:
                 # Sampled by the step still in flight: the device reads it from that step's output.
-                t0 = int(cu_q_lens[i]) + known - s.start
-                prev_index[t0 : t0 + end - known] = req.pending_rows[: end - known]
-                ids.extend([0] * (end - known))
+                # (After continuous decode, earlier pending tokens are already computed: only positions
+                # from ``start`` on are inputs, and the last pending row holds the latest token.)
+                first = max(s.start, known)
+                t0 = int(cu_q_lens[i]) + first - s.start
+                prev_index[t0 : t0 + end - first] = req.pending_rows[first - known : end - known]
+                ids.extend([0] * (end - first))
         input_ids[:total] = ids
 
         rows = np.array([r.sampling_row for r in reqs], np.float64)
@@ -224,6 +236,7 @@ def build_batch(
 __all__ = [
     "MAX_STOP_IDS",
     "MAX_TOP_LOGPROBS",
+    "DecodeLoopOutput",
     "ForwardBatch",
     "SampleMode",
     "SamplingBatch",

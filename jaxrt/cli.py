@@ -27,6 +27,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-pages", type=int, default=None, help="explicit KV pool size in pages")
     p.add_argument("--disable-radix-cache", action="store_true")
     p.add_argument(
+        "--num-continuous-decode-steps",
+        type=int,
+        default=None,
+        help="decode steps per dispatch when all running requests decode (default: 4 on GPU/TPU, 1 on CPU)",
+    )
+    p.add_argument(
         "--attention-backend", default=None, choices=["auto", "reference", "pallas_gpu", "pallas_tpu"]
     )
     p.add_argument("--random-seed", type=int, default=0)
@@ -46,6 +52,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "page_size": args.page_size,
         "num_pages": args.num_pages,
         "disable_radix_cache": args.disable_radix_cache,
+        "num_continuous_decode_steps": args.num_continuous_decode_steps,
         "attention_backend": args.attention_backend,
         "random_seed": args.random_seed,
     }

@@ -109,8 +109,14 @@ class SchedulerConfig:
     chunked_prefill_size: int = 2048  # max tokens per step (prefill chunks + decodes)
     context_length: int = 2048
     max_queued_requests: int | None = None
+    # Decode steps per dispatch when every running request is decoding (SGLang's flag of the same name).
+    num_continuous_decode_steps: int = 1
 
     def __post_init__(self) -> None:
+        if self.num_continuous_decode_steps < 1:
+            raise ValueError(
+                f"num_continuous_decode_steps must be >= 1, got {self.num_continuous_decode_steps}"
+            )
         if self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
         if self.chunked_prefill_size < self.max_running_requests:

@@ -90,6 +90,7 @@ class Engine:
         served_model_name: str | None = None,
         skip_tokenizer_init: bool = False,
         disable_overlap_schedule: bool = False,
+        num_continuous_decode_steps: int | None = None,
     ) -> None:
         from jaxrt import envs
         from jaxrt.converters.loader import (
@@ -157,6 +158,9 @@ class Engine:
                 chunked_prefill_size=chunked_prefill_size,
                 context_length=context_length,
                 max_queued_requests=max_queued_requests,
+                # Several decode steps per dispatch hide the host's per-step work behind the device; on the
+                # CPU there is nothing to hide, and single steps stream token by token.
+                num_continuous_decode_steps=num_continuous_decode_steps or (1 if on_cpu else 4),
             ),
             impl=impl,
             dtype=dtype,
@@ -570,6 +574,7 @@ class Engine:
         """Schedule and dispatch one step (not waiting for it). Returns (schedule, device outputs) or None."""
         t0 = time.perf_counter()
         sched: SchedulerOutput = self.scheduler.schedule()
+        self.scheduler.extend_decode(sched, self.config.scheduler.num_continuous_decode_steps, _continuous_ok)
         t1 = time.perf_counter()
         self.stats["host_schedule_s"] += t1 - t0
         if sched.is_empty:
@@ -591,7 +596,7 @@ class Engine:
         self.scheduler.commit(sched)
         for i, s in enumerate(sched.scheduled):
             if s.sample:
-                s.request.pending_rows.append(i)
+                s.request.pending_rows.extend([i] * s.num_steps)
         self.stats["host_dispatch_s"] += time.perf_counter() - t1
         return sched, dev
 
@@ -608,40 +613,53 @@ class Engine:
         self.stats["num_steps"] += 1
         now = time.perf_counter()
         self.stats["host_wait_s"] += now - t0
+        multi = hasattr(out, "all_tokens")  # a continuous-decode dispatch (DecodeLoopOutput)
         for i, s in enumerate(sched.scheduled):
             if not s.sample:
                 continue
             req = s.request
-            if req.pending_rows:
-                assert req.pending_rows[0] == i, "pending tokens must be read back in order"
-                req.pending_rows.pop(0)
+            n = s.num_steps
+            assert req.pending_rows[:n] == [i] * n, "pending tokens must be read back in order"
+            del req.pending_rows[:n]
             track = self._tracks.get(req.request_id)
             if track is None or req.is_finished:
-                continue  # finished or aborted while this step was in flight: its token is dropped
-            token = int(out.tokens[i])
-            req.output_token_ids.append(token)
-            self.stats["num_generated_tokens"] += 1
-            if req.first_token_time is None:
-                req.first_token_time = now
-                self.stats["num_prompt_tokens"] += req.num_prompt_tokens
-                self.stats["num_cached_tokens"] += req.num_cached_tokens
-            if track.return_logprob:
-                req.output_logprobs.append(float(out.logprobs[i]))
-                if track.top_logprobs_num:
-                    k = track.top_logprobs_num
-                    req.output_top_logprobs.append(
-                        [
-                            (int(t), float(lp))
-                            for t, lp in zip(out.top_ids[i, :k], out.top_logprobs[i, :k], strict=True)
-                        ]
-                    )
-            reason = self._check_finish(req, track, token)
+                continue  # finished or aborted while this step was in flight: its tokens are dropped
+            reason = None
+            for j in range(n):
+                if multi:
+                    token, logprob, top = int(out.all_tokens[j, i]), out.all_logprobs[j, i], None
+                else:
+                    token, logprob = int(out.tokens[i]), out.logprobs[i]
+                    top = (out.top_ids[i], out.top_logprobs[i])
+                reason = self._accept(req, track, token, logprob, top, now)
+                if reason is not None:
+                    break  # tokens a continuous decode sampled past the end are dropped
             if reason is not None:
                 self.scheduler.finish(req, reason)
                 self._emit(track, final=True)
             elif track.stream:
                 self._emit(track, final=False)
         self.stats["host_process_s"] += time.perf_counter() - now
+
+    def _accept(
+        self, req: Request, track: _Track, token: int, logprob, top, now: float
+    ) -> FinishReason | None:
+        """Append one sampled token to ``req``; returns why it finished, if it did."""
+        req.output_token_ids.append(token)
+        self.stats["num_generated_tokens"] += 1
+        if req.first_token_time is None:
+            req.first_token_time = now
+            self.stats["num_prompt_tokens"] += req.num_prompt_tokens
+            self.stats["num_cached_tokens"] += req.num_cached_tokens
+        if track.return_logprob:
+            req.output_logprobs.append(float(logprob))
+            if track.top_logprobs_num:
+                k = track.top_logprobs_num
+                ids, lps = top
+                req.output_top_logprobs.append(
+                    [(int(t), float(lp)) for t, lp in zip(ids[:k], lps[:k], strict=True)]
+                )
+        return self._check_finish(req, track, token)
 
     def _check_finish(self, req: Request, track: _Track, token: int) -> FinishReason | None:
         sp = req.sampling_params
@@ -707,6 +725,13 @@ class Engine:
                     [(lp, t, None) for t, lp in row] for row in req.output_top_logprobs
                 ]
         track.sink({"text": text, "output_ids": list(req.output_token_ids), "meta_info": meta})
+
+
+def _continuous_ok(req: Request) -> bool:
+    """Whether ``req`` may take several decode steps per dispatch: its sampling needs nothing from the host
+    between tokens (no penalties over the token history, no stop-id suppression, no top log-probs)."""
+    sp = req.sampling_params
+    return not sp.uses_penalties and req.num_outputs >= sp.min_new_tokens and sp.top_logprobs_num == 0
 
 
 class _AsyncStream:

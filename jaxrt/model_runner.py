@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from jaxrt import envs
 from jaxrt.batch import (
+    DecodeLoopOutput,
     ForwardBatch,
     SampleMode,
     SamplingBatch,
@@ -25,7 +26,7 @@ from jaxrt.batch import (
 from jaxrt.config import EngineConfig
 from jaxrt.models.layers import KVCache
 from jaxrt.scheduler import SchedulerOutput, cdiv
-from jaxrt.step import ForwardFn, make_forward_step, make_sample_step
+from jaxrt.step import ForwardFn, make_decode_loop, make_forward_step, make_sample_step
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,12 @@ class ModelRunner:
         self.history_buckets = history_buckets(cfg.scheduler.context_length)
         self._forward = make_forward_step(forward)
         self._sample = make_sample_step(cfg.scheduler.max_running_requests)
+        self.num_decode_steps = cfg.scheduler.num_continuous_decode_steps
+        self._decode_loop = (
+            make_decode_loop(forward, cfg.scheduler.max_running_requests, self.num_decode_steps)
+            if self.num_decode_steps > 1
+            else None
+        )
         self._no_prev = _like_step_output(
             jnp.zeros((cfg.scheduler.max_running_requests,), jnp.int32), self.device
         )
@@ -157,6 +164,26 @@ class ModelRunner:
             self._compiled.add(smp_key)
         self.compile_seconds += time.perf_counter() - t0
 
+    @property
+    def decode_buckets(self) -> list[int]:
+        """Token buckets an all-decode batch can land in (continuous decode programs exist for these)."""
+        top = pick_bucket(self.token_buckets, self.cfg.scheduler.max_running_requests)
+        return [n for n in self.token_buckets if n <= top]
+
+    def _ensure_loop_compiled(self, num_tokens: int, mode: SampleMode) -> None:
+        key = ("decode_loop", num_tokens, mode)
+        if key in self._compiled:
+            return
+        t0 = time.perf_counter()
+        fb, sb, _ = self._batch(SchedulerOutput(), num_tokens, 1, {})
+        steps = np.zeros(self.num_seqs_for(num_tokens), np.int32)
+        out, self.kv_caches = self._decode_loop(
+            self.state, self.kv_caches, fb, sb, self._no_prev, steps, mode=mode
+        )
+        jax.block_until_ready(out)
+        self._compiled.add(key)
+        self.compile_seconds += time.perf_counter() - t0
+
     def precompile(self) -> None:
         """Compile the model for every token bucket, and the greedy and sampling samplers, before serving.
 
@@ -171,17 +198,35 @@ class ModelRunner:
         for n in bar:
             for mode in (SampleMode(), SampleMode(sampling=True)):
                 self._ensure_compiled(n, 1, mode)
+        if self._decode_loop is not None:
+            for n in self.decode_buckets:
+                for mode in (SampleMode(), SampleMode(sampling=True)):
+                    self._ensure_loop_compiled(n, mode)
 
     def _compile_into_cache(self, buckets: list[int], workers: int) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        def compile_bucket(n: int) -> None:
-            fb, _, _ = self._batch(SchedulerOutput(), n, 1, {})
-            self._forward.lower(self.state, self.kv_caches, fb, self._no_prev).compile()
+        def compile_job(job: tuple) -> None:
+            kind, n, mode = job
+            fb, sb, _ = self._batch(SchedulerOutput(), n, 1, {})
+            if kind == "forward":
+                self._forward.lower(self.state, self.kv_caches, fb, self._no_prev).compile()
+            else:
+                steps = np.zeros(self.num_seqs_for(n), np.int32)
+                self._decode_loop.lower(
+                    self.state, self.kv_caches, fb, sb, self._no_prev, steps, mode=mode
+                ).compile()
 
+        jobs: list[tuple] = [("forward", n, None) for n in buckets if ("forward", n) not in self._compiled]
+        if self._decode_loop is not None:
+            jobs += [
+                ("decode_loop", n, mode)
+                for n in self.decode_buckets
+                for mode in (SampleMode(), SampleMode(sampling=True))
+            ]
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxrt-compile") as pool:
-            list(pool.map(compile_bucket, [n for n in buckets if ("forward", n) not in self._compiled]))
+            list(pool.map(compile_job, jobs))
         logger.info(
             "compiled %d buckets in %d threads in %.1f s", len(buckets), workers, time.perf_counter() - t0
         )
@@ -210,15 +255,23 @@ class ModelRunner:
         return self._sample(logits, sb, mode=mode)
 
     def dispatch(
-        self, sched: SchedulerOutput, stop_ids: dict[str, list[int]], prev: StepOutput | None = None
-    ) -> StepOutput:
+        self,
+        sched: SchedulerOutput,
+        stop_ids: dict[str, list[int]],
+        prev: StepOutput | DecodeLoopOutput | None = None,
+    ) -> StepOutput | DecodeLoopOutput:
         """Launch one scheduled step without waiting for it; returns device-side outputs.
 
         ``prev`` is the previous step's (device) output: tokens sampled there and not yet read back are fed
-        from it (see ``Request.pending_rows``).
+        from it (see ``Request.pending_rows``). A schedule with ``num_steps > 1`` (continuous decode) runs
+        the decode loop and returns a :class:`DecodeLoopOutput`.
         """
-        fb, sb, mode = self.prepare(sched, stop_ids)
-        out = self.device_step(fb, sb, mode, prev.tokens if prev is not None else None)
+        prev_tokens = prev.tokens if prev is not None else None
+        if sched.num_steps > 1:
+            out = self._dispatch_loop(sched, stop_ids, prev_tokens)
+        else:
+            fb, sb, mode = self.prepare(sched, stop_ids)
+            out = self.device_step(fb, sb, mode, prev_tokens)
         if self.num_compiles > len(self._compiled) + self._recompiles:
             # A shape key we compiled is being compiled again (argument placement or dtype drift): slow.
             self._recompiles = self.num_compiles - len(self._compiled)
@@ -229,14 +282,37 @@ class ModelRunner:
             )
         return out
 
+    def _dispatch_loop(
+        self, sched: SchedulerOutput, stop_ids: dict[str, list[int]], prev_tokens: jax.Array | None
+    ) -> DecodeLoopOutput:
+        assert self._decode_loop is not None and sched.num_steps <= self.num_decode_steps
+        n = pick_bucket(self.token_buckets, sched.num_tokens)
+        fb, sb, mode = self._batch(sched, n, 1, stop_ids)
+        assert not mode.top_logprobs, "top log-probabilities need single steps"
+        self._ensure_loop_compiled(n, mode)
+        steps = np.zeros(self.num_seqs_for(n), np.int32)
+        steps[: len(sched.scheduled)] = [s.num_steps for s in sched.scheduled]
+        prev_tokens = self._no_prev if prev_tokens is None else prev_tokens
+        out, self.kv_caches = self._decode_loop(
+            self.state, self.kv_caches, fb, sb, prev_tokens, steps, mode=mode
+        )
+        return out
+
     @property
     def num_compiles(self) -> int:
-        return self._forward._cache_size() + self._sample._cache_size()
+        loop = self._decode_loop._cache_size() if self._decode_loop is not None else 0
+        return self._forward._cache_size() + self._sample._cache_size() + loop
 
     @staticmethod
-    def fetch(out: StepOutput, num_rows: int) -> StepOutput:
+    def fetch(out: StepOutput | DecodeLoopOutput, num_rows: int) -> StepOutput | DecodeLoopOutput:
         """Read a dispatched step's outputs back to the host (blocks until the step is done)."""
         host = jax.device_get(out)
+        if isinstance(host, DecodeLoopOutput):
+            return DecodeLoopOutput(
+                tokens=np.asarray(host.tokens[:num_rows]),
+                all_tokens=np.asarray(host.all_tokens[:, :num_rows]),
+                all_logprobs=np.asarray(host.all_logprobs[:, :num_rows]),
+            )
         return StepOutput(
             tokens=np.asarray(host.tokens[:num_rows]),
             logprobs=np.asarray(host.logprobs[:num_rows]),

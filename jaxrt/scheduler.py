@@ -25,12 +25,16 @@ class ScheduledRequest:
     start: int  # num_computed_tokens before this step: position of the first granted token
     num_new_tokens: int
     sample: bool  # the grant reaches the last known token, so the step samples the next one
+    # Decode steps this row runs in this dispatch (continuous decode: each samples the next step's input
+    # on the device). 1 for every ordinary step; see ``Scheduler.extend_decode``.
+    num_steps: int = 1
 
 
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    num_steps: int = 1  # decode steps of this dispatch (the largest ``ScheduledRequest.num_steps``)
 
     @property
     def num_tokens(self) -> int:
@@ -192,10 +196,46 @@ class Scheduler:
             or req.num_tokens >= self.config.context_length
         )
 
+    def extend_decode(self, out: SchedulerOutput, num_steps: int, allows) -> bool:
+        """Turn an all-decode step into up to ``num_steps`` decode steps in one dispatch (SGLang's
+        ``num_continuous_decode_steps``): each row runs until its own limit (max_new_tokens or the context)
+        and takes pages for those tokens now. ``allows(request)`` vetoes rows whose sampling needs the host
+        between tokens. Returns False (and changes nothing) when the step does not qualify: a prefill row,
+        waiting requests that should be admitted instead, a vetoed row, or too few free pages.
+        """
+        if num_steps <= 1 or not out.scheduled or self.waiting:
+            return False
+        rows = out.scheduled
+        if any(s.num_new_tokens != 1 or not s.sample or not allows(s.request) for s in rows):
+            return False
+        steps = []
+        for s in rows:
+            req = s.request
+            room = min(
+                req.sampling_params.max_new_tokens - req.num_outputs,
+                self.config.context_length - req.num_tokens,
+            )
+            steps.append(max(1, min(num_steps, room)))
+        if max(steps) <= 1:
+            return False
+        needed = sum(
+            max(0, cdiv(s.start + n, self.page_size) - len(s.request.page_ids))
+            for s, n in zip(rows, steps, strict=True)
+        )
+        if needed > self.allocator.num_free:
+            return False  # short of free pages: single steps evict or preempt as usual
+        for s, n in zip(rows, steps, strict=True):
+            ok = self._ensure_pages(s.request, s.start + n)
+            assert ok, "free pages were counted above"
+        for s, n in zip(rows, steps, strict=True):
+            s.num_steps = n
+        out.num_steps = max(steps)
+        return True
+
     def commit(self, out: SchedulerOutput) -> None:
         """Mark the granted tokens as computed (their KV is in the pool once the step has run)."""
         for s in out.scheduled:
-            s.request.num_computed_tokens = s.start + s.num_new_tokens
+            s.request.num_computed_tokens = s.start + s.num_new_tokens + (s.num_steps - 1)
 
     # ------------------------------------------------------------------------------------------ endings
 

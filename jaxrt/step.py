@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxrt.batch import ForwardBatch, SampleMode, SamplingBatch, StepOutput
+from jaxrt.batch import DecodeLoopOutput, ForwardBatch, SampleMode, SamplingBatch, StepOutput
 from jaxrt.models.layers import KVCache
 from jaxrt.sampler import sample
 
@@ -63,3 +63,66 @@ def make_sample_step(max_num_seqs: int) -> Callable:
         return jax.tree.map(lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)), out)
 
     return jax.jit(step, static_argnames=("mode",))
+
+
+def make_decode_loop(forward: ForwardFn, max_num_seqs: int, num_steps: int) -> Callable:
+    """Jit ``num_steps`` decode steps in one program (continuous decode):
+    ``(params, kv pool[donated], batch, sampling, prev_tokens, steps, mode=SampleMode) ->
+    (DecodeLoopOutput, kv pool)``.
+
+    ``batch`` is an all-decode batch (token ``t`` is sequence ``t``'s one new token); step ``j`` feeds each row
+    the token step ``j - 1`` sampled for it, at the next position, with the sampler's output index advanced
+    by ``j`` (so seeded rows draw exactly what single steps would). Row ``i`` runs ``steps[i]`` steps; later
+    steps leave its KV untouched and their tokens are not used. The loop has a static trip count, so XLA
+    runs it without reading anything back to the host.
+    """
+
+    def loop(params, kv_caches, batch: ForwardBatch, sampling: SamplingBatch, prev_tokens, steps, mode):
+        num_tokens = batch.input_ids.shape[0]
+        num_seqs = steps.shape[0]
+        page_size = kv_caches[0][0].shape[1]
+        from_prev = prev_tokens[jnp.maximum(batch.prev_index, 0)]
+        ids0 = jnp.where(batch.prev_index >= 0, from_prev, batch.input_ids)
+        # Per token row (decode: row t is sequence t; rows past num_seqs are padding with 0 steps).
+        row_steps = (
+            jnp.pad(steps, (0, num_tokens - num_seqs)) if num_tokens > num_seqs else steps[:num_tokens]
+        )
+        seq = jnp.minimum(jnp.arange(num_tokens), num_seqs - 1)
+        page_indices = batch.page_indices
+
+        def body(j, carry):
+            kv, ids, all_tokens, all_logprobs = carry
+            active = j < row_steps
+            positions = batch.positions + jnp.minimum(j, jnp.maximum(row_steps - 1, 0))
+            page = page_indices[seq, positions // page_size]
+            slots = jnp.where(active, page * page_size + positions % page_size, -1)
+            kv_lens = batch.kv_lens + jnp.minimum(j, jnp.maximum(steps - 1, 0))
+            fb = dataclasses.replace(
+                batch, input_ids=ids, positions=positions, slot_mapping=slots, kv_lens=kv_lens
+            )
+            logits, kv = forward(params, kv, fb)
+            out = sample(logits, dataclasses.replace(sampling, sample_index=sampling.sample_index + j), mode)
+            all_tokens = all_tokens.at[j].set(out.tokens)
+            all_logprobs = all_logprobs.at[j].set(out.logprobs)
+            new_ids = out.tokens[:num_tokens]
+            if num_tokens > num_seqs:
+                new_ids = jnp.pad(new_ids, (0, num_tokens - num_seqs))
+            return kv, jnp.where(active, new_ids, ids), all_tokens, all_logprobs
+
+        init = (
+            kv_caches,
+            ids0,
+            jnp.zeros((num_steps, num_seqs), jnp.int32),
+            jnp.zeros((num_steps, num_seqs), jnp.float32),
+        )
+        kv_caches, _, all_tokens, all_logprobs = jax.lax.fori_loop(0, num_steps, body, init)
+        last = all_tokens[jnp.maximum(steps - 1, 0), jnp.arange(num_seqs)]
+        pad = max_num_seqs - num_seqs
+        out = DecodeLoopOutput(
+            tokens=jnp.pad(last, (0, pad)),
+            all_tokens=jnp.pad(all_tokens, ((0, 0), (0, pad))),
+            all_logprobs=jnp.pad(all_logprobs, ((0, 0), (0, pad))),
+        )
+        return out, kv_caches
+
+    return jax.jit(loop, donate_argnums=(1,), static_argnames=("mode",))

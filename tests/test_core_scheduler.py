@@ -27,7 +27,9 @@ def make(num_pages=64, page_size=4, max_running=4, chunk=16, context=256, radix=
     return Scheduler(cfg, alloc, radix_cache, page_size)
 
 
-def run_to_completion(s: Scheduler, reqs: list[Request], max_steps=10_000) -> dict[str, list[int]]:
+def run_to_completion(
+    s: Scheduler, reqs: list[Request], max_steps=10_000, decode_steps=1
+) -> dict[str, list[int]]:
     for r in reqs:
         s.add_request(r)
     steps = 0
@@ -35,18 +37,22 @@ def run_to_completion(s: Scheduler, reqs: list[Request], max_steps=10_000) -> di
         steps += 1
         assert steps < max_steps, "scheduler made no progress"
         out = s.schedule()
+        s.extend_decode(out, decode_steps, lambda r: True)
         assert out.scheduled, "nothing scheduled while work remains (deadlock)"
         assert out.num_tokens <= s.config.chunked_prefill_size
         assert len(s.running) <= s.config.max_running_requests
         for sr in out.scheduled:
             r = sr.request
             # KV for every granted position must have a page.
-            assert len(r.page_ids) * s.page_size >= sr.start + sr.num_new_tokens
+            assert len(r.page_ids) * s.page_size >= sr.start + sr.num_new_tokens + sr.num_steps - 1
+            assert sr.num_steps == 1 or (sr.num_new_tokens == 1 and not s.waiting)
         s.commit(out)
         for sr in out.scheduled:
             if sr.sample:
                 r = sr.request
-                r.output_token_ids.append(fake_next_token(r.all_token_ids))
+                for _ in range(sr.num_steps):
+                    r.output_token_ids.append(fake_next_token(r.all_token_ids))
+                    assert len(r.output_token_ids) <= r.sampling_params.max_new_tokens
                 if len(r.output_token_ids) >= r.sampling_params.max_new_tokens:
                     s.finish(r, FinishReason("length"))
         s.check_invariants()
@@ -136,3 +142,43 @@ def test_random_workloads_finish_without_leaks(shapes, max_running, page_size, r
     assert outs == ref
     s.radix.reset()
     assert s.allocator.num_free == s.allocator.num_usable
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 20)), min_size=1, max_size=8),
+    decode_steps=st.integers(2, 6),
+    num_pages=st.integers(30, 80),
+)
+def test_continuous_decode_same_outputs_and_no_leaks(shapes, decode_steps, num_pages):
+    """Several decode steps per dispatch: same tokens as single steps, never past max_new_tokens, pages
+    for every computed position, nothing leaked, under preemption pressure too."""
+
+    def reqs():
+        return [req(f"r{i}", range(7 + i, 7 + i + p), max_new=m) for i, (p, m) in enumerate(shapes)]
+
+    single = run_to_completion(make(num_pages=num_pages), reqs())
+    s = make(num_pages=num_pages)
+    multi = run_to_completion(s, reqs(), decode_steps=decode_steps)
+    assert multi == single
+    assert s.allocator.num_used == s.radix.num_cached_pages
+
+
+def test_continuous_decode_needs_all_rows_decoding():
+    s = make(max_running=2)
+    a, b = req("a", range(10, 14), max_new=9), req("b", range(20, 28), max_new=9)
+    s.add_request(a)
+    out = s.schedule()  # a's prefill
+    assert not s.extend_decode(out, 4, lambda r: True)
+    s.commit(out)
+    a.output_token_ids.append(1)
+    s.add_request(b)
+    out = s.schedule()  # a decodes, b prefills: not all decoding
+    assert not s.extend_decode(out, 4, lambda r: True)
+    s.commit(out)
+    a.output_token_ids.append(1)
+    b.output_token_ids.append(1)
+    out = s.schedule()
+    assert not s.extend_decode(out, 4, lambda r: r is not b)  # a row vetoed (e.g. penalties)
+    assert s.extend_decode(out, 4, lambda r: True)
+    assert [x.num_steps for x in out.scheduled] == [4, 4] and out.num_steps == 4

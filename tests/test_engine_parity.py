@@ -148,3 +148,62 @@ def test_engine_through_pallas_gpu_kernel_interpret(tmp_path, default_model_dir,
         expected = hf_greedy(hf_model(path), ids, 12)
         assert [o["output_ids"] for o in outs] == expected
         assert_no_leak(llm)
+
+
+def _continuous_run(path: str, steps: int, prompts, params, **kw):
+    with jaxrt.Engine(
+        model_path=path,
+        dtype="float32",
+        max_running_requests=4,
+        chunked_prefill_size=64,
+        context_length=160,
+        num_pages=200,
+        num_continuous_decode_steps=steps,
+        **kw,
+    ) as llm:
+        outs = llm.generate(input_ids=prompts, sampling_params=params)
+        again = llm.generate(input_ids=prompts, sampling_params=params)  # radix reuse on top
+        num_steps = llm.load_stats()["num_steps"]
+        assert_no_leak(llm)
+    return [o["output_ids"] for o in outs], [o["output_ids"] for o in again], outs, num_steps
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_continuous_decode_matches_single_steps(tiny_llama_dir, overlap):
+    """Several decode steps per dispatch give exactly the tokens of one step per dispatch: greedy, seeded
+    sampling, rows of different lengths ending inside a dispatch, a stop id hit mid-dispatch, a request
+    capped by the context, logprobs; in far fewer dispatches."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prompts = [tok.encode(p) for p in PROMPTS[:4]]
+    base = {"ignore_eos": True, "return_logprob": True}
+    params = [
+        {"temperature": 0, "max_new_tokens": 9},
+        {"temperature": 0.8, "top_p": 0.9, "seed": 5, "max_new_tokens": 14},
+        {"temperature": 0, "max_new_tokens": 30},
+        {"temperature": 0, "max_new_tokens": 200},  # capped by context_length
+    ]
+    params = [{**base, **p} for p in params]
+    kw = {} if overlap else {"disable_overlap_schedule": True}
+    single, single_again, single_outs, single_steps = _continuous_run(
+        tiny_llama_dir, 1, prompts, params, **kw
+    )
+    multi, multi_again, multi_outs, multi_steps = _continuous_run(tiny_llama_dir, 4, prompts, params, **kw)
+    assert multi == single and multi_again == single_again == single
+    assert multi_steps < 0.6 * single_steps
+    for a, b in zip(single_outs, multi_outs, strict=True):
+        assert a["meta_info"]["finish_reason"] == b["meta_info"]["finish_reason"]
+        np.testing.assert_allclose(
+            [lp for lp, _, _ in b["meta_info"]["output_token_logprobs"]],
+            [lp for lp, _, _ in a["meta_info"]["output_token_logprobs"]],
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    # A stop id that first appears mid-dispatch ends the request there; later tokens are dropped.
+    stop = single[2][6]
+    first = single[2].index(stop)
+    stopped = [{**params[2], "stop_token_ids": [stop]}]
+    out_single = _continuous_run(tiny_llama_dir, 1, prompts[2:3], stopped, **kw)[0]
+    out_multi = _continuous_run(tiny_llama_dir, 4, prompts[2:3], stopped, **kw)[0]
+    assert out_multi == out_single == [single[2][: first + 1]]

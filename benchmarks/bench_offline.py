@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--context-length", type=int, default=None)
     p.add_argument("--mem-fraction-static", type=float, default=0.85)
     p.add_argument("--disable-radix-cache", action="store_true")
+    p.add_argument("--num-continuous-decode-steps", type=int, default=None)
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument(
@@ -57,6 +58,7 @@ def main() -> None:
         or (args.shared_prefix_len + args.random_input_len + args.random_output_len + 16),
         mem_fraction_static=args.mem_fraction_static,
         disable_radix_cache=args.disable_radix_cache,
+        num_continuous_decode_steps=args.num_continuous_decode_steps,
         attention_backend=args.attention_backend,
         impl=args.impl,
     )
@@ -118,7 +120,8 @@ def main() -> None:
         ("Cached prompt tokens", sum(o["meta_info"]["cached_tokens"] for o in outs)),
         ("Engine start-up (s)", startup),
         ("First request latency (s)", first_token),
-        ("Steps", stats["num_steps"]),
+        ("Steps", stats["num_steps"] - stats0["num_steps"]),
+        ("Decode steps per dispatch", llm.config.scheduler.num_continuous_decode_steps),
         *[
             (
                 f"Host {k[5:-2]} per step (ms)",
@@ -136,6 +139,7 @@ def main() -> None:
             "device": device_name(),
             "model": args.model_path or args.random_model,
             "impl": llm.config.impl,
+            "num_continuous_decode_steps": llm.config.scheduler.num_continuous_decode_steps,
             "num_prompts": len(outs),
             "input_len": args.random_input_len,
             "output_len": args.random_output_len,

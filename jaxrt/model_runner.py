@@ -206,16 +206,15 @@ class ModelRunner:
     def _compile_into_cache(self, buckets: list[int], workers: int) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        def compile_job(job: tuple) -> None:
+        def lower(job: tuple):
             kind, n, mode = job
             fb, sb, _ = self._batch(SchedulerOutput(), n, 1, {})
             if kind == "forward":
-                self._forward.lower(self.state, self.kv_caches, fb, self._no_prev).compile()
-            else:
-                steps = np.zeros(self.num_seqs_for(n), np.int32)
-                self._decode_loop.lower(
-                    self.state, self.kv_caches, fb, sb, self._no_prev, steps, mode=mode
-                ).compile()
+                return self._forward.lower(self.state, self.kv_caches, fb, self._no_prev)
+            steps = np.zeros(self.num_seqs_for(n), np.int32)
+            return self._decode_loop.lower(
+                self.state, self.kv_caches, fb, sb, self._no_prev, steps, mode=mode
+            )
 
         jobs: list[tuple] = [("forward", n, None) for n in buckets if ("forward", n) not in self._compiled]
         if self._decode_loop is not None:
@@ -225,8 +224,11 @@ class ModelRunner:
                 for mode in (SampleMode(), SampleMode(sampling=True))
             ]
         t0 = time.perf_counter()
+        # Tracing stays on this thread (a traced model, e.g. the transformers fallback, may keep
+        # thread-local state); only XLA's compiles run side by side.
+        lowered = [lower(job) for job in jobs]
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxrt-compile") as pool:
-            list(pool.map(compile_job, jobs))
+            list(pool.map(lambda low: low.compile(), lowered))
         logger.info(
             "compiled %d buckets in %d threads in %.1f s", len(buckets), workers, time.perf_counter() - t0
         )

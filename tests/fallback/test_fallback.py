@@ -84,6 +84,21 @@ def test_llama_engine_greedy_text_radix_and_preemption(llama_dir, caplog):
         assert_no_leak(llm)
 
 
+def test_continuous_decode_and_parallel_compile(llama_dir, monkeypatch):
+    """The GPU defaults on the fallback: buckets compiled by worker threads (tracing stays on the engine's
+    thread: the traced torch model keeps thread-local state) and several decode steps per dispatch."""
+    monkeypatch.setenv("JAXRT_COMPILE_WORKERS", "2")
+    ids = prompts(320)
+    params = {"temperature": 0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True}
+    got = {}
+    for steps in (1, 4):
+        with jaxrt.Engine(model_path=llama_dir, **ENGINE, num_continuous_decode_steps=steps) as llm:
+            got[steps] = [o["output_ids"] for o in llm.generate(input_ids=ids, sampling_params=params)]
+            assert llm.runner.num_compiles == len(llm.runner._compiled)
+            assert_no_leak(llm)
+    assert got[4] == got[1]
+
+
 @pytest.mark.parametrize("model_type, impl", [("qwen2", "transformers"), ("gpt2", "auto")])
 def test_engine_greedy_matches_transformers(tmp_path, model_type, impl, caplog):
     """Qwen2 (biases, GQA) and GPT-2 (learned positions, Conv1D, tied embeddings) through the fallback.

@@ -233,9 +233,20 @@ class Scheduler:
         return True
 
     def commit(self, out: SchedulerOutput) -> None:
-        """Mark the granted tokens as computed (their KV is in the pool once the step has run)."""
+        """Mark the granted tokens as computed (their KV is in the pool once the step has run).
+
+        A prefill chunk's full pages enter the radix cache at once, not only when the request finishes:
+        requests admitted behind it with the same prefix (a shared system prompt sent in a burst) reuse them
+        from the next step on. Steps run in order on the device, so those pages are written before any later
+        step reads them.
+        """
         for s in out.scheduled:
-            s.request.num_computed_tokens = s.start + s.num_new_tokens + (s.num_steps - 1)
+            req = s.request
+            req.num_computed_tokens = s.start + s.num_new_tokens + (s.num_steps - 1)
+            if s.num_new_tokens > 1 and not self.radix.disabled:
+                full = req.num_computed_tokens // self.page_size * self.page_size
+                if full > s.start // self.page_size * self.page_size:
+                    self.radix.insert(req.token_slice(0, full), req.page_ids)
 
     # ------------------------------------------------------------------------------------------ endings
 

@@ -182,3 +182,23 @@ def test_continuous_decode_needs_all_rows_decoding():
     assert not s.extend_decode(out, 4, lambda r: r is not b)  # a row vetoed (e.g. penalties)
     assert s.extend_decode(out, 4, lambda r: True)
     assert [x.num_steps for x in out.scheduled] == [4, 4] and out.num_steps == 4
+
+
+def test_prefill_chunks_are_shared_before_the_request_finishes():
+    """A request admitted while another is still prefilling the same prompt reuses its computed pages."""
+    s = make(num_pages=64, page_size=4, max_running=4, chunk=32)
+    prompt = list(range(100, 140))
+    a = req("a", prompt, max_new=4)
+    s.add_request(a)
+    s.commit(s.schedule())  # a: 32 of 40 prompt tokens
+    b = req("b", prompt + [7, 8], max_new=4)
+    s.add_request(b)
+    out = s.schedule()  # a finishes its prompt; b is admitted behind it
+    assert [x.request.request_id for x in out.scheduled] == ["a", "b"]
+    assert b.num_cached_tokens == 32 and b.page_ids[:8] == a.page_ids[:8]
+    s.commit(out)
+    s.check_invariants()
+    for r in (a, b):
+        s.finish(r, FinishReason("abort"))
+    s.check_invariants()
+    assert s.allocator.num_used == s.radix.num_cached_pages  # only the cache holds pages now

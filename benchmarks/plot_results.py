@@ -62,11 +62,18 @@ def main() -> None:
     ax1.legend(fontsize=7)
 
     bars = [
-        (f"jaxrt {r['model'].rstrip('/').split('/')[-1][:28]}\n{r['commit']}", r["output_throughput"])
+        (
+            f"jaxrt {r['model'].rstrip('/').split('/')[-1][:28]} ({r.get('impl', 'native')})\n{r['commit']}",
+            r["output_throughput"],
+        )
         for r in recs
         if r["bench"] == "offline" and not r.get("shared_prefix_len")
     ]
-    bars += [(f"transformers {r['mode']}", r["output_throughput"]) for r in recs if r["bench"] == "hf"]
+    bars += [
+        (f"transformers {r['mode']}" + (f" B={r['batch']}" if r.get("batch") else ""), r["output_throughput"])
+        for r in recs
+        if r["bench"] == "hf"
+    ]
     ax2.barh([b[0] for b in bars], [b[1] for b in bars])
     ax2.set(xlabel="output tokens/s", title="Offline throughput, 256 x (128 -> 256)")
     ax2.tick_params(axis="y", labelsize=7)

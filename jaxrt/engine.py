@@ -364,6 +364,7 @@ class Engine:
             "num_pages": self.runner.num_pages,
             "max_running_requests": c.scheduler.max_running_requests,
             "chunked_prefill_size": c.scheduler.chunked_prefill_size,
+            "num_continuous_decode_steps": c.scheduler.num_continuous_decode_steps,
             "disable_radix_cache": c.cache.disable_radix_cache,
             "attention_backend": c.attention_backend,
             "token_buckets": self.runner.token_buckets,

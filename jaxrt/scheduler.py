@@ -201,10 +201,13 @@ class Scheduler:
         ``num_continuous_decode_steps``): each row runs until its own limit (max_new_tokens or the context)
         and takes pages for those tokens now. ``allows(request)`` vetoes rows whose sampling needs the host
         between tokens. Returns False (and changes nothing) when the step does not qualify: a prefill row,
-        waiting requests that should be admitted instead, a vetoed row, or too few free pages.
+        waiting requests that could be admitted (below ``max_running_requests``), a vetoed row, or too few
+        free pages.
         """
-        if num_steps <= 1 or not out.scheduled or self.waiting:
+        if num_steps <= 1 or not out.scheduled:
             return False
+        if self.waiting and len(self.running) < self.config.max_running_requests:
+            return False  # a waiting request may be admitted next step: don't keep it out for several
         rows = out.scheduled
         if any(s.num_new_tokens != 1 or not s.sample or not allows(s.request) for s in rows):
             return False

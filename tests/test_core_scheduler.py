@@ -45,7 +45,7 @@ def run_to_completion(
             r = sr.request
             # KV for every granted position must have a page.
             assert len(r.page_ids) * s.page_size >= sr.start + sr.num_new_tokens + sr.num_steps - 1
-            assert sr.num_steps == 1 or (sr.num_new_tokens == 1 and not s.waiting)
+            assert sr.num_steps == 1 or sr.num_new_tokens == 1
         s.commit(out)
         for sr in out.scheduled:
             if sr.sample:
@@ -202,3 +202,16 @@ def test_prefill_chunks_are_shared_before_the_request_finishes():
         s.finish(r, FinishReason("abort"))
     s.check_invariants()
     assert s.allocator.num_used == s.radix.num_cached_pages  # only the cache holds pages now
+
+
+def test_continuous_decode_with_a_queue_behind_a_full_batch():
+    """Waiting requests block continuous decode only while they could be admitted."""
+    s = make(max_running=1)
+    a, b = req("a", range(10, 14), max_new=9), req("b", range(20, 24), max_new=9)
+    s.add_request(a)
+    s.commit(s.schedule())
+    a.output_token_ids.append(1)
+    s.add_request(b)  # cannot be admitted: the batch is full
+    out = s.schedule()
+    assert [x.request.request_id for x in out.scheduled] == ["a"] and s.waiting
+    assert s.extend_decode(out, 4, lambda r: True) and out.num_steps == 4

@@ -83,12 +83,18 @@ def ragged_paged_attention_reference(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    sinks: jax.Array | None = None,
+    alibi_slopes: jax.Array | None = None,
 ) -> jax.Array:
     """Ragged paged attention in plain XLA: an online-softmax loop over the pages of each token's sequence.
 
     Memory is O(num_tokens * page_size) per iteration and the loop runs only as many pages as the longest
     sequence needs, so it is usable as the CPU attention path, not just as a test oracle.
     Returns ``[num_tokens, num_q_heads, head_dim]`` in ``q.dtype``; padding rows are zero.
+
+    Two extras the Pallas backends do not take (transformers-fallback layers use them through this path):
+    ``sinks [num_q_heads]``, per-head raw logits that join the softmax denominator only (gpt-oss' ``s_aux``);
+    ``alibi_slopes [num_q_heads]``, which add ``slope * (kv_pos - q_pos)`` to the scaled scores.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
@@ -104,6 +110,8 @@ def ragged_paged_attention_reference(
 
     qf = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * sm_scale
     token_pages = page_indices[seq_ids]  # [num_tokens, pages_per_seq]
+    if alibi_slopes is not None:
+        slopes = jnp.asarray(alibi_slopes, jnp.float32).reshape(num_kv_heads, group)
 
     def body(p, carry):
         m, l, acc = carry
@@ -114,6 +122,9 @@ def ragged_paged_attention_reference(
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         kv_pos = p * page_size + jnp.arange(page_size, dtype=jnp.int32)  # [page_size]
+        if alibi_slopes is not None:
+            rel = (kv_pos[None, :] - positions[:, None]).astype(jnp.float32)  # [num_tokens, page_size]
+            s = s + slopes[None, :, :, None] * rel[:, None, None, :]
         mask = kv_pos[None, :] <= positions[:, None]
         if sliding_window is not None:
             mask &= kv_pos[None, :] > positions[:, None] - sliding_window
@@ -134,7 +145,12 @@ def ragged_paged_attention_reference(
         jnp.zeros((num_tokens, num_kv_heads, group), jnp.float32),
         jnp.zeros((num_tokens, num_kv_heads, group, head_dim), jnp.float32),
     )
-    _, l, acc = jax.lax.fori_loop(0, num_iters, body, init)
+    m, l, acc = jax.lax.fori_loop(0, num_iters, body, init)
+    if sinks is not None:
+        sink = jnp.asarray(sinks, jnp.float32).reshape(num_kv_heads, group)[None]
+        m_all = jnp.maximum(m, sink)
+        rescale = jnp.exp(m - m_all)
+        acc, l = acc * rescale[..., None], l * rescale + jnp.exp(sink - m_all)
     out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]
     out = jnp.where(valid[:, None, None, None], out, 0.0)
     return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)

@@ -194,8 +194,7 @@ class StepContext:
         return self._paged(slot, spec, query[0], key[0], value[0], sinks, alibi_slopes)
 
     def _paged(self, slot: int, spec: LayerSpec, q, k, v, sinks, alibi_slopes=None) -> jax.Array:
-        from jaxrt.converters.fallback.sinks import ragged_paged_attention_with_sinks
-        from jaxrt.kernels import ragged_paged_attention, write_kv
+        from jaxrt.kernels import ragged_paged_attention, ragged_paged_attention_reference, write_kv
 
         b = self.batch
         d = self.head_dim
@@ -208,7 +207,8 @@ class StepContext:
         k_pages, v_pages = write_kv(k_pages, v_pages, k, v, b.slot_mapping)
         self.kv_caches[slot] = (k_pages, v_pages)
         if sinks is not None or alibi_slopes is not None:
-            out = ragged_paged_attention_with_sinks(
+            # Sinks and ALiBi are only on the plain-XLA reference path (the Pallas kernels take neither).
+            out = ragged_paged_attention_reference(
                 q,
                 k_pages,
                 v_pages,
@@ -216,10 +216,10 @@ class StepContext:
                 b.page_indices,
                 b.cu_q_lens,
                 b.num_seqs,
-                sinks,
                 sm_scale=spec.scaling,
                 sliding_window=spec.sliding_window,
                 soft_cap=spec.soft_cap,
+                sinks=sinks,
                 alibi_slopes=alibi_slopes,
             )
             return out[None, :, :, : spec.v_head_dim]
@@ -281,7 +281,7 @@ def attend_module(
 
     ``query [1, Hq, T, Dk]``, ``key [1, Hkv, T, Dk]``, ``value [1, Hkv, T, Dv]`` (torch, after projections and
     rotary) -> ``[1, T, Hq, Dv]`` torch, exactly what the attention interface returns, in ``value``'s dtype.
-    ``alibi_slopes [Hq]`` (torch) add ALiBi position biases (served by the plain-XLA loop in ``sinks.py``).
+    ``alibi_slopes [Hq]`` (torch) add ALiBi position biases (served by the plain-XLA reference loop).
     """
     import torch
     from torchax import interop

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from jaxrt.converters.fallback.sinks import ragged_paged_attention_with_sinks
 from jaxrt.converters.fallback.torchax_compat import import_torchax
 from jaxrt.kernels import ragged_paged_attention_reference
 
@@ -47,13 +46,13 @@ def test_sink_attention_matches_dense_and_reference():
     sinks = np.array([0.5, -1.0, 2.0, 0.0], np.float32)
     args = (jnp.asarray(q), jnp.asarray(kp), jnp.asarray(vp), jnp.asarray(kv_lens), jnp.asarray(pages))
     num_seqs = jnp.array([3], jnp.int32)
-    ours = ragged_paged_attention_with_sinks(
-        *args, jnp.asarray(cu), num_seqs, jnp.asarray(sinks), sm_scale=0.3
+    ours = ragged_paged_attention_reference(
+        *args, jnp.asarray(cu), num_seqs, sinks=jnp.asarray(sinks), sm_scale=0.3
     )
     expected = _dense_with_sinks(q, kp, vp, kv_lens, pages, cu, q_lens, sinks, 0.3)
     np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-5)
-    no_sink = ragged_paged_attention_with_sinks(
-        *args, jnp.asarray(cu), num_seqs, jnp.full(4, -1e30), sm_scale=0.3, sliding_window=3
+    no_sink = ragged_paged_attention_reference(
+        *args, jnp.asarray(cu), num_seqs, sinks=jnp.full(4, -1e30), sm_scale=0.3, sliding_window=3
     )
     ref = ragged_paged_attention_reference(*args, jnp.asarray(cu), num_seqs, sm_scale=0.3, sliding_window=3)
     np.testing.assert_allclose(np.asarray(no_sink), np.asarray(ref), atol=1e-5)
@@ -74,10 +73,9 @@ def test_alibi_attention_matches_dense():
                 s = k[: pos + 1, h // group] @ q[cu[i] + r, h] * 0.3 + slopes[h] * (np.arange(pos + 1) - pos)
                 e = np.exp(s - s.max())
                 expected[cu[i] + r, h] = (e[:, None] * v[: pos + 1, h // group]).sum(0) / e.sum()
-    got = ragged_paged_attention_with_sinks(
+    got = ragged_paged_attention_reference(
         *map(jnp.asarray, (q, kp, vp, kv_lens, pages, cu)),
         jnp.array([3], jnp.int32),
-        None,
         sm_scale=0.3,
         alibi_slopes=jnp.asarray(slopes),
     )

@@ -614,7 +614,7 @@ class Engine:
         self.stats["num_steps"] += 1
         now = time.perf_counter()
         self.stats["host_wait_s"] += now - t0
-        multi = hasattr(out, "all_tokens")  # a continuous-decode dispatch (DecodeLoopOutput)
+        multi = sched.num_steps > 1  # a continuous-decode dispatch returned a DecodeLoopOutput
         for i, s in enumerate(sched.scheduled):
             if not s.sample:
                 continue

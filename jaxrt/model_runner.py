@@ -71,6 +71,10 @@ def plan_num_pages(cfg: EngineConfig, device: jax.Device) -> int:
     return int(num_pages)
 
 
+# One jitted identity for every call below: jit's cache then compiles it once per distinct shape, not per call.
+_identity = jax.jit(lambda t: t, donate_argnums=0)
+
+
 def _like_step_output(tree: Any, device: jax.Device) -> Any:
     """Commit ``tree`` to ``device`` and pass it through a (donating) identity jit, so its arrays are placed
     exactly as a jitted step's outputs are. Warm-up feeds such arrays where serving feeds the previous
@@ -78,7 +82,7 @@ def _like_step_output(tree: Any, device: jax.Device) -> Any:
     carry a sharding that compares unequal on some platforms (seen on the GPU), and jit then compiles the
     step again on the first real call.
     """
-    return jax.jit(lambda t: t, donate_argnums=0)(jax.device_put(tree, device))
+    return _identity(jax.device_put(tree, device))
 
 
 class ModelRunner:

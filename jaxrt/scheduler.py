@@ -34,7 +34,6 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
-    num_steps: int = 1  # decode steps of this dispatch (the largest ``ScheduledRequest.num_steps``)
 
     @property
     def num_tokens(self) -> int:
@@ -43,6 +42,11 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+    @property
+    def num_steps(self) -> int:
+        """Decode steps of this dispatch: more than 1 only for continuous decode."""
+        return max((s.num_steps for s in self.scheduled), default=1)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -232,7 +236,6 @@ class Scheduler:
             assert ok, "free pages were counted above"
         for s, n in zip(rows, steps, strict=True):
             s.num_steps = n
-        out.num_steps = max(steps)
         return True
 
     def commit(self, out: SchedulerOutput) -> None:

@@ -40,6 +40,10 @@ class ForwardBatch:
     # Overlap scheduling: token t's id is prev_tokens[prev_index[t]] (the previous step's output, still on
     # the device) when prev_index[t] >= 0, else input_ids[t].
     prev_index: jax.Array  # [num_tokens] int32
+    # Recurrent-state slot of each sequence (models with state); -1 for padding sequences and models without
+    # state: recurrent layers map -1 to the scratch slot (the last). A sequence whose first token here is at
+    # position 0 starts from a zero state, whatever its slot holds.
+    state_slots: jax.Array  # [num_seqs] int32
 
 
 @_pytree_dataclass
@@ -129,6 +133,7 @@ def build_batch(
     kv_lens = np.zeros(num_seqs, np.int32)
     page_indices = np.full((num_seqs, pages_per_seq), NULL_PAGE, np.int32)
     logits_indices = np.zeros(num_seqs, np.int32)
+    state_slots = np.full(num_seqs, -1, np.int32)
 
     temperature = np.ones(num_seqs, np.float32)
     top_p = np.ones(num_seqs, np.float32)
@@ -159,6 +164,8 @@ def build_batch(
         positions[:total] = pos
         for i, req in enumerate(reqs):
             page_indices[i, : len(req.page_ids)] = req.page_ids
+            if req.state_slot is not None:
+                state_slots[i] = req.state_slot
         slot_mapping[:total] = page_indices[seq_of_token, pos // page_size] * page_size + pos % page_size
 
         ids: list[int] = []
@@ -214,6 +221,7 @@ def build_batch(
         num_seqs=np.array([n], np.int32),
         logits_indices=logits_indices,
         prev_index=prev_index,
+        state_slots=state_slots,
     )
     sb = SamplingBatch(
         temperature=temperature,

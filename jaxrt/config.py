@@ -30,6 +30,21 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class StateSpec:
+    """One recurrent-state array of a model (a Mamba layer's conv window, its SSM state, ...).
+
+    The runner allocates it as ``[num_state_slots, *shape]``: one slot per running request plus a scratch slot.
+    """
+
+    shape: tuple[int, ...]  # per slot
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(d, int) and d > 0 for d in self.shape):
+            raise ValueError(f"StateSpec.shape must be positive ints, got {self.shape}")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a decoder-only LM, independent of where it came from."""
 
@@ -62,11 +77,19 @@ class ModelConfig:
     embedding_multiplier: float = 1.0  # Granite
     residual_multiplier: float = 1.0  # Granite
     logits_scaling: float = 1.0  # Granite: logits are divided by it
+    # Per-request recurrent state (state-space / linear-attention / short-convolution layers), in the order
+    # the model reads them; empty for attention-only models. ``num_layers`` counts the KV (attention) layers
+    # only, so a model without attention has ``num_layers == 0`` and at least one state spec.
+    state_specs: tuple[StateSpec, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim"):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.num_layers < 0 or (self.num_layers == 0 and not self.state_specs):
+            raise ValueError(
+                f"ModelConfig.num_layers must be positive (or 0 with state_specs), got {self.num_layers}"
+            )
         if self.layer_types and len(self.layer_types) != self.num_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
         if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:

@@ -143,6 +143,10 @@ class Engine:
         chunked_prefill_size = chunked_prefill_size or (512 if on_cpu else 8192)
         chunked_prefill_size = max(chunked_prefill_size, max_running_requests)
         backend = attention_backend or envs.attention_backend()
+        if model_cfg.state_specs and not disable_radix_cache:
+            # A cached prefix has KV pages but no snapshot of the recurrent state after it.
+            logger.info("radix prefix cache disabled: %s has recurrent state", model_cfg.architecture)
+            disable_radix_cache = True
 
         self.config = EngineConfig(
             model_path=model_path,
@@ -186,7 +190,13 @@ class Engine:
             self.runner = ModelRunner(self.config, nnx_forward(graphdef), state)
         self.allocator = PageAllocator(self.runner.num_pages)
         self.radix = RadixCache(self.allocator, page_size, disabled=disable_radix_cache)
-        self.scheduler = Scheduler(self.config.scheduler, self.allocator, self.radix, page_size)
+        self.scheduler = Scheduler(
+            self.config.scheduler,
+            self.allocator,
+            self.radix,
+            page_size,
+            num_state_slots=max_running_requests if model_cfg.state_specs else 0,
+        )
         if not skip_warmup:
             self.runner.precompile()
 

@@ -61,6 +61,10 @@ def plan_num_pages(cfg: EngineConfig, device: jax.Device) -> int:
         pages_per_seq = cdiv(cfg.scheduler.context_length, cfg.cache.page_size)
         want = cfg.scheduler.max_running_requests * pages_per_seq + 1
         budget = min(want * per_page, CPU_KV_POOL_BYTES)
+    if per_page == 0:  # no attention layers (state-only model): pages only count tokens
+        return (
+            cdiv(cfg.scheduler.context_length, cfg.cache.page_size) * cfg.scheduler.max_running_requests + 1
+        )
     num_pages = budget // per_page
     min_pages = cdiv(cfg.scheduler.context_length, cfg.cache.page_size) + 1
     if num_pages < min_pages:
@@ -99,8 +103,14 @@ class ModelRunner:
         m = cfg.model
         kv_dtype = jnp.dtype(cfg.cache.kv_dtype or cfg.dtype)
         shape = (self.num_pages, self.page_size, m.num_kv_heads, m.head_dim)
-        self.kv_caches: list[KVCache] = _like_step_output(
-            [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(m.num_layers)],
+        # Recurrent state (models with state_specs): one slot per running request plus a scratch slot that
+        # padding sequences read and write; the scheduler hands out slots 0..max_running_requests-1.
+        self.num_state_slots = cfg.scheduler.max_running_requests + 1 if m.state_specs else 0
+        # The donated cache pytree: one (k_pages, v_pages) per attention layer, then one
+        # [num_state_slots, *spec.shape] array per state spec (see DESIGN.md, "Contracts").
+        self.kv_caches: list[KVCache | jax.Array] = _like_step_output(
+            [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(m.num_layers)]
+            + [jnp.zeros((self.num_state_slots, *s.shape), s.dtype) for s in m.state_specs],
             self.device,
         )
         self.token_buckets = token_buckets(cfg.scheduler.chunked_prefill_size)
@@ -109,7 +119,9 @@ class ModelRunner:
         self._sample = make_sample_step(cfg.scheduler.max_running_requests)
         self.num_decode_steps = cfg.scheduler.num_continuous_decode_steps
         self._decode_loop = (
-            make_decode_loop(forward, cfg.scheduler.max_running_requests, self.num_decode_steps)
+            make_decode_loop(
+                forward, cfg.scheduler.max_running_requests, self.num_decode_steps, self.page_size
+            )
             if self.num_decode_steps > 1
             else None
         )
@@ -125,6 +137,16 @@ class ModelRunner:
             self.page_size,
             self.num_pages * kv_bytes_per_page(cfg) / 2**20,
         )
+        if m.state_specs:
+            state_bytes = sum(
+                int(np.prod(x.shape)) * x.dtype.itemsize for x in self.kv_caches[m.num_layers :]
+            )
+            logger.info(
+                "recurrent state: %d arrays x %d slots (%.1f MiB)",
+                len(m.state_specs),
+                self.num_state_slots,
+                state_bytes / 2**20,
+            )
 
     def num_seqs_for(self, num_tokens: int) -> int:
         return min(num_tokens, self.cfg.scheduler.max_running_requests)

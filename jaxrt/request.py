@@ -53,6 +53,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served from the radix cache at first admission
     page_ids: list[int] = field(default_factory=list)
     locked_node: Any = None  # radix node locked while running (prefix pages can't be evicted)
+    state_slot: int | None = None  # recurrent-state slot while running (models with state only)
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     first_token_time: float | None = None

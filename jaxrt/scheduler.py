@@ -6,6 +6,10 @@ prompt is prefilled in chunks while other requests decode in the same batch. Run
 first), then waiting ones are admitted FCFS while the budget, ``max_running_requests`` and the KV pool allow.
 When pages run out, the youngest running request is preempted: its computed pages go to the radix cache (or
 are freed), and it is re-queued at the front to be recomputed later. Nothing is ever dropped.
+
+Models with recurrent state also get a state slot per running request (``num_state_slots``): taken on admission,
+returned whenever the request stops running (finished, aborted, preempted). A preempted request's state is
+dropped with its slot; it is recomputed from token 0 like its pages.
 """
 
 from __future__ import annotations
@@ -55,9 +59,21 @@ def cdiv(a: int, b: int) -> int:
 
 class Scheduler:
     def __init__(
-        self, config: SchedulerConfig, allocator: PageAllocator, radix_cache: RadixCache, page_size: int
+        self,
+        config: SchedulerConfig,
+        allocator: PageAllocator,
+        radix_cache: RadixCache,
+        page_size: int,
+        num_state_slots: int = 0,
     ) -> None:
+        if num_state_slots and num_state_slots < config.max_running_requests:
+            raise ValueError(
+                f"num_state_slots ({num_state_slots}) must cover max_running_requests "
+                f"({config.max_running_requests})"
+            )
         self.config = config
+        self.num_state_slots = num_state_slots
+        self.free_state_slots: list[int] = list(range(num_state_slots))[::-1]  # pop() gives the lowest
         self.allocator = allocator
         self.radix = radix_cache
         self.page_size = page_size
@@ -113,6 +129,9 @@ class Scheduler:
         if req.page_ids:
             self.allocator.decref(req.page_ids)
         req.page_ids = []
+        if req.state_slot is not None:
+            self.free_state_slots.append(req.state_slot)
+            req.state_slot = None
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
@@ -125,6 +144,9 @@ class Scheduler:
 
     def _admit(self, req: Request, budget: int) -> int:
         """Try to start ``req``: match its prefix, take pages for its first grant. Returns tokens granted."""
+        if self.num_state_slots:
+            # running < max_running_requests <= num_state_slots: a slot is free
+            req.state_slot = self.free_state_slots.pop()
         tokens = req.all_token_ids
         pages, node = self.radix.match_prefix(tokens)
         # At least one token must be computed to produce logits.
@@ -290,4 +312,11 @@ class Scheduler:
         assert all(not r.page_ids for r in self.waiting), "a waiting request holds pages"
         for r in self.running:
             assert len(r.page_ids) * self.page_size >= r.num_computed_tokens
+        if self.num_state_slots:
+            held_slots = [r.state_slot for r in self.running]
+            assert None not in held_slots, "a running request has no state slot"
+            assert all(r.state_slot is None for r in self.waiting), "a waiting request holds a state slot"
+            assert sorted(held_slots + self.free_state_slots) == list(range(self.num_state_slots)), (
+                "state slots leaked or double-freed"
+            )
         assert held <= sum(self.allocator.refcount(p) for p in range(1, self.allocator.num_pages))

@@ -22,7 +22,11 @@ from jaxrt.batch import DecodeLoopOutput, ForwardBatch, SampleMode, SamplingBatc
 from jaxrt.models.layers import KVCache
 from jaxrt.sampler import sample
 
-ForwardFn = Callable[[Any, list[KVCache], ForwardBatch], tuple[jax.Array, list[KVCache]]]
+# ``kv_caches``: one (k_pages, v_pages) per attention layer, then the model's recurrent-state arrays
+# ``[num_state_slots, *StateSpec.shape]`` (none for attention-only models); returned updated.
+ForwardFn = Callable[
+    [Any, list[KVCache | jax.Array], ForwardBatch], tuple[jax.Array, list[KVCache | jax.Array]]
+]
 
 
 def nnx_forward(graphdef: nnx.GraphDef) -> ForwardFn:
@@ -65,7 +69,7 @@ def make_sample_step(max_num_seqs: int) -> Callable:
     return jax.jit(step, static_argnames=("mode",))
 
 
-def make_decode_loop(forward: ForwardFn, max_num_seqs: int, num_steps: int) -> Callable:
+def make_decode_loop(forward: ForwardFn, max_num_seqs: int, num_steps: int, page_size: int) -> Callable:
     """Jit ``num_steps`` decode steps in one program (continuous decode):
     ``(params, kv pool[donated], batch, sampling, prev_tokens, steps, mode=SampleMode) ->
     (DecodeLoopOutput, kv pool)``.
@@ -73,14 +77,14 @@ def make_decode_loop(forward: ForwardFn, max_num_seqs: int, num_steps: int) -> C
     ``batch`` is an all-decode batch (token ``t`` is sequence ``t``'s one new token); step ``j`` feeds each row
     the token step ``j - 1`` sampled for it, at the next position, with the sampler's output index advanced
     by ``j`` (so seeded rows draw exactly what single steps would). Row ``i`` runs ``steps[i]`` steps; later
-    steps leave its KV untouched and their tokens are not used. The loop has a static trip count, so XLA
+    steps leave its KV untouched (its token's ``slot_mapping`` is -1, which recurrent layers also read as "do
+    not advance this sequence's state") and their tokens are not used. The loop has a static trip count, so XLA
     runs it without reading anything back to the host.
     """
 
     def loop(params, kv_caches, batch: ForwardBatch, sampling: SamplingBatch, prev_tokens, steps, mode):
         num_tokens = batch.input_ids.shape[0]
         num_seqs = steps.shape[0]
-        page_size = kv_caches[0][0].shape[1]
         from_prev = prev_tokens[jnp.maximum(batch.prev_index, 0)]
         ids0 = jnp.where(batch.prev_index >= 0, from_prev, batch.input_ids)
         # Per token row (decode: row t is sequence t; rows past num_seqs are padding with 0 steps).

@@ -99,9 +99,16 @@ class StepContext:
         num_kv_heads: int | None = None,
         backend: str | None = None,
         interpret: bool = False,
+        states: list | None = None,
+        expected_states: list | None = None,
     ) -> None:
         self.batch = batch
         self.kv_caches = None if kv_caches is None else list(kv_caches)
+        # Recurrent-state arrays ([num_state_slots, *shape] each), claimed in call order by the mixer adapters
+        # (``recurrent.py``) like KV slots are by attention calls; ``state_specs`` records the calls.
+        self.states = None if states is None else list(states)
+        self.expected_states = expected_states
+        self.state_specs: list = []
         self.module_names = module_names
         self.expected = expected
         self.head_dim = head_dim
@@ -117,6 +124,29 @@ class StepContext:
     @property
     def num_calls(self) -> int:
         return len(self.specs)
+
+    def claim_state(self, module: Any, spec: Any) -> tuple[int, jax.Array | None]:
+        """The next recurrent-state array for ``module``: ``(index, [num_state_slots, *spec.shape] array)``;
+        ``None`` instead of the array while probing. ``spec`` is a `jaxrt.config.StateSpec`."""
+        index = len(self.state_specs)
+        self.state_specs.append(spec)
+        if self.probing:
+            return index, None
+        want = (
+            self.expected_states[index]
+            if self.expected_states and index < len(self.expected_states)
+            else None
+        )
+        if want != spec or self.states is None:
+            raise FallbackError(
+                f"{self.name_of(module)}: recurrent state {index} ({spec}) differs from the build-time probe "
+                f"({want}); the model's layer pattern changed between traces"
+            )
+        return index, self.states[index]
+
+    def set_state(self, index: int, value: jax.Array) -> None:
+        if self.states is not None:
+            self.states[index] = value
 
     def name_of(self, module: Any) -> str:
         return self.module_names.get(id(module), type(module).__name__)

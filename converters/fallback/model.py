@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrt.config import ModelConfig
+from jaxrt.config import ModelConfig, StateSpec
 from jaxrt.converters.fallback.adapters import ATTENTION_ADAPTERS, EAGER_MASK_CLASSES, install_adapters
 from jaxrt.converters.fallback.attention import (
     ATTN_IMPLEMENTATION,
@@ -34,6 +34,7 @@ from jaxrt.converters.fallback.attention import (
     register_attention,
 )
 from jaxrt.converters.fallback.experts import EXPERTS_IMPLEMENTATION, register_experts
+from jaxrt.converters.fallback.recurrent import MIXER_ADAPTERS, install_mixer_adapters
 from jaxrt.converters.fallback.torchax_compat import import_torchax
 from jaxrt.converters.fallback.weights import expected_tensors, jax_dtype, load_params, torch_to_jax
 
@@ -65,6 +66,7 @@ class FallbackPlan:
     head_dim: int
     num_kv_heads: int
     vocab_size: int
+    states: tuple[StateSpec, ...] = ()  # recurrent-state arrays, in the order the mixers claim them
 
 
 def checkpoint_dtype(hf_config: Any) -> str:
@@ -122,6 +124,9 @@ def build_meta_model(hf_config: Any, dtype: str, trust_remote_code: bool):
     # Parameter tying is skipped for meta-initialised weights; tie now so tied names share one param.
     model.tie_weights()
     adapted = install_adapters(model)
+    mixers = install_mixer_adapters(model)
+    if mixers:
+        adapted.append(f"{len(mixers)} recurrent mixers")
     if table_error is not None and not set(adapted) & set(ATTENTION_ADAPTERS):
         raise FallbackError(
             f"{name} picks its attention classes from a fixed table keyed by attn_implementation (KeyError "
@@ -147,13 +152,29 @@ def _module_names(model: Any) -> dict[int, str]:
     return {id(m): name or type(m).__name__ for name, m in model.named_modules()}
 
 
-def _recurrent_modules(model: Any) -> list[str]:
+def adapted_mixers(model: Any) -> list[str]:
+    """Names of the recurrent mixers whose forward `install_mixer_adapters` rebound."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if type(m).__name__ in MIXER_ADAPTERS and "forward" in m.__dict__
+    ]
+
+
+def _recurrent_modules(model: Any, covered: list[str] = ()) -> list[str]:
+    """Recurrent-looking modules not served by a mixer adapter: not inside, around or equal to an adapted mixer
+    (its decoder block, its gated norm), and not a plain norm (``MambaRMSNorm``)."""
     from transformers import PreTrainedModel
+
+    def is_covered(name: str) -> bool:
+        return any(name == c or name.startswith(c + ".") or c.startswith(name + ".") for c in covered)
 
     return [
         f"{name} ({type(m).__name__})"
         for name, m in model.named_modules()
-        if not isinstance(m, PreTrainedModel) and _RECURRENT_MODULE.search(type(m).__name__)
+        if not isinstance(m, PreTrainedModel)
+        and _RECURRENT_MODULE.search(type(m).__name__)
+        and not (covered and (is_covered(name) or "Norm" in type(m).__name__))
     ]
 
 
@@ -226,7 +247,8 @@ class FallbackModel:
     def probe(self, abstract_params: dict[str, Any]) -> FallbackPlan:
         """Trace the forward once abstractly: record every attention call, check the model is usable."""
         model_name = type(self.model).__name__
-        recurrent = _recurrent_modules(self.model)
+        mixers = adapted_mixers(self.model)
+        recurrent = _recurrent_modules(self.model, mixers)
         if recurrent:
             raise FallbackError(
                 f"{model_name} has recurrent / state-space layers ({', '.join(recurrent[:3])}"
@@ -266,14 +288,16 @@ class FallbackModel:
         finally:
             for h in hooks:
                 h.remove()
-        if not ctx.specs:
+        if not ctx.specs and not ctx.state_specs:
             raise FallbackError(
                 f"{model_name} never called the attention interface: its attention layers compute attention "
                 "themselves instead of through `ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`, so "
                 "jaxrt cannot give them the paged KV cache"
             )
         num_layers = getattr(self.model.config, "num_hidden_layers", None)
-        if isinstance(num_layers, int) and len(ctx.specs) < num_layers:
+        if mixers:
+            _check_hybrid_layers(self.model, ctx.specs, mixers)
+        elif isinstance(num_layers, int) and len(ctx.specs) < num_layers:
             called = {s.module for s in ctx.specs}
             raise FallbackError(
                 f"{model_name}: only {len(ctx.specs)} of {num_layers} layers routed attention through the "
@@ -287,8 +311,13 @@ class FallbackModel:
                 f"{model_name} runs causal convolutions over the token sequence ({', '.join(convs[:3])}): they "
                 "carry state across tokens that jaxrt's paged KV pool cannot hold"
             )
+        if mixers and len(ctx.state_specs) < len(mixers):
+            raise FallbackError(
+                f"{model_name}: {len(mixers)} recurrent mixers but only {len(ctx.state_specs)} state reads in the "
+                "probe; some mixer ran a path the fallback does not adapt"
+            )
         # One pool layout: the most kv heads any layer has; layers with fewer get their heads repeated.
-        pool_kv_heads = max(s.num_kv_heads for s in ctx.specs)
+        pool_kv_heads = max((s.num_kv_heads for s in ctx.specs), default=1)
         for s in ctx.specs:
             if pool_kv_heads % s.num_kv_heads or s.num_q_heads % pool_kv_heads:
                 kv_heads = sorted({x.num_kv_heads for x in ctx.specs})
@@ -296,7 +325,7 @@ class FallbackModel:
                     f"{model_name}: layers have kv-head counts {kv_heads} that do not fit one KV pool layout "
                     f"({s.module}: {s.num_q_heads} query heads, {s.num_kv_heads} kv heads)"
                 )
-        head_dim = max(max(s.qk_head_dim, s.v_head_dim) for s in ctx.specs)
+        head_dim = max((max(s.qk_head_dim, s.v_head_dim) for s in ctx.specs), default=1)
         rows = logits.shape
         if len(rows) != 2 or rows[0] != batch.logits_indices.shape[0]:
             raise FallbackError(f"{model_name}: unexpected logits shape {rows}")
@@ -305,14 +334,19 @@ class FallbackModel:
             head_dim=int(head_dim),
             num_kv_heads=pool_kv_heads,
             vocab_size=int(rows[1]),
+            states=tuple(ctx.state_specs),
         )
 
     def forward(self, params: dict[str, jax.Array], kv_caches: list, batch: Any):
-        """jaxrt ``ForwardFn``: logits ``[num_seqs, vocab]`` f32 and the updated KV pool."""
+        """jaxrt ``ForwardFn``: logits ``[num_seqs, vocab]`` f32 and the updated caches (KV layers, then the
+        recurrent-state arrays)."""
         plan = self.plan
+        num_kv = len(plan.layers)
         ctx = StepContext(
             batch=batch,
-            kv_caches=kv_caches,
+            kv_caches=kv_caches[:num_kv],
+            states=kv_caches[num_kv:],
+            expected_states=list(plan.states),
             module_names=self.names,
             expected=list(plan.layers),
             head_dim=plan.head_dim,
@@ -326,7 +360,34 @@ class FallbackModel:
                 f"{type(self.model).__name__}: {ctx.num_calls} attention calls in this trace, "
                 f"{len(plan.layers)} at build time"
             )
-        return logits, ctx.kv_caches
+        if len(ctx.state_specs) != len(plan.states):
+            raise FallbackError(
+                f"{type(self.model).__name__}: {len(ctx.state_specs)} recurrent-state reads in this trace, "
+                f"{len(plan.states)} at build time"
+            )
+        return logits, [*ctx.kv_caches, *ctx.states]
+
+
+def _check_hybrid_layers(model: Any, specs: list[LayerSpec], mixers: list[str]) -> None:
+    """In a hybrid model, every decoder layer that has an attention module must have routed it through the
+    attention interface, unless the layer's mixer is an adapted recurrent one (layers of only an MLP or MoE,
+    as in Nemotron-H, have neither)."""
+    import torch
+
+    served = [s.module for s in specs] + mixers
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.nn.ModuleList) or not name.endswith("layers"):
+            continue
+        for i, layer in enumerate(m):
+            prefix = f"{name}.{i}."
+            if any(x.startswith(prefix) for x in served):
+                continue
+            attn = [n for n, sub in layer.named_modules() if "Attention" in type(sub).__name__]
+            if attn:
+                raise FallbackError(
+                    f"{type(model).__name__}: layer {name}.{i} has {prefix}{attn[0]} but routed no attention "
+                    "through the attention interface; it would run without its KV cache"
+                )
 
 
 def _check_config_window(model: Any, specs: list[LayerSpec]) -> None:
@@ -451,7 +512,7 @@ def fallback_model_config(hf_config: Any, plan: FallbackPlan, dtype_name: str) -
         getattr(hf_config, "architectures", None)
         or [type(hf_config).__name__.replace("Config", "ForCausalLM")]
     )[0]
-    first = plan.layers[0]
+    first = plan.layers[0] if plan.layers else LayerSpec("", 1, 1, 1, 1, 1.0, None, None)
     hidden = getattr(hf_config, "hidden_size", None)
     inter = getattr(hf_config, "intermediate_size", None)
     return ModelConfig(
@@ -470,6 +531,7 @@ def fallback_model_config(hf_config: Any, plan: FallbackPlan, dtype_name: str) -
         dtype=dtype_name,
         bos_token_id=getattr(hf_config, "bos_token_id", None),
         eos_token_ids=_eos_ids(hf_config),
+        state_specs=plan.states,
     )
 
 
@@ -496,11 +558,12 @@ def build_fallback(
     fm.plan = fm.probe(abstract)
     cfg = fallback_model_config(hf_config, fm.plan, checkpoint_dtype(hf_config))
     logger.info(
-        "transformers fallback: %s, %d attention layers, %d kv heads x %d, vocab %d",
+        "transformers fallback: %s, %d attention layers, %d kv heads x %d, %d recurrent-state arrays, vocab %d",
         type(model).__name__,
         cfg.num_layers,
         cfg.num_kv_heads,
         cfg.head_dim,
+        len(cfg.state_specs),
         cfg.vocab_size,
     )
     params = load_params(model, model_path)

@@ -87,6 +87,10 @@ SPECIAL: dict[str, dict[str, Any]] = {
     "lfm2": dict(layer_types=["conv", "full_attention"]),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
     "mamba2": dict(num_heads=8, head_dim=16),
+    # hybrids: one recurrent and one attention layer (the defaults put attention past the tiny layer count)
+    "bamba": dict(attn_layer_indices=[1]),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1),
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),
     "zaya": dict(num_experts_per_tok=1),
     "reformer": dict(is_decoder=True, axial_pos_shape=[16, 16], axial_pos_embds_dim=[32, 32]),
     "plbart": dict(encoder_attention_heads=4, decoder_attention_heads=4),

@@ -266,6 +266,7 @@ def native_chunk_logits(
             num_seqs=np.array([len(rows)], np.int32),
             logits_indices=logits_indices,
             prev_index=np.full(num_tokens, -1, np.int32),
+            state_slots=np.full(n_seqs, -1, np.int32),
         )
         logits, kv = model.forward(model.state, kv, batch)
         logits = np.asarray(logits)

@@ -1,0 +1,449 @@
+"""Recurrent / state-space mixers over jaxrt's flattened ragged batch, with per-request state slots.
+
+transformers' recurrent mixers (Mamba, Mamba-2, short convolutions, gated delta-net) run their projections,
+norms and gates in their own ``forward`` and hand the sequence-mixing core to a few module-level functions:
+``causal_conv1d_fn`` (depthwise causal convolution), ``mamba2_chunk_scan`` (Mamba-2 SSD scan),
+``mamba_selective_scan`` (Mamba selective scan), ``torch_chunk_gated_delta_rule``. With ``use_cache=False``
+(what the fallback passes) they run over ``[1, num_tokens]`` as if it were one sequence, from a zero state.
+
+`install_mixer_adapters` rebinds each mixer instance's ``forward`` to the same code object with those globals
+replaced by the ragged, stateful versions below, so the family's own forward (its multipliers, norms, gating,
+head layout) runs unchanged around them. Each replacement:
+
+- splits the flat batch into its sequences (``cu_q_lens``) and never mixes tokens across their boundaries;
+- starts a sequence from its state slot (``ForwardBatch.state_slots``), or from zeros when its first token here
+  is at position 0 (a new or recomputed request);
+- leaves a sequence's state untouched for tokens with ``slot_mapping == -1`` (padding, and rows of a continuous
+  decode dispatch that already stopped);
+- writes each sequence's final state back to its slot (padding sequences use the scratch slot, the last).
+
+Each call claims the next state array of the step (`StepContext.claim_state`), in call order, exactly as
+attention calls claim KV layers; the build-time probe records the shapes, which become
+``ModelConfig.state_specs``. The recurrences are a ``lax.scan`` over tokens (correct for any mix of prefill
+chunks and decodes); a fast prefill needs a chunked (SSD / WY) form with resets at sequence starts.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxrt.config import StateSpec
+from jaxrt.converters.fallback.attention import CTX_KWARG, FallbackError, StepContext
+
+# ----------------------------------------------------------------------------------------- ragged layout
+
+
+@dataclass(frozen=True)
+class RaggedLayout:
+    """Where each token of the flat batch sits; derived from a `ForwardBatch` inside the trace."""
+
+    seq: jax.Array  # [num_tokens] int32: the token's sequence (clipped to num_seqs - 1 for padding)
+    offset: jax.Array  # [num_tokens] int32: index of the token within its sequence's rows of this batch
+    valid: jax.Array  # [num_tokens] bool: a real token that advances its sequence's state
+    first: jax.Array  # [num_tokens] bool: first row of its sequence
+    last: jax.Array  # [num_tokens] bool: last row of its sequence
+    starts: jax.Array  # [num_seqs] int32: first row of each sequence (cu_q_lens[:-1])
+    num_valid: jax.Array  # [num_seqs] int32: valid rows of each sequence
+    fresh: jax.Array  # [num_seqs] bool: the sequence starts at position 0 here (zero initial state)
+    slots: jax.Array  # [num_seqs] int32: state slot (padding sequences: the scratch slot)
+
+    @classmethod
+    def from_batch(cls, batch: Any, num_slots: int) -> RaggedLayout:
+        cu = jnp.asarray(batch.cu_q_lens)
+        num_tokens = batch.input_ids.shape[0]
+        num_seqs = cu.shape[0] - 1
+        t = jnp.arange(num_tokens, dtype=jnp.int32)
+        seq = jnp.minimum(jnp.searchsorted(cu[1:], t, side="right"), num_seqs - 1).astype(jnp.int32)
+        total = cu[jnp.asarray(batch.num_seqs)[0]]
+        valid = (t < total) & (jnp.asarray(batch.slot_mapping) >= 0)
+        starts = cu[:-1]
+        positions = jnp.asarray(batch.positions)
+        fresh = positions[jnp.minimum(starts, num_tokens - 1)] == 0
+        seg = jax.ops.segment_sum(valid.astype(jnp.int32), seq, num_segments=num_seqs)
+        slots = jnp.asarray(batch.state_slots)
+        return cls(
+            seq=seq,
+            offset=t - starts[seq],
+            valid=valid,
+            first=t == starts[seq],
+            last=t == cu[1:][seq] - 1,
+            starts=starts,
+            num_valid=seg,
+            fresh=fresh,
+            slots=jnp.where(slots < 0, num_slots - 1, slots),
+        )
+
+
+def _initial(pool: jax.Array | None, layout: RaggedLayout, shape: tuple[int, ...], dtype) -> jax.Array:
+    """``[num_seqs, *shape]``: each sequence's state from its slot, zeros for fresh sequences."""
+    num_seqs = layout.starts.shape[0]
+    if pool is None:  # probing: shapes only
+        return jnp.zeros((num_seqs, *shape), dtype)
+    init = pool[layout.slots].astype(dtype)
+    return jnp.where(layout.fresh.reshape((-1,) + (1,) * len(shape)), jnp.zeros_like(init), init)
+
+
+def _store(ctx: StepContext, index: int, pool: jax.Array | None, layout: RaggedLayout, finals: jax.Array):
+    if pool is not None:
+        ctx.set_state(index, pool.at[layout.slots].set(finals.astype(pool.dtype)))
+
+
+def ragged_conv1d(
+    x: jax.Array, weight: jax.Array, bias: jax.Array | None, init: jax.Array, layout: RaggedLayout
+) -> tuple[jax.Array, jax.Array]:
+    """Depthwise causal convolution per sequence.
+
+    ``x [num_tokens, channels]``, ``weight [channels, kernel]``, ``bias [channels]``, ``init [num_seqs, channels,
+    kernel - 1]`` (the inputs before this batch's rows, oldest first) -> ``(y [num_tokens, channels]`` before the
+    activation, ``new state [num_seqs, channels, kernel - 1])``.
+    """
+    kernel = weight.shape[1]
+    acc = jnp.zeros(x.shape, jnp.result_type(x.dtype, weight.dtype))
+    for k in range(kernel):
+        back = kernel - 1 - k  # tap k reads the input ``back`` rows earlier
+        in_batch = layout.offset >= back
+        from_x = x[jnp.maximum(jnp.arange(x.shape[0]) - back, 0)]
+        hist = jnp.clip(kernel - 1 - back + layout.offset, 0, kernel - 2)
+        from_state = init[layout.seq, :, hist]
+        acc = acc + jnp.where(in_batch[:, None], from_x, from_state) * weight[:, k]
+    if bias is not None:
+        acc = acc + bias
+    # new window: the last kernel-1 inputs of each sequence (its valid rows, then its earlier state)
+    j = jnp.arange(kernel - 1)
+    rel = layout.num_valid[:, None] - (kernel - 1) + j[None, :]  # [num_seqs, kernel-1]
+    rows = jnp.clip(layout.starts[:, None] + rel, 0, x.shape[0] - 1)
+    from_x = jnp.swapaxes(x[rows], 1, 2)  # [num_seqs, channels, kernel-1]
+    hist = jnp.clip(kernel - 1 + rel, 0, kernel - 2)
+    from_state = jnp.take_along_axis(init, jnp.broadcast_to(hist[:, None, :], init.shape), axis=2)
+    new = jnp.where((rel >= 0)[:, None, :], from_x.astype(init.dtype), from_state)
+    return acc, new
+
+
+def ragged_scan(step: Callable, init: Any, xs: Any, layout: RaggedLayout) -> tuple[Any, Any]:
+    """Run ``step(state, x) -> (state, y)`` over the tokens, restarting from ``init[seq]`` at each sequence's
+    first row and holding the state over invalid rows. ``init``: pytree of ``[num_seqs, ...]``; ``xs``: pytree of
+    ``[num_tokens, ...]``. Returns ``(ys [num_tokens, ...], final states [num_seqs, ...])``."""
+
+    def body(carry, inp):
+        state, finals = carry
+        x, s, first, last, valid = inp
+        state = jax.tree.map(lambda i, c: jnp.where(first, i[s], c), init, state)
+        new, y = step(state, x)
+        new = jax.tree.map(lambda n, o: jnp.where(valid, n, o), new, state)
+        finals = jax.tree.map(lambda f, n: f.at[s].set(jnp.where(last, n, f[s])), finals, new)
+        return (new, finals), y
+
+    state0 = jax.tree.map(lambda i: jnp.zeros_like(i[0]), init)
+    (_, finals), ys = jax.lax.scan(
+        body, (state0, init), (xs, layout.seq, layout.first, layout.last, layout.valid)
+    )
+    return ys, finals
+
+
+# ------------------------------------------------------------------------------------- replacements
+
+
+def _ctx_of(module: Any) -> StepContext:
+    ctx = getattr(module, "__dict__", {}).get(CTX_KWARG)
+    if not isinstance(ctx, StepContext):
+        raise FallbackError(f"{type(module).__name__}: recurrent mixer called outside a jaxrt step")
+    return ctx
+
+
+def _layout(ctx: StepContext) -> RaggedLayout:
+    num_slots = ctx.states[0].shape[0] if ctx.states else 1
+    return RaggedLayout.from_batch(ctx.batch, num_slots)
+
+
+def _activation(name: str | None, module: Any) -> Callable[[jax.Array], jax.Array]:
+    if name is None:
+        return lambda x: x
+    if name in ("silu", "swish"):
+        return jax.nn.silu
+    raise FallbackError(f"{type(module).__name__}: causal convolution activation {name!r} is not supported")
+
+
+def _single_batch(module: Any, **tensors: Any) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.shape[0] != 1:
+            raise FallbackError(
+                f"{type(module).__name__}: {name} has batch {t.shape[0]}; the fallback runs one flat sequence"
+            )
+
+
+def _causal_conv1d_fn(module: Any) -> Callable:
+    """``causal_conv1d_fn(x [1, channels, T], weight [channels, kernel], bias, activation)`` per sequence."""
+
+    def causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
+        from torchax import interop
+
+        _single_batch(module, hidden_states=hidden_states)
+        ctx = _ctx_of(module)
+        x, w, b = interop.jax_view((hidden_states, weight, bias))
+        channels, kernel = w.shape
+        if kernel < 2:
+            raise FallbackError(f"{type(module).__name__}: causal convolution of width {kernel}")
+        spec = StateSpec((channels, kernel - 1), str(jnp.dtype(x.dtype)))
+        index, pool = ctx.claim_state(module, spec)
+        layout = _layout(ctx)
+        init = _initial(pool, layout, spec.shape, x.dtype)
+        y, new = ragged_conv1d(x[0].T.astype(w.dtype), w, b, init, layout)
+        _store(ctx, index, pool, layout, new)
+        y = _activation(activation, module)(y)
+        return interop.torch_view(y.T[None].astype(x.dtype))
+
+    return causal_conv1d_fn
+
+
+def _mamba2_chunk_scan(module: Any) -> Callable:
+    """Mamba-2 SSD: ``(x [1, T, H, P], dt [1, T, H], A [H], B/C [1, T, G, N], chunk_size, D, dt_bias, ...)`` ->
+    ``y [1, T, H, P]`` f32; state ``[H, P, N]`` f32 per slot."""
+
+    def mamba2_chunk_scan(
+        hidden_states,
+        dt,
+        A,
+        B,
+        C,
+        chunk_size=None,
+        D=None,
+        dt_bias=None,
+        initial_states=None,
+        dt_softplus=False,
+        dt_limit=(0.0, float("inf")),
+        return_final_states=False,
+        z=None,
+        **kwargs,
+    ):
+        from torchax import interop
+
+        _single_batch(module, hidden_states=hidden_states)
+        if initial_states is not None or return_final_states or z is not None:
+            raise FallbackError(f"{type(module).__name__}: unexpected cached / gated call of the SSD scan")
+        ctx = _ctx_of(module)
+        x, dt, A, B, C, D, dt_bias = interop.jax_view((hidden_states, dt, A, B, C, D, dt_bias))
+        _, _, heads, head_dim = x.shape
+        groups, state_size = B.shape[2], B.shape[3]
+        if dt_bias is not None:
+            dt = dt + dt_bias.astype(dt.dtype)
+        if dt_softplus:
+            dt = jax.nn.softplus(dt)
+        dt = jnp.clip(dt, dt_limit[0], dt_limit[1])[0].astype(jnp.float32)  # [T, H]
+        x = x[0].astype(jnp.float32)
+        rep = heads // groups
+        B = jnp.repeat(B[0].astype(jnp.float32), rep, axis=1)  # [T, H, N]
+        C = jnp.repeat(C[0].astype(jnp.float32), rep, axis=1)
+        A = A.astype(jnp.float32)
+        spec = StateSpec((heads, head_dim, state_size), "float32")
+        index, pool = ctx.claim_state(module, spec)
+        layout = _layout(ctx)
+        init = _initial(pool, layout, spec.shape, jnp.float32)
+
+        def step(h, inp):
+            x_t, dt_t, b_t, c_t = inp
+            h = h * jnp.exp(dt_t * A)[:, None, None] + (x_t * dt_t[:, None])[:, :, None] * b_t[:, None, :]
+            return h, jnp.sum(h * c_t[:, None, :], axis=-1)
+
+        y, finals = ragged_scan(step, init, (x, dt, B, C), layout)
+        _store(ctx, index, pool, layout, finals)
+        if D is not None:
+            y = y + D.astype(jnp.float32)[:, None] * x
+        return interop.torch_view(y[None])
+
+    return mamba2_chunk_scan
+
+
+def _mamba_selective_scan(module: Any) -> Callable:
+    """Mamba selective scan: ``(x [1, I, T], dt [1, I, T], A [I, N], B/C [1, N, T], D, z, delta_bias, ...)`` ->
+    ``y [1, I, T]``; state ``[I, N]`` f32 per slot."""
+
+    def mamba_selective_scan(
+        hidden_states,
+        dt,
+        A,
+        B,
+        C,
+        D=None,
+        z=None,
+        delta_bias=None,
+        delta_softplus=False,
+        return_last_state=False,
+        **kwargs,
+    ):
+        from torchax import interop
+
+        _single_batch(module, hidden_states=hidden_states)
+        if return_last_state:
+            raise FallbackError(f"{type(module).__name__}: unexpected cached call of the selective scan")
+        ctx = _ctx_of(module)
+        x, dt, A, B, C, D, z, delta_bias = interop.jax_view((hidden_states, dt, A, B, C, D, z, delta_bias))
+        in_dtype = x.dtype
+        if delta_bias is not None:
+            dt = dt + delta_bias.astype(dt.dtype)[..., None]
+        if delta_softplus:
+            dt = jax.nn.softplus(dt)
+        x_t, dt_t = x[0].T, dt[0].T.astype(jnp.float32)  # [T, I]
+        B_t, C_t = B[0].T.astype(jnp.float32), C[0].T.astype(in_dtype)  # [T, N]
+        A = A.astype(jnp.float32)
+        inner, state_size = A.shape
+        spec = StateSpec((inner, state_size), "float32")
+        index, pool = ctx.claim_state(module, spec)
+        layout = _layout(ctx)
+        init = _initial(pool, layout, spec.shape, jnp.float32)
+
+        def step(h, inp):
+            xs, dts, bs, cs = inp
+            h = jnp.exp(A * dts[:, None]) * h + (dts[:, None] * bs[None, :]) * xs.astype(jnp.float32)[:, None]
+            return h, h.astype(in_dtype) @ cs
+
+        y, finals = ragged_scan(step, init, (x_t, dt_t, B_t, C_t), layout)
+        _store(ctx, index, pool, layout, finals)
+        y = y.T[None]  # [1, I, T]
+        if D is not None:
+            y = y + x * D[None, :, None]
+        if z is not None:
+            y = y * jax.nn.silu(z)
+        return interop.torch_view(y)
+
+    return mamba_selective_scan
+
+
+def _l2norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def _gated_delta_rule(module: Any) -> Callable:
+    """Gated delta rule: ``(q/k [1, T, H, Dk], v [1, T, H, Dv], g/beta [1, T, H], ...)`` -> ``(o [1, T, H, Dv],
+    None)``; state ``[H, Dk, Dv]`` f32 per slot."""
+
+    def gated_delta_rule(
+        query,
+        key,
+        value,
+        g,
+        beta,
+        chunk_size=64,
+        initial_state=None,
+        output_final_state=False,
+        use_qk_l2norm_in_kernel=False,
+        **kwargs,
+    ):
+        from torchax import interop
+
+        _single_batch(module, query=query)
+        if initial_state is not None or output_final_state:
+            raise FallbackError(f"{type(module).__name__}: unexpected cached call of the gated delta rule")
+        ctx = _ctx_of(module)
+        q, k, v, g, beta = interop.jax_view((query, key, value, g, beta))
+        out_dtype = q.dtype
+        q, k, v, g, beta = (a[0].astype(jnp.float32) for a in (q, k, v, g, beta))
+        if use_qk_l2norm_in_kernel:
+            q, k = _l2norm(q), _l2norm(k)
+        q = q / (q.shape[-1] ** 0.5)
+        heads, dk, dv = v.shape[1], k.shape[2], v.shape[2]
+        spec = StateSpec((heads, dk, dv), "float32")
+        index, pool = ctx.claim_state(module, spec)
+        layout = _layout(ctx)
+        init = _initial(pool, layout, spec.shape, jnp.float32)
+
+        def step(s, inp):
+            q_t, k_t, v_t, g_t, b_t = inp
+            s = s * jnp.exp(g_t)[:, None, None]
+            kv_mem = jnp.sum(s * k_t[:, :, None], axis=1)
+            delta = (v_t - kv_mem) * b_t[:, None]
+            s = s + k_t[:, :, None] * delta[:, None, :]
+            return s, jnp.sum(s * q_t[:, :, None], axis=1)
+
+        o, finals = ragged_scan(step, init, (q, k, v, g, beta), layout)
+        _store(ctx, index, pool, layout, finals)
+        return interop.torch_view(o[None].astype(out_dtype)), None
+
+    return gated_delta_rule
+
+
+def _cached_path(name: str) -> Callable[[Any], Callable]:
+    """Stand-in for a cached-decode function: never reached with ``use_cache=False``; loud if it is."""
+
+    def factory(module: Any) -> Callable:
+        def refuse(*args, **kwargs):
+            raise FallbackError(
+                f"{type(module).__name__}: {name} (cached decode path) reached in a jaxrt step"
+            )
+
+        return refuse
+
+    return factory
+
+
+# ----------------------------------------------------------------------------------------------- registry
+
+_CONV = {"causal_conv1d_fn": _causal_conv1d_fn, "causal_conv1d_update": _cached_path("causal_conv1d_update")}
+_MAMBA2 = {
+    **_CONV,
+    "mamba2_chunk_scan": _mamba2_chunk_scan,
+    "mamba2_selective_state_update": _cached_path("mamba2_selective_state_update"),
+}
+_MAMBA = {
+    **_CONV,
+    "mamba_selective_scan": _mamba_selective_scan,
+    "mamba_selective_state_update": _cached_path("mamba_selective_state_update"),
+}
+_GDN = {
+    **_CONV,
+    "torch_chunk_gated_delta_rule": _gated_delta_rule,
+    "torch_recurrent_gated_delta_rule": _cached_path("torch_recurrent_gated_delta_rule"),
+}
+
+# mixer class name (defined in transformers.models.*) -> {global name in its forward: replacement factory}.
+# Each entry is verified token-exact against transformers by the coverage sweep.
+MIXER_ADAPTERS: dict[str, dict[str, Callable[[Any], Callable]]] = {
+    "Mamba2Mixer": _MAMBA2,
+    "BambaMixer": _MAMBA2,
+    "GraniteMoeHybridMambaLayer": _MAMBA2,
+    "NemotronHMamba2Mixer": _MAMBA2,
+    "FalconH1Mixer": _MAMBA2,
+    "Zamba2MambaMixer": _MAMBA2,
+    "Lfm2ShortConv": _CONV,
+    "Lfm2MoeShortConv": _CONV,
+    "MambaMixer": _MAMBA,
+    "FalconMambaMixer": _MAMBA,
+    "JambaMambaMixer": _MAMBA,
+    "Qwen3NextGatedDeltaNet": _GDN,
+    "Qwen3_5GatedDeltaNet": _GDN,
+    "Qwen3_5MoeGatedDeltaNet": _GDN,
+    "OlmoHybridGatedDeltaNet": _GDN,
+}
+
+
+def _rebind(fn: Callable, overrides: dict[str, Any]) -> Callable:
+    """``fn``'s code with some of its module globals replaced (a copy of the globals dict: the module itself,
+    and every other model in the process, keep the originals)."""
+    fn = inspect.unwrap(fn)
+    new_globals = {**fn.__globals__, **overrides}
+    new = types.FunctionType(fn.__code__, new_globals, fn.__name__, fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    return new
+
+
+def install_mixer_adapters(model: Any) -> list[str]:
+    """Rebind the forward of every known recurrent mixer of ``model`` (instance attribute) to use the ragged,
+    stateful functions. Returns the adapted module names (in module order)."""
+    adapted = []
+    for name, m in model.named_modules():
+        cls = type(m)
+        table = MIXER_ADAPTERS.get(cls.__name__)
+        if table is None or not cls.__module__.startswith("transformers.models."):
+            continue
+        forward = inspect.unwrap(cls.forward)
+        used = set(forward.__code__.co_names)
+        overrides = {g: factory(m) for g, factory in table.items() if g in used}
+        m.__dict__["forward"] = types.MethodType(_rebind(forward, overrides), m)
+        adapted.append(name)
+    return adapted

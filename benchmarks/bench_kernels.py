@@ -126,6 +126,8 @@ def check_variant(cfg: GpuConfig, hkv: int, d: int, dtype: str) -> GpuConfig | N
     within 32 KiB."""
     if "prefetch" in VARIANTS:
         return dataclasses.replace(cfg, prefetch=not cfg.prefetch)
+    if "items" in VARIANTS:  # decode tilings (prefetch on) with several work items per program
+        return dataclasses.replace(cfg, items=3, num_splits=1) if cfg.prefetch else None
     if "heads" in VARIANTS:
         heads = min(4, hkv & -hkv)
         if heads == cfg.kv_heads:
@@ -140,6 +142,9 @@ def check_variant(cfg: GpuConfig, hkv: int, d: int, dtype: str) -> GpuConfig | N
 def run_check(args, interpret=False):
     rng = np.random.default_rng(0)
     cases = check_configs(args.smoke)
+    if args.check_kinds != "mixed,decode":
+        cases = [c for c in cases if c["kind"] in args.check_kinds.split(",")]
+    cases = cases[:: args.check_sample]
     log(f"# check: {len(cases)} configurations, interpret={interpret}")
     jobs, batches, refs = [], {}, []
     for ci, c in enumerate(cases):
@@ -381,29 +386,58 @@ INTERPRET = False  # --interpret: dry-run the benchmark code paths on CPU
 VARIANTS = ("default",)  # --variants: also measure/check GpuConfig(prefetch=True) on top of the default
 
 
-def pallas_fn(sm_scale, config=None, shared_plan=False):
+def pallas_fn(sm_scale, config=None, shared_plan=False, kv_layout="nhd"):
     """The pallas_gpu call; with shared_plan it takes the batch's plan (gpu_metadata) as an extra argument,
-    as every layer after the first does in a model that shares one plan per step."""
+    as every layer after the first does in a model that shares one plan per step. kv_layout "hnd": the
+    pools passed are head-major ([num_pages, num_kv_heads, page_size, head_dim])."""
     if shared_plan:
 
         def g(q, k, v, kvl, pt, cu, ns, plan):
             return pallas_gpu.ragged_paged_attention_gpu(
-                q, k, v, kvl, pt, cu, ns, sm_scale=sm_scale, metadata=plan, interpret=INTERPRET
+                q,
+                k,
+                v,
+                kvl,
+                pt,
+                cu,
+                ns,
+                sm_scale=sm_scale,
+                metadata=plan,
+                interpret=INTERPRET,
+                kv_layout=kv_layout,
             )
 
         return g
 
     def f(q, k, v, kvl, pt, cu, ns):
         return pallas_gpu.ragged_paged_attention_gpu(
-            q, k, v, kvl, pt, cu, ns, sm_scale=sm_scale, config=config, interpret=INTERPRET
+            q,
+            k,
+            v,
+            kvl,
+            pt,
+            cu,
+            ns,
+            sm_scale=sm_scale,
+            config=config,
+            interpret=INTERPRET,
+            kv_layout=kv_layout,
         )
 
     return f
 
 
-def plan_for(ins, config=None):
+def plan_for(ins, config=None, kv_layout="nhd"):
     q, k, _v, kvl, pt, cu, ns = ins
-    return jax.block_until_ready(pallas_gpu.gpu_metadata(q, k, kvl, pt, cu, ns, config=config))
+    return jax.block_until_ready(
+        pallas_gpu.gpu_metadata(q, k, kvl, pt, cu, ns, config=config, kv_layout=kv_layout)
+    )
+
+
+def head_major(ins):
+    """decode_inputs with head-major K/V pools (kv_layout "hnd")."""
+    q, k, v, *rest = ins
+    return (q, jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3)), *rest)
 
 
 def plan_only_fn(config=None):
@@ -579,14 +613,16 @@ def pct(nbytes, t):
     return f"{100 * nbytes / t / HBM_READ_BW:.0f}%" if isinstance(t, float) and t > 0 else "-"
 
 
-def cfg_str(c):
-    """rows/block_kv/splits/warps/stages[/hf][/pf][/hN][/la]: the --sweep-configs syntax."""
+def cfg_str(c, kv_layout="nhd"):
+    """rows/block_kv/splits/warps/stages[/hf][/pf][/hN][/la][/iN][/hnd]: the --sweep-configs syntax."""
     c = c if isinstance(c, dict) else dataclasses.asdict(c)
     heads = c.get("kv_heads", 1)
+    items = c.get("items", 1)
     return (
         f"{c['block_rows']}/{c['block_kv']}/{c['num_splits']}/{c['num_warps']}/{c['num_stages']}"
         f"{'/hf' if c.get('heads_fastest') else ''}{'/pf' if c.get('prefetch') else ''}"
         f"{f'/h{heads}' if heads > 1 else ''}{'/la' if c.get('page_lookahead') else ''}"
+        f"{f'/i{items}' if items > 1 else ''}{'/hnd' if kv_layout == 'hnd' else ''}"
     )
 
 
@@ -604,30 +640,38 @@ def prior_decode_config(b, hq, hkv, d, page, pages_per_seq, itemsize, num_sms=No
 
 
 def parse_cfg(spec, *, b, hq, hkv, d, page, pages_per_seq):
-    """'rows/block_kv/splits/warps/stages[/hf][/pf][/hN][/la]' -> GpuConfig; splits 'a' = decode_splits'."""
+    """'rows/block_kv/splits/warps/stages[/hf][/pf][/hN][/la][/iN|/ia][/hnd]' -> (GpuConfig, kv_layout);
+    splits 'a' = decode_splits', items 'ia' = decode_items'."""
     parts = spec.split("/")
     rows, bkv, splits, warps, stages = parts[:5]
     flags = parts[5:]
-    heads = 1
+    heads, items = 1, 1
     for f in flags:
         if f.startswith("h") and f[1:].isdigit():
             heads = int(f[1:])
+        if f.startswith("i") and f[1:].isdigit():
+            items = int(f[1:])
+    if "ia" in flags:
+        block_q = max(1, max(16, int(rows)) // (heads * pallas_gpu.common.next_pow2(hq // hkv)))
+        items = pallas_gpu.decode_items(pallas_gpu.common.num_work_items(b, b, block_q), hkv // heads)
     if splits == "a":
         block_q = max(1, max(16, int(rows)) // (heads * pallas_gpu.common.next_pow2(hq // hkv)))
         num_work = pallas_gpu.common.num_work_items(b, b, block_q)
         max_blocks = pallas_gpu.common.cdiv(pages_per_seq * page, int(bkv))
         splits = pallas_gpu.decode_splits(num_work * (hkv // heads), max_blocks)
-    return GpuConfig(
+    cfg = GpuConfig(
         block_rows=int(rows),
         block_kv=int(bkv),
-        num_splits=int(splits),
+        num_splits=1 if items > 1 else int(splits),
         num_warps=int(warps),
         num_stages=int(stages),
         heads_fastest="hf" in flags,
         prefetch="pf" in flags,
         kv_heads=heads,
         page_lookahead="la" in flags,
+        items=items,
     )
+    return cfg, ("hnd" if "hnd" in flags else "nhd")
 
 
 SWEEP_POINTS = (
@@ -691,27 +735,32 @@ def run_sweep(args):
             log(f"# sweep: time budget spent, skipping {point} and after")
             break
         shape, bc = point.split(":")
+        page = args.page_size
+        if "@" in bc:  # "1b:32x1024@32": page size 32 at this point
+            bc, page = bc.split("@")
+            page = int(page)
         b, ctx = (int(x) for x in bc.split("x"))
         hq, hkv, d = SHAPES[shape]
         sm = 1.0 / math.sqrt(d)
-        ins = decode_inputs(key, b, ctx, hq, hkv, d, args.page_size, dtype)
+        ins = decode_inputs(key, b, ctx, hq, hkv, d, page, dtype)
         q, pt = ins[0], ins[4]
         nbytes = kv_bytes(b, ctx, hkv, d, dtype)
         it = iters_for(nbytes / 2.0e12 + 4e-6)
         specs = args.sweep_configs.split(",") if args.sweep_configs else SWEEP_CONFIGS[d]
         default = pallas_gpu.config_for(q, ins[1], pt)
-        cfgs = {"default": default}
+        cfgs = {"default": (default, "nhd")}
         for spec in specs:
             if ":" in spec:  # "head_dim:tiling" applies to that head_dim only
                 only_d, spec = spec.split(":")
                 if int(only_d) != d:
                     continue
-            cfgs[spec] = parse_cfg(
-                spec, b=b, hq=hq, hkv=hkv, d=d, page=args.page_size, pages_per_seq=pt.shape[1]
-            )
+            cfgs[spec] = parse_cfg(spec, b=b, hq=hq, hkv=hkv, d=d, page=page, pages_per_seq=pt.shape[1])
+        ins_hm = head_major(ins) if any(lay == "hnd" for _, lay in cfgs.values()) else None
         jobs = [("plan", plan_only_fn(), q, ins[1:], it)]
-        for spec, cfg in cfgs.items():
-            jobs.append(((spec, cfg), pallas_fn(sm, shared_plan=True), q, (*ins[1:], plan_for(ins, cfg)), it))
+        for spec, (cfg, lay) in cfgs.items():
+            ins_ = ins_hm if lay == "hnd" else ins
+            fn = pallas_fn(sm, shared_plan=True, kv_layout=lay)
+            jobs.append(((spec, cfg), fn, q, (*ins_[1:], plan_for(ins_, cfg, lay)), it))
         # Every tiling's output is checked against XLA dense attention (f32 softmax) on the same K/V.
         kd = ins[1][pt].reshape(b, -1, hkv, d)[:, :ctx]
         vd = ins[2][pt].reshape(b, -1, hkv, d)[:, :ctx]
@@ -738,7 +787,7 @@ def run_sweep(args):
                 dict(
                     err=err,
                     spec=k_,
-                    config=cfg_str(cfg),
+                    config=cfg_str(cfg, cfgs[k_][1]),
                     call=v_ if not isinstance(v_, Exception) else short_err(v_),
                     kernel=kern,
                 )
@@ -747,7 +796,7 @@ def run_sweep(args):
         bad = [r for r in rows if not isinstance(r["call"], float)]
         plan_t = res["plan"] if isinstance(res["plan"], float) else float("nan")
         log(
-            f"\n### sweep {shape} B={b} ctx={ctx} ({nbytes / 1e6:.0f} MB KV; plan alone {fmt_t(plan_t)} µs; "
+            f"\n### sweep {shape} B={b} ctx={ctx} page={page} ({nbytes / 1e6:.0f} MB KV; plan alone {fmt_t(plan_t)} µs; "
             f"{time.time() - t0:.0f} s)\n| tiling | call µs | % | kernel µs | % | rel err |\n| --- | --- | --- | --- | --- | --- |"
         )
         for r in ok:
@@ -758,11 +807,11 @@ def run_sweep(args):
             )
         for r in bad:
             log(f"| {r['config']} | FAIL {r['call'][:150]} | | | | {r['err']:.1e} |")
-        results.append(dict(shape=shape, b=b, ctx=ctx, bytes=nbytes, plan=plan_t, rows=rows))
+        results.append(dict(shape=shape, b=b, ctx=ctx, page=page, bytes=nbytes, plan=plan_t, rows=rows))
         if args.json:
             with open(args.json + ".sweep.json", "w") as f:
                 json.dump(results, f, indent=1, default=str)
-        del ins, jobs, res
+        del ins, ins_hm, jobs, res
     return results
 
 
@@ -1027,6 +1076,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="CPU interpret-mode self test (tiny)")
     p.add_argument("--check", action="store_true")
+    p.add_argument("--check-kinds", default="mixed,decode", help="--check: batch kinds to run")
+    p.add_argument("--check-sample", type=int, default=1, help="--check: run every N-th configuration")
     p.add_argument("--tune", action="store_true")
     p.add_argument("--decode", action="store_true")
     p.add_argument("--prefill", action="store_true")

@@ -42,6 +42,20 @@ from jaxrt.kernels.reference import MASK_VALUE
 LOG2E = math.log2(math.e)
 _KV_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 _DEFAULT_NUM_SMS = 132  # H100 SXM
+# K/V pool layouts the kernel reads. "nhd" [num_pages, page_size, num_kv_heads, head_dim] is the layout of
+# the public API (write_kv, the reference, the models). "hnd" [num_pages, num_kv_heads, page_size, head_dim]
+# (one kv head's page contiguous) is accepted by ``ragged_paged_attention_gpu(kv_layout="hnd")`` only, to
+# measure what a head-major pool would gain (benchmarks/bench_kernels.py); it always runs one kv head per
+# program.
+KV_LAYOUTS = ("nhd", "hnd")
+
+
+def pool_dims(k_shape, kv_layout: str = "nhd") -> tuple[int, int, int, int]:
+    """(num_pages, page_size, num_kv_heads, head_dim) of a K/V pool of shape ``k_shape``."""
+    if kv_layout not in KV_LAYOUTS:
+        raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
+    num_pages, a, b, head_dim = k_shape
+    return (num_pages, a, b, head_dim) if kv_layout == "nhd" else (num_pages, b, a, head_dim)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +87,10 @@ class GpuConfig:
     prefetch: bool = False  # issue block b+1's loads before block b's math (tiles carried in registers)
     kv_heads: int = 1
     page_lookahead: bool = False  # with prefetch: read block b+2's page ids while block b+1's K/V load
+    # Decode: work items per program (> 1 needs direct q / out tiles and prefetch; no split-K). A program
+    # walks its items' kv blocks as one stream, so the next item's first loads overlap the current item's
+    # last block instead of each program paying its own start-up latency.
+    items: int = 1
 
 
 # What benchmarks/bench_kernels.py --check compiled and ran correctly on an H100 (jax 0.11.2, Triton path):
@@ -83,7 +101,9 @@ VALIDATED_PAGE_SIZES = (16, 32, 64, 128)
 VALIDATED_KV_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 
 
-def supports(q_shape, k_shape, kv_dtype, *, validated_only: bool = True) -> str | None:
+def supports(
+    q_shape, k_shape, kv_dtype, *, validated_only: bool = True, kv_layout: str = "nhd"
+) -> str | None:
     """None if the kernel takes these shapes, else the reason it falls back to the reference.
 
     validated_only: also require head_dim / page_size / dtype validated on a GPU (the backend's setting);
@@ -91,7 +111,7 @@ def supports(q_shape, k_shape, kv_dtype, *, validated_only: bool = True) -> str 
     f32), e.g. for interpret-mode tests of other shapes.
     """
     _, _, head_dim = q_shape
-    _, page_size, _, _ = k_shape
+    _, page_size, _, _ = pool_dims(k_shape, kv_layout)
     if not common.is_pow2(head_dim) or head_dim < 16:
         return f"head_dim {head_dim} is not a power of two >= 16"
     if not common.is_pow2(page_size):
@@ -129,6 +149,16 @@ def decode_splits(programs: int, max_blocks: int, num_sms: int | None = None) ->
     return splits
 
 
+def decode_items(num_work: int, groups: int, num_sms: int | None = None) -> int:
+    """Work items per program for a split-free decode grid: the smallest power of two that brings the grid
+    (``num_work / items * groups`` programs) within two programs per SM."""
+    target = 2 * (num_sms or _num_sms())
+    items = 1
+    while common.cdiv(num_work, items) * groups > target and items < 16:
+        items *= 2
+    return items
+
+
 def default_config(
     *,
     num_tokens: int,
@@ -140,6 +170,7 @@ def default_config(
     pages_per_seq: int,
     itemsize: int = 2,
     num_sms: int | None = None,
+    kv_layout: str = "nhd",
 ) -> GpuConfig:
     """Heuristic tiling from static shapes.
 
@@ -156,7 +187,8 @@ def default_config(
         heads = 1
         num_work = common.num_work_items(num_tokens, max_num_seqs, 16 // min(16, group_pad))
         if (
-            head_dim * itemsize <= 128
+            kv_layout == "nhd"  # a head-major pool runs one kv head per program
+            and head_dim * itemsize <= 128
             and group == group_pad
             and 2 * group_pad <= 16
             and num_kv_heads % 2 == 0
@@ -196,10 +228,10 @@ def default_config(
     )
 
 
-def config_for(q, k_pages, page_indices) -> GpuConfig:
+def config_for(q, k_pages, page_indices, kv_layout: str = "nhd") -> GpuConfig:
     """The default tiling for these operands (anything with .shape / .dtype)."""
     num_tokens, num_q_heads, head_dim = q.shape
-    _, page_size, num_kv_heads, _ = k_pages.shape
+    _, page_size, num_kv_heads, _ = pool_dims(k_pages.shape, kv_layout)
     max_num_seqs, pages_per_seq = page_indices.shape
     return default_config(
         num_tokens=num_tokens,
@@ -210,6 +242,7 @@ def config_for(q, k_pages, page_indices) -> GpuConfig:
         page_size=page_size,
         pages_per_seq=pages_per_seq,
         itemsize=jnp.dtype(k_pages.dtype).itemsize,
+        kv_layout=kv_layout,
     )
 
 
@@ -227,18 +260,29 @@ class _Tiling:
     pages_per_blk: int
     num_splits: int
     pt_cols: int  # page-table columns after padding to whole kv blocks
+    items: int  # work items per program
 
 
-def _tiling(config: GpuConfig, num_q_heads: int, num_kv_heads: int, page_size: int, pages_per_seq: int):
+def _tiling(
+    config: GpuConfig,
+    num_q_heads: int,
+    num_kv_heads: int,
+    page_size: int,
+    pages_per_seq: int,
+    kv_layout: str = "nhd",
+):
     group = num_q_heads // num_kv_heads
     group_pad = common.next_pow2(group)
     direct = group == group_pad
     heads = int(config.kv_heads)
-    if not (direct and common.is_pow2(heads) and num_kv_heads % heads == 0):
+    if kv_layout != "nhd" or not (direct and common.is_pow2(heads) and num_kv_heads % heads == 0):
         heads = 1  # several heads per program need direct q / out tiles and whole head groups
     rows = max(16, common.next_pow2(config.block_rows), heads * group_pad)
     block_kv = max(common.next_pow2(config.block_kv), 16)
     pages_per_blk = max(1, block_kv // page_size)
+    items = max(1, int(config.items))
+    if not (direct and config.prefetch):
+        items = 1  # the multi-item stream needs direct q / out tiles and the prefetch pipeline
     return _Tiling(
         group=group,
         group_pad=group_pad,
@@ -248,8 +292,9 @@ def _tiling(config: GpuConfig, num_q_heads: int, num_kv_heads: int, page_size: i
         block_q=rows // (heads * group_pad),
         block_kv=block_kv,
         pages_per_blk=pages_per_blk,
-        num_splits=max(1, int(config.num_splits)),
+        num_splits=1 if items > 1 else max(1, int(config.num_splits)),
         pt_cols=common.cdiv(pages_per_seq, pages_per_blk) * pages_per_blk,
+        items=items,
     )
 
 
@@ -270,25 +315,34 @@ class GpuPlan:
     page_table: jax.Array  # [max_num_seqs, pt_cols] int32
 
 
-def _plan_key(q, k_pages, page_indices) -> tuple:
+def _plan_key(q, k_pages, page_indices, kv_layout: str = "nhd") -> tuple:
     return (
         tuple(q.shape),
         tuple(k_pages.shape[1:]),
         str(jnp.dtype(k_pages.dtype)),
         tuple(page_indices.shape),
+        kv_layout,
     )
 
 
 def gpu_metadata(
-    q, k_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, config: GpuConfig | None = None
+    q,
+    k_pages,
+    kv_lens,
+    page_indices,
+    cu_q_lens,
+    num_seqs,
+    *,
+    config: GpuConfig | None = None,
+    kv_layout: str = "nhd",
 ) -> GpuPlan:
     """Plan a batch for ``ragged_paged_attention_gpu`` (q, k_pages: arrays or shape/dtype structs)."""
     num_tokens, num_q_heads, _ = q.shape
-    _, page_size, num_kv_heads, _ = k_pages.shape
+    _, page_size, num_kv_heads, _ = pool_dims(k_pages.shape, kv_layout)
     max_num_seqs, pages_per_seq = page_indices.shape
     if config is None:
-        config = config_for(q, k_pages, page_indices)
-    t = _tiling(config, num_q_heads, num_kv_heads, page_size, pages_per_seq)
+        config = config_for(q, k_pages, page_indices, kv_layout)
+    t = _tiling(config, num_q_heads, num_kv_heads, page_size, pages_per_seq, kv_layout)
     work = common.make_plan(
         num_tokens=num_tokens,
         num_q_heads=num_q_heads,
@@ -301,10 +355,17 @@ def gpu_metadata(
         sliding_window=None,
         token_map=not t.direct,
     )
+    if t.items > 1 and work.num_work % t.items:
+        # Whole programs of t.items work items; the added items are empty (no rows, nothing to write).
+        extra = t.items - work.num_work % t.items
+        work = dataclasses.replace(
+            work, meta=jnp.pad(work.meta, ((0, extra), (0, 0))), num_work=work.num_work + extra
+        )
     pt = page_indices
     if t.pt_cols != pages_per_seq:
         pt = jnp.pad(pt, ((0, 0), (0, t.pt_cols - pages_per_seq)))
-    return GpuPlan(config=config, key=_plan_key(q, k_pages, page_indices), work=work, page_table=pt)
+    key = _plan_key(q, k_pages, page_indices, kv_layout)
+    return GpuPlan(config=config, key=key, work=work, page_table=pt)
 
 
 def _kernel(
@@ -377,10 +438,7 @@ def _kernel(
     else:
         q = q_ref[...]
     if heads > 1:
-        row_head = lax.rem(lax.div(lax.broadcasted_iota(jnp.int32, (rows, heads, 1), 0), group_pad), heads)
-        on_diag = row_head == lax.broadcasted_iota(jnp.int32, (rows, heads, 1), 1)  # [rows, heads, 1]
-        q = jnp.where(on_diag, q.reshape(rows, 1, head_dim), jnp.zeros_like(q).reshape(rows, 1, head_dim))
-        q = q.reshape(rows, width)
+        q, on_diag = _block_diag(q, rows, heads, group_pad, head_dim)
     q_pos = first_pos + lax.div(lax.broadcasted_iota(jnp.int32, (rows,), 0), heads * group_pad)
     # Scores are kept in base 2: s2 = log2(e) * s.
     s_scale = sm_scale * LOG2E if soft_cap is None else sm_scale / soft_cap
@@ -402,35 +460,19 @@ def _kernel(
         return fetch(b, lookup(b))
 
     def compute(b, k, v, carry, masked):
-        m_prev, l_prev, acc_prev = carry
-        s = lax.dot_general(
-            q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
-        )
-        s = s * s_scale
-        if soft_cap is not None:
-            s = jnp.tanh(s) * (soft_cap * LOG2E)
-        if masked:
-            k_pos = b * block_kv + lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
-            mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < kv_len)
-            if sliding_window is not None:
-                mask = mask & (k_pos[None, :] > q_pos[:, None] - sliding_window)
-            s = jnp.where(mask, s, MASK_VALUE)
-        m_next = jnp.maximum(m_prev, s.max(axis=1))
-        alpha = jnp.exp2(m_prev - m_next)
-        p = jnp.exp2(s - m_next[:, None])
-        if masked:
-            p = jnp.where(mask, p, 0.0)
-            # Slots past kv_len may hold anything (stale or never-written pages): keep them out of p @ v.
-            v = jnp.where((k_pos < kv_len)[:, None], v, jnp.zeros_like(v))
-        l_next = alpha * l_prev + p.sum(axis=1)
-        pv = lax.dot_general(
-            p.astype(v.dtype),
+        return _softmax_step(
+            q,
+            k,
             v,
-            (((1,), (0,)), ((), ())),
+            carry,
+            b * block_kv if masked else None,
+            q_pos,
+            kv_len,
+            s_scale=s_scale,
+            soft_cap=soft_cap,
+            sliding_window=sliding_window,
             precision=precision,
-            preferred_element_type=jnp.float32,
         )
-        return m_next, l_next, alpha[:, None] * acc_prev + pv
 
     last = jnp.maximum(b1 - 1, 0)
 
@@ -499,6 +541,209 @@ def _kernel(
             ref[...] = val
 
 
+def _softmax_step(q, k, v, carry, k_start, q_pos, kv_len, *, s_scale, soft_cap, sliding_window, precision):
+    """One online-softmax step (base 2) of a ``[rows, width]`` query tile over one ``[block_kv, width]``
+    K/V tile. k_start: absolute position of the tile's first key, or None for a tile every query row sees
+    in full (no masking)."""
+    m_prev, l_prev, acc_prev = carry
+    block_kv = k.shape[0]
+    s = lax.dot_general(
+        q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+    )
+    s = s * s_scale
+    if soft_cap is not None:
+        s = jnp.tanh(s) * (soft_cap * LOG2E)
+    if k_start is not None:
+        k_pos = k_start + lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
+        mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < kv_len)
+        if sliding_window is not None:
+            mask = mask & (k_pos[None, :] > q_pos[:, None] - sliding_window)
+        s = jnp.where(mask, s, MASK_VALUE)
+    m_next = jnp.maximum(m_prev, s.max(axis=1))
+    alpha = jnp.exp2(m_prev - m_next)
+    p = jnp.exp2(s - m_next[:, None])
+    if k_start is not None:
+        p = jnp.where(mask, p, 0.0)
+        # Slots past kv_len may hold anything (stale or never-written pages): keep them out of p @ v.
+        v = jnp.where((k_pos < kv_len)[:, None], v, jnp.zeros_like(v))
+    l_next = alpha * l_prev + p.sum(axis=1)
+    pv = lax.dot_general(
+        p.astype(v.dtype),
+        v,
+        (((1,), (0,)), ((), ())),
+        precision=precision,
+        preferred_element_type=jnp.float32,
+    )
+    return m_next, l_next, alpha[:, None] * acc_prev + pv
+
+
+def _block_diag(q, rows: int, heads: int, group_pad: int, head_dim: int):
+    """[rows, head_dim] -> [rows, heads * head_dim]: row r (kv head j = (r // group_pad) % heads) keeps its q
+    in column block j, zeros elsewhere; also returns the [rows, heads, 1] diagonal mask."""
+    row_head = lax.rem(lax.div(lax.broadcasted_iota(jnp.int32, (rows, heads, 1), 0), group_pad), heads)
+    on_diag = row_head == lax.broadcasted_iota(jnp.int32, (rows, heads, 1), 1)
+    q = jnp.where(on_diag, q.reshape(rows, 1, head_dim), jnp.zeros_like(q).reshape(rows, 1, head_dim))
+    return q.reshape(rows, heads * head_dim), on_diag
+
+
+def _multi_item_kernel(
+    meta_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    pt_ref,
+    o_ref,
+    *,
+    sm_scale: float,
+    soft_cap: float | None,
+    sliding_window: int | None,
+    t: _Tiling,
+    page_size: int,
+    num_pages: int,
+    heads_fastest: bool,
+    precision,
+):
+    """One program: ``t.items`` consecutive work items (direct q / out tiles), ``t.heads`` kv heads.
+
+    The items' kv blocks form one stream ``g = 0 .. total - 1`` (item k owns ``[cum[k-1], cum[k])``); the
+    software prefetch (K/V and q of position g + 1, page ids of g + 2) runs across item boundaries, and at
+    an item's last block its output is normalised, stored, and the softmax state reset. Every block is
+    masked (decode blocks are nearly all unmasked, but masking costs a few selects per tile, not bytes).
+    ``meta_ref`` is the whole ``[num_work, META_COLS]`` table, padded to a multiple of ``t.items``.
+    """
+    head_dim = k_ref.shape[-1]
+    n_items, rows, heads, block_q, block_kv = t.items, t.rows, t.heads, t.block_q, t.block_kv
+    group, group_pad, pages_per_blk = t.group, t.group_pad, t.pages_per_blk
+    blocks_per_page = max(1, page_size // block_kv)
+    width = heads * head_dim
+    pt_cols = pt_ref.shape[1]
+    hg = pl.program_id(0) if heads_fastest else pl.program_id(1)
+    w0 = (pl.program_id(1) if heads_fastest else pl.program_id(0)) * n_items
+    cols = {
+        c: [meta_ref[w0 + i, c] for i in range(n_items)]
+        for c in (
+            common.META_SEQ,
+            common.META_FIRST_POS,
+            common.META_NROWS,
+            common.META_KV_LEN,
+            common.META_HI_BLK,
+            common.META_Q_START,
+            common.META_OUT_ROWS,
+        )
+    }
+    hi = cols[common.META_HI_BLK]
+    if sliding_window is None:
+        lo = [jnp.zeros_like(h) for h in hi]
+    else:
+        lo = [
+            jnp.minimum(jnp.maximum(f - sliding_window + 1, 0) // block_kv, h)
+            for f, h in zip(cols[common.META_FIRST_POS], hi, strict=True)
+        ]
+    count = [jnp.maximum(h - l_, 0) for h, l_ in zip(hi, lo, strict=True)]
+    ends, acc_ = [], 0
+    for c in count:
+        acc_ = acc_ + c
+        ends.append(acc_)  # inclusive prefix sums: item i owns stream positions [ends[i-1], ends[i])
+    total = ends[-1]
+    starts = [e - c for e, c in zip(ends, count, strict=True)]
+    last_g = jnp.maximum(total - 1, 0)
+
+    def sel(vals, i):  # vals[i] for a traced item index i
+        out = vals[-1]
+        for j in range(n_items - 2, -1, -1):
+            out = jnp.where(i == j, vals[j], out)
+        return out
+
+    def locate(g):  # (item, kv block) of stream position g (clamped into the stream)
+        g = jnp.minimum(g, last_g)
+        i = sum((g >= ends[j]).astype(jnp.int32) for j in range(n_items - 1)) if n_items > 1 else 0
+        return i, sel(lo, i) + g - sel(starts, i)
+
+    def lookup(g):
+        i, b = locate(g)
+        seq = sel(cols[common.META_SEQ], i)
+        if block_kv >= page_size:
+            start = jnp.minimum(b * pages_per_blk, pt_cols - pages_per_blk)
+            return jnp.clip(pt_ref[seq, pl.ds(start, pages_per_blk)], 0, num_pages - 1)
+        return jnp.clip(pt_ref[seq, jnp.minimum(lax.div(b, blocks_per_page), pt_cols - 1)], 0, num_pages - 1)
+
+    q_cols = pl.ds(hg * heads * group, heads * group)
+    tok = lax.broadcasted_iota(jnp.int32, (block_q, 1, 1), 0)
+
+    def fetch(g, pages):  # K, V tiles and the raw q tile of stream position g
+        i, b = locate(g)
+        if block_kv >= page_size:
+            k = k_ref[pages].reshape(block_kv, width)
+            v = v_ref[pages].reshape(block_kv, width)
+        else:
+            off = lax.rem(b, blocks_per_page) * block_kv
+            k = k_ref[pages, pl.ds(off, block_kv)].reshape(block_kv, width)
+            v = v_ref[pages, pl.ds(off, block_kv)].reshape(block_kv, width)
+        q_start, nrows = sel(cols[common.META_Q_START], i), sel(cols[common.META_NROWS], i)
+        q = pltriton.load(q_ref.at[pl.ds(q_start, block_q), q_cols, :], mask=tok < nrows, other=0)
+        return k, v, q.reshape(rows, head_dim)
+
+    s_scale = sm_scale * LOG2E if soft_cap is None else sm_scale / soft_cap
+    row_tok = lax.div(lax.broadcasted_iota(jnp.int32, (rows,), 0), heads * group_pad)
+    init = (
+        jnp.full((rows,), MASK_VALUE, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+        jnp.zeros((rows, width), jnp.float32),
+    )
+
+    def store(i, val, ok):
+        val = val.astype(o_ref.dtype).reshape(block_q, heads * group, head_dim)
+        q_start = (
+            sel(cols[common.META_Q_START], i) if not isinstance(i, int) else cols[common.META_Q_START][i]
+        )
+        pltriton.store(o_ref.at[pl.ds(q_start, block_q), q_cols], val, mask=ok.reshape(block_q, 1, 1))
+
+    def body(g, c):
+        (k, v, q), pages, state = c
+        nxt = fetch(g + 1, pages)
+        pages_next = lookup(g + 2)
+        i, b = locate(g)
+        qd, on_diag = _block_diag(q, rows, heads, group_pad, head_dim) if heads > 1 else (q, None)
+        q_pos = sel(cols[common.META_FIRST_POS], i) + row_tok
+        state = _softmax_step(
+            qd,
+            k,
+            v,
+            state,
+            b * block_kv,
+            q_pos,
+            sel(cols[common.META_KV_LEN], i),
+            s_scale=s_scale,
+            soft_cap=soft_cap,
+            sliding_window=sliding_window,
+            precision=precision,
+        )
+        m, l, acc = state
+        is_last = g == sel(ends, i) - 1
+
+        @pl.when(is_last)
+        def _():
+            o = acc
+            if heads > 1:  # keep each row's own head's column block
+                o = jnp.where(on_diag, o.reshape(rows, heads, head_dim), 0.0).sum(axis=1)
+            o = o / jnp.where(l == 0.0, 1.0, l)[:, None]
+            ok = lax.broadcasted_iota(jnp.int32, (block_q, 1), 0) < sel(cols[common.META_OUT_ROWS], i)
+            store(i, o, ok)
+
+        state = tuple(jnp.where(is_last, a, b_) for a, b_ in zip(init, state, strict=True))
+        return nxt, pages_next, state
+
+    carry = (fetch(0, lookup(0)), lookup(1), init)
+    lax.fori_loop(0, total, body, carry)
+    # Items with no kv block (empty work items covering padding rows) write zeros.
+    zeros = jnp.zeros((rows, head_dim), jnp.float32)
+    for i in range(n_items):
+        ok = (lax.broadcasted_iota(jnp.int32, (block_q, 1), 0) < cols[common.META_OUT_ROWS][i]) & (
+            count[i] == 0
+        )
+        store(i, zeros, ok)
+
+
 def ragged_paged_attention_gpu(
     q: jax.Array,
     k_pages: jax.Array,
@@ -515,6 +760,7 @@ def ragged_paged_attention_gpu(
     metadata: GpuPlan | None = None,
     config: GpuConfig | None = None,
     validated_only: bool = True,
+    kv_layout: str = "nhd",
 ) -> jax.Array:
     """The "pallas_gpu" backend (signature of the reference plus ``interpret`` and ``metadata``).
 
@@ -522,16 +768,23 @@ def ragged_paged_attention_gpu(
     ``default_config`` from the static shapes; must match the metadata's when both are given).
     validated_only: refuse head_dim / page_size / dtype not validated on a GPU (see ``supports``);
     ``ragged_paged_attention`` sends such calls to the reference before they get here.
+    kv_layout: "nhd" (the API's pool layout) or "hnd" (head-major pools ``[num_pages, num_kv_heads,
+    page_size, head_dim]``, benchmarks only; see ``KV_LAYOUTS``).
     """
-    reason = supports(q.shape, k_pages.shape, k_pages.dtype, validated_only=validated_only)
+    reason = supports(
+        q.shape, k_pages.shape, k_pages.dtype, validated_only=validated_only, kv_layout=kv_layout
+    )
     if reason is not None:
         raise ValueError(f"pallas_gpu cannot run this call: {reason}")
+    key = _plan_key(q, k_pages, page_indices, kv_layout)
     if metadata is None:
-        metadata = gpu_metadata(q, k_pages, kv_lens, page_indices, cu_q_lens, num_seqs, config=config)
-    elif metadata.key != _plan_key(q, k_pages, page_indices) or config not in (None, metadata.config):
+        metadata = gpu_metadata(
+            q, k_pages, kv_lens, page_indices, cu_q_lens, num_seqs, config=config, kv_layout=kv_layout
+        )
+    elif metadata.key != key or config not in (None, metadata.config):
         raise ValueError(
             f"metadata was made for shapes {metadata.key} and tiling {metadata.config}, not for "
-            f"{_plan_key(q, k_pages, page_indices)} and {config}"
+            f"{key} and {config}"
         )
     return _gpu_call(
         q,
@@ -542,16 +795,21 @@ def ragged_paged_attention_gpu(
         sliding_window=None if sliding_window is None else int(sliding_window),
         soft_cap=None if soft_cap is None else float(soft_cap),
         interpret=interpret,
+        kv_layout=kv_layout,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "interpret"))
-def _gpu_call(q, k_pages, v_pages, plan: GpuPlan, *, sm_scale, sliding_window, soft_cap, interpret):
+@functools.partial(
+    jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "interpret", "kv_layout")
+)
+def _gpu_call(
+    q, k_pages, v_pages, plan: GpuPlan, *, sm_scale, sliding_window, soft_cap, interpret, kv_layout
+):
     num_tokens, num_q_heads, head_dim = q.shape
-    num_pages, page_size, num_kv_heads, _ = k_pages.shape
+    num_pages, page_size, num_kv_heads, _ = pool_dims(k_pages.shape, kv_layout)
     max_num_seqs, pages_per_seq = plan.page_table.shape
     config = plan.config
-    t = _tiling(config, num_q_heads, num_kv_heads, page_size, pages_per_seq)
+    t = _tiling(config, num_q_heads, num_kv_heads, page_size, pages_per_seq, kv_layout)
     work, rows, num_splits = plan.work, t.rows, t.num_splits
     kv_dtype = k_pages.dtype
     if jnp.dtype(kv_dtype) == jnp.float32:
@@ -559,8 +817,7 @@ def _gpu_call(q, k_pages, v_pages, plan: GpuPlan, *, sm_scale, sliding_window, s
         precision = lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
     else:
         precision = None
-    kernel = functools.partial(
-        _kernel,
+    common_kw = dict(
         sm_scale=sm_scale,
         soft_cap=soft_cap,
         sliding_window=sliding_window,
@@ -568,11 +825,19 @@ def _gpu_call(q, k_pages, v_pages, plan: GpuPlan, *, sm_scale, sliding_window, s
         page_size=page_size,
         num_pages=num_pages,
         heads_fastest=config.heads_fastest,
-        prefetch=config.prefetch,
-        page_lookahead=config.page_lookahead,
         precision=precision,
     )
+    if t.items > 1:
+        kernel = functools.partial(_multi_item_kernel, **common_kw)
+    else:
+        kernel = functools.partial(
+            _kernel, prefetch=config.prefetch, page_lookahead=config.page_lookahead, **common_kw
+        )
     num_work, num_groups = work.num_work, num_kv_heads // t.heads
+    meta_spec = (None, common.META_COLS), lambda w, h, s: (w, 0)
+    if t.items > 1:  # a program reads its t.items rows of the (padded) work table
+        num_work = num_work // t.items
+        meta_spec = (work.num_work, common.META_COLS), lambda w, h, s: (0, 0)
     if config.heads_fastest:
         grid = (num_groups, num_work, num_splits)
 
@@ -581,10 +846,13 @@ def _gpu_call(q, k_pages, v_pages, plan: GpuPlan, *, sm_scale, sliding_window, s
     else:
         grid = (num_work, num_groups, num_splits)
         spec = pl.BlockSpec
-    kv_block = (num_pages, page_size, None if t.heads == 1 else t.heads, head_dim)
-    kv_spec = spec(kv_block, lambda w, h, s: (0, 0, h, 0))
+    if kv_layout == "nhd":
+        kv_block = (num_pages, page_size, None if t.heads == 1 else t.heads, head_dim)
+        kv_spec = spec(kv_block, lambda w, h, s: (0, 0, h, 0))
+    else:  # one kv head's pages, [num_pages, page_size, head_dim] with contiguous pages
+        kv_spec = spec((num_pages, None, page_size, head_dim), lambda w, h, s: (0, h, 0, 0))
     in_specs = [
-        spec((None, common.META_COLS), lambda w, h, s: (w, 0)),
+        spec(*meta_spec),
         None,  # q, below
         kv_spec,
         kv_spec,
@@ -622,7 +890,7 @@ def _gpu_call(q, k_pages, v_pages, plan: GpuPlan, *, sm_scale, sliding_window, s
         out_shape=out_shape,
         compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
-        name=f"jaxrt_rpa_r{rows}_kv{t.block_kv}_h{t.heads}_s{num_splits}",
+        name=f"jaxrt_rpa_r{rows}_kv{t.block_kv}_h{t.heads}_s{num_splits}_i{t.items}_{kv_layout}",
     )(work.meta, q_in, k_pages, v_pages, plan.page_table)
     if t.direct:
         # Every row of the output, padding included, was written by some program (META_OUT_ROWS).

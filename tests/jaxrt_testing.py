@@ -118,11 +118,14 @@ def chunked_prefill_logits(
     num_pages = 64
     shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
     kv = [(jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.num_layers)]
+    # recurrent state (models with state_specs): slot i for prompt i, plus the scratch slot
+    kv += [jnp.zeros((len(prompts_ids) + 1, *s.shape), s.dtype) for s in cfg.state_specs]
     alloc = PageAllocator(num_pages)
     reqs = []
     for i, ids in enumerate(prompts_ids):
         r = Request(str(i), ids, SamplingParams(), seed=0)
         r.page_ids = alloc.alloc(-(-len(ids) // page_size))
+        r.state_slot = i
         reqs.append(r)
     logits = None
     for c in range(chunks):

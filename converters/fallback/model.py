@@ -248,13 +248,8 @@ class FallbackModel:
         """Trace the forward once abstractly: record every attention call, check the model is usable."""
         model_name = type(self.model).__name__
         mixers = adapted_mixers(self.model)
-        recurrent = _recurrent_modules(self.model, mixers)
-        if recurrent:
-            raise FallbackError(
-                f"{model_name} has recurrent / state-space layers ({', '.join(recurrent[:3])}"
-                f"{', ...' if len(recurrent) > 3 else ''}) whose per-request state jaxrt's paged KV pool cannot "
-                "hold; only attention layers are supported by the transformers fallback"
-            )
+        if not mixers:
+            _refuse_recurrent(self.model, [])
         indexers = [(n, m) for n, m in self.model.named_modules() if _INDEXER_MODULE.search(type(m).__name__)]
         if indexers:
             name, m = indexers[0]
@@ -296,6 +291,8 @@ class FallbackModel:
             )
         num_layers = getattr(self.model.config, "num_hidden_layers", None)
         if mixers:
+            # modules that called the attention interface are attention, whatever their class is called
+            _refuse_recurrent(self.model, mixers + [s.module for s in ctx.specs])
             _check_hybrid_layers(self.model, ctx.specs, mixers)
         elif isinstance(num_layers, int) and len(ctx.specs) < num_layers:
             called = {s.module for s in ctx.specs}
@@ -366,6 +363,16 @@ class FallbackModel:
                 f"{len(plan.states)} at build time"
             )
         return logits, [*ctx.kv_caches, *ctx.states]
+
+
+def _refuse_recurrent(model: Any, served: list[str]) -> None:
+    recurrent = _recurrent_modules(model, served)
+    if recurrent:
+        raise FallbackError(
+            f"{type(model).__name__} has recurrent / state-space layers ({', '.join(recurrent[:3])}"
+            f"{', ...' if len(recurrent) > 3 else ''}) whose per-request state jaxrt cannot keep: the transformers "
+            "fallback has no adapter for them"
+        )
 
 
 def _check_hybrid_layers(model: Any, specs: list[LayerSpec], mixers: list[str]) -> None:

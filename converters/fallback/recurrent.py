@@ -320,8 +320,9 @@ def _l2norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 
 def _gated_delta_rule(module: Any) -> Callable:
-    """Gated delta rule: ``(q/k [1, T, H, Dk], v [1, T, H, Dv], g/beta [1, T, H], ...)`` -> ``(o [1, T, H, Dv],
-    None)``; state ``[H, Dk, Dv]`` f32 per slot."""
+    """Gated delta rule: ``(q/k [1, T, H, Dk], v [1, T, H, Dv], g [1, T, H] (per head) or [1, T, H, Dk] (per key
+    channel: Kimi delta attention), beta [1, T, H], ...)`` -> ``(o [1, T, H, Dv], None)``; state ``[H, Dk, Dv]``
+    f32 per slot."""
 
     def gated_delta_rule(
         query,
@@ -355,7 +356,8 @@ def _gated_delta_rule(module: Any) -> Callable:
 
         def step(s, inp):
             q_t, k_t, v_t, g_t, b_t = inp
-            s = s * jnp.exp(g_t)[:, None, None]
+            decay = jnp.exp(g_t)
+            s = s * (decay[:, None, None] if decay.ndim == 1 else decay[:, :, None])
             kv_mem = jnp.sum(s * k_t[:, :, None], axis=1)
             delta = (v_t - kv_mem) * b_t[:, None]
             s = s + k_t[:, :, None] * delta[:, None, :]
@@ -395,6 +397,11 @@ _MAMBA = {
     "mamba_selective_scan": _mamba_selective_scan,
     "mamba_selective_state_update": _cached_path("mamba_selective_state_update"),
 }
+_KDA = {
+    **_CONV,
+    "chunk_kimi_delta_attention": _gated_delta_rule,
+    "recurrent_kimi_delta_attention": _cached_path("recurrent_kimi_delta_attention"),
+}
 _GDN = {
     **_CONV,
     "torch_chunk_gated_delta_rule": _gated_delta_rule,
@@ -419,6 +426,8 @@ MIXER_ADAPTERS: dict[str, dict[str, Callable[[Any], Callable]]] = {
     "Qwen3_5GatedDeltaNet": _GDN,
     "Qwen3_5MoeGatedDeltaNet": _GDN,
     "OlmoHybridGatedDeltaNet": _GDN,
+    "KimiLinearDeltaAttention": _KDA,
+    "InklingShortConvolution": _CONV,
 }
 
 

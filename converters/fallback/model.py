@@ -34,7 +34,7 @@ from jaxrt.converters.fallback.attention import (
     register_attention,
 )
 from jaxrt.converters.fallback.experts import EXPERTS_IMPLEMENTATION, register_experts
-from jaxrt.converters.fallback.recurrent import MIXER_ADAPTERS, install_mixer_adapters
+from jaxrt.converters.fallback.recurrent import MIXER_ADAPTERS, MIXER_FORWARDS, install_mixer_adapters
 from jaxrt.converters.fallback.torchax_compat import import_torchax
 from jaxrt.converters.fallback.weights import expected_tensors, jax_dtype, load_params, torch_to_jax
 
@@ -157,7 +157,8 @@ def adapted_mixers(model: Any) -> list[str]:
     return [
         name
         for name, m in model.named_modules()
-        if type(m).__name__ in MIXER_ADAPTERS and "forward" in m.__dict__
+        if (type(m).__name__ in MIXER_ADAPTERS or type(m).__name__ in MIXER_FORWARDS)
+        and "forward" in m.__dict__
     ]
 
 

@@ -370,6 +370,42 @@ def _gated_delta_rule(module: Any) -> Callable:
     return gated_delta_rule
 
 
+# ------------------------------------------------------------------------------- whole-forward adapters
+
+
+def _lightning_attention_forward(
+    self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs
+):
+    """MiniMax lightning attention (``MiniMaxLightningAttention``): linear attention with a per-head decay,
+    ``S_t = exp(-slope) S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t`` (what the layer's block form computes); the
+    layer's projections, norm and output gate run as written. State ``[H, D, D]`` f32 per slot."""
+    from torchax import interop
+
+    _single_batch(self, hidden_states=hidden_states)
+    ctx = _ctx_of(self)
+    b, t, _ = hidden_states.shape
+    qkv = self.act_fn(self.qkv_proj(hidden_states)).reshape(b, t, self.num_attention_heads, 3 * self.head_dim)
+    q, k, v = (interop.jax_view(x)[0] for x in qkv.split(self.head_dim, dim=3))  # [T, H, D]
+    out_dtype = v.dtype
+    decay = jnp.exp(-interop.jax_view(self.slope_rate).reshape(-1).astype(jnp.float32))  # [H]
+    spec = StateSpec((self.num_attention_heads, self.head_dim, self.head_dim), "float32")
+    index, pool = ctx.claim_state(self, spec)
+    layout = _layout(ctx)
+    init = _initial(pool, layout, spec.shape, jnp.float32)
+
+    def step(state, inp):
+        q_t, k_t, v_t = (x.astype(jnp.float32) for x in inp)
+        state = decay[:, None, None] * state + k_t[:, :, None] * v_t[:, None, :]
+        return state, jnp.sum(q_t[:, :, None] * state, axis=1)
+
+    o, finals = ragged_scan(step, init, (q, k, v), layout)
+    _store(ctx, index, pool, layout, finals)
+    out = interop.torch_view(o.astype(out_dtype).reshape(1, t, -1))
+    out = self.norm(out)
+    out = self.output_gate(hidden_states).sigmoid() * out
+    return self.out_proj(out), None
+
+
 def _cached_path(name: str) -> Callable[[Any], Callable]:
     """Stand-in for a cached-decode function: never reached with ``use_cache=False``; loud if it is."""
 
@@ -431,6 +467,12 @@ MIXER_ADAPTERS: dict[str, dict[str, Callable[[Any], Callable]]] = {
 }
 
 
+# mixer class name -> replacement forward (layers whose recurrence is inline in their forward)
+MIXER_FORWARDS: dict[str, Callable[..., Any]] = {
+    "MiniMaxLightningAttention": _lightning_attention_forward,
+}
+
+
 def _rebind(fn: Callable, overrides: dict[str, Any]) -> Callable:
     """``fn``'s code with some of its module globals replaced (a copy of the globals dict: the module itself,
     and every other model in the process, keep the originals)."""
@@ -447,8 +489,14 @@ def install_mixer_adapters(model: Any) -> list[str]:
     adapted = []
     for name, m in model.named_modules():
         cls = type(m)
+        if not cls.__module__.startswith("transformers.models."):
+            continue
+        if cls.__name__ in MIXER_FORWARDS:
+            m.__dict__["forward"] = types.MethodType(MIXER_FORWARDS[cls.__name__], m)
+            adapted.append(name)
+            continue
         table = MIXER_ADAPTERS.get(cls.__name__)
-        if table is None or not cls.__module__.startswith("transformers.models."):
+        if table is None:
             continue
         forward = inspect.unwrap(cls.forward)
         used = set(forward.__code__.co_names)

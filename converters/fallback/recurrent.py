@@ -458,6 +458,7 @@ MIXER_ADAPTERS: dict[str, dict[str, Callable[[Any], Callable]]] = {
     "MambaMixer": _MAMBA,
     "FalconMambaMixer": _MAMBA,
     "JambaMambaMixer": _MAMBA,
+    "ZambaMambaMixer": _MAMBA,  # one selective scan (one state array) per Mamba head
     "Qwen3NextGatedDeltaNet": _GDN,
     "Qwen3_5GatedDeltaNet": _GDN,
     "Qwen3_5MoeGatedDeltaNet": _GDN,

@@ -91,6 +91,7 @@ SPECIAL: dict[str, dict[str, Any]] = {
     "bamba": dict(attn_layer_indices=[1]),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1),
     "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),
+    "zamba": dict(num_hidden_layers=4),  # two hybrid layers: their shared transformer weights are tied
     "zaya": dict(num_experts_per_tok=1),
     "reformer": dict(is_decoder=True, axial_pos_shape=[16, 16], axial_pos_embds_dim=[32, 32]),
     "plbart": dict(encoder_attention_heads=4, decoder_attention_heads=4),

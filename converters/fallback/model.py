@@ -303,7 +303,8 @@ class FallbackModel:
                 "their KV cache"
             )
         _check_config_window(self.model, ctx.specs)
-        convs = sorted(called_convs)
+        # convolutions inside an adapted mixer run on per-token windows the adapter built from its state
+        convs = sorted(c for c in called_convs if not any(c.startswith(m + ".") for m in mixers))
         if convs:
             raise FallbackError(
                 f"{model_name} runs causal convolutions over the token sequence ({', '.join(convs[:3])}): they "

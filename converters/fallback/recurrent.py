@@ -95,6 +95,31 @@ def _store(ctx: StepContext, index: int, pool: jax.Array | None, layout: RaggedL
         ctx.set_state(index, pool.at[layout.slots].set(finals.astype(pool.dtype)))
 
 
+def ragged_history(x: jax.Array, init: jax.Array, layout: RaggedLayout, back: int) -> jax.Array:
+    """Each token's input ``back`` rows earlier in its sequence: ``x [num_tokens, channels]``, ``init [num_seqs,
+    channels, width]`` (the ``width >= back`` inputs before this batch's rows, oldest first) -> ``[num_tokens,
+    channels]``."""
+    width = init.shape[2]
+    in_batch = layout.offset >= back
+    from_x = x[jnp.maximum(jnp.arange(x.shape[0]) - back, 0)]
+    hist = jnp.clip(width - back + layout.offset, 0, width - 1)
+    from_state = init[layout.seq, :, hist]
+    return jnp.where(in_batch[:, None], from_x, from_state.astype(x.dtype))
+
+
+def ragged_window(x: jax.Array, init: jax.Array, layout: RaggedLayout) -> jax.Array:
+    """The state after this batch: each sequence's last ``width`` inputs (its valid rows, then its earlier state),
+    ``[num_seqs, channels, width]`` like ``init``."""
+    width = init.shape[2]
+    j = jnp.arange(width)
+    rel = layout.num_valid[:, None] - width + j[None, :]  # [num_seqs, width]
+    rows = jnp.clip(layout.starts[:, None] + rel, 0, x.shape[0] - 1)
+    from_x = jnp.swapaxes(x[rows], 1, 2)  # [num_seqs, channels, width]
+    hist = jnp.clip(width + rel, 0, width - 1)
+    from_state = jnp.take_along_axis(init, jnp.broadcast_to(hist[:, None, :], init.shape), axis=2)
+    return jnp.where((rel >= 0)[:, None, :], from_x.astype(init.dtype), from_state)
+
+
 def ragged_conv1d(
     x: jax.Array, weight: jax.Array, bias: jax.Array | None, init: jax.Array, layout: RaggedLayout
 ) -> tuple[jax.Array, jax.Array]:
@@ -106,24 +131,11 @@ def ragged_conv1d(
     """
     kernel = weight.shape[1]
     acc = jnp.zeros(x.shape, jnp.result_type(x.dtype, weight.dtype))
-    for k in range(kernel):
-        back = kernel - 1 - k  # tap k reads the input ``back`` rows earlier
-        in_batch = layout.offset >= back
-        from_x = x[jnp.maximum(jnp.arange(x.shape[0]) - back, 0)]
-        hist = jnp.clip(kernel - 1 - back + layout.offset, 0, kernel - 2)
-        from_state = init[layout.seq, :, hist]
-        acc = acc + jnp.where(in_batch[:, None], from_x, from_state) * weight[:, k]
+    for k in range(kernel):  # tap k reads the input kernel-1-k rows earlier
+        acc = acc + ragged_history(x, init, layout, kernel - 1 - k) * weight[:, k]
     if bias is not None:
         acc = acc + bias
-    # new window: the last kernel-1 inputs of each sequence (its valid rows, then its earlier state)
-    j = jnp.arange(kernel - 1)
-    rel = layout.num_valid[:, None] - (kernel - 1) + j[None, :]  # [num_seqs, kernel-1]
-    rows = jnp.clip(layout.starts[:, None] + rel, 0, x.shape[0] - 1)
-    from_x = jnp.swapaxes(x[rows], 1, 2)  # [num_seqs, channels, kernel-1]
-    hist = jnp.clip(kernel - 1 + rel, 0, kernel - 2)
-    from_state = jnp.take_along_axis(init, jnp.broadcast_to(hist[:, None, :], init.shape), axis=2)
-    new = jnp.where((rel >= 0)[:, None, :], from_x.astype(init.dtype), from_state)
-    return acc, new
+    return acc, ragged_window(x, init, layout)
 
 
 def ragged_scan(step: Callable, init: Any, xs: Any, layout: RaggedLayout) -> tuple[Any, Any]:
@@ -406,6 +418,58 @@ def _lightning_attention_forward(
     return self.out_proj(out), None
 
 
+def _zaya_cca_forward(self, hidden_states, past_key_values=None, conv_mask=None):
+    """ZAYA's convolutional q/k/v projection (``ZayaCCAProjection``): q/k go through two stacked causal
+    convolutions (depthwise, then grouped) and half of each value head is the previous token's delayed
+    projection. Per sequence, the convolutions run on each token's window of the last ``conv_kernel_size`` + 1
+    q/k inputs (the layer's own ``Conv1d`` modules over a batch of windows), and the delayed value is the row
+    before, from the slot at a chunk's start. States: the q/k window and the last delayed value, per slot."""
+    import torch
+    from torchax import interop
+
+    _single_batch(self, hidden_states=hidden_states)
+    if conv_mask is not None:
+        raise FallbackError(f"{type(self).__name__}: a convolution mask is not supported")
+    ctx = _ctx_of(self)
+    layout = _layout(ctx)
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    projected_queries = self.q_proj(hidden_states)
+    projected_keys = self.k_proj(hidden_states)
+    qk = interop.jax_view(torch.cat([projected_queries, projected_keys], dim=-1))[0]  # [T, C]
+    query_residual = projected_queries.view(*hidden_shape)
+    key_residual = projected_keys.view(*hidden_shape).repeat_interleave(self.num_key_value_groups, dim=2)
+    query_residual = (query_residual + key_residual) * 0.5
+    key_residual = query_residual.view(*input_shape, -1, self.num_key_value_groups, self.head_dim).mean(
+        dim=-2
+    )
+
+    width = self.conv_kernel_size
+    spec = StateSpec((qk.shape[1], width), str(jnp.dtype(qk.dtype)))
+    index, pool = ctx.claim_state(self, spec)
+    init = _initial(pool, layout, spec.shape, qk.dtype)
+    windows = jnp.stack([ragged_history(qk, init, layout, back) for back in range(width, -1, -1)], axis=-1)
+    _store(ctx, index, pool, layout, ragged_window(qk, init, layout))
+    qk_states = self.conv_qk_grouped(self.conv_qk_depthwise(interop.torch_view(windows)))  # [T, C, 1]
+    qk_states = qk_states[:, :, 0][None]
+    query_hidden_size = query_residual.shape[-2] * query_residual.shape[-1]
+    query = qk_states[..., :query_hidden_size].view(*hidden_shape) + query_residual
+    key = qk_states[..., query_hidden_size:].view(*hidden_shape) + key_residual
+
+    value_current = self.v_proj_current(hidden_states)
+    delayed = interop.jax_view(self.v_proj_delayed(hidden_states))[0]  # [T, C/2]
+    first = interop.jax_view(self.v_proj_delayed(hidden_states.new_zeros(1, 1, self.hidden_size)))[0, 0]
+    spec = StateSpec((delayed.shape[1], 1), str(jnp.dtype(delayed.dtype)))
+    index, pool = ctx.claim_state(self, spec)
+    init = _initial(pool, layout, spec.shape, delayed.dtype)
+    # a fresh sequence's "previous delayed value" is the projection of zeros (the bias), as in the layer
+    init = jnp.where(layout.fresh[:, None, None], first[None, :, None], init)
+    value_delayed = ragged_history(delayed, init, layout, 1)
+    _store(ctx, index, pool, layout, ragged_window(delayed, init, layout))
+    value = torch.cat([value_current, interop.torch_view(value_delayed[None])], dim=-1).view(*hidden_shape)
+    return query, key, value
+
+
 def _cached_path(name: str) -> Callable[[Any], Callable]:
     """Stand-in for a cached-decode function: never reached with ``use_cache=False``; loud if it is."""
 
@@ -471,6 +535,7 @@ MIXER_ADAPTERS: dict[str, dict[str, Callable[[Any], Callable]]] = {
 # mixer class name -> replacement forward (layers whose recurrence is inline in their forward)
 MIXER_FORWARDS: dict[str, Callable[..., Any]] = {
     "MiniMaxLightningAttention": _lightning_attention_forward,
+    "ZayaCCAProjection": _zaya_cca_forward,
 }
 
 

@@ -470,6 +470,76 @@ def _zaya_cca_forward(self, hidden_states, past_key_values=None, conv_mask=None)
     return query, key, value
 
 
+def _token_shift(module: Any, ctx: StepContext, layout: RaggedLayout, hidden):
+    """The previous token's input (zeros before a sequence's first token, as the layer's ``ZeroPad2d`` shift),
+    from the slot at a chunk's start; the last input goes back to the slot."""
+    from torchax import interop
+
+    x = interop.jax_view(hidden)[0]  # [T, C]
+    spec = StateSpec((x.shape[1], 1), str(jnp.dtype(x.dtype)))
+    index, pool = ctx.claim_state(module, spec)
+    init = _initial(pool, layout, spec.shape, x.dtype)
+    _store(ctx, index, pool, layout, ragged_window(x, init, layout))
+    return interop.torch_view(ragged_history(x, init, layout, 1)[None])
+
+
+def _rwkv_attention_forward(self, hidden, state=None, use_cache=False):
+    """RWKV (v4) time mixing (``RwkvSelfAttention``): token shift, then the WKV recurrence with its running
+    numerator, denominator and max (the layer's ``rwkv_linear_attention_cpu``). States: the shifted input and
+    ``[3, attention_hidden]`` f32 per slot."""
+    from torchax import interop
+
+    _single_batch(self, hidden=hidden)
+    ctx = _ctx_of(self)
+    layout = _layout(ctx)
+    shifted = _token_shift(self, ctx, layout, hidden)
+    key = hidden * self.time_mix_key + shifted * (1 - self.time_mix_key)
+    value = hidden * self.time_mix_value + shifted * (1 - self.time_mix_value)
+    receptance = hidden * self.time_mix_receptance + shifted * (1 - self.time_mix_receptance)
+    k, v = interop.jax_view((self.key(key), self.value(value)))
+    receptance = self.receptance(receptance).sigmoid()
+    out_dtype = k.dtype
+    time_decay = -jnp.exp(interop.jax_view(self.time_decay).astype(jnp.float32))
+    time_first = interop.jax_view(self.time_first).astype(jnp.float32)
+    spec = StateSpec((3, k.shape[2]), "float32")
+    index, pool = ctx.claim_state(self, spec)
+    init = _initial(pool, layout, spec.shape, jnp.float32)
+    init = init.at[:, 2].set(jnp.where(layout.fresh[:, None], -1e38, init[:, 2]))  # fresh max: -1e38
+
+    def step(st, inp):
+        num, den, mx = st[0], st[1], st[2]
+        k_t, v_t = inp[0].astype(jnp.float32), inp[1]
+        m_out = jnp.maximum(mx, k_t + time_first)
+        e1, e2 = jnp.exp(mx - m_out), jnp.exp(k_t + time_first - m_out)
+        y = ((e1 * num + e2 * v_t) / (e1 * den + e2)).astype(out_dtype)
+        m_st = jnp.maximum(mx + time_decay, k_t)
+        e1, e2 = jnp.exp(mx + time_decay - m_st), jnp.exp(k_t - m_st)
+        return jnp.stack([e1 * num + e2 * v_t, e1 * den + e2, m_st]), y
+
+    wkv, finals = ragged_scan(step, init, (k[0], v[0]), layout)
+    _store(ctx, index, pool, layout, finals)
+    return self.output(receptance * interop.torch_view(wkv[None])), None
+
+
+def _rwkv_feed_forward(self, hidden, state=None):
+    """RWKV channel mixing (``RwkvFeedForward``): only its token shift carries state."""
+    import torch
+
+    _single_batch(self, hidden=hidden)
+    ctx = _ctx_of(self)
+    shifted = _token_shift(self, ctx, _layout(ctx), hidden)
+    key = hidden * self.time_mix_key + shifted * (1 - self.time_mix_key)
+    receptance = hidden * self.time_mix_receptance + shifted * (1 - self.time_mix_receptance)
+    key = torch.square(torch.relu(self.key(key)))
+    return self.receptance(receptance).sigmoid() * self.value(key), None
+
+
+def _no_rescale(self):
+    """RWKV's inference-time rescaling divides weights in place (on a traced copy it would be lost, while the
+    model's flag would keep halving hidden states): kept off. The rescaled model computes the same function
+    (LayerNorms are scale invariant); it only avoids float16 overflow."""
+
+
 def _cached_path(name: str) -> Callable[[Any], Callable]:
     """Stand-in for a cached-decode function: never reached with ``use_cache=False``; loud if it is."""
 
@@ -536,6 +606,8 @@ MIXER_ADAPTERS: dict[str, dict[str, Callable[[Any], Callable]]] = {
 MIXER_FORWARDS: dict[str, Callable[..., Any]] = {
     "MiniMaxLightningAttention": _lightning_attention_forward,
     "ZayaCCAProjection": _zaya_cca_forward,
+    "RwkvSelfAttention": _rwkv_attention_forward,
+    "RwkvFeedForward": _rwkv_feed_forward,
 }
 
 
@@ -557,6 +629,8 @@ def install_mixer_adapters(model: Any) -> list[str]:
         cls = type(m)
         if not cls.__module__.startswith("transformers.models."):
             continue
+        if cls.__name__ == "RwkvModel":
+            m.__dict__["_rescale_layers"] = types.MethodType(_no_rescale, m)
         if cls.__name__ in MIXER_FORWARDS:
             m.__dict__["forward"] = types.MethodType(MIXER_FORWARDS[cls.__name__], m)
             adapted.append(name)

@@ -247,3 +247,13 @@ def test_engine_continuous_decode_carries_state(engine_model, prompt_ids, expect
     assert dispatches[4] < dispatches[1], dispatches  # the decode loop ran
     assert got[4] == got[1]
     assert got[1] == want  # (the reference suppresses eos; this model never picks it for these prompts)
+
+
+def test_rwkv_rescaled_layers_match_transformers(tmp_path):
+    """RWKV halves its hidden states every ``rescale_every`` blocks at inference (weights divided in place); the
+    fallback keeps rescaling off, which computes the same function."""
+    from fallback_sweep import jaxrt_greedy_ids, prompts
+
+    path = make_checkpoint(tmp_path / "rwkv", "rwkv", num_hidden_layers=3, rescale_every=1)
+    ids = prompts(320)[:2]
+    assert jaxrt_greedy_ids(path, ids) == hf_greedy_ids(path, ids)

@@ -197,8 +197,12 @@ class Engine:
             page_size,
             num_state_slots=max_running_requests if model_cfg.state_specs else 0,
         )
+        # Start-up by phase (seconds): config, model build and weights on the device, KV pool; then the
+        # programs' tracing, compiling and first runs (`ModelRunner.precompile`).
+        self.startup_breakdown = {"load_s": time.perf_counter() - t0}
         if not skip_warmup:
             self.runner.precompile()
+        self.startup_breakdown.update(self.runner.startup_breakdown)
 
         self.overlap_schedule = not disable_overlap_schedule
         self._rng = np.random.default_rng(random_seed)
@@ -224,7 +228,9 @@ class Engine:
         self._thread.start()
         self.startup_seconds = time.perf_counter() - t0
         logger.info(
-            "engine ready in %.1f s (compile %.1f s)", self.startup_seconds, self.runner.compile_seconds
+            "engine ready in %.1f s (%s)",
+            self.startup_seconds,
+            ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in self.startup_breakdown.items()),
         )
 
     def _read_generation_config_eos(self, model_path: str) -> None:
@@ -379,6 +385,7 @@ class Engine:
             "attention_backend": c.attention_backend,
             "token_buckets": self.runner.token_buckets,
             "startup_seconds": self.startup_seconds,
+            "startup_breakdown": self.startup_breakdown,
         }
 
     def load_stats(self) -> dict[str, Any]:

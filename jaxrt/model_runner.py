@@ -31,6 +31,7 @@ from jaxrt.step import ForwardFn, make_decode_loop, make_forward_step, make_samp
 logger = logging.getLogger(__name__)
 
 CPU_KV_POOL_BYTES = 1 << 30  # default KV pool on CPU, where memory stats are unavailable
+POOL_GRANULE_BYTES = 256 << 20  # accelerator KV pool budgets are rounded down to this
 
 
 def enable_compilation_cache() -> None:
@@ -57,6 +58,9 @@ def plan_num_pages(cfg: EngineConfig, device: jax.Device) -> int:
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:
         budget = int(stats["bytes_limit"] * cfg.cache.mem_fraction_static) - int(stats.get("bytes_in_use", 0))
+        # The pool's shape is an input of every compiled program: a page count that moves with small
+        # differences in memory in use between runs is a persistent-cache miss for all of them. Round down.
+        budget -= budget % POOL_GRANULE_BYTES
     else:
         pages_per_seq = cdiv(cfg.scheduler.context_length, cfg.cache.page_size)
         want = cfg.scheduler.max_running_requests * pages_per_seq + 1
@@ -115,6 +119,9 @@ class ModelRunner:
         )
         self.token_buckets = token_buckets(cfg.scheduler.chunked_prefill_size)
         self.history_buckets = history_buckets(cfg.scheduler.context_length)
+        # One jitted model function inside every program: its trace for a token bucket is made once and
+        # serves the single step and both decode-loop variants of that bucket (jit caches it by argument types).
+        forward = jax.jit(forward)
         self._forward = make_forward_step(forward)
         self._sample = make_sample_step(cfg.scheduler.max_running_requests)
         self.num_decode_steps = cfg.scheduler.num_continuous_decode_steps
@@ -128,9 +135,10 @@ class ModelRunner:
         self._no_prev = _like_step_output(
             jnp.zeros((cfg.scheduler.max_running_requests,), jnp.int32), self.device
         )
-        self._compiled: set[tuple] = set()
-        self._recompiles = 0
+        self._programs: dict[tuple, jax.stages.Compiled] = {}
+        self._ready = False  # set after start-up: later compiles are logged
         self.compile_seconds = 0.0
+        self.startup_breakdown: dict[str, float] = {}
         logger.info(
             "KV pool: %d pages x %d tokens (%.1f MiB)",
             self.num_pages,
@@ -165,30 +173,51 @@ class ModelRunner:
             stop_ids=stop_ids,
         )
 
-    def _ensure_compiled(self, num_tokens: int, history_len: int, mode: SampleMode) -> None:
-        """Compile the model program for this token bucket and the sampler variant, if new.
+    # ------------------------------------------------------------------------------------------ programs
+    # Every program the engine runs is traced and lowered once, compiled once (from the persistent cache when
+    # it holds it), and its executable called directly: `jax.stages.Compiled` takes jit's C++ dispatch path,
+    # nothing is traced a second time to find a cached executable, and an argument whose shape or placement
+    # drifted is an error instead of a silent recompile. Keys:
+    #   ("forward", num_tokens)                      the model on a token bucket
+    #   ("sample", num_seqs, history_len, SampleMode) the sampler variant
+    #   ("decode_loop", num_tokens, SampleMode)       num_decode_steps decode steps in one program
 
-        Compiling is done by running them once on an empty batch (no sequences: nothing is read or written),
-        which fills jit's own cache so later calls take its C++ dispatch path.
-        """
-        num_seqs = self.num_seqs_for(num_tokens)
-        fwd_key = ("forward", num_tokens)
-        smp_key = ("sample", num_seqs, history_len, mode)
-        if fwd_key in self._compiled and smp_key in self._compiled:
-            return
-        t0 = time.perf_counter()
-        fb, sb, _ = self._batch(SchedulerOutput(), num_tokens, history_len, {})
-        if fwd_key not in self._compiled:
-            logits, self.kv_caches = self._forward(self.state, self.kv_caches, fb, self._no_prev)
-            jax.block_until_ready(logits)
-            self._compiled.add(fwd_key)
-        if smp_key not in self._compiled:
-            logits = _like_step_output(
-                jnp.zeros((num_seqs, self.cfg.model.vocab_size), jnp.float32), self.device
+    def _lower(self, key: tuple) -> jax.stages.Lowered:
+        kind = key[0]
+        if kind == "forward":
+            fb, _, _ = self._batch(SchedulerOutput(), key[1], 1, {})
+            return self._forward.lower(self.state, self.kv_caches, fb, self._no_prev)
+        if kind == "sample":
+            _, num_seqs, history_len, mode = key
+            _, sb, _ = self._batch(SchedulerOutput(), num_seqs, history_len, {})
+            logits = jax.ShapeDtypeStruct(
+                (num_seqs, self.cfg.model.vocab_size),
+                jnp.float32,
+                sharding=jax.sharding.SingleDeviceSharding(self.device),
             )
-            jax.block_until_ready(self._sample(logits, sb, mode=mode))
-            self._compiled.add(smp_key)
-        self.compile_seconds += time.perf_counter() - t0
+            return self._sample.lower(logits, sb, mode=mode)
+        assert kind == "decode_loop" and self._decode_loop is not None, key
+        _, n, mode = key
+        fb, sb, _ = self._batch(SchedulerOutput(), n, 1, {})
+        steps = np.zeros(self.num_seqs_for(n), np.int32)
+        return self._decode_loop.lower(self.state, self.kv_caches, fb, sb, self._no_prev, steps, mode=mode)
+
+    def _program(self, key: tuple) -> jax.stages.Compiled:
+        """The compiled program for ``key``; lowered and compiled here on first use (variants that start-up
+        does not prepare: penalty history buckets, top log-probabilities)."""
+        program = self._programs.get(key)
+        if program is None:
+            t0 = time.perf_counter()
+            program = self._programs[key] = self._lower(key).compile()
+            self.compile_seconds += time.perf_counter() - t0
+            if self._ready:
+                logger.info("compiled %s on first use in %.2f s", key, time.perf_counter() - t0)
+        return program
+
+    @property
+    def num_compiles(self) -> int:
+        """Programs compiled so far (each key once: an executable is never compiled again)."""
+        return len(self._programs)
 
     @property
     def decode_buckets(self) -> list[int]:
@@ -196,73 +225,73 @@ class ModelRunner:
         top = pick_bucket(self.token_buckets, self.cfg.scheduler.max_running_requests)
         return [n for n in self.token_buckets if n <= top]
 
-    def _ensure_loop_compiled(self, num_tokens: int, mode: SampleMode) -> None:
-        key = ("decode_loop", num_tokens, mode)
-        if key in self._compiled:
-            return
-        t0 = time.perf_counter()
-        fb, sb, _ = self._batch(SchedulerOutput(), num_tokens, 1, {})
-        steps = np.zeros(self.num_seqs_for(num_tokens), np.int32)
-        out, self.kv_caches = self._decode_loop(
-            self.state, self.kv_caches, fb, sb, self._no_prev, steps, mode=mode
-        )
-        jax.block_until_ready(out)
-        self._compiled.add(key)
-        self.compile_seconds += time.perf_counter() - t0
+    def startup_keys(self) -> list[tuple]:
+        """What start-up compiles: the model on every token bucket, the greedy and sampling samplers for
+        their row counts, and (continuous decode) the decode loop on every decode bucket for both."""
+        modes = (SampleMode(), SampleMode(sampling=True))
+        keys: list[tuple] = [("forward", n) for n in self.token_buckets]
+        keys += [("sample", s, 1, m) for s in sorted({self.num_seqs_for(n) for n in self.token_buckets}) for m in modes]
+        if self._decode_loop is not None:
+            keys += [("decode_loop", n, m) for n in self.decode_buckets for m in modes]
+        return keys
 
     def precompile(self) -> None:
-        """Compile the model for every token bucket, and the greedy and sampling samplers, before serving.
+        """Compile every start-up program before serving, then run each once on an empty batch (no sequence:
+        nothing is read or written) so the first request finds the device code loaded.
 
-        With the persistent compilation cache on, the model's buckets are first compiled side by side in
-        threads (XLA compiles without the GIL) into that cache; the serial pass below then only loads them.
+        Tracing and lowering stay on this thread (a traced model, e.g. the transformers fallback, may keep
+        thread-local state); XLA's compiles run side by side in ``JAXRT_COMPILE_WORKERS`` threads (it
+        compiles without the GIL; a persistent-cache hit is a load).
         """
-        buckets = self.token_buckets
-        workers = envs.compile_workers(self.device.platform)
-        if workers > 1 and jax.config.jax_compilation_cache_dir and len(buckets) > 1:
-            self._compile_into_cache(buckets, workers)
-        bar = tqdm(buckets, desc="Compiling step buckets", disable=envs.disable_progress_bar(), leave=False)
-        for n in bar:
-            for mode in (SampleMode(), SampleMode(sampling=True)):
-                self._ensure_compiled(n, 1, mode)
-        if self._decode_loop is not None:
-            for n in self.decode_buckets:
-                for mode in (SampleMode(), SampleMode(sampling=True)):
-                    self._ensure_loop_compiled(n, mode)
-
-    def _compile_into_cache(self, buckets: list[int], workers: int) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        def lower(job: tuple):
-            kind, n, mode = job
-            fb, sb, _ = self._batch(SchedulerOutput(), n, 1, {})
-            if kind == "forward":
-                return self._forward.lower(self.state, self.kv_caches, fb, self._no_prev)
-            steps = np.zeros(self.num_seqs_for(n), np.int32)
-            return self._decode_loop.lower(
-                self.state, self.kv_caches, fb, sb, self._no_prev, steps, mode=mode
-            )
-
-        jobs: list[tuple] = [("forward", n, None) for n in buckets if ("forward", n) not in self._compiled]
-        if self._decode_loop is not None:
-            jobs += [
-                ("decode_loop", n, mode)
-                for n in self.decode_buckets
-                for mode in (SampleMode(), SampleMode(sampling=True))
-            ]
+        keys = [k for k in self.startup_keys() if k not in self._programs]
         t0 = time.perf_counter()
-        # Tracing stays on this thread (a traced model, e.g. the transformers fallback, may keep
-        # thread-local state); only XLA's compiles run side by side.
-        lowered = [lower(job) for job in jobs]
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxrt-compile") as pool:
-            list(pool.map(lambda low: low.compile(), lowered))
+        bar = tqdm(keys, desc="Tracing step programs", disable=envs.disable_progress_bar(), leave=False)
+        lowered = [self._lower(k) for k in bar]
+        t1 = time.perf_counter()
+        workers = min(envs.compile_workers(self.device.platform), len(lowered))
+        if workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxrt-compile") as pool:
+                compiled = list(pool.map(lambda low: low.compile(), lowered))
+        else:
+            compiled = [low.compile() for low in lowered]
+        self._programs.update(zip(keys, compiled))
+        t2 = time.perf_counter()
+        for key in keys:
+            self._warm(key)
+        t3 = time.perf_counter()
+        self.compile_seconds += t3 - t0
+        self.startup_breakdown.update(trace_s=t1 - t0, compile_s=t2 - t1, warm_s=t3 - t2)
+        self._ready = True
         logger.info(
-            "compiled %d buckets in %d threads in %.1f s", len(buckets), workers, time.perf_counter() - t0
+            "%d programs: traced in %.1f s, compiled in %.1f s (%d threads), first runs %.1f s",
+            len(keys), t1 - t0, t2 - t1, workers, t3 - t2,
         )
+
+    def _warm(self, key: tuple) -> None:
+        kind = key[0]
+        if kind == "forward":
+            fb, _, _ = self._batch(SchedulerOutput(), key[1], 1, {})
+            logits, self.kv_caches = self._programs[key](self.state, self.kv_caches, fb, self._no_prev)
+            jax.block_until_ready(logits)
+        elif kind == "sample":
+            _, num_seqs, history_len, _ = key
+            _, sb, _ = self._batch(SchedulerOutput(), num_seqs, history_len, {})
+            logits = _like_step_output(
+                jnp.zeros((num_seqs, self.cfg.model.vocab_size), jnp.float32), self.device
+            )
+            jax.block_until_ready(self._programs[key](logits, sb))
+        else:
+            fb, sb, _ = self._batch(SchedulerOutput(), key[1], 1, {})
+            steps = np.zeros(self.num_seqs_for(key[1]), np.int32)
+            out, self.kv_caches = self._programs[key](self.state, self.kv_caches, fb, sb, self._no_prev, steps)
+            jax.block_until_ready(out)
 
     def prepare(
         self, sched: SchedulerOutput, stop_ids: dict[str, list[int]]
     ) -> tuple[ForwardBatch, SamplingBatch, SampleMode]:
-        """Lay out a scheduled step in its bucket (host arrays) and make sure its programs are compiled."""
+        """Lay out a scheduled step in its bucket (host arrays)."""
         n = pick_bucket(self.token_buckets, sched.num_tokens)
         history_len = 1
         if any(s.sample and s.request.sampling_params.uses_penalties for s in sched.scheduled):
@@ -270,17 +299,18 @@ class ModelRunner:
                 s.request.num_tokens for s in sched.scheduled if s.request.sampling_params.uses_penalties
             )
             history_len = pick_bucket(self.history_buckets, longest)
-        fb, sb, mode = self._batch(sched, n, history_len, stop_ids)
-        self._ensure_compiled(n, history_len, mode)
-        return fb, sb, mode
+        return self._batch(sched, n, history_len, stop_ids)
 
     def device_step(
         self, fb: ForwardBatch, sb: SamplingBatch, mode: SampleMode, prev_tokens: jax.Array | None = None
     ) -> StepOutput:
         """Enqueue the model and the sampler (asynchronous: returns device arrays at once)."""
         prev_tokens = self._no_prev if prev_tokens is None else prev_tokens
-        logits, self.kv_caches = self._forward(self.state, self.kv_caches, fb, prev_tokens)
-        return self._sample(logits, sb, mode=mode)
+        num_tokens = fb.input_ids.shape[0]
+        forward = self._program(("forward", num_tokens))
+        sample = self._program(("sample", self.num_seqs_for(num_tokens), sb.history.shape[-1], mode))
+        logits, self.kv_caches = forward(self.state, self.kv_caches, fb, prev_tokens)
+        return sample(logits, sb)
 
     def dispatch(
         self,
@@ -296,19 +326,9 @@ class ModelRunner:
         """
         prev_tokens = prev.tokens if prev is not None else None
         if sched.num_steps > 1:
-            out = self._dispatch_loop(sched, stop_ids, prev_tokens)
-        else:
-            fb, sb, mode = self.prepare(sched, stop_ids)
-            out = self.device_step(fb, sb, mode, prev_tokens)
-        if self.num_compiles > len(self._compiled) + self._recompiles:
-            # A shape key we compiled is being compiled again (argument placement or dtype drift): slow.
-            self._recompiles = self.num_compiles - len(self._compiled)
-            logger.warning(
-                "the step recompiled outside warm-up (%d compiles for %d keys)",
-                self.num_compiles,
-                len(self._compiled),
-            )
-        return out
+            return self._dispatch_loop(sched, stop_ids, prev_tokens)
+        fb, sb, mode = self.prepare(sched, stop_ids)
+        return self.device_step(fb, sb, mode, prev_tokens)
 
     def _dispatch_loop(
         self, sched: SchedulerOutput, stop_ids: dict[str, list[int]], prev_tokens: jax.Array | None
@@ -317,19 +337,13 @@ class ModelRunner:
         n = pick_bucket(self.token_buckets, sched.num_tokens)
         fb, sb, mode = self._batch(sched, n, 1, stop_ids)
         assert not mode.top_logprobs, "top log-probabilities need single steps"
-        self._ensure_loop_compiled(n, mode)
         steps = np.zeros(self.num_seqs_for(n), np.int32)
         steps[: len(sched.scheduled)] = [s.num_steps for s in sched.scheduled]
         prev_tokens = self._no_prev if prev_tokens is None else prev_tokens
-        out, self.kv_caches = self._decode_loop(
-            self.state, self.kv_caches, fb, sb, prev_tokens, steps, mode=mode
+        out, self.kv_caches = self._program(("decode_loop", n, mode))(
+            self.state, self.kv_caches, fb, sb, prev_tokens, steps
         )
         return out
-
-    @property
-    def num_compiles(self) -> int:
-        loop = self._decode_loop._cache_size() if self._decode_loop is not None else 0
-        return self._forward._cache_size() + self._sample._cache_size() + loop
 
     @staticmethod
     def fetch(out: StepOutput | DecodeLoopOutput, num_rows: int) -> StepOutput | DecodeLoopOutput:

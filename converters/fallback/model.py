@@ -175,7 +175,7 @@ def _recurrent_modules(model: Any, covered: list[str] = ()) -> list[str]:
         for name, m in model.named_modules()
         if not isinstance(m, PreTrainedModel)
         and _RECURRENT_MODULE.search(type(m).__name__)
-        and not (covered and (is_covered(name) or "Norm" in type(m).__name__))
+        and not (covered and (is_covered(name) or _is_norm_or_mlp(type(m).__name__)))
     ]
 
 
@@ -365,6 +365,12 @@ class FallbackModel:
                 f"{len(plan.states)} at build time"
             )
         return logits, [*ctx.kv_caches, *ctx.states]
+
+
+def _is_norm_or_mlp(class_name: str) -> bool:
+    """Per-token modules of recurrent families whose names match the recurrent pattern (``MambaRMSNorm``,
+    ``RecurrentGemmaMlp``)."""
+    return "Norm" in class_name or class_name.endswith(("Mlp", "MLP"))
 
 
 def _refuse_recurrent(model: Any, served: list[str]) -> None:

@@ -534,6 +534,50 @@ def _rwkv_feed_forward(self, hidden, state=None):
     return self.receptance(receptance).sigmoid() * self.value(key), None
 
 
+def _recurrent_gemma_block(self, input_states, position_ids, attention_mask=None, use_cache=True, **kwargs):
+    """Griffin's recurrent block (``RecurrentGemmaRecurrentBlock``): its causal convolution per sequence (state:
+    the last ``conv1d_width - 1`` inputs), then the layer's RG-LRU, whose linear scan is ragged too."""
+    from torchax import interop
+
+    _single_batch(self, input_states=input_states)
+    ctx = _ctx_of(self)
+    layout = _layout(ctx)
+    y_branch = self.act_fn(self.linear_y(input_states))
+    x = interop.jax_view(self.linear_x(input_states))[0]  # [T, W]
+    w, b = interop.jax_view((self.conv_1d.weight, self.conv_1d.bias))
+    spec = StateSpec((x.shape[1], self.conv1d_width - 1), str(jnp.dtype(x.dtype)))
+    index, pool = ctx.claim_state(self, spec)
+    init = _initial(pool, layout, spec.shape, x.dtype)
+    conv, new = ragged_conv1d(x, w[:, 0, :], b, init, layout)
+    _store(ctx, index, pool, layout, new)
+    x_branch = self.rg_lru(interop.torch_view(conv.astype(x.dtype)[None]), position_ids)
+    return self.linear_out(x_branch * y_branch), None
+
+
+def _rglru_scan(self, hidden_states, recurrent_gate, reset, recurrent_states=None, acc_dtype=None):
+    """The RG-LRU's linear recurrence ``h_t = a_t h_{t-1} + x_t`` (``a_t = 0`` where the layer resets, at position
+    0) per sequence; state ``[W]`` f32 per slot."""
+    from torchax import interop
+
+    ctx = _ctx_of(self)
+    layout = _layout(ctx)
+    x, a, r = interop.jax_view((hidden_states, recurrent_gate, reset))
+    a = jnp.where(r, 0.0, a)[0].astype(jnp.float32)
+    x = x[0]
+    spec = StateSpec((x.shape[1],), "float32")
+    index, pool = ctx.claim_state(self, spec)
+    init = _initial(pool, layout, spec.shape, jnp.float32)
+
+    def step(h, inp):
+        a_t, x_t = inp
+        h = a_t * h + x_t.astype(jnp.float32)
+        return h, h.astype(x.dtype)
+
+    y, finals = ragged_scan(step, init, (a, x), layout)
+    _store(ctx, index, pool, layout, finals)
+    return interop.torch_view(y[None]), None
+
+
 def _no_rescale(self):
     """RWKV's inference-time rescaling divides weights in place (on a traced copy it would be lost, while the
     model's flag would keep halving hidden states): kept off. The rescaled model computes the same function
@@ -608,6 +652,7 @@ MIXER_FORWARDS: dict[str, Callable[..., Any]] = {
     "ZayaCCAProjection": _zaya_cca_forward,
     "RwkvSelfAttention": _rwkv_attention_forward,
     "RwkvFeedForward": _rwkv_feed_forward,
+    "RecurrentGemmaRecurrentBlock": _recurrent_gemma_block,
 }
 
 
@@ -629,6 +674,8 @@ def install_mixer_adapters(model: Any) -> list[str]:
         cls = type(m)
         if not cls.__module__.startswith("transformers.models."):
             continue
+        if cls.__name__ == "RecurrentGemmaRglru":  # inside an adapted RecurrentGemmaRecurrentBlock
+            m.__dict__["_rnn_scan"] = types.MethodType(_rglru_scan, m)
         if cls.__name__ == "RwkvModel":
             m.__dict__["_rescale_layers"] = types.MethodType(_no_rescale, m)
         if cls.__name__ in MIXER_FORWARDS:

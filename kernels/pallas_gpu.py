@@ -87,10 +87,14 @@ class GpuConfig:
     prefetch: bool = False  # issue block b+1's loads before block b's math (tiles carried in registers)
     kv_heads: int = 1
     page_lookahead: bool = False  # with prefetch: read block b+2's page ids while block b+1's K/V load
-    # Decode: work items per program (> 1 needs direct q / out tiles and prefetch; no split-K). A program
-    # walks its items' kv blocks as one stream, so the next item's first loads overlap the current item's
-    # last block instead of each program paying its own start-up latency.
-    items: int = 1
+    # K/V loads marked evict_first (each K/V byte is read once per call: let it leave L2 before the page
+    # table, q and metadata lines). Cache modifiers (".cg") are not usable: jax's Triton lowering accepts
+    # the name and then fails to map it.
+    evict_first: bool = False
+    # Page-table rows gathered per work item by the planning (``[num_work, pt_cols]``), so a program's
+    # first page-id load depends on its program id only, not on its metadata row (one dependent memory
+    # round trip less before the first K/V loads).
+    item_pages: bool = False
 
 
 # What benchmarks/bench_kernels.py --check compiled and ran correctly on an H100 (jax 0.11.2, Triton path):
@@ -149,16 +153,6 @@ def decode_splits(programs: int, max_blocks: int, num_sms: int | None = None) ->
     return splits
 
 
-def decode_items(num_work: int, groups: int, num_sms: int | None = None) -> int:
-    """Work items per program for a split-free decode grid: the smallest power of two that brings the grid
-    (``num_work / items * groups`` programs) within two programs per SM."""
-    target = 2 * (num_sms or _num_sms())
-    items = 1
-    while common.cdiv(num_work, items) * groups > target and items < 16:
-        items *= 2
-    return items
-
-
 def default_config(
     *,
     num_tokens: int,
@@ -213,6 +207,8 @@ def default_config(
             prefetch=True,
             kv_heads=heads,
             page_lookahead=True,
+            item_pages=True,
+            evict_first=True,
         )
     rows = max(64, group_pad)
     block_kv = 64
@@ -260,7 +256,6 @@ class _Tiling:
     pages_per_blk: int
     num_splits: int
     pt_cols: int  # page-table columns after padding to whole kv blocks
-    items: int  # work items per program
 
 
 def _tiling(
@@ -280,9 +275,6 @@ def _tiling(
     rows = max(16, common.next_pow2(config.block_rows), heads * group_pad)
     block_kv = max(common.next_pow2(config.block_kv), 16)
     pages_per_blk = max(1, block_kv // page_size)
-    items = max(1, int(config.items))
-    if not (direct and config.prefetch):
-        items = 1  # the multi-item stream needs direct q / out tiles and the prefetch pipeline
     return _Tiling(
         group=group,
         group_pad=group_pad,
@@ -292,9 +284,8 @@ def _tiling(
         block_q=rows // (heads * group_pad),
         block_kv=block_kv,
         pages_per_blk=pages_per_blk,
-        num_splits=1 if items > 1 else max(1, int(config.num_splits)),
+        num_splits=max(1, int(config.num_splits)),
         pt_cols=common.cdiv(pages_per_seq, pages_per_blk) * pages_per_blk,
-        items=items,
     )
 
 
@@ -312,7 +303,7 @@ class GpuPlan:
     config: GpuConfig
     key: tuple  # static shapes it was made for (_plan_key)
     work: common.Plan
-    page_table: jax.Array  # [max_num_seqs, pt_cols] int32
+    page_table: jax.Array  # [max_num_seqs, pt_cols] int32 ([num_work, pt_cols] with config.item_pages)
 
 
 def _plan_key(q, k_pages, page_indices, kv_layout: str = "nhd") -> tuple:
@@ -355,15 +346,11 @@ def gpu_metadata(
         sliding_window=None,
         token_map=not t.direct,
     )
-    if t.items > 1 and work.num_work % t.items:
-        # Whole programs of t.items work items; the added items are empty (no rows, nothing to write).
-        extra = t.items - work.num_work % t.items
-        work = dataclasses.replace(
-            work, meta=jnp.pad(work.meta, ((0, extra), (0, 0))), num_work=work.num_work + extra
-        )
     pt = page_indices
     if t.pt_cols != pages_per_seq:
         pt = jnp.pad(pt, ((0, 0), (0, t.pt_cols - pages_per_seq)))
+    if config.item_pages:
+        pt = pt[work.meta[:, common.META_SEQ]]  # [num_work, pt_cols]: work item w reads row w
     key = _plan_key(q, k_pages, page_indices, kv_layout)
     return GpuPlan(config=config, key=key, work=work, page_table=pt)
 
@@ -384,6 +371,8 @@ def _kernel(
     heads_fastest: bool,
     prefetch: bool,
     page_lookahead: bool,
+    item_pages: bool,
+    load_hints: dict,
     precision,
 ):
     """One program: one work item, ``t.heads`` kv heads, one kv split (``program_id(2)``).
@@ -412,7 +401,10 @@ def _kernel(
     width = heads * head_dim
     pt_cols = pt_ref.shape[1]
     hg = pl.program_id(0) if heads_fastest else pl.program_id(1)
-    seq = meta_ref[common.META_SEQ]
+    # Page-table row: the work item's own (item_pages) or its sequence's.
+    pt_row = (
+        (pl.program_id(1) if heads_fastest else pl.program_id(0)) if item_pages else meta_ref[common.META_SEQ]
+    )
     first_pos = meta_ref[common.META_FIRST_POS]
     nrows = meta_ref[common.META_NROWS]
     kv_len = meta_ref[common.META_KV_LEN]
@@ -446,15 +438,24 @@ def _kernel(
     def lookup(b):  # page ids of kv block b (a vector of whole pages, or the one page it slices)
         if block_kv >= page_size:
             start = jnp.minimum(b * pages_per_blk, pt_cols - pages_per_blk)
-            return jnp.clip(pt_ref[seq, pl.ds(start, pages_per_blk)], 0, num_pages - 1)
-        return jnp.clip(pt_ref[seq, jnp.minimum(lax.div(b, blocks_per_page), pt_cols - 1)], 0, num_pages - 1)
+            return jnp.clip(pt_ref[pt_row, pl.ds(start, pages_per_blk)], 0, num_pages - 1)
+        return jnp.clip(
+            pt_ref[pt_row, jnp.minimum(lax.div(b, blocks_per_page), pt_cols - 1)], 0, num_pages - 1
+        )
+
+    def kv_load(ref):
+        return pltriton.load(ref, **load_hints) if load_hints else ref[...]
 
     def fetch(b, pages):
         if block_kv >= page_size:  # gather whole pages
-            return k_ref[pages].reshape(block_kv, width), v_ref[pages].reshape(block_kv, width)
-        off = lax.rem(b, blocks_per_page) * block_kv  # a slice of one page
-        k = k_ref[pages, pl.ds(off, block_kv)].reshape(block_kv, width)
-        return k, v_ref[pages, pl.ds(off, block_kv)].reshape(block_kv, width)
+            k, v = kv_load(k_ref.at[pages]), kv_load(v_ref.at[pages])
+        else:  # a slice of one page
+            off = lax.rem(b, blocks_per_page) * block_kv
+            k, v = (
+                kv_load(k_ref.at[pages, pl.ds(off, block_kv)]),
+                kv_load(v_ref.at[pages, pl.ds(off, block_kv)]),
+            )
+        return k.reshape(block_kv, width), v.reshape(block_kv, width)
 
     def load(b):
         return fetch(b, lookup(b))
@@ -511,7 +512,11 @@ def _kernel(
         jnp.zeros((rows,), jnp.float32),
         jnp.zeros((rows, width), jnp.float32),
     )
-    if prefetch and page_lookahead:
+    if prefetch and page_lookahead and item_pages and num_splits == 1 and sliding_window is None:
+        # b0 == 0: the first loads need no metadata (block 0 is a valid page-table column, read even when
+        # the item is empty; a "next" tile fetched past the item's last block is never used).
+        carry = (load(0), lookup(1), carry)
+    elif prefetch and page_lookahead:
         carry = (load(jnp.minimum(b0, last)), lookup(jnp.minimum(b0 + 1, last)), carry)
     elif prefetch:
         carry = (load(jnp.minimum(b0, last)), carry)
@@ -586,164 +591,6 @@ def _block_diag(q, rows: int, heads: int, group_pad: int, head_dim: int):
     return q.reshape(rows, heads * head_dim), on_diag
 
 
-def _multi_item_kernel(
-    meta_ref,
-    q_ref,
-    k_ref,
-    v_ref,
-    pt_ref,
-    o_ref,
-    *,
-    sm_scale: float,
-    soft_cap: float | None,
-    sliding_window: int | None,
-    t: _Tiling,
-    page_size: int,
-    num_pages: int,
-    heads_fastest: bool,
-    precision,
-):
-    """One program: ``t.items`` consecutive work items (direct q / out tiles), ``t.heads`` kv heads.
-
-    The items' kv blocks form one stream ``g = 0 .. total - 1`` (item k owns ``[cum[k-1], cum[k])``); the
-    software prefetch (K/V and q of position g + 1, page ids of g + 2) runs across item boundaries, and at
-    an item's last block its output is normalised, stored, and the softmax state reset. Every block is
-    masked (decode blocks are nearly all unmasked, but masking costs a few selects per tile, not bytes).
-    ``meta_ref`` is the whole ``[num_work, META_COLS]`` table, padded to a multiple of ``t.items``.
-    """
-    head_dim = k_ref.shape[-1]
-    n_items, rows, heads, block_q, block_kv = t.items, t.rows, t.heads, t.block_q, t.block_kv
-    group, group_pad, pages_per_blk = t.group, t.group_pad, t.pages_per_blk
-    blocks_per_page = max(1, page_size // block_kv)
-    width = heads * head_dim
-    pt_cols = pt_ref.shape[1]
-    hg = pl.program_id(0) if heads_fastest else pl.program_id(1)
-    w0 = (pl.program_id(1) if heads_fastest else pl.program_id(0)) * n_items
-    cols = {
-        c: [meta_ref[w0 + i, c] for i in range(n_items)]
-        for c in (
-            common.META_SEQ,
-            common.META_FIRST_POS,
-            common.META_NROWS,
-            common.META_KV_LEN,
-            common.META_HI_BLK,
-            common.META_Q_START,
-            common.META_OUT_ROWS,
-        )
-    }
-    hi = cols[common.META_HI_BLK]
-    if sliding_window is None:
-        lo = [jnp.zeros_like(h) for h in hi]
-    else:
-        lo = [
-            jnp.minimum(jnp.maximum(f - sliding_window + 1, 0) // block_kv, h)
-            for f, h in zip(cols[common.META_FIRST_POS], hi, strict=True)
-        ]
-    count = [jnp.maximum(h - l_, 0) for h, l_ in zip(hi, lo, strict=True)]
-    ends, acc_ = [], 0
-    for c in count:
-        acc_ = acc_ + c
-        ends.append(acc_)  # inclusive prefix sums: item i owns stream positions [ends[i-1], ends[i])
-    total = ends[-1]
-    starts = [e - c for e, c in zip(ends, count, strict=True)]
-    last_g = jnp.maximum(total - 1, 0)
-
-    def sel(vals, i):  # vals[i] for a traced item index i
-        out = vals[-1]
-        for j in range(n_items - 2, -1, -1):
-            out = jnp.where(i == j, vals[j], out)
-        return out
-
-    def locate(g):  # (item, kv block) of stream position g (clamped into the stream)
-        g = jnp.minimum(g, last_g)
-        i = sum((g >= ends[j]).astype(jnp.int32) for j in range(n_items - 1)) if n_items > 1 else 0
-        return i, sel(lo, i) + g - sel(starts, i)
-
-    def lookup(g):
-        i, b = locate(g)
-        seq = sel(cols[common.META_SEQ], i)
-        if block_kv >= page_size:
-            start = jnp.minimum(b * pages_per_blk, pt_cols - pages_per_blk)
-            return jnp.clip(pt_ref[seq, pl.ds(start, pages_per_blk)], 0, num_pages - 1)
-        return jnp.clip(pt_ref[seq, jnp.minimum(lax.div(b, blocks_per_page), pt_cols - 1)], 0, num_pages - 1)
-
-    q_cols = pl.ds(hg * heads * group, heads * group)
-    tok = lax.broadcasted_iota(jnp.int32, (block_q, 1, 1), 0)
-
-    def fetch(g, pages):  # K, V tiles and the raw q tile of stream position g
-        i, b = locate(g)
-        if block_kv >= page_size:
-            k = k_ref[pages].reshape(block_kv, width)
-            v = v_ref[pages].reshape(block_kv, width)
-        else:
-            off = lax.rem(b, blocks_per_page) * block_kv
-            k = k_ref[pages, pl.ds(off, block_kv)].reshape(block_kv, width)
-            v = v_ref[pages, pl.ds(off, block_kv)].reshape(block_kv, width)
-        q_start, nrows = sel(cols[common.META_Q_START], i), sel(cols[common.META_NROWS], i)
-        q = pltriton.load(q_ref.at[pl.ds(q_start, block_q), q_cols, :], mask=tok < nrows, other=0)
-        return k, v, q.reshape(rows, head_dim)
-
-    s_scale = sm_scale * LOG2E if soft_cap is None else sm_scale / soft_cap
-    row_tok = lax.div(lax.broadcasted_iota(jnp.int32, (rows,), 0), heads * group_pad)
-    init = (
-        jnp.full((rows,), MASK_VALUE, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-        jnp.zeros((rows, width), jnp.float32),
-    )
-
-    def store(i, val, ok):
-        val = val.astype(o_ref.dtype).reshape(block_q, heads * group, head_dim)
-        q_start = (
-            sel(cols[common.META_Q_START], i) if not isinstance(i, int) else cols[common.META_Q_START][i]
-        )
-        pltriton.store(o_ref.at[pl.ds(q_start, block_q), q_cols], val, mask=ok.reshape(block_q, 1, 1))
-
-    def body(g, c):
-        (k, v, q), pages, state = c
-        nxt = fetch(g + 1, pages)
-        pages_next = lookup(g + 2)
-        i, b = locate(g)
-        qd, on_diag = _block_diag(q, rows, heads, group_pad, head_dim) if heads > 1 else (q, None)
-        q_pos = sel(cols[common.META_FIRST_POS], i) + row_tok
-        state = _softmax_step(
-            qd,
-            k,
-            v,
-            state,
-            b * block_kv,
-            q_pos,
-            sel(cols[common.META_KV_LEN], i),
-            s_scale=s_scale,
-            soft_cap=soft_cap,
-            sliding_window=sliding_window,
-            precision=precision,
-        )
-        m, l, acc = state
-        is_last = g == sel(ends, i) - 1
-
-        @pl.when(is_last)
-        def _():
-            o = acc
-            if heads > 1:  # keep each row's own head's column block
-                o = jnp.where(on_diag, o.reshape(rows, heads, head_dim), 0.0).sum(axis=1)
-            o = o / jnp.where(l == 0.0, 1.0, l)[:, None]
-            ok = lax.broadcasted_iota(jnp.int32, (block_q, 1), 0) < sel(cols[common.META_OUT_ROWS], i)
-            store(i, o, ok)
-
-        state = tuple(jnp.where(is_last, a, b_) for a, b_ in zip(init, state, strict=True))
-        return nxt, pages_next, state
-
-    carry = (fetch(0, lookup(0)), lookup(1), init)
-    lax.fori_loop(0, total, body, carry)
-    # Items with no kv block (empty work items covering padding rows) write zeros.
-    zeros = jnp.zeros((rows, head_dim), jnp.float32)
-    for i in range(n_items):
-        ok = (lax.broadcasted_iota(jnp.int32, (block_q, 1), 0) < cols[common.META_OUT_ROWS][i]) & (
-            count[i] == 0
-        )
-        store(i, zeros, ok)
-
-
 def ragged_paged_attention_gpu(
     q: jax.Array,
     k_pages: jax.Array,
@@ -807,7 +654,7 @@ def _gpu_call(
 ):
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, num_kv_heads, _ = pool_dims(k_pages.shape, kv_layout)
-    max_num_seqs, pages_per_seq = plan.page_table.shape
+    pages_per_seq = plan.page_table.shape[1]
     config = plan.config
     t = _tiling(config, num_q_heads, num_kv_heads, page_size, pages_per_seq, kv_layout)
     work, rows, num_splits = plan.work, t.rows, t.num_splits
@@ -817,7 +664,10 @@ def _gpu_call(
         precision = lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
     else:
         precision = None
-    common_kw = dict(
+    # (Interpret mode cannot discharge a hinted gather load, and hints mean nothing there.)
+    load_hints = {"eviction_policy": "evict_first"} if config.evict_first and not interpret else {}
+    kernel = functools.partial(
+        _kernel,
         sm_scale=sm_scale,
         soft_cap=soft_cap,
         sliding_window=sliding_window,
@@ -825,19 +675,13 @@ def _gpu_call(
         page_size=page_size,
         num_pages=num_pages,
         heads_fastest=config.heads_fastest,
+        prefetch=config.prefetch,
+        page_lookahead=config.page_lookahead,
+        item_pages=config.item_pages,
+        load_hints=load_hints,
         precision=precision,
     )
-    if t.items > 1:
-        kernel = functools.partial(_multi_item_kernel, **common_kw)
-    else:
-        kernel = functools.partial(
-            _kernel, prefetch=config.prefetch, page_lookahead=config.page_lookahead, **common_kw
-        )
     num_work, num_groups = work.num_work, num_kv_heads // t.heads
-    meta_spec = (None, common.META_COLS), lambda w, h, s: (w, 0)
-    if t.items > 1:  # a program reads its t.items rows of the (padded) work table
-        num_work = num_work // t.items
-        meta_spec = (work.num_work, common.META_COLS), lambda w, h, s: (0, 0)
     if config.heads_fastest:
         grid = (num_groups, num_work, num_splits)
 
@@ -852,11 +696,11 @@ def _gpu_call(
     else:  # one kv head's pages, [num_pages, page_size, head_dim] with contiguous pages
         kv_spec = spec((num_pages, None, page_size, head_dim), lambda w, h, s: (0, h, 0, 0))
     in_specs = [
-        spec(*meta_spec),
+        spec((None, common.META_COLS), lambda w, h, s: (w, 0)),
         None,  # q, below
         kv_spec,
         kv_spec,
-        spec((max_num_seqs, pages_per_seq), lambda w, h, s: (0, 0)),
+        spec(plan.page_table.shape, lambda w, h, s: (0, 0)),
     ]
     if t.direct:
         q_in = q.astype(kv_dtype)
@@ -890,7 +734,7 @@ def _gpu_call(
         out_shape=out_shape,
         compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
-        name=f"jaxrt_rpa_r{rows}_kv{t.block_kv}_h{t.heads}_s{num_splits}_i{t.items}_{kv_layout}",
+        name=f"jaxrt_rpa_r{rows}_kv{t.block_kv}_h{t.heads}_s{num_splits}_{kv_layout}",
     )(work.meta, q_in, k_pages, v_pages, plan.page_table)
     if t.direct:
         # Every row of the output, padding included, was written by some program (META_OUT_ROWS).

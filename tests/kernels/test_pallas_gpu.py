@@ -161,6 +161,24 @@ CASES = [
         config=GpuConfig(16, 32, 3, prefetch=True, kv_heads=4, page_lookahead=True),
     ),
     Case(*_mixed(32), page=32, window=9, config=GpuConfig(16, 16, 2, prefetch=True, page_lookahead=True)),
+    # page-table rows per work item (with and without split-K, window, gathered q tiles) and hinted loads
+    Case(
+        *_decode(16),
+        pad_tokens=-1,
+        hq=32,
+        hkv=8,
+        dtype="bf16",
+        config=GpuConfig(
+            16, 32, 1, kv_heads=2, prefetch=True, page_lookahead=True, item_pages=True, evict_first=True
+        ),
+    ),
+    Case(
+        *_decode(16),
+        pad_tokens=-1,
+        window=9,
+        config=GpuConfig(16, 16, 3, prefetch=True, page_lookahead=True, item_pages=True),
+    ),
+    Case(*P16, hq=6, hkv=2, config=GpuConfig(16, 32, item_pages=True)),
     # a sequence with no new tokens, a long prefill chunk spanning several query blocks, no padding at all
     Case((3, 0, 40), (3, 5, 50), pad_tokens=0, pad_seqs=0, config=GpuConfig(block_rows=32, block_kv=16)),
 ]
@@ -169,6 +187,32 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_matches_oracle_and_reference(case):
     run_case(case, seed=zlib.crc32(str(case).encode()))
+
+
+@pytest.mark.parametrize("decode", [True, False])
+def test_head_major_pool_layout(decode):
+    """kv_layout="hnd" (benchmarks only): head-major pools give the same result as the token-major ones."""
+    rng = np.random.default_rng(7)
+    q_lens, kv_lens = _decode(16) if decode else _mixed(16)
+    n = len(q_lens)
+    b = make_batch(
+        rng,
+        q_lens,
+        kv_lens,
+        num_q_heads=8,
+        num_kv_heads=2,
+        head_dim=64,
+        page_size=16,
+        max_num_seqs=n + 1,
+        num_tokens=n + 1 if decode else sum(q_lens) + 3,
+    )
+    args = list(map(jnp.asarray, b.args()))
+    args[1], args[2] = args[1].transpose(0, 2, 1, 3), args[2].transpose(0, 2, 1, 3)
+    kw = dict(sm_scale=0.125, sliding_window=None if decode else 9)
+    out = ragged_paged_attention_gpu(*args, interpret=True, validated_only=False, kv_layout="hnd", **kw)
+    out = np.asarray(out, np.float64)
+    assert np.all(out[b.num_real_tokens :] == 0)
+    assert rel_err(out, oracle(b, **kw)) < 1e-5
 
 
 def test_num_seqs_zero_gives_zeros():

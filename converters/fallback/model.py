@@ -370,7 +370,7 @@ class FallbackModel:
 def _is_norm_or_mlp(class_name: str) -> bool:
     """Per-token modules of recurrent families whose names match the recurrent pattern (``MambaRMSNorm``,
     ``RecurrentGemmaMlp``)."""
-    return "Norm" in class_name or class_name.endswith(("Mlp", "MLP"))
+    return "Norm" in class_name or class_name.endswith(("Mlp", "MLP", "FeedForward"))
 
 
 def _refuse_recurrent(model: Any, served: list[str]) -> None:

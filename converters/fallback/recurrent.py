@@ -578,6 +578,51 @@ def _rglru_scan(self, hidden_states, recurrent_gate, reset, recurrent_states=Non
     return interop.torch_view(y[None]), None
 
 
+def _mlstm_backend(
+    self, query, key, value, igate, fgate, c_initial=None, n_initial=None, m_initial=None, **kwargs
+):
+    """xLSTM's mLSTM cell (``xLSTMBackend``), as its native recurrent step: a matrix memory ``C``, a normaliser
+    ``n`` and a stabiliser ``m`` per head (all zero at a sequence's start). ``query/key [1, H, T, Dqk]``, ``value
+    [1, H, T, Dv]``, ``igate/fgate [1, H, T]`` -> ``(h [1, H, T, Dv], None)``."""
+    from torchax import interop
+
+    _single_batch(self, query=query)
+    if c_initial is not None or n_initial is not None or m_initial is not None:
+        raise FallbackError(f"{type(self).__name__}: unexpected cached call of the mLSTM cell")
+    ctx = _ctx_of(self)
+    layout = _layout(ctx)
+    q, k, v, ig, fg = interop.jax_view((query, key, value, igate, fgate))
+    qkv_dtype = q.dtype
+    q, k, v = (jnp.swapaxes(x[0], 0, 1) for x in (q, k, v))  # [T, H, D]
+    ig, fg = (jnp.swapaxes(x[0], 0, 1) for x in (ig, fg))  # [T, H]
+    heads, dqk, dv = q.shape[1], q.shape[2], v.shape[2]
+    eps = self.config.eps
+    spec = StateSpec((heads, dqk * dv + dqk + 1), "float32")  # C, n and m of each head, packed
+    index, pool = ctx.claim_state(self, spec)
+    init = _initial(pool, layout, spec.shape, jnp.float32)
+
+    def step(packed, inp):
+        q_t, k_t, v_t, i_t, f_t = inp
+        c = packed[:, : dqk * dv].reshape(heads, dqk, dv)
+        n = packed[:, dqk * dv : dqk * dv + dqk]
+        m = packed[:, -1]
+        f_log = jax.nn.log_sigmoid(f_t)
+        m_new = jnp.maximum(f_log + m, i_t)
+        f_act, i_act = jnp.exp(f_log + m - m_new), jnp.exp(i_t - m_new)
+        q_s = q_t * (dqk**-0.5)
+        c = f_act[:, None, None] * c + i_act[:, None, None] * (k_t[:, :, None] * v_t[:, None, :])
+        n = f_act[:, None] * n + i_act[:, None] * k_t
+        h_num = jnp.einsum("hk,hkv->hv", q_s, c.astype(qkv_dtype)).astype(jnp.float32)
+        qn = jnp.sum(q_s * n.astype(qkv_dtype), axis=-1, keepdims=True)
+        h = h_num / (jnp.maximum(jnp.abs(qn), jnp.exp(-m_new)[:, None]) + eps).astype(jnp.float32)
+        packed = jnp.concatenate([c.reshape(heads, -1), n, m_new[:, None]], axis=1)
+        return packed, h.astype(qkv_dtype)
+
+    h, finals = ragged_scan(step, init, (q, k, v, ig, fg), layout)
+    _store(ctx, index, pool, layout, finals)
+    return interop.torch_view(jnp.swapaxes(h, 0, 1)[None]), None
+
+
 def _no_rescale(self):
     """RWKV's inference-time rescaling divides weights in place (on a traced copy it would be lost, while the
     model's flag would keep halving hidden states): kept off. The rescaled model computes the same function
@@ -653,6 +698,7 @@ MIXER_FORWARDS: dict[str, Callable[..., Any]] = {
     "RwkvSelfAttention": _rwkv_attention_forward,
     "RwkvFeedForward": _rwkv_feed_forward,
     "RecurrentGemmaRecurrentBlock": _recurrent_gemma_block,
+    "xLSTMBackend": _mlstm_backend,
 }
 
 

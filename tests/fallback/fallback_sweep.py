@@ -92,6 +92,8 @@ SPECIAL: dict[str, dict[str, Any]] = {
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1),
     "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),
     "zamba": dict(num_hidden_layers=4),  # two hybrid layers: their shared transformer weights are tied
+    # transformers' cached mLSTM step assumes query/key and value heads of one size
+    "xlstm": dict(qk_dim_factor=1.0, v_dim_factor=1.0),
     "zaya": dict(num_experts_per_tok=1),
     "reformer": dict(is_decoder=True, axial_pos_shape=[16, 16], axial_pos_embds_dim=[32, 32]),
     "plbart": dict(encoder_attention_heads=4, decoder_attention_heads=4),

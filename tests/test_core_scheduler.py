@@ -215,3 +215,54 @@ def test_continuous_decode_with_a_queue_behind_a_full_batch():
     out = s.schedule()
     assert [x.request.request_id for x in out.scheduled] == ["a"] and s.waiting
     assert s.extend_decode(out, 4, lambda r: True) and out.num_steps == 4
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 20)), min_size=1, max_size=8),
+    decode_steps=st.sampled_from([1, 3]),
+    num_pages=st.integers(20, 80),
+    max_running=st.integers(1, 4),
+)
+def test_state_slots_follow_their_requests(shapes, decode_steps, num_pages, max_running):
+    """Recurrent-state slots: a simulated device state per slot, advanced by each scheduled row, must always
+    hold exactly the tokens its request computed so far (or the row starts from position 0), under chunked
+    prefill, preemption and continuous decode; every slot is free at the end."""
+    page_size = 4
+    num_pages = max(num_pages, max(-(-(p + m) // page_size) for p, m in shapes) + 2)
+    alloc = PageAllocator(num_pages)
+    cfg = SchedulerConfig(max_running_requests=max_running, chunked_prefill_size=16, context_length=256)
+    s = Scheduler(
+        cfg, alloc, RadixCache(alloc, page_size, disabled=True), page_size, num_state_slots=max_running
+    )
+    device: dict[int, tuple[str, int]] = {}  # slot -> (request id, tokens folded into its state)
+    reqs = [req(f"r{i}", range(7 + i, 7 + i + p), max_new=m) for i, (p, m) in enumerate(shapes)]
+    for r in reqs:
+        s.add_request(r)
+    while s.has_work:
+        out = s.schedule()
+        s.extend_decode(out, decode_steps, lambda r: True)
+        for sr in out.scheduled:
+            slot = sr.request.state_slot
+            assert slot is not None and 0 <= slot < max_running
+            if sr.start > 0:
+                assert device.get(slot) == (sr.request.request_id, sr.start), "state slot lost its request"
+            device[slot] = (sr.request.request_id, sr.start + sr.num_new_tokens + sr.num_steps - 1)
+        s.commit(out)
+        for sr in out.scheduled:
+            r = sr.request
+            if sr.sample:
+                for _ in range(sr.num_steps):
+                    r.output_token_ids.append(fake_next_token(r.all_token_ids))
+                if len(r.output_token_ids) >= r.sampling_params.max_new_tokens:
+                    s.finish(r, FinishReason("length"))
+        s.check_invariants()
+    assert sorted(s.free_state_slots) == list(range(max_running))
+    assert all(r.state_slot is None for r in reqs)
+
+
+def test_state_slots_must_cover_running_requests():
+    alloc = PageAllocator(16)
+    cfg = SchedulerConfig(max_running_requests=4, chunked_prefill_size=16, context_length=64)
+    with pytest.raises(ValueError, match="num_state_slots"):
+        Scheduler(cfg, alloc, RadixCache(alloc, 4, disabled=True), 4, num_state_slots=2)

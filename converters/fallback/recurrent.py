@@ -28,150 +28,27 @@ from __future__ import annotations
 import inspect
 import types
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jaxrt.config import StateSpec
-from jaxrt.converters.fallback.attention import CTX_KWARG, FallbackError, StepContext
-
-# ----------------------------------------------------------------------------------------- ragged layout
-
-
-@dataclass(frozen=True)
-class RaggedLayout:
-    """Where each token of the flat batch sits; derived from a `ForwardBatch` inside the trace."""
-
-    seq: jax.Array  # [num_tokens] int32: the token's sequence (clipped to num_seqs - 1 for padding)
-    offset: jax.Array  # [num_tokens] int32: index of the token within its sequence's rows of this batch
-    valid: jax.Array  # [num_tokens] bool: a real token that advances its sequence's state
-    first: jax.Array  # [num_tokens] bool: first row of its sequence
-    last: jax.Array  # [num_tokens] bool: last row of its sequence
-    starts: jax.Array  # [num_seqs] int32: first row of each sequence (cu_q_lens[:-1])
-    num_valid: jax.Array  # [num_seqs] int32: valid rows of each sequence
-    fresh: jax.Array  # [num_seqs] bool: the sequence starts at position 0 here (zero initial state)
-    slots: jax.Array  # [num_seqs] int32: state slot (padding sequences: the scratch slot)
-
-    @classmethod
-    def from_batch(cls, batch: Any, num_slots: int) -> RaggedLayout:
-        cu = jnp.asarray(batch.cu_q_lens)
-        num_tokens = batch.input_ids.shape[0]
-        num_seqs = cu.shape[0] - 1
-        t = jnp.arange(num_tokens, dtype=jnp.int32)
-        seq = jnp.minimum(jnp.searchsorted(cu[1:], t, side="right"), num_seqs - 1).astype(jnp.int32)
-        total = cu[jnp.asarray(batch.num_seqs)[0]]
-        valid = (t < total) & (jnp.asarray(batch.slot_mapping) >= 0)
-        starts = cu[:-1]
-        positions = jnp.asarray(batch.positions)
-        fresh = positions[jnp.minimum(starts, num_tokens - 1)] == 0
-        seg = jax.ops.segment_sum(valid.astype(jnp.int32), seq, num_segments=num_seqs)
-        slots = jnp.asarray(batch.state_slots)
-        return cls(
-            seq=seq,
-            offset=t - starts[seq],
-            valid=valid,
-            first=t == starts[seq],
-            last=t == cu[1:][seq] - 1,
-            starts=starts,
-            num_valid=seg,
-            fresh=fresh,
-            slots=jnp.where(slots < 0, num_slots - 1, slots),
-        )
-
-
-def _initial(pool: jax.Array | None, layout: RaggedLayout, shape: tuple[int, ...], dtype) -> jax.Array:
-    """``[num_seqs, *shape]``: each sequence's state from its slot, zeros for fresh sequences."""
-    num_seqs = layout.starts.shape[0]
-    if pool is None:  # probing: shapes only
-        return jnp.zeros((num_seqs, *shape), dtype)
-    init = pool[layout.slots].astype(dtype)
-    return jnp.where(layout.fresh.reshape((-1,) + (1,) * len(shape)), jnp.zeros_like(init), init)
-
-
-def _store(ctx: StepContext, index: int, pool: jax.Array | None, layout: RaggedLayout, finals: jax.Array):
-    if pool is not None:
-        ctx.set_state(index, pool.at[layout.slots].set(finals.astype(pool.dtype)))
-
-
-def ragged_history(x: jax.Array, init: jax.Array, layout: RaggedLayout, back: int) -> jax.Array:
-    """Each token's input ``back`` rows earlier in its sequence: ``x [num_tokens, channels]``, ``init [num_seqs,
-    channels, width]`` (the ``width >= back`` inputs before this batch's rows, oldest first) -> ``[num_tokens,
-    channels]``."""
-    width = init.shape[2]
-    in_batch = layout.offset >= back
-    from_x = x[jnp.maximum(jnp.arange(x.shape[0]) - back, 0)]
-    hist = jnp.clip(width - back + layout.offset, 0, width - 1)
-    from_state = init[layout.seq, :, hist]
-    return jnp.where(in_batch[:, None], from_x, from_state.astype(x.dtype))
-
-
-def ragged_window(x: jax.Array, init: jax.Array, layout: RaggedLayout) -> jax.Array:
-    """The state after this batch: each sequence's last ``width`` inputs (its valid rows, then its earlier state),
-    ``[num_seqs, channels, width]`` like ``init``."""
-    width = init.shape[2]
-    j = jnp.arange(width)
-    rel = layout.num_valid[:, None] - width + j[None, :]  # [num_seqs, width]
-    rows = jnp.clip(layout.starts[:, None] + rel, 0, x.shape[0] - 1)
-    from_x = jnp.swapaxes(x[rows], 1, 2)  # [num_seqs, channels, width]
-    hist = jnp.clip(width + rel, 0, width - 1)
-    from_state = jnp.take_along_axis(init, jnp.broadcast_to(hist[:, None, :], init.shape), axis=2)
-    return jnp.where((rel >= 0)[:, None, :], from_x.astype(init.dtype), from_state)
-
-
-def ragged_conv1d(
-    x: jax.Array, weight: jax.Array, bias: jax.Array | None, init: jax.Array, layout: RaggedLayout
-) -> tuple[jax.Array, jax.Array]:
-    """Depthwise causal convolution per sequence.
-
-    ``x [num_tokens, channels]``, ``weight [channels, kernel]``, ``bias [channels]``, ``init [num_seqs, channels,
-    kernel - 1]`` (the inputs before this batch's rows, oldest first) -> ``(y [num_tokens, channels]`` before the
-    activation, ``new state [num_seqs, channels, kernel - 1])``.
-    """
-    kernel = weight.shape[1]
-    acc = jnp.zeros(x.shape, jnp.result_type(x.dtype, weight.dtype))
-    for k in range(kernel):  # tap k reads the input kernel-1-k rows earlier
-        acc = acc + ragged_history(x, init, layout, kernel - 1 - k) * weight[:, k]
-    if bias is not None:
-        acc = acc + bias
-    return acc, ragged_window(x, init, layout)
-
-
-def ragged_scan(step: Callable, init: Any, xs: Any, layout: RaggedLayout) -> tuple[Any, Any]:
-    """Run ``step(state, x) -> (state, y)`` over the tokens, restarting from ``init[seq]`` at each sequence's
-    first row and holding the state over invalid rows. ``init``: pytree of ``[num_seqs, ...]``; ``xs``: pytree of
-    ``[num_tokens, ...]``. Returns ``(ys [num_tokens, ...], final states [num_seqs, ...])``."""
-
-    def body(carry, inp):
-        state, finals = carry
-        x, s, first, last, valid = inp
-        state = jax.tree.map(lambda i, c: jnp.where(first, i[s], c), init, state)
-        new, y = step(state, x)
-        new = jax.tree.map(lambda n, o: jnp.where(valid, n, o), new, state)
-        finals = jax.tree.map(lambda f, n: f.at[s].set(jnp.where(last, n, f[s])), finals, new)
-        return (new, finals), y
-
-    state0 = jax.tree.map(lambda i: jnp.zeros_like(i[0]), init)
-    (_, finals), ys = jax.lax.scan(
-        body, (state0, init), (xs, layout.seq, layout.first, layout.last, layout.valid)
-    )
-    return ys, finals
-
+from jaxrt.converters.fallback.attention import FallbackError, StepContext
+from jaxrt.converters.fallback.ragged import (
+    RaggedLayout,
+    check_single_batch,
+    layout_of,
+    ragged_conv1d,
+    ragged_history,
+    ragged_scan,
+    ragged_window,
+    read_states,
+    step_context,
+    write_states,
+)
 
 # ------------------------------------------------------------------------------------- replacements
-
-
-def _ctx_of(module: Any) -> StepContext:
-    ctx = getattr(module, "__dict__", {}).get(CTX_KWARG)
-    if not isinstance(ctx, StepContext):
-        raise FallbackError(f"{type(module).__name__}: recurrent mixer called outside a jaxrt step")
-    return ctx
-
-
-def _layout(ctx: StepContext) -> RaggedLayout:
-    num_slots = ctx.states[0].shape[0] if ctx.states else 1
-    return RaggedLayout.from_batch(ctx.batch, num_slots)
 
 
 def _activation(name: str | None, module: Any) -> Callable[[jax.Array], jax.Array]:
@@ -182,32 +59,24 @@ def _activation(name: str | None, module: Any) -> Callable[[jax.Array], jax.Arra
     raise FallbackError(f"{type(module).__name__}: causal convolution activation {name!r} is not supported")
 
 
-def _single_batch(module: Any, **tensors: Any) -> None:
-    for name, t in tensors.items():
-        if t is not None and t.shape[0] != 1:
-            raise FallbackError(
-                f"{type(module).__name__}: {name} has batch {t.shape[0]}; the fallback runs one flat sequence"
-            )
-
-
 def _causal_conv1d_fn(module: Any) -> Callable:
     """``causal_conv1d_fn(x [1, channels, T], weight [channels, kernel], bias, activation)`` per sequence."""
 
     def causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
         from torchax import interop
 
-        _single_batch(module, hidden_states=hidden_states)
-        ctx = _ctx_of(module)
+        check_single_batch(module, hidden_states=hidden_states)
+        ctx = step_context(module)
         x, w, b = interop.jax_view((hidden_states, weight, bias))
         channels, kernel = w.shape
         if kernel < 2:
             raise FallbackError(f"{type(module).__name__}: causal convolution of width {kernel}")
         spec = StateSpec((channels, kernel - 1), str(jnp.dtype(x.dtype)))
         index, pool = ctx.claim_state(module, spec)
-        layout = _layout(ctx)
-        init = _initial(pool, layout, spec.shape, x.dtype)
+        layout = layout_of(ctx)
+        init = read_states(pool, layout, spec.shape, x.dtype)
         y, new = ragged_conv1d(x[0].T.astype(w.dtype), w, b, init, layout)
-        _store(ctx, index, pool, layout, new)
+        write_states(ctx, index, pool, layout, new)
         y = _activation(activation, module)(y)
         return interop.torch_view(y.T[None].astype(x.dtype))
 
@@ -236,10 +105,10 @@ def _mamba2_chunk_scan(module: Any) -> Callable:
     ):
         from torchax import interop
 
-        _single_batch(module, hidden_states=hidden_states)
+        check_single_batch(module, hidden_states=hidden_states)
         if initial_states is not None or return_final_states or z is not None:
             raise FallbackError(f"{type(module).__name__}: unexpected cached / gated call of the SSD scan")
-        ctx = _ctx_of(module)
+        ctx = step_context(module)
         x, dt, A, B, C, D, dt_bias = interop.jax_view((hidden_states, dt, A, B, C, D, dt_bias))
         _, _, heads, head_dim = x.shape
         groups, state_size = B.shape[2], B.shape[3]
@@ -255,8 +124,8 @@ def _mamba2_chunk_scan(module: Any) -> Callable:
         A = A.astype(jnp.float32)
         spec = StateSpec((heads, head_dim, state_size), "float32")
         index, pool = ctx.claim_state(module, spec)
-        layout = _layout(ctx)
-        init = _initial(pool, layout, spec.shape, jnp.float32)
+        layout = layout_of(ctx)
+        init = read_states(pool, layout, spec.shape, jnp.float32)
 
         def step(h, inp):
             x_t, dt_t, b_t, c_t = inp
@@ -264,7 +133,7 @@ def _mamba2_chunk_scan(module: Any) -> Callable:
             return h, jnp.sum(h * c_t[:, None, :], axis=-1)
 
         y, finals = ragged_scan(step, init, (x, dt, B, C), layout)
-        _store(ctx, index, pool, layout, finals)
+        write_states(ctx, index, pool, layout, finals)
         if D is not None:
             y = y + D.astype(jnp.float32)[:, None] * x
         return interop.torch_view(y[None])
@@ -291,10 +160,10 @@ def _mamba_selective_scan(module: Any) -> Callable:
     ):
         from torchax import interop
 
-        _single_batch(module, hidden_states=hidden_states)
+        check_single_batch(module, hidden_states=hidden_states)
         if return_last_state:
             raise FallbackError(f"{type(module).__name__}: unexpected cached call of the selective scan")
-        ctx = _ctx_of(module)
+        ctx = step_context(module)
         x, dt, A, B, C, D, z, delta_bias = interop.jax_view((hidden_states, dt, A, B, C, D, z, delta_bias))
         in_dtype = x.dtype
         if delta_bias is not None:
@@ -307,8 +176,8 @@ def _mamba_selective_scan(module: Any) -> Callable:
         inner, state_size = A.shape
         spec = StateSpec((inner, state_size), "float32")
         index, pool = ctx.claim_state(module, spec)
-        layout = _layout(ctx)
-        init = _initial(pool, layout, spec.shape, jnp.float32)
+        layout = layout_of(ctx)
+        init = read_states(pool, layout, spec.shape, jnp.float32)
 
         def step(h, inp):
             xs, dts, bs, cs = inp
@@ -316,7 +185,7 @@ def _mamba_selective_scan(module: Any) -> Callable:
             return h, h.astype(in_dtype) @ cs
 
         y, finals = ragged_scan(step, init, (x_t, dt_t, B_t, C_t), layout)
-        _store(ctx, index, pool, layout, finals)
+        write_states(ctx, index, pool, layout, finals)
         y = y.T[None]  # [1, I, T]
         if D is not None:
             y = y + x * D[None, :, None]
@@ -350,10 +219,10 @@ def _gated_delta_rule(module: Any) -> Callable:
     ):
         from torchax import interop
 
-        _single_batch(module, query=query)
+        check_single_batch(module, query=query)
         if initial_state is not None or output_final_state:
             raise FallbackError(f"{type(module).__name__}: unexpected cached call of the gated delta rule")
-        ctx = _ctx_of(module)
+        ctx = step_context(module)
         q, k, v, g, beta = interop.jax_view((query, key, value, g, beta))
         out_dtype = q.dtype
         q, k, v, g, beta = (a[0].astype(jnp.float32) for a in (q, k, v, g, beta))
@@ -363,8 +232,8 @@ def _gated_delta_rule(module: Any) -> Callable:
         heads, dk, dv = v.shape[1], k.shape[2], v.shape[2]
         spec = StateSpec((heads, dk, dv), "float32")
         index, pool = ctx.claim_state(module, spec)
-        layout = _layout(ctx)
-        init = _initial(pool, layout, spec.shape, jnp.float32)
+        layout = layout_of(ctx)
+        init = read_states(pool, layout, spec.shape, jnp.float32)
 
         def step(s, inp):
             q_t, k_t, v_t, g_t, b_t = inp
@@ -376,7 +245,7 @@ def _gated_delta_rule(module: Any) -> Callable:
             return s, jnp.sum(s * q_t[:, :, None], axis=1)
 
         o, finals = ragged_scan(step, init, (q, k, v, g, beta), layout)
-        _store(ctx, index, pool, layout, finals)
+        write_states(ctx, index, pool, layout, finals)
         return interop.torch_view(o[None].astype(out_dtype)), None
 
     return gated_delta_rule
@@ -393,8 +262,8 @@ def _lightning_attention_forward(
     layer's projections, norm and output gate run as written. State ``[H, D, D]`` f32 per slot."""
     from torchax import interop
 
-    _single_batch(self, hidden_states=hidden_states)
-    ctx = _ctx_of(self)
+    check_single_batch(self, hidden_states=hidden_states)
+    ctx = step_context(self)
     b, t, _ = hidden_states.shape
     qkv = self.act_fn(self.qkv_proj(hidden_states)).reshape(b, t, self.num_attention_heads, 3 * self.head_dim)
     q, k, v = (interop.jax_view(x)[0] for x in qkv.split(self.head_dim, dim=3))  # [T, H, D]
@@ -402,8 +271,8 @@ def _lightning_attention_forward(
     decay = jnp.exp(-interop.jax_view(self.slope_rate).reshape(-1).astype(jnp.float32))  # [H]
     spec = StateSpec((self.num_attention_heads, self.head_dim, self.head_dim), "float32")
     index, pool = ctx.claim_state(self, spec)
-    layout = _layout(ctx)
-    init = _initial(pool, layout, spec.shape, jnp.float32)
+    layout = layout_of(ctx)
+    init = read_states(pool, layout, spec.shape, jnp.float32)
 
     def step(state, inp):
         q_t, k_t, v_t = (x.astype(jnp.float32) for x in inp)
@@ -411,7 +280,7 @@ def _lightning_attention_forward(
         return state, jnp.sum(q_t[:, :, None] * state, axis=1)
 
     o, finals = ragged_scan(step, init, (q, k, v), layout)
-    _store(ctx, index, pool, layout, finals)
+    write_states(ctx, index, pool, layout, finals)
     out = interop.torch_view(o.astype(out_dtype).reshape(1, t, -1))
     out = self.norm(out)
     out = self.output_gate(hidden_states).sigmoid() * out
@@ -427,11 +296,11 @@ def _zaya_cca_forward(self, hidden_states, past_key_values=None, conv_mask=None)
     import torch
     from torchax import interop
 
-    _single_batch(self, hidden_states=hidden_states)
+    check_single_batch(self, hidden_states=hidden_states)
     if conv_mask is not None:
         raise FallbackError(f"{type(self).__name__}: a convolution mask is not supported")
-    ctx = _ctx_of(self)
-    layout = _layout(ctx)
+    ctx = step_context(self)
+    layout = layout_of(ctx)
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     projected_queries = self.q_proj(hidden_states)
@@ -447,9 +316,9 @@ def _zaya_cca_forward(self, hidden_states, past_key_values=None, conv_mask=None)
     width = self.conv_kernel_size
     spec = StateSpec((qk.shape[1], width), str(jnp.dtype(qk.dtype)))
     index, pool = ctx.claim_state(self, spec)
-    init = _initial(pool, layout, spec.shape, qk.dtype)
+    init = read_states(pool, layout, spec.shape, qk.dtype)
     windows = jnp.stack([ragged_history(qk, init, layout, back) for back in range(width, -1, -1)], axis=-1)
-    _store(ctx, index, pool, layout, ragged_window(qk, init, layout))
+    write_states(ctx, index, pool, layout, ragged_window(qk, init, layout))
     qk_states = self.conv_qk_grouped(self.conv_qk_depthwise(interop.torch_view(windows)))  # [T, C, 1]
     qk_states = qk_states[:, :, 0][None]
     query_hidden_size = query_residual.shape[-2] * query_residual.shape[-1]
@@ -461,11 +330,11 @@ def _zaya_cca_forward(self, hidden_states, past_key_values=None, conv_mask=None)
     first = interop.jax_view(self.v_proj_delayed(hidden_states.new_zeros(1, 1, self.hidden_size)))[0, 0]
     spec = StateSpec((delayed.shape[1], 1), str(jnp.dtype(delayed.dtype)))
     index, pool = ctx.claim_state(self, spec)
-    init = _initial(pool, layout, spec.shape, delayed.dtype)
+    init = read_states(pool, layout, spec.shape, delayed.dtype)
     # a fresh sequence's "previous delayed value" is the projection of zeros (the bias), as in the layer
     init = jnp.where(layout.fresh[:, None, None], first[None, :, None], init)
     value_delayed = ragged_history(delayed, init, layout, 1)
-    _store(ctx, index, pool, layout, ragged_window(delayed, init, layout))
+    write_states(ctx, index, pool, layout, ragged_window(delayed, init, layout))
     value = torch.cat([value_current, interop.torch_view(value_delayed[None])], dim=-1).view(*hidden_shape)
     return query, key, value
 
@@ -478,8 +347,8 @@ def _token_shift(module: Any, ctx: StepContext, layout: RaggedLayout, hidden):
     x = interop.jax_view(hidden)[0]  # [T, C]
     spec = StateSpec((x.shape[1], 1), str(jnp.dtype(x.dtype)))
     index, pool = ctx.claim_state(module, spec)
-    init = _initial(pool, layout, spec.shape, x.dtype)
-    _store(ctx, index, pool, layout, ragged_window(x, init, layout))
+    init = read_states(pool, layout, spec.shape, x.dtype)
+    write_states(ctx, index, pool, layout, ragged_window(x, init, layout))
     return interop.torch_view(ragged_history(x, init, layout, 1)[None])
 
 
@@ -489,9 +358,9 @@ def _rwkv_attention_forward(self, hidden, state=None, use_cache=False):
     ``[3, attention_hidden]`` f32 per slot."""
     from torchax import interop
 
-    _single_batch(self, hidden=hidden)
-    ctx = _ctx_of(self)
-    layout = _layout(ctx)
+    check_single_batch(self, hidden=hidden)
+    ctx = step_context(self)
+    layout = layout_of(ctx)
     shifted = _token_shift(self, ctx, layout, hidden)
     key = hidden * self.time_mix_key + shifted * (1 - self.time_mix_key)
     value = hidden * self.time_mix_value + shifted * (1 - self.time_mix_value)
@@ -503,7 +372,7 @@ def _rwkv_attention_forward(self, hidden, state=None, use_cache=False):
     time_first = interop.jax_view(self.time_first).astype(jnp.float32)
     spec = StateSpec((3, k.shape[2]), "float32")
     index, pool = ctx.claim_state(self, spec)
-    init = _initial(pool, layout, spec.shape, jnp.float32)
+    init = read_states(pool, layout, spec.shape, jnp.float32)
     init = init.at[:, 2].set(jnp.where(layout.fresh[:, None], -1e38, init[:, 2]))  # fresh max: -1e38
 
     def step(st, inp):
@@ -517,7 +386,7 @@ def _rwkv_attention_forward(self, hidden, state=None, use_cache=False):
         return jnp.stack([e1 * num + e2 * v_t, e1 * den + e2, m_st]), y
 
     wkv, finals = ragged_scan(step, init, (k[0], v[0]), layout)
-    _store(ctx, index, pool, layout, finals)
+    write_states(ctx, index, pool, layout, finals)
     return self.output(receptance * interop.torch_view(wkv[None])), None
 
 
@@ -525,9 +394,9 @@ def _rwkv_feed_forward(self, hidden, state=None):
     """RWKV channel mixing (``RwkvFeedForward``): only its token shift carries state."""
     import torch
 
-    _single_batch(self, hidden=hidden)
-    ctx = _ctx_of(self)
-    shifted = _token_shift(self, ctx, _layout(ctx), hidden)
+    check_single_batch(self, hidden=hidden)
+    ctx = step_context(self)
+    shifted = _token_shift(self, ctx, layout_of(ctx), hidden)
     key = hidden * self.time_mix_key + shifted * (1 - self.time_mix_key)
     receptance = hidden * self.time_mix_receptance + shifted * (1 - self.time_mix_receptance)
     key = torch.square(torch.relu(self.key(key)))
@@ -539,17 +408,17 @@ def _recurrent_gemma_block(self, input_states, position_ids, attention_mask=None
     the last ``conv1d_width - 1`` inputs), then the layer's RG-LRU, whose linear scan is ragged too."""
     from torchax import interop
 
-    _single_batch(self, input_states=input_states)
-    ctx = _ctx_of(self)
-    layout = _layout(ctx)
+    check_single_batch(self, input_states=input_states)
+    ctx = step_context(self)
+    layout = layout_of(ctx)
     y_branch = self.act_fn(self.linear_y(input_states))
     x = interop.jax_view(self.linear_x(input_states))[0]  # [T, W]
     w, b = interop.jax_view((self.conv_1d.weight, self.conv_1d.bias))
     spec = StateSpec((x.shape[1], self.conv1d_width - 1), str(jnp.dtype(x.dtype)))
     index, pool = ctx.claim_state(self, spec)
-    init = _initial(pool, layout, spec.shape, x.dtype)
+    init = read_states(pool, layout, spec.shape, x.dtype)
     conv, new = ragged_conv1d(x, w[:, 0, :], b, init, layout)
-    _store(ctx, index, pool, layout, new)
+    write_states(ctx, index, pool, layout, new)
     x_branch = self.rg_lru(interop.torch_view(conv.astype(x.dtype)[None]), position_ids)
     return self.linear_out(x_branch * y_branch), None
 
@@ -559,14 +428,14 @@ def _rglru_scan(self, hidden_states, recurrent_gate, reset, recurrent_states=Non
     0) per sequence; state ``[W]`` f32 per slot."""
     from torchax import interop
 
-    ctx = _ctx_of(self)
-    layout = _layout(ctx)
+    ctx = step_context(self)
+    layout = layout_of(ctx)
     x, a, r = interop.jax_view((hidden_states, recurrent_gate, reset))
     a = jnp.where(r, 0.0, a)[0].astype(jnp.float32)
     x = x[0]
     spec = StateSpec((x.shape[1],), "float32")
     index, pool = ctx.claim_state(self, spec)
-    init = _initial(pool, layout, spec.shape, jnp.float32)
+    init = read_states(pool, layout, spec.shape, jnp.float32)
 
     def step(h, inp):
         a_t, x_t = inp
@@ -574,7 +443,7 @@ def _rglru_scan(self, hidden_states, recurrent_gate, reset, recurrent_states=Non
         return h, h.astype(x.dtype)
 
     y, finals = ragged_scan(step, init, (a, x), layout)
-    _store(ctx, index, pool, layout, finals)
+    write_states(ctx, index, pool, layout, finals)
     return interop.torch_view(y[None]), None
 
 
@@ -586,11 +455,11 @@ def _mlstm_backend(
     [1, H, T, Dv]``, ``igate/fgate [1, H, T]`` -> ``(h [1, H, T, Dv], None)``."""
     from torchax import interop
 
-    _single_batch(self, query=query)
+    check_single_batch(self, query=query)
     if c_initial is not None or n_initial is not None or m_initial is not None:
         raise FallbackError(f"{type(self).__name__}: unexpected cached call of the mLSTM cell")
-    ctx = _ctx_of(self)
-    layout = _layout(ctx)
+    ctx = step_context(self)
+    layout = layout_of(ctx)
     q, k, v, ig, fg = interop.jax_view((query, key, value, igate, fgate))
     qkv_dtype = q.dtype
     q, k, v = (jnp.swapaxes(x[0], 0, 1) for x in (q, k, v))  # [T, H, D]
@@ -599,7 +468,7 @@ def _mlstm_backend(
     eps = self.config.eps
     spec = StateSpec((heads, dqk * dv + dqk + 1), "float32")  # C, n and m of each head, packed
     index, pool = ctx.claim_state(self, spec)
-    init = _initial(pool, layout, spec.shape, jnp.float32)
+    init = read_states(pool, layout, spec.shape, jnp.float32)
 
     def step(packed, inp):
         q_t, k_t, v_t, i_t, f_t = inp
@@ -619,7 +488,7 @@ def _mlstm_backend(
         return packed, h.astype(qkv_dtype)
 
     h, finals = ragged_scan(step, init, (q, k, v, ig, fg), layout)
-    _store(ctx, index, pool, layout, finals)
+    write_states(ctx, index, pool, layout, finals)
     return interop.torch_view(jnp.swapaxes(h, 0, 1)[None]), None
 
 

@@ -16,7 +16,7 @@ from jaxrt_testing import assert_no_leak, chunked_prefill_logits
 
 import jaxrt
 from jaxrt.converters.fallback import build_fallback
-from jaxrt.converters.fallback.recurrent import RaggedLayout, ragged_conv1d, ragged_scan
+from jaxrt.converters.fallback.ragged import RaggedLayout, ragged_conv1d, ragged_scan
 from jaxrt.converters.loader import load_hf_config
 
 ENGINE_MODEL = "zamba2"  # Mamba-2 mixers (conv + SSM state) and attention layers in one model

@@ -40,7 +40,7 @@ from jaxrt.converters.fallback.weights import expected_tensors, jax_dtype, load_
 
 logger = logging.getLogger(__name__)
 
-# Module class names of recurrent / state-space mixers: their per-request state does not fit a paged KV pool.
+# Module class names of recurrent / state-space mixers: refused unless an adapter in recurrent.py serves them.
 _RECURRENT_MODULE = re.compile(
     r"Mamba|Mixer2?$|SSM|Rwkv|RWKV|xLSTM|mLSTM|sLSTM|Recurrent|RecurrentBlock|LinearAttention|Lightning|"
     r"GatedDeltaNet|DeltaNet|ShortConv|KimiDelta|Rglru",
@@ -163,8 +163,9 @@ def adapted_mixers(model: Any) -> list[str]:
 
 
 def _recurrent_modules(model: Any, covered: list[str] = ()) -> list[str]:
-    """Recurrent-looking modules not served by a mixer adapter: not inside, around or equal to an adapted mixer
-    (its decoder block, its gated norm), and not a plain norm (``MambaRMSNorm``)."""
+    """Recurrent-looking modules (by class name) not served by an adapter: when some are served (``covered``:
+    adapted mixers and modules that called the attention interface), modules inside, around or equal to a served
+    one (its decoder block, its gated norm) and per-token norms / MLPs are not counted."""
     from transformers import PreTrainedModel
 
     def is_covered(name: str) -> bool:
@@ -384,25 +385,26 @@ def _refuse_recurrent(model: Any, served: list[str]) -> None:
 
 
 def _check_hybrid_layers(model: Any, specs: list[LayerSpec], mixers: list[str]) -> None:
-    """In a hybrid model, every decoder layer that has an attention module must have routed it through the
-    attention interface, unless the layer's mixer is an adapted recurrent one (layers of only an MLP or MoE,
-    as in Nemotron-H, have neither)."""
+    """In a hybrid model, every attention module of a decoder layer must have called the attention interface or
+    be (part of) an adapted recurrent mixer; layers of only an MLP or MoE (Nemotron-H) have neither."""
     import torch
 
     served = [s.module for s in specs] + mixers
+
+    def is_served(name: str) -> bool:
+        return any(name == x or name.startswith(x + ".") or x.startswith(name + ".") for x in served)
+
     for name, m in model.named_modules():
         if not isinstance(m, torch.nn.ModuleList) or not name.endswith("layers"):
             continue
         for i, layer in enumerate(m):
-            prefix = f"{name}.{i}."
-            if any(x.startswith(prefix) for x in served):
-                continue
-            attn = [n for n, sub in layer.named_modules() if "Attention" in type(sub).__name__]
-            if attn:
-                raise FallbackError(
-                    f"{type(model).__name__}: layer {name}.{i} has {prefix}{attn[0]} but routed no attention "
-                    "through the attention interface; it would run without its KV cache"
-                )
+            for sub_name, sub in layer.named_modules():
+                full = f"{name}.{i}.{sub_name}" if sub_name else f"{name}.{i}"
+                if "Attention" in type(sub).__name__ and not is_served(full):
+                    raise FallbackError(
+                        f"{type(model).__name__}: {full} ({type(sub).__name__}) routed no attention through the "
+                        "attention interface; it would run without its KV cache"
+                    )
 
 
 def _check_config_window(model: Any, specs: list[LayerSpec]) -> None:

@@ -152,7 +152,7 @@ def _checkpoint(checkpoints: dict, tmp_path_factory, model_type: str) -> str:
 
 
 @pytest.mark.parametrize("model_type", ["mamba2", "qwen3_next"])
-@pytest.mark.parametrize("chunks", [1, 3])
+@pytest.mark.parametrize("chunks", [pytest.param(1, marks=pytest.mark.slow), 3])
 def test_forward_logits_match_transformers_per_sequence(checkpoints, tmp_path_factory, model_type, chunks):
     """Several sequences in one ragged batch, prefilled in one or three chunks (state carried across chunks in
     the slots), against transformers run on each sequence alone."""
@@ -191,24 +191,29 @@ def expected(engine_model, prompt_ids) -> list[list[int]]:
     return hf_greedy_ids(engine_model, prompt_ids)
 
 
+@pytest.fixture(scope="module")
+def llm(engine_model):
+    with jaxrt.Engine(model_path=engine_model, **ENGINE) as engine:
+        yield engine
+
+
 def assert_slots_free(llm: jaxrt.Engine) -> None:
     assert_no_leak(llm)
     sched = llm.scheduler
     assert sorted(sched.free_state_slots) == list(range(sched.num_state_slots))
 
 
-def test_engine_mixed_batches_and_chunked_prefill(engine_model, prompt_ids, expected):
+def test_engine_mixed_batches_and_chunked_prefill(llm, prompt_ids, expected):
     """Five requests, four running at a time: prefill chunks of 16 tokens next to decodes in the same steps."""
-    with jaxrt.Engine(model_path=engine_model, **ENGINE) as llm:
-        assert llm.radix.disabled and llm.config.model.state_specs
-        assert llm.scheduler.num_state_slots == 4
-        outs = llm.generate(input_ids=prompt_ids, sampling_params=_greedy())
-        assert [o["output_ids"] for o in outs] == expected
-        assert_slots_free(llm)
-        # slots are reused by later requests: same tokens again
-        outs = llm.generate(input_ids=prompt_ids[::-1], sampling_params=_greedy())
-        assert [o["output_ids"] for o in outs] == expected[::-1]
-        assert_slots_free(llm)
+    assert llm.radix.disabled and llm.config.model.state_specs
+    assert llm.scheduler.num_state_slots == 4
+    outs = llm.generate(input_ids=prompt_ids, sampling_params=_greedy())
+    assert [o["output_ids"] for o in outs] == expected
+    assert_slots_free(llm)
+    # slots are reused by later requests: same tokens again
+    outs = llm.generate(input_ids=prompt_ids[::-1], sampling_params=_greedy())
+    assert [o["output_ids"] for o in outs] == expected[::-1]
+    assert_slots_free(llm)
 
 
 def test_engine_preemption_recomputes_state(engine_model, prompt_ids, expected):
@@ -220,15 +225,14 @@ def test_engine_preemption_recomputes_state(engine_model, prompt_ids, expected):
         assert_slots_free(llm)
 
 
-def test_engine_abort_frees_the_slot(engine_model, prompt_ids, expected):
-    with jaxrt.Engine(model_path=engine_model, **ENGINE) as llm:
-        gen = llm.generate(input_ids=prompt_ids[1], sampling_params=_greedy(60), stream=True)
-        assert next(gen)["meta_info"]["finish_reason"] is None
-        gen.close()  # aborted mid-decode
-        assert_slots_free(llm)
-        outs = llm.generate(input_ids=prompt_ids, sampling_params=_greedy())
-        assert [o["output_ids"] for o in outs] == expected
-        assert_slots_free(llm)
+def test_engine_abort_frees_the_slot(llm, prompt_ids, expected):
+    gen = llm.generate(input_ids=prompt_ids[1], sampling_params=_greedy(60), stream=True)
+    assert next(gen)["meta_info"]["finish_reason"] is None
+    gen.close()  # aborted mid-decode
+    assert_slots_free(llm)
+    outs = llm.generate(input_ids=prompt_ids, sampling_params=_greedy())
+    assert [o["output_ids"] for o in outs] == expected
+    assert_slots_free(llm)
 
 
 def test_engine_continuous_decode_carries_state(engine_model, prompt_ids, expected):

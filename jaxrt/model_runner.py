@@ -230,7 +230,11 @@ class ModelRunner:
         their row counts, and (continuous decode) the decode loop on every decode bucket for both."""
         modes = (SampleMode(), SampleMode(sampling=True))
         keys: list[tuple] = [("forward", n) for n in self.token_buckets]
-        keys += [("sample", s, 1, m) for s in sorted({self.num_seqs_for(n) for n in self.token_buckets}) for m in modes]
+        keys += [
+            ("sample", s, 1, m)
+            for s in sorted({self.num_seqs_for(n) for n in self.token_buckets})
+            for m in modes
+        ]
         if self._decode_loop is not None:
             keys += [("decode_loop", n, m) for n in self.decode_buckets for m in modes]
         return keys
@@ -244,19 +248,22 @@ class ModelRunner:
         compiles without the GIL; a persistent-cache hit is a load).
         """
         keys = [k for k in self.startup_keys() if k not in self._programs]
+        workers = min(envs.compile_workers(self.device.platform), len(keys))
+        bar = tqdm(keys, desc="Compiling step programs", disable=envs.disable_progress_bar(), leave=False)
         t0 = time.perf_counter()
-        bar = tqdm(keys, desc="Tracing step programs", disable=envs.disable_progress_bar(), leave=False)
-        lowered = [self._lower(k) for k in bar]
-        t1 = time.perf_counter()
-        workers = min(envs.compile_workers(self.device.platform), len(lowered))
         if workers > 1:
             from concurrent.futures import ThreadPoolExecutor
 
+            # Each program goes to the compile threads as soon as it is lowered: compiles overlap tracing.
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxrt-compile") as pool:
-                compiled = list(pool.map(lambda low: low.compile(), lowered))
+                futures = [pool.submit(self._lower(k).compile) for k in bar]
+                t1 = time.perf_counter()
+                compiled = [f.result() for f in futures]
         else:
+            lowered = [self._lower(k) for k in bar]
+            t1 = time.perf_counter()
             compiled = [low.compile() for low in lowered]
-        self._programs.update(zip(keys, compiled))
+        self._programs.update(zip(keys, compiled, strict=True))
         t2 = time.perf_counter()
         for key in keys:
             self._warm(key)
@@ -265,8 +272,12 @@ class ModelRunner:
         self.startup_breakdown.update(trace_s=t1 - t0, compile_s=t2 - t1, warm_s=t3 - t2)
         self._ready = True
         logger.info(
-            "%d programs: traced in %.1f s, compiled in %.1f s (%d threads), first runs %.1f s",
-            len(keys), t1 - t0, t2 - t1, workers, t3 - t2,
+            "%d programs: traced in %.1f s, compiles done %.1f s later (%d threads), first runs %.1f s",
+            len(keys),
+            t1 - t0,
+            t2 - t1,
+            workers,
+            t3 - t2,
         )
 
     def _warm(self, key: tuple) -> None:
@@ -285,7 +296,9 @@ class ModelRunner:
         else:
             fb, sb, _ = self._batch(SchedulerOutput(), key[1], 1, {})
             steps = np.zeros(self.num_seqs_for(key[1]), np.int32)
-            out, self.kv_caches = self._programs[key](self.state, self.kv_caches, fb, sb, self._no_prev, steps)
+            out, self.kv_caches = self._programs[key](
+                self.state, self.kv_caches, fb, sb, self._no_prev, steps
+            )
             jax.block_until_ready(out)
 
     def prepare(

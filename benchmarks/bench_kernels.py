@@ -126,9 +126,6 @@ def check_variant(cfg: GpuConfig, hkv: int, d: int, dtype: str) -> GpuConfig | N
     within 32 KiB."""
     if "prefetch" in VARIANTS:
         return dataclasses.replace(cfg, prefetch=not cfg.prefetch)
-    if "prior" in VARIANTS:  # the default before item_pages / evict_first (where the default uses them)
-        prior = dataclasses.replace(cfg, item_pages=False, evict_first=False)
-        return prior if prior != cfg else None
     if "heads" in VARIANTS:
         heads = min(4, hkv & -hkv)
         if heads == cfg.kv_heads:
@@ -535,10 +532,10 @@ def run_decode(args, grid, shapes, tune_points=()):
                 ("pallas_shared", pallas_fn(sm, shared_plan=True), q, (*ins[1:], plan_for(ins)), it),
             ]
             if "prior" in VARIANTS:
-                prior = prior_decode_config(cfg)
-                jobs.append(
-                    ("pallas_prior", pallas_fn(sm, shared_plan=True), q, (*ins[1:], plan_for(ins, prior)), it)
+                prior = prior_decode_config(
+                    b, hq, hkv, d, args.page_size, pt.shape[1], jnp.dtype(dtype).itemsize
                 )
+                jobs.append(("pallas_prior", pallas_fn(sm, prior), q, ins[1:], it))
             baselines = args.baselines.split(",") if args.baselines else []
             if "jax_paged" in baselines:
                 k_hm = jnp.transpose(k_pages, (2, 0, 1, 3))
@@ -615,25 +612,32 @@ def pct(nbytes, t):
 
 
 def cfg_str(c, kv_layout="nhd"):
-    """rows/block_kv/splits/warps/stages[/hf][/pf][/hN][/la][/ip][/ef][/hnd]: the --sweep-configs syntax."""
+    """rows/block_kv/splits/warps/stages[/hf][/pf][/hN][/la][/hnd]: the --sweep-configs syntax."""
     c = c if isinstance(c, dict) else dataclasses.asdict(c)
     heads = c.get("kv_heads", 1)
     return (
         f"{c['block_rows']}/{c['block_kv']}/{c['num_splits']}/{c['num_warps']}/{c['num_stages']}"
         f"{'/hf' if c.get('heads_fastest') else ''}{'/pf' if c.get('prefetch') else ''}"
         f"{f'/h{heads}' if heads > 1 else ''}{'/la' if c.get('page_lookahead') else ''}"
-        f"{'/ip' if c.get('item_pages') else ''}{'/ef' if c.get('evict_first') else ''}"
         f"{'/hnd' if kv_layout == 'hnd' else ''}"
     )
 
 
-def prior_decode_config(cfg: GpuConfig) -> GpuConfig:
-    """The decode tiling that was the default before item_pages / evict_first (for the comparison column)."""
-    return dataclasses.replace(cfg, item_pages=False, evict_first=False)
+def prior_decode_config(b, hq, hkv, d, page, pages_per_seq, itemsize, num_sms=None):
+    """The decode tiling that was the default before kv_heads existed (for comparison columns)."""
+    kv_cap = max(16, 65536 // (2 * d * itemsize))
+    rows = max(16, pallas_gpu.common.next_pow2(hq // hkv))
+    block_kv = min(128, kv_cap // 2)
+    block_q = max(1, rows // pallas_gpu.common.next_pow2(hq // hkv))
+    num_work = pallas_gpu.common.num_work_items(b, b, block_q)
+    max_blocks = pallas_gpu.common.cdiv(pages_per_seq * page, block_kv)
+    splits = pallas_gpu.decode_splits(num_work * hkv, max_blocks, num_sms)
+    stages = 3 if 3 * 2 * block_kv * d * itemsize + rows * d * itemsize <= 192 * 1024 else 2
+    return GpuConfig(rows, block_kv, splits, 4, stages, prefetch=True)
 
 
 def parse_cfg(spec, *, b, hq, hkv, d, page, pages_per_seq):
-    """'rows/block_kv/splits/warps/stages[/hf][/pf][/hN][/la][/ip][/ef][/hnd]' -> (GpuConfig, kv_layout);
+    """'rows/block_kv/splits/warps/stages[/hf][/pf][/hN][/la][/hnd]' -> (GpuConfig, kv_layout);
     splits 'a' = decode_splits'."""
     parts = spec.split("/")
     rows, bkv, splits, warps, stages = parts[:5]
@@ -657,8 +661,6 @@ def parse_cfg(spec, *, b, hq, hkv, d, page, pages_per_seq):
         prefetch="pf" in flags,
         kv_heads=heads,
         page_lookahead="la" in flags,
-        item_pages="ip" in flags,
-        evict_first="ef" in flags,
     )
     return cfg, ("hnd" if "hnd" in flags else "nhd")
 
@@ -807,7 +809,7 @@ def run_sweep(args):
 def decode_header():
     return (
         "| shape | batch | context | KV MB | pallas µs | GB/s | % of 3.19 TB/s | with shared plan µs (%) | "
-        "kernel alone µs (%) | prior default, shared plan µs (%) | jax paged µs (%) | XLA dense µs (%) | XLA reference µs | "
+        "kernel alone µs (%) | prior tiling µs (%) | jax paged µs (%) | XLA dense µs (%) | XLA reference µs | "
         "pallas config | best tuned µs (%) config |\n"
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
@@ -1100,7 +1102,7 @@ def main(argv=None):
     p.add_argument(
         "--variants",
         default="default",
-        help="default[,prefetch|heads|prior]: extra tilings to measure (prior) / check",
+        help="default[,prefetch|heads][,prior]: extra tilings to check (prefetch, heads) / measure (prior)",
     )
     args = p.parse_args(argv)
     global INTERPRET, TIMER, VARIANTS

@@ -87,14 +87,6 @@ class GpuConfig:
     prefetch: bool = False  # issue block b+1's loads before block b's math (tiles carried in registers)
     kv_heads: int = 1
     page_lookahead: bool = False  # with prefetch: read block b+2's page ids while block b+1's K/V load
-    # K/V loads marked evict_first (each K/V byte is read once per call: let it leave L2 before the page
-    # table, q and metadata lines). Cache modifiers (".cg") are not usable: jax's Triton lowering accepts
-    # the name and then fails to map it.
-    evict_first: bool = False
-    # Page-table rows gathered per work item by the planning (``[num_work, pt_cols]``), so a program's
-    # first page-id load depends on its program id only, not on its metadata row (one dependent memory
-    # round trip less before the first K/V loads).
-    item_pages: bool = False
 
 
 # What benchmarks/bench_kernels.py --check compiled and ran correctly on an H100 (jax 0.11.2, Triton path):
@@ -207,8 +199,6 @@ def default_config(
             prefetch=True,
             kv_heads=heads,
             page_lookahead=True,
-            item_pages=True,
-            evict_first=True,
         )
     rows = max(64, group_pad)
     block_kv = 64
@@ -303,7 +293,7 @@ class GpuPlan:
     config: GpuConfig
     key: tuple  # static shapes it was made for (_plan_key)
     work: common.Plan
-    page_table: jax.Array  # [max_num_seqs, pt_cols] int32 ([num_work, pt_cols] with config.item_pages)
+    page_table: jax.Array  # [max_num_seqs, pt_cols] int32
 
 
 def _plan_key(q, k_pages, page_indices, kv_layout: str = "nhd") -> tuple:
@@ -349,8 +339,6 @@ def gpu_metadata(
     pt = page_indices
     if t.pt_cols != pages_per_seq:
         pt = jnp.pad(pt, ((0, 0), (0, t.pt_cols - pages_per_seq)))
-    if config.item_pages:
-        pt = pt[work.meta[:, common.META_SEQ]]  # [num_work, pt_cols]: work item w reads row w
     key = _plan_key(q, k_pages, page_indices, kv_layout)
     return GpuPlan(config=config, key=key, work=work, page_table=pt)
 
@@ -371,8 +359,6 @@ def _kernel(
     heads_fastest: bool,
     prefetch: bool,
     page_lookahead: bool,
-    item_pages: bool,
-    load_hints: dict,
     precision,
 ):
     """One program: one work item, ``t.heads`` kv heads, one kv split (``program_id(2)``).
@@ -401,10 +387,7 @@ def _kernel(
     width = heads * head_dim
     pt_cols = pt_ref.shape[1]
     hg = pl.program_id(0) if heads_fastest else pl.program_id(1)
-    # Page-table row: the work item's own (item_pages) or its sequence's.
-    pt_row = (
-        (pl.program_id(1) if heads_fastest else pl.program_id(0)) if item_pages else meta_ref[common.META_SEQ]
-    )
+    seq = meta_ref[common.META_SEQ]
     first_pos = meta_ref[common.META_FIRST_POS]
     nrows = meta_ref[common.META_NROWS]
     kv_len = meta_ref[common.META_KV_LEN]
@@ -430,7 +413,10 @@ def _kernel(
     else:
         q = q_ref[...]
     if heads > 1:
-        q, on_diag = _block_diag(q, rows, heads, group_pad, head_dim)
+        row_head = lax.rem(lax.div(lax.broadcasted_iota(jnp.int32, (rows, heads, 1), 0), group_pad), heads)
+        on_diag = row_head == lax.broadcasted_iota(jnp.int32, (rows, heads, 1), 1)  # [rows, heads, 1]
+        q = jnp.where(on_diag, q.reshape(rows, 1, head_dim), jnp.zeros_like(q).reshape(rows, 1, head_dim))
+        q = q.reshape(rows, width)
     q_pos = first_pos + lax.div(lax.broadcasted_iota(jnp.int32, (rows,), 0), heads * group_pad)
     # Scores are kept in base 2: s2 = log2(e) * s.
     s_scale = sm_scale * LOG2E if soft_cap is None else sm_scale / soft_cap
@@ -438,42 +424,49 @@ def _kernel(
     def lookup(b):  # page ids of kv block b (a vector of whole pages, or the one page it slices)
         if block_kv >= page_size:
             start = jnp.minimum(b * pages_per_blk, pt_cols - pages_per_blk)
-            return jnp.clip(pt_ref[pt_row, pl.ds(start, pages_per_blk)], 0, num_pages - 1)
-        return jnp.clip(
-            pt_ref[pt_row, jnp.minimum(lax.div(b, blocks_per_page), pt_cols - 1)], 0, num_pages - 1
-        )
-
-    def kv_load(ref):
-        return pltriton.load(ref, **load_hints) if load_hints else ref[...]
+            return jnp.clip(pt_ref[seq, pl.ds(start, pages_per_blk)], 0, num_pages - 1)
+        return jnp.clip(pt_ref[seq, jnp.minimum(lax.div(b, blocks_per_page), pt_cols - 1)], 0, num_pages - 1)
 
     def fetch(b, pages):
         if block_kv >= page_size:  # gather whole pages
-            k, v = kv_load(k_ref.at[pages]), kv_load(v_ref.at[pages])
-        else:  # a slice of one page
-            off = lax.rem(b, blocks_per_page) * block_kv
-            k, v = (
-                kv_load(k_ref.at[pages, pl.ds(off, block_kv)]),
-                kv_load(v_ref.at[pages, pl.ds(off, block_kv)]),
-            )
-        return k.reshape(block_kv, width), v.reshape(block_kv, width)
+            return k_ref[pages].reshape(block_kv, width), v_ref[pages].reshape(block_kv, width)
+        off = lax.rem(b, blocks_per_page) * block_kv  # a slice of one page
+        k = k_ref[pages, pl.ds(off, block_kv)].reshape(block_kv, width)
+        return k, v_ref[pages, pl.ds(off, block_kv)].reshape(block_kv, width)
 
     def load(b):
         return fetch(b, lookup(b))
 
     def compute(b, k, v, carry, masked):
-        return _softmax_step(
-            q,
-            k,
-            v,
-            carry,
-            b * block_kv if masked else None,
-            q_pos,
-            kv_len,
-            s_scale=s_scale,
-            soft_cap=soft_cap,
-            sliding_window=sliding_window,
-            precision=precision,
+        m_prev, l_prev, acc_prev = carry
+        s = lax.dot_general(
+            q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
         )
+        s = s * s_scale
+        if soft_cap is not None:
+            s = jnp.tanh(s) * (soft_cap * LOG2E)
+        if masked:
+            k_pos = b * block_kv + lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
+            mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < kv_len)
+            if sliding_window is not None:
+                mask = mask & (k_pos[None, :] > q_pos[:, None] - sliding_window)
+            s = jnp.where(mask, s, MASK_VALUE)
+        m_next = jnp.maximum(m_prev, s.max(axis=1))
+        alpha = jnp.exp2(m_prev - m_next)
+        p = jnp.exp2(s - m_next[:, None])
+        if masked:
+            p = jnp.where(mask, p, 0.0)
+            # Slots past kv_len may hold anything (stale or never-written pages): keep them out of p @ v.
+            v = jnp.where((k_pos < kv_len)[:, None], v, jnp.zeros_like(v))
+        l_next = alpha * l_prev + p.sum(axis=1)
+        pv = lax.dot_general(
+            p.astype(v.dtype),
+            v,
+            (((1,), (0,)), ((), ())),
+            precision=precision,
+            preferred_element_type=jnp.float32,
+        )
+        return m_next, l_next, alpha[:, None] * acc_prev + pv
 
     last = jnp.maximum(b1 - 1, 0)
 
@@ -512,11 +505,7 @@ def _kernel(
         jnp.zeros((rows,), jnp.float32),
         jnp.zeros((rows, width), jnp.float32),
     )
-    if prefetch and page_lookahead and item_pages and num_splits == 1 and sliding_window is None:
-        # b0 == 0: the first loads need no metadata (block 0 is a valid page-table column, read even when
-        # the item is empty; a "next" tile fetched past the item's last block is never used).
-        carry = (load(0), lookup(1), carry)
-    elif prefetch and page_lookahead:
+    if prefetch and page_lookahead:
         carry = (load(jnp.minimum(b0, last)), lookup(jnp.minimum(b0 + 1, last)), carry)
     elif prefetch:
         carry = (load(jnp.minimum(b0, last)), carry)
@@ -544,51 +533,6 @@ def _kernel(
             pltriton.store(ref.at[tile], val, mask=ok)
         else:
             ref[...] = val
-
-
-def _softmax_step(q, k, v, carry, k_start, q_pos, kv_len, *, s_scale, soft_cap, sliding_window, precision):
-    """One online-softmax step (base 2) of a ``[rows, width]`` query tile over one ``[block_kv, width]``
-    K/V tile. k_start: absolute position of the tile's first key, or None for a tile every query row sees
-    in full (no masking)."""
-    m_prev, l_prev, acc_prev = carry
-    block_kv = k.shape[0]
-    s = lax.dot_general(
-        q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
-    )
-    s = s * s_scale
-    if soft_cap is not None:
-        s = jnp.tanh(s) * (soft_cap * LOG2E)
-    if k_start is not None:
-        k_pos = k_start + lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
-        mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < kv_len)
-        if sliding_window is not None:
-            mask = mask & (k_pos[None, :] > q_pos[:, None] - sliding_window)
-        s = jnp.where(mask, s, MASK_VALUE)
-    m_next = jnp.maximum(m_prev, s.max(axis=1))
-    alpha = jnp.exp2(m_prev - m_next)
-    p = jnp.exp2(s - m_next[:, None])
-    if k_start is not None:
-        p = jnp.where(mask, p, 0.0)
-        # Slots past kv_len may hold anything (stale or never-written pages): keep them out of p @ v.
-        v = jnp.where((k_pos < kv_len)[:, None], v, jnp.zeros_like(v))
-    l_next = alpha * l_prev + p.sum(axis=1)
-    pv = lax.dot_general(
-        p.astype(v.dtype),
-        v,
-        (((1,), (0,)), ((), ())),
-        precision=precision,
-        preferred_element_type=jnp.float32,
-    )
-    return m_next, l_next, alpha[:, None] * acc_prev + pv
-
-
-def _block_diag(q, rows: int, heads: int, group_pad: int, head_dim: int):
-    """[rows, head_dim] -> [rows, heads * head_dim]: row r (kv head j = (r // group_pad) % heads) keeps its q
-    in column block j, zeros elsewhere; also returns the [rows, heads, 1] diagonal mask."""
-    row_head = lax.rem(lax.div(lax.broadcasted_iota(jnp.int32, (rows, heads, 1), 0), group_pad), heads)
-    on_diag = row_head == lax.broadcasted_iota(jnp.int32, (rows, heads, 1), 1)
-    q = jnp.where(on_diag, q.reshape(rows, 1, head_dim), jnp.zeros_like(q).reshape(rows, 1, head_dim))
-    return q.reshape(rows, heads * head_dim), on_diag
 
 
 def ragged_paged_attention_gpu(
@@ -664,8 +608,6 @@ def _gpu_call(
         precision = lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
     else:
         precision = None
-    # (Interpret mode cannot discharge a hinted gather load, and hints mean nothing there.)
-    load_hints = {"eviction_policy": "evict_first"} if config.evict_first and not interpret else {}
     kernel = functools.partial(
         _kernel,
         sm_scale=sm_scale,
@@ -677,8 +619,6 @@ def _gpu_call(
         heads_fastest=config.heads_fastest,
         prefetch=config.prefetch,
         page_lookahead=config.page_lookahead,
-        item_pages=config.item_pages,
-        load_hints=load_hints,
         precision=precision,
     )
     num_work, num_groups = work.num_work, num_kv_heads // t.heads
@@ -734,7 +674,7 @@ def _gpu_call(
         out_shape=out_shape,
         compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
-        name=f"jaxrt_rpa_r{rows}_kv{t.block_kv}_h{t.heads}_s{num_splits}_{kv_layout}",
+        name=f"jaxrt_rpa_r{rows}_kv{t.block_kv}_h{t.heads}_s{num_splits}{'_hnd' if kv_layout == 'hnd' else ''}",
     )(work.meta, q_in, k_pages, v_pages, plan.page_table)
     if t.direct:
         # Every row of the output, padding included, was written by some program (META_OUT_ROWS).

@@ -161,24 +161,6 @@ CASES = [
         config=GpuConfig(16, 32, 3, prefetch=True, kv_heads=4, page_lookahead=True),
     ),
     Case(*_mixed(32), page=32, window=9, config=GpuConfig(16, 16, 2, prefetch=True, page_lookahead=True)),
-    # page-table rows per work item (with and without split-K, window, gathered q tiles) and hinted loads
-    Case(
-        *_decode(16),
-        pad_tokens=-1,
-        hq=32,
-        hkv=8,
-        dtype="bf16",
-        config=GpuConfig(
-            16, 32, 1, kv_heads=2, prefetch=True, page_lookahead=True, item_pages=True, evict_first=True
-        ),
-    ),
-    Case(
-        *_decode(16),
-        pad_tokens=-1,
-        window=9,
-        config=GpuConfig(16, 16, 3, prefetch=True, page_lookahead=True, item_pages=True),
-    ),
-    Case(*P16, hq=6, hkv=2, config=GpuConfig(16, 32, item_pages=True)),
     # a sequence with no new tokens, a long prefill chunk spanning several query blocks, no padding at all
     Case((3, 0, 40), (3, 5, 50), pad_tokens=0, pad_seqs=0, config=GpuConfig(block_rows=32, block_kv=16)),
 ]

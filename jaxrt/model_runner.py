@@ -50,6 +50,13 @@ def kv_bytes_per_page(cfg: EngineConfig) -> int:
     return 2 * m.num_layers * cfg.cache.page_size * m.num_kv_heads * m.head_dim * itemsize
 
 
+def state_bytes(cfg: EngineConfig) -> int:
+    """Device bytes of the recurrent-state slots (models with ``state_specs``): ``max_running_requests + 1``
+    slots of every spec."""
+    per_slot = sum(int(np.prod(s.shape)) * jnp.dtype(s.dtype).itemsize for s in cfg.model.state_specs)
+    return (cfg.scheduler.max_running_requests + 1) * per_slot if per_slot else 0
+
+
 def plan_num_pages(cfg: EngineConfig, device: jax.Device) -> int:
     """KV pool size: explicit ``num_pages``, else ``mem_fraction_static`` of device memory minus what is in use."""
     if cfg.cache.num_pages is not None:
@@ -65,6 +72,14 @@ def plan_num_pages(cfg: EngineConfig, device: jax.Device) -> int:
         pages_per_seq = cdiv(cfg.scheduler.context_length, cfg.cache.page_size)
         want = cfg.scheduler.max_running_requests * pages_per_seq + 1
         budget = min(want * per_page, CPU_KV_POOL_BYTES)
+    if stats and "bytes_limit" in stats and cfg.model.state_specs:
+        budget -= state_bytes(cfg)  # the recurrent-state slots come out of the same budget
+        if budget < 0:
+            raise ValueError(
+                f"recurrent state for {cfg.scheduler.max_running_requests} running requests needs "
+                f"{state_bytes(cfg) / 2**30:.1f} GiB, more than mem_fraction_static leaves; lower "
+                "max_running_requests"
+            )
     if per_page == 0:  # no attention layers (state-only model): pages only count tokens
         return (
             cdiv(cfg.scheduler.context_length, cfg.cache.page_size) * cfg.scheduler.max_running_requests + 1

@@ -261,3 +261,34 @@ def test_rwkv_rescaled_layers_match_transformers(tmp_path):
     path = make_checkpoint(tmp_path / "rwkv", "rwkv", num_hidden_layers=3, rescale_every=1)
     ids = prompts(320)[:2]
     assert jaxrt_greedy_ids(path, ids) == hf_greedy_ids(path, ids)
+
+
+def test_state_slots_come_out_of_the_memory_budget():
+    """On a device with memory stats, the state slots' bytes are taken from the KV pool's budget; state that
+    does not fit is a clear error."""
+    from jaxrt.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, StateSpec
+    from jaxrt.model_runner import kv_bytes_per_page, plan_num_pages, state_bytes
+
+    class Device:
+        def memory_stats(self):
+            return {"bytes_limit": 8 << 30, "bytes_in_use": 0}
+
+    def config(state_specs, max_running=7):
+        model = ModelConfig("X", 64, 64, 64, 2, 4, 2, 16, 4096, state_specs=state_specs)
+        return EngineConfig(
+            "x",
+            model,
+            CacheConfig(mem_fraction_static=0.5),
+            SchedulerConfig(max_running_requests=max_running, chunked_prefill_size=64, context_length=256),
+        )
+
+    plain, stateful = config(()), config((StateSpec((1024, 1024)), StateSpec((64, 3), "bfloat16")))
+    assert state_bytes(plain) == 0
+    assert state_bytes(stateful) == 8 * (1024 * 1024 * 4 + 64 * 3 * 2)
+    per_page = kv_bytes_per_page(stateful)
+    assert (
+        plan_num_pages(plain, Device()) - plan_num_pages(stateful, Device())
+        >= state_bytes(stateful) // per_page
+    )
+    with pytest.raises(ValueError, match="max_running_requests"):
+        plan_num_pages(config(stateful.model.state_specs, max_running=1023), Device())

@@ -16,7 +16,6 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,10 +94,9 @@ class Engine:
     ) -> None:
         from jaxrt import envs
         from jaxrt.converters.loader import (
-            abstract_model,
+            build_native_model,
             has_native,
             load_hf_config,
-            load_params,
             native_model_config,
             resolve_model_path,
         )
@@ -186,22 +184,10 @@ class Engine:
         if fallback:
             self.runner = ModelRunner(self.config, fallback[1], fallback[2])
         else:
-            # The weights load in a thread while the programs are traced and compiled from their shapes.
-            graphdef, abstract_state = abstract_model(
-                model_cfg, dtype, backend, interpret=envs.attention_interpret()
+            graphdef, state = build_native_model(
+                model_cfg, model_path, dtype, backend, interpret=envs.attention_interpret()
             )
-
-            def load() -> Any:
-                t = time.perf_counter()
-                params = load_params(model_cfg, model_path, abstract_state, dtype)
-                weights_s.append(time.perf_counter() - t)
-                return params
-
-            weights_s: list[float] = []
-            loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxrt-load")
-            loading = loader.submit(load)
-            loader.shutdown(wait=False)
-            self.runner = ModelRunner(self.config, nnx_forward(graphdef), loading, abstract_state)
+            self.runner = ModelRunner(self.config, nnx_forward(graphdef), state)
         self.allocator = PageAllocator(self.runner.num_pages)
         self.radix = RadixCache(self.allocator, page_size, disabled=disable_radix_cache)
         self.scheduler = Scheduler(
@@ -216,10 +202,7 @@ class Engine:
         self.startup_breakdown = {"load_s": time.perf_counter() - t0}
         if not skip_warmup:
             self.runner.precompile()
-        self.runner.wait_for_params()
         self.startup_breakdown.update(self.runner.startup_breakdown)
-        if not fallback:
-            self.startup_breakdown["weights_s"] = weights_s[0]  # in the loading thread, overlapped
 
         self.overlap_schedule = not disable_overlap_schedule
         self._rng = np.random.default_rng(random_seed)

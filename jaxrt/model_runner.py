@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future
 from typing import Any
 
 import jax
@@ -58,16 +57,14 @@ def state_bytes(cfg: EngineConfig) -> int:
     return (cfg.scheduler.max_running_requests + 1) * per_slot if per_slot else 0
 
 
-def plan_num_pages(cfg: EngineConfig, device: jax.Device, pending_bytes: int = 0) -> int:
-    """KV pool size: explicit ``num_pages``, else ``mem_fraction_static`` of device memory minus what is in use
-    and ``pending_bytes`` (weights still loading)."""
+def plan_num_pages(cfg: EngineConfig, device: jax.Device) -> int:
+    """KV pool size: explicit ``num_pages``, else ``mem_fraction_static`` of device memory minus what is in use."""
     if cfg.cache.num_pages is not None:
         return cfg.cache.num_pages
     per_page = kv_bytes_per_page(cfg)
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:
-        in_use = int(stats.get("bytes_in_use", 0)) + pending_bytes
-        budget = int(stats["bytes_limit"] * cfg.cache.mem_fraction_static) - in_use
+        budget = int(stats["bytes_limit"] * cfg.cache.mem_fraction_static) - int(stats.get("bytes_in_use", 0))
         # The pool's shape is an input of every compiled program: a page count that moves with small
         # differences in memory in use between runs is a persistent-cache miss for all of them. Round down.
         budget -= budget % POOL_GRANULE_BYTES
@@ -97,10 +94,6 @@ def plan_num_pages(cfg: EngineConfig, device: jax.Device, pending_bytes: int = 0
     return int(num_pages)
 
 
-def _nbytes(tree: Any) -> int:
-    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
 # One jitted identity for every call below: jit's cache then compiles it once per distinct shape, not per call.
 _identity = jax.jit(lambda t: t, donate_argnums=0)
 
@@ -116,28 +109,15 @@ def _like_step_output(tree: Any, device: jax.Device) -> Any:
 
 
 class ModelRunner:
-    def __init__(
-        self, cfg: EngineConfig, forward: ForwardFn, params: Any, abstract_params: Any = None
-    ) -> None:
-        """``forward`` is the model as a pure function (see `jaxrt.step`); ``params`` its weights pytree, or a
-        ``Future`` of it (weights still loading) together with ``abstract_params`` (its shapes and dtypes):
-        the programs are traced and compiled from the shapes while the weights load, and
-        :meth:`wait_for_params` takes them when they are needed.
-        """
+    def __init__(self, cfg: EngineConfig, forward: ForwardFn, params: Any) -> None:
+        """``forward`` is the model as a pure function (see `jaxrt.step`); ``params`` its weights pytree."""
         self.cfg = cfg
         self.device = jax.devices()[0]
-        self._loading: Future | None = params if isinstance(params, Future) else None
-        self.state = None if self._loading else jax.device_put(params, self.device)
-        # Everything the step takes is committed to one device, so the programs are lowered for (and
-        # called with) arrays on it.
-        placed = jax.sharding.SingleDeviceSharding(self.device)
-        self._abstract_state = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed),
-            self.state if self.state is not None else abstract_params,
-        )
+        # Everything the step takes is committed to one device, so every call (warm-up included) presents
+        # the same argument placement to jit's cache: a placement change is a silent recompile.
+        self.state = jax.device_put(params, self.device)
         self.page_size = cfg.cache.page_size
-        pending = 0 if self._loading is None else _nbytes(self._abstract_state)
-        self.num_pages = plan_num_pages(cfg, self.device, pending)
+        self.num_pages = plan_num_pages(cfg, self.device)
         self.pages_per_seq = cdiv(cfg.scheduler.context_length, self.page_size)
         m = cfg.model
         kv_dtype = jnp.dtype(cfg.cache.kv_dtype or cfg.dtype)
@@ -191,16 +171,6 @@ class ModelRunner:
                 state_bytes / 2**20,
             )
 
-    def wait_for_params(self) -> float:
-        """Take the loaded weights (re-raises the loader's error); a no-op once they are here. Returns the
-        seconds waited."""
-        if self._loading is None:
-            return 0.0
-        t0 = time.perf_counter()
-        self.state = jax.device_put(self._loading.result(), self.device)
-        self._loading = None
-        return time.perf_counter() - t0
-
     def num_seqs_for(self, num_tokens: int) -> int:
         return min(num_tokens, self.cfg.scheduler.max_running_requests)
 
@@ -231,7 +201,7 @@ class ModelRunner:
         kind = key[0]
         if kind == "forward":
             fb, _, _ = self._batch(SchedulerOutput(), key[1], 1, {})
-            return self._forward.lower(self._abstract_state, self.kv_caches, fb, self._no_prev)
+            return self._forward.lower(self.state, self.kv_caches, fb, self._no_prev)
         if kind == "sample":
             _, num_seqs, history_len, mode = key
             _, sb, _ = self._batch(SchedulerOutput(), num_seqs, history_len, {})
@@ -245,9 +215,7 @@ class ModelRunner:
         _, n, mode = key
         fb, sb, _ = self._batch(SchedulerOutput(), n, 1, {})
         steps = np.zeros(self.num_seqs_for(n), np.int32)
-        return self._decode_loop.lower(
-            self._abstract_state, self.kv_caches, fb, sb, self._no_prev, steps, mode=mode
-        )
+        return self._decode_loop.lower(self.state, self.kv_caches, fb, sb, self._no_prev, steps, mode=mode)
 
     def _program(self, key: tuple) -> jax.stages.Compiled:
         """The compiled program for ``key``; lowered and compiled here on first use (variants that start-up
@@ -312,15 +280,11 @@ class ModelRunner:
             compiled = [low.compile() for low in lowered]
         self._programs.update(zip(keys, compiled, strict=True))
         t2 = time.perf_counter()
-        waited = self.wait_for_params()
-        t2w = time.perf_counter()
         for key in keys:
             self._warm(key)
         t3 = time.perf_counter()
-        self.compile_seconds += t3 - t0 - waited
-        self.startup_breakdown.update(
-            trace_s=t1 - t0, compile_s=t2 - t1, weights_wait_s=waited, warm_s=t3 - t2w
-        )
+        self.compile_seconds += t3 - t0
+        self.startup_breakdown.update(trace_s=t1 - t0, compile_s=t2 - t1, warm_s=t3 - t2)
         self._ready = True
         logger.info(
             "%d programs: traced in %.1f s, compiles done %.1f s later (%d threads), first runs %.1f s",
@@ -328,7 +292,7 @@ class ModelRunner:
             t1 - t0,
             t2 - t1,
             workers,
-            t3 - t2w,
+            t3 - t2,
         )
 
     def _warm(self, key: tuple) -> None:

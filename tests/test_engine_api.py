@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -296,25 +295,3 @@ def test_fresh_engine_serves_without_compiling(tiny_llama_dir, monkeypatch, work
         fresh.generate(["one", "two words here"], {"temperature": 0, "max_new_tokens": 6})
         fresh.generate("sampled", {"temperature": 0.7, "max_new_tokens": 4, "seed": 3})
         assert runner.num_compiles == compiled
-
-
-@pytest.mark.parametrize("skip_warmup", [False, True])
-def test_weight_error_from_the_loading_thread(tiny_llama_dir, tmp_path, skip_warmup):
-    """Weights load in a thread while the programs compile: a bad checkpoint still fails Engine(...) with the
-    loader's error naming the tensor."""
-    import shutil
-
-    from safetensors.numpy import load_file, save_file
-
-    from jaxrt.converters.weights import WeightLoadError
-
-    for f in Path(tiny_llama_dir).iterdir():
-        if f.suffix != ".safetensors":
-            shutil.copy(f, tmp_path / f.name)
-    tensors = load_file(str(Path(tiny_llama_dir) / "model.safetensors"))
-    del tensors["model.norm.weight"]
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    with pytest.raises(WeightLoadError, match="model/norm/weight"):
-        jaxrt.Engine(
-            model_path=str(tmp_path), max_running_requests=4, context_length=128, skip_warmup=skip_warmup
-        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -295,3 +296,21 @@ def test_fresh_engine_serves_without_compiling(tiny_llama_dir, monkeypatch, work
         fresh.generate(["one", "two words here"], {"temperature": 0, "max_new_tokens": 6})
         fresh.generate("sampled", {"temperature": 0.7, "max_new_tokens": 4, "seed": 3})
         assert runner.num_compiles == compiled
+
+
+def test_bad_checkpoint_fails_engine_with_the_tensor_named(tiny_llama_dir, tmp_path):
+    """A checkpoint missing a tensor fails Engine(...) with the loader's error naming it."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from jaxrt.converters.weights import WeightLoadError
+
+    for f in Path(tiny_llama_dir).iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, tmp_path / f.name)
+    tensors = load_file(str(Path(tiny_llama_dir) / "model.safetensors"))
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(WeightLoadError, match="model/norm/weight"):
+        jaxrt.Engine(model_path=str(tmp_path), max_running_requests=4, context_length=128)

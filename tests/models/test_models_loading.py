@@ -32,7 +32,7 @@ from jaxrt.models import MODEL_REGISTRY, get_model_class
 
 @pytest.fixture(scope="module")
 def phi3_ckpt(tmp_path_factory):
-    """Phi-3: its checkpoint's fused qkv_proj / gate_up_proj map straight onto jaxrt's fused params."""
+    """Phi-3: its fused qkv_proj / gate_up_proj exercise the split rules."""
     config_cls, overrides = FAMILIES["phi3"]
     return make_checkpoint(tmp_path_factory.mktemp("phi3"), config_cls, seed=21, **overrides)
 
@@ -88,39 +88,7 @@ def test_weight_errors_name_the_tensors(tmp_path, phi3_ckpt):
     msg = str(e.value)
     assert "model/norm/weight" in msg  # missing
     assert "model.layers.0.mlp.extra.weight" in msg  # unexpected
-    assert "model.layers.1.self_attn.qkv_proj.weight" in msg  # wrong shape for the fused param
-
-
-def test_separate_tensors_join_into_fused_params(tmp_path, phi3_ckpt):
-    """q/k/v and gate/up stored apart (most checkpoints) load into the same fused params as Phi-3's fused
-    tensors; a fused param with a part missing is named in the error."""
-    from safetensors.numpy import load_file, save_file
-
-    src = Path(phi3_ckpt[0])
-    tensors = load_file(str(src / "model.safetensors"))
-    cfg = native_model_config(load_hf_config(str(src)))
-    q_rows, kv_rows = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        q, k, v = np.split(tensors.pop(p + "self_attn.qkv_proj.weight"), [q_rows, q_rows + kv_rows])
-        gate, up = np.split(tensors.pop(p + "mlp.gate_up_proj.weight"), 2)
-        tensors.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k})
-        tensors.update({p + "self_attn.v_proj.weight": v, p + "mlp.gate_proj.weight": gate})
-        tensors[p + "mlp.up_proj.weight"] = up
-    shutil.copy(src / "config.json", tmp_path / "config.json")
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    want, got = _params(_load(src, use_cache=False)), _params(_load(tmp_path, use_cache=False))
-    assert want.keys() == got.keys()
-    for key in want:
-        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-
-    del tensors["model.layers.0.self_attn.v_proj.weight"]
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    with pytest.raises(WeightLoadError) as e:
-        _load(tmp_path, use_cache=False)
-    msg = str(e.value)
-    assert "model/layers/0/self_attn/qkv_proj/kernel (has" in msg and "lacks the other parts" in msg
-    assert "self_attn.q_proj.weight" in msg and "self_attn.k_proj.weight" in msg
+    assert "model.layers.1.self_attn.qkv_proj.weight" in msg  # does not split into q, k, v
 
 
 def test_convert_checkpoint_roundtrip_and_engine(tmp_path, phi3_ckpt):

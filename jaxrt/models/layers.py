@@ -455,9 +455,19 @@ class DecoderModel(nnx.Module):
             key = (attn.num_heads, attn.head_dim, x.dtype, kv[0].shape, kv[0].dtype, attn.attention_backend)
             if key not in plans:
                 plans[key] = attn.metadata(x.shape[0], x.dtype, kv, batch)
-            x, kv = layer(x, batch, kv, plans[key])
+            graphdef, params = nnx.split(layer)
+            x, kv = _layer_step(graphdef, params, x, batch, kv, plans[key])
             new_caches.append(kv)
         return self.norm(x), new_caches
+
+
+@partial(jax.jit, static_argnums=0)
+def _layer_step(graphdef: nnx.GraphDef, params: nnx.State, x, batch: ForwardBatch, kv: KVCache, plan):
+    """One decoder layer as a jitted function of its parameters: inside a step, layers with the same structure
+    and shapes share one trace (jit caches it by graphdef and argument types), so tracing a bucket costs one
+    layer, not ``num_layers``. XLA inlines the calls: the compiled step is the same as with the layers
+    unrolled."""
+    return nnx.merge(graphdef, params)(x, batch, kv, plan)
 
 
 class DecoderForCausalLM(nnx.Module):

@@ -162,3 +162,96 @@ def check_single_batch(module: Any, **tensors: Any) -> None:
             raise FallbackError(
                 f"{type(module).__name__}: {name} has batch {t.shape[0]}; the fallback runs one flat sequence"
             )
+
+
+def ragged_ssd(
+    x: jax.Array,
+    dt: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    init: jax.Array,
+    layout: RaggedLayout,
+    chunk: int = 64,
+) -> tuple[jax.Array, jax.Array]:
+    """Mamba-2's recurrence ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T``, ``y_t = C_t h_t`` (per head, scalar
+    decay) in its chunked parallel form (SSD), restarting at every sequence start from ``init``.
+
+    ``x [T, H, P]``, ``dt [T, H]`` (after bias, softplus, clamp), ``A [H]``, ``B/C [T, H, N]``, ``init [S, H, P,
+    N]`` (zeros for fresh sequences), all f32 -> ``(y [T, H, P]`` without the ``D`` skip, ``final states [S, H,
+    P, N])``. The same function as `ragged_scan` with that step: within a chunk of ``chunk`` rows the output is a
+    masked "attention" over rows of the same sequence; chunk-end states are passed along by a scan over chunks
+    (one step per chunk, not per token), and a sequence that starts inside a chunk enters from its own ``init``.
+    Invalid rows get ``dt = 0`` (decay 1, no input): they hold the state.
+    """
+    num_tokens, heads, p = x.shape
+    num_seqs = init.shape[0]
+    n = B.shape[-1]
+    q = chunk
+    nc = -(-num_tokens // q)
+    pad = nc * q - num_tokens
+    dt = jnp.where(layout.valid[:, None], dt, 0.0)
+    a = dt * A  # [T, H] log decay
+    u = x * dt[..., None]  # [T, H, P]
+    # C_t . init[seq_t] for every row: a grouped matmul over the (contiguous) rows of each sequence
+    group_sizes = jax.ops.segment_sum(jnp.ones(num_tokens, jnp.int32), layout.seq, num_segments=num_seqs)
+    # (a loop over heads: ragged_dot does not batch)
+    c_init = jax.lax.map(
+        lambda args: jax.lax.ragged_dot(args[0], args[1], group_sizes),
+        (jnp.swapaxes(C, 0, 1), jnp.transpose(init, (1, 0, 3, 2))),
+    )  # [H, T, P]
+    c_init = jnp.swapaxes(c_init, 0, 1)
+
+    def chunked(z, fill=0):
+        z = jnp.pad(z, [(0, pad)] + [(0, 0)] * (z.ndim - 1), constant_values=fill)
+        return z.reshape(nc, q, *z.shape[1:])
+
+    a_c, u_c, b_c, c_c, ci_c = (chunked(z) for z in (a, u, B, C, c_init))
+    first = chunked(layout.first, False)  # [nc, Q]
+    seq_c = chunked(layout.seq, layout.seq[-1])
+    idx = jnp.arange(q)
+    cs = jnp.cumsum(a_c, axis=1)  # [nc, Q, H]
+    start = jax.lax.cummax(jnp.where(first, idx, 0), axis=1)  # first row of each row's segment in the chunk
+    cont = jax.lax.cummax(first.astype(jnp.int32), axis=1) == 0  # segment continues from the previous chunk
+    segc = jnp.cumsum(first, axis=1)
+    base = jnp.take_along_axis(cs - a_c, start[..., None], axis=1)  # log decay before the segment's first row
+    decay_in = jnp.exp(cs - base)  # [nc, Q, H]: from the segment's incoming state to row i
+
+    same = (segc[:, :, None] == segc[:, None, :]) & (idx[:, None] >= idx[None, :])  # [nc, Q(i), Q(j)]
+    diff = cs[:, :, None, :] - cs[:, None, :, :]
+    L = jnp.exp(jnp.where(same[..., None], diff, -jnp.inf))  # [nc, Q, Q, H]
+    G = jnp.einsum("cihn,cjhn->cijh", c_c, b_c)
+    y_intra = jnp.einsum("cijh,cjhp->cihp", G * L, u_c)
+
+    # state at each chunk's end for its last segment: decayed incoming state + that segment's inputs
+    in_last = (segc == segc[:, -1:])[..., None]
+    w_end = jnp.where(in_last, jnp.exp(cs[:, -1:, :] - cs), 0.0)
+    contrib = jnp.einsum("cjh,cjhp,cjhn->chpn", w_end, u_c, b_c)
+    init_last = init[seq_c[:, -1]]  # [nc, H, P, N]
+
+    def body(carry, inp):
+        contrib_c, decay_c, cont_c, init_c = inp
+        incoming = jnp.where(cont_c, carry, init_c)
+        return decay_c[:, None, None] * incoming + contrib_c, carry
+
+    _, carry_in = jax.lax.scan(
+        body,
+        jnp.zeros((heads, p, n), x.dtype),
+        (contrib, decay_in[:, -1], cont[:, -1], init_last),
+    )  # carry_in[c]: state entering chunk c (of the sequence continuing into it)
+    y_carry = jnp.einsum("cihn,chpn->cihp", c_c, carry_in)
+    y_in = decay_in[..., None] * jnp.where(cont[..., None, None], y_carry, ci_c)
+    y = (y_intra + y_in).reshape(nc * q, heads, p)[:num_tokens]
+
+    # final state of each sequence at its last row
+    rows = jnp.arange(num_tokens)
+    last = jax.ops.segment_max(jnp.where(layout.last, rows, -1), layout.seq, num_segments=num_seqs)
+    last = jnp.clip(last, 0, num_tokens - 1)  # a sequence without rows (padding) reads row 0: scratch slot
+    c_s, q_s = last // q, last % q
+    seg_s = segc[c_s, q_s]
+    mask = (segc[c_s] == seg_s[:, None]) & (idx[None, :] <= q_s[:, None])  # [S, Q]
+    w = jnp.where(mask[..., None], jnp.exp(cs[c_s, q_s][:, None, :] - cs[c_s]), 0.0)  # [S, Q, H]
+    finals = jnp.einsum("sjh,sjhp,sjhn->shpn", w, u_c[c_s], b_c[c_s])
+    incoming = jnp.where(cont[c_s, q_s][:, None, None, None], carry_in[c_s], init)
+    finals = finals + decay_in[c_s, q_s][:, :, None, None] * incoming
+    return y, finals

@@ -42,6 +42,7 @@ from jaxrt.converters.fallback.ragged import (
     ragged_conv1d,
     ragged_history,
     ragged_scan,
+    ragged_ssd,
     ragged_window,
     read_states,
     step_context,
@@ -81,6 +82,17 @@ def _causal_conv1d_fn(module: Any) -> Callable:
         return interop.torch_view(y.T[None].astype(x.dtype))
 
     return causal_conv1d_fn
+
+
+# Mamba-2's chunked form (`ragged_ssd`): rows per chunk; steps with more rows than this use it on accelerators,
+# where a token-by-token scan is one sequential step per row. On the CPU the scan is faster (2048 rows, 16 heads:
+# 58 ms scan, 86 ms chunked), so it stays the CPU path unless SSD_ON_CPU.
+SSD_CHUNK = 64
+SSD_ON_CPU = False
+
+
+def _use_ssd(num_tokens: int) -> bool:
+    return num_tokens > SSD_CHUNK and (SSD_ON_CPU or jax.default_backend() != "cpu")
 
 
 def _mamba2_chunk_scan(module: Any) -> Callable:
@@ -132,7 +144,10 @@ def _mamba2_chunk_scan(module: Any) -> Callable:
             h = h * jnp.exp(dt_t * A)[:, None, None] + (x_t * dt_t[:, None])[:, :, None] * b_t[:, None, :]
             return h, jnp.sum(h * c_t[:, None, :], axis=-1)
 
-        y, finals = ragged_scan(step, init, (x, dt, B, C), layout)
+        if _use_ssd(x.shape[0]):  # prefill-sized steps: one sequential step per chunk, not per row
+            y, finals = ragged_ssd(x, dt, A, B, C, init, layout, SSD_CHUNK)
+        else:
+            y, finals = ragged_scan(step, init, (x, dt, B, C), layout)
         write_states(ctx, index, pool, layout, finals)
         if D is not None:
             y = y + D.astype(jnp.float32)[:, None] * x

@@ -137,6 +137,35 @@ def test_ragged_scan_matches_per_sequence_loop():
         start += n
 
 
+@pytest.mark.parametrize("chunk", [2, 4, 16])
+def test_ragged_ssd_matches_the_token_scan(chunk):
+    """Mamba-2's chunked form: sequences that cross chunk boundaries, start inside a chunk from a carried-over
+    state, or do not advance, give the outputs and final states of the token-by-token scan."""
+    from jaxrt.converters.fallback.ragged import ragged_ssd
+
+    rng = np.random.default_rng(2)
+    heads, p, n = 2, 3, 4
+    x = jnp.asarray(rng.standard_normal((NUM_TOKENS, heads, p)), jnp.float32)
+    dt = jnp.asarray(rng.uniform(0.05, 0.5, (NUM_TOKENS, heads)), jnp.float32)
+    A = jnp.asarray(-rng.uniform(0.5, 2.0, heads), jnp.float32)
+    B = jnp.asarray(rng.standard_normal((NUM_TOKENS, heads, n)), jnp.float32)
+    C = jnp.asarray(rng.standard_normal((NUM_TOKENS, heads, n)), jnp.float32)
+    pool = jnp.asarray(rng.standard_normal((NUM_SLOTS, heads, p, n)), jnp.float32)
+    lay = RaggedLayout.from_batch(_batch(), NUM_SLOTS)
+    init = jnp.where(lay.fresh[:, None, None, None], 0.0, pool[lay.slots])
+
+    def step(h, inp):
+        x_t, dt_t, b_t, c_t = inp
+        h = h * jnp.exp(dt_t * A)[:, None, None] + (x_t * dt_t[:, None])[:, :, None] * b_t[:, None, :]
+        return h, jnp.sum(h * c_t[:, None, :], axis=-1)
+
+    y_ref, f_ref = ragged_scan(step, init, (x, dt, B, C), lay)
+    y, f = jax.jit(lambda *a: ragged_ssd(*a, lay, chunk))(x, dt, A, B, C, init)
+    valid = np.asarray(lay.valid)
+    np.testing.assert_allclose(np.asarray(y)[valid], np.asarray(y_ref)[valid], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(f)[:3], np.asarray(f_ref)[:3], rtol=1e-4, atol=1e-5)
+
+
 # ====================================================================== traced forward vs transformers
 
 
@@ -151,20 +180,35 @@ def _checkpoint(checkpoints: dict, tmp_path_factory, model_type: str) -> str:
     return checkpoints[model_type]
 
 
-@pytest.mark.parametrize("model_type", ["mamba2", "qwen3_next"])
+@pytest.mark.parametrize(
+    ("model_type", "ssd_chunk"),
+    [("mamba2", 64), ("mamba2", 8), ("qwen3_next", 64)],
+    ids=["mamba2-scan", "mamba2-ssd", "qwen3_next"],
+)
 @pytest.mark.parametrize("chunks", [pytest.param(1, marks=pytest.mark.slow), 3])
-def test_forward_logits_match_transformers_per_sequence(checkpoints, tmp_path_factory, model_type, chunks):
+def test_forward_logits_match_transformers_per_sequence(
+    checkpoints, tmp_path_factory, monkeypatch, model_type, ssd_chunk, chunks
+):
     """Several sequences in one ragged batch, prefilled in one or three chunks (state carried across chunks in
-    the slots), against transformers run on each sequence alone."""
+    the slots), against transformers run on each sequence alone. Mamba-2 both token by token and in its chunked
+    form (8-row chunks over the 64-row step)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from jaxrt.converters.fallback import recurrent
+
+    monkeypatch.setattr(recurrent, "SSD_CHUNK", ssd_chunk)
+    monkeypatch.setattr(recurrent, "SSD_ON_CPU", True)
+    ssd_calls = []
+    ssd = recurrent.ragged_ssd
+    monkeypatch.setattr(recurrent, "ragged_ssd", lambda *a: ssd_calls.append(1) or ssd(*a))
     path = _checkpoint(checkpoints, tmp_path_factory, model_type)
     ids = [list(range(5, 5 + n)) for n in (7, 19, 4)]
     ids = [[(t * 37) % 300 + 3 for t in p] for p in ids]
     cfg, forward, params = build_fallback(path, load_hf_config(path), "float32", "reference")
     assert cfg.state_specs, "a recurrent model declares its state"
     ours = chunked_prefill_logits(forward, params, cfg, ids, 4, chunks, 64, 4)
+    assert bool(ssd_calls) == (model_type == "mamba2" and ssd_chunk < 64)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     for i, p in enumerate(ids):
         with torch.no_grad():

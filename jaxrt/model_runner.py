@@ -126,7 +126,7 @@ class ModelRunner:
         # padding sequences read and write; the scheduler hands out slots 0..max_running_requests-1.
         self.num_state_slots = cfg.scheduler.max_running_requests + 1 if m.state_specs else 0
         # The donated cache pytree: one (k_pages, v_pages) per attention layer, then one
-        # [num_state_slots, *spec.shape] array per state spec (see DESIGN.md, "Contracts").
+        # [num_state_slots, *spec.shape] array per state spec (docs/contracts.md, "Recurrent state").
         self.kv_caches: list[KVCache | jax.Array] = _like_step_output(
             [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(m.num_layers)]
             + [jnp.zeros((self.num_state_slots, *s.shape), s.dtype) for s in m.state_specs],

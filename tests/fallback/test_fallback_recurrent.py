@@ -262,7 +262,7 @@ def test_engine_mixed_batches_and_chunked_prefill(llm, prompt_ids, expected):
 
 def test_engine_preemption_recomputes_state(engine_model, prompt_ids, expected):
     """A KV pool too small for four requests at once: running requests are preempted and re-prefilled."""
-    with jaxrt.Engine(model_path=engine_model, **{**ENGINE, "num_pages": 30}) as llm:
+    with jaxrt.Engine(model_path=engine_model, **{**ENGINE, "num_pages": 16}) as llm:
         outs = llm.generate(input_ids=prompt_ids, sampling_params=_greedy())
         assert llm.scheduler.num_preemptions > 0
         assert [o["output_ids"] for o in outs] == expected
@@ -364,11 +364,11 @@ def test_every_adapter_under_preemption_and_continuous_decode(tmp_path, model_ty
     limits = [16, 5, 10, 16, 3]
     params = [{"temperature": 0, "max_new_tokens": n, "ignore_eos": True} for n in limits]
     got = {}
-    for steps, pages in ((1, 256), (4, 30)):
+    for steps, pages in ((1, 256), (4, 16)):
         cfg = {**ENGINE, "num_continuous_decode_steps": steps, "num_pages": pages}
         with jaxrt.Engine(model_path=path, **cfg) as llm:
             got[steps] = [o["output_ids"] for o in llm.generate(input_ids=ids, sampling_params=params)]
-            if pages == 30:
+            if pages == 16:
                 assert llm.scheduler.num_preemptions > 0
             assert_slots_free(llm)
     assert got[4] == got[1]

@@ -266,8 +266,7 @@ class Engine:
                 raise ValueError("stream=True takes a single prompt with n=1")
             return self._stream_sync(specs[0])
         sinks = [queue.SimpleQueue() for _ in specs]
-        for spec, q in zip(specs, sinks, strict=True):
-            self._submit(spec, q.put, stream=False)
+        self._submit_many([(spec, q.put) for spec, q in zip(specs, sinks, strict=True)], stream=False)
         results = [self._wait(q) for q in sinks]
         return results[0] if single else results
 
@@ -322,6 +321,7 @@ class Engine:
     async def _async_batch(self, specs: list[dict[str, Any]], single: bool):
         loop = asyncio.get_running_loop()
         futures = []
+        submissions = []
         for spec in specs:
             fut = loop.create_future()
 
@@ -336,8 +336,9 @@ class Engine:
 
                 loop.call_soon_threadsafe(deliver)
 
-            rid = self._submit(spec, sink, stream=False)
-            futures.append((rid, fut))
+            submissions.append((spec, sink))
+            futures.append(fut)
+        futures = list(zip(self._submit_many(submissions, stream=False), futures, strict=True))
         try:
             results = [await fut for _, fut in futures]
         except asyncio.CancelledError:
@@ -474,6 +475,18 @@ class Engine:
             )
 
     def _submit(self, spec: dict[str, Any], sink: Sink, stream: bool) -> str:
+        return self._submit_many([(spec, sink)], stream)[0]
+
+    def _submit_many(self, items: list[tuple[dict[str, Any], Sink]], stream: bool) -> list[str]:
+        """Validate every request of a batch, then hand them to the loop together: a bad one fails the call
+        before any runs, and the scheduler sees the whole batch at once."""
+        tracks = [self._track(spec, sink, stream) for spec, sink in items]
+        with self._cv:
+            self._inbox.extend(("add", track) for track in tracks)
+            self._cv.notify_all()
+        return [track.request.request_id for track in tracks]
+
+    def _track(self, spec: dict[str, Any], sink: Sink, stream: bool) -> _Track:
         if self._dead is not None:
             raise RuntimeError("the engine loop died") from self._dead
         if self._stopping:
@@ -504,8 +517,7 @@ class Engine:
             return_logprob=sp.return_logprob or sp.top_logprobs_num > 0,
             top_logprobs_num=sp.top_logprobs_num,
         )
-        self._post("add", track)
-        return rid
+        return track
 
     def _post(self, kind: str, payload: Any) -> None:
         with self._cv:

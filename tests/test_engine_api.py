@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import numpy as np
@@ -314,3 +315,22 @@ def test_bad_checkpoint_fails_engine_with_the_tensor_named(tiny_llama_dir, tmp_p
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(WeightLoadError, match="model/norm/weight"):
         jaxrt.Engine(model_path=str(tmp_path), max_running_requests=4, context_length=128)
+
+
+def test_a_batch_with_a_request_the_pool_cannot_hold_runs_nothing(tiny_llama_dir):
+    """Every request of a batch is validated before any is handed to the loop: one that can never fit the KV
+    pool fails the call, the others do not run, and the engine keeps serving."""
+    with jaxrt.Engine(
+        model_path=tiny_llama_dir, max_running_requests=4, context_length=256, num_pages=10, page_size=8
+    ) as small:
+        good = {"input_ids": [5, 6, 7], "max_new_tokens": 4}
+        with pytest.raises(ValueError, match="max_new_tokens.*KV pages"):
+            small.generate(
+                input_ids=[[5, 6, 7], [5] * 50],
+                sampling_params=[{"max_new_tokens": 4}, {"max_new_tokens": 40}],
+            )
+        time.sleep(0.2)  # had the good request been posted, the loop would have taken it by now
+        assert small.stats["num_prompt_tokens"] == 0 and not small.scheduler.has_work
+        out = small.generate(input_ids=good["input_ids"], sampling_params={"max_new_tokens": 4})
+        assert out["meta_info"]["completion_tokens"] == 4
+        assert_no_leak(small)

@@ -100,10 +100,9 @@ _identity = jax.jit(lambda t: t, donate_argnums=0)
 
 def _like_step_output(tree: Any, device: jax.Device) -> Any:
     """Commit ``tree`` to ``device`` and pass it through a (donating) identity jit, so its arrays are placed
-    exactly as a jitted step's outputs are. Warm-up feeds such arrays where serving feeds the previous
-    step's outputs (KV pool, ``prev_tokens``, logits); an array that only went through ``device_put`` can
-    carry a sharding that compares unequal on some platforms (seen on the GPU), and jit then compiles the
-    step again on the first real call.
+    exactly as a jitted step's outputs are. The programs are lowered for (and first run with) such arrays where
+    serving passes the previous step's outputs (KV pool, ``prev_tokens``, logits); an array that only went
+    through ``device_put`` can carry a sharding that compares unequal on some platforms (seen on the GPU).
     """
     return _identity(jax.device_put(tree, device))
 
@@ -152,7 +151,6 @@ class ModelRunner:
         )
         self._programs: dict[tuple, jax.stages.Compiled] = {}
         self._ready = False  # set after start-up: later compiles are logged
-        self.compile_seconds = 0.0
         self.startup_breakdown: dict[str, float] = {}
         logger.info(
             "KV pool: %d pages x %d tokens (%.1f MiB)",
@@ -197,25 +195,40 @@ class ModelRunner:
     #   ("sample", num_seqs, history_len, SampleMode) the sampler variant
     #   ("decode_loop", num_tokens, SampleMode)       num_decode_steps decode steps in one program
 
-    def _lower(self, key: tuple) -> jax.stages.Lowered:
-        kind = key[0]
+    def _example_args(self, key: tuple, abstract: bool = False) -> tuple:
+        """The dynamic arguments of program ``key`` for an empty batch (no sequence: nothing is read or written).
+        ``abstract``: the sampler's logits as a shape only (for lowering)."""
+        kind, n = key[0], key[1]
+        history_len = key[2] if kind == "sample" else 1
+        fb, sb, _ = self._batch(SchedulerOutput(), n, history_len, {})
         if kind == "forward":
-            fb, _, _ = self._batch(SchedulerOutput(), key[1], 1, {})
-            return self._forward.lower(self.state, self.kv_caches, fb, self._no_prev)
+            return self.state, self.kv_caches, fb, self._no_prev
         if kind == "sample":
-            _, num_seqs, history_len, mode = key
-            _, sb, _ = self._batch(SchedulerOutput(), num_seqs, history_len, {})
-            logits = jax.ShapeDtypeStruct(
-                (num_seqs, self.cfg.model.vocab_size),
-                jnp.float32,
-                sharding=jax.sharding.SingleDeviceSharding(self.device),
+            shape = (n, self.cfg.model.vocab_size)
+            placed = jax.sharding.SingleDeviceSharding(self.device)
+            logits = (
+                jax.ShapeDtypeStruct(shape, jnp.float32, sharding=placed)
+                if abstract
+                else _like_step_output(jnp.zeros(shape, jnp.float32), self.device)
             )
-            return self._sample.lower(logits, sb, mode=mode)
-        assert kind == "decode_loop" and self._decode_loop is not None, key
-        _, n, mode = key
-        fb, sb, _ = self._batch(SchedulerOutput(), n, 1, {})
+            return logits, sb
         steps = np.zeros(self.num_seqs_for(n), np.int32)
-        return self._decode_loop.lower(self.state, self.kv_caches, fb, sb, self._no_prev, steps, mode=mode)
+        return self.state, self.kv_caches, fb, sb, self._no_prev, steps
+
+    def _lower(self, key: tuple) -> jax.stages.Lowered:
+        args = self._example_args(key, abstract=True)
+        if key[0] == "forward":
+            return self._forward.lower(*args)
+        fn = self._sample if key[0] == "sample" else self._decode_loop
+        assert fn is not None, key
+        return fn.lower(*args, mode=key[-1])
+
+    def _warm(self, key: tuple) -> None:
+        """Run a compiled program once on an empty batch, so the first request finds its device code loaded."""
+        out = self._programs[key](*self._example_args(key))
+        if key[0] != "sample":
+            out, self.kv_caches = out  # the pool was donated
+        jax.block_until_ready(out)
 
     def _program(self, key: tuple) -> jax.stages.Compiled:
         """The compiled program for ``key``; lowered and compiled here on first use (variants that start-up
@@ -224,7 +237,6 @@ class ModelRunner:
         if program is None:
             t0 = time.perf_counter()
             program = self._programs[key] = self._lower(key).compile()
-            self.compile_seconds += time.perf_counter() - t0
             if self._ready:
                 logger.info("compiled %s on first use in %.2f s", key, time.perf_counter() - t0)
         return program
@@ -283,7 +295,6 @@ class ModelRunner:
         for key in keys:
             self._warm(key)
         t3 = time.perf_counter()
-        self.compile_seconds += t3 - t0
         self.startup_breakdown.update(trace_s=t1 - t0, compile_s=t2 - t1, warm_s=t3 - t2)
         self._ready = True
         logger.info(
@@ -294,27 +305,6 @@ class ModelRunner:
             workers,
             t3 - t2,
         )
-
-    def _warm(self, key: tuple) -> None:
-        kind = key[0]
-        if kind == "forward":
-            fb, _, _ = self._batch(SchedulerOutput(), key[1], 1, {})
-            logits, self.kv_caches = self._programs[key](self.state, self.kv_caches, fb, self._no_prev)
-            jax.block_until_ready(logits)
-        elif kind == "sample":
-            _, num_seqs, history_len, _ = key
-            _, sb, _ = self._batch(SchedulerOutput(), num_seqs, history_len, {})
-            logits = _like_step_output(
-                jnp.zeros((num_seqs, self.cfg.model.vocab_size), jnp.float32), self.device
-            )
-            jax.block_until_ready(self._programs[key](logits, sb))
-        else:
-            fb, sb, _ = self._batch(SchedulerOutput(), key[1], 1, {})
-            steps = np.zeros(self.num_seqs_for(key[1]), np.int32)
-            out, self.kv_caches = self._programs[key](
-                self.state, self.kv_caches, fb, sb, self._no_prev, steps
-            )
-            jax.block_until_ready(out)
 
     def prepare(
         self, sched: SchedulerOutput, stop_ids: dict[str, list[int]]

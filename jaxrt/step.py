@@ -38,6 +38,18 @@ def nnx_forward(graphdef: nnx.GraphDef) -> ForwardFn:
     return forward
 
 
+def _feed_prev(batch: ForwardBatch, prev_tokens: jax.Array) -> ForwardBatch:
+    """Token ``t``'s input is ``prev_tokens[prev_index[t]]`` (sampled by the step still in flight, on the
+    device) where ``prev_index[t] >= 0``, else ``input_ids[t]``."""
+    from_prev = prev_tokens[jnp.maximum(batch.prev_index, 0)]
+    return dataclasses.replace(batch, input_ids=jnp.where(batch.prev_index >= 0, from_prev, batch.input_ids))
+
+
+def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
+    """Pad the leading axis to ``rows`` (every program hands the next one ``max_num_seqs`` rows)."""
+    return jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
 def make_forward_step(forward: ForwardFn) -> Callable:
     """Jit the model half of a step: ``(params, kv pool[donated], batch, prev_tokens) -> (logits, kv pool)``.
 
@@ -47,11 +59,7 @@ def make_forward_step(forward: ForwardFn) -> Callable:
     """
 
     def step(params: Any, kv_caches: list[KVCache], batch: ForwardBatch, prev_tokens: jax.Array):
-        from_prev = prev_tokens[jnp.maximum(batch.prev_index, 0)]
-        batch = dataclasses.replace(
-            batch, input_ids=jnp.where(batch.prev_index >= 0, from_prev, batch.input_ids)
-        )
-        return forward(params, kv_caches, batch)
+        return forward(params, kv_caches, _feed_prev(batch, prev_tokens))
 
     return jax.jit(step, donate_argnums=(1,))
 
@@ -62,9 +70,7 @@ def make_sample_step(max_num_seqs: int) -> Callable:
     small program per variant, no device-side branch (see :class:`jaxrt.batch.SampleMode`)."""
 
     def step(logits: jax.Array, sampling: SamplingBatch, mode: SampleMode) -> StepOutput:
-        out = sample(logits, sampling, mode)
-        pad = max_num_seqs - out.tokens.shape[0]
-        return jax.tree.map(lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)), out)
+        return jax.tree.map(lambda x: _pad_rows(x, max_num_seqs), sample(logits, sampling, mode))
 
     return jax.jit(step, static_argnames=("mode",))
 
@@ -85,8 +91,7 @@ def make_decode_loop(forward: ForwardFn, max_num_seqs: int, num_steps: int, page
     def loop(params, kv_caches, batch: ForwardBatch, sampling: SamplingBatch, prev_tokens, steps, mode):
         num_tokens = batch.input_ids.shape[0]
         num_seqs = steps.shape[0]
-        from_prev = prev_tokens[jnp.maximum(batch.prev_index, 0)]
-        ids0 = jnp.where(batch.prev_index >= 0, from_prev, batch.input_ids)
+        ids0 = _feed_prev(batch, prev_tokens).input_ids
         # Per token row (decode: row t is sequence t; rows past num_seqs are padding with 0 steps).
         row_steps = (
             jnp.pad(steps, (0, num_tokens - num_seqs)) if num_tokens > num_seqs else steps[:num_tokens]
@@ -121,11 +126,11 @@ def make_decode_loop(forward: ForwardFn, max_num_seqs: int, num_steps: int, page
         )
         kv_caches, _, all_tokens, all_logprobs = jax.lax.fori_loop(0, num_steps, body, init)
         last = all_tokens[jnp.maximum(steps - 1, 0), jnp.arange(num_seqs)]
-        pad = max_num_seqs - num_seqs
+        pad = ((0, 0), (0, max_num_seqs - num_seqs))  # [num_steps, rows]: rows are the second axis here
         out = DecodeLoopOutput(
-            tokens=jnp.pad(last, (0, pad)),
-            all_tokens=jnp.pad(all_tokens, ((0, 0), (0, pad))),
-            all_logprobs=jnp.pad(all_logprobs, ((0, 0), (0, pad))),
+            tokens=_pad_rows(last, max_num_seqs),
+            all_tokens=jnp.pad(all_tokens, pad),
+            all_logprobs=jnp.pad(all_logprobs, pad),
         )
         return out, kv_caches
 

@@ -159,14 +159,11 @@ class ModelRunner:
             self.num_pages * kv_bytes_per_page(cfg) / 2**20,
         )
         if m.state_specs:
-            state_bytes = sum(
-                int(np.prod(x.shape)) * x.dtype.itemsize for x in self.kv_caches[m.num_layers :]
-            )
             logger.info(
                 "recurrent state: %d arrays x %d slots (%.1f MiB)",
                 len(m.state_specs),
                 self.num_state_slots,
-                state_bytes / 2**20,
+                state_bytes(cfg) / 2**20,
             )
 
     def num_seqs_for(self, num_tokens: int) -> int:

@@ -1,11 +1,14 @@
 """Declarative weight maps (transformers tensor name -> jaxrt param path) and the streaming loader.
 
-A family's map is a list of ``WeightRule(pattern, path, transform, sharding, split)``: ``pattern`` is a regex
+A family's map is a list of ``WeightRule(pattern, path, transform, sharding, fuse)``: ``pattern`` is a regex
 over the checkpoint's tensor name, ``path`` the nnx state path (``/``-separated, regex groups substituted),
 ``transform`` one of ``None`` or ``"T"`` (transpose a torch ``[out, in]`` Linear weight into a Flax
 ``[in, out]`` kernel), ``sharding`` the logical axes for tensor parallelism (``"tp"`` marks the sharded one),
-and ``split`` the parts of a fused tensor (Phi-3's ``qkv_proj``, ``gate_up_proj``): ``{part}`` in ``path`` is
-replaced by each, and the tensor is cut along its last axis into pieces as wide as those params.
+and ``fuse`` the parts of a fused param: jaxrt keeps q/k/v and gate/up as one ``qkv_proj`` / ``gate_up_proj``
+matrix each (one GEMM per step, no per-step concatenation of weights), so the checkpoint's separate tensors,
+told apart by the pattern's ``part`` group, are joined along the last axis in ``fuse`` order once all arrived.
+Checkpoints that are fused already (Phi-3) map straight onto them. (A tensor-parallel split of a fused param
+must cut each part, not the joined axis: ``sharding`` records the logical axis only; nothing shards yet.)
 
 The jaxrt modules name their parameters after transformers' modules, so most families share
 ``DECODER_WEIGHT_MAP``; a name the model has no parameter for is reported, never silently dropped.
@@ -36,7 +39,7 @@ class WeightRule:
     path: str
     transform: str | None = None
     sharding: tuple[str | None, ...] = ()
-    split: tuple[str, ...] = ()
+    fuse: tuple[str, ...] = ()
 
 
 _L = r"model\.layers\.(\d+)"
@@ -45,14 +48,36 @@ _P = r"model/layers/\1"
 DECODER_WEIGHT_MAP: list[WeightRule] = [
     WeightRule(r"model\.embed_tokens\.weight", "model/embed_tokens/embedding", None, ("tp", None)),
     WeightRule(
-        rf"{_L}\.self_attn\.([qkv])_proj\.weight", rf"{_P}/self_attn/\2_proj/kernel", "T", (None, "tp")
+        rf"{_L}\.self_attn\.(?P<part>[qkv])_proj\.weight",
+        rf"{_P}/self_attn/qkv_proj/kernel",
+        "T",
+        (None, "tp"),
+        fuse=("q", "k", "v"),
     ),
-    WeightRule(rf"{_L}\.self_attn\.([qkv])_proj\.bias", rf"{_P}/self_attn/\2_proj/bias", None, ("tp",)),
+    WeightRule(
+        rf"{_L}\.self_attn\.(?P<part>[qkv])_proj\.bias",
+        rf"{_P}/self_attn/qkv_proj/bias",
+        None,
+        ("tp",),
+        fuse=("q", "k", "v"),
+    ),
     WeightRule(rf"{_L}\.self_attn\.o_proj\.weight", rf"{_P}/self_attn/o_proj/kernel", "T", ("tp", None)),
     WeightRule(rf"{_L}\.self_attn\.o_proj\.bias", rf"{_P}/self_attn/o_proj/bias", None, (None,)),
     WeightRule(rf"{_L}\.self_attn\.([qk])_norm\.weight", rf"{_P}/self_attn/\2_norm/weight", None, (None,)),
-    WeightRule(rf"{_L}\.mlp\.(gate|up)_proj\.weight", rf"{_P}/mlp/\2_proj/kernel", "T", (None, "tp")),
-    WeightRule(rf"{_L}\.mlp\.(gate|up)_proj\.bias", rf"{_P}/mlp/\2_proj/bias", None, ("tp",)),
+    WeightRule(
+        rf"{_L}\.mlp\.(?P<part>gate|up)_proj\.weight",
+        rf"{_P}/mlp/gate_up_proj/kernel",
+        "T",
+        (None, "tp"),
+        fuse=("gate", "up"),
+    ),
+    WeightRule(
+        rf"{_L}\.mlp\.(?P<part>gate|up)_proj\.bias",
+        rf"{_P}/mlp/gate_up_proj/bias",
+        None,
+        ("tp",),
+        ("gate", "up"),
+    ),
     WeightRule(rf"{_L}\.mlp\.down_proj\.weight", rf"{_P}/mlp/down_proj/kernel", "T", ("tp", None)),
     WeightRule(rf"{_L}\.mlp\.down_proj\.bias", rf"{_P}/mlp/down_proj/bias", None, (None,)),
     WeightRule(
@@ -69,20 +94,8 @@ DECODER_WEIGHT_MAP: list[WeightRule] = [
 LLAMA_WEIGHT_MAP = DECODER_WEIGHT_MAP
 
 PHI3_WEIGHT_MAP: list[WeightRule] = [
-    WeightRule(
-        rf"{_L}\.self_attn\.qkv_proj\.weight",
-        rf"{_P}/self_attn/{{part}}_proj/kernel",
-        "T",
-        (None, "tp"),
-        split=("q", "k", "v"),
-    ),
-    WeightRule(
-        rf"{_L}\.mlp\.gate_up_proj\.weight",
-        rf"{_P}/mlp/{{part}}_proj/kernel",
-        "T",
-        (None, "tp"),
-        ("gate", "up"),
-    ),
+    WeightRule(rf"{_L}\.self_attn\.qkv_proj\.weight", rf"{_P}/self_attn/qkv_proj/kernel", "T", (None, "tp")),
+    WeightRule(rf"{_L}\.mlp\.gate_up_proj\.weight", rf"{_P}/mlp/gate_up_proj/kernel", "T", (None, "tp")),
     *DECODER_WEIGHT_MAP,
 ]
 
@@ -199,16 +212,13 @@ def _path_key(path: str) -> tuple[Any, ...]:
     return tuple(int(p) if p.isdigit() else p for p in path.split("/"))
 
 
-def map_name(rules: list[WeightRule], name: str) -> tuple[tuple[Any, ...], WeightRule] | None:
-    """(param key, rule) of a tensor name; a split rule's key still contains ``{part}``."""
+def map_name(rules: list[WeightRule], name: str) -> tuple[tuple[Any, ...], WeightRule, str | None] | None:
+    """(param key, rule, part of a fused param or None) of a tensor name."""
     for rule in rules:
-        if re.fullmatch(rule.pattern, name):
-            return _path_key(re.sub(rule.pattern, rule.path, name)), rule
+        m = re.fullmatch(rule.pattern, name)
+        if m:
+            return _path_key(m.expand(rule.path)), rule, (m.group("part") if rule.fuse else None)
     return None
-
-
-def _part_key(key: tuple[Any, ...], part: str) -> tuple[Any, ...]:
-    return tuple(k.replace("{part}", part) if isinstance(k, str) else k for k in key)
 
 
 def load_weights(
@@ -230,38 +240,36 @@ def load_weights(
     def shape_of(key: tuple[Any, ...]) -> tuple[int, ...]:
         return tuple(wanted[key].get_value().shape)
 
+    parts: dict[tuple[Any, ...], dict[str, jax.Array]] = {}  # fused params still waiting for parts
     for name, tensor in tensors:
         if any(p.fullmatch(name) for p in IGNORED) or name in skip:
             continue
         hit = map_name(rules, name)
-        if hit is None:
+        if hit is None or hit[0] not in wanted:
             unexpected.append(name)
             continue
-        key, rule = hit
-        keys = [_part_key(key, p) for p in rule.split] if rule.split else [key]
-        if any(k not in wanted for k in keys):
-            unexpected.append(name)
-            continue
+        key, rule, part = hit
         arr = jnp.asarray(tensor)
         if rule.transform == "T":
             arr = arr.T
-        if rule.split:
-            widths = [shape_of(k)[-1] for k in keys]
-            if sum(widths) != arr.shape[-1]:
-                mismatched.append(
-                    f"{name}: checkpoint {tuple(arr.shape)} vs parts {[shape_of(k) for k in keys]}"
-                )
+        if rule.fuse:
+            got = parts.setdefault(key, {})
+            got[part] = (name, arr)
+            if len(got) < len(rule.fuse):
                 continue
-            pieces = jnp.split(arr, np.cumsum(widths)[:-1].tolist(), axis=-1)
-        else:
-            pieces = [arr]
-        for k, piece in zip(keys, pieces, strict=True):
-            if tuple(piece.shape) != shape_of(k):
-                mismatched.append(f"{name}: checkpoint {tuple(piece.shape)} vs model {shape_of(k)}")
-                continue
-            loaded[k] = piece.astype(dtype)
-        del arr, pieces
-    missing = ["/".join(map(str, k)) for k in wanted if k not in loaded]
+            del parts[key]
+            name = " + ".join(got[p][0] for p in rule.fuse)
+            arr = jnp.concatenate([got[p][1] for p in rule.fuse], axis=-1)
+        if tuple(arr.shape) != shape_of(key):
+            mismatched.append(f"{name}: checkpoint {tuple(arr.shape)} vs model {shape_of(key)}")
+            continue
+        loaded[key] = arr.astype(dtype)
+        del arr
+    missing = ["/".join(map(str, k)) for k in wanted if k not in loaded and k not in parts]
+    missing += [
+        f"{'/'.join(map(str, k))} (has {', '.join(name for name, _ in got.values())}; lacks the other parts)"
+        for k, got in parts.items()
+    ]
     problems = []
     if missing:
         problems.append(f"missing tensors for params: {', '.join(missing)}")

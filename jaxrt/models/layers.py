@@ -268,9 +268,8 @@ class PagedAttention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
         qkv_bias = cfg.attention_bias if family.qkv_bias is None else family.qkv_bias
         o_bias = cfg.attention_bias if family.o_bias is None else family.o_bias
-        self.q_proj = linear(h, cfg.num_heads * hd, qkv_bias, dtype, rngs)
-        self.k_proj = linear(h, cfg.num_kv_heads * hd, qkv_bias, dtype, rngs)
-        self.v_proj = linear(h, cfg.num_kv_heads * hd, qkv_bias, dtype, rngs)
+        # q, k and v as one matrix: one GEMM per step (the loader joins the checkpoint's three).
+        self.qkv_proj = linear(h, (cfg.num_heads + 2 * cfg.num_kv_heads) * hd, qkv_bias, dtype, rngs)
         self.o_proj = linear(cfg.num_heads * hd, h, o_bias, dtype, rngs)
         self.qk_norm = family.qk_norm
         if family.qk_norm is not None:
@@ -309,7 +308,8 @@ class PagedAttention(nnx.Module):
         self, x: jax.Array, batch: ForwardBatch, kv: KVCache, metadata=None
     ) -> tuple[jax.Array, KVCache]:
         t = x.shape[0]
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = jnp.split(self.qkv_proj(x), [q_width, q_width + kv_width], axis=-1)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.reshape(t, self.num_heads, self.head_dim)
@@ -358,19 +358,20 @@ ACTIVATIONS = {
 
 
 class GatedMLP(nnx.Module):
-    """down(act(gate(x)) * up(x)): SwiGLU (Llama), GeGLU (Gemma). Fused gate_up checkpoints are split at load."""
+    """down(act(gate(x)) * up(x)): SwiGLU (Llama), GeGLU (Gemma). gate and up are one matrix (one GEMM per
+    step); the loader joins a checkpoint's separate gate_proj and up_proj."""
 
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
         h, i = cfg.hidden_size, cfg.intermediate_size
         if cfg.hidden_act not in ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r} (supported: {sorted(ACTIVATIONS)})")
-        self.gate_proj = linear(h, i, cfg.mlp_bias, dtype, rngs)
-        self.up_proj = linear(h, i, cfg.mlp_bias, dtype, rngs)
+        self.gate_up_proj = linear(h, 2 * i, cfg.mlp_bias, dtype, rngs)
         self.down_proj = linear(i, h, cfg.mlp_bias, dtype, rngs)
         self.act = cfg.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
+        gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(ACTIVATIONS[self.act](gate) * up)
 
 
 class DecoderLayer(nnx.Module):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -30,6 +32,18 @@ def apply_penalties(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
     logits = logits - sb.frequency_penalty[:, None] * out_counts
     logits = logits - sb.presence_penalty[:, None] * (out_counts > 0)
     return logits
+
+
+def suppress_stops(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
+    """Stop ids of rows under min_new_tokens can't be drawn: -inf there.
+
+    A comparison of each vocab index with the row's few stop ids, elementwise, so XLA fuses it into the
+    reductions that read the logits (argmax, the sort); a scatter would first copy the whole logits array.
+    """
+    stop = jnp.where(sb.suppress_stop[:, None], sb.stop_ids, -1)  # -1 never matches a vocab index
+    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+    hit = functools.reduce(jnp.logical_or, [ids == stop[:, j : j + 1] for j in range(stop.shape[1])])
+    return jnp.where(hit, NEG_INF, logits)
 
 
 def _sample(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
@@ -64,7 +78,6 @@ def sample(logits: jax.Array, sb: SamplingBatch, mode: SampleMode = SampleMode()
     """
     logits = logits.astype(jnp.float32)
     num_seqs, vocab = logits.shape
-    rows = jnp.arange(num_seqs)[:, None]
     penalties = sb.history.shape[1] > 1
     lse = jax.nn.logsumexp(logits, axis=-1)  # normaliser of the raw distribution
     top_ids = jnp.zeros((num_seqs, MAX_TOP_LOGPROBS), jnp.int32)
@@ -76,9 +89,7 @@ def sample(logits: jax.Array, sb: SamplingBatch, mode: SampleMode = SampleMode()
 
     if penalties:
         logits = apply_penalties(logits, sb)
-    # Stop ids of rows under min_new_tokens can't be drawn; other rows' ids go out of range (dropped).
-    stop = jnp.where((sb.stop_ids < 0) | ~sb.suppress_stop[:, None], vocab, sb.stop_ids)
-    logits = logits.at[rows, stop].set(NEG_INF, mode="drop")
+    logits = suppress_stops(logits, sb)
 
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if mode.sampling:

@@ -135,6 +135,41 @@ def test_penalties_match_transformers_and_openai_rules():
         np.testing.assert_allclose(ours[r], expected, rtol=1e-6, atol=1e-6)
 
 
+def test_suppress_stops_masks_only_rows_under_min_new_tokens():
+    from jaxrt.batch import MAX_STOP_IDS, SamplingBatch
+    from jaxrt.sampler import suppress_stops
+
+    rng = np.random.default_rng(1)
+    vocab, rows = 40, 4
+    logits = rng.normal(size=(rows, vocab)).astype(np.float32)
+    stop_ids = np.full((rows, MAX_STOP_IDS), -1, np.int32)
+    stop_ids[0, :3] = [5, 0, 39]
+    stop_ids[1, :1] = [7]  # row 1 is past min_new_tokens: nothing masked
+    stop_ids[2, :] = np.arange(MAX_STOP_IDS) + 10  # every slot used
+    suppress = np.array([True, False, True, True])  # row 3 has no stop ids
+    z = np.zeros(rows, np.float32)
+    sb = SamplingBatch(
+        temperature=z,
+        top_p=z,
+        top_k=z.astype(np.int32),
+        min_p=z,
+        repetition_penalty=z,
+        frequency_penalty=z,
+        presence_penalty=z,
+        seeds=z.astype(np.uint32),
+        sample_index=z.astype(np.int32),
+        stop_ids=stop_ids,
+        suppress_stop=suppress,
+        history=np.zeros((rows, 1), np.int32),
+        history_is_output=np.zeros((rows, 1), bool),
+    )
+    expected = logits.copy()
+    for r in range(rows):
+        if suppress[r]:
+            expected[r, stop_ids[r][stop_ids[r] >= 0]] = -np.inf
+    np.testing.assert_array_equal(np.asarray(suppress_stops(logits, sb)), expected)
+
+
 def test_repetition_penalty_greedy_matches_transformers(llm, tiny_llama_dir):
     import torch
     from jaxrt_testing import hf_model

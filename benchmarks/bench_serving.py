@@ -256,6 +256,7 @@ def main() -> None:
         proc = start_smoke_server(args)
     args.base_url = args.base_url or f"http://{args.host}:{args.port}"
     try:
+        wait_compiled(args.base_url)
         if args.backend == "openai" and args.model is None:
             import requests
 
@@ -276,6 +277,23 @@ def main() -> None:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=60)
+
+
+def wait_compiled(base_url: str, timeout: float = 900.0) -> None:
+    """A jaxrt server compiles some step programs in the background after it is healthy: wait for them so
+    the timed run sees no compile. Other servers have no ``compiling`` field and are not waited for."""
+    import requests
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            info = requests.get(f"{base_url}/get_server_info", timeout=5)
+            if info.status_code != 200 or not info.json().get("compiling"):
+                return
+        except (requests.RequestException, ValueError):
+            return
+        time.sleep(1.0)
+    raise TimeoutError("the server's background compiles did not finish")
 
 
 if __name__ == "__main__":

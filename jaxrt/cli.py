@@ -35,6 +35,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--attention-backend", default=None, choices=["auto", "reference", "pallas_gpu", "pallas_tpu"]
     )
+    p.add_argument(
+        "--disable-background-compile",
+        action="store_true",
+        help="compile every step program before serving (default on GPU/TPU: serve once the programs that "
+        "fit any batch are compiled, the rest compile in the background)",
+    )
     p.add_argument("--random-seed", type=int, default=0)
     p.add_argument("--log-level", default="warning")
 
@@ -55,6 +61,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "num_continuous_decode_steps": args.num_continuous_decode_steps,
         "attention_backend": args.attention_backend,
         "random_seed": args.random_seed,
+        "background_compile": False if args.disable_background_compile else None,
     }
 
 

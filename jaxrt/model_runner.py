@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -29,6 +30,8 @@ from jaxrt.scheduler import SchedulerOutput, cdiv
 from jaxrt.step import ForwardFn, make_decode_loop, make_forward_step, make_sample_step
 
 logger = logging.getLogger(__name__)
+
+_START_MODES = (SampleMode(), SampleMode(sampling=True))  # the sampler variants start-up compiles
 
 CPU_KV_POOL_BYTES = 1 << 30  # default KV pool on CPU, where memory stats are unavailable
 POOL_GRANULE_BYTES = 256 << 20  # accelerator KV pool budgets are rounded down to this
@@ -149,8 +152,18 @@ class ModelRunner:
         self._no_prev = _like_step_output(
             jnp.zeros((cfg.scheduler.max_running_requests,), jnp.int32), self.device
         )
+        # Shapes and placements of the params, the pool and prev_tokens, for lowering: programs are lowered
+        # from these, never from the live arrays (a background lowering must not read a pool that a step is
+        # donating at the same moment).
+        self._abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+            (self.state, self.kv_caches, self._no_prev),
+        )
         self._programs: dict[tuple, jax.stages.Compiled] = {}
         self._ready = False  # set after start-up: later compiles are logged
+        # Background compilation (precompile(background=True)): the programs start-up left for later.
+        self._background: threading.Thread | None = None
+        self._closing = False
         self.startup_breakdown: dict[str, float] = {}
         logger.info(
             "KV pool: %d pages x %d tokens (%.1f MiB)",
@@ -194,12 +207,15 @@ class ModelRunner:
 
     def _example_args(self, key: tuple, abstract: bool = False) -> tuple:
         """The dynamic arguments of program ``key`` for an empty batch (no sequence: nothing is read or written).
-        ``abstract``: the sampler's logits as a shape only (for lowering)."""
+        ``abstract``: params, pool, prev_tokens and the sampler's logits as shapes only (for lowering)."""
         kind, n = key[0], key[1]
         history_len = key[2] if kind == "sample" else 1
         fb, sb, _ = self._batch(SchedulerOutput(), n, history_len, {})
+        state, kv_caches, no_prev = (
+            self._abstract if abstract else (self.state, self.kv_caches, self._no_prev)
+        )
         if kind == "forward":
-            return self.state, self.kv_caches, fb, self._no_prev
+            return state, kv_caches, fb, no_prev
         if kind == "sample":
             shape = (n, self.cfg.model.vocab_size)
             placed = jax.sharding.SingleDeviceSharding(self.device)
@@ -210,7 +226,7 @@ class ModelRunner:
             )
             return logits, sb
         steps = np.zeros(self.num_seqs_for(n), np.int32)
-        return self.state, self.kv_caches, fb, sb, self._no_prev, steps
+        return state, kv_caches, fb, sb, no_prev, steps
 
     def _lower(self, key: tuple) -> jax.stages.Lowered:
         args = self._example_args(key, abstract=True)
@@ -252,27 +268,51 @@ class ModelRunner:
     def startup_keys(self) -> list[tuple]:
         """What start-up compiles: the model on every token bucket, the greedy and sampling samplers for
         their row counts, and (continuous decode) the decode loop on every decode bucket for both."""
-        modes = (SampleMode(), SampleMode(sampling=True))
         keys: list[tuple] = [("forward", n) for n in self.token_buckets]
         keys += [
             ("sample", s, 1, m)
             for s in sorted({self.num_seqs_for(n) for n in self.token_buckets})
-            for m in modes
+            for m in _START_MODES
         ]
         if self._decode_loop is not None:
-            keys += [("decode_loop", n, m) for n in self.decode_buckets for m in modes]
+            keys += [("decode_loop", n, m) for n in self.decode_buckets for m in _START_MODES]
         return keys
 
-    def precompile(self) -> None:
-        """Compile every start-up program before serving, then run each once on an empty batch (no sequence:
-        nothing is read or written) so the first request finds the device code loaded.
+    def first_keys(self) -> list[tuple]:
+        """The programs that can run any step on their own: the model on the largest token bucket and on the
+        largest decode bucket, and the greedy and sampling samplers for their rows. Any batch fits them
+        (padded to the bucket); the other start-up programs are faster fits. Background compilation starts
+        with these."""
+        top, top_decode = self.token_buckets[-1], self.decode_buckets[-1]
+        keys = [("forward", top), ("forward", top_decode)]
+        keys += [
+            ("sample", s, 1, m)
+            for s in sorted({self.num_seqs_for(top_decode), self.num_seqs_for(top)})
+            for m in _START_MODES
+        ]
+        return list(dict.fromkeys(keys))
 
-        Tracing and lowering stay on this thread (a traced model, e.g. the transformers fallback, may keep
-        thread-local state); XLA's compiles run side by side in ``JAXRT_COMPILE_WORKERS`` threads (it
-        compiles without the GIL; a persistent-cache hit is a load).
+    def precompile(self, background: bool = False) -> None:
+        """Compile the start-up programs, then run each once on an empty batch (no sequence: nothing is read
+        or written) so the first request finds the device code loaded.
+
+        ``background``: compile only :meth:`first_keys` now; the rest compile in a background thread while
+        the engine serves (steps use the smallest bucket whose programs are ready, and single decode steps
+        until a decode loop is; :meth:`wait_compiled` waits for them). Start-up to the first token is then
+        one compile deep instead of all of them.
+
+        Tracing and lowering of the start-up set stay on this thread; XLA's compiles run side by side in
+        ``JAXRT_COMPILE_WORKERS`` threads (it compiles without the GIL; a persistent-cache hit is a load).
         """
         keys = [k for k in self.startup_keys() if k not in self._programs]
-        workers = min(envs.compile_workers(self.device.platform), len(keys))
+        later: list[tuple] = []
+        if background:
+            first = set(self.first_keys())
+            later = [k for k in keys if k not in first]
+            keys = [k for k in keys if k in first]
+            # The decode loops on the largest decode bucket first: they carry decode throughput.
+            later.sort(key=lambda k: 0 if k[0] == "decode_loop" and k[1] == self.decode_buckets[-1] else 1)
+        workers = max(1, min(envs.compile_workers(self.device.platform), len(keys)))
         bar = tqdm(keys, desc="Compiling step programs", disable=envs.disable_progress_bar(), leave=False)
         t0 = time.perf_counter()
         if workers > 1:
@@ -295,19 +335,98 @@ class ModelRunner:
         self.startup_breakdown.update(trace_s=t1 - t0, compile_s=t2 - t1, warm_s=t3 - t2)
         self._ready = True
         logger.info(
-            "%d programs: traced in %.1f s, compiles done %.1f s later (%d threads), first runs %.1f s",
+            "%d programs: traced in %.1f s, compiles done %.1f s later (%d threads), first runs %.1f s%s",
             len(keys),
             t1 - t0,
             t2 - t1,
             workers,
             t3 - t2,
+            f"; {len(later)} more compile in the background" if later else "",
+        )
+        if later:
+            self._background = threading.Thread(
+                target=self._compile_later, args=(later,), name="jaxrt-background-compile", daemon=True
+            )
+            self._background.start()
+
+    def _compile_later(self, keys: list[tuple]) -> None:
+        """Lower ``keys`` one by one on this thread and compile them in worker threads; each program is
+        served from the moment its compile ends. Not run on an empty batch first (that would donate the live
+        pool from this thread): its first step loads the device code."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        t0 = time.perf_counter()
+        workers = max(1, min(envs.compile_workers(self.device.platform), len(keys)))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxrt-compile") as pool:
+            for key in keys:
+                if self._closing:
+                    break
+                try:
+                    lowered = self._lower(key)
+                except Exception:  # noqa: BLE001 - the step compiles it on first use and reports there
+                    logger.exception("background lowering of %s failed", key)
+                    continue
+                pool.submit(self._compile_one, key, lowered)
+        self.startup_breakdown["background_s"] = time.perf_counter() - t0
+        logger.info("background compiles done in %.1f s (%d programs)", time.perf_counter() - t0, len(keys))
+
+    def _compile_one(self, key: tuple, lowered: jax.stages.Lowered) -> None:
+        if self._closing:
+            return
+        try:
+            program = lowered.compile()
+        except Exception:  # noqa: BLE001 - the step compiles it on first use and reports there
+            logger.exception("background compile of %s failed", key)
+            return
+        self._programs.setdefault(key, program)
+
+    @property
+    def compiling(self) -> bool:
+        """Background compiles still running (see :meth:`precompile`)."""
+        return self._background is not None and self._background.is_alive()
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Wait for the background compiles; True when none is left."""
+        if self._background is not None:
+            self._background.join(timeout)
+        return not self.compiling
+
+    def close(self) -> None:
+        """Stop starting background compiles (one already in XLA finishes on its own daemon thread)."""
+        self._closing = True
+
+    def _runnable(self, n: int, loop: bool) -> bool:
+        kind = "decode_loop" if loop else "forward"
+        if loop:
+            return all(("decode_loop", n, m) in self._programs for m in _START_MODES)
+        s = self.num_seqs_for(n)
+        return (kind, n) in self._programs and all(
+            ("sample", s, 1, m) in self._programs for m in _START_MODES
+        )
+
+    def pick(self, num_tokens: int, loop: bool = False) -> int:
+        """The token bucket of a step: the smallest that fits, or while background compiles run, the
+        smallest that fits and whose programs are ready (else the smallest that fits: compiled on use)."""
+        exact = pick_bucket(self.token_buckets, num_tokens)
+        if not self.compiling:
+            return exact
+        for n in self.decode_buckets if loop else self.token_buckets:
+            if n >= num_tokens and self._runnable(n, loop):
+                return n
+        return exact
+
+    def decode_loop_ready(self, num_tokens: int) -> bool:
+        """Whether a continuous-decode dispatch of ``num_tokens`` rows has a compiled decode loop."""
+        return self._decode_loop is not None and (
+            not self.compiling
+            or any(n >= num_tokens and self._runnable(n, True) for n in self.decode_buckets)
         )
 
     def prepare(
         self, sched: SchedulerOutput, stop_ids: dict[str, list[int]]
     ) -> tuple[ForwardBatch, SamplingBatch, SampleMode]:
         """Lay out a scheduled step in its bucket (host arrays)."""
-        n = pick_bucket(self.token_buckets, sched.num_tokens)
+        n = self.pick(sched.num_tokens)
         history_len = 1
         if any(s.sample and s.request.sampling_params.uses_penalties for s in sched.scheduled):
             longest = max(
@@ -349,7 +468,7 @@ class ModelRunner:
         self, sched: SchedulerOutput, stop_ids: dict[str, list[int]], prev_tokens: jax.Array | None
     ) -> DecodeLoopOutput:
         assert self._decode_loop is not None and sched.num_steps <= self.num_decode_steps
-        n = pick_bucket(self.token_buckets, sched.num_tokens)
+        n = self.pick(sched.num_tokens, loop=True)
         fb, sb, mode = self._batch(sched, n, 1, stop_ids)
         assert not mode.top_logprobs, "top log-probabilities need single steps"
         steps = np.zeros(self.num_seqs_for(n), np.int32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -332,6 +333,58 @@ def test_fresh_engine_serves_without_compiling(tiny_llama_dir, monkeypatch, work
         fresh.generate(["one", "two words here"], {"temperature": 0, "max_new_tokens": 6})
         fresh.generate("sampled", {"temperature": 0.7, "max_new_tokens": 4, "seed": 3})
         assert runner.num_compiles == compiled
+
+
+def test_background_compile_serves_from_the_first_programs(tiny_llama_dir, monkeypatch):
+    """background_compile: the engine is ready once the programs that fit any batch are compiled. While the
+    rest are held back, steps run padded to those (single decode steps, no decode loop yet) without compiling
+    anything on the way and give the tokens of a fully precompiled engine; once released, every start-up
+    program is there and a continuous-decode run matches too."""
+    from jaxrt.model_runner import ModelRunner
+
+    gate = threading.Event()
+    compile_one = ModelRunner._compile_one
+
+    def held(self, key, lowered):
+        gate.wait(timeout=120)
+        compile_one(self, key, lowered)
+
+    monkeypatch.setattr(ModelRunner, "_compile_one", held)
+    kwargs = dict(
+        model_path=tiny_llama_dir,
+        dtype="float32",
+        max_running_requests=4,
+        chunked_prefill_size=64,
+        context_length=128,
+        num_continuous_decode_steps=3,
+    )
+    prompts = ["one", "two words here", "and a third, longer prompt than both"]
+    greedy = {"temperature": 0, "max_new_tokens": 7}
+    sampled = {"temperature": 0.8, "max_new_tokens": 5, "seed": 11}
+    with jaxrt.Engine(**kwargs, background_compile=False) as full:
+        want = [o["output_ids"] for o in full.generate(prompts, greedy)]
+        want_sampled = full.generate("sampled", sampled)["output_ids"]
+    try:
+        with jaxrt.Engine(**kwargs, background_compile=True) as llm:
+            runner = llm.runner
+            first = set(runner.first_keys())
+            assert runner.compiling and set(runner._programs) == first
+            assert len(first) < len(runner.startup_keys())
+            assert [o["output_ids"] for o in llm.generate(prompts, greedy)] == want
+            assert llm.generate("sampled", sampled)["output_ids"] == want_sampled
+            assert set(runner._programs) == first  # padded to the ready buckets: nothing compiled on use
+            assert llm.get_server_info()["compiling"]
+            gate.set()
+            assert llm.wait_compiled(timeout=300)
+            assert set(runner.startup_keys()) <= set(runner._programs)
+            assert "background_s" in llm.startup_breakdown and not llm.get_server_info()["compiling"]
+            compiled = runner.num_compiles
+            assert [o["output_ids"] for o in llm.generate(prompts, greedy)] == want
+            assert llm.generate("sampled", sampled)["output_ids"] == want_sampled
+            assert runner.num_compiles == compiled
+            assert_no_leak(llm)
+    finally:
+        gate.set()
 
 
 def test_bad_checkpoint_fails_engine_with_the_tensor_named(tiny_llama_dir, tmp_path):

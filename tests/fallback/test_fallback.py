@@ -100,6 +100,27 @@ def test_continuous_decode_and_parallel_compile(llama_dir, monkeypatch):
     assert got[4] == got[1]
 
 
+def test_background_compile_traces_the_fallback_off_the_engine_thread(llama_dir, monkeypatch):
+    """background_compile (the GPU default) lowers most programs on a background thread: the traced torch
+    model gives the same tokens from the first programs and from all of them (torchax's thread-local
+    properties hold their defaults in every thread; the fallback sets none of them)."""
+    monkeypatch.setenv("JAXRT_COMPILE_WORKERS", "2")
+    ids = prompts(320)
+    params = {"temperature": 0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True}
+    kwargs = dict(model_path=llama_dir, **ENGINE, num_continuous_decode_steps=4)
+    with jaxrt.Engine(**kwargs, background_compile=False) as llm:
+        want = [o["output_ids"] for o in llm.generate(input_ids=ids, sampling_params=params)]
+    with jaxrt.Engine(**kwargs, background_compile=True) as llm:
+        first = [o["output_ids"] for o in llm.generate(input_ids=ids, sampling_params=params)]
+        assert llm.wait_compiled(timeout=600)
+        assert set(llm.runner.startup_keys()) <= set(llm.runner._programs)
+        compiled = llm.runner.num_compiles
+        after = [o["output_ids"] for o in llm.generate(input_ids=ids, sampling_params=params)]
+        assert llm.runner.num_compiles == compiled
+        assert_no_leak(llm)
+    assert first == want and after == want
+
+
 @pytest.mark.parametrize("model_type, impl", [("qwen2", "transformers"), ("gpt2", "auto")])
 def test_engine_greedy_matches_transformers(tmp_path, model_type, impl, caplog):
     """Qwen2 (biases, GQA) and GPT-2 (learned positions, Conv1D, tied embeddings) through the fallback.

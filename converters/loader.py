@@ -24,7 +24,9 @@ from jaxrt.models import MODEL_REGISTRY, get_model_class
 
 logger = logging.getLogger(__name__)
 
-# How the last build_native_model got its params: "converted" | "cache" | "safetensors" | "gguf" (+ seconds).
+# How the last build_native_model got its params: ``source`` ("converted", "cache", "safetensors" or "gguf")
+# and ``seconds``; for safetensors and GGUF also ``load_weights``' breakdown (tensors, bytes, programs,
+# peak_inflight_bytes, read_s, dispatch_s, compile_s, wait_s, transfer_call_s).
 last_load_info: dict[str, Any] = {}
 
 
@@ -90,13 +92,19 @@ def abstract_model(
 
 
 def stream_weights(
-    cfg: ModelConfig, model_path: str | Path, abstract_state: nnx.State, dtype: jnp.dtype
+    cfg: ModelConfig,
+    model_path: str | Path,
+    abstract_state: nnx.State,
+    dtype: jnp.dtype,
+    stats: dict[str, Any] | None = None,
 ) -> nnx.State:
-    """Read a safetensors or GGUF checkpoint tensor by tensor into ``abstract_state``'s layout."""
+    """Read a safetensors or GGUF checkpoint tensor by tensor into ``abstract_state``'s layout (``stats``: see
+    ``load_weights``)."""
     if cfg.architecture not in WEIGHT_MAPS:
         raise ValueError(f"no weight map for {cfg.architecture}")
     skip = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
-    return load_weights(abstract_state, iter_tensors(model_path), WEIGHT_MAPS[cfg.architecture], dtype, skip)
+    rules = WEIGHT_MAPS[cfg.architecture]
+    return load_weights(abstract_state, iter_tensors(model_path), rules, dtype, skip, stats)
 
 
 def load_params(
@@ -108,6 +116,7 @@ def load_params(
 ) -> nnx.State:
     """Params for ``abstract_state``: from a converted directory, the automatic cache, or the checkpoint."""
     t0 = time.perf_counter()
+    last_load_info.clear()
     if checkpoint.is_converted(model_path):
         state = checkpoint.restore_params(Path(model_path) / checkpoint.PARAMS_DIR, abstract_state)
         last_load_info.update(source="converted", seconds=time.perf_counter() - t0)
@@ -122,9 +131,10 @@ def load_params(
             return state
         except Exception as e:
             logger.warning("ignoring unreadable converted-params cache entry %s: %s", entry, e)
-    state = stream_weights(cfg, model_path, abstract_state, jnp.dtype(dtype))
+    stats: dict[str, Any] = {}
+    state = stream_weights(cfg, model_path, abstract_state, jnp.dtype(dtype), stats)
     source = "gguf" if gguf_file(model_path) is not None else "safetensors"
-    last_load_info.update(source=source, seconds=time.perf_counter() - t0)
+    last_load_info.update(source=source, seconds=time.perf_counter() - t0, **stats)
     if key and (use_cache or checkpoint.should_auto_cache(model_path)):
         checkpoint.cache_store(key, state, model_path, cfg.architecture, dtype)
     return state

@@ -12,25 +12,34 @@ must cut each part, not the joined axis: ``sharding`` records the logical axis o
 
 The jaxrt modules name their parameters after transformers' modules, so most families share
 ``DECODER_WEIGHT_MAP``; a name the model has no parameter for is reported, never silently dropped.
-The loader streams tensor by tensor (safetensors, sharded via the index file, or one GGUF file dequantized a
-tensor at a time), so the checkpoint is never in host memory twice; it reports missing and unexpected keys
-and shape mismatches by name.
+The loader streams tensor by tensor (safetensors, sharded via the index file, read as views of the mmap-ed
+files; or one GGUF file dequantized a tensor at a time), so the checkpoint is never copied in host memory:
+host -> device transfers run asynchronously on a few threads, and each param's transpose / join / cast is one
+jitted program on the device (compiled once per shape), with a bounded window of raw tensors in flight. It
+reports missing and unexpected keys and shape mismatches by name.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+import mmap
+import os
 import re
+import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 
 
 @dataclass(frozen=True)
@@ -152,11 +161,73 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
     return [g] if g is not None else safetensors_files(model_dir)
 
 
-def iter_safetensors(model_dir: str | Path) -> Iterator[tuple[str, jax.Array]]:
+# safetensors dtype names -> numpy dtypes (bf16 and fp8 through ml_dtypes, which jax itself uses)
+_SAFETENSORS_DTYPES: dict[str, Any] = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U64": np.uint64,
+    "U32": np.uint32,
+    "U16": np.uint16,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def iter_safetensors_file(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) of one safetensors file in file order, each array a read-only view of the mmap-ed file.
+
+    Nothing is read here: the pages are read (from the page cache or disk) when the array is copied, e.g. by
+    the host -> device transfer, so the checkpoint is never copied into host memory first. The header is
+    validated (dtypes, sizes, offsets inside the file) and any problem raised as WeightLoadError.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 0 or 8 + n > size:
+            raise WeightLoadError(f"{path}: not a safetensors file (truncated or bad header length)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise WeightLoadError(f"{path}: unreadable safetensors header: {e}") from e
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + n else None
+    header.pop("__metadata__", None)
+    base = 8 + n
+    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise WeightLoadError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        dtype = np.dtype(dtype)
+        shape = tuple(info["shape"])
+        begin, end = info["data_offsets"]
+        count = math.prod(shape)
+        if end - begin != count * dtype.itemsize or begin < 0 or base + end > size:
+            raise WeightLoadError(
+                f"{path}: tensor {name} ({info['dtype']} {list(shape)}) has bytes [{begin}, {end}) that do "
+                f"not match its shape or lie outside the file's {size - base} data bytes"
+            )
+        if count == 0:
+            yield name, np.zeros(shape, dtype)
+            continue
+        if hasattr(mmap, "MADV_WILLNEED"):  # start reading ahead while earlier tensors are transferred
+            start = (base + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+            mm.madvise(mmap.MADV_WILLNEED, start, base + end - start)
+        yield name, np.frombuffer(mm, dtype, count, base + begin).reshape(shape)
+
+
+def iter_safetensors(model_dir: str | Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) of every tensor of a safetensors checkpoint (all its shards), as mmap views."""
     for f in safetensors_files(model_dir):
-        with safe_open(str(f), framework="flax") as fh:
-            for name in fh.keys():  # noqa: SIM118 - safe_open is not a dict
-                yield name, fh.get_tensor(name)
+        yield from iter_safetensors_file(f)
 
 
 def iter_gguf(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -221,64 +292,236 @@ def map_name(rules: list[WeightRule], name: str) -> tuple[tuple[Any, ...], Weigh
     return None
 
 
+# The load pipeline: host -> device transfers run on a few threads (``jax.device_put``, asynchronous) while
+# the main thread maps names and dispatches each param's transform (transpose, join of a fused param's parts,
+# cast) as a jitted program. Device memory holds the params plus up to ``TRANSFER_WINDOW_BYTES`` of raw
+# tensors (more only for one larger tensor, or parts of fused params still waiting for their siblings).
+TRANSFER_THREADS = 4
+TRANSFER_WINDOW_BYTES = 1 << 30
+_LOOKAHEAD = 2  # params whose transform waits for later transfers to be submitted first
+
+
+@functools.partial(jax.jit, static_argnames=("transpose", "dtype"))
+def _assemble(*parts: jax.Array, transpose: bool, dtype: np.dtype) -> jax.Array:
+    """One param from its checkpoint tensor(s): joined along the last axis, transposed if ``transpose``, cast.
+    Compiled once per (part shapes, dtypes, transform): a decoder's layers share theirs."""
+    x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+    return (x.T if transpose else x).astype(dtype)
+
+
+@jax.jit
+def _join_rows(*parts: jax.Array) -> jax.Array:
+    """Parts of a transposed fused param joined before the transpose: ``concat(parts, 0).T`` is
+    ``concat([p.T ...], -1)``. A program of its own: XLA:CPU fused into the transpose runs 2-3x slower."""
+    return jnp.concatenate(parts, axis=0)
+
+
+def _timed_put(tensor: Any) -> tuple[jax.Array, float, int | None]:
+    """(device array, seconds in ``jax.device_put``, address of the host data or None)."""
+    if isinstance(tensor, jax.Array):
+        return tensor, 0.0, None
+    t0 = time.perf_counter()
+    arr = jax.device_put(tensor)
+    return arr, time.perf_counter() - t0, tensor.ctypes.data if isinstance(tensor, np.ndarray) else None
+
+
+def _owned(arr: jax.Array, host_ptr: int | None) -> jax.Array:
+    """``arr`` in a buffer of its own. On CPU, ``jax.device_put`` of an aligned read-only array (an mmap view
+    of a safetensors file) may alias its memory: a param would then be the page cache of the file."""
+    on_cpu = host_ptr is not None and all(d.platform == "cpu" for d in arr.devices())
+    return jnp.copy(arr) if on_cpu and arr.unsafe_buffer_pointer() == host_ptr else arr
+
+
+@dataclass
+class _Job:
+    key: tuple[Any, ...]
+    name: str
+    transfers: list[Future]
+    nbytes: int
+    transpose: bool
+
+
 def load_weights(
     abstract_state: nnx.State,
     tensors: Iterator[tuple[str, Any]],
     rules: list[WeightRule],
     dtype: jnp.dtype,
     skip: tuple[str, ...] = (),
+    stats: dict[str, Any] | None = None,
 ) -> nnx.State:
     """Fill ``abstract_state`` (from ``nnx.eval_shape``) with checkpoint tensors, cast to ``dtype``.
 
-    Raises WeightLoadError naming every missing or unexpected tensor and every shape mismatch.
+    ``tensors`` yields (transformers name, array): numpy arrays (mmap views for safetensors, see
+    ``iter_safetensors``) or jax arrays. Transfers, transforms and reading overlap; the returned params are
+    ready (blocked on). Raises WeightLoadError naming every missing or unexpected tensor and every shape
+    mismatch.
+
+    ``stats``, when given, receives a breakdown: ``tensors`` and ``bytes`` transferred, ``programs`` (distinct
+    transform programs), ``peak_inflight_bytes`` (most raw tensor bytes on the device or on their way at
+    once), and seconds: ``read_s`` (pulling from ``tensors``: headers, GGUF dequantization), ``dispatch_s``
+    (submitting transfers, dispatching transforms, first calls' compiles included), ``compile_s`` (those first
+    calls), ``wait_s`` (blocked on the transfer window and the final sync), ``transfer_call_s`` (time inside
+    ``jax.device_put`` on the transfer threads, summed).
     """
+    dtype = np.dtype(dtype)
     flat = dict(nnx.to_flat_state(abstract_state))
-    wanted = dict(flat)
     loaded: dict[tuple[Any, ...], jax.Array] = {}
+    assigned: set[tuple[Any, ...]] = set()  # params a transform (or the plain transfer) will produce
     unexpected, mismatched = [], []
+    st = dict.fromkeys(("read_s", "dispatch_s", "compile_s", "wait_s"), 0.0)
+    n_tensors = n_bytes = 0
+    programs: set[tuple[Any, ...]] = set()
 
     def shape_of(key: tuple[Any, ...]) -> tuple[int, ...]:
-        return tuple(wanted[key].get_value().shape)
+        return tuple(flat[key].get_value().shape)
 
-    parts: dict[tuple[Any, ...], dict[str, jax.Array]] = {}  # fused params still waiting for parts
-    for name, tensor in tensors:
-        if any(p.fullmatch(name) for p in IGNORED) or name in skip:
-            continue
-        hit = map_name(rules, name)
-        if hit is None or hit[0] not in wanted:
-            unexpected.append(name)
-            continue
-        key, rule, part = hit
-        arr = jnp.asarray(tensor)
-        if rule.transform == "T":
-            arr = arr.T
-        if rule.fuse:
-            got = parts.setdefault(key, {})
-            got[part] = (name, arr)
-            if len(got) < len(rule.fuse):
+    parts: dict[tuple[Any, ...], dict[str, tuple[str, tuple[int, ...], Future, int]]] = {}  # awaiting parts
+    jobs: deque[_Job] = deque()  # all parts submitted, transform not dispatched yet
+    running: deque[tuple[jax.Array, int]] = deque()  # dispatched: (param, raw bytes it frees once done)
+    raw_bytes = 0  # raw tensors on the device (or on their way) not yet known to be consumed
+    put_seconds: list[float] = []
+    peak = [0]  # most raw bytes in flight at once
+
+    def dispatch(job: _Job) -> None:
+        nonlocal raw_bytes
+        arrs, ptrs = [], []
+        for fut in job.transfers:
+            arr, dt, ptr = fut.result()
+            arrs.append(arr)
+            ptrs.append(ptr)
+            put_seconds.append(dt)
+        if not job.transpose and len(arrs) == 1 and arrs[0].dtype == dtype:
+            loaded[job.key] = _owned(arrs[0], ptrs[0])  # the transferred tensor is the param
+            raw_bytes -= job.nbytes
+            return
+        sig = (tuple((a.shape, a.dtype) for a in arrs), job.transpose, dtype)
+        t0 = time.perf_counter()
+        if job.transpose and len(arrs) > 1:
+            arrs = [_join_rows(*arrs)]
+        out = _assemble(*arrs, transpose=job.transpose, dtype=dtype)
+        if sig not in programs:
+            programs.add(sig)
+            st["compile_s"] += time.perf_counter() - t0
+        loaded[job.key] = out
+        running.append((out, job.nbytes))
+
+    def retire() -> bool:
+        """Make room in the transfer window: dispatch the oldest waiting transform, else wait for the oldest
+        running one. False when there is nothing to retire (only fused parts awaiting their siblings)."""
+        nonlocal raw_bytes
+        if jobs:
+            dispatch(jobs.popleft())
+        elif running:
+            out, nbytes = running.popleft()
+            t0 = time.perf_counter()
+            out.block_until_ready()
+            st["wait_s"] += time.perf_counter() - t0
+            raw_bytes -= nbytes
+        else:
+            return False
+        return True
+
+    with ThreadPoolExecutor(TRANSFER_THREADS, thread_name_prefix="jaxrt-load") as pool:
+
+        def submit(tensor: Any) -> tuple[Future, int]:
+            nonlocal raw_bytes, n_tensors, n_bytes
+            nbytes = int(tensor.nbytes)
+            t0 = time.perf_counter()
+            while raw_bytes + nbytes > TRANSFER_WINDOW_BYTES and retire():
+                pass
+            raw_bytes += nbytes
+            peak[0] = max(peak[0], raw_bytes)
+            n_tensors += 1
+            n_bytes += nbytes
+            fut = pool.submit(_timed_put, tensor)
+            st["dispatch_s"] += time.perf_counter() - t0
+            return fut, nbytes
+
+        it = iter(tensors)
+        while True:
+            t0 = time.perf_counter()
+            item = next(it, None)
+            st["read_s"] += time.perf_counter() - t0
+            if item is None:
+                break
+            name, tensor = item
+            if any(p.fullmatch(name) for p in IGNORED) or name in skip:
                 continue
-            del parts[key]
-            name = " + ".join(got[p][0] for p in rule.fuse)
-            arr = jnp.concatenate([got[p][1] for p in rule.fuse], axis=-1)
-        if tuple(arr.shape) != shape_of(key):
-            mismatched.append(f"{name}: checkpoint {tuple(arr.shape)} vs model {shape_of(key)}")
-            continue
-        loaded[key] = arr.astype(dtype)
-        del arr
-    missing = ["/".join(map(str, k)) for k in wanted if k not in loaded and k not in parts]
-    missing += [
-        f"{'/'.join(map(str, k))} (has {', '.join(name for name, _ in got.values())}; lacks the other parts)"
-        for k, got in parts.items()
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors for params: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors in checkpoint: {', '.join(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatches: {'; '.join(mismatched)}")
-    if problems:
-        raise WeightLoadError("; ".join(problems))
+            hit = map_name(rules, name)
+            if hit is None or hit[0] not in flat:
+                unexpected.append(name)
+                continue
+            key, rule, part = hit
+            transpose = rule.transform == "T"
+            shape = tuple(np.shape(tensor))
+            if transpose:
+                shape = shape[::-1]
+            if not rule.fuse:
+                if shape != shape_of(key):
+                    mismatched.append(f"{name}: checkpoint {shape} vs model {shape_of(key)}")
+                    continue
+                fut, nbytes = submit(tensor)
+                jobs.append(_Job(key, name, [fut], nbytes, transpose))
+                assigned.add(key)
+            else:
+                fut, nbytes = submit(tensor)
+                got = parts.setdefault(key, {})
+                got[part] = (name, shape, fut, nbytes)
+                if len(got) < len(rule.fuse):
+                    continue
+                del parts[key]
+                name = " + ".join(got[p][0] for p in rule.fuse)
+                shapes = [got[p][1] for p in rule.fuse]
+                nbytes = sum(got[p][3] for p in rule.fuse)
+                if not all(shapes) or len({s[:-1] for s in shapes}) != 1:
+                    mismatched.append(
+                        f"{name}: checkpoint parts {', '.join(map(str, shapes))} do not join along the last "
+                        f"axis; model {shape_of(key)}"
+                    )
+                    raw_bytes -= nbytes
+                    continue
+                joined = (*shapes[0][:-1], sum(s[-1] for s in shapes))
+                if joined != shape_of(key):
+                    mismatched.append(f"{name}: checkpoint {joined} vs model {shape_of(key)}")
+                    raw_bytes -= nbytes
+                    continue
+                jobs.append(_Job(key, name, [got[p][2] for p in rule.fuse], nbytes, transpose))
+                assigned.add(key)
+            t0 = time.perf_counter()
+            while len(jobs) > _LOOKAHEAD:
+                dispatch(jobs.popleft())
+            st["dispatch_s"] += time.perf_counter() - t0
+
+        missing = ["/".join(map(str, k)) for k in flat if k not in assigned and k not in parts]
+        missing += [
+            f"{'/'.join(map(str, k))} (has {', '.join(v[0] for v in got.values())}; lacks the other parts)"
+            for k, got in parts.items()
+        ]
+        problems = []
+        if missing:
+            problems.append(f"missing tensors for params: {', '.join(missing)}")
+        if unexpected:
+            problems.append(f"unexpected tensors in checkpoint: {', '.join(unexpected)}")
+        if mismatched:
+            problems.append(f"shape mismatches: {'; '.join(mismatched)}")
+        if problems:
+            raise WeightLoadError("; ".join(problems))
+        t0 = time.perf_counter()
+        while jobs:
+            dispatch(jobs.popleft())
+        st["dispatch_s"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    jax.block_until_ready(list(loaded.values()))
+    st["wait_s"] += time.perf_counter() - t0
+    if stats is not None:
+        stats.update(
+            tensors=n_tensors,
+            bytes=n_bytes,
+            programs=len(programs),
+            peak_inflight_bytes=peak[0],
+            **st,
+            transfer_call_s=sum(put_seconds),
+        )
     for key, arr in loaded.items():
         flat[key] = flat[key].replace(arr)
     return nnx.from_flat_state(flat)

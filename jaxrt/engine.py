@@ -426,6 +426,10 @@ class Engine:
         none is left. Benchmarks call it before timing."""
         done = self.runner.wait_compiled(timeout)
         self.startup_breakdown.update(self.runner.startup_breakdown)
+        if done:  # load their device code now (on the engine thread), not in a timed step
+            warmed = threading.Event()
+            self._post("warm", warmed)
+            warmed.wait(timeout)
         return done
 
     def shutdown(self) -> None:
@@ -569,12 +573,16 @@ class Engine:
                         and not self.scheduler.has_work
                         and inflight is None
                         and not self._stopping
+                        and not self.runner.has_unwarmed
                     ):
-                        self._cv.wait()
+                        # While programs compile in the background, wake to run each finished one once.
+                        self._cv.wait(timeout=0.5 if self.runner.compiling else None)
                     inbox, self._inbox = self._inbox, []
                     stopping = self._stopping
                 for kind, payload in inbox:
                     self._apply(kind, payload)
+                if inflight is None and not self.scheduler.has_work and self.runner.has_unwarmed:
+                    self.runner.warm_pending()  # idle: load background-compiled programs' device code
                 if stopping:
                     if inflight is not None:
                         self._process(*inflight)
@@ -613,6 +621,9 @@ class Engine:
                 track.sink(e)
         elif kind == "abort":
             self._abort(payload, "aborted by the client")
+        elif kind == "warm":
+            self.runner.warm_pending()
+            payload.set()
         elif kind == "flush":
             done, result = payload
             result.append(self.scheduler.flush_cache())

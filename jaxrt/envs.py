@@ -30,6 +30,13 @@ def compilation_cache_enabled() -> bool:
     return _get("JAXRT_COMPILATION_CACHE", "1") == "1"
 
 
+def triton_gemm() -> bool:
+    """Let XLA emit its Triton GEMM fusions on GPU (``JAXRT_TRITON_GEMM=1``). Off by default: the step's
+    matrix products then go to cuBLAS, which also takes the residual adds into its epilogue (H100, 1B model:
+    decode step at batch 256 2.94 -> 2.75 ms, prefill 1k 4.78 -> 4.64 ms; benchmarks/RESULTS.md)."""
+    return _get("JAXRT_TRITON_GEMM", "0") == "1"
+
+
 def compile_workers(platform: str) -> int:
     """Threads that compile the step's buckets side by side at start-up. ``JAXRT_COMPILE_WORKERS``
     (default: up to 8 on accelerators, 1 (serial) on CPU, where the compiles compete with the host)."""

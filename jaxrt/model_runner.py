@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -164,6 +165,7 @@ class ModelRunner:
         # Background compilation (precompile(background=True)): the programs start-up left for later.
         self._background: threading.Thread | None = None
         self._closing = False
+        self._unwarmed: list[tuple] = []  # compiled in the background, not run yet (see warm_pending)
         self.startup_breakdown: dict[str, float] = {}
         logger.info(
             "KV pool: %d pages x %d tokens (%.1f MiB)",
@@ -217,16 +219,23 @@ class ModelRunner:
         if kind == "forward":
             return state, kv_caches, fb, no_prev
         if kind == "sample":
-            shape = (n, self.cfg.model.vocab_size)
+            shape, dtype = (n, self.cfg.model.vocab_size), self.logits_dtype
             placed = jax.sharding.SingleDeviceSharding(self.device)
             logits = (
-                jax.ShapeDtypeStruct(shape, jnp.float32, sharding=placed)
+                jax.ShapeDtypeStruct(shape, dtype, sharding=placed)
                 if abstract
-                else _like_step_output(jnp.zeros(shape, jnp.float32), self.device)
+                else _like_step_output(jnp.zeros(shape, dtype), self.device)
             )
             return logits, sb
         steps = np.zeros(self.num_seqs_for(n), np.int32)
         return state, kv_caches, fb, sb, no_prev, steps
+
+    @functools.cached_property
+    def logits_dtype(self) -> jnp.dtype:
+        """The model's logits dtype (its compute dtype, or f32 where it scales or soft-caps them): what the
+        sampler programs take. From the largest bucket's trace, which its lowering reuses."""
+        args = self._example_args(("forward", self.token_buckets[-1]), abstract=True)
+        return jnp.dtype(self._forward.eval_shape(*args)[0].dtype)
 
     def _lower(self, key: tuple) -> jax.stages.Lowered:
         args = self._example_args(key, abstract=True)
@@ -235,6 +244,15 @@ class ModelRunner:
         fn = self._sample if key[0] == "sample" else self._decode_loop
         assert fn is not None, key
         return fn.lower(*args, mode=key[-1])
+
+    def _compile(self, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
+        """XLA-compile one program. On GPU the matrix products go to cuBLAS, not XLA's Triton GEMM fusions
+        (``JAXRT_TRITON_GEMM``): measured faster on the whole step (cuBLAS takes the residual adds into its
+        epilogue) although some lone GEMMs are slower."""
+        options = {}
+        if self.device.platform == "gpu" and not envs.triton_gemm():
+            options["xla_gpu_enable_triton_gemm"] = False
+        return lowered.compile(compiler_options=options or None)
 
     def _warm(self, key: tuple) -> None:
         """Run a compiled program once on an empty batch, so the first request finds its device code loaded."""
@@ -249,7 +267,7 @@ class ModelRunner:
         program = self._programs.get(key)
         if program is None:
             t0 = time.perf_counter()
-            program = self._programs[key] = self._lower(key).compile()
+            program = self._programs[key] = self._compile(self._lower(key))
             if self._ready:
                 logger.info("compiled %s on first use in %.2f s", key, time.perf_counter() - t0)
         return program
@@ -320,13 +338,13 @@ class ModelRunner:
 
             # Each program goes to the compile threads as soon as it is lowered: compiles overlap tracing.
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxrt-compile") as pool:
-                futures = [pool.submit(self._lower(k).compile) for k in bar]
+                futures = [pool.submit(self._compile, self._lower(k)) for k in bar]
                 t1 = time.perf_counter()
                 compiled = [f.result() for f in futures]
         else:
             lowered = [self._lower(k) for k in bar]
             t1 = time.perf_counter()
-            compiled = [low.compile() for low in lowered]
+            compiled = [self._compile(low) for low in lowered]
         self._programs.update(zip(keys, compiled, strict=True))
         t2 = time.perf_counter()
         for key in keys:
@@ -351,8 +369,9 @@ class ModelRunner:
 
     def _compile_later(self, keys: list[tuple]) -> None:
         """Lower ``keys`` one by one on this thread and compile them in worker threads; each program is
-        served from the moment its compile ends. Not run on an empty batch first (that would donate the live
-        pool from this thread): its first step loads the device code."""
+        served from the moment its compile ends. Not run here on an empty batch (that would donate the live
+        pool from this thread): the engine thread does it when idle (:meth:`warm_pending`), else its first
+        step loads the device code."""
         from concurrent.futures import ThreadPoolExecutor
 
         t0 = time.perf_counter()
@@ -374,11 +393,12 @@ class ModelRunner:
         if self._closing:
             return
         try:
-            program = lowered.compile()
+            program = self._compile(lowered)
         except Exception:  # noqa: BLE001 - the step compiles it on first use and reports there
             logger.exception("background compile of %s failed", key)
             return
-        self._programs.setdefault(key, program)
+        if self._programs.setdefault(key, program) is program:
+            self._unwarmed.append(key)
 
     @property
     def compiling(self) -> bool:
@@ -390,6 +410,19 @@ class ModelRunner:
         if self._background is not None:
             self._background.join(timeout)
         return not self.compiling
+
+    @property
+    def has_unwarmed(self) -> bool:
+        return bool(self._unwarmed)
+
+    def warm_pending(self) -> int:
+        """Run the programs that background compiles finished once each on an empty batch (loads their
+        device code). Only on the thread that runs the steps, between steps: a warm run donates the pool."""
+        n = 0
+        while self._unwarmed:
+            self._warm(self._unwarmed.pop())
+            n += 1
+        return n
 
     def close(self) -> None:
         """Stop starting background compiles (one already in XLA finishes on its own daemon thread)."""

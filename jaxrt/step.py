@@ -55,7 +55,8 @@ def make_forward_step(forward: ForwardFn) -> Callable:
 
     ``prev_tokens`` ([max_num_seqs] int32, on device) is the previous step's ``tokens``: decode inputs can
     come from it without a round trip to the host, so the host schedules step N+1 while step N runs.
-    The KV pool is donated, so XLA updates it in place. Logits are f32 ``[num_seqs, vocab]``.
+    The KV pool is donated, so XLA updates it in place. Logits are ``[num_seqs, vocab]`` in the model's
+    dtype (the sampler computes in f32).
     """
 
     def step(params: Any, kv_caches: list[KVCache], batch: ForwardBatch, prev_tokens: jax.Array):

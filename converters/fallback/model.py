@@ -244,7 +244,7 @@ class FallbackModel:
                 raise FallbackError(
                     f"unexpected logits shape {logits.shape} for {batch.input_ids.shape[0]} tokens"
                 )
-        return logits.astype(jnp.float32)
+        return logits  # in the model's own dtype, as transformers gives them; the sampler reads them in f32
 
     def probe(self, abstract_params: dict[str, Any]) -> FallbackPlan:
         """Trace the forward once abstractly: record every attention call, check the model is usable."""

@@ -472,7 +472,7 @@ def _layer_step(graphdef: nnx.GraphDef, params: nnx.State, x, batch: ForwardBatc
 
 
 class DecoderForCausalLM(nnx.Module):
-    """A decoder-only LM over a ragged batch; returns f32 logits of each sequence's last token only.
+    """A decoder-only LM over a ragged batch; returns the logits of each sequence's last token only.
 
     Subclasses set ``family``; the call contract is the same for all of them.
     """
@@ -508,7 +508,10 @@ class DecoderForCausalLM(nnx.Module):
             logits = self.model.embed_tokens.attend(hidden)
         else:
             logits = self.lm_head(hidden)
-        logits = logits.astype(jnp.float32)
+        # In the compute dtype, as transformers' lm_head gives them (the sampler reads them in f32 inside its
+        # reductions: no f32 copy of [num_seqs, vocab] per step); f32 where they are scaled or soft-capped.
+        if cfg.logits_scaling != 1.0 or cfg.final_logit_softcap is not None:
+            logits = logits.astype(jnp.float32)
         if cfg.logits_scaling != 1.0:
             logits = logits / cfg.logits_scaling
         if cfg.final_logit_softcap is not None:

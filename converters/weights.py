@@ -316,12 +316,12 @@ def _join_rows(*parts: jax.Array) -> jax.Array:
     return jnp.concatenate(parts, axis=0)
 
 
-def _timed_put(tensor: Any) -> tuple[jax.Array, float, int | None]:
-    """(device array, seconds in ``jax.device_put``, address of the host data or None)."""
+def _timed_put(tensor: Any, device: Any) -> tuple[jax.Array, float, int | None]:
+    """(array on ``device``, seconds in ``jax.device_put``, address of the host data or None)."""
     if isinstance(tensor, jax.Array):
         return tensor, 0.0, None
     t0 = time.perf_counter()
-    arr = jax.device_put(tensor)
+    arr = jax.device_put(tensor, device)
     return arr, time.perf_counter() - t0, tensor.ctypes.data if isinstance(tensor, np.ndarray) else None
 
 
@@ -364,6 +364,10 @@ def load_weights(
     ``jax.device_put`` on the transfer threads, summed).
     """
     dtype = np.dtype(dtype)
+    # Where jnp.asarray would put them: ``jax.default_device`` is thread-local, the transfer threads miss it.
+    device = jax.config.jax_default_device
+    if isinstance(device, str):
+        device = jax.devices(device)[0]
     flat = dict(nnx.to_flat_state(abstract_state))
     loaded: dict[tuple[Any, ...], jax.Array] = {}
     assigned: set[tuple[Any, ...]] = set()  # params a transform (or the plain transfer) will produce
@@ -433,7 +437,7 @@ def load_weights(
             peak[0] = max(peak[0], raw_bytes)
             n_tensors += 1
             n_bytes += nbytes
-            fut = pool.submit(_timed_put, tensor)
+            fut = pool.submit(_timed_put, tensor, device)
             st["dispatch_s"] += time.perf_counter() - t0
             return fut, nbytes
 

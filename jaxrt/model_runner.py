@@ -429,12 +429,13 @@ class ModelRunner:
         self._closing = True
 
     def _runnable(self, n: int, loop: bool) -> bool:
-        kind = "decode_loop" if loop else "forward"
+        """Whether bucket ``n`` has its start-up programs compiled: both decode-loop variants (``loop``), else
+        the model and both sampler variants for its rows."""
         if loop:
             return all(("decode_loop", n, m) in self._programs for m in _START_MODES)
-        s = self.num_seqs_for(n)
-        return (kind, n) in self._programs and all(
-            ("sample", s, 1, m) in self._programs for m in _START_MODES
+        rows = self.num_seqs_for(n)
+        return ("forward", n) in self._programs and all(
+            ("sample", rows, 1, m) in self._programs for m in _START_MODES
         )
 
     def pick(self, num_tokens: int, loop: bool = False) -> int:

@@ -63,11 +63,14 @@ def write_kv_reference(
     k_pages, v_pages, k, v, slot_mapping = map(jnp.asarray, (k_pages, v_pages, k, v, slot_mapping))
     num_pages, page_size, num_kv_heads, head_dim = k_pages.shape
     num_slots = num_pages * page_size
-    slots = jnp.where(slot_mapping < 0, num_slots, slot_mapping)  # out of range -> dropped
+    # Padding rows go out of range (dropped), each to its own index: every index of the scatter is then
+    # distinct (a step never writes one slot twice), which lets XLA store without atomics.
+    pad = num_slots + jnp.arange(slot_mapping.shape[0], dtype=slot_mapping.dtype)
+    slots = jnp.where(slot_mapping < 0, pad, slot_mapping)
     flat_k = k_pages.reshape(num_slots, num_kv_heads, head_dim)
     flat_v = v_pages.reshape(num_slots, num_kv_heads, head_dim)
-    flat_k = flat_k.at[slots].set(k.astype(k_pages.dtype), mode="drop")
-    flat_v = flat_v.at[slots].set(v.astype(v_pages.dtype), mode="drop")
+    flat_k = flat_k.at[slots].set(k.astype(k_pages.dtype), mode="drop", unique_indices=True)
+    flat_v = flat_v.at[slots].set(v.astype(v_pages.dtype), mode="drop", unique_indices=True)
     return flat_k.reshape(k_pages.shape), flat_v.reshape(v_pages.shape)
 
 

@@ -75,10 +75,11 @@ class RadixCache:
     def _match_len(self, key: tuple[int, ...], tokens: tuple[int, ...], pos: int) -> int:
         """Matched length of ``key`` against ``tokens[pos:]``, in whole pages."""
         ps = self.page_size
+        limit = min(len(key), (len(tokens) - pos) // ps * ps)
+        if key[:limit] == tokens[pos : pos + limit]:  # the usual case, one comparison: the node matches whole
+            return limit
         n = 0
-        while (
-            n < len(key) and pos + n + ps <= len(tokens) and key[n : n + ps] == tokens[pos + n : pos + n + ps]
-        ):
+        while n < limit and key[n : n + ps] == tokens[pos + n : pos + n + ps]:
             n += ps
         return n
 

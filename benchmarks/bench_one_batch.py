@@ -144,6 +144,7 @@ def main() -> None:
         for i in range(batch):
             req = Request(str(i), rng.integers(10, m.vocab_size - 10, ctx).tolist(), greedy, seed=i)
             req.page_ids = list(range(1 + i * pps, 1 + (i + 1) * pps))
+            req.page_row = i  # its row of the runner's page table (the scheduler hands these out)
             out.scheduled.append(ScheduledRequest(req, ctx - q_len, q_len, True))
         return out
 

@@ -34,7 +34,9 @@ class ForwardBatch:
     slot_mapping: jax.Array  # [num_tokens] int32, flat KV slot, -1 for padding
     cu_q_lens: jax.Array  # [num_seqs + 1] int32
     kv_lens: jax.Array  # [num_seqs] int32
-    page_indices: jax.Array  # [num_seqs, pages_per_seq] int32
+    # [num_seqs, pages_per_seq] int32. The engine's steps fill it on the device from the runner's page table
+    # (``page_rows``); a batch laid out with ``pages_per_seq`` carries it from the host instead.
+    page_indices: jax.Array | None
     num_seqs: jax.Array  # [1] int32
     logits_indices: jax.Array  # [num_seqs] int32, row of each sequence's last token
     # Overlap scheduling: token t's id is prev_tokens[prev_index[t]] (the previous step's output, still on
@@ -44,6 +46,9 @@ class ForwardBatch:
     # state: recurrent layers map -1 to the scratch slot (the last). A sequence whose first token here is at
     # position 0 starts from a zero state, whatever its slot holds.
     state_slots: jax.Array  # [num_seqs] int32
+    # Row of the device page table of each sequence (the padding row for padding sequences), or None when
+    # ``page_indices`` comes from the host.
+    page_rows: jax.Array | None = None
 
 
 @_pytree_dataclass
@@ -100,6 +105,25 @@ def token_buckets(max_tokens: int, min_bucket: int = 8) -> list[int]:
     return out
 
 
+def page_table_delta(sched: SchedulerOutput) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, cols, page ids) of the scheduled requests' pages that their rows of the device page table do
+    not hold yet (pages are only ever appended while a request runs; a released request's row starts over).
+    Marks them as held: call once per dispatched step, before it."""
+    rows, cols, vals = [], [], []
+    for s in sched.scheduled:
+        req = s.request
+        have, n = req.pages_on_device, len(req.page_ids)
+        if n > have:
+            rows.append(np.full(n - have, req.page_row, np.int32))
+            cols.append(np.arange(have, n, dtype=np.int32))
+            vals.append(np.asarray(req.page_ids[have:], np.int32))
+            req.pages_on_device = n
+    if not rows:
+        empty = np.zeros(0, np.int32)
+        return empty, empty, empty
+    return np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+
+
 def pick_bucket(buckets: list[int], n: int) -> int:
     for b in buckets:
         if b >= n:
@@ -116,13 +140,19 @@ def build_batch(
     *,
     num_tokens: int,
     num_seqs: int,
-    pages_per_seq: int,
+    pages_per_seq: int | None,
     page_size: int,
     vocab_size: int,
     history_len: int,
     stop_ids: dict[str, list[int]],
+    pad_row: int = 0,
 ) -> tuple[ForwardBatch, SamplingBatch, SampleMode]:
-    """Lay out one scheduled step as padded numpy arrays (host side, then handed to the jitted step)."""
+    """Lay out one scheduled step as padded numpy arrays (host side, then handed to the jitted step).
+
+    ``pages_per_seq=None`` (the engine): each sequence names its row of the device page table
+    (``Request.page_row``; padding sequences ``pad_row``) and the step reads its pages from there (see
+    :func:`page_table_delta`); otherwise the whole ``[num_seqs, pages_per_seq]`` table is laid out here.
+    """
     n = len(sched.scheduled)
     assert n <= num_seqs and sched.num_tokens <= num_tokens
     input_ids = np.zeros(num_tokens, np.int32)
@@ -131,7 +161,9 @@ def build_batch(
     slot_mapping = np.full(num_tokens, -1, np.int32)
     cu_q_lens = np.zeros(num_seqs + 1, np.int32)
     kv_lens = np.zeros(num_seqs, np.int32)
-    page_indices = np.full((num_seqs, pages_per_seq), NULL_PAGE, np.int32)
+    host_table = pages_per_seq is not None
+    page_indices = np.full((num_seqs, pages_per_seq), NULL_PAGE, np.int32) if host_table else None
+    page_rows = None if host_table else np.full(num_seqs, pad_row, np.int32)
     logits_indices = np.zeros(num_seqs, np.int32)
     state_slots = np.full(num_seqs, -1, np.int32)
 
@@ -159,14 +191,26 @@ def build_batch(
         cu_q_lens[n + 1 :] = total
         kv_lens[:n] = starts + q_lens
         logits_indices[:n] = cu_q_lens[1 : n + 1] - 1
-        seq_of_token = np.repeat(np.arange(n, dtype=np.int32), q_lens)
         pos = np.arange(total, dtype=np.int32) - np.repeat(cu_q_lens[:n], q_lens) + np.repeat(starts, q_lens)
         positions[:total] = pos
         for i, req in enumerate(reqs):
-            page_indices[i, : len(req.page_ids)] = req.page_ids
+            if host_table:
+                page_indices[i, : len(req.page_ids)] = req.page_ids
+            else:
+                if req.page_row is None:
+                    raise ValueError(f"request {req.request_id} has no page-table row (not admitted)")
+                page_rows[i] = req.page_row
             if req.state_slot is not None:
                 state_slots[i] = req.state_slot
-        slot_mapping[:total] = page_indices[seq_of_token, pos // page_size] * page_size + pos % page_size
+        # Each token's KV slot, from the pages its request holds for this step's positions.
+        first_page = starts // page_size
+        spans = [
+            np.asarray(req.page_ids[f : (st + q - 1) // page_size + 1], np.int32)
+            for req, f, st, q in zip(reqs, first_page.tolist(), starts.tolist(), q_lens.tolist(), strict=True)
+        ]
+        offsets = np.cumsum([0] + [len(x) for x in spans[:-1]]) - first_page
+        token_pages = np.concatenate(spans)[np.repeat(offsets, q_lens) + pos // page_size]
+        slot_mapping[:total] = token_pages * page_size + pos % page_size
 
         ids: list[int] = []
         for i, (s, req) in enumerate(zip(sched.scheduled, reqs, strict=True)):
@@ -222,6 +266,7 @@ def build_batch(
         logits_indices=logits_indices,
         prev_index=prev_index,
         state_slots=state_slots,
+        page_rows=page_rows,
     )
     sb = SamplingBatch(
         temperature=temperature,
@@ -251,6 +296,7 @@ __all__ = [
     "StepOutput",
     "build_batch",
     "history_buckets",
+    "page_table_delta",
     "pick_bucket",
     "token_buckets",
 ]

@@ -22,11 +22,13 @@ from jaxrt.batch import (
     StepOutput,
     build_batch,
     history_buckets,
+    page_table_delta,
     pick_bucket,
     token_buckets,
 )
 from jaxrt.config import EngineConfig
 from jaxrt.models.layers import KVCache
+from jaxrt.page_table import NULL_PAGE
 from jaxrt.scheduler import SchedulerOutput, cdiv
 from jaxrt.step import ForwardFn, make_decode_loop, make_forward_step, make_sample_step
 
@@ -98,6 +100,13 @@ def plan_num_pages(cfg: EngineConfig, device: jax.Device) -> int:
     return int(num_pages)
 
 
+_MIN_DELTA = 64  # smallest page-table update (entries); sizes are powers of two from here
+
+
+def _set_pages(table: jax.Array, rows: jax.Array, cols: jax.Array, pages: jax.Array) -> jax.Array:
+    return table.at[rows, cols].set(pages, mode="drop")
+
+
 # One jitted identity for every call below: jit's cache then compiles it once per distinct shape, not per call.
 _identity = jax.jit(lambda t: t, donate_argnums=0)
 
@@ -153,12 +162,20 @@ class ModelRunner:
         self._no_prev = _like_step_output(
             jnp.zeros((cfg.scheduler.max_running_requests,), jnp.int32), self.device
         )
-        # Shapes and placements of the params, the pool and prev_tokens, for lowering: programs are lowered
+        # The page table on the device: row r holds the page ids of the running request that owns row r
+        # (Request.page_row); the last row is all NULL_PAGE, for padding sequences. Each step uploads only the
+        # pages its requests gained since (page_table_delta), never a [num_seqs, pages_per_seq] table.
+        self.pad_row = cfg.scheduler.max_running_requests
+        self.page_table = _like_step_output(
+            jnp.full((self.pad_row + 1, self.pages_per_seq), NULL_PAGE, jnp.int32), self.device
+        )
+        self._set_pages = jax.jit(_set_pages, donate_argnums=0)
+        # Shapes and placements of the params, the pool, prev_tokens and the page table, for lowering: programs are lowered
         # from these, never from the live arrays (a background lowering must not read a pool that a step is
         # donating at the same moment).
         self._abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-            (self.state, self.kv_caches, self._no_prev),
+            (self.state, self.kv_caches, self._no_prev, self.page_table),
         )
         self._programs: dict[tuple, jax.stages.Compiled] = {}
         self._ready = False  # set after start-up: later compiles are logged
@@ -191,12 +208,25 @@ class ModelRunner:
             sched,
             num_tokens=num_tokens,
             num_seqs=self.num_seqs_for(num_tokens),
-            pages_per_seq=self.pages_per_seq,
+            pages_per_seq=None,  # the steps read pages from the device page table
             page_size=self.page_size,
             vocab_size=self.cfg.model.vocab_size,
             history_len=history_len,
             stop_ids=stop_ids,
+            pad_row=self.pad_row,
         )
+
+    def _sync_page_table(self, sched: SchedulerOutput) -> None:
+        """Write the pages the scheduled requests gained since their last step into their rows (an
+        asynchronous scatter ordered before the step; its size is bucketed so few programs exist)."""
+        rows, cols, pages = page_table_delta(sched)
+        if rows.size == 0:
+            return
+        size = max(_MIN_DELTA, 1 << (rows.size - 1).bit_length())
+        pad = size - rows.size
+        rows = np.pad(rows, (0, pad), constant_values=self.pad_row + 1)  # out of range: dropped
+        cols, pages = np.pad(cols, (0, pad)), np.pad(pages, (0, pad))
+        self.page_table = self._set_pages(self.page_table, rows, cols, pages)
 
     # ------------------------------------------------------------------------------------------ programs
     # Every program the engine runs is traced and lowered once, compiled once (from the persistent cache when
@@ -213,11 +243,11 @@ class ModelRunner:
         kind, n = key[0], key[1]
         history_len = key[2] if kind == "sample" else 1
         fb, sb, _ = self._batch(SchedulerOutput(), n, history_len, {})
-        state, kv_caches, no_prev = (
-            self._abstract if abstract else (self.state, self.kv_caches, self._no_prev)
+        state, kv_caches, no_prev, table = (
+            self._abstract if abstract else (self.state, self.kv_caches, self._no_prev, self.page_table)
         )
         if kind == "forward":
-            return state, kv_caches, fb, no_prev
+            return state, kv_caches, fb, no_prev, table
         if kind == "sample":
             shape, dtype = (n, self.cfg.model.vocab_size), self.logits_dtype
             placed = jax.sharding.SingleDeviceSharding(self.device)
@@ -228,7 +258,7 @@ class ModelRunner:
             )
             return logits, sb
         steps = np.zeros(self.num_seqs_for(n), np.int32)
-        return state, kv_caches, fb, sb, no_prev, steps
+        return state, kv_caches, fb, sb, no_prev, steps, table
 
     @functools.cached_property
     def logits_dtype(self) -> jnp.dtype:
@@ -467,6 +497,7 @@ class ModelRunner:
                 s.request.num_tokens for s in sched.scheduled if s.request.sampling_params.uses_penalties
             )
             history_len = pick_bucket(self.history_buckets, longest)
+        self._sync_page_table(sched)
         return self._batch(sched, n, history_len, stop_ids)
 
     def device_step(
@@ -477,7 +508,7 @@ class ModelRunner:
         num_tokens = fb.input_ids.shape[0]
         forward = self._program(("forward", num_tokens))
         sample = self._program(("sample", self.num_seqs_for(num_tokens), sb.history.shape[-1], mode))
-        logits, self.kv_caches = forward(self.state, self.kv_caches, fb, prev_tokens)
+        logits, self.kv_caches = forward(self.state, self.kv_caches, fb, prev_tokens, self.page_table)
         return sample(logits, sb)
 
     def dispatch(
@@ -503,13 +534,14 @@ class ModelRunner:
     ) -> DecodeLoopOutput:
         assert self._decode_loop is not None and sched.num_steps <= self.num_decode_steps
         n = self.pick(sched.num_tokens, loop=True)
+        self._sync_page_table(sched)
         fb, sb, mode = self._batch(sched, n, 1, stop_ids)
         assert not mode.top_logprobs, "top log-probabilities need single steps"
         steps = np.zeros(self.num_seqs_for(n), np.int32)
         steps[: len(sched.scheduled)] = [s.num_steps for s in sched.scheduled]
         prev_tokens = self._no_prev if prev_tokens is None else prev_tokens
         out, self.kv_caches = self._program(("decode_loop", n, mode))(
-            self.state, self.kv_caches, fb, sb, prev_tokens, steps
+            self.state, self.kv_caches, fb, sb, prev_tokens, steps, self.page_table
         )
         return out
 

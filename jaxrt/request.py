@@ -54,6 +54,10 @@ class Request:
     page_ids: list[int] = field(default_factory=list)
     locked_node: Any = None  # radix node locked while running (prefix pages can't be evicted)
     state_slot: int | None = None  # recurrent-state slot while running (models with state only)
+    # Row of the device page table while running, and how many of ``page_ids`` that row holds already
+    # (the runner uploads only the pages after those).
+    page_row: int | None = None
+    pages_on_device: int = 0
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     first_token_time: float | None = None

@@ -74,6 +74,8 @@ class Scheduler:
         self.config = config
         self.num_state_slots = num_state_slots
         self.free_state_slots: list[int] = list(range(num_state_slots))[::-1]  # pop() gives the lowest
+        # Every running request owns a row of the device page table (rows 0..max_running_requests-1).
+        self.free_page_rows: list[int] = list(range(config.max_running_requests))[::-1]
         self.allocator = allocator
         self.radix = radix_cache
         self.page_size = page_size
@@ -129,6 +131,10 @@ class Scheduler:
         if req.page_ids:
             self.allocator.decref(req.page_ids)
         req.page_ids = []
+        if req.page_row is not None:
+            self.free_page_rows.append(req.page_row)
+            req.page_row = None
+        req.pages_on_device = 0
         if req.state_slot is not None:
             self.free_state_slots.append(req.state_slot)
             req.state_slot = None
@@ -144,6 +150,8 @@ class Scheduler:
 
     def _admit(self, req: Request, budget: int) -> int:
         """Try to start ``req``: match its prefix, take pages for its first grant. Returns tokens granted."""
+        req.page_row = self.free_page_rows.pop()  # running < max_running_requests: a row is free
+        req.pages_on_device = 0
         if self.num_state_slots:
             # running < max_running_requests <= num_state_slots: a slot is free
             req.state_slot = self.free_state_slots.pop()
@@ -312,6 +320,12 @@ class Scheduler:
         assert all(not r.page_ids for r in self.waiting), "a waiting request holds pages"
         for r in self.running:
             assert len(r.page_ids) * self.page_size >= r.num_computed_tokens
+        held_rows = [r.page_row for r in self.running]
+        assert None not in held_rows, "a running request has no page-table row"
+        assert all(r.page_row is None for r in self.waiting), "a waiting request holds a page-table row"
+        assert sorted(held_rows + self.free_page_rows) == list(range(self.config.max_running_requests)), (
+            "page-table rows leaked or double-freed"
+        )
         if self.num_state_slots:
             held_slots = [r.state_slot for r in self.running]
             assert None not in held_slots, "a running request has no state slot"

@@ -45,13 +45,25 @@ def _feed_prev(batch: ForwardBatch, prev_tokens: jax.Array) -> ForwardBatch:
     return dataclasses.replace(batch, input_ids=jnp.where(batch.prev_index >= 0, from_prev, batch.input_ids))
 
 
+def _with_pages(batch: ForwardBatch, page_table: jax.Array) -> ForwardBatch:
+    """The batch's ``page_indices`` read from the device page table (``[rows, pages_per_seq]``, the runner's)
+    at its ``page_rows``; a batch that carries them from the host is left as it is."""
+    if batch.page_indices is not None:
+        return batch
+    return dataclasses.replace(batch, page_indices=page_table[batch.page_rows])
+
+
 def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
     """Pad the leading axis to ``rows`` (every program hands the next one ``max_num_seqs`` rows)."""
     return jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
 
 
 def make_forward_step(forward: ForwardFn) -> Callable:
-    """Jit the model half of a step: ``(params, kv pool[donated], batch, prev_tokens) -> (logits, kv pool)``.
+    """Jit the model half of a step:
+    ``(params, kv pool[donated], batch, prev_tokens, page_table) -> (logits, kv pool)``.
+
+    ``page_table`` ([rows, pages_per_seq] int32, on device) holds every running request's page ids in its
+    row; the batch names rows (``page_rows``), so no per-step table crosses from the host.
 
     ``prev_tokens`` ([max_num_seqs] int32, on device) is the previous step's ``tokens``: decode inputs can
     come from it without a round trip to the host, so the host schedules step N+1 while step N runs.
@@ -59,8 +71,8 @@ def make_forward_step(forward: ForwardFn) -> Callable:
     dtype (the sampler computes in f32).
     """
 
-    def step(params: Any, kv_caches: list[KVCache], batch: ForwardBatch, prev_tokens: jax.Array):
-        return forward(params, kv_caches, _feed_prev(batch, prev_tokens))
+    def step(params: Any, kv_caches: list[KVCache], batch: ForwardBatch, prev_tokens: jax.Array, page_table):
+        return forward(params, kv_caches, _with_pages(_feed_prev(batch, prev_tokens), page_table))
 
     return jax.jit(step, donate_argnums=(1,))
 
@@ -78,7 +90,7 @@ def make_sample_step(max_num_seqs: int) -> Callable:
 
 def make_decode_loop(forward: ForwardFn, max_num_seqs: int, num_steps: int, page_size: int) -> Callable:
     """Jit ``num_steps`` decode steps in one program (continuous decode):
-    ``(params, kv pool[donated], batch, sampling, prev_tokens, steps, mode=SampleMode) ->
+    ``(params, kv pool[donated], batch, sampling, prev_tokens, steps, page_table, mode=SampleMode) ->
     (DecodeLoopOutput, kv pool)``.
 
     ``batch`` is an all-decode batch (token ``t`` is sequence ``t``'s one new token); step ``j`` feeds each row
@@ -89,7 +101,10 @@ def make_decode_loop(forward: ForwardFn, max_num_seqs: int, num_steps: int, page
     runs it without reading anything back to the host.
     """
 
-    def loop(params, kv_caches, batch: ForwardBatch, sampling: SamplingBatch, prev_tokens, steps, mode):
+    def loop(
+        params, kv_caches, batch: ForwardBatch, sampling: SamplingBatch, prev_tokens, steps, page_table, mode
+    ):
+        batch = _with_pages(batch, page_table)
         num_tokens = batch.input_ids.shape[0]
         num_seqs = steps.shape[0]
         ids0 = _feed_prev(batch, prev_tokens).input_ids

@@ -2,6 +2,7 @@
 
 import random
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -266,3 +267,61 @@ def test_state_slots_must_cover_running_requests():
     cfg = SchedulerConfig(max_running_requests=4, chunked_prefill_size=16, context_length=64)
     with pytest.raises(ValueError, match="num_state_slots"):
         Scheduler(cfg, alloc, RadixCache(alloc, 4, disabled=True), 4, num_state_slots=2)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 20)), min_size=1, max_size=8),
+    decode_steps=st.sampled_from([1, 3]),
+    num_pages=st.integers(20, 80),
+    max_running=st.integers(1, 4),
+    shared=st.booleans(),
+)
+def test_device_page_table_rows_follow_their_requests(shapes, decode_steps, num_pages, max_running, shared):
+    """The device page table (simulated in numpy): applying each step's page_table_delta before it, every
+    scheduled request's row holds exactly its pages, and the batch laid out against the table (page rows) has
+    the same KV slots and, once rows are read, the same page indices as one laid out with the host table;
+    under chunked prefill, radix reuse, preemption and continuous decode. Rows are all free at the end."""
+    from jaxrt.batch import build_batch, page_table_delta
+    from jaxrt.page_table import NULL_PAGE
+
+    page_size, pages_per_seq = 4, 32
+    num_pages = max(num_pages, max(-(-(p + m) // page_size) for p, m in shapes) + 2)
+    s = make(num_pages=num_pages, page_size=page_size, max_running=max_running, radix=True)
+    table = np.full((max_running + 1, pages_per_seq), NULL_PAGE, np.int32)  # last row: padding
+    prefix = list(range(50, 62)) if shared else []
+    reqs = [
+        req(f"r{i}", prefix + list(range(7 + i, 7 + i + p)), max_new=m) for i, (p, m) in enumerate(shapes)
+    ]
+    for r in reqs:
+        s.add_request(r)
+    while s.has_work:
+        out = s.schedule()
+        s.extend_decode(out, decode_steps, lambda r: True)
+        rows, cols, pages = page_table_delta(out)
+        assert (rows < max_running).all()
+        table[rows, cols] = pages
+        for sr in out.scheduled:
+            r = sr.request
+            assert table[r.page_row, : len(r.page_ids)].tolist() == r.page_ids
+        n = 16
+        kw = dict(num_tokens=n, num_seqs=n, page_size=page_size, vocab_size=100, history_len=1, stop_ids={})
+        dev, *_ = build_batch(out, pages_per_seq=None, pad_row=max_running, **kw)
+        host, *_ = build_batch(out, pages_per_seq=pages_per_seq, **kw)
+        np.testing.assert_array_equal(dev.slot_mapping, host.slot_mapping)
+        read = table[dev.page_rows]
+        for i, sr in enumerate(out.scheduled):
+            used = -(-(sr.start + sr.num_new_tokens + sr.num_steps - 1) // page_size)
+            np.testing.assert_array_equal(read[i, :used], host.page_indices[i, :used])
+        assert (read[len(out.scheduled) :] == NULL_PAGE).all()  # padding sequences read the padding row
+        s.commit(out)
+        for sr in out.scheduled:
+            r = sr.request
+            if sr.sample:
+                for _ in range(sr.num_steps):
+                    r.output_token_ids.append(fake_next_token(r.all_token_ids))
+                if len(r.output_token_ids) >= r.sampling_params.max_new_tokens:
+                    s.finish(r, FinishReason("length"))
+        s.check_invariants()
+    assert sorted(s.free_page_rows) == list(range(max_running))
+    assert all(r.page_row is None and r.pages_on_device == 0 for r in reqs)

@@ -387,6 +387,27 @@ def test_background_compile_serves_from_the_first_programs(tiny_llama_dir, monke
         gate.set()
 
 
+def test_page_table_updates_in_several_writes(tiny_llama_dir, monkeypatch, llm):
+    """A step whose requests gained more pages than one page-table update holds writes them in several
+    (here 5 entries per update, so every prefill step needs many): the same tokens as the module's engine."""
+    import jaxrt.model_runner as mr
+
+    prompts = ["a prompt long enough to need several pages of eight", "short", "and one more of a few words"]
+    params = {"temperature": 0, "max_new_tokens": 9}
+    want = [o["output_ids"] for o in llm.generate(prompts, params)]
+    monkeypatch.setattr(mr, "_DELTA", 5)
+    with jaxrt.Engine(
+        model_path=tiny_llama_dir,
+        dtype="float32",
+        chunked_prefill_size=32,
+        max_running_requests=8,
+        context_length=256,
+        num_pages=400,
+        page_size=8,
+    ) as small:
+        assert [o["output_ids"] for o in small.generate(prompts, params)] == want
+
+
 def test_bad_checkpoint_fails_engine_with_the_tensor_named(tiny_llama_dir, tmp_path):
     """A checkpoint missing a tensor fails Engine(...) with the loader's error naming it."""
     import shutil

@@ -426,10 +426,12 @@ class Engine:
         none is left. Benchmarks call it before timing."""
         done = self.runner.wait_compiled(timeout)
         self.startup_breakdown.update(self.runner.startup_breakdown)
-        if done:  # load their device code now (on the engine thread), not in a timed step
+        # Load their device code now, on the engine thread, not in a timed step (a dead loop is not waited for).
+        if done and self._thread.is_alive():
             warmed = threading.Event()
             self._post("warm", warmed)
-            warmed.wait(timeout)
+            while not warmed.wait(0.5) and self._thread.is_alive():
+                pass
         return done
 
     def shutdown(self) -> None:

@@ -209,10 +209,9 @@ class Engine:
             page_size,
             num_state_slots=max_running_requests if model_cfg.state_specs else 0,
         )
-        # Start-up by phase (seconds): config, the device platform's start, weights on the device, tokenizer
-        # (and generation config), KV pool; then the programs' tracing, compiling
-        # and first runs (`ModelRunner.precompile`), and `background_s` once background compiles end.
-        self.startup_breakdown = phases.seconds
+        # Loading by phase (seconds): config, the device platform's start, weights on the device, tokenizer (and
+        # generation config), KV pool. `startup_breakdown` adds the runner's phases.
+        self._load_phases = phases.seconds
         if not skip_warmup:
             # Background compilation (default on GPU/TPU): serve once the programs that fit any step are
             # compiled, the faster-fitting rest compile behind it (see ModelRunner.precompile). On the CPU the
@@ -220,13 +219,13 @@ class Engine:
             if background_compile is None:
                 background_compile = not on_cpu
             self.runner.precompile(background=background_compile)
-        self.startup_breakdown.update(self.runner.startup_breakdown)
 
         self.overlap_schedule = not disable_overlap_schedule
         self._rng = np.random.default_rng(random_seed)
         self._tracks: dict[str, _Track] = {}
         self._inbox: list[tuple[str, Any]] = []
         self._cv = threading.Condition()
+        self.runner.on_compiled = self._wake  # the loop runs each background-compiled program once when idle
         self._stopping = False
         self._dead: BaseException | None = None
         self.stats = {
@@ -263,6 +262,12 @@ class Engine:
             self.eos_ids |= {eos} if isinstance(eos, int) else set(eos)
 
     # ===================================================================================== public API
+
+    @property
+    def startup_breakdown(self) -> dict[str, float]:
+        """Start-up seconds by phase: loading (``_load_phases``), then the runner's tracing, compiling, first
+        runs and, once background compiles end, ``background_s``."""
+        return {**self._load_phases, **self.runner.startup_breakdown}
 
     @property
     def context_length(self) -> int:
@@ -404,7 +409,7 @@ class Engine:
             "attention_backend": c.attention_backend,
             "token_buckets": self.runner.token_buckets,
             "startup_seconds": self.startup_seconds,
-            "startup_breakdown": {**self.startup_breakdown, **self.runner.startup_breakdown},
+            "startup_breakdown": self.startup_breakdown,
             "compiling": self.runner.compiling,
         }
 
@@ -425,7 +430,6 @@ class Engine:
         """Wait until the programs compiling in the background (``background_compile``) are ready; True when
         none is left. Benchmarks call it before timing."""
         done = self.runner.wait_compiled(timeout)
-        self.startup_breakdown.update(self.runner.startup_breakdown)
         # Load their device code now, on the engine thread, not in a timed step (a dead loop is not waited for).
         if done and self._thread.is_alive():
             warmed = threading.Event()
@@ -552,6 +556,10 @@ class Engine:
         )
         return track
 
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
     def _post(self, kind: str, payload: Any) -> None:
         with self._cv:
             self._inbox.append((kind, payload))
@@ -577,8 +585,7 @@ class Engine:
                         and not self._stopping
                         and not self.runner.has_unwarmed
                     ):
-                        # While programs compile in the background, wake to run each finished one once.
-                        self._cv.wait(timeout=0.5 if self.runner.compiling else None)
+                        self._cv.wait()  # a finished background compile wakes it too (_wake)
                     inbox, self._inbox = self._inbox, []
                     stopping = self._stopping
                 for kind, payload in inbox:

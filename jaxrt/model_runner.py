@@ -6,6 +6,7 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -172,9 +173,9 @@ class ModelRunner:
             jnp.full((self.pad_row + 1, self.pages_per_seq), NULL_PAGE, jnp.int32), self.device
         )
         self._set_pages = jax.jit(_set_pages, donate_argnums=0)
-        # Shapes and placements of the params, the pool, prev_tokens and the page table, for lowering: programs are lowered
-        # from these, never from the live arrays (a background lowering must not read a pool that a step is
-        # donating at the same moment).
+        # Shapes and placements of the params, the pool, prev_tokens and the page table, for lowering: programs
+        # are lowered from these, never from the live arrays (a background lowering must not read a pool that a
+        # step is donating at the same moment).
         self._abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
             (self.state, self.kv_caches, self._no_prev, self.page_table),
@@ -185,6 +186,8 @@ class ModelRunner:
         self._background: threading.Thread | None = None
         self._closing = False
         self._unwarmed: list[tuple] = []  # compiled in the background, not run yet (see warm_pending)
+        # Called (from a compile thread) each time a background program becomes ready.
+        self.on_compiled: Callable[[], None] | None = None
         self.startup_breakdown: dict[str, float] = {}
         logger.info(
             "KV pool: %d pages x %d tokens (%.1f MiB)",
@@ -243,7 +246,7 @@ class ModelRunner:
 
     def _example_args(self, key: tuple, abstract: bool = False) -> tuple:
         """The dynamic arguments of program ``key`` for an empty batch (no sequence: nothing is read or written).
-        ``abstract``: params, pool, prev_tokens and the sampler's logits as shapes only (for lowering)."""
+        ``abstract``: params, pool, prev_tokens, page table and the sampler's logits as shapes only (lowering)."""
         kind, n = key[0], key[1]
         history_len = key[2] if kind == "sample" else 1
         fb, sb, _ = self._batch(SchedulerOutput(), n, history_len, {})
@@ -435,6 +438,8 @@ class ModelRunner:
             return
         if self._programs.setdefault(key, program) is program:
             self._unwarmed.append(key)
+            if self.on_compiled is not None:
+                self.on_compiled()
 
     @property
     def compiling(self) -> bool:
@@ -503,7 +508,6 @@ class ModelRunner:
                 s.request.num_tokens for s in sched.scheduled if s.request.sampling_params.uses_penalties
             )
             history_len = pick_bucket(self.history_buckets, longest)
-        self._sync_page_table(sched)
         return self._batch(sched, n, history_len, stop_ids)
 
     def device_step(
@@ -530,6 +534,7 @@ class ModelRunner:
         the decode loop and returns a :class:`DecodeLoopOutput`.
         """
         prev_tokens = prev.tokens if prev is not None else None
+        self._sync_page_table(sched)
         if sched.num_steps > 1:
             return self._dispatch_loop(sched, stop_ids, prev_tokens)
         fb, sb, mode = self.prepare(sched, stop_ids)
@@ -540,7 +545,6 @@ class ModelRunner:
     ) -> DecodeLoopOutput:
         assert self._decode_loop is not None and sched.num_steps <= self.num_decode_steps
         n = self.pick(sched.num_tokens, loop=True)
-        self._sync_page_table(sched)
         fb, sb, mode = self._batch(sched, n, 1, stop_ids)
         assert not mode.top_logprobs, "top log-probabilities need single steps"
         steps = np.zeros(self.num_seqs_for(n), np.int32)

@@ -7,9 +7,10 @@ first), then waiting ones are admitted FCFS while the budget, ``max_running_requ
 When pages run out, the youngest running request is preempted: its computed pages go to the radix cache (or
 are freed), and it is re-queued at the front to be recomputed later. Nothing is ever dropped.
 
-Models with recurrent state also get a state slot per running request (``num_state_slots``): taken on admission,
-returned whenever the request stops running (finished, aborted, preempted). A preempted request's state is
-dropped with its slot; it is recomputed from token 0 like its pages.
+Every running request owns a row of the per-request device tables (``Request.page_row``): taken on admission,
+returned whenever the request stops running (finished, aborted, preempted). The row indexes the device page
+table, and for models with recurrent state (``num_state_slots``) it is also the request's state slot. A
+preempted request's state is dropped with its row; it is recomputed from token 0 like its pages.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ class Scheduler:
             )
         self.config = config
         self.num_state_slots = num_state_slots
-        self.free_state_slots: list[int] = list(range(num_state_slots))[::-1]  # pop() gives the lowest
-        # Every running request owns a row of the device page table (rows 0..max_running_requests-1).
+        # Every running request owns a row (0..max_running_requests-1) of the per-request device tables: the page
+        # table, and for models with recurrent state its state slot. pop() gives the lowest.
         self.free_page_rows: list[int] = list(range(config.max_running_requests))[::-1]
         self.allocator = allocator
         self.radix = radix_cache
@@ -133,11 +134,8 @@ class Scheduler:
         req.page_ids = []
         if req.page_row is not None:
             self.free_page_rows.append(req.page_row)
-            req.page_row = None
+        req.page_row = req.state_slot = None
         req.pages_on_device = 0
-        if req.state_slot is not None:
-            self.free_state_slots.append(req.state_slot)
-            req.state_slot = None
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
@@ -152,9 +150,7 @@ class Scheduler:
         """Try to start ``req``: match its prefix, take pages for its first grant. Returns tokens granted."""
         req.page_row = self.free_page_rows.pop()  # running < max_running_requests: a row is free
         req.pages_on_device = 0
-        if self.num_state_slots:
-            # running < max_running_requests <= num_state_slots: a slot is free
-            req.state_slot = self.free_state_slots.pop()
+        req.state_slot = req.page_row if self.num_state_slots else None
         tokens = req.all_token_ids
         pages, node = self.radix.match_prefix(tokens)
         # At least one token must be computed to produce logits.
@@ -327,10 +323,6 @@ class Scheduler:
             "page-table rows leaked or double-freed"
         )
         if self.num_state_slots:
-            held_slots = [r.state_slot for r in self.running]
-            assert None not in held_slots, "a running request has no state slot"
+            assert all(r.state_slot == r.page_row for r in self.running), "a state slot is not its row"
             assert all(r.state_slot is None for r in self.waiting), "a waiting request holds a state slot"
-            assert sorted(held_slots + self.free_state_slots) == list(range(self.num_state_slots)), (
-                "state slots leaked or double-freed"
-            )
         assert held <= sum(self.allocator.refcount(p) for p in range(1, self.allocator.num_pages))

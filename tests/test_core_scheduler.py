@@ -28,6 +28,18 @@ def make(num_pages=64, page_size=4, max_running=4, chunk=16, context=256, radix=
     return Scheduler(cfg, alloc, radix_cache, page_size)
 
 
+def sample_and_finish(s: Scheduler, out) -> None:
+    """The "model" samples each sampling row's tokens of a committed step; rows at max_new_tokens finish."""
+    for sr in out.scheduled:
+        if sr.sample:
+            r = sr.request
+            for _ in range(sr.num_steps):
+                r.output_token_ids.append(fake_next_token(r.all_token_ids))
+                assert len(r.output_token_ids) <= r.sampling_params.max_new_tokens
+            if len(r.output_token_ids) >= r.sampling_params.max_new_tokens:
+                s.finish(r, FinishReason("length"))
+
+
 def run_to_completion(
     s: Scheduler, reqs: list[Request], max_steps=10_000, decode_steps=1
 ) -> dict[str, list[int]]:
@@ -48,14 +60,7 @@ def run_to_completion(
             assert len(r.page_ids) * s.page_size >= sr.start + sr.num_new_tokens + sr.num_steps - 1
             assert sr.num_steps == 1 or sr.num_new_tokens == 1
         s.commit(out)
-        for sr in out.scheduled:
-            if sr.sample:
-                r = sr.request
-                for _ in range(sr.num_steps):
-                    r.output_token_ids.append(fake_next_token(r.all_token_ids))
-                    assert len(r.output_token_ids) <= r.sampling_params.max_new_tokens
-                if len(r.output_token_ids) >= r.sampling_params.max_new_tokens:
-                    s.finish(r, FinishReason("length"))
+        sample_and_finish(s, out)
         s.check_invariants()
     return {r.request_id: r.output_token_ids for r in reqs}
 
@@ -250,15 +255,9 @@ def test_state_slots_follow_their_requests(shapes, decode_steps, num_pages, max_
                 assert device.get(slot) == (sr.request.request_id, sr.start), "state slot lost its request"
             device[slot] = (sr.request.request_id, sr.start + sr.num_new_tokens + sr.num_steps - 1)
         s.commit(out)
-        for sr in out.scheduled:
-            r = sr.request
-            if sr.sample:
-                for _ in range(sr.num_steps):
-                    r.output_token_ids.append(fake_next_token(r.all_token_ids))
-                if len(r.output_token_ids) >= r.sampling_params.max_new_tokens:
-                    s.finish(r, FinishReason("length"))
+        sample_and_finish(s, out)
         s.check_invariants()
-    assert sorted(s.free_state_slots) == list(range(max_running))
+    assert sorted(s.free_page_rows) == list(range(max_running))
     assert all(r.state_slot is None for r in reqs)
 
 
@@ -315,13 +314,7 @@ def test_device_page_table_rows_follow_their_requests(shapes, decode_steps, num_
             np.testing.assert_array_equal(read[i, :used], host.page_indices[i, :used])
         assert (read[len(out.scheduled) :] == NULL_PAGE).all()  # padding sequences read the padding row
         s.commit(out)
-        for sr in out.scheduled:
-            r = sr.request
-            if sr.sample:
-                for _ in range(sr.num_steps):
-                    r.output_token_ids.append(fake_next_token(r.all_token_ids))
-                if len(r.output_token_ids) >= r.sampling_params.max_new_tokens:
-                    s.finish(r, FinishReason("length"))
+        sample_and_finish(s, out)
         s.check_invariants()
     assert sorted(s.free_page_rows) == list(range(max_running))
     assert all(r.page_row is None and r.pages_on_device == 0 for r in reqs)

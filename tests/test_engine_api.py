@@ -13,18 +13,20 @@ from jaxrt_testing import assert_no_leak
 
 import jaxrt
 
+# The module engine's settings (tests that need a second engine like it reuse them).
+LLM = dict(
+    dtype="float32",
+    chunked_prefill_size=32,
+    max_running_requests=8,
+    context_length=256,
+    num_pages=400,
+    page_size=8,
+)
+
 
 @pytest.fixture(scope="module")
 def llm(tiny_llama_dir):
-    engine = jaxrt.Engine(
-        model_path=tiny_llama_dir,
-        dtype="float32",
-        chunked_prefill_size=32,
-        max_running_requests=8,
-        context_length=256,
-        num_pages=400,
-        page_size=8,
-    )
+    engine = jaxrt.Engine(model_path=tiny_llama_dir, **LLM)
     yield engine
     engine.shutdown()
 
@@ -91,11 +93,33 @@ def test_stop_string_truncates_text(llm):
     assert out["text"] == text[: text.find(stop)]
 
 
+def _sampling_batch(rows: int, **fields):
+    """A host SamplingBatch of ``rows`` rows: zeros, no stop ids, a one-token history, then ``fields``."""
+    from jaxrt.batch import MAX_STOP_IDS, SamplingBatch
+
+    z = np.zeros(rows, np.float32)
+    base = dict(
+        temperature=z,
+        top_p=z,
+        top_k=z.astype(np.int32),
+        min_p=z,
+        repetition_penalty=z,
+        frequency_penalty=z,
+        presence_penalty=z,
+        seeds=z.astype(np.uint32),
+        sample_index=z.astype(np.int32),
+        stop_ids=np.full((rows, MAX_STOP_IDS), -1, np.int32),
+        suppress_stop=z.astype(bool),
+        history=np.zeros((rows, 1), np.int32),
+        history_is_output=np.zeros((rows, 1), bool),
+    )
+    return SamplingBatch(**{**base, **fields})
+
+
 def test_penalties_match_transformers_and_openai_rules():
     import torch
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-    from jaxrt.batch import SamplingBatch
     from jaxrt.sampler import apply_penalties
 
     rng = np.random.default_rng(0)
@@ -108,19 +132,11 @@ def test_penalties_match_transformers_and_openai_rules():
     rep = np.array([1.0, 1.7, 0.8], np.float32)
     freq = np.array([0.5, 0.0, -0.3], np.float32)
     pres = np.array([0.2, 1.0, 0.0], np.float32)
-    z = np.zeros(rows, np.float32)
-    sb = SamplingBatch(
-        temperature=z,
-        top_p=z,
-        top_k=z.astype(np.int32),
-        min_p=z,
+    sb = _sampling_batch(
+        rows,
         repetition_penalty=rep,
         frequency_penalty=freq,
         presence_penalty=pres,
-        seeds=z.astype(np.uint32),
-        sample_index=z.astype(np.int32),
-        stop_ids=np.full((rows, 8), -1, np.int32),
-        suppress_stop=z.astype(bool),
         history=history,
         history_is_output=is_out,
     )
@@ -137,7 +153,7 @@ def test_penalties_match_transformers_and_openai_rules():
 
 
 def test_suppress_stops_masks_only_rows_under_min_new_tokens():
-    from jaxrt.batch import MAX_STOP_IDS, SamplingBatch
+    from jaxrt.batch import MAX_STOP_IDS
     from jaxrt.sampler import suppress_stops
 
     rng = np.random.default_rng(1)
@@ -148,22 +164,7 @@ def test_suppress_stops_masks_only_rows_under_min_new_tokens():
     stop_ids[1, :1] = [7]  # row 1 is past min_new_tokens: nothing masked
     stop_ids[2, :] = np.arange(MAX_STOP_IDS) + 10  # every slot used
     suppress = np.array([True, False, True, True])  # row 3 has no stop ids
-    z = np.zeros(rows, np.float32)
-    sb = SamplingBatch(
-        temperature=z,
-        top_p=z,
-        top_k=z.astype(np.int32),
-        min_p=z,
-        repetition_penalty=z,
-        frequency_penalty=z,
-        presence_penalty=z,
-        seeds=z.astype(np.uint32),
-        sample_index=z.astype(np.int32),
-        stop_ids=stop_ids,
-        suppress_stop=suppress,
-        history=np.zeros((rows, 1), np.int32),
-        history_is_output=np.zeros((rows, 1), bool),
-    )
+    sb = _sampling_batch(rows, stop_ids=stop_ids, suppress_stop=suppress)
     expected = logits.copy()
     for r in range(rows):
         if suppress[r]:
@@ -396,15 +397,7 @@ def test_page_table_updates_in_several_writes(tiny_llama_dir, monkeypatch, llm):
     params = {"temperature": 0, "max_new_tokens": 9}
     want = [o["output_ids"] for o in llm.generate(prompts, params)]
     monkeypatch.setattr(mr, "_DELTA", 5)
-    with jaxrt.Engine(
-        model_path=tiny_llama_dir,
-        dtype="float32",
-        chunked_prefill_size=32,
-        max_running_requests=8,
-        context_length=256,
-        num_pages=400,
-        page_size=8,
-    ) as small:
+    with jaxrt.Engine(model_path=tiny_llama_dir, **LLM) as small:
         assert [o["output_ids"] for o in small.generate(prompts, params)] == want
 
 

@@ -244,7 +244,7 @@ def llm(engine_model):
 def assert_slots_free(llm: jaxrt.Engine) -> None:
     assert_no_leak(llm)
     sched = llm.scheduler
-    assert sorted(sched.free_state_slots) == list(range(sched.num_state_slots))
+    assert sorted(sched.free_page_rows) == list(range(sched.num_state_slots))
 
 
 def test_engine_mixed_batches_and_chunked_prefill(llm, prompt_ids, expected):

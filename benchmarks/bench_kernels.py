@@ -120,12 +120,25 @@ def check_configs(quick: bool):
     return cases
 
 
-def check_variant(cfg: GpuConfig, hkv: int, d: int, dtype: str) -> GpuConfig | None:
+def check_variant(cfg: GpuConfig, c: dict) -> GpuConfig | None:
     """The second tiling --check runs (--variants): "prefetch" flips prefetch; "heads" takes the largest
     power-of-two kv_heads <= 4 dividing hkv (other than the default's), with block_kv cut to keep a K tile
-    within 32 KiB."""
+    within 32 KiB; "mosaic" runs the Mosaic GPU decode kernel on every case it takes (bf16, head_dim
+    64 / 128), mixed batches included, whatever the batch size."""
+    hkv, d, dtype = c["hkv"], c["d"], c["dtype"]
     if "prefetch" in VARIANTS:
         return dataclasses.replace(cfg, prefetch=not cfg.prefetch)
+    if "mosaic" in VARIANTS:  # the Mosaic GPU decode kernel on every batch it takes (mixed ones too)
+        mcfg = pallas_gpu.mosaic_decode_config(
+            num_tokens=1 << 20,
+            num_q_heads=c["hq"],
+            num_kv_heads=hkv,
+            head_dim=d,
+            page_size=c["page"],
+            kv_dtype=DTYPES[dtype],
+            num_sms=1,
+        )
+        return None if mcfg is None else GpuConfig(mosaic=mcfg)
     if "heads" in VARIANTS:
         heads = min(4, hkv & -hkv)
         if heads == cfg.kv_heads:
@@ -171,9 +184,7 @@ def run_check(args, interpret=False):
                 jargs,
             )
         )
-        alt = check_variant(
-            pallas_gpu.config_for(b.q, b.k_pages, b.page_indices), c["hkv"], c["d"], c["dtype"]
-        )
+        alt = check_variant(pallas_gpu.config_for(b.q, b.k_pages, b.page_indices), c)
         if alt is not None:
             pf = alt
             jobs.append(
@@ -292,6 +303,7 @@ MAIN_KERNEL = {
     "pallas_pf": "jaxrt_rpa",
     "pallas_shared": "jaxrt_rpa",
     "pallas_prior": "jaxrt_rpa",
+    "pallas_triton": "jaxrt_rpa",
     "jax_paged": "paged_attention",
 }
 
@@ -526,11 +538,25 @@ def run_decode(args, grid, shapes, tune_points=()):
                 page_size=args.page_size,
                 pages_per_seq=pt.shape[1],
                 itemsize=jnp.dtype(dtype).itemsize,
+                kv_dtype=dtype,
             )
             jobs = [
                 ("pallas", pallas_fn(sm), q, ins[1:], it),
                 ("pallas_shared", pallas_fn(sm, shared_plan=True), q, (*ins[1:], plan_for(ins)), it),
             ]
+            if "triton" in VARIANTS and cfg.mosaic is not None:  # the Triton kernel on the same batch
+                tcfg = pallas_gpu.default_config(  # no kv_dtype: never the Mosaic kernel
+                    num_tokens=b,
+                    max_num_seqs=b,
+                    num_q_heads=hq,
+                    num_kv_heads=hkv,
+                    head_dim=d,
+                    page_size=args.page_size,
+                    pages_per_seq=pt.shape[1],
+                    itemsize=jnp.dtype(dtype).itemsize,
+                )
+                tplan = plan_for(ins, config=tcfg)
+                jobs.append(("pallas_triton", pallas_fn(sm, shared_plan=True), q, (*ins[1:], tplan), it))
             if "prior" in VARIANTS:
                 prior = prior_decode_config(
                     b, hq, hkv, d, args.page_size, pt.shape[1], jnp.dtype(dtype).itemsize
@@ -555,6 +581,7 @@ def run_decode(args, grid, shapes, tune_points=()):
             row["pallas_kernel"] = KERNEL_TIMES.pop("pallas", None)
             row["pallas_shared_kernel"] = KERNEL_TIMES.pop("pallas_shared", None)
             row["pallas_prior_kernel"] = KERNEL_TIMES.pop("pallas_prior", None)
+            row["pallas_triton_kernel"] = KERNEL_TIMES.pop("pallas_triton", None)
             for k_, v_ in res.items():
                 if isinstance(k_, tuple):
                     continue
@@ -614,6 +641,9 @@ def pct(nbytes, t):
 def cfg_str(c, kv_layout="nhd"):
     """rows/block_kv/splits/warps/stages[/hf][/pf][/hN][/la][/hnd]: the --sweep-configs syntax."""
     c = c if isinstance(c, dict) else dataclasses.asdict(c)
+    if c.get("mosaic"):  # the Mosaic GPU decode kernel: mgpu/heads/block_kv/stages/splits
+        m = c["mosaic"]
+        return f"mgpu/h{m['heads']}/{m['block_kv']}/{m['stages']}/{m['num_splits']}"
     heads = c.get("kv_heads", 1)
     return (
         f"{c['block_rows']}/{c['block_kv']}/{c['num_splits']}/{c['num_warps']}/{c['num_stages']}"
@@ -809,9 +839,9 @@ def run_sweep(args):
 def decode_header():
     return (
         "| shape | batch | context | KV MB | pallas µs | GB/s | % of 3.19 TB/s | with shared plan µs (%) | "
-        "kernel alone µs (%) | prior tiling µs (%) | jax paged µs (%) | XLA dense µs (%) | XLA reference µs | "
-        "pallas config | best tuned µs (%) config |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "kernel alone µs (%) | prior tiling µs (%) | Triton kernel, shared plan µs (%) | jax paged µs (%) | "
+        "XLA dense µs (%) | XLA reference µs | pallas config | best tuned µs (%) config |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
 
 
@@ -827,7 +857,7 @@ def decode_row(r):
     return (
         f"| {r['shape']} | {r['b']} | {r['ctx']} | {nb / 1e6:.1f} | {fmt_t(t)} | {gbs(nb, t):.0f} | {pct(nb, t)} | "
         f"{tp(r.get('pallas_shared'))} | {tp(r.get('pallas_kernel'))} | {tp(r.get('pallas_prior'))} | "
-        f"{tp(r.get('jax_paged'))} | "
+        f"{tp(r.get('pallas_triton'))} | {tp(r.get('jax_paged'))} | "
         f"{tp(r.get('xla_dense'))} | "
         f"{fmt_t(r.get('xla_reference'))} | {cfg_str(r['config'])} | {best} |"
     )

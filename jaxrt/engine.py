@@ -124,6 +124,10 @@ class Engine:
         phases.mark("config_s")
         jax.devices()  # the platform's client starts here, not inside the weights' first copy
         phases.mark("backend_s")
+        if _platform() == "gpu":
+            from jaxrt.kernels import pallas_gpu
+
+            pallas_gpu.set_mosaic_decode(envs.mosaic_decode())
         arch = (getattr(hf_config, "architectures", None) or ["?"])[0]
         if impl == "auto":
             impl = "native" if has_native(arch) else "transformers"

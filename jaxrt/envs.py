@@ -20,6 +20,12 @@ def attention_backend() -> str:
     return _get("JAXRT_ATTENTION_BACKEND", "auto")
 
 
+def mosaic_decode() -> bool:
+    """Decode batches on Hopper GPUs use the Mosaic GPU attention kernel (TMA + wgmma) instead of the Triton
+    one. ``JAXRT_MOSAIC_DECODE`` (default 1; 0 keeps every call on the Triton kernel)."""
+    return _get("JAXRT_MOSAIC_DECODE", "1") == "1"
+
+
 def attention_interpret() -> bool:
     """Run Pallas attention in interpret mode (CPU testing of kernels). ``JAXRT_ATTENTION_INTERPRET``."""
     return _get("JAXRT_ATTENTION_INTERPRET", "0") == "1"

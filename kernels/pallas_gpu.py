@@ -36,6 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxrt.kernels import _pallas_common as common
+from jaxrt.kernels import mosaic_gpu
 from jaxrt.kernels.attention import register_backend
 from jaxrt.kernels.reference import MASK_VALUE
 
@@ -87,6 +88,9 @@ class GpuConfig:
     prefetch: bool = False  # issue block b+1's loads before block b's math (tiles carried in registers)
     kv_heads: int = 1
     page_lookahead: bool = False  # with prefetch: read block b+2's page ids while block b+1's K/V load
+    # Decode batches on Hopper: run the Mosaic GPU kernel (``kernels/mosaic_gpu.py``) with this tiling
+    # instead of the Triton one; every other field is then unused.
+    mosaic: mosaic_gpu.MosaicConfig | None = None
 
 
 # What benchmarks/bench_kernels.py --check compiled and ran correctly on an H100 (jax 0.11.2, Triton path):
@@ -145,6 +149,62 @@ def decode_splits(programs: int, max_blocks: int, num_sms: int | None = None) ->
     return splits
 
 
+_MOSAIC_DECODE = True
+
+
+def set_mosaic_decode(enabled: bool) -> None:
+    """Let ``default_config`` pick the Mosaic GPU decode kernel on Hopper (the default) or not."""
+    global _MOSAIC_DECODE
+    _MOSAIC_DECODE = bool(enabled)
+
+
+def mosaic_decode_config(
+    *,
+    num_tokens: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    kv_dtype,
+    num_sms: int,
+) -> mosaic_gpu.MosaicConfig | None:
+    """Tiling of the Mosaic GPU decode kernel for a decode batch, or None where the Triton kernel is
+    the better choice: when the batch has fewer (token, kv head group) items than SMs, so that only
+    split-K would fill the GPU (the Triton kernel's split path is what was tuned for that), or for shapes
+    the Mosaic kernel does not take (head_dim other than 64 / 128, f32 pools).
+
+    Two kv heads per program for head_dim 64 (128 contiguous elements per token, like the Triton tiling),
+    64-token stages, 3 stages with two heads and 4 with one: the best of the H100 sweep at batch 32-256
+    and context 128-4k (benchmarks/RESULTS.md, "Kernels").
+    """
+    if mosaic_gpu.supports(
+        (num_tokens, num_q_heads, head_dim), (0, page_size, num_kv_heads, head_dim), kv_dtype
+    ):
+        return None
+    if head_dim not in (64, 128):
+        return None
+    group = num_q_heads // num_kv_heads
+    heads = 1
+    if head_dim == 64 and num_kv_heads % 2 == 0:
+        gp = mosaic_gpu.padded_group(2, group)
+        if 2 * mosaic_gpu.slab_rows(2, gp) <= mosaic_gpu.ROWS:
+            heads = 2
+    if num_tokens * (num_kv_heads // heads) < num_sms:
+        return None
+    block_kv = max(64, page_size)
+    stages = 3 if heads > 1 else 4
+    itemsize = jnp.dtype(kv_dtype).itemsize
+    while (
+        stages > 1
+        and mosaic_gpu.smem_bytes(mosaic_gpu.MosaicConfig(heads, block_kv, stages), head_dim, itemsize)
+        > mosaic_gpu.SMEM_BUDGET
+    ):
+        stages -= 1
+    if stages < 2:
+        return None
+    return mosaic_gpu.MosaicConfig(heads=heads, block_kv=block_kv, stages=stages, num_splits=1)
+
+
 def default_config(
     *,
     num_tokens: int,
@@ -157,6 +217,7 @@ def default_config(
     itemsize: int = 2,
     num_sms: int | None = None,
     kv_layout: str = "nhd",
+    kv_dtype=None,
 ) -> GpuConfig:
     """Heuristic tiling from static shapes.
 
@@ -165,11 +226,24 @@ def default_config(
     per program where one head's row of a page is only 128 bytes (head_dim 64 in bf16), so that each token
     read is 256 contiguous bytes. Anything else is prefill / mixed (64-row query tiles, no split).
     These are the best tilings of the H100 decode sweeps (benchmarks/RESULTS.md, "Kernels").
+    On Hopper, decode batches that fill the GPU go to the Mosaic GPU kernel (``mosaic_decode_config``).
     """
     group = num_q_heads // num_kv_heads
     group_pad = common.next_pow2(group)
     sms = num_sms or _num_sms()
     if num_tokens <= max_num_seqs:
+        if _MOSAIC_DECODE and kv_layout == "nhd" and kv_dtype is not None and mosaic_gpu.hopper_available():
+            mcfg = mosaic_decode_config(
+                num_tokens=num_tokens,
+                num_q_heads=num_q_heads,
+                num_kv_heads=num_kv_heads,
+                head_dim=head_dim,
+                page_size=page_size,
+                kv_dtype=kv_dtype,
+                num_sms=sms,
+            )
+            if mcfg is not None:
+                return GpuConfig(mosaic=mcfg)
         heads = 1
         num_work = common.num_work_items(num_tokens, max_num_seqs, 16 // min(16, group_pad))
         if (
@@ -229,6 +303,7 @@ def config_for(q, k_pages, page_indices, kv_layout: str = "nhd") -> GpuConfig:
         pages_per_seq=pages_per_seq,
         itemsize=jnp.dtype(k_pages.dtype).itemsize,
         kv_layout=kv_layout,
+        kv_dtype=k_pages.dtype,
     )
 
 
@@ -323,6 +398,25 @@ def gpu_metadata(
     max_num_seqs, pages_per_seq = page_indices.shape
     if config is None:
         config = config_for(q, k_pages, page_indices, kv_layout)
+    key = _plan_key(q, k_pages, page_indices, kv_layout)
+    if config.mosaic is not None:  # one work item per query token; whole kv blocks of page ids
+        work = common.make_plan(
+            num_tokens=num_tokens,
+            num_q_heads=num_q_heads,
+            num_kv_heads=num_kv_heads,
+            block_q=1,
+            block_kv=config.mosaic.block_kv,
+            kv_lens=kv_lens,
+            cu_q_lens=cu_q_lens,
+            num_seqs=num_seqs,
+            sliding_window=None,
+            token_map=False,
+        )
+        ppb = max(1, config.mosaic.block_kv // page_size)
+        pt = page_indices
+        if pages_per_seq % ppb:
+            pt = jnp.pad(pt, ((0, 0), (0, ppb - pages_per_seq % ppb)))
+        return GpuPlan(config=config, key=key, work=work, page_table=pt)
     t = _tiling(config, num_q_heads, num_kv_heads, page_size, pages_per_seq, kv_layout)
     work = common.make_plan(
         num_tokens=num_tokens,
@@ -339,7 +433,6 @@ def gpu_metadata(
     pt = page_indices
     if t.pt_cols != pages_per_seq:
         pt = jnp.pad(pt, ((0, 0), (0, t.pt_cols - pages_per_seq)))
-    key = _plan_key(q, k_pages, page_indices, kv_layout)
     return GpuPlan(config=config, key=key, work=work, page_table=pt)
 
 
@@ -596,6 +689,22 @@ def ragged_paged_attention_gpu(
 def _gpu_call(
     q, k_pages, v_pages, plan: GpuPlan, *, sm_scale, sliding_window, soft_cap, interpret, kv_layout
 ):
+    if plan.config.mosaic is not None:
+        if interpret or kv_layout != "nhd":
+            raise ValueError(
+                "the Mosaic GPU decode kernel runs on Hopper GPUs only, with the nhd pool layout"
+            )
+        return mosaic_gpu.decode_attention_mgpu(
+            q,
+            k_pages,
+            v_pages,
+            plan.work.meta,
+            plan.page_table,
+            sm_scale=sm_scale,
+            sliding_window=sliding_window,
+            soft_cap=soft_cap,
+            config=plan.config.mosaic,
+        )
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, num_kv_heads, _ = pool_dims(k_pages.shape, kv_layout)
     pages_per_seq = plan.page_table.shape[1]

@@ -1,0 +1,471 @@
+"""Paged decode attention for Hopper GPUs: a Pallas kernel lowered through Mosaic GPU (TMA + wgmma).
+
+The Triton-lowered kernel (``pallas_gpu``) moves K/V through registers with one block of software prefetch
+and levels off at 83-87% of HBM bandwidth on an H100. This kernel moves K/V with the Tensor Memory
+Accelerator into a ring of shared-memory stages, so several blocks per program are in flight with no
+registers held, and computes on the tensor cores (wgmma).
+
+Work: every query token is one work item (``_pallas_common.make_plan`` with ``block_q=1``), so any ragged
+batch is served, but each token reads its whole kv prefix: the kernel is meant for decode batches, where
+the engine sends it (``pallas_gpu`` picks it for batches with no more tokens than sequences).
+
+One program (CUDA block) serves one work item, ``heads`` adjacent kv heads and one kv split, with two
+warpgroups:
+
+- the producer issues, per ``block_kv`` tokens, one TMA copy per page and per K/V of the
+  ``[page_size, heads * head_dim]`` slab (page ids read from the page table in global memory) into stage
+  ``step % stages``, and waits for the consumer to release a stage before refilling it;
+- the consumer computes ``S = Q @ K^T`` with a 64-row query tile (wgmma's M), an online softmax in base 2,
+  and ``O += P @ V``. The query tile is block-diagonal: row ``j * group + g`` holds q head
+  ``(kv_head0 + j) * group + g`` in columns ``[j * head_dim, (j + 1) * head_dim)`` and zeros elsewhere, so
+  one product gives every head its own scores; rows past ``heads * group`` are never written and their
+  results are discarded. Output row ``j * group + g`` keeps its columns ``j * head_dim ...`` (XLA takes
+  the diagonal blocks).
+
+Pool slots past a sequence's length inside its last page are read but masked; the consumer zeroes the V
+rows past the length in the last block, so a NaN left in such a slot cannot reach the output through
+``0 * NaN``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from jaxrt.kernels import _pallas_common as common
+
+try:  # Mosaic GPU is part of jax; import lazily-failing so CPU-only installs still import this module.
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+except ImportError:  # pragma: no cover
+    plgpu = None
+
+LOG2E = math.log2(math.e)
+_MASK = -1e30  # finite: an empty split's (m, l) = (_MASK, 0) merges to zero weight without NaN
+ROWS = 64  # wgmma M
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+    """Static tiling of the Mosaic GPU decode kernel.
+
+    heads: kv heads per program (their K/V rows are ``heads * head_dim`` contiguous elements of a token;
+      ``heads * head_dim <= 256`` and ``heads * group <= 64``).
+    block_kv: kv tokens per stage (a multiple of 64 and of the page size).
+    stages: shared-memory ring depth (blocks in flight per program).
+    num_splits: kv splits per work item (flash decoding; merged in XLA).
+    """
+
+    heads: int = 1
+    block_kv: int = 64
+    stages: int = 4
+    num_splits: int = 1
+
+
+def supports(q_shape, k_shape, kv_dtype, page_size: int | None = None) -> str | None:
+    """None if the kernel takes these shapes (any hardware check is the caller's), else the reason."""
+    _, num_q_heads, head_dim = q_shape
+    _, ps, num_kv_heads, _ = k_shape
+    if plgpu is None:
+        return "jax has no Mosaic GPU"
+    if jnp.dtype(kv_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"kv dtype {kv_dtype} (the Mosaic GPU kernel takes bf16 / f16)"
+    if head_dim not in (64, 128, 256):
+        return f"head_dim {head_dim} not in (64, 128, 256)"
+    if ps % 8 or 64 % ps and ps % 64:
+        return f"page_size {ps} does not tile 64-token blocks"
+    if num_q_heads // num_kv_heads > ROWS:
+        return f"GQA group {num_q_heads // num_kv_heads} > {ROWS}"
+    return None
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+SMEM_BUDGET = 227 * 1024  # per SM on Hopper
+
+
+def smem_bytes(cfg: MosaicConfig, head_dim: int, itemsize: int) -> int:
+    """Shared memory of one program: two query tiles, the output tile, the K/V stages (+ small change)."""
+    hd = cfg.heads * head_dim
+    return (3 * ROWS * hd + 2 * cfg.stages * cfg.block_kv * hd) * itemsize + 2048
+
+
+def hopper_available() -> bool:
+    """Whether the default device is a Hopper GPU (wgmma and TMA, which this kernel needs)."""
+    if plgpu is None:
+        return False
+    try:
+        dev = jax.devices()[0]
+    except Exception:  # pragma: no cover - no backend
+        return False
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
+
+
+def _num_sms() -> int:
+    try:
+        dev = jax.devices()[0]
+        if dev.platform == "gpu":
+            return int(getattr(dev, "core_count", 132) or 132)
+    except Exception:  # pragma: no cover - no backend
+        pass
+    return 132
+
+
+def _kernel(
+    meta_ref,  # [W, META_COLS] int32 per work item (one query token each), GMEM
+    q_ref,  # [T, Hkv * group, D] (T = W; group padded, see padded_group), GMEM
+    k_ref,  # [num_pages, page_size, Hkv * D], GMEM
+    v_ref,
+    pt_ref,  # [max_num_seqs, pt_cols] int32, GMEM
+    o_ref,  # [T, groups, heads, slab, D], or [S, T, groups, heads, slab, D] normalised per split
+    m_ref,  # [S, T, groups, heads, slab] f32 (split only)
+    l_ref,
+    q_smem,  # [2, ROWS, hd]: the query tiles of two consecutive items
+    o_smem,  # [ROWS, hd]: output staging
+    k_smem,  # [stages, block_kv, hd]
+    v_smem,
+    ml_smem,  # [2, ROWS] f32
+    q_bar,  # [2]: item's q tile landed
+    q_free,  # [2]: q tile buffer may be refilled
+    k_bar,  # [stages]
+    v_bar,
+    free_bar,  # [stages]: K/V stage may be refilled
+    *,
+    cfg: MosaicConfig,
+    groups: int,
+    num_items: int,
+    head_dim: int,
+    page_size: int,
+    group: int,
+    sm_scale: float,
+    soft_cap: float | None,
+    sliding_window: int | None,
+    split_out: bool,
+):
+    c = lax.axis_index("c")
+    num_ctas = lax.axis_size("c")
+    wg = lax.axis_index("wg")
+    heads = cfg.heads
+    hd = heads * head_dim
+    slab = slab_rows(heads, group)
+    bk, stages, splits = cfg.block_kv, cfg.stages, cfg.num_splits
+    pages_per_blk = bk // page_size
+    my_items = (num_items - c + num_ctas - 1) // num_ctas
+
+    def item(k):
+        """Work of this program's k-th item: kv heads [g * heads, ...) of token w, kv split s."""
+        it = c + k * num_ctas
+        g = lax.rem(it, groups)
+        rest = lax.div(it, groups)
+        s = lax.rem(rest, splits)
+        w = lax.div(rest, splits)
+        seq = meta_ref[w, common.META_SEQ]
+        first_pos = meta_ref[w, common.META_FIRST_POS]
+        nrows = meta_ref[w, common.META_NROWS]
+        kv_len = meta_ref[w, common.META_KV_LEN]
+        end = jnp.where(nrows > 0, jnp.minimum(first_pos + 1, kv_len), 0)  # keys at positions < end
+        if sliding_window is None:
+            lo = jnp.int32(0)
+        else:
+            lo = jnp.maximum(first_pos - sliding_window + 1, 0)
+        lo_blk = lo // bk
+        hi_blk = (end + bk - 1) // bk
+        per_split = (jnp.maximum(hi_blk - lo_blk, 0) + splits - 1) // splits
+        b0 = lo_blk + s * per_split
+        steps = jnp.maximum(jnp.minimum(b0 + per_split, hi_blk) - b0, 0)
+        return g, s, w, seq, lo, end, b0, steps
+
+    @pl.when(wg == 1)
+    def _producer():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def item_body(k, step):
+            g, _, w, seq, _, _, b0, steps = item(k)
+            qb = lax.rem(k, 2)
+            first = g * (heads * group)  # the item's first q head
+            s0 = pl.multiple_of(first - lax.rem(first, 8), 8)  # 8-aligned start of the slab holding it
+            plgpu.barrier_wait(q_free.at[qb])
+            # Kv head j's slab goes to rows [j * slab, ...) and columns [j * D, ...) of the tile, 8 rows
+            # per copy (an 8 x 64 piece is one contiguous swizzled tile of shared memory).
+            for j, r in itertools.product(range(heads), range(slab // 8)):
+                plgpu.copy_gmem_to_smem(
+                    q_ref.at[w, pl.ds(s0 + 8 * r, 8)],
+                    q_smem.at[qb, pl.ds(j * slab + 8 * r, 8), pl.ds(j * head_dim, head_dim)],
+                    q_bar.at[qb],
+                )
+            col0 = g * hd
+
+            def blk_body(i, step):
+                slot = lax.rem(step, stages)
+
+                @pl.when(step >= stages)
+                def _():
+                    plgpu.barrier_wait(free_bar.at[slot])
+
+                for p in range(pages_per_blk):
+                    page = pt_ref[seq, (b0 + i) * pages_per_blk + p]
+                    rows = pl.ds(p * page_size, page_size)
+                    src = (page, slice(None), pl.ds(col0, hd))
+                    plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot, rows], k_bar.at[slot])
+                    plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot, rows], v_bar.at[slot])
+                return step + 1
+
+            return lax.fori_loop(0, steps, blk_body, step)
+
+        lax.fori_loop(0, my_items, item_body, jnp.int32(0))
+
+    @pl.when(wg == 0)
+    def _consumer():
+        # Off-diagonal blocks of the query tiles stay zero: copies only ever write the diagonal ones.
+        q_smem[...] = jnp.zeros(q_smem.shape, q_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(q_free.at[0])
+        plgpu.barrier_arrive(q_free.at[1])
+        if soft_cap is None:
+            scale = sm_scale * LOG2E
+
+        def item_body(k, step):
+            g, s, w, _, lo, end, b0, steps = item(k)
+            qb = lax.rem(k, 2)
+            plgpu.barrier_wait(q_bar.at[qb])
+            m_i = plgpu.layout_cast(jnp.full((ROWS,), _MASK, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            l_i = plgpu.layout_cast(jnp.full((ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            acc = plgpu.layout_cast(jnp.full((ROWS, hd), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+            def blk_body(i, carry):
+                acc, m_i, l_i, step = carry
+                slot = lax.rem(step, stages)
+                blk = b0 + i
+                plgpu.barrier_wait(k_bar.at[slot])
+
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem.at[qb], k_smem.at[slot].transpose((1, 0)))
+                    return acc_ref[...]
+
+                s_ij = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
+                if soft_cap is not None:
+                    s_ij = (soft_cap * LOG2E) * jnp.tanh(s_ij * (sm_scale / soft_cap))
+                else:
+                    s_ij = s_ij * scale
+                pos = blk * bk + plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 1, layout=plgpu.Layout.WGMMA)
+                ok = (pos < end) & (pos >= lo)
+                s_ij = jnp.where(ok, s_ij, _MASK)
+                m_new = jnp.maximum(m_i, s_ij.max(axis=1))
+                alpha = jnp.exp2(m_i - m_new)
+                p = jnp.where(ok, jnp.exp2(s_ij - lax.broadcast_in_dim(m_new, s_ij.shape, [0])), 0.0)
+                l_i = l_i * alpha + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                plgpu.barrier_wait(v_bar.at[slot])
+
+                # The last block's slots past `end` may hold anything: P is 0 there, but 0 * NaN is NaN.
+                @pl.when(blk * bk + bk > end)
+                def _():
+                    rows = plgpu.broadcasted_iota(jnp.int32, (bk, hd), 0, layout=plgpu.Layout.WGMMA)
+                    vt = v_smem.at[slot][...]
+                    v_smem.at[slot][...] = jnp.where(blk * bk + rows < end, vt, jnp.zeros_like(vt))
+                    plgpu.commit_smem()
+
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p.astype(v_smem.dtype), v_smem.at[slot])
+
+                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(free_bar.at[slot])
+                return acc, m_new, l_i, step + 1
+
+            acc, m_i, l_i, step = lax.fori_loop(0, steps, blk_body, (acc, m_i, l_i, step))
+            plgpu.barrier_arrive(q_free.at[qb])
+            # Normalised here also when split: the partials are merged with their (m, l) weights in XLA.
+            inv = 1.0 / jnp.where(l_i == 0.0, 1.0, l_i)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's output has left o_smem
+            o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(o_smem.dtype)
+            if split_out:
+                ml_smem.at[0][...] = m_i
+                ml_smem.at[1][...] = l_i
+            plgpu.commit_smem()
+            for j in range(heads):
+                for r in range(slab // 8):
+                    tile = o_smem.at[pl.ds(j * slab + 8 * r, 8), pl.ds(j * head_dim, head_dim)]
+                    dst = o_ref.at[s, w, g, j] if split_out else o_ref.at[w, g, j]
+                    plgpu.copy_smem_to_gmem(tile, dst.at[pl.ds(8 * r, 8)])
+                if split_out:
+                    plgpu.copy_smem_to_gmem(ml_smem.at[0, pl.ds(j * slab, slab)], m_ref.at[s, w, g, j])
+                    plgpu.copy_smem_to_gmem(ml_smem.at[1, pl.ds(j * slab, slab)], l_ref.at[s, w, g, j])
+            return step
+
+        lax.fori_loop(0, my_items, item_body, jnp.int32(0))
+        plgpu.wait_smem_to_gmem(0)
+
+
+def padded_group(heads: int, group: int) -> int:
+    """GQA group as the kernel lays it out: the program's ``heads * group`` q heads must fill whole 8-row
+    slabs or sit inside one, so other groups are padded (zero q heads, in XLA) to the next power of two."""
+    n = heads * group
+    return group if n % 8 == 0 or 8 % n == 0 else common.next_pow2(group)
+
+
+def slab_rows(heads: int, group: int) -> int:
+    """Rows of q copied per kv head: the 8-row aligned slab(s) holding a program's q heads."""
+    n = heads * group
+    return n if n % 8 == 0 else 8
+
+
+def take_rows(o: jax.Array, lead: int, heads: int, group: int, real_group: int) -> jax.Array:
+    """[..., groups, heads, slab, X...] program outputs -> [..., Hq, X...]: row i of kv head j's block
+    is valid for i in [off + j * group, off + (j + 1) * group), off = the program's first q head mod 8."""
+    groups, _, slab = o.shape[lead : lead + 3]
+    idx = []
+    for g in range(groups):
+        off = (g * heads * group) % 8 if (heads * group) % 8 else 0
+        for j in range(heads):
+            base = (g * heads + j) * slab + off + j * group
+            idx.extend(range(base, base + real_group))
+    flat = o.reshape(*o.shape[:lead], groups * heads * slab, *o.shape[lead + 3 :])
+    return jnp.take(flat, jnp.asarray(idx, jnp.int32), axis=lead)
+
+
+def decode_attention_mgpu(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    meta: jax.Array,
+    page_table: jax.Array,
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    config: MosaicConfig = MosaicConfig(),
+    num_sms: int | None = None,
+    interpret=None,
+) -> jax.Array:
+    """q [T, Hq, D]; k_pages / v_pages [num_pages, page_size, Hkv, D] bf16; meta [T, >=4] int32 per token
+    (``_pallas_common`` columns SEQ, FIRST_POS, NROWS, KV_LEN of a ``block_q=1`` plan); page_table
+    [max_num_seqs, pt_cols] int32 with ``pt_cols * page_size`` a multiple of ``block_kv``. -> [T, Hq, D]."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_pages, page_size, num_kv_heads, _ = k_pages.shape
+    cfg = config
+    heads = cfg.heads
+    group = num_q_heads // num_kv_heads
+    groups = num_kv_heads // heads
+    hd = heads * head_dim
+    gp = padded_group(heads, group)
+    slab = slab_rows(heads, gp)
+    if hd > 256 or heads * slab > ROWS or num_kv_heads % heads:
+        raise ValueError(f"heads={heads} does not fit head_dim {head_dim} / group {group}")
+    if cfg.block_kv % 64 or cfg.block_kv % page_size:
+        raise ValueError(f"block_kv {cfg.block_kv} must be a multiple of 64 and of page_size {page_size}")
+    dtype = k_pages.dtype
+    split_out = cfg.num_splits > 1
+    qk = q.astype(dtype)
+    if gp != group:
+        qk = qk.reshape(num_tokens, num_kv_heads, group, head_dim)
+        qk = jnp.pad(qk, ((0, 0), (0, 0), (0, gp - group), (0, 0))).reshape(num_tokens, -1, head_dim)
+    if qk.shape[1] % 8:  # the last slab's rows past the q heads are read: keep them in bounds
+        qk = jnp.pad(qk, ((0, 0), (0, 8 - qk.shape[1] % 8), (0, 0)))
+    k2 = k_pages.reshape(num_pages, page_size, num_kv_heads * head_dim)
+    v2 = v_pages.reshape(num_pages, page_size, num_kv_heads * head_dim)
+    pages_per_blk = cfg.block_kv // page_size
+    pt_cols = page_table.shape[1]
+    if pt_cols % pages_per_blk:  # the producer reads whole blocks of page ids
+        page_table = jnp.pad(page_table, ((0, 0), (0, pages_per_blk - pt_cols % pages_per_blk)))
+    swz = min(128, hd * jnp.dtype(dtype).itemsize)
+    transforms = (plgpu.TilingTransform((8, swz // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swz))
+    if split_out:
+        out_type = (
+            jax.ShapeDtypeStruct((cfg.num_splits, num_tokens, groups, heads, slab, head_dim), dtype),
+            jax.ShapeDtypeStruct((cfg.num_splits, num_tokens, groups, heads, slab), jnp.float32),
+            jax.ShapeDtypeStruct((cfg.num_splits, num_tokens, groups, heads, slab), jnp.float32),
+        )
+    else:
+        out_type = jax.ShapeDtypeStruct((num_tokens, groups, heads, slab, head_dim), dtype)
+    smem = smem_bytes(cfg, head_dim, jnp.dtype(dtype).itemsize)
+    if smem > SMEM_BUDGET:
+        raise ValueError(f"{cfg} needs {smem} bytes of shared memory per program (> {SMEM_BUDGET})")
+    num_items = num_tokens * groups * cfg.num_splits
+    num_ctas = max(1, min(num_items, max(1, SMEM_BUDGET // smem) * (num_sms or _num_sms())))
+    kernel = functools.partial(
+        _kernel,
+        cfg=cfg,
+        groups=groups,
+        num_items=num_items,
+        head_dim=head_dim,
+        page_size=page_size,
+        group=gp,
+        sm_scale=float(sm_scale),
+        soft_cap=None if soft_cap is None else float(soft_cap),
+        sliding_window=None if sliding_window is None else int(sliding_window),
+        split_out=split_out,
+    )
+
+    def entry(meta_ref, q_ref, k_ref, v_ref, pt_ref, *outs):
+        if split_out:
+            o_ref, m_ref, l_ref = outs
+        else:
+            (o_ref,), m_ref, l_ref = outs, None, None
+
+        def scoped(*scratch):
+            kernel(meta_ref, q_ref, k_ref, v_ref, pt_ref, o_ref, m_ref, l_ref, *scratch)
+
+        pl.run_scoped(
+            scoped,
+            plgpu.SMEM((2, ROWS, hd), dtype, transforms=transforms),
+            plgpu.SMEM((ROWS, hd), dtype, transforms=transforms),
+            plgpu.SMEM((cfg.stages, cfg.block_kv, hd), dtype, transforms=transforms),
+            plgpu.SMEM((cfg.stages, cfg.block_kv, hd), dtype, transforms=transforms),
+            plgpu.SMEM((2, ROWS), jnp.float32),
+            plgpu.Barrier(num_arrivals=heads * slab // 8, num_barriers=2),
+            plgpu.Barrier(num_arrivals=1, num_barriers=2),
+            plgpu.Barrier(num_arrivals=pages_per_blk, num_barriers=cfg.stages),
+            plgpu.Barrier(num_arrivals=pages_per_blk, num_barriers=cfg.stages),
+            plgpu.Barrier(num_arrivals=1, num_barriers=cfg.stages),
+            collective_axes="wg",
+        )
+
+    out = plgpu.kernel(
+        entry,
+        out_type=out_type,
+        grid=(num_ctas,),
+        grid_names=("c",),
+        num_threads=2,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret,
+        kernel_name=f"jaxrt_rpa_mgpu_h{heads}_kv{cfg.block_kv}_st{cfg.stages}_s{cfg.num_splits}",
+    )(meta, qk, k2, v2, page_table)
+    if not split_out:
+        return take_rows(out, 1, heads, gp, group).astype(q.dtype)
+    o_s, m, l = out
+    o_s = take_rows(o_s, 2, heads, gp, group).astype(jnp.float32)  # [S, T, Hq, D], normalised
+    m = take_rows(m, 2, heads, gp, group)
+    l = take_rows(l, 2, heads, gp, group)
+    m_max = m.max(axis=0)
+    alpha = jnp.exp2(m - m_max[None])
+    wl = alpha * l
+    l_tot = wl.sum(axis=0)
+    o = (wl[..., None] * o_s).sum(axis=0) / jnp.where(l_tot == 0.0, 1.0, l_tot)[..., None]
+    return o.astype(q.dtype)
+
+
+def plan_meta(q, kv_lens, cu_q_lens, num_seqs) -> jax.Array:
+    """Per-token work items (``block_q=1``) of a ragged batch: [T, META_COLS] int32."""
+    num_tokens, num_q_heads, _ = q.shape
+    plan = common.make_plan(
+        num_tokens=num_tokens,
+        num_q_heads=num_q_heads,
+        num_kv_heads=1,
+        block_q=1,
+        block_kv=64,
+        kv_lens=kv_lens,
+        cu_q_lens=cu_q_lens,
+        num_seqs=num_seqs,
+        sliding_window=None,
+        token_map=False,
+    )
+    return plan.meta

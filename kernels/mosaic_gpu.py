@@ -125,11 +125,11 @@ def _kernel(
     k_ref,  # [num_pages, page_size, Hkv * D], GMEM
     v_ref,
     pt_ref,  # [max_num_seqs, pt_cols] int32, GMEM
-    o_ref,  # [T, groups, heads, slab, D], or [S, T, groups, heads, slab, D] normalised per split
-    m_ref,  # [S, T, groups, heads, slab] f32 (split only)
+    o_ref,  # [T, Hkv * group, D], or [S, T, Hkv * group, D] normalised per split
+    m_ref,  # [S, T, Hkv * group] f32 (split only)
     l_ref,
     q_smem,  # [2, ROWS, hd]: the query tiles of two consecutive items
-    o_smem,  # [ROWS, hd]: output staging
+    o_smem,  # [heads, ROWS, D], untiled: output staging, one block per kv head
     k_smem,  # [stages, block_kv, hd]
     v_smem,
     ml_smem,  # [2, ROWS] f32
@@ -285,19 +285,24 @@ def _kernel(
             # Normalised here also when split: the partials are merged with their (m, l) weights in XLA.
             inv = 1.0 / jnp.where(l_i == 0.0, 1.0, l_i)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's output has left o_smem
-            o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(o_smem.dtype)
+            o = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
+            for j in range(heads):  # kv head j's column block, untiled: its q heads' rows are contiguous
+                o_smem.at[j][...] = o[:, j * head_dim : (j + 1) * head_dim].astype(o_smem.dtype)
             if split_out:
                 ml_smem.at[0][...] = m_i
                 ml_smem.at[1][...] = l_i
             plgpu.commit_smem()
+            first = g * (heads * group)
+            off = lax.rem(first, 8) if (heads * group) % 8 else 0  # the slab's first row is head s0
             for j in range(heads):
-                for r in range(slab // 8):
-                    tile = o_smem.at[pl.ds(j * slab + 8 * r, 8), pl.ds(j * head_dim, head_dim)]
-                    dst = o_ref.at[s, w, g, j] if split_out else o_ref.at[w, g, j]
-                    plgpu.copy_smem_to_gmem(tile, dst.at[pl.ds(8 * r, 8)])
+                rows = pl.ds(j * slab + off + j * group, group)  # kv head j's q heads in block j
+                heads_out = pl.ds(first + j * group, group)
                 if split_out:
-                    plgpu.copy_smem_to_gmem(ml_smem.at[0, pl.ds(j * slab, slab)], m_ref.at[s, w, g, j])
-                    plgpu.copy_smem_to_gmem(ml_smem.at[1, pl.ds(j * slab, slab)], l_ref.at[s, w, g, j])
+                    plgpu.copy_smem_to_gmem(o_smem.at[j, rows], o_ref.at[s, w, heads_out])
+                    plgpu.copy_smem_to_gmem(ml_smem.at[0, rows], m_ref.at[s, w, heads_out])
+                    plgpu.copy_smem_to_gmem(ml_smem.at[1, rows], l_ref.at[s, w, heads_out])
+                else:
+                    plgpu.copy_smem_to_gmem(o_smem.at[j, rows], o_ref.at[w, heads_out])
             return step
 
         lax.fori_loop(0, my_items, item_body, jnp.int32(0))
@@ -315,20 +320,6 @@ def slab_rows(heads: int, group: int) -> int:
     """Rows of q copied per kv head: the 8-row aligned slab(s) holding a program's q heads."""
     n = heads * group
     return n if n % 8 == 0 else 8
-
-
-def take_rows(o: jax.Array, lead: int, heads: int, group: int, real_group: int) -> jax.Array:
-    """[..., groups, heads, slab, X...] program outputs -> [..., Hq, X...]: row i of kv head j's block
-    is valid for i in [off + j * group, off + (j + 1) * group), off = the program's first q head mod 8."""
-    groups, _, slab = o.shape[lead : lead + 3]
-    idx = []
-    for g in range(groups):
-        off = (g * heads * group) % 8 if (heads * group) % 8 else 0
-        for j in range(heads):
-            base = (g * heads + j) * slab + off + j * group
-            idx.extend(range(base, base + real_group))
-    flat = o.reshape(*o.shape[:lead], groups * heads * slab, *o.shape[lead + 3 :])
-    return jnp.take(flat, jnp.asarray(idx, jnp.int32), axis=lead)
 
 
 def decode_attention_mgpu(
@@ -379,12 +370,12 @@ def decode_attention_mgpu(
     transforms = (plgpu.TilingTransform((8, swz // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swz))
     if split_out:
         out_type = (
-            jax.ShapeDtypeStruct((cfg.num_splits, num_tokens, groups, heads, slab, head_dim), dtype),
-            jax.ShapeDtypeStruct((cfg.num_splits, num_tokens, groups, heads, slab), jnp.float32),
-            jax.ShapeDtypeStruct((cfg.num_splits, num_tokens, groups, heads, slab), jnp.float32),
+            jax.ShapeDtypeStruct((cfg.num_splits, num_tokens, num_kv_heads * gp, head_dim), dtype),
+            jax.ShapeDtypeStruct((cfg.num_splits, num_tokens, num_kv_heads * gp), jnp.float32),
+            jax.ShapeDtypeStruct((cfg.num_splits, num_tokens, num_kv_heads * gp), jnp.float32),
         )
     else:
-        out_type = jax.ShapeDtypeStruct((num_tokens, groups, heads, slab, head_dim), dtype)
+        out_type = jax.ShapeDtypeStruct((num_tokens, num_kv_heads * gp, head_dim), dtype)
     smem = smem_bytes(cfg, head_dim, jnp.dtype(dtype).itemsize)
     if smem > SMEM_BUDGET:
         raise ValueError(f"{cfg} needs {smem} bytes of shared memory per program (> {SMEM_BUDGET})")
@@ -416,7 +407,7 @@ def decode_attention_mgpu(
         pl.run_scoped(
             scoped,
             plgpu.SMEM((2, ROWS, hd), dtype, transforms=transforms),
-            plgpu.SMEM((ROWS, hd), dtype, transforms=transforms),
+            plgpu.SMEM((heads, ROWS, head_dim), dtype),
             plgpu.SMEM((cfg.stages, cfg.block_kv, hd), dtype, transforms=transforms),
             plgpu.SMEM((cfg.stages, cfg.block_kv, hd), dtype, transforms=transforms),
             plgpu.SMEM((2, ROWS), jnp.float32),
@@ -439,12 +430,19 @@ def decode_attention_mgpu(
         interpret=interpret,
         kernel_name=f"jaxrt_rpa_mgpu_h{heads}_kv{cfg.block_kv}_st{cfg.stages}_s{cfg.num_splits}",
     )(meta, qk, k2, v2, page_table)
+
+    def unpad(x, head_axis):  # padded groups: [..., Hkv * gp, ...] -> [..., Hq, ...]
+        if gp == group:
+            return x
+        shape = x.shape
+        x = x.reshape(*shape[:head_axis], num_kv_heads, gp, *shape[head_axis + 1 :])
+        x = lax.slice_in_dim(x, 0, group, axis=head_axis + 1)
+        return x.reshape(*shape[:head_axis], num_q_heads, *shape[head_axis + 1 :])
+
     if not split_out:
-        return take_rows(out, 1, heads, gp, group).astype(q.dtype)
+        return unpad(out, 1).astype(q.dtype)
     o_s, m, l = out
-    o_s = take_rows(o_s, 2, heads, gp, group).astype(jnp.float32)  # [S, T, Hq, D], normalised
-    m = take_rows(m, 2, heads, gp, group)
-    l = take_rows(l, 2, heads, gp, group)
+    o_s, m, l = unpad(o_s, 2).astype(jnp.float32), unpad(m, 2), unpad(l, 2)  # o_s normalised per split
     m_max = m.max(axis=0)
     alpha = jnp.exp2(m - m_max[None])
     wl = alpha * l

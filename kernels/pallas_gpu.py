@@ -169,8 +169,8 @@ def mosaic_decode_config(
     num_sms: int,
 ) -> mosaic_gpu.MosaicConfig | None:
     """Tiling of the Mosaic GPU decode kernel for a decode batch, or None where the Triton kernel is
-    the better choice: when the batch has fewer (token, kv head group) items than SMs, so that only
-    split-K would fill the GPU (the Triton kernel's split path is what was tuned for that), or for shapes
+    the better choice: when the batch has fewer (token, kv head group) items than 3/4 of the SMs, so that
+    only split-K would fill the GPU (the Triton kernel's split path is what was tuned for that), or for shapes
     the Mosaic kernel does not take (head_dim other than 64 / 128, f32 pools).
 
     Two kv heads per program for head_dim 64 (128 contiguous elements per token, like the Triton tiling),
@@ -189,7 +189,7 @@ def mosaic_decode_config(
         gp = mosaic_gpu.padded_group(2, group)
         if 2 * mosaic_gpu.slab_rows(2, gp) <= mosaic_gpu.ROWS:
             heads = 2
-    if num_tokens * (num_kv_heads // heads) < num_sms:
+    if 4 * num_tokens * (num_kv_heads // heads) < 3 * num_sms:
         return None
     block_kv = max(64, page_size)
     stages = 3 if heads > 1 else 4

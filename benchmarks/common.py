@@ -167,8 +167,15 @@ def device_name() -> str:
     return getattr(d, "device_kind", d.platform)
 
 
+# Settings that change what is measured; recorded with every result when set.
+_RECORDED_ENV = ("JAXRT_MOSAIC_DECODE", "JAXRT_TRITON_GEMM", "JAXRT_ATTENTION_BACKEND")
+
+
 def append_jsonl(path: str | None, record: dict[str, Any]) -> None:
     record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(), **record}
+    env = {k: os.environ[k] for k in _RECORDED_ENV if k in os.environ}
+    if env:
+        record["env"] = env
     if path:
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -3,28 +3,36 @@
 The Triton-lowered kernel (``pallas_gpu``) moves K/V through registers with one block of software prefetch
 and levels off at 83-87% of HBM bandwidth on an H100. This kernel moves K/V with the Tensor Memory
 Accelerator into a ring of shared-memory stages, so several blocks per program are in flight with no
-registers held, and computes on the tensor cores (wgmma).
+registers held, and computes on the tensor cores (wgmma): 89-94% at batch >= 64 and context >= 1k on an
+H100 (benchmarks/RESULTS.md, "Kernels").
 
 Work: every query token is one work item (``_pallas_common.make_plan`` with ``block_q=1``), so any ragged
 batch is served, but each token reads its whole kv prefix: the kernel is meant for decode batches, where
-the engine sends it (``pallas_gpu`` picks it for batches with no more tokens than sequences).
+``pallas_gpu`` sends it (``mosaic_decode_config``). An item is (token, group of ``heads`` adjacent kv
+heads, kv split).
 
-One program (CUDA block) serves one work item, ``heads`` adjacent kv heads and one kv split, with two
-warpgroups:
+Programs are persistent: about one per SM (as many as fit its shared memory), each taking items
+``c, c + num_programs, ...``. Two warpgroups per program:
 
-- the producer issues, per ``block_kv`` tokens, one TMA copy per page and per K/V of the
-  ``[page_size, heads * head_dim]`` slab (page ids read from the page table in global memory) into stage
-  ``step % stages``, and waits for the consumer to release a stage before refilling it;
+- the producer walks the program's items and, per ``block_kv`` tokens, issues one TMA copy per page and
+  per K/V of the ``[page_size, heads * head_dim]`` slab (page ids read from the page table in global
+  memory) into stage ``step % stages`` of the ring, waiting for the consumer to free a stage before
+  refilling it. It also loads each item's query tile (two buffers), so the next item's pages and queries
+  are in flight while the consumer finishes the current one: no per-item start-up gap.
 - the consumer computes ``S = Q @ K^T`` with a 64-row query tile (wgmma's M), an online softmax in base 2,
-  and ``O += P @ V``. The query tile is block-diagonal: row ``j * group + g`` holds q head
-  ``(kv_head0 + j) * group + g`` in columns ``[j * head_dim, (j + 1) * head_dim)`` and zeros elsewhere, so
-  one product gives every head its own scores; rows past ``heads * group`` are never written and their
-  results are discarded. Output row ``j * group + g`` keeps its columns ``j * head_dim ...`` (XLA takes
-  the diagonal blocks).
+  and ``O += P @ V``; at the end of an item it normalises and stores the item's rows straight into the
+  ``[T, Hq, D]`` output (untiled staging, one block per kv head).
+
+The query tile is block-diagonal. For kv head ``j`` of the item the 8-row aligned slab of q rows holding
+its q heads is copied to rows ``[j * slab, (j + 1) * slab)`` and columns ``[j * head_dim, ...)``; the
+other columns of those rows stay zero, so one product over ``heads * head_dim`` columns gives each row the
+scores of its own kv head. Rows of a slab that belong to another kv head, and rows past the slabs, give
+results that are never stored (``_tile_rows``).
 
 Pool slots past a sequence's length inside its last page are read but masked; the consumer zeroes the V
 rows past the length in the last block, so a NaN left in such a slot cannot reach the output through
-``0 * NaN``.
+``0 * NaN``. With ``num_splits > 1`` each split writes its normalised rows and (max, sum) and XLA merges
+them (flash decoding).
 """
 
 from __future__ import annotations
@@ -68,21 +76,45 @@ class MosaicConfig:
     num_splits: int = 1
 
 
-def supports(q_shape, k_shape, kv_dtype, page_size: int | None = None) -> str | None:
-    """None if the kernel takes these shapes (any hardware check is the caller's), else the reason."""
+def supports(q_shape, k_shape, kv_dtype) -> str | None:
+    """None if the kernel takes these shapes (the hardware check is ``hopper_available``), else the reason."""
     _, num_q_heads, head_dim = q_shape
-    _, ps, num_kv_heads, _ = k_shape
+    _, page_size, num_kv_heads, _ = k_shape
     if plgpu is None:
         return "jax has no Mosaic GPU"
     if jnp.dtype(kv_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"kv dtype {kv_dtype} (the Mosaic GPU kernel takes bf16 / f16)"
-    if head_dim not in (64, 128, 256):
-        return f"head_dim {head_dim} not in (64, 128, 256)"
-    if ps % 8 or 64 % ps and ps % 64:
-        return f"page_size {ps} does not tile 64-token blocks"
-    if num_q_heads // num_kv_heads > ROWS:
-        return f"GQA group {num_q_heads // num_kv_heads} > {ROWS}"
+    if head_dim not in (64, 128):
+        return f"head_dim {head_dim} not in (64, 128)"
+    if page_size % 8 or (64 % page_size and page_size % 64):
+        return f"page_size {page_size} does not tile 64-token blocks"
+    if slab_rows(1, padded_group(1, num_q_heads // num_kv_heads)) > ROWS:
+        return f"GQA group {num_q_heads // num_kv_heads} does not fit a {ROWS}-row tile"
     return None
+
+
+def padded_group(heads: int, group: int) -> int:
+    """GQA group as the kernel lays it out: a program's ``heads * group`` q heads must fill whole 8-row
+    slabs or sit inside one, so other groups are padded (zero q heads, in XLA) to the next power of two."""
+    n = heads * group
+    return group if n % 8 == 0 or 8 % n == 0 else common.next_pow2(group)
+
+
+def slab_rows(heads: int, group: int) -> int:
+    """Rows of q copied per kv head: the 8-row aligned slab(s) holding a program's q heads."""
+    n = heads * group
+    return n if n % 8 == 0 else 8
+
+
+def _tile_rows(g, heads: int, group: int):
+    """(s0, off) for the item's kv head group ``g``: its q heads start at row ``s0 + off`` of q, ``s0`` a
+    multiple of 8 (the slab start copied for every kv head), and kv head ``j``'s own ``group`` rows sit at
+    tile rows ``j * slab + off + j * group + [0, group)``. ``g`` may be traced or a Python int."""
+    first = g * (heads * group)
+    if (heads * group) % 8 == 0:
+        return first, 0
+    off = first % 8 if isinstance(first, int) else lax.rem(first, 8)
+    return first - off, off
 
 
 def _round_up(x: int, m: int) -> int:
@@ -190,8 +222,8 @@ def _kernel(
         def item_body(k, step):
             g, _, w, seq, _, _, b0, steps = item(k)
             qb = lax.rem(k, 2)
-            first = g * (heads * group)  # the item's first q head
-            s0 = pl.multiple_of(first - lax.rem(first, 8), 8)  # 8-aligned start of the slab holding it
+            s0, _ = _tile_rows(g, heads, group)
+            s0 = pl.multiple_of(s0, 8)
             plgpu.barrier_wait(q_free.at[qb])
             # Kv head j's slab goes to rows [j * slab, ...) and columns [j * D, ...) of the tile, 8 rows
             # per copy (an 8 x 64 piece is one contiguous swizzled tile of shared memory).
@@ -292,11 +324,10 @@ def _kernel(
                 ml_smem.at[0][...] = m_i
                 ml_smem.at[1][...] = l_i
             plgpu.commit_smem()
-            first = g * (heads * group)
-            off = lax.rem(first, 8) if (heads * group) % 8 else 0  # the slab's first row is head s0
+            s0, off = _tile_rows(g, heads, group)
             for j in range(heads):
                 rows = pl.ds(j * slab + off + j * group, group)  # kv head j's q heads in block j
-                heads_out = pl.ds(first + j * group, group)
+                heads_out = pl.ds(s0 + off + j * group, group)
                 if split_out:
                     plgpu.copy_smem_to_gmem(o_smem.at[j, rows], o_ref.at[s, w, heads_out])
                     plgpu.copy_smem_to_gmem(ml_smem.at[0, rows], m_ref.at[s, w, heads_out])
@@ -307,19 +338,6 @@ def _kernel(
 
         lax.fori_loop(0, my_items, item_body, jnp.int32(0))
         plgpu.wait_smem_to_gmem(0)
-
-
-def padded_group(heads: int, group: int) -> int:
-    """GQA group as the kernel lays it out: the program's ``heads * group`` q heads must fill whole 8-row
-    slabs or sit inside one, so other groups are padded (zero q heads, in XLA) to the next power of two."""
-    n = heads * group
-    return group if n % 8 == 0 or 8 % n == 0 else common.next_pow2(group)
-
-
-def slab_rows(heads: int, group: int) -> int:
-    """Rows of q copied per kv head: the 8-row aligned slab(s) holding a program's q heads."""
-    n = heads * group
-    return n if n % 8 == 0 else 8
 
 
 def decode_attention_mgpu(

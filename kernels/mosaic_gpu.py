@@ -222,17 +222,6 @@ def _kernel(
         def item_body(k, step):
             g, _, w, seq, _, _, b0, steps = item(k)
             qb = lax.rem(k, 2)
-            s0, _ = _tile_rows(g, heads, group)
-            s0 = pl.multiple_of(s0, 8)
-            plgpu.barrier_wait(q_free.at[qb])
-            # Kv head j's slab goes to rows [j * slab, ...) and columns [j * D, ...) of the tile, 8 rows
-            # per copy (an 8 x 64 piece is one contiguous swizzled tile of shared memory).
-            for j, r in itertools.product(range(heads), range(slab // 8)):
-                plgpu.copy_gmem_to_smem(
-                    q_ref.at[w, pl.ds(s0 + 8 * r, 8)],
-                    q_smem.at[qb, pl.ds(j * slab + 8 * r, 8), pl.ds(j * head_dim, head_dim)],
-                    q_bar.at[qb],
-                )
             col0 = g * hd
 
             def blk_body(i, step):
@@ -250,15 +239,30 @@ def _kernel(
                     plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot, rows], v_bar.at[slot])
                 return step + 1
 
-            return lax.fori_loop(0, steps, blk_body, step)
+            # The item's first blocks go out before its query tile, whose buffer may still wait for the
+            # consumer (zeroing at start, or item k - 2): the K/V stream does not stall on it.
+            head = jnp.minimum(steps, stages)
+            step = lax.fori_loop(0, head, blk_body, step)
+            s0, _ = _tile_rows(g, heads, group)
+            s0 = pl.multiple_of(s0, 8)
+            plgpu.barrier_wait(q_free.at[qb])
+            # Kv head j's slab goes to rows [j * slab, ...) and columns [j * D, ...) of the tile, 8 rows
+            # per copy (an 8 x 64 piece is one contiguous swizzled tile of shared memory).
+            for j, r in itertools.product(range(heads), range(slab // 8)):
+                plgpu.copy_gmem_to_smem(
+                    q_ref.at[w, pl.ds(s0 + 8 * r, 8)],
+                    q_smem.at[qb, pl.ds(j * slab + 8 * r, 8), pl.ds(j * head_dim, head_dim)],
+                    q_bar.at[qb],
+                )
+            return lax.fori_loop(head, steps, blk_body, step)
 
         lax.fori_loop(0, my_items, item_body, jnp.int32(0))
 
     @pl.when(wg == 0)
     def _consumer():
-        # Off-diagonal blocks of the query tiles stay zero: copies only ever write the diagonal ones.
-        q_smem[...] = jnp.zeros(q_smem.shape, q_smem.dtype)
-        plgpu.commit_smem()
+        if heads > 1:  # off-diagonal blocks of the query tiles stay zero: copies only write diagonal ones
+            q_smem[...] = jnp.zeros(q_smem.shape, q_smem.dtype)
+            plgpu.commit_smem()
         plgpu.barrier_arrive(q_free.at[0])
         plgpu.barrier_arrive(q_free.at[1])
         if soft_cap is None:

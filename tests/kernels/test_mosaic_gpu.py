@@ -192,7 +192,8 @@ def test_gpu_backend_routes_decode_batches_on_hopper_only(monkeypatch):
         kv_dtype=jnp.bfloat16,
         num_sms=132,
     )
-    assert pallas_gpu.default_config(**shapes).mosaic is None  # no Hopper here
+    monkeypatch.setattr(mosaic_gpu, "hopper_available", lambda: False)
+    assert pallas_gpu.default_config(**shapes).mosaic is None
     monkeypatch.setattr(mosaic_gpu, "hopper_available", lambda: True)
     assert pallas_gpu.default_config(**shapes).mosaic == MosaicConfig(heads=2, block_kv=64, stages=3)
     assert pallas_gpu.default_config(**dict(shapes, max_num_seqs=64)).mosaic is None  # a mixed batch

@@ -29,9 +29,10 @@ other columns of those rows stay zero, so one product over ``heads * head_dim`` 
 scores of its own kv head. Rows of a slab that belong to another kv head, and rows past the slabs, give
 results that are never stored (``_tile_rows``).
 
-Pool slots past a sequence's length inside its last page are read but masked; the consumer zeroes the V
-rows past the length in the last block, so a NaN left in such a slot cannot reach the output through
-``0 * NaN``. With ``num_splits > 1`` each split writes its normalised rows and (max, sum) and XLA merges
+Pages of a block that lie wholly past a sequence's length are not copied (``predicate``); slots past the
+length inside its last page are read but masked. Either way the stage rows past the length hold something
+(older data, anything): the consumer masks them out of the scores and zeroes those V rows before ``P @ V``,
+so not even a NaN there can reach the output through ``0 * NaN``. With ``num_splits > 1`` each split writes its normalised rows and (max, sum) and XLA merges
 them (flash decoding).
 """
 
@@ -220,7 +221,7 @@ def _kernel(
         plgpu.set_max_registers(40, action="decrease")
 
         def item_body(k, step):
-            g, _, w, seq, _, _, b0, steps = item(k)
+            g, _, w, seq, _, end, b0, steps = item(k)
             qb = lax.rem(k, 2)
             col0 = g * hd
 
@@ -231,12 +232,17 @@ def _kernel(
                 def _():
                     plgpu.barrier_wait(free_bar.at[slot])
 
+                # Pages wholly past the item's keys are not copied (the copy still arrives, with no bytes):
+                # their stage rows keep older data, masked out of S and zeroed in V by the consumer.
                 for p in range(pages_per_blk):
                     page = pt_ref[seq, (b0 + i) * pages_per_blk + p]
+                    live = ((b0 + i) * pages_per_blk + p) * page_size < end
                     rows = pl.ds(p * page_size, page_size)
                     src = (page, slice(None), pl.ds(col0, hd))
-                    plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot, rows], k_bar.at[slot])
-                    plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot, rows], v_bar.at[slot])
+                    for ref, smem, bar in ((k_ref, k_smem, k_bar), (v_ref, v_smem, v_bar)):
+                        plgpu.copy_gmem_to_smem(
+                            ref.at[src], smem.at[slot, rows], bar.at[slot], predicate=live
+                        )
                 return step + 1
 
             # The query tile first: issuing it after the item's first K/V blocks (which wait for free

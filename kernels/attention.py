@@ -3,7 +3,8 @@
 Backends (``backend=``):
 
 - ``"reference"``: pure jnp (``kernels.reference``), any platform; the CPU default.
-- ``"pallas_gpu"``: Pallas kernel lowered through Triton, NVIDIA GPUs.
+- ``"pallas_gpu"``: NVIDIA GPUs. Pallas kernels: on Hopper, decode batches that fill the GPU run one lowered
+  through Mosaic GPU (``kernels.mosaic_gpu``, TMA + wgmma); every other call one lowered through Triton.
 - ``"pallas_tpu"``: Pallas Mosaic TPU kernel.
 - ``"auto"`` / ``None``: the best one registered for the default device's platform.
 

@@ -36,6 +36,20 @@ META_OUT_ROWS = 7
 META_COLS = 8
 
 
+DEFAULT_NUM_SMS = 132  # H100 SXM
+
+
+def num_sms() -> int:
+    """Streaming multiprocessors of the default GPU (``DEFAULT_NUM_SMS`` when it is not a GPU)."""
+    try:
+        dev = jax.devices()[0]
+        if dev.platform == "gpu":
+            return int(getattr(dev, "core_count", DEFAULT_NUM_SMS) or DEFAULT_NUM_SMS)
+    except Exception:  # pragma: no cover - no backend
+        pass
+    return DEFAULT_NUM_SMS
+
+
 def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
 

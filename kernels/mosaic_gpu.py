@@ -118,10 +118,6 @@ def _tile_rows(g, heads: int, group: int):
     return first - off, off
 
 
-def _round_up(x: int, m: int) -> int:
-    return (x + m - 1) // m * m
-
-
 SMEM_BUDGET = 227 * 1024  # per SM on Hopper
 
 
@@ -140,16 +136,6 @@ def hopper_available() -> bool:
     except Exception:  # pragma: no cover - no backend
         return False
     return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
-
-
-def _num_sms() -> int:
-    try:
-        dev = jax.devices()[0]
-        if dev.platform == "gpu":
-            return int(getattr(dev, "core_count", 132) or 132)
-    except Exception:  # pragma: no cover - no backend
-        pass
-    return 132
 
 
 def _kernel(
@@ -406,7 +392,7 @@ def decode_attention_mgpu(
     if smem > SMEM_BUDGET:
         raise ValueError(f"{cfg} needs {smem} bytes of shared memory per program (> {SMEM_BUDGET})")
     num_items = num_tokens * groups * cfg.num_splits
-    num_ctas = max(1, min(num_items, max(1, SMEM_BUDGET // smem) * (num_sms or _num_sms())))
+    num_ctas = max(1, min(num_items, max(1, SMEM_BUDGET // smem) * (num_sms or common.num_sms())))
     kernel = functools.partial(
         _kernel,
         cfg=cfg,

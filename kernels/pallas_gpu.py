@@ -47,7 +47,6 @@ from jaxrt.kernels.reference import MASK_VALUE
 
 LOG2E = math.log2(math.e)
 _KV_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
-_DEFAULT_NUM_SMS = 132  # H100 SXM
 # K/V pool layouts the kernel reads. "nhd" [num_pages, page_size, num_kv_heads, head_dim] is the layout of
 # the public API (write_kv, the reference, the models). "hnd" [num_pages, num_kv_heads, page_size, head_dim]
 # (one kv head's page contiguous) is accepted by ``ragged_paged_attention_gpu(kv_layout="hnd")`` only, to
@@ -133,21 +132,11 @@ def supports(
     return None
 
 
-def _num_sms() -> int:
-    try:
-        dev = jax.devices()[0]
-        if dev.platform == "gpu":
-            return int(getattr(dev, "core_count", _DEFAULT_NUM_SMS) or _DEFAULT_NUM_SMS)
-    except Exception:  # pragma: no cover - no backend
-        pass
-    return _DEFAULT_NUM_SMS
-
-
 def decode_splits(programs: int, max_blocks: int, num_sms: int | None = None) -> int:
     """Split-K factor: the largest power of two (<= 16 and <= the kv blocks) that keeps the grid within
     two programs per SM. Two per SM was the best decode grid at every batch >= 32 point of the H100
     sweeps; a third wave of programs cost 5-10% (benchmarks/RESULTS.md, "Kernels")."""
-    target = 2 * (num_sms or _num_sms())
+    target = 2 * (num_sms or common.num_sms())
     splits = 1
     while programs * splits * 2 <= target and splits * 2 <= min(16, max_blocks):
         splits *= 2
@@ -235,7 +224,7 @@ def default_config(
     """
     group = num_q_heads // num_kv_heads
     group_pad = common.next_pow2(group)
-    sms = num_sms or _num_sms()
+    sms = num_sms or common.num_sms()
     if num_tokens <= max_num_seqs:
         if _MOSAIC_DECODE and kv_layout == "nhd" and kv_dtype is not None and mosaic_gpu.hopper_available():
             mcfg = mosaic_decode_config(

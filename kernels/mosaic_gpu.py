@@ -346,11 +346,15 @@ def decode_attention_mgpu(
     soft_cap: float | None = None,
     config: MosaicConfig = MosaicConfig(),
     num_sms: int | None = None,
-    interpret=None,
 ) -> jax.Array:
     """q [T, Hq, D]; k_pages / v_pages [num_pages, page_size, Hkv, D] bf16; meta [T, >=4] int32 per token
     (``_pallas_common`` columns SEQ, FIRST_POS, NROWS, KV_LEN of a ``block_q=1`` plan); page_table
-    [max_num_seqs, pt_cols] int32 with ``pt_cols * page_size`` a multiple of ``block_kv``. -> [T, Hq, D]."""
+    [max_num_seqs, pt_cols] int32 (padded here to whole ``block_kv`` blocks). -> [T, Hq, D].
+
+    Runs on Hopper GPUs only: the Pallas GPU interpreter cannot run this kernel, so there is no CPU path
+    (``tests/kernels/test_mosaic_gpu.py`` lowers it for CUDA on any machine). num_sms: programs are sized
+    for this many SMs (default: the device's).
+    """
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, num_kv_heads, _ = k_pages.shape
     cfg = config
@@ -439,7 +443,6 @@ def decode_attention_mgpu(
         num_threads=2,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=interpret,
         kernel_name=f"jaxrt_rpa_mgpu_h{heads}_kv{cfg.block_kv}_st{cfg.stages}_s{cfg.num_splits}",
     )(meta, qk, k2, v2, page_table)
 

@@ -529,7 +529,7 @@ def run_decode(args, grid, shapes, tune_points=()):
             nbytes = kv_bytes(b, ctx, hkv, d, dtype)
             est = nbytes / 2.0e12 + 4e-6
             it = iters_for(est)
-            cfg = pallas_gpu.default_config(
+            shapes = dict(
                 num_tokens=b,
                 max_num_seqs=b,
                 num_q_heads=hq,
@@ -538,23 +538,14 @@ def run_decode(args, grid, shapes, tune_points=()):
                 page_size=args.page_size,
                 pages_per_seq=pt.shape[1],
                 itemsize=jnp.dtype(dtype).itemsize,
-                kv_dtype=dtype,
             )
+            cfg = pallas_gpu.default_config(**shapes, kv_dtype=dtype)
             jobs = [
                 ("pallas", pallas_fn(sm), q, ins[1:], it),
                 ("pallas_shared", pallas_fn(sm, shared_plan=True), q, (*ins[1:], plan_for(ins)), it),
             ]
             if "triton" in VARIANTS and cfg.mosaic is not None:  # the Triton kernel on the same batch
-                tcfg = pallas_gpu.default_config(  # no kv_dtype: never the Mosaic kernel
-                    num_tokens=b,
-                    max_num_seqs=b,
-                    num_q_heads=hq,
-                    num_kv_heads=hkv,
-                    head_dim=d,
-                    page_size=args.page_size,
-                    pages_per_seq=pt.shape[1],
-                    itemsize=jnp.dtype(dtype).itemsize,
-                )
+                tcfg = pallas_gpu.default_config(**shapes)  # no kv_dtype: never the Mosaic kernel
                 tplan = plan_for(ins, config=tcfg)
                 jobs.append(("pallas_triton", pallas_fn(sm, shared_plan=True), q, (*ins[1:], tplan), it))
             if "prior" in VARIANTS:

@@ -178,6 +178,15 @@ def make_plan(
     )
 
 
+def pad_page_table(page_table: jax.Array, multiple: int) -> jax.Array:
+    """[max_num_seqs, pages_per_seq] -> columns padded (with page 0, never read as keys) to a multiple of
+    ``multiple``, so that kernels can read whole kv blocks of page ids."""
+    cols = page_table.shape[1]
+    if cols % multiple == 0:
+        return page_table
+    return jnp.pad(page_table, ((0, 0), (0, multiple - cols % multiple)))
+
+
 def gather_q(q: jax.Array, plan: Plan, num_kv_heads: int, dtype) -> jax.Array:
     """q [T, Hq, D] -> per work item and kv head query tiles [num_work, Hkv, rows, D] (padding zeroed)."""
     num_tokens, _, head_dim = q.shape
@@ -212,6 +221,15 @@ def scatter_out(o: jax.Array, plan: Plan, num_q_heads: int, out_dtype) -> jax.Ar
     return ot.reshape(-1, num_q_heads, head_dim).astype(out_dtype)
 
 
+def combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
+    """Flash-decoding merge of K splits: acc [K, ..., D] unnormalised (sum of p * v), m [K, ...] the base-2 row
+    max, l [K, ...] the row sum of p. Rows no split saw (l = 0 everywhere) come out zero. -> [..., D]."""
+    m_max = m.max(axis=0)
+    alpha = jnp.exp2(m - m_max[None])
+    l_tot = (alpha * l).sum(axis=0)
+    return (alpha[..., None] * acc).sum(axis=0) / jnp.where(l_tot == 0.0, 1.0, l_tot)[..., None]
+
+
 def merge_splits(
     acc: jax.Array, m: jax.Array, l: jax.Array, plan: Plan, num_q_heads: int, out_dtype
 ) -> jax.Array:
@@ -221,10 +239,6 @@ def merge_splits(
     acc = acc.reshape(k, num_work, num_kv_heads, plan.block_q, plan.group_pad, head_dim)[:, w, h, r]
     m = m.reshape(k, num_work, num_kv_heads, plan.block_q, plan.group_pad)[:, w, h, r]
     l = l.reshape(k, num_work, num_kv_heads, plan.block_q, plan.group_pad)[:, w, h, r]
-    acc, m, l = acc[..., : plan.group, :], m[..., : plan.group], l[..., : plan.group]
-    m_max = m.max(axis=0)
-    alpha = jnp.exp2(m - m_max[None])
-    l_tot = (alpha * l).sum(axis=0)
-    o = (alpha[..., None] * acc).sum(axis=0) / jnp.where(l_tot == 0.0, 1.0, l_tot)[..., None]
+    o = combine_splits(acc[..., : plan.group, :], m[..., : plan.group], l[..., : plan.group])
     o = jnp.where(plan.token_valid[:, None, None, None], o, 0)
     return o.reshape(-1, num_q_heads, head_dim).astype(out_dtype)

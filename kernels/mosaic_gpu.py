@@ -379,9 +379,7 @@ def decode_attention_mgpu(
     k2 = k_pages.reshape(num_pages, page_size, num_kv_heads * head_dim)
     v2 = v_pages.reshape(num_pages, page_size, num_kv_heads * head_dim)
     pages_per_blk = cfg.block_kv // page_size
-    pt_cols = page_table.shape[1]
-    if pt_cols % pages_per_blk:  # the producer reads whole blocks of page ids
-        page_table = jnp.pad(page_table, ((0, 0), (0, pages_per_blk - pt_cols % pages_per_blk)))
+    page_table = common.pad_page_table(page_table, pages_per_blk)  # the producer reads whole blocks of ids
     swz = min(128, hd * jnp.dtype(dtype).itemsize)
     transforms = (plgpu.TilingTransform((8, swz // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swz))
     if split_out:
@@ -456,29 +454,24 @@ def decode_attention_mgpu(
 
     if not split_out:
         return unpad(out, 1).astype(q.dtype)
-    o_s, m, l = out
-    o_s, m, l = unpad(o_s, 2).astype(jnp.float32), unpad(m, 2), unpad(l, 2)  # o_s normalised per split
-    m_max = m.max(axis=0)
-    alpha = jnp.exp2(m - m_max[None])
-    wl = alpha * l
-    l_tot = wl.sum(axis=0)
-    o = (wl[..., None] * o_s).sum(axis=0) / jnp.where(l_tot == 0.0, 1.0, l_tot)[..., None]
-    return o.astype(q.dtype)
+    o_s, m, l = out  # o_s normalised per split: acc = l * o_s
+    o_s, m, l = unpad(o_s, 2).astype(jnp.float32), unpad(m, 2), unpad(l, 2)
+    return common.combine_splits(l[..., None] * o_s, m, l).astype(q.dtype)
 
 
-def plan_meta(q, kv_lens, cu_q_lens, num_seqs) -> jax.Array:
-    """Per-token work items (``block_q=1``) of a ragged batch: [T, META_COLS] int32."""
+def make_plan(q, kv_lens, cu_q_lens, num_seqs) -> common.Plan:
+    """The kernel's work list: one item per query token (``block_q=1``) of a ragged batch; ``.meta`` is the
+    ``meta`` argument of ``decode_attention_mgpu`` (its SEQ, FIRST_POS, NROWS and KV_LEN columns are read)."""
     num_tokens, num_q_heads, _ = q.shape
-    plan = common.make_plan(
+    return common.make_plan(
         num_tokens=num_tokens,
         num_q_heads=num_q_heads,
-        num_kv_heads=1,
+        num_kv_heads=1,  # the items do not depend on the heads
         block_q=1,
-        block_kv=64,
+        block_kv=64,  # nor on block_kv, except in the LO/HI_BLK columns, which this kernel does not read
         kv_lens=kv_lens,
         cu_q_lens=cu_q_lens,
         num_seqs=num_seqs,
         sliding_window=None,
         token_map=False,
     )
-    return plan.meta

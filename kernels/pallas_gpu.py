@@ -175,8 +175,6 @@ def mosaic_decode_config(
         (num_tokens, num_q_heads, head_dim), (0, page_size, num_kv_heads, head_dim), kv_dtype
     ):
         return None
-    if head_dim not in (64, 128):
-        return None
     group = num_q_heads // num_kv_heads
     heads = 1
     if head_dim == 64 and num_kv_heads % 2 == 0:
@@ -314,7 +312,6 @@ class _Tiling:
     block_kv: int
     pages_per_blk: int
     num_splits: int
-    pt_cols: int  # page-table columns after padding to whole kv blocks
 
 
 def _tiling(
@@ -322,7 +319,6 @@ def _tiling(
     num_q_heads: int,
     num_kv_heads: int,
     page_size: int,
-    pages_per_seq: int,
     kv_layout: str = "nhd",
 ):
     group = num_q_heads // num_kv_heads
@@ -344,7 +340,6 @@ def _tiling(
         block_kv=block_kv,
         pages_per_blk=pages_per_blk,
         num_splits=max(1, int(config.num_splits)),
-        pt_cols=common.cdiv(pages_per_seq, pages_per_blk) * pages_per_blk,
     )
 
 
@@ -362,7 +357,7 @@ class GpuPlan:
     config: GpuConfig
     key: tuple  # static shapes it was made for (_plan_key)
     work: common.Plan
-    page_table: jax.Array  # [max_num_seqs, pt_cols] int32
+    page_table: jax.Array  # [max_num_seqs, pt_cols] int32, padded to whole kv blocks of page ids
 
 
 def _plan_key(q, k_pages, page_indices, kv_layout: str = "nhd") -> tuple:
@@ -389,29 +384,14 @@ def gpu_metadata(
     """Plan a batch for ``ragged_paged_attention_gpu`` (q, k_pages: arrays or shape/dtype structs)."""
     num_tokens, num_q_heads, _ = q.shape
     _, page_size, num_kv_heads, _ = pool_dims(k_pages.shape, kv_layout)
-    max_num_seqs, pages_per_seq = page_indices.shape
     if config is None:
         config = config_for(q, k_pages, page_indices, kv_layout)
     key = _plan_key(q, k_pages, page_indices, kv_layout)
     if config.mosaic is not None:  # one work item per query token; whole kv blocks of page ids
-        work = common.make_plan(
-            num_tokens=num_tokens,
-            num_q_heads=num_q_heads,
-            num_kv_heads=num_kv_heads,
-            block_q=1,
-            block_kv=config.mosaic.block_kv,
-            kv_lens=kv_lens,
-            cu_q_lens=cu_q_lens,
-            num_seqs=num_seqs,
-            sliding_window=None,
-            token_map=False,
-        )
-        ppb = max(1, config.mosaic.block_kv // page_size)
-        pt = page_indices
-        if pages_per_seq % ppb:
-            pt = jnp.pad(pt, ((0, 0), (0, ppb - pages_per_seq % ppb)))
+        work = mosaic_gpu.make_plan(q, kv_lens, cu_q_lens, num_seqs)
+        pt = common.pad_page_table(page_indices, max(1, config.mosaic.block_kv // page_size))
         return GpuPlan(config=config, key=key, work=work, page_table=pt)
-    t = _tiling(config, num_q_heads, num_kv_heads, page_size, pages_per_seq, kv_layout)
+    t = _tiling(config, num_q_heads, num_kv_heads, page_size, kv_layout)
     work = common.make_plan(
         num_tokens=num_tokens,
         num_q_heads=num_q_heads,
@@ -424,9 +404,7 @@ def gpu_metadata(
         sliding_window=None,
         token_map=not t.direct,
     )
-    pt = page_indices
-    if t.pt_cols != pages_per_seq:
-        pt = jnp.pad(pt, ((0, 0), (0, t.pt_cols - pages_per_seq)))
+    pt = common.pad_page_table(page_indices, t.pages_per_blk)
     return GpuPlan(config=config, key=key, work=work, page_table=pt)
 
 
@@ -701,9 +679,8 @@ def _gpu_call(
         )
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, num_kv_heads, _ = pool_dims(k_pages.shape, kv_layout)
-    pages_per_seq = plan.page_table.shape[1]
     config = plan.config
-    t = _tiling(config, num_q_heads, num_kv_heads, page_size, pages_per_seq, kv_layout)
+    t = _tiling(config, num_q_heads, num_kv_heads, page_size, kv_layout)
     work, rows, num_splits = plan.work, t.rows, t.num_splits
     kv_dtype = k_pages.dtype
     if jnp.dtype(kv_dtype) == jnp.float32:
@@ -783,12 +760,7 @@ def _gpu_call(
         # Every row of the output, padding included, was written by some program (META_OUT_ROWS).
         if num_splits == 1:
             return out[0]
-        acc, m, l = out
-        m_max = m.max(axis=0)
-        alpha = jnp.exp2(m - m_max[None])
-        l_tot = (alpha * l).sum(axis=0)
-        o = (alpha[..., None] * acc).sum(axis=0) / jnp.where(l_tot == 0.0, 1.0, l_tot)[..., None]
-        return o.astype(q.dtype)
+        return common.combine_splits(*out).astype(q.dtype)
     if num_splits == 1:
         return common.scatter_out(out[0], work, num_q_heads, q.dtype)
     acc, m, l = out

@@ -70,7 +70,7 @@ def test_lowers_for_cuda(name, shape, page, cfg, window, cap):
     args = _decode_args(tokens=tokens, page=page, pages_per_seq=5, **shape)
 
     def f(q, k, v, kv_lens, pt, cu, ns):
-        meta = mosaic_gpu.plan_meta(q, kv_lens, cu, ns)
+        meta = mosaic_gpu.make_plan(q, kv_lens, cu, ns).meta
         return mosaic_gpu.decode_attention_mgpu(
             q, k, v, meta, pt, sm_scale=0.125, sliding_window=window, soft_cap=cap, config=cfg, num_sms=4
         )
@@ -239,7 +239,7 @@ def test_matches_oracle_on_hopper(case, num_sms):
     b = _batch(rng, q_lens, kv_lens, tokens=sum(q_lens) + 3, page=page, **shape)
     kw = dict(sm_scale=1 / math.sqrt(shape["d"]), sliding_window=window, soft_cap=cap)
     args = tuple(map(jnp.asarray, b.args()))
-    meta = mosaic_gpu.plan_meta(args[0], args[3], args[5], args[6])
+    meta = mosaic_gpu.make_plan(args[0], args[3], args[5], args[6]).meta
     out = mosaic_gpu.decode_attention_mgpu(*args[:3], meta, args[4], config=cfg, num_sms=num_sms, **kw)
     out = np.asarray(out.astype(jnp.float32), np.float64)
     n = b.num_real_tokens

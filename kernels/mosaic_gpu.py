@@ -69,12 +69,18 @@ class MosaicConfig:
     block_kv: kv tokens per stage (a multiple of 64 and of the page size).
     stages: shared-memory ring depth (blocks in flight per program).
     num_splits: kv splits per work item (flash decoding; merged in XLA).
+    consumers: compute warpgroups per program (1 or 2). With 2, consumer ``c`` takes the blocks the producer
+      issues at steps ``c, c + 2, ...`` (so each stage of the ring has one owner: ``stages`` must be even),
+      and at the end of an item consumer 1 hands its (acc, m, l) to consumer 0 through shared memory, which
+      merges and stores. This halves the wgmma -> softmax -> wgmma chain per item: it is what paces a
+      program when there is about one item per SM.
     """
 
     heads: int = 1
     block_kv: int = 64
     stages: int = 4
     num_splits: int = 1
+    consumers: int = 1
 
 
 def supports(q_shape, k_shape, kv_dtype) -> str | None:
@@ -122,9 +128,11 @@ SMEM_BUDGET = 227 * 1024  # per SM on Hopper
 
 
 def smem_bytes(cfg: MosaicConfig, head_dim: int, itemsize: int) -> int:
-    """Shared memory of one program: two query tiles, the output tile, the K/V stages (+ small change)."""
+    """Shared memory of one program: two query tiles, the output tile, the K/V stages, with two consumers
+    the f32 hand-over tile (+ small change)."""
     hd = cfg.heads * head_dim
-    return (3 * ROWS * hd + 2 * cfg.stages * cfg.block_kv * hd) * itemsize + 2048
+    merge = (ROWS * hd + 2 * ROWS) * 4 if cfg.consumers > 1 else 0
+    return (3 * ROWS * hd + 2 * cfg.stages * cfg.block_kv * hd) * itemsize + merge + 2048
 
 
 def hopper_available() -> bool:
@@ -157,6 +165,7 @@ def _kernel(
     k_bar,  # [stages]
     v_bar,
     free_bar,  # [stages]: K/V stage may be refilled
+    merge_refs,  # consumers == 2: (acc [ROWS, hd] f32, ml [2, ROWS] f32, full barrier, free barrier); else None
     *,
     cfg: MosaicConfig,
     groups: int,
@@ -176,6 +185,7 @@ def _kernel(
     hd = heads * head_dim
     slab = slab_rows(heads, group)
     bk, stages, splits = cfg.block_kv, cfg.stages, cfg.num_splits
+    consumers = cfg.consumers
     pages_per_blk = bk // page_size
     my_items = (num_items - c + num_ctas - 1) // num_ctas
 
@@ -202,7 +212,7 @@ def _kernel(
         steps = jnp.maximum(jnp.minimum(b0 + per_split, hi_blk) - b0, 0)
         return g, s, w, seq, lo, end, b0, steps
 
-    @pl.when(wg == 1)
+    @pl.when(wg == consumers)
     def _producer():
         plgpu.set_max_registers(40, action="decrease")
 
@@ -248,26 +258,49 @@ def _kernel(
 
         lax.fori_loop(0, my_items, item_body, jnp.int32(0))
 
-    @pl.when(wg == 0)
+    @pl.when(wg < consumers)
     def _consumer():
+        me = wg  # this consumer's index
+        if consumers > 1:
+            plgpu.set_max_registers(232, action="increase")
         if heads > 1:  # off-diagonal blocks of the query tiles stay zero: copies only write diagonal ones
-            q_smem[...] = jnp.zeros(q_smem.shape, q_smem.dtype)
-            plgpu.commit_smem()
+
+            @pl.when(me == 0)
+            def _():
+                q_smem[...] = jnp.zeros(q_smem.shape, q_smem.dtype)
+                plgpu.commit_smem()
+
         plgpu.barrier_arrive(q_free.at[0])
         plgpu.barrier_arrive(q_free.at[1])
+        if consumers > 1:
+            macc_smem, mml_smem, merge_full, merge_free = merge_refs
+
+            @pl.when(me == 0)
+            def _():
+                plgpu.barrier_arrive(merge_free)
+
         if soft_cap is None:
             scale = sm_scale * LOG2E
 
-        def item_body(k, step):
+        def item_body(k, step0):
+            # The item's blocks were issued at steps [step0, step0 + steps); this consumer takes those
+            # with step % consumers == me, i.e. block indices first, first + consumers, ...
             g, s, w, _, lo, end, b0, steps = item(k)
             qb = lax.rem(k, 2)
             plgpu.barrier_wait(q_bar.at[qb])
             m_i = plgpu.layout_cast(jnp.full((ROWS,), _MASK, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             l_i = plgpu.layout_cast(jnp.full((ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             acc = plgpu.layout_cast(jnp.full((ROWS, hd), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+            if consumers > 1:
+                first = lax.rem(me - lax.rem(step0, consumers) + consumers, consumers)
+                mine = jnp.maximum(steps - first + consumers - 1, 0) // consumers
+            else:
+                first, mine = jnp.int32(0), steps
 
-            def blk_body(i, carry):
-                acc, m_i, l_i, step = carry
+            def blk_body(j, carry):
+                acc, m_i, l_i = carry
+                i = first + j * consumers
+                step = step0 + i
                 slot = lax.rem(step, stages)
                 blk = b0 + i
                 plgpu.barrier_wait(k_bar.at[slot])
@@ -304,10 +337,39 @@ def _kernel(
 
                 acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                 plgpu.barrier_arrive(free_bar.at[slot])
-                return acc, m_new, l_i, step + 1
+                return acc, m_new, l_i
 
-            acc, m_i, l_i, step = lax.fori_loop(0, steps, blk_body, (acc, m_i, l_i, step))
+            acc, m_i, l_i = lax.fori_loop(0, mine, blk_body, (acc, m_i, l_i))
             plgpu.barrier_arrive(q_free.at[qb])
+            if consumers == 1:
+                finish(k, g, s, w, acc, m_i, l_i)
+            else:
+
+                @pl.when(me == 1)
+                def _():  # hand over the unnormalised partial; consumer 0 frees the buffer once read
+                    plgpu.barrier_wait(merge_free)
+                    macc_smem[...] = acc
+                    mml_smem.at[0][...] = m_i
+                    mml_smem.at[1][...] = l_i
+                    plgpu.barrier_arrive(merge_full)
+
+                @pl.when(me == 0)
+                def _():
+                    plgpu.barrier_wait(merge_full)
+                    acc1 = plgpu.load(macc_smem, (), layout=plgpu.Layout.WGMMA)
+                    m1 = plgpu.load(mml_smem.at[0], (), layout=plgpu.Layout.WGMMA.reduce(1))
+                    l1 = plgpu.load(mml_smem.at[1], (), layout=plgpu.Layout.WGMMA.reduce(1))
+                    plgpu.barrier_arrive(merge_free)
+                    m = jnp.maximum(m_i, m1)
+                    a0, a1 = jnp.exp2(m_i - m), jnp.exp2(m1 - m)
+                    merged = acc * lax.broadcast_in_dim(a0, acc.shape, [0]) + acc1 * lax.broadcast_in_dim(
+                        a1, acc.shape, [0]
+                    )
+                    finish(k, g, s, w, merged, m, l_i * a0 + l1 * a1)
+
+            return step0 + steps
+
+        def finish(k, g, s, w, acc, m_i, l_i):
             # Normalised here also when split: the partials are merged with their (m, l) weights in XLA.
             inv = 1.0 / jnp.where(l_i == 0.0, 1.0, l_i)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's output has left o_smem
@@ -328,10 +390,12 @@ def _kernel(
                     plgpu.copy_smem_to_gmem(ml_smem.at[1, rows], l_ref.at[s, w, heads_out])
                 else:
                     plgpu.copy_smem_to_gmem(o_smem.at[j, rows], o_ref.at[w, heads_out])
-            return step
 
         lax.fori_loop(0, my_items, item_body, jnp.int32(0))
-        plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(me == 0)
+        def _():
+            plgpu.wait_smem_to_gmem(0)
 
 
 def decode_attention_mgpu(
@@ -368,6 +432,8 @@ def decode_attention_mgpu(
         raise ValueError(f"heads={heads} does not fit head_dim {head_dim} / group {group}")
     if cfg.block_kv % 64 or cfg.block_kv % page_size:
         raise ValueError(f"block_kv {cfg.block_kv} must be a multiple of 64 and of page_size {page_size}")
+    if cfg.consumers not in (1, 2) or cfg.stages % cfg.consumers:
+        raise ValueError(f"consumers={cfg.consumers} must be 1 or 2 and divide stages={cfg.stages}")
     dtype = k_pages.dtype
     split_out = cfg.num_splits > 1
     qk = q.astype(dtype)
@@ -416,8 +482,17 @@ def decode_attention_mgpu(
             (o_ref,), m_ref, l_ref = outs, None, None
 
         def scoped(*scratch):
-            kernel(meta_ref, q_ref, k_ref, v_ref, pt_ref, o_ref, m_ref, l_ref, *scratch)
+            merge = tuple(scratch[10:]) if cfg.consumers > 1 else None
+            kernel(meta_ref, q_ref, k_ref, v_ref, pt_ref, o_ref, m_ref, l_ref, *scratch[:10], merge)
 
+        merge_scratch = ()
+        if cfg.consumers > 1:
+            merge_scratch = (
+                plgpu.SMEM((ROWS, hd), jnp.float32),
+                plgpu.SMEM((2, ROWS), jnp.float32),
+                plgpu.Barrier(num_arrivals=1),
+                plgpu.Barrier(num_arrivals=1),
+            )
         pl.run_scoped(
             scoped,
             plgpu.SMEM((2, ROWS, hd), dtype, transforms=transforms),
@@ -426,10 +501,11 @@ def decode_attention_mgpu(
             plgpu.SMEM((cfg.stages, cfg.block_kv, hd), dtype, transforms=transforms),
             plgpu.SMEM((2, ROWS), jnp.float32),
             plgpu.Barrier(num_arrivals=heads * slab // 8, num_barriers=2),
-            plgpu.Barrier(num_arrivals=1, num_barriers=2),
+            plgpu.Barrier(num_arrivals=cfg.consumers, num_barriers=2),
             plgpu.Barrier(num_arrivals=pages_per_blk, num_barriers=cfg.stages),
             plgpu.Barrier(num_arrivals=pages_per_blk, num_barriers=cfg.stages),
             plgpu.Barrier(num_arrivals=1, num_barriers=cfg.stages),
+            *merge_scratch,
             collective_axes="wg",
         )
 
@@ -438,10 +514,10 @@ def decode_attention_mgpu(
         out_type=out_type,
         grid=(num_ctas,),
         grid_names=("c",),
-        num_threads=2,
+        num_threads=cfg.consumers + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        kernel_name=f"jaxrt_rpa_mgpu_h{heads}_kv{cfg.block_kv}_st{cfg.stages}_s{cfg.num_splits}",
+        kernel_name=f"jaxrt_rpa_mgpu_h{heads}_kv{cfg.block_kv}_st{cfg.stages}_s{cfg.num_splits}_c{cfg.consumers}",
     )(meta, qk, k2, v2, page_table)
 
     def unpad(x, head_axis):  # padded groups: [..., Hkv * gp, ...] -> [..., Hq, ...]

@@ -58,6 +58,9 @@ LOWER_CASES = [
     ("group7-padded", dict(hq=14, hkv=2, d=64), 16, MosaicConfig(), None, None),
     ("mha-2heads", dict(hq=4, hkv=4, d=64), 16, MosaicConfig(heads=2), None, None),
     ("mqa", dict(hq=8, hkv=1, d=128), 32, MosaicConfig(stages=3), None, None),
+    ("1b-2consumers", LLAMA_1B, 16, MosaicConfig(heads=2, stages=4, consumers=2), None, None),
+    ("8b-2consumers", LLAMA_8B, 16, MosaicConfig(heads=1, stages=4, consumers=2), None, None),
+    ("2consumers-split-window-cap", dict(hq=9, hkv=3, d=64), 32, MosaicConfig(stages=2, num_splits=2, consumers=2), 100, 30.0),
 ]
 
 
@@ -223,6 +226,11 @@ GPU_CASES = [
     (dict(hq=9, hkv=3, d=64), 32, MosaicConfig(num_splits=2), 100, None, None),
     (dict(hq=14, hkv=2, d=128), 128, MosaicConfig(block_kv=128, stages=2), None, None, None),
     (dict(hq=8, hkv=2, d=64), 16, MosaicConfig(), None, None, (3, 7, 1, 1, 1, 1, 1, 1, 1)),  # ragged
+    # two consumer warpgroups: alternate blocks of each item, merged in shared memory
+    (LLAMA_1B, 16, MosaicConfig(heads=2, block_kv=64, stages=4, consumers=2), None, None, None),
+    (LLAMA_8B, 16, MosaicConfig(heads=1, block_kv=64, stages=4, consumers=2), None, None, None),
+    (dict(hq=9, hkv=3, d=64), 32, MosaicConfig(stages=2, num_splits=2, consumers=2), 100, 30.0, None),
+    (dict(hq=8, hkv=2, d=64), 16, MosaicConfig(consumers=2), None, None, (3, 7, 1, 1, 1, 1, 1, 1, 1)),
 ]
 
 

@@ -46,6 +46,32 @@ def suppress_stops(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
     return jnp.where(hit, NEG_INF, logits)
 
 
+def row_stats(raw: jax.Array, masked: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One pass over ``[num_seqs, vocab]`` f32: (logsumexp of ``raw``, argmax of ``masked``, max of ``masked``).
+
+    A variadic reduction whose state is an online logsumexp (running max and the sum scaled to it) and an
+    argmax (ties to the lower index, like ``jnp.argmax``): the logits are read once, where ``logsumexp``
+    then ``argmax`` read them three times (max, sum of exponentials, argmax; about 90 us per decode step at
+    batch 256 with a 128k vocabulary on an H100).
+    """
+    ids = jax.lax.broadcasted_iota(jnp.int32, raw.shape, 1)
+
+    def combine(a, b):
+        am, as_, bm_, bi_ = a
+        bm, bs, cm, ci = b
+        m = jnp.maximum(am, bm)
+        # exp(-inf - -inf) is NaN: a side already at the max keeps its sum as is.
+        s = jnp.where(am == m, as_, as_ * jnp.exp(am - m)) + jnp.where(bm == m, bs, bs * jnp.exp(bm - m))
+        take_b = (cm > bm_) | ((cm == bm_) & (ci < bi_))
+        return m, s, jnp.where(take_b, cm, bm_), jnp.where(take_b, ci, bi_)
+
+    init = (-jnp.inf, 0.0, -jnp.inf, jnp.iinfo(jnp.int32).max)
+    init = tuple(jnp.array(v, dt) for v, dt in zip(init, (jnp.float32,) * 3 + (jnp.int32,), strict=True))
+    m, s, mx, arg = jax.lax.reduce((raw, jnp.ones_like(raw), masked, ids), init, combine, (1,))
+    arg = jnp.where(arg == jnp.iinfo(jnp.int32).max, 0, arg)  # a row of NaNs: argmax 0, as jnp's
+    return m + jnp.log(s), arg, mx
+
+
 def _sample(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
     """Temperature, top-k, top-p, min-p, then a Gumbel-max draw keyed by (seed, sample_index) per row."""
     num_seqs, vocab = logits.shape
@@ -76,26 +102,24 @@ def sample(logits: jax.Array, sb: SamplingBatch, mode: SampleMode = SampleMode()
 
     ``mode`` is static: each variant is its own program, and none branches on a device value.
     """
-    logits = logits.astype(jnp.float32)
-    num_seqs, vocab = logits.shape
+    raw = logits.astype(jnp.float32)
+    num_seqs, vocab = raw.shape
     penalties = sb.history.shape[1] > 1
-    lse = jax.nn.logsumexp(logits, axis=-1)  # normaliser of the raw distribution
+    logits = suppress_stops(apply_penalties(raw, sb) if penalties else raw, sb)
+    # The normaliser of the raw distribution and the greedy choice, in one read of the logits.
+    lse, greedy, greedy_logit = row_stats(raw, logits)
     top_ids = jnp.zeros((num_seqs, MAX_TOP_LOGPROBS), jnp.int32)
     top_lp = jnp.zeros((num_seqs, MAX_TOP_LOGPROBS), jnp.float32)
     if mode.top_logprobs:
-        top_lp, ids = jax.lax.top_k(logits, MAX_TOP_LOGPROBS)
+        top_lp, ids = jax.lax.top_k(raw, MAX_TOP_LOGPROBS)
         top_ids, top_lp = ids.astype(jnp.int32), top_lp - lse[:, None]
-    raw = logits if penalties else None  # penalties change the chosen token's logit: keep the raw ones
 
-    if penalties:
-        logits = apply_penalties(logits, sb)
-    logits = suppress_stops(logits, sb)
-
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if mode.sampling:
         tokens = jnp.where(sb.temperature > 0, _sample(logits, sb), greedy)
     else:
         tokens = greedy
-    # Without penalties the chosen token's logit is unchanged (a suppressed stop id is never chosen).
-    chosen = jnp.take_along_axis(raw if penalties else logits, tokens[:, None], axis=-1)[:, 0]
+    if mode.sampling or penalties:  # the raw logit of the chosen token (penalties change the others)
+        chosen = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]
+    else:  # greedy: the chosen logit is the row's max (a suppressed stop id is never chosen)
+        chosen = greedy_logit
     return StepOutput(tokens=tokens, logprobs=chosen - lse, top_ids=top_ids, top_logprobs=top_lp)

@@ -172,6 +172,30 @@ def test_suppress_stops_masks_only_rows_under_min_new_tokens():
     np.testing.assert_array_equal(np.asarray(suppress_stops(logits, sb)), expected)
 
 
+def test_row_stats_one_pass_matches_logsumexp_and_argmax():
+    import jax
+    import jax.numpy as jnp
+
+    from jaxrt.sampler import row_stats
+
+    rng = np.random.default_rng(2)
+    rows, vocab = 7, 1000
+    raw = (rng.normal(size=(rows, vocab)) * 4).astype(np.float32)
+    masked = raw.copy()
+    masked[1, raw[1].argmax()] = -np.inf  # row 1's best id is suppressed: the second best wins
+    masked[2, [3, 700]] = masked[2].max() + 1  # a tie: the lower index wins
+    masked[3, :] = -np.inf  # nothing left: argmax 0, as jnp.argmax
+    raw[4, ::3] = -np.inf  # -inf logits (masked-out vocabulary) add nothing to the normaliser
+    masked[4] = raw[4]
+    raw[5] = raw[5] * 0 + 7.0  # a flat row
+    masked[5] = raw[5]
+    lse, arg, mx = (np.asarray(x) for x in jax.jit(row_stats)(raw, masked))
+    np.testing.assert_allclose(lse, np.asarray(jax.nn.logsumexp(raw, axis=-1)), rtol=1e-6, atol=1e-5)
+    np.testing.assert_array_equal(arg, np.asarray(jnp.argmax(masked, axis=-1)))
+    np.testing.assert_array_equal(mx, masked.max(axis=-1))
+    assert arg[2] == 3 and arg[3] == 0 and arg[5] == 0
+
+
 def test_repetition_penalty_greedy_matches_transformers(llm, tiny_llama_dir):
     import torch
     from jaxrt_testing import hf_model

@@ -169,7 +169,9 @@ def mosaic_decode_config(
 
     Two kv heads per program for head_dim 64 (128 contiguous elements per token, like the Triton tiling),
     64-token stages, 3 stages with two heads and 4 with one: the best of the H100 sweep at batch 32-256
-    and context 128-4k (benchmarks/RESULTS.md, "Kernels").
+    and context 128-4k (benchmarks/RESULTS.md, "Kernels"). For head_dim 128, two consumer warpgroups
+    (0-1.1% faster on the H100 at batch 32-256, context 1k-16k; with head_dim 64 they were equal with two
+    heads and up to 35% slower with one).
     """
     if mosaic_gpu.supports(
         (num_tokens, num_q_heads, head_dim), (0, page_size, num_kv_heads, head_dim), kv_dtype
@@ -194,7 +196,11 @@ def mosaic_decode_config(
         stages -= 1
     if stages < 2:
         return None
-    return mosaic_gpu.MosaicConfig(heads=heads, block_kv=block_kv, stages=stages, num_splits=1)
+    consumers = 2 if head_dim == 128 and stages % 2 == 0 else 1
+    cfg = mosaic_gpu.MosaicConfig(heads, block_kv, stages, num_splits=1, consumers=consumers)
+    if mosaic_gpu.smem_bytes(cfg, head_dim, itemsize) > mosaic_gpu.SMEM_BUDGET:
+        cfg = dataclasses.replace(cfg, consumers=1)
+    return cfg
 
 
 def default_config(

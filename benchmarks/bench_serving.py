@@ -172,8 +172,12 @@ def summarize(args, results: list[Result], dur: float) -> None:
 
 
 def start_smoke_server(args) -> subprocess.Popen:
-    """--smoke: a tiny random model served on a free loopback port, so the script checks itself on CPU."""
-    import socket
+    """--smoke: a tiny random model served on a loopback port the server itself picks (``--port 0``, read
+    back from its "listening on" line), so the script checks itself on CPU and no other process can take
+    the port between choosing and binding it."""
+    import queue
+    import re
+    import threading
 
     import requests
 
@@ -186,9 +190,6 @@ def start_smoke_server(args) -> subprocess.Popen:
         from jaxrt.default_model import default_model_path
 
         AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -197,7 +198,7 @@ def start_smoke_server(args) -> subprocess.Popen:
             "--model-path",
             path,
             "--port",
-            str(port),
+            "0",
             "--host",
             "127.0.0.1",
             "--chunked-prefill-size",
@@ -210,11 +211,31 @@ def start_smoke_server(args) -> subprocess.Popen:
             "64",
             "--skip-server-warmup",
         ],
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
+        text=True,
     )
-    args.base_url = f"http://127.0.0.1:{port}"
+    ports: queue.Queue[int] = queue.Queue()
+
+    def read_stdout() -> None:  # the port line, then drain the pipe so the server never blocks on it
+        for line in proc.stdout:
+            m = re.search(r"listening on http://[^\s]*:(\d+)", line)
+            if m:
+                ports.put(int(m.group(1)))
+
+    threading.Thread(target=read_stdout, daemon=True).start()
     deadline = time.time() + 300
+    port = None
+    while port is None and time.time() < deadline:
+        assert proc.poll() is None, "smoke server exited"
+        try:
+            port = ports.get(timeout=0.5)
+        except queue.Empty:
+            pass
+    if port is None:
+        proc.kill()
+        raise TimeoutError("smoke server did not report its port")
+    args.base_url = f"http://127.0.0.1:{port}"
     while time.time() < deadline:
         assert proc.poll() is None, "smoke server exited"
         try:

@@ -41,6 +41,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from jaxrt.kernels import pallas_gpu, ragged_paged_attention_reference  # noqa: E402
+from jaxrt.kernels.mosaic_gpu import MosaicConfig  # noqa: E402
 from jaxrt.kernels.pallas_gpu import GpuConfig  # noqa: E402
 from jaxrt.kernels.testing import make_batch, oracle, rel_err  # noqa: E402
 
@@ -632,9 +633,12 @@ def pct(nbytes, t):
 def cfg_str(c, kv_layout="nhd"):
     """rows/block_kv/splits/warps/stages[/hf][/pf][/hN][/la][/hnd]: the --sweep-configs syntax."""
     c = c if isinstance(c, dict) else dataclasses.asdict(c)
-    if c.get("mosaic"):  # the Mosaic GPU decode kernel: mgpu/heads/block_kv/stages/splits
+    if c.get("mosaic"):  # the Mosaic GPU decode kernel: mgpu/hHEADS/block_kv/stages/splits[/cCONSUMERS]
         m = c["mosaic"]
-        return f"mgpu/h{m['heads']}/{m['block_kv']}/{m['stages']}/{m['num_splits']}"
+        cons = m.get("consumers", 1)
+        return f"mgpu/h{m['heads']}/{m['block_kv']}/{m['stages']}/{m['num_splits']}" + (
+            f"/c{cons}" if cons > 1 else ""
+        )
     heads = c.get("kv_heads", 1)
     return (
         f"{c['block_rows']}/{c['block_kv']}/{c['num_splits']}/{c['num_warps']}/{c['num_stages']}"
@@ -659,8 +663,14 @@ def prior_decode_config(b, hq, hkv, d, page, pages_per_seq, itemsize, num_sms=No
 
 def parse_cfg(spec, *, b, hq, hkv, d, page, pages_per_seq):
     """'rows/block_kv/splits/warps/stages[/hf][/pf][/hN][/la][/hnd]' -> (GpuConfig, kv_layout);
-    splits 'a' = decode_splits'."""
+    splits 'a' = decode_splits'. 'mgpu/hHEADS/block_kv/stages/splits[/cCONSUMERS]': the Mosaic GPU decode
+    kernel with that tiling (Hopper)."""
     parts = spec.split("/")
+    if parts[0] == "mgpu":
+        heads, bkv, stages, splits = int(parts[1].lstrip("h")), int(parts[2]), int(parts[3]), int(parts[4])
+        consumers = int(parts[5].lstrip("c")) if len(parts) > 5 else 1
+        mosaic = MosaicConfig(heads=heads, block_kv=bkv, stages=stages, num_splits=splits, consumers=consumers)
+        return GpuConfig(mosaic=mosaic), "nhd"
     rows, bkv, splits, warps, stages = parts[:5]
     flags = parts[5:]
     heads = 1

@@ -12,7 +12,8 @@ batch is served, but each token reads its whole kv prefix: the kernel is meant f
 heads, kv split).
 
 Programs are persistent: about one per SM (as many as fit its shared memory), each taking items
-``c, c + num_programs, ...``. Two warpgroups per program:
+``c, c + num_programs, ...``. Two warpgroups per program (three with ``consumers=2``, see
+``MosaicConfig``):
 
 - the producer walks the program's items and, per ``block_kv`` tokens, issues one TMA copy per page and
   per K/V of the ``[page_size, heads * head_dim]`` slab (page ids read from the page table in global

@@ -253,3 +253,22 @@ def test_matches_oracle_on_hopper(case, num_sms):
     n = b.num_real_tokens
     assert np.all(np.isfinite(out)) and np.all(out[n:] == 0)
     assert rel_err(out[:n], oracle(b, **kw)[:n]) < 2e-2
+
+
+def test_bench_kernels_sweep_syntax_names_mosaic_tilings():
+    """``bench_kernels.py --sweep-configs mgpu/h2/64/4/1/c2`` measures exactly that tiling (and prints it back)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels_under_test", path)
+    bk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bk)
+    shape = dict(b=32, hq=32, hkv=8, d=64, page=16, pages_per_seq=64)
+    for text, want in [
+        ("mgpu/h2/64/3/1", MosaicConfig(heads=2, block_kv=64, stages=3, num_splits=1)),
+        ("mgpu/h1/64/4/2/c2", MosaicConfig(heads=1, block_kv=64, stages=4, num_splits=2, consumers=2)),
+    ]:
+        cfg, layout = bk.parse_cfg(text, **shape)
+        assert cfg.mosaic == want and layout == "nhd"
+        assert bk.cfg_str(cfg) == text

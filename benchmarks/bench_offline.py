@@ -166,6 +166,12 @@ def main() -> None:
             "max_running_requests": llm.config.scheduler.max_running_requests,
             "chunked_prefill_size": llm.config.scheduler.chunked_prefill_size,
             "page_size": args.page_size,
+            "steps": stats["num_steps"] - stats0["num_steps"],
+            # host time per dispatch (ms): what decides whether a slower host leaves the device idle
+            "host_ms_per_step": {
+                k[5:-2]: (stats[k] - stats0[k]) / max(1, stats["num_steps"] - stats0["num_steps"]) * 1e3
+                for k in ("host_schedule_s", "host_dispatch_s", "host_wait_s", "host_process_s")
+            },
         },
     )
 

@@ -21,6 +21,7 @@ def ints(s: str) -> list[int]:
 
 
 KERNEL_GROUPS = (
+    ("sampler", ("greedy",)),  # the greedy statistics' Pallas kernel (kernels/greedy.py)
     ("attention", ("ragged", "paged", "attention", "_kernel")),
     ("gemm", ("gemm", "nvjet", "cutlass", "cublas", "sm90_xmma", "dot")),
     ("sort/top-k", ("sort", "topk", "top_k")),

@@ -128,6 +128,9 @@ class Engine:
             from jaxrt.kernels import pallas_gpu
 
             pallas_gpu.set_mosaic_decode(envs.mosaic_decode())
+        from jaxrt.sampler import set_greedy_kernel
+
+        set_greedy_kernel("gpu" if _platform() == "gpu" and envs.greedy_kernel() else None)
         arch = (getattr(hf_config, "architectures", None) or ["?"])[0]
         if impl == "auto":
             impl = "native" if has_native(arch) else "transformers"

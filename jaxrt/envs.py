@@ -26,6 +26,12 @@ def mosaic_decode() -> bool:
     return _get("JAXRT_MOSAIC_DECODE", "1") == "1"
 
 
+def greedy_kernel() -> bool:
+    """On GPUs the greedy sampler's statistics (logsumexp, argmax) come from one Pallas kernel reading the
+    logits once instead of XLA's reductions. ``JAXRT_GREEDY_KERNEL`` (default 1; 0 keeps XLA's)."""
+    return _get("JAXRT_GREEDY_KERNEL", "1") == "1"
+
+
 def attention_interpret() -> bool:
     """Run Pallas attention in interpret mode (CPU testing of kernels). ``JAXRT_ATTENTION_INTERPRET``."""
     return _get("JAXRT_ATTENTION_INTERPRET", "0") == "1"

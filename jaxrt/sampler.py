@@ -11,6 +11,19 @@ from jaxrt.batch import MAX_TOP_LOGPROBS, SampleMode, SamplingBatch, StepOutput
 
 NEG_INF = -jnp.inf
 
+# The greedy statistics' implementation: None (XLA reductions, ``row_stats``), "gpu" (the Pallas kernel
+# ``kernels.greedy``, one read of the logits) or "interpret" (that kernel in Pallas interpret mode, for CPU
+# tests). Read when a sampler program is traced; the Engine sets it (``JAXRT_GREEDY_KERNEL``).
+_GREEDY_KERNEL: str | None = None
+
+
+def set_greedy_kernel(mode: str | None) -> None:
+    """None, "gpu" or "interpret": how sampler programs traced from now on compute the greedy statistics."""
+    global _GREEDY_KERNEL
+    if mode not in (None, "gpu", "interpret"):
+        raise ValueError(f"greedy kernel mode must be None, 'gpu' or 'interpret', not {mode!r}")
+    _GREEDY_KERNEL = mode
+
 
 def apply_penalties(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
     """Repetition penalty over prompt+output (transformers' rule), frequency/presence over output (OpenAI's).
@@ -102,12 +115,20 @@ def sample(logits: jax.Array, sb: SamplingBatch, mode: SampleMode = SampleMode()
 
     ``mode`` is static: each variant is its own program, and none branches on a device value.
     """
+    model_logits = logits
     raw = logits.astype(jnp.float32)
     num_seqs, vocab = raw.shape
     penalties = sb.history.shape[1] > 1
     logits = suppress_stops(apply_penalties(raw, sb) if penalties else raw, sb)
-    # The normaliser of the raw distribution and the greedy choice, in two reads of the logits.
-    lse, greedy, greedy_logit = row_stats(raw, logits)
+    # The normaliser of the raw distribution and the greedy choice.
+    if _GREEDY_KERNEL is not None and not penalties:
+        from jaxrt.kernels.greedy import greedy_row_stats
+
+        lse, greedy, greedy_logit = greedy_row_stats(
+            model_logits, sb.stop_ids, sb.suppress_stop, interpret=_GREEDY_KERNEL == "interpret"
+        )
+    else:
+        lse, greedy, greedy_logit = row_stats(raw, logits)
     top_ids = jnp.zeros((num_seqs, MAX_TOP_LOGPROBS), jnp.int32)
     top_lp = jnp.zeros((num_seqs, MAX_TOP_LOGPROBS), jnp.float32)
     if mode.top_logprobs:

@@ -196,6 +196,35 @@ def test_row_stats_one_pass_matches_logsumexp_and_argmax():
     assert arg[2] == 3 and arg[3] == 0 and arg[5] == 0
 
 
+def test_sampler_greedy_kernel_gives_the_same_step_output():
+    """The greedy Pallas kernel (interpret mode here) in the sampler: same tokens, same log-probabilities."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxrt import sampler
+    from jaxrt.batch import MAX_STOP_IDS, SampleMode
+
+    rng = np.random.default_rng(3)
+    rows, vocab = 5, 700
+    logits = jnp.asarray(rng.normal(size=(rows, vocab)) * 3, jnp.bfloat16)
+    stop_ids = np.full((rows, MAX_STOP_IDS), -1, np.int32)
+    stop_ids[0, 0] = int(jnp.argmax(logits[0]))
+    suppress = np.array([True, False, False, True, False])
+    sb = _sampling_batch(rows, stop_ids=stop_ids, suppress_stop=suppress)
+    outs = []
+    for mode in (None, "interpret"):
+        sampler.set_greedy_kernel(mode)
+        try:
+            outs.append(jax.jit(sampler.sample, static_argnums=2)(logits, sb, SampleMode()))
+        finally:
+            sampler.set_greedy_kernel(None)
+    np.testing.assert_array_equal(np.asarray(outs[0].tokens), np.asarray(outs[1].tokens))
+    np.testing.assert_allclose(np.asarray(outs[0].logprobs), np.asarray(outs[1].logprobs), rtol=1e-5, atol=1e-5)
+    assert int(outs[1].tokens[0]) != stop_ids[0, 0]
+    with pytest.raises(ValueError, match="greedy kernel mode"):
+        sampler.set_greedy_kernel("cuda")
+
+
 def test_repetition_penalty_greedy_matches_transformers(llm, tiny_llama_dir):
     import torch
     from jaxrt_testing import hf_model

@@ -1,0 +1,87 @@
+"""The greedy sampler's statistics over a batch of logits in one read: a Pallas kernel (Triton lowering).
+
+For each row of ``logits [num_seqs, vocab]`` (the model's dtype): the logsumexp of the raw row (the
+log-probability normaliser), and the argmax and max of the row with the row's suppressed stop ids at -inf
+(``min_new_tokens``). XLA reads the logits once per reduction, and its variadic reductions run their
+reducer serially; at batch 256 with a 128k vocabulary that is ~95 us per decode step on an H100 against
+~21 us to read the 66 MB once.
+
+Each program reads one ``chunk`` of one row (masked past the vocabulary), reduces it in f32 and writes four
+partials; a small XLA step merges the ``cdiv(vocab, chunk)`` partials of each row. The argmax ties to the
+lowest index, as ``jnp.argmax``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+CHUNK = 8192
+_NONE = 2**31 - 1  # int32 max: "no index" (a Python int: Pallas kernels may not capture array constants)
+
+
+def _kernel(x_ref, stop_ref, sup_ref, m_ref, s_ref, mm_ref, am_ref, *, vocab: int, chunk: int, num_stops: int):
+    r = pl.program_id(0)
+    c = pl.program_id(1)
+    idx = c * chunk + lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
+    valid = idx < vocab
+    x = pltriton.load(x_ref.at[pl.ds(r, 1), pl.ds(c * chunk, chunk)], mask=valid, other=-jnp.inf)
+    x = x.astype(jnp.float32)
+    m = jnp.max(x)
+    shift = jnp.where(m == -jnp.inf, 0.0, m)  # an all -inf chunk (the vocabulary's tail) sums to 0, not NaN
+    s = jnp.sum(jnp.exp(x - shift))
+    hit = jnp.zeros(idx.shape, jnp.bool_)
+    suppress = sup_ref[r] != 0
+    for j in range(num_stops):  # -1 (an unused slot) never matches a vocab index
+        hit = hit | (idx == stop_ref[r, j])
+    xm = jnp.where(hit & suppress, -jnp.inf, x)
+    mm = jnp.max(xm)
+    am = jnp.min(jnp.where((xm == mm) & valid, idx, _NONE))
+    m_ref[r, c] = m
+    s_ref[r, c] = s
+    mm_ref[r, c] = mm
+    am_ref[r, c] = am
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "interpret"))
+def greedy_row_stats(
+    logits: jax.Array,
+    stop_ids: jax.Array,
+    suppress: jax.Array,
+    *,
+    chunk: int = CHUNK,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """logits [R, V]; stop_ids [R, K] int32 (-1 unused); suppress [R] bool (mask row r's stop ids).
+
+    Returns (logsumexp of the raw rows [R] f32, argmax of the suppressed rows [R] int32, their max [R] f32).
+    """
+    num_rows, vocab = logits.shape
+    num_stops = stop_ids.shape[1]
+    num_chunks = pl.cdiv(vocab, chunk)
+    part = jax.ShapeDtypeStruct((num_rows, num_chunks), jnp.float32)
+    m, s, mm, am = pl.pallas_call(
+        functools.partial(_kernel, vocab=vocab, chunk=chunk, num_stops=num_stops),
+        grid=(num_rows, num_chunks),
+        in_specs=[
+            pl.BlockSpec((num_rows, vocab), lambda r, c: (0, 0)),
+            pl.BlockSpec((num_rows, num_stops), lambda r, c: (0, 0)),
+            pl.BlockSpec((num_rows,), lambda r, c: (0,)),
+        ],
+        out_specs=[pl.BlockSpec((num_rows, num_chunks), lambda r, c: (0, 0))] * 4,
+        out_shape=[part, part, part, jax.ShapeDtypeStruct((num_rows, num_chunks), jnp.int32)],
+        compiler_params=pltriton.CompilerParams(num_warps=8, num_stages=1),
+        interpret=interpret,
+        name="jaxrt_greedy_row_stats",
+    )(logits, stop_ids.astype(jnp.int32), suppress.astype(jnp.int32))
+    top = jnp.max(m, axis=1)
+    shift = jnp.where(top == -jnp.inf, 0.0, top)
+    lse = shift + jnp.log(jnp.sum(s * jnp.exp(m - shift[:, None]), axis=1))
+    best = jnp.max(mm, axis=1)
+    arg = jnp.min(jnp.where(mm == best[:, None], am, _NONE), axis=1)
+    return lse, jnp.where(arg == _NONE, 0, arg), best

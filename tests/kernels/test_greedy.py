@@ -1,0 +1,87 @@
+"""The greedy sampler kernel (``kernels/greedy.py``) against jnp: Pallas interpret mode on CPU, the
+Triton lowering for CUDA (jax.export) on any machine, and a real run on a GPU (``mark gpu``)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrt.kernels.greedy import greedy_row_stats
+
+
+def _case(rng, rows, vocab, dtype, num_stops=4):
+    logits = (rng.normal(size=(rows, vocab)) * 4).astype(np.float32)
+    stop_ids = np.full((rows, num_stops), -1, np.int32)
+    suppress = np.zeros(rows, bool)
+    logits[1, 5] = logits[1].max() + 3  # row 1: its best id is a suppressed stop id; the runner-up wins
+    stop_ids[1, :2] = [5, vocab - 1]
+    suppress[1] = True
+    stop_ids[2, 0] = int(logits[2].argmax())  # row 2: a stop id that is not suppressed (past min_new_tokens)
+    top = logits[3].max() + 1
+    logits[3, [7, vocab - 2]] = top  # row 3: a tie across chunks: the lower index wins
+    logits[4, ::3] = -np.inf  # row 4: -inf logits add nothing to the normaliser
+    x = jnp.asarray(logits, dtype)
+    return x, jnp.asarray(stop_ids), jnp.asarray(suppress)
+
+
+def _want(x, stop_ids, suppress):
+    raw = np.asarray(x.astype(jnp.float32), np.float64)
+    masked = raw.copy()
+    for r in range(raw.shape[0]):
+        if suppress[r]:
+            ids = np.asarray(stop_ids[r])
+            masked[r, ids[ids >= 0]] = -np.inf
+    m = raw.max(axis=1, keepdims=True)
+    lse = (m + np.log(np.exp(raw - m).sum(axis=1, keepdims=True)))[:, 0]
+    return lse, masked.argmax(axis=1), masked.max(axis=1)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("vocab,chunk", [(1000, 256), (512, 512), (300, 1024)])
+def test_matches_jnp_in_interpret_mode(dtype, vocab, chunk):
+    rng = np.random.default_rng(vocab)
+    x, stop_ids, suppress = _case(rng, 6, vocab, dtype)
+    lse, arg, mx = greedy_row_stats(x, stop_ids, suppress, chunk=chunk, interpret=True)
+    want_lse, want_arg, want_mx = _want(x, stop_ids, suppress)
+    np.testing.assert_allclose(np.asarray(lse), want_lse, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(arg), want_arg)
+    np.testing.assert_array_equal(np.asarray(mx), want_mx.astype(np.float32))
+    assert int(arg[1]) != 5 and int(arg[3]) == 7
+
+
+@pytest.mark.skipif(
+    tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 11), reason="jax >= 0.11 lowers Pallas to CUDA on CPU"
+)
+def test_lowers_for_cuda():
+    """The Pallas -> Triton IR lowering at the decode step's shape, for an H100, on any machine (the Triton ->
+    PTX compile happens in XLA on the GPU: ``test_matches_jnp_on_gpu``)."""
+    from jax import export
+    from jax._src import mesh as mesh_lib
+
+    h100 = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=h100)
+    x = jax.ShapeDtypeStruct((256, 128256), jnp.bfloat16)
+    stops = jax.ShapeDtypeStruct((256, 8), jnp.int32)
+    sup = jax.ShapeDtypeStruct((256,), jnp.bool_)
+    with jax.sharding.use_abstract_mesh(mesh):
+        exp = export.export(
+            jax.jit(greedy_row_stats),
+            platforms=["cuda"],
+            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(x, stops, sup)
+    assert [a.shape for a in exp.out_avals] == [(256,), (256,), (256,)]
+    assert "jaxrt_greedy_row_stats" in exp.mlir_module()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_matches_jnp_on_gpu():
+    rng = np.random.default_rng(0)
+    x, stop_ids, suppress = _case(rng, 256, 128256, jnp.bfloat16, num_stops=8)
+    lse, arg, mx = greedy_row_stats(x, stop_ids, suppress)
+    want_lse, want_arg, want_mx = _want(x, stop_ids, suppress)
+    np.testing.assert_allclose(np.asarray(lse), want_lse, rtol=1e-5, atol=1e-3)
+    np.testing.assert_array_equal(np.asarray(arg), want_arg)
+    np.testing.assert_array_equal(np.asarray(mx), want_mx.astype(np.float32))

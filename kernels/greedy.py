@@ -22,6 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 CHUNK = 8192
+NUM_WARPS = 8
 _NONE = 2**31 - 1  # int32 max: "no index" (a Python int: Pallas kernels may not capture array constants)
 
 
@@ -48,16 +49,18 @@ def _kernel(x_ref, stop_ref, sup_ref, m_ref, s_ref, mm_ref, am_ref, *, vocab: in
     am_ref[r, c] = am
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "interpret"))
+@functools.partial(jax.jit, static_argnames=("chunk", "num_warps", "interpret"))
 def greedy_row_stats(
     logits: jax.Array,
     stop_ids: jax.Array,
     suppress: jax.Array,
     *,
     chunk: int = CHUNK,
+    num_warps: int = NUM_WARPS,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """logits [R, V]; stop_ids [R, K] int32 (-1 unused); suppress [R] bool (mask row r's stop ids).
+    chunk: vocabulary entries per program (a power of two); num_warps: Triton warps per program.
 
     Returns (logsumexp of the raw rows [R] f32, argmax of the suppressed rows [R] int32, their max [R] f32).
     """
@@ -75,7 +78,7 @@ def greedy_row_stats(
         ],
         out_specs=[pl.BlockSpec((num_rows, num_chunks), lambda r, c: (0, 0))] * 4,
         out_shape=[part, part, part, jax.ShapeDtypeStruct((num_rows, num_chunks), jnp.int32)],
-        compiler_params=pltriton.CompilerParams(num_warps=8, num_stages=1),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="jaxrt_greedy_row_stats",
     )(logits, stop_ids.astype(jnp.int32), suppress.astype(jnp.int32))

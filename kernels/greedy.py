@@ -23,6 +23,7 @@ from jax.experimental.pallas import triton as pltriton
 
 CHUNK = 8192
 NUM_WARPS = 8
+LOG2E = 1.4426950408889634
 _NONE = 2**31 - 1  # int32 max: "no index" (a Python int: Pallas kernels may not capture array constants)
 
 
@@ -35,14 +36,21 @@ def _kernel(x_ref, stop_ref, sup_ref, m_ref, s_ref, mm_ref, am_ref, *, vocab: in
     x = x.astype(jnp.float32)
     m = jnp.max(x)
     shift = jnp.where(m == -jnp.inf, 0.0, m)  # an all -inf chunk (the vocabulary's tail) sums to 0, not NaN
-    s = jnp.sum(jnp.exp(x - shift))
-    hit = jnp.zeros(idx.shape, jnp.bool_)
-    suppress = sup_ref[r] != 0
-    for j in range(num_stops):  # -1 (an unused slot) never matches a vocab index
-        hit = hit | (idx == stop_ref[r, j])
-    xm = jnp.where(hit & suppress, -jnp.inf, x)
-    mm = jnp.max(xm)
-    am = jnp.min(jnp.where((xm == mm) & valid, idx, _NONE))
+    s = jnp.sum(jnp.exp2((x - shift) * LOG2E))
+
+    def first_max(v, top):
+        return jnp.min(jnp.where((v == top) & valid, idx, _NONE))
+
+    def suppressed():  # the row's stop ids at -inf (-1, an unused slot, never matches a vocab index)
+        hit = idx == stop_ref[r, 0]
+        for j in range(1, num_stops):
+            hit = hit | (idx == stop_ref[r, j])
+        xm = jnp.where(hit, -jnp.inf, x)
+        mm = jnp.max(xm)
+        return mm, first_max(xm, mm)
+
+    # Most rows suppress nothing (past min_new_tokens): they skip the comparisons and a reduction.
+    mm, am = lax.cond(sup_ref[r] != 0, suppressed, lambda: (m, first_max(x, m)))
     m_ref[r, c] = m
     s_ref[r, c] = s
     mm_ref[r, c] = mm

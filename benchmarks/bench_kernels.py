@@ -669,7 +669,9 @@ def parse_cfg(spec, *, b, hq, hkv, d, page, pages_per_seq):
     if parts[0] == "mgpu":
         heads, bkv, stages, splits = int(parts[1].lstrip("h")), int(parts[2]), int(parts[3]), int(parts[4])
         consumers = int(parts[5].lstrip("c")) if len(parts) > 5 else 1
-        mosaic = MosaicConfig(heads=heads, block_kv=bkv, stages=stages, num_splits=splits, consumers=consumers)
+        mosaic = MosaicConfig(
+            heads=heads, block_kv=bkv, stages=stages, num_splits=splits, consumers=consumers
+        )
         return GpuConfig(mosaic=mosaic), "nhd"
     rows, bkv, splits, warps, stages = parts[:5]
     flags = parts[5:]

@@ -50,7 +50,9 @@ def main() -> None:
     def three_pass(x, stop_ids, suppress):
         raw = x.astype(jnp.float32)
         ids = jax.lax.broadcasted_iota(jnp.int32, raw.shape, 1)
-        hit = functools.reduce(jnp.logical_or, [ids == stop_ids[:, j : j + 1] for j in range(stop_ids.shape[1])])
+        hit = functools.reduce(
+            jnp.logical_or, [ids == stop_ids[:, j : j + 1] for j in range(stop_ids.shape[1])]
+        )
         masked = jnp.where(hit & suppress[:, None], -jnp.inf, raw)
         arg = jnp.argmax(masked, axis=-1)
         return jax.nn.logsumexp(raw, axis=-1), arg, jnp.take_along_axis(masked, arg[:, None], axis=-1)[:, 0]
@@ -58,7 +60,9 @@ def main() -> None:
     def xla(x, stop_ids, suppress):
         raw = x.astype(jnp.float32)
         ids = jax.lax.broadcasted_iota(jnp.int32, raw.shape, 1)
-        hit = functools.reduce(jnp.logical_or, [ids == stop_ids[:, j : j + 1] for j in range(stop_ids.shape[1])])
+        hit = functools.reduce(
+            jnp.logical_or, [ids == stop_ids[:, j : j + 1] for j in range(stop_ids.shape[1])]
+        )
         return row_stats(raw, jnp.where(hit & suppress[:, None], -jnp.inf, raw))
 
     def timed(fn, args_):
@@ -81,7 +85,10 @@ def main() -> None:
         a = (x, jnp.asarray(stop_ids), suppress)
         nbytes = rows * args.vocab * 2
         variants = [("xla-3pass", three_pass), ("xla", xla)] + [
-            (f"pallas c{c}/w{w}", functools.partial(greedy_row_stats, chunk=c, num_warps=w, interpret=interpret))
+            (
+                f"pallas c{c}/w{w}",
+                functools.partial(greedy_row_stats, chunk=c, num_warps=w, interpret=interpret),
+            )
             for c in (int(v) for v in args.chunks.split(","))
             for w in (int(v) for v in args.warps.split(","))
         ]
@@ -97,7 +104,9 @@ def main() -> None:
                 want = (lse, arg)
             ok = np.array_equal(arg, want[1]) and np.allclose(lse, want[0], rtol=1e-5, atol=1e-3)
             bw = nbytes / t / HBM_READ_BW if t == t else float("nan")
-            print(f"rows {rows} vocab {args.vocab} suppress 1/{every} {name:18s} {t * 1e6:8.1f} us  {bw:6.1%} of read bandwidth  {'ok' if ok else 'MISMATCH'}")
+            print(
+                f"rows {rows} vocab {args.vocab} suppress 1/{every} {name:18s} {t * 1e6:8.1f} us  {bw:6.1%} of read bandwidth  {'ok' if ok else 'MISMATCH'}"
+            )
             assert ok, f"{name} disagrees with xla-3pass"
             append_jsonl(
                 args.output_file,

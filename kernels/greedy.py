@@ -10,7 +10,7 @@ reductions per program) is.
 
 Each program reads one ``chunk`` of one row (masked past the vocabulary), reduces it in f32 and writes four
 partials; a small XLA step merges the ``cdiv(vocab, chunk)`` partials of each row. The argmax ties to the
-lowest index, as ``jnp.argmax``.
+lowest index, as ``jnp.argmax``. The pure-jnp definition is ``kernels.reference.greedy_row_stats_reference``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ NUM_WARPS = 4
 _NONE = 2**31 - 1  # int32 max: "no index" (a Python int: Pallas kernels may not capture array constants)
 
 
-def _kernel(x_ref, stop_ref, sup_ref, m_ref, s_ref, mm_ref, am_ref, *, vocab: int, chunk: int, num_stops: int):
+def _kernel(
+    x_ref, stop_ref, sup_ref, m_ref, s_ref, mm_ref, am_ref, *, vocab: int, chunk: int, num_stops: int
+):
     r = pl.program_id(0)
     c = pl.program_id(1)
     idx = c * chunk + lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
@@ -66,7 +68,15 @@ def greedy_row_stats(
 
     Returns (logsumexp of the raw rows [R] f32, argmax of the suppressed rows [R] int32, their max [R] f32).
     """
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be [num_seqs, vocab], got shape {logits.shape}")
     num_rows, vocab = logits.shape
+    if stop_ids.ndim != 2 or stop_ids.shape[0] != num_rows or not jnp.issubdtype(stop_ids.dtype, jnp.integer):
+        raise ValueError(f"stop_ids must be integer [{num_rows}, K], got {stop_ids.dtype} {stop_ids.shape}")
+    if suppress.shape != (num_rows,):
+        raise ValueError(f"suppress must be [{num_rows}], got shape {suppress.shape}")
+    if chunk < 16 or chunk & (chunk - 1):
+        raise ValueError(f"chunk must be a power of two >= 16, got {chunk}")
     num_stops = stop_ids.shape[1]
     num_chunks = pl.cdiv(vocab, chunk)
     part = jax.ShapeDtypeStruct((num_rows, num_chunks), jnp.float32)

@@ -157,3 +157,16 @@ def ragged_paged_attention_reference(
     out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]
     out = jnp.where(valid[:, None, None, None], out, 0.0)
     return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
+
+
+def greedy_row_stats_reference(
+    logits: jax.Array, stop_ids: jax.Array, suppress: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """What ``kernels.greedy.greedy_row_stats`` computes, in plain jnp: for logits [R, V], stop_ids [R, K]
+    (-1 unused) and suppress [R], the logsumexp of each raw row (f32), and the argmax (lowest index on ties)
+    and max of each row with its stop ids at -inf where ``suppress``."""
+    raw = logits.astype(jnp.float32)
+    ids = jnp.arange(raw.shape[1], dtype=jnp.int32)
+    hit = jnp.any(ids[None, :, None] == stop_ids[:, None, :], axis=-1) & suppress[:, None]
+    masked = jnp.where(hit, -jnp.inf, raw)
+    return jax.nn.logsumexp(raw, axis=-1), jnp.argmax(masked, axis=-1).astype(jnp.int32), masked.max(axis=-1)

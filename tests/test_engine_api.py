@@ -219,7 +219,9 @@ def test_sampler_greedy_kernel_gives_the_same_step_output():
         finally:
             sampler.set_greedy_kernel(None)
     np.testing.assert_array_equal(np.asarray(outs[0].tokens), np.asarray(outs[1].tokens))
-    np.testing.assert_allclose(np.asarray(outs[0].logprobs), np.asarray(outs[1].logprobs), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(outs[0].logprobs), np.asarray(outs[1].logprobs), rtol=1e-5, atol=1e-5
+    )
     assert int(outs[1].tokens[0]) != stop_ids[0, 0]
     with pytest.raises(ValueError, match="greedy kernel mode"):
         sampler.set_greedy_kernel("cuda")

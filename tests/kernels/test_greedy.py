@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxrt.kernels import greedy_row_stats_reference
 from jaxrt.kernels.greedy import greedy_row_stats
 
 
@@ -49,10 +50,35 @@ def test_matches_jnp_in_interpret_mode(dtype, vocab, chunk):
     np.testing.assert_array_equal(np.asarray(arg), want_arg)
     np.testing.assert_array_equal(np.asarray(mx), want_mx.astype(np.float32))
     assert int(arg[1]) != 5 and int(arg[3]) == 7
+    ref_lse, ref_arg, ref_mx = greedy_row_stats_reference(x, stop_ids, suppress)
+    np.testing.assert_allclose(np.asarray(ref_lse), want_lse, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(ref_arg), want_arg)
+    np.testing.assert_array_equal(np.asarray(ref_mx), want_mx.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (((4, 10, 3), (4, 8), (4,)), "logits must be"),
+        (((4, 10), (3, 8), (4,)), "stop_ids must be"),
+        (((4, 10), (4, 8), (5,)), "suppress must be"),
+    ],
+)
+def test_validates_shapes(args, match):
+    (ls, ss, ps) = args
+    with pytest.raises(ValueError, match=match):
+        greedy_row_stats(
+            jnp.zeros(ls, jnp.bfloat16), jnp.zeros(ss, jnp.int32), jnp.zeros(ps, bool), interpret=True
+        )
+    with pytest.raises(ValueError, match="chunk"):
+        greedy_row_stats(
+            jnp.zeros((4, 10)), jnp.zeros((4, 8), jnp.int32), jnp.zeros(4, bool), chunk=100, interpret=True
+        )
 
 
 @pytest.mark.skipif(
-    tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 11), reason="jax >= 0.11 lowers Pallas to CUDA on CPU"
+    tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 11),
+    reason="jax >= 0.11 lowers Pallas to CUDA on CPU",
 )
 def test_lowers_for_cuda():
     """The Pallas -> Triton IR lowering at the decode step's shape, for an H100, on any machine (the Triton ->
@@ -61,7 +87,9 @@ def test_lowers_for_cuda():
     from jax._src import mesh as mesh_lib
 
     h100 = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=h100)
+    mesh = jax.sharding.AbstractMesh(
+        (1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=h100
+    )
     x = jax.ShapeDtypeStruct((256, 128256), jnp.bfloat16)
     stops = jax.ShapeDtypeStruct((256, 8), jnp.int32)
     sup = jax.ShapeDtypeStruct((256,), jnp.bool_)

@@ -60,7 +60,14 @@ LOWER_CASES = [
     ("mqa", dict(hq=8, hkv=1, d=128), 32, MosaicConfig(stages=3), None, None),
     ("1b-2consumers", LLAMA_1B, 16, MosaicConfig(heads=2, stages=4, consumers=2), None, None),
     ("8b-2consumers", LLAMA_8B, 16, MosaicConfig(heads=1, stages=4, consumers=2), None, None),
-    ("2consumers-split-window-cap", dict(hq=9, hkv=3, d=64), 32, MosaicConfig(stages=2, num_splits=2, consumers=2), 100, 30.0),
+    (
+        "2consumers-split-window-cap",
+        dict(hq=9, hkv=3, d=64),
+        32,
+        MosaicConfig(stages=2, num_splits=2, consumers=2),
+        100,
+        30.0,
+    ),
 ]
 
 

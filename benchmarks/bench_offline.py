@@ -100,6 +100,11 @@ def main() -> None:
     import numpy as np
 
     ttft = np.array([o["meta_info"]["ttft"] for o in outs])
+    steps = stats["num_steps"] - stats0["num_steps"]
+    host_ms = {  # schedule / dispatch / wait / process, ms per dispatched step
+        k[5:-2]: (stats[k] - stats0[k]) / max(1, steps) * 1e3
+        for k in ("host_schedule_s", "host_dispatch_s", "host_wait_s", "host_process_s")
+    }
     n_in = sum(len(i) for i in ids)
     n_out = sum(o["meta_info"]["completion_tokens"] for o in outs)
     assert n_out == sum(o for _, o in reqs), "every request must produce exactly its output length"
@@ -126,15 +131,9 @@ def main() -> None:
         ("First request latency (s)", first_token),
         ("Start-up to first token (s)", startup + first_token),
         ("Start-up to every program compiled (s)", all_compiled),
-        ("Steps", stats["num_steps"] - stats0["num_steps"]),
+        ("Steps", steps),
         ("Decode steps per dispatch", llm.config.scheduler.num_continuous_decode_steps),
-        *[
-            (
-                f"Host {k[5:-2]} per step (ms)",
-                (stats[k] - stats0[k]) / max(1, stats["num_steps"] - stats0["num_steps"]) * 1e3,
-            )
-            for k in ("host_schedule_s", "host_dispatch_s", "host_wait_s", "host_process_s")
-        ],
+        *[(f"Host {k} per step (ms)", v) for k, v in host_ms.items()],
         ("Preemptions", stats["num_preemptions"]),
     ]
     print_block("Offline Throughput Benchmark Result", rows)
@@ -166,12 +165,9 @@ def main() -> None:
             "max_running_requests": llm.config.scheduler.max_running_requests,
             "chunked_prefill_size": llm.config.scheduler.chunked_prefill_size,
             "page_size": args.page_size,
-            "steps": stats["num_steps"] - stats0["num_steps"],
+            "steps": steps,
             # host time per dispatch (ms): what decides whether a slower host leaves the device idle
-            "host_ms_per_step": {
-                k[5:-2]: (stats[k] - stats0[k]) / max(1, stats["num_steps"] - stats0["num_steps"]) * 1e3
-                for k in ("host_schedule_s", "host_dispatch_s", "host_wait_s", "host_process_s")
-            },
+            "host_ms_per_step": host_ms,
         },
     )
 

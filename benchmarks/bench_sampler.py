@@ -41,7 +41,7 @@ def main() -> None:
 
     from jaxrt.batch import MAX_STOP_IDS
     from jaxrt.kernels.greedy import greedy_row_stats
-    from jaxrt.sampler import row_stats
+    from jaxrt.sampler import mask_stop_ids, row_stats
 
     if args.smoke:
         args.rows, args.vocab, args.chunks, args.warps = "4", 1000, "256", "4"
@@ -49,21 +49,12 @@ def main() -> None:
 
     def three_pass(x, stop_ids, suppress):
         raw = x.astype(jnp.float32)
-        ids = jax.lax.broadcasted_iota(jnp.int32, raw.shape, 1)
-        hit = functools.reduce(
-            jnp.logical_or, [ids == stop_ids[:, j : j + 1] for j in range(stop_ids.shape[1])]
-        )
-        masked = jnp.where(hit & suppress[:, None], -jnp.inf, raw)
-        arg = jnp.argmax(masked, axis=-1)
-        return jax.nn.logsumexp(raw, axis=-1), arg, jnp.take_along_axis(masked, arg[:, None], axis=-1)[:, 0]
+        masked = mask_stop_ids(raw, stop_ids, suppress)
+        return jax.nn.logsumexp(raw, axis=-1), jnp.argmax(masked, axis=-1), masked.max(axis=-1)
 
     def xla(x, stop_ids, suppress):
         raw = x.astype(jnp.float32)
-        ids = jax.lax.broadcasted_iota(jnp.int32, raw.shape, 1)
-        hit = functools.reduce(
-            jnp.logical_or, [ids == stop_ids[:, j : j + 1] for j in range(stop_ids.shape[1])]
-        )
-        return row_stats(raw, jnp.where(hit & suppress[:, None], -jnp.inf, raw))
+        return row_stats(raw, mask_stop_ids(raw, stop_ids, suppress))
 
     def timed(fn, args_):
         c = jax.jit(fn).lower(*args_).compile()

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -172,14 +171,11 @@ def summarize(args, results: list[Result], dur: float) -> None:
 
 
 def start_smoke_server(args) -> subprocess.Popen:
-    """--smoke: a tiny random model served on a loopback port the server itself picks (``--port 0``, read
-    back from its "listening on" line), so the script checks itself on CPU and no other process can take
-    the port between choosing and binding it."""
-    import queue
-    import re
-    import threading
-
+    """--smoke: a tiny random model served on a loopback port the server binds itself
+    (``jaxrt.launch_server.spawn``), so the script checks itself on CPU."""
     import requests
+
+    from jaxrt.launch_server import spawn
 
     path = make_random_checkpoint("tiny", f"{args.model_cache}/tiny-float32", "float32")
     from pathlib import Path
@@ -190,52 +186,10 @@ def start_smoke_server(args) -> subprocess.Popen:
         from jaxrt.default_model import default_model_path
 
         AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(path)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "jaxrt.launch_server",
-            "--model-path",
-            path,
-            "--port",
-            "0",
-            "--host",
-            "127.0.0.1",
-            "--chunked-prefill-size",
-            "32",
-            "--max-running-requests",
-            "4",
-            "--context-length",
-            "128",
-            "--num-pages",
-            "64",
-            "--skip-server-warmup",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    ports: queue.Queue[int] = queue.Queue()
-
-    def read_stdout() -> None:  # the port line, then drain the pipe so the server never blocks on it
-        for line in proc.stdout:
-            m = re.search(r"listening on http://[^\s]*:(\d+)", line)
-            if m:
-                ports.put(int(m.group(1)))
-
-    threading.Thread(target=read_stdout, daemon=True).start()
+    server_args = ["--model-path", path, "--chunked-prefill-size", "32", "--max-running-requests", "4"]
+    server_args += ["--context-length", "128", "--num-pages", "64", "--skip-server-warmup"]
+    proc, args.base_url = spawn(server_args, timeout=300)
     deadline = time.time() + 300
-    port = None
-    while port is None and time.time() < deadline:
-        assert proc.poll() is None, "smoke server exited"
-        try:
-            port = ports.get(timeout=0.5)
-        except queue.Empty:
-            pass
-    if port is None:
-        proc.kill()
-        raise TimeoutError("smoke server did not report its port")
-    args.base_url = f"http://127.0.0.1:{port}"
     while time.time() < deadline:
         assert proc.poll() is None, "smoke server exited"
         try:

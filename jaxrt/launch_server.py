@@ -131,6 +131,48 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def spawn(
+    args: list[str],
+    *,
+    entry: tuple[str, ...] = ("-m", "jaxrt.launch_server"),
+    host: str = "127.0.0.1",
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    timeout: float = 120.0,
+):
+    """Start a server subprocess on a port it binds itself (``--port 0``, so no other process can take it
+    between choosing and binding) and return ``(proc, base_url)`` once it printed its address.
+
+    ``args`` are the server's other flags. Its stdout and stderr are read on a thread into
+    ``proc.output_lines`` (so the pipe never fills); ``RuntimeError`` with their tail if no address came.
+    """
+    import subprocess
+
+    cmd = [sys.executable, *entry, "--host", host, "--port", "0", *args]
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: list[str] = []
+    url: list[str] = []
+    got = threading.Event()
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if not url and "listening on http://" in line:
+                url.append(line.strip().split("listening on ")[1])
+                got.set()
+        got.set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    if not got.wait(timeout) or not url:
+        proc.kill()
+        raise RuntimeError("server subprocess did not start:\n" + "".join(lines[-40:]))
+    proc.output_lines = lines  # type: ignore[attr-defined]
+    return proc, url[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(

@@ -53,7 +53,12 @@ def suppress_stops(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
     A comparison of each vocab index with the row's few stop ids, elementwise, so XLA fuses it into the
     reductions that read the logits (argmax, the sort); a scatter would first copy the whole logits array.
     """
-    stop = jnp.where(sb.suppress_stop[:, None], sb.stop_ids, -1)  # -1 never matches a vocab index
+    return mask_stop_ids(logits, sb.stop_ids, sb.suppress_stop)
+
+
+def mask_stop_ids(logits: jax.Array, stop_ids: jax.Array, suppress: jax.Array) -> jax.Array:
+    """``suppress_stops`` on plain arrays: logits [R, V]; stop_ids [R, K] (-1 unused); suppress [R] bool."""
+    stop = jnp.where(suppress[:, None], stop_ids, -1)  # -1 never matches a vocab index
     ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
     hit = functools.reduce(jnp.logical_or, [ids == stop[:, j : j + 1] for j in range(stop.shape[1])])
     return jnp.where(hit, NEG_INF, logits)

@@ -172,7 +172,7 @@ def test_suppress_stops_masks_only_rows_under_min_new_tokens():
     np.testing.assert_array_equal(np.asarray(suppress_stops(logits, sb)), expected)
 
 
-def test_row_stats_one_pass_matches_logsumexp_and_argmax():
+def test_row_stats_matches_logsumexp_and_argmax():
     import jax
     import jax.numpy as jnp
 

@@ -77,7 +77,7 @@ def test_validates_shapes(args, match):
 
 
 @pytest.mark.skipif(
-    tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 11),
+    jax.__version_info__ < (0, 11),
     reason="jax >= 0.11 lowers Pallas to CUDA on CPU",
 )
 def test_lowers_for_cuda():

@@ -104,6 +104,15 @@ def test_over_budget_tiling_is_refused():
             args[2],
             args[4],
         )
+    odd = MosaicConfig(heads=1, block_kv=64, stages=3, consumers=2)  # two consumers own alternate stages
+    with pytest.raises(ValueError, match="consumers"):
+        jax.eval_shape(
+            lambda q, k, v, pt: mosaic_gpu.decode_attention_mgpu(q, k, v, meta, pt, sm_scale=0.1, config=odd),
+            args[0],
+            args[1],
+            args[2],
+            args[4],
+        )
 
 
 @pytest.mark.parametrize("heads", [1, 2])

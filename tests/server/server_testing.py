@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -161,38 +159,12 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn_server(args: list[str], cwd: str, entry: tuple[str, ...] = ("-m", "jaxrt.launch_server")):
     """A server subprocess on 127.0.0.1 (``--port 0``); returns (proc, base_url) once it printed its port.
 
     Runs from ``cwd`` outside the checkout: a checkout root on sys.path shadows Hugging Face's ``kernels``.
     """
+    from jaxrt.launch_server import spawn
+
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "JAXRT_DISABLE_PROGRESS": "1"}
-    cmd = [sys.executable, *entry, "--host", "127.0.0.1", "--port", "0", *args]
-    proc = subprocess.Popen(
-        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    lines: list[str] = []
-    url: list[str] = []
-    got = threading.Event()
-
-    def reader() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if not url and "listening on http://" in line:
-                url.append(line.strip().split("listening on ")[1])
-                got.set()
-        got.set()
-
-    threading.Thread(target=reader, daemon=True).start()
-    if not got.wait(120) or not url:
-        proc.kill()
-        raise RuntimeError("server subprocess did not start:\n" + "".join(lines[-40:]))
-    proc.output_lines = lines  # type: ignore[attr-defined]
-    return proc, url[0]
+    return spawn(args, entry=entry, env=env, cwd=cwd)

@@ -156,11 +156,10 @@ def main() -> None:
             runner.run(sched, {})
         engine_s = (time.perf_counter() - t) / args.iters
         # Device only: the same compiled step called back to back on device-resident inputs.
-        fb, sb, mode = runner.prepare(sched, {})
-        fb, sb = jax.device_put((fb, sb))
+        staged = runner.stage(*runner.prepare(sched, {}))
 
         def fn():
-            return runner.device_step(fb, sb, mode)
+            return runner.run_staged(staged)
 
         out = fn()
         jax.block_until_ready(out)

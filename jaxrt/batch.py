@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -93,6 +93,70 @@ class DecodeLoopOutput:
     tokens: jax.Array  # [max_num_seqs] int32: each row's last sampled token (the next step's input)
     all_tokens: jax.Array  # [num_steps, max_num_seqs] int32
     all_logprobs: jax.Array  # [num_steps, max_num_seqs] f32
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """How a pytree of host arrays crosses to the device as ONE int32 buffer.
+
+    A dispatch's batch is two dozen small arrays; each host-to-device copy costs tens of microseconds of host
+    time (measured ~45 us per array on an H100 host, against ~90 us for one 32 KiB buffer), which added up to
+    about 2 ms per dispatch. The runner packs the tree on the host (:meth:`pack`) and the jitted program slices it
+    back (:meth:`unpack`) at static offsets. Leaves are int32, float32, uint32 (bit-cast) or bool (as 0/1).
+    Static (hashable): a program is compiled per layout.
+    """
+
+    treedef: Any
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[np.dtype, ...]
+
+    @classmethod
+    def of(cls, tree: Any) -> PackedLayout:
+        leaves, treedef = jax.tree.flatten(tree)
+        dtypes = tuple(np.dtype(x.dtype) for x in leaves)
+        for d in dtypes:
+            if d not in _PACKABLE:
+                raise ValueError(f"cannot pack a {d} array (packable: {sorted(str(t) for t in _PACKABLE)})")
+        return cls(treedef, tuple(tuple(x.shape) for x in leaves), dtypes)
+
+    @property
+    def size(self) -> int:
+        return sum(int(np.prod(s)) for s in self.shapes)
+
+    def pack(self, tree: Any) -> np.ndarray:
+        """``[size]`` int32: the leaves of ``tree`` (host arrays laid out like this layout's) end to end."""
+        leaves, treedef = jax.tree.flatten(tree)
+        if treedef != self.treedef:
+            raise ValueError(f"tree structure {treedef} does not match the layout's {self.treedef}")
+        out = np.empty(self.size, np.int32)
+        o = 0
+        for x, shape, dtype in zip(leaves, self.shapes, self.dtypes, strict=True):
+            x = np.asarray(x)
+            if x.shape != shape or x.dtype != dtype:
+                raise ValueError(f"leaf {x.shape} {x.dtype} does not match the layout's {shape} {dtype}")
+            n = x.size
+            out[o : o + n] = (
+                x.reshape(-1).astype(np.int32) if dtype == np.bool_ else x.reshape(-1).view(np.int32)
+            )
+            o += n
+        return out
+
+    def unpack(self, buf: jax.Array) -> Any:
+        """The tree back from a packed ``[size]`` int32 buffer (inside a jitted program: static slices)."""
+        leaves, o = [], 0
+        for shape, dtype in zip(self.shapes, self.dtypes, strict=True):
+            n = int(np.prod(shape))
+            x = buf[o : o + n].reshape(shape)
+            if dtype == np.bool_:
+                x = x != 0
+            elif dtype != np.int32:
+                x = jax.lax.bitcast_convert_type(x, dtype)
+            leaves.append(x)
+            o += n
+        return jax.tree.unflatten(self.treedef, leaves)
+
+
+_PACKABLE = (np.dtype(np.int32), np.dtype(np.float32), np.dtype(np.uint32), np.dtype(np.bool_))
 
 
 def token_buckets(max_tokens: int, min_bucket: int = 8) -> list[int]:
@@ -291,6 +355,7 @@ __all__ = [
     "MAX_TOP_LOGPROBS",
     "DecodeLoopOutput",
     "ForwardBatch",
+    "PackedLayout",
     "SampleMode",
     "SamplingBatch",
     "StepOutput",

@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,7 @@ from jaxrt import envs
 from jaxrt.batch import (
     DecodeLoopOutput,
     ForwardBatch,
+    PackedLayout,
     SampleMode,
     SamplingBatch,
     StepOutput,
@@ -123,6 +124,56 @@ def _like_step_output(tree: Any, device: jax.Device) -> Any:
     return _identity(jax.device_put(tree, device))
 
 
+def _apply_delta(table: jax.Array, delta: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+    rows, cols, pages = delta
+    return table.at[rows, cols].set(pages, mode="drop")
+
+
+def _packed_programs(forward_step: Callable, sample_step: Callable, decode_loop: Callable | None):
+    """The step programs as the runner calls them: each takes its host data as ONE packed int32 buffer
+    (:class:`jaxrt.batch.PackedLayout`, static) and unpacks it on the device; the model programs also take the
+    page table (donated), write the step's page-table delta into it first, and return it.
+
+    - forward: ``(params, kv[donated], buf = (ForwardBatch, delta), prev_tokens, page_table[donated]) ->
+      (logits, kv, page_table)``
+    - sample: ``(logits, buf = SamplingBatch) -> StepOutput`` (``mode`` static)
+    - decode loop: ``(params, kv[donated], buf = (ForwardBatch, SamplingBatch, steps, delta), prev_tokens,
+      page_table[donated]) -> (DecodeLoopOutput, kv, page_table)`` (``mode`` static)
+    """
+
+    def forward(params, kv_caches, buf, prev_tokens, page_table, layout):
+        fb, delta = layout.unpack(buf)
+        page_table = _apply_delta(page_table, delta)
+        logits, kv_caches = forward_step(params, kv_caches, fb, prev_tokens, page_table)
+        return logits, kv_caches, page_table
+
+    def sample(logits, buf, layout, mode):
+        return sample_step(logits, layout.unpack(buf), mode)
+
+    def loop(params, kv_caches, buf, prev_tokens, page_table, layout, mode):
+        fb, sb, steps, delta = layout.unpack(buf)
+        page_table = _apply_delta(page_table, delta)
+        out, kv_caches = decode_loop(params, kv_caches, fb, sb, prev_tokens, steps, page_table, mode)
+        return out, kv_caches, page_table
+
+    return (
+        jax.jit(forward, donate_argnums=(1, 4), static_argnames=("layout",)),
+        jax.jit(sample, static_argnames=("layout", "mode")),
+        jax.jit(loop, donate_argnums=(1, 4), static_argnames=("layout", "mode"))
+        if decode_loop is not None
+        else None,
+    )
+
+
+class StagedStep(NamedTuple):
+    """A single step's host data packed and on its way to the device (:meth:`ModelRunner.stage`)."""
+
+    forward_key: tuple
+    sample_key: tuple
+    forward_buf: jax.Array  # [layout size] int32: (ForwardBatch, page-table delta)
+    sample_buf: jax.Array  # [layout size] int32: SamplingBatch
+
+
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, forward: ForwardFn, params: Any) -> None:
         """``forward`` is the model as a pure function (see `jaxrt.step`); ``params`` its weights pytree."""
@@ -152,22 +203,25 @@ class ModelRunner:
         # One jitted model function inside every program: its trace for a token bucket is made once and
         # serves the single step and both decode-loop variants of that bucket (jit caches it by argument types).
         forward = jax.jit(forward)
-        self._forward = make_forward_step(forward)
-        self._sample = make_sample_step(cfg.scheduler.max_running_requests)
         self.num_decode_steps = cfg.scheduler.num_continuous_decode_steps
-        self._decode_loop = (
+        self._forward, self._sample, self._decode_loop = _packed_programs(
+            make_forward_step(forward),
+            make_sample_step(cfg.scheduler.max_running_requests),
             make_decode_loop(
                 forward, cfg.scheduler.max_running_requests, self.num_decode_steps, self.page_size
             )
             if self.num_decode_steps > 1
-            else None
+            else None,
         )
+        self._layouts: dict[tuple, PackedLayout] = {}
         self._no_prev = _like_step_output(
             jnp.zeros((cfg.scheduler.max_running_requests,), jnp.int32), self.device
         )
         # The page table on the device: row r holds the page ids of the running request that owns row r
-        # (Request.page_row); the last row is all NULL_PAGE, for padding sequences. Each step uploads only the
-        # pages its requests gained since (page_table_delta), never a [num_seqs, pages_per_seq] table.
+        # (Request.page_row); the last row is all NULL_PAGE, for padding sequences. Each step carries only the
+        # pages its requests gained since (page_table_delta), never a [num_seqs, pages_per_seq] table, and
+        # writes them itself (donated in, returned updated); a delta past the step's capacity goes first
+        # through a separate update (_write_pages).
         self.pad_row = cfg.scheduler.max_running_requests
         self.page_table = _like_step_output(
             jnp.full((self.pad_row + 1, self.pages_per_seq), NULL_PAGE, jnp.int32), self.device
@@ -221,12 +275,28 @@ class ModelRunner:
             pad_row=self.pad_row,
         )
 
-    def _sync_page_table(self, sched: SchedulerOutput) -> None:
-        """Write the pages the scheduled requests gained since their last step into their rows (asynchronous
-        scatters ordered before the step)."""
+    def delta_capacity(self, key: tuple) -> int:
+        """Page-table entries program ``key`` writes itself: what its tokens can gain in pages (plus one page
+        boundary per sequence), capped at ``_DELTA``. Requests admitted with a long cached prefix can gain
+        more at once: those go first through :meth:`_write_pages`."""
+        kind, n = key[0], key[1]
+        tokens = n * (self.num_decode_steps if kind == "decode_loop" else 1)
+        return min(_DELTA, cdiv(tokens, self.page_size) + 2 * self.num_seqs_for(n))
+
+    def take_delta(self, sched: SchedulerOutput, capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The pages the scheduled requests gained since their last step (marked as held: once per dispatched
+        step), as ``capacity`` (rows, cols, pages) entries for the step to write; out-of-range rows pad it
+        (dropped). Entries past ``capacity`` are written now (asynchronous scatters ordered before the step)."""
         rows, cols, pages = page_table_delta(sched)
-        for lo in range(0, rows.size, _DELTA):
+        for lo in range(capacity, rows.size, _DELTA):
             self._write_pages(rows[lo : lo + _DELTA], cols[lo : lo + _DELTA], pages[lo : lo + _DELTA])
+        rows, cols, pages = rows[:capacity], cols[:capacity], pages[:capacity]
+        pad = capacity - rows.size
+        return (
+            np.pad(rows, (0, pad), constant_values=self.pad_row + 1),  # out of range: dropped
+            np.pad(cols, (0, pad)),
+            np.pad(pages, (0, pad)),
+        )
 
     def _write_pages(self, rows: np.ndarray, cols: np.ndarray, pages: np.ndarray) -> None:
         """One page-table update of ``_DELTA`` entries (one compiled shape); the unused tail is dropped."""
@@ -239,22 +309,52 @@ class ModelRunner:
     # Every program the engine runs is traced and lowered once, compiled once (from the persistent cache when
     # it holds it), and its executable called directly: `jax.stages.Compiled` takes jit's C++ dispatch path,
     # nothing is traced a second time to find a cached executable, and an argument whose shape or placement
-    # drifted is an error instead of a silent recompile. Keys:
+    # drifted is an error instead of a silent recompile. Host data reaches each as one packed buffer (one
+    # host-to-device copy per program call; see PackedLayout). Keys:
     #   ("forward", num_tokens)                      the model on a token bucket
     #   ("sample", num_seqs, history_len, SampleMode) the sampler variant
     #   ("decode_loop", num_tokens, SampleMode)       num_decode_steps decode steps in one program
+
+    def _host_data(
+        self, kind: str, n: int, history_len: int, sched: SchedulerOutput, stop_ids: dict[str, list[int]]
+    ) -> tuple[Any, SampleMode]:
+        """What a ``kind`` program on token bucket ``n`` takes from the host for ``sched``, as the tree its
+        :class:`PackedLayout` packs, and the sampler variant the batch needs. The model programs' trees carry the
+        page-table delta, which this marks as held (see :meth:`take_delta`): once per dispatched step."""
+        fb, sb, mode = self._batch(sched, n, history_len, stop_ids)
+        if kind == "sample":
+            return sb, mode
+        delta = self.take_delta(sched, self.delta_capacity((kind, n)))
+        if kind == "forward":
+            return (fb, delta), mode
+        steps = np.zeros(self.num_seqs_for(n), np.int32)
+        steps[: len(sched.scheduled)] = [s.num_steps for s in sched.scheduled]
+        return (fb, sb, steps, delta), mode
+
+    @staticmethod
+    def _bucket(key: tuple) -> tuple[str, int, int]:
+        """(kind, token bucket, history length) of program ``key``."""
+        return key[0], key[1], key[2] if key[0] == "sample" else 1
+
+    def layout(self, key: tuple) -> PackedLayout:
+        """How program ``key``'s host data is packed (from its empty batch: the bucket fixes every shape)."""
+        layout = self._layouts.get(key)
+        if layout is None:
+            tree = self._host_data(*self._bucket(key), SchedulerOutput(), {})[0]
+            layout = self._layouts[key] = PackedLayout.of(tree)
+        return layout
 
     def _example_args(self, key: tuple, abstract: bool = False) -> tuple:
         """The dynamic arguments of program ``key`` for an empty batch (no sequence: nothing is read or written).
         ``abstract``: params, pool, prev_tokens, page table and the sampler's logits as shapes only (lowering)."""
         kind, n = key[0], key[1]
-        history_len = key[2] if kind == "sample" else 1
-        fb, sb, _ = self._batch(SchedulerOutput(), n, history_len, {})
+        layout = self.layout(key)
+        buf = layout.pack(self._host_data(*self._bucket(key), SchedulerOutput(), {})[0])
+        if not abstract:
+            buf = jax.device_put(buf, self.device)
         state, kv_caches, no_prev, table = (
             self._abstract if abstract else (self.state, self.kv_caches, self._no_prev, self.page_table)
         )
-        if kind == "forward":
-            return state, kv_caches, fb, no_prev, table
         if kind == "sample":
             shape, dtype = (n, self.cfg.model.vocab_size), self.logits_dtype
             placed = jax.sharding.SingleDeviceSharding(self.device)
@@ -263,24 +363,24 @@ class ModelRunner:
                 if abstract
                 else _like_step_output(jnp.zeros(shape, dtype), self.device)
             )
-            return logits, sb
-        steps = np.zeros(self.num_seqs_for(n), np.int32)
-        return state, kv_caches, fb, sb, no_prev, steps, table
+            return logits, buf
+        return state, kv_caches, buf, no_prev, table
 
     @functools.cached_property
     def logits_dtype(self) -> jnp.dtype:
         """The model's logits dtype (its compute dtype, or f32 where it scales or soft-caps them): what the
         sampler programs take. From the largest bucket's trace, which its lowering reuses."""
-        args = self._example_args(("forward", self.token_buckets[-1]), abstract=True)
-        return jnp.dtype(self._forward.eval_shape(*args)[0].dtype)
+        key = ("forward", self.token_buckets[-1])
+        args = self._example_args(key, abstract=True)
+        return jnp.dtype(self._forward.eval_shape(*args, layout=self.layout(key))[0].dtype)
 
     def _lower(self, key: tuple) -> jax.stages.Lowered:
         args = self._example_args(key, abstract=True)
         if key[0] == "forward":
-            return self._forward.lower(*args)
+            return self._forward.lower(*args, layout=self.layout(key))
         fn = self._sample if key[0] == "sample" else self._decode_loop
         assert fn is not None, key
-        return fn.lower(*args, mode=key[-1])
+        return fn.lower(*args, layout=self.layout(key), mode=key[-1])
 
     def _compile(self, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
         """XLA-compile one program. On GPU the matrix products go to cuBLAS, not XLA's Triton GEMM fusions
@@ -295,7 +395,7 @@ class ModelRunner:
         """Run a compiled program once on an empty batch, so the first request finds its device code loaded."""
         out = self._programs[key](*self._example_args(key))
         if key[0] != "sample":
-            out, self.kv_caches = out  # the pool was donated
+            out, self.kv_caches, self.page_table = out  # the pool and the page table were donated
         jax.block_until_ready(out)
 
     def _program(self, key: tuple) -> jax.stages.Compiled:
@@ -510,16 +610,34 @@ class ModelRunner:
             history_len = pick_bucket(self.history_buckets, longest)
         return self._batch(sched, n, history_len, stop_ids)
 
+    def stage(
+        self, fb: ForwardBatch, sb: SamplingBatch, mode: SampleMode, delta: tuple | None = None
+    ) -> StagedStep:
+        """Pack a laid-out step (host arrays) and its page-table ``delta`` (:meth:`take_delta`; none if
+        None) and start their copies to the device."""
+        n = fb.input_ids.shape[0]
+        forward_key = ("forward", n)
+        sample_key = ("sample", self.num_seqs_for(n), sb.history.shape[-1], mode)
+        if delta is None:
+            delta = self.take_delta(SchedulerOutput(), self.delta_capacity(forward_key))
+        bufs = (self.layout(forward_key).pack((fb, delta)), self.layout(sample_key).pack(sb))
+        return StagedStep(forward_key, sample_key, *jax.device_put(bufs, self.device))
+
+    def run_staged(self, staged: StagedStep, prev_tokens: jax.Array | None = None) -> StepOutput:
+        """Enqueue the model and the sampler on a staged step (asynchronous: returns device arrays at once).
+        Running the same staged step again is allowed (its page-table delta writes the same entries)."""
+        prev_tokens = self._no_prev if prev_tokens is None else prev_tokens
+        forward, sample = self._program(staged.forward_key), self._program(staged.sample_key)
+        logits, self.kv_caches, self.page_table = forward(
+            self.state, self.kv_caches, staged.forward_buf, prev_tokens, self.page_table
+        )
+        return sample(logits, staged.sample_buf)
+
     def device_step(
         self, fb: ForwardBatch, sb: SamplingBatch, mode: SampleMode, prev_tokens: jax.Array | None = None
     ) -> StepOutput:
-        """Enqueue the model and the sampler (asynchronous: returns device arrays at once)."""
-        prev_tokens = self._no_prev if prev_tokens is None else prev_tokens
-        num_tokens = fb.input_ids.shape[0]
-        forward = self._program(("forward", num_tokens))
-        sample = self._program(("sample", self.num_seqs_for(num_tokens), sb.history.shape[-1], mode))
-        logits, self.kv_caches = forward(self.state, self.kv_caches, fb, prev_tokens, self.page_table)
-        return sample(logits, sb)
+        """Enqueue the model and the sampler on a laid-out batch (asynchronous: returns device arrays at once)."""
+        return self.run_staged(self.stage(fb, sb, mode), prev_tokens)
 
     def dispatch(
         self,
@@ -534,24 +652,24 @@ class ModelRunner:
         the decode loop and returns a :class:`DecodeLoopOutput`.
         """
         prev_tokens = prev.tokens if prev is not None else None
-        self._sync_page_table(sched)
         if sched.num_steps > 1:
             return self._dispatch_loop(sched, stop_ids, prev_tokens)
         fb, sb, mode = self.prepare(sched, stop_ids)
-        return self.device_step(fb, sb, mode, prev_tokens)
+        delta = self.take_delta(sched, self.delta_capacity(("forward", fb.input_ids.shape[0])))
+        return self.run_staged(self.stage(fb, sb, mode, delta), prev_tokens)
 
     def _dispatch_loop(
         self, sched: SchedulerOutput, stop_ids: dict[str, list[int]], prev_tokens: jax.Array | None
     ) -> DecodeLoopOutput:
         assert self._decode_loop is not None and sched.num_steps <= self.num_decode_steps
         n = self.pick(sched.num_tokens, loop=True)
-        fb, sb, mode = self._batch(sched, n, 1, stop_ids)
+        tree, mode = self._host_data("decode_loop", n, 1, sched, stop_ids)
         assert not mode.top_logprobs, "top log-probabilities need single steps"
-        steps = np.zeros(self.num_seqs_for(n), np.int32)
-        steps[: len(sched.scheduled)] = [s.num_steps for s in sched.scheduled]
+        key = ("decode_loop", n, mode)
+        buf = jax.device_put(self.layout(key).pack(tree), self.device)
         prev_tokens = self._no_prev if prev_tokens is None else prev_tokens
-        out, self.kv_caches = self._program(("decode_loop", n, mode))(
-            self.state, self.kv_caches, fb, sb, prev_tokens, steps, self.page_table
+        out, self.kv_caches, self.page_table = self._program(key)(
+            self.state, self.kv_caches, buf, prev_tokens, self.page_table
         )
         return out
 

@@ -456,6 +456,51 @@ def test_page_table_updates_in_several_writes(tiny_llama_dir, monkeypatch, llm):
         assert [o["output_ids"] for o in small.generate(prompts, params)] == want
 
 
+def test_cached_prefix_gains_more_pages_than_the_step_writes_itself(llm):
+    """A request admitted on a long cached prefix gains more page-table entries in one step than that step's
+    program carries (``delta_capacity``): the rest go through the separate update first. Same tokens as
+    without the cache hit."""
+    runner = llm.runner
+    prompt = list(range(5, 205))  # 25 pages of 8
+    params = {"temperature": 0, "max_new_tokens": 6}
+    llm.flush_cache()
+    cold = llm.generate(input_ids=prompt, sampling_params=params)
+    warm = llm.generate(input_ids=prompt, sampling_params=params)
+    assert warm["meta_info"]["cached_tokens"] >= 192
+    assert warm["meta_info"]["cached_tokens"] // 8 > runner.delta_capacity(("forward", 8))
+    assert warm["output_ids"] == cold["output_ids"]
+    assert_no_leak(llm)
+
+
+def test_packed_layout_round_trips_every_leaf_dtype():
+    """One int32 buffer carries int32, float32 (bit-exact, NaN and -0.0 included), uint32 and bool leaves of
+    any tree; the jitted unpack gives back the host tree."""
+    import jax
+
+    from jaxrt.batch import PackedLayout
+
+    rng = np.random.default_rng(0)
+    tree = (
+        {"a": rng.integers(-(2**31), 2**31 - 1, (3, 4), dtype=np.int32), "none": None},
+        np.array([1.5, np.nan, -0.0, np.inf, 1e-42], np.float32),
+        [rng.integers(0, 2**32 - 1, 5, dtype=np.uint32), rng.random(7) < 0.5],
+    )
+    layout = PackedLayout.of(tree)
+    buf = layout.pack(tree)
+    assert buf.dtype == np.int32 and buf.shape == (layout.size,) == (12 + 5 + 5 + 7,)
+    back = jax.jit(layout.unpack)(buf)
+    for want, got in zip(jax.tree.leaves(tree), jax.tree.leaves(back), strict=True):
+        got = np.asarray(got)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+    with pytest.raises(ValueError, match="float64"):
+        PackedLayout.of([np.zeros(2)])
+    with pytest.raises(ValueError, match="does not match"):
+        layout.pack((tree[0], np.zeros(5, np.int32), tree[2]))
+    with pytest.raises(ValueError, match="structure"):
+        layout.pack(tree[:2])
+
+
 def test_bad_checkpoint_fails_engine_with_the_tensor_named(tiny_llama_dir, tmp_path):
     """A checkpoint missing a tensor fails Engine(...) with the loader's error naming it."""
     import shutil

@@ -47,6 +47,9 @@ class _Track:
     return_logprob: bool
     top_logprobs_num: int
     stop_text: str | None = None  # text cut at a matched stop string
+    stop_set: frozenset[int] = (
+        frozenset()
+    )  # stop_ids as a set: tokens that finish the request past min_new_tokens
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -557,6 +560,7 @@ class Engine:
             stream=stream,
             detok=IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens) if self.tokenizer else None,
             stop_ids=stop_ids,
+            stop_set=frozenset(stop_ids),
             eos_ids=set() if sp.ignore_eos else self.eos_ids,
             return_logprob=sp.return_logprob or sp.top_logprobs_num > 0,
             top_logprobs_num=sp.top_logprobs_num,
@@ -701,6 +705,9 @@ class Engine:
         now = time.perf_counter()
         self.stats["host_wait_s"] += now - t0
         multi = sched.num_steps > 1  # a continuous-decode dispatch returned a DecodeLoopOutput
+        # Row i's tokens (and log-probabilities) as Python lists, converted once for the whole batch.
+        tokens = out.all_tokens.T.tolist() if multi else out.tokens[:, None].tolist()
+        logprobs = None
         for i, s in enumerate(sched.scheduled):
             if not s.sample:
                 continue
@@ -711,22 +718,69 @@ class Engine:
             track = self._tracks.get(req.request_id)
             if track is None or req.is_finished:
                 continue  # finished or aborted while this step was in flight: its tokens are dropped
-            reason = None
-            for j in range(n):
-                if multi:
-                    token, logprob, top = int(out.all_tokens[j, i]), out.all_logprobs[j, i], None
-                else:
-                    token, logprob = int(out.tokens[i]), out.logprobs[i]
-                    top = (out.top_ids[i], out.top_logprobs[i])
-                reason = self._accept(req, track, token, logprob, top, now)
-                if reason is not None:
-                    break  # tokens a continuous decode sampled past the end are dropped
+            if not req.sampling_params.stop and not track.top_logprobs_num:
+                if track.return_logprob and logprobs is None:
+                    logprobs = out.all_logprobs.T.tolist() if multi else out.logprobs[:, None].tolist()
+                reason = self._accept_run(
+                    req, track, tokens[i][:n], logprobs[i] if track.return_logprob else None, now
+                )
+            else:
+                reason = self._accept_each(req, track, out, i, n, multi, now)
             if reason is not None:
                 self.scheduler.finish(req, reason)
                 self._emit(track, final=True)
             elif track.stream:
                 self._emit(track, final=False)
         self.stats["host_process_s"] += time.perf_counter() - now
+
+    def _accept_run(
+        self, req: Request, track: _Track, tokens: list[int], logprobs: list[float] | None, now: float
+    ) -> FinishReason | None:
+        """Append a row's sampled tokens (one step's, or a continuous decode's) to ``req`` at once; returns
+        why it finished, if it did. For requests without stop strings or top log-probabilities (the common
+        case): the same outcome as accepting them one by one (:meth:`_accept_each`), with the finish
+        checks in integer arithmetic and the text decoded once, only where a stream needs it."""
+        sp = req.sampling_params
+        outs = req.output_token_ids
+        n0 = len(outs)
+        # Tokens that fit before max_new_tokens or the context length ends the request.
+        room = min(sp.max_new_tokens - n0, self.context_length - req.num_known_tokens)
+        take, reason = len(tokens), None
+        for j, token in enumerate(tokens):
+            if token in track.stop_set and n0 + j + 1 >= sp.min_new_tokens:
+                take, reason = j + 1, FinishReason("stop", matched=token)
+                break
+            if j + 1 >= room:
+                take, reason = j + 1, FinishReason("length")
+                break
+        outs.extend(tokens[:take])
+        self.stats["num_generated_tokens"] += take
+        if req.first_token_time is None:
+            req.first_token_time = now
+            self.stats["num_prompt_tokens"] += req.num_prompt_tokens
+            self.stats["num_cached_tokens"] += req.num_cached_tokens
+        if logprobs is not None:
+            req.output_logprobs.extend(logprobs[:take])
+        if track.stream and track.detok is not None:
+            track.detok.step(outs)
+        return reason
+
+    def _accept_each(
+        self, req: Request, track: _Track, out, i: int, n: int, multi: bool, now: float
+    ) -> FinishReason | None:
+        """Append row ``i``'s ``n`` sampled tokens one by one (stop strings are matched token by token;
+        top log-probabilities come per token); returns why the request finished, if it did."""
+        reason = None
+        for j in range(n):
+            if multi:
+                token, logprob, top = int(out.all_tokens[j, i]), out.all_logprobs[j, i], None
+            else:
+                token, logprob = int(out.tokens[i]), out.logprobs[i]
+                top = (out.top_ids[i], out.top_logprobs[i])
+            reason = self._accept(req, track, token, logprob, top, now)
+            if reason is not None:
+                break  # tokens a continuous decode sampled past the end are dropped
+        return reason
 
     def _accept(
         self, req: Request, track: _Track, token: int, logprob, top, now: float

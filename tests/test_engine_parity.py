@@ -207,3 +207,32 @@ def test_continuous_decode_matches_single_steps(tiny_llama_dir, overlap):
     out_single = _continuous_run(tiny_llama_dir, 1, prompts[2:3], stopped, **kw)[0]
     out_multi = _continuous_run(tiny_llama_dir, 4, prompts[2:3], stopped, **kw)[0]
     assert out_multi == out_single == [single[2][: first + 1]]
+
+
+def test_tokens_accepted_at_once_match_token_by_token(tiny_llama_dir):
+    """The engine appends a row's tokens at once when no stop string needs matching token by token; a stop
+    string that never matches forces the token-by-token path. Both give the same tokens, finish reasons and
+    log-probabilities: a stop id hit mid-dispatch, min_new_tokens holding it back, max_new_tokens and the
+    context length ending rows inside a continuous decode."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prompts = [tok.encode(p) for p in PROMPTS[:4]]
+    runs = _continuous_run(tiny_llama_dir, 4, prompts[1:2], [{"temperature": 0, "max_new_tokens": 12}])
+    greedy = runs[0][0]
+    stop = greedy[6]
+    params = [
+        {"temperature": 0, "max_new_tokens": 9, "ignore_eos": True},
+        {"temperature": 0, "max_new_tokens": 12, "stop_token_ids": [stop]},
+        {"temperature": 0, "max_new_tokens": 12, "stop_token_ids": [stop], "min_new_tokens": 8},
+        {"temperature": 0, "max_new_tokens": 200, "ignore_eos": True},  # capped by context_length
+    ]
+    params = [{**p, "return_logprob": True} for p in params]
+    never = [{**p, "stop": ["\x00never"]} for p in params]
+    at_once, _, outs_at_once, _ = _continuous_run(tiny_llama_dir, 4, prompts, params)
+    each, _, outs_each, _ = _continuous_run(tiny_llama_dir, 4, prompts, never)
+    assert at_once == each
+    assert at_once[1] == greedy[: greedy.index(stop) + 1]
+    for a, b in zip(outs_at_once, outs_each, strict=True):
+        assert a["meta_info"]["finish_reason"] == b["meta_info"]["finish_reason"]
+        assert a["meta_info"]["output_token_logprobs"] == b["meta_info"]["output_token_logprobs"]

@@ -247,61 +247,94 @@ def build_batch(
     any_sampling = any_top = False
 
     if n:
-        reqs = [s.request for s in sched.scheduled]
-        q_lens = np.fromiter((s.num_new_tokens for s in sched.scheduled), np.int32, n)
-        starts = np.fromiter((s.start for s in sched.scheduled), np.int32, n)
-        total = int(q_lens.sum())
+        # One pass over the requests gathers every per-sequence and per-token value into lists (a decode
+        # row, the common case, is a few scalar reads); numpy fills the arrays from them afterwards.
+        ps = page_size
+        q_list: list[int] = []
+        start_list: list[int] = []
+        row_list: list[int] = []
+        state_list: list[int] = []
+        tok_ids: list[int] = []
+        tok_prev: list[int] = []  # prev_index per token
+        tok_slots: list[int] = []
+        sampling_rows: list[tuple] = []
+        num_outputs: list[int] = []
+        setup: list[int] = []  # rows that need more than the plain sampling row
+        for i, s in enumerate(sched.scheduled):
+            req = s.request
+            st, q = s.start, s.num_new_tokens
+            end = st + q
+            q_list.append(q)
+            start_list.append(st)
+            if host_table:
+                page_indices[i, : len(req.page_ids)] = req.page_ids
+            elif req.page_row is None:
+                raise ValueError(f"request {req.request_id} has no page-table row (not admitted)")
+            else:
+                row_list.append(req.page_row)
+            state_list.append(-1 if req.state_slot is None else req.state_slot)
+            prompt, output, pending, pages = (
+                req.prompt_token_ids,
+                req.output_token_ids,
+                req.pending_rows,
+                req.page_ids,
+            )
+            n_prompt = len(prompt)
+            known = n_prompt + len(output)
+            # Each token's KV slot, from the pages its request holds for this step's positions; its input id
+            # is known to the host, or was sampled by the step still in flight: then the device reads it from
+            # that step's output (after continuous decode, earlier pending tokens are already computed: only
+            # positions from ``start`` on are inputs, and the last pending row holds the latest token).
+            if q == 1:
+                tok_slots.append(pages[st // ps] * ps + st % ps)
+                if st < known:
+                    tok_ids.append(prompt[st] if st < n_prompt else output[st - n_prompt])
+                    tok_prev.append(-1)
+                else:
+                    tok_ids.append(0)
+                    tok_prev.append(pending[st - known])
+            else:
+                p = np.arange(st, end)
+                first = st // ps
+                span = np.asarray(pages[first : (end - 1) // ps + 1], np.int32)
+                tok_slots.extend((span[p // ps - first] * ps + p % ps).tolist())
+                k = min(known, end)
+                if k > st:
+                    tok_ids.extend(req.token_slice(st, k))
+                    tok_prev.extend([-1] * (k - st))
+                if end > k:
+                    f = max(st, k)
+                    tok_ids.extend([0] * (end - f))
+                    tok_prev.extend(pending[f - known : end - known])
+            sampling_rows.append(req.sampling_row)
+            num_outputs.append(len(output) + len(pending))
+            if s.sample and req.needs_row_setup:
+                setup.append(i)
+
+        q_lens = np.array(q_list, np.int32)
+        starts = np.array(start_list, np.int32)
+        total = len(tok_ids)
         cu_q_lens[1 : n + 1] = np.cumsum(q_lens)
         cu_q_lens[n + 1 :] = total
         kv_lens[:n] = starts + q_lens
         logits_indices[:n] = cu_q_lens[1 : n + 1] - 1
-        pos = np.arange(total, dtype=np.int32) - np.repeat(cu_q_lens[:n], q_lens) + np.repeat(starts, q_lens)
-        positions[:total] = pos
-        for i, req in enumerate(reqs):
-            if host_table:
-                page_indices[i, : len(req.page_ids)] = req.page_ids
-            else:
-                if req.page_row is None:
-                    raise ValueError(f"request {req.request_id} has no page-table row (not admitted)")
-                page_rows[i] = req.page_row
-            if req.state_slot is not None:
-                state_slots[i] = req.state_slot
-        # Each token's KV slot, from the pages its request holds for this step's positions.
-        first_page = starts // page_size
-        spans = [
-            np.asarray(req.page_ids[f : (st + q - 1) // page_size + 1], np.int32)
-            for req, f, st, q in zip(reqs, first_page.tolist(), starts.tolist(), q_lens.tolist(), strict=True)
-        ]
-        offsets = np.cumsum([0] + [len(x) for x in spans[:-1]]) - first_page
-        token_pages = np.concatenate(spans)[np.repeat(offsets, q_lens) + pos // page_size]
-        slot_mapping[:total] = token_pages * page_size + pos % page_size
+        positions[:total] = np.arange(total, dtype=np.int32) - np.repeat(cu_q_lens[:n] - starts, q_lens)
+        slot_mapping[:total] = tok_slots
+        input_ids[:total] = tok_ids
+        prev_index[:total] = tok_prev
+        if not host_table:
+            page_rows[:n] = row_list
+        state_slots[:n] = state_list
 
-        ids: list[int] = []
-        for i, (s, req) in enumerate(zip(sched.scheduled, reqs, strict=True)):
-            end = s.start + s.num_new_tokens
-            known = min(req.num_known_tokens, end)
-            if known > s.start:
-                ids.extend(req.token_slice(s.start, known))
-            if end > known:
-                # Sampled by the step still in flight: the device reads it from that step's output.
-                # (After continuous decode, earlier pending tokens are already computed: only positions
-                # from ``start`` on are inputs, and the last pending row holds the latest token.)
-                first = max(s.start, known)
-                t0 = int(cu_q_lens[i]) + first - s.start
-                prev_index[t0 : t0 + end - first] = req.pending_rows[first - known : end - known]
-                ids.extend([0] * (end - first))
-        input_ids[:total] = ids
-
-        rows = np.array([r.sampling_row for r in reqs], np.float64)
+        rows = np.array(sampling_rows, np.float64)
         temperature[:n] = rows[:, 0]
         top_p[:n] = rows[:, 1]
         top_k[:n] = np.where(rows[:, 2] == -1, vocab_size, np.minimum(rows[:, 2], vocab_size))
         min_p[:n] = rows[:, 3]
         seeds[:n] = rows[:, 4].astype(np.uint32)
-        sample_index[:n] = [r.num_outputs for r in reqs]
-        for i, (s, req) in enumerate(zip(sched.scheduled, reqs, strict=True)):
-            if not (s.sample and req.needs_row_setup):
-                continue
+        sample_index[:n] = num_outputs
+        for i in setup:
+            req = sched.scheduled[i].request
             sp = req.sampling_params
             if req.num_outputs < sp.min_new_tokens:
                 stop = stop_ids.get(req.request_id, [])[:MAX_STOP_IDS]

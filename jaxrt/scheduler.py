@@ -177,12 +177,17 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.chunked_prefill_size
         i = 0
+        ctx = self.config.context_length
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            if self.done_sampling(req):
+            num_tokens = req.num_tokens
+            if (
+                num_tokens - len(req.prompt_token_ids) >= req.sampling_params.max_new_tokens
+                or num_tokens >= ctx
+            ):  # done_sampling, inlined (this loop visits every running request each step)
                 i += 1  # its last token is sampled; it finishes when that token is read back
                 continue
-            grant = min(req.num_tokens - req.num_computed_tokens, budget)
+            grant = min(num_tokens - req.num_computed_tokens, budget)
             while not self._ensure_pages(req, req.num_computed_tokens + grant):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -239,28 +244,28 @@ class Scheduler:
         if self.waiting and len(self.running) < self.config.max_running_requests:
             return False  # a waiting request may be admitted next step: don't keep it out for several
         rows = out.scheduled
-        if any(s.num_new_tokens != 1 or not s.sample or not allows(s.request) for s in rows):
-            return False
-        steps = []
+        ctx, ps = self.config.context_length, self.page_size
+        steps, missing = [], []  # per row: decode steps, and pages it lacks for them
         for s in rows:
             req = s.request
+            if s.num_new_tokens != 1 or not s.sample or not allows(req):
+                return False
+            num_tokens = req.num_tokens
             room = min(
-                req.sampling_params.max_new_tokens - req.num_outputs,
-                self.config.context_length - req.num_tokens,
+                req.sampling_params.max_new_tokens - (num_tokens - len(req.prompt_token_ids)),
+                ctx - num_tokens,
             )
-            steps.append(max(1, min(num_steps, room)))
+            n = max(1, min(num_steps, room))
+            steps.append(n)
+            missing.append(max(0, -(-(s.start + n) // ps) - len(req.page_ids)))
         if max(steps) <= 1:
             return False
-        needed = sum(
-            max(0, cdiv(s.start + n, self.page_size) - len(s.request.page_ids))
-            for s, n in zip(rows, steps, strict=True)
-        )
-        if needed > self.allocator.num_free:
+        if sum(missing) > self.allocator.num_free:
             return False  # short of free pages: single steps evict or preempt as usual
-        for s, n in zip(rows, steps, strict=True):
-            ok = self._ensure_pages(s.request, s.start + n)
-            assert ok, "free pages were counted above"
-        for s, n in zip(rows, steps, strict=True):
+        for s, n, m in zip(rows, steps, missing, strict=True):
+            if m:
+                ok = self._ensure_pages(s.request, s.start + n)
+                assert ok, "free pages were counted above"
             s.num_steps = n
         return True
 

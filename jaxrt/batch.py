@@ -8,6 +8,8 @@ without recompiling.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -113,15 +115,25 @@ class PackedLayout:
     @classmethod
     def of(cls, tree: Any) -> PackedLayout:
         leaves, treedef = jax.tree.flatten(tree)
-        dtypes = tuple(np.dtype(x.dtype) for x in leaves)
+        dtypes = tuple(np.dtype(x.dtype) for x in leaves)  # host arrays (numpy)
         for d in dtypes:
             if d not in _PACKABLE:
                 raise ValueError(f"cannot pack a {d} array (packable: {sorted(str(t) for t in _PACKABLE)})")
         return cls(treedef, tuple(tuple(x.shape) for x in leaves), dtypes)
 
-    @property
+    @functools.cached_property
+    def _spans(self) -> tuple[tuple[int, int, tuple[int, ...], np.dtype], ...]:
+        """(offset, length, shape, dtype) of each leaf in the buffer."""
+        spans, o = [], 0
+        for shape, dtype in zip(self.shapes, self.dtypes, strict=True):
+            n = math.prod(shape)
+            spans.append((o, n, shape, dtype))
+            o += n
+        return tuple(spans)
+
+    @functools.cached_property
     def size(self) -> int:
-        return sum(int(np.prod(s)) for s in self.shapes)
+        return sum(n for _, n, _, _ in self._spans)
 
     def pack(self, tree: Any) -> np.ndarray:
         """``[size]`` int32: the leaves of ``tree`` (host arrays laid out like this layout's) end to end."""
@@ -129,33 +141,27 @@ class PackedLayout:
         if treedef != self.treedef:
             raise ValueError(f"tree structure {treedef} does not match the layout's {self.treedef}")
         out = np.empty(self.size, np.int32)
-        o = 0
-        for x, shape, dtype in zip(leaves, self.shapes, self.dtypes, strict=True):
-            x = np.asarray(x)
+        for x, (o, n, shape, dtype) in zip(leaves, self._spans, strict=True):
             if x.shape != shape or x.dtype != dtype:
                 raise ValueError(f"leaf {x.shape} {x.dtype} does not match the layout's {shape} {dtype}")
-            n = x.size
-            out[o : o + n] = (
-                x.reshape(-1).astype(np.int32) if dtype == np.bool_ else x.reshape(-1).view(np.int32)
-            )
-            o += n
+            # bool -> 0/1; float32 and uint32 keep their bits (a view); int32 as is.
+            out[o : o + n] = x.reshape(-1) if dtype == _BOOL else x.reshape(-1).view(np.int32)
         return out
 
     def unpack(self, buf: jax.Array) -> Any:
         """The tree back from a packed ``[size]`` int32 buffer (inside a jitted program: static slices)."""
-        leaves, o = [], 0
-        for shape, dtype in zip(self.shapes, self.dtypes, strict=True):
-            n = int(np.prod(shape))
+        leaves = []
+        for o, n, shape, dtype in self._spans:
             x = buf[o : o + n].reshape(shape)
-            if dtype == np.bool_:
+            if dtype == _BOOL:
                 x = x != 0
             elif dtype != np.int32:
                 x = jax.lax.bitcast_convert_type(x, dtype)
             leaves.append(x)
-            o += n
         return jax.tree.unflatten(self.treedef, leaves)
 
 
+_BOOL = np.dtype(np.bool_)
 _PACKABLE = (np.dtype(np.int32), np.dtype(np.float32), np.dtype(np.uint32), np.dtype(np.bool_))
 
 

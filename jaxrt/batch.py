@@ -179,19 +179,18 @@ def page_table_delta(sched: SchedulerOutput) -> tuple[np.ndarray, np.ndarray, np
     """(rows, cols, page ids) of the scheduled requests' pages that their rows of the device page table do
     not hold yet (pages are only ever appended while a request runs; a released request's row starts over).
     Marks them as held: call once per dispatched step, before it."""
-    rows, cols, vals = [], [], []
+    rows: list[int] = []
+    cols: list[int] = []
+    vals: list[int] = []
     for s in sched.scheduled:
         req = s.request
         have, n = req.pages_on_device, len(req.page_ids)
         if n > have:
-            rows.append(np.full(n - have, req.page_row, np.int32))
-            cols.append(np.arange(have, n, dtype=np.int32))
-            vals.append(np.asarray(req.page_ids[have:], np.int32))
+            rows.extend([req.page_row] * (n - have))
+            cols.extend(range(have, n))
+            vals.extend(req.page_ids[have:])
             req.pages_on_device = n
-    if not rows:
-        empty = np.zeros(0, np.int32)
-        return empty, empty, empty
-    return np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+    return np.array(rows, np.int32), np.array(cols, np.int32), np.array(vals, np.int32)
 
 
 def pick_bucket(buckets: list[int], n: int) -> int:

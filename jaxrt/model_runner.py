@@ -124,9 +124,10 @@ def _like_step_output(tree: Any, device: jax.Device) -> Any:
     return _identity(jax.device_put(tree, device))
 
 
-def _apply_delta(table: jax.Array, delta: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
-    rows, cols, pages = delta
-    return table.at[rows, cols].set(pages, mode="drop")
+def _apply_delta(table: jax.Array, delta: jax.Array) -> jax.Array:
+    """Write ``delta`` ([3, capacity] int32: rows, cols, page ids; out-of-range rows are padding) into the
+    page table."""
+    return table.at[delta[0], delta[1]].set(delta[2], mode="drop")
 
 
 def _packed_programs(forward_step: Callable, sample_step: Callable, decode_loop: Callable | None):
@@ -283,20 +284,19 @@ class ModelRunner:
         tokens = n * (self.num_decode_steps if kind == "decode_loop" else 1)
         return min(_DELTA, cdiv(tokens, self.page_size) + 2 * self.num_seqs_for(n))
 
-    def take_delta(self, sched: SchedulerOutput, capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def take_delta(self, sched: SchedulerOutput, capacity: int) -> np.ndarray:
         """The pages the scheduled requests gained since their last step (marked as held: once per dispatched
-        step), as ``capacity`` (rows, cols, pages) entries for the step to write; out-of-range rows pad it
-        (dropped). Entries past ``capacity`` are written now (asynchronous scatters ordered before the step)."""
+        step), as ``[3, capacity]`` int32 (rows, cols, page ids) for the step to write; out-of-range rows pad
+        it (dropped). Entries past ``capacity`` are written now (asynchronous scatters ordered before the
+        step)."""
         rows, cols, pages = page_table_delta(sched)
         for lo in range(capacity, rows.size, _DELTA):
             self._write_pages(rows[lo : lo + _DELTA], cols[lo : lo + _DELTA], pages[lo : lo + _DELTA])
-        rows, cols, pages = rows[:capacity], cols[:capacity], pages[:capacity]
-        pad = capacity - rows.size
-        return (
-            np.pad(rows, (0, pad), constant_values=self.pad_row + 1),  # out of range: dropped
-            np.pad(cols, (0, pad)),
-            np.pad(pages, (0, pad)),
-        )
+        delta = np.zeros((3, capacity), np.int32)
+        delta[0] = self.pad_row + 1  # out of range: dropped
+        n = min(capacity, rows.size)
+        delta[0, :n], delta[1, :n], delta[2, :n] = rows[:n], cols[:n], pages[:n]
+        return delta
 
     def _write_pages(self, rows: np.ndarray, cols: np.ndarray, pages: np.ndarray) -> None:
         """One page-table update of ``_DELTA`` entries (one compiled shape); the unused tail is dropped."""
@@ -611,7 +611,7 @@ class ModelRunner:
         return self._batch(sched, n, history_len, stop_ids)
 
     def stage(
-        self, fb: ForwardBatch, sb: SamplingBatch, mode: SampleMode, delta: tuple | None = None
+        self, fb: ForwardBatch, sb: SamplingBatch, mode: SampleMode, delta: np.ndarray | None = None
     ) -> StagedStep:
         """Pack a laid-out step (host arrays) and its page-table ``delta`` (:meth:`take_delta`; none if
         None) and start their copies to the device."""

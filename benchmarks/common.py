@@ -168,7 +168,13 @@ def device_name() -> str:
 
 
 # Settings that change what is measured; recorded with every result when set.
-_RECORDED_ENV = ("JAXRT_MOSAIC_DECODE", "JAXRT_GREEDY_KERNEL", "JAXRT_TRITON_GEMM", "JAXRT_ATTENTION_BACKEND")
+_RECORDED_ENV = (
+    "JAXRT_MOSAIC_DECODE",
+    "JAXRT_GREEDY_KERNEL",
+    "JAXRT_TRITON_GEMM",
+    "JAXRT_ATTENTION_BACKEND",
+    "XLA_FLAGS",
+)
 
 
 def append_jsonl(path: str | None, record: dict[str, Any]) -> None:

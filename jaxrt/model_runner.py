@@ -32,7 +32,13 @@ from jaxrt.config import EngineConfig
 from jaxrt.models.layers import KVCache
 from jaxrt.page_table import NULL_PAGE
 from jaxrt.scheduler import SchedulerOutput, cdiv
-from jaxrt.step import ForwardFn, make_decode_loop, make_forward_step, make_sample_step
+from jaxrt.step import (
+    ForwardFn,
+    make_decode_loop,
+    make_forward_step,
+    make_packed_programs,
+    make_sample_step,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -124,48 +130,6 @@ def _like_step_output(tree: Any, device: jax.Device) -> Any:
     return _identity(jax.device_put(tree, device))
 
 
-def _apply_delta(table: jax.Array, delta: jax.Array) -> jax.Array:
-    """Write ``delta`` ([3, capacity] int32: rows, cols, page ids; out-of-range rows are padding) into the
-    page table."""
-    return table.at[delta[0], delta[1]].set(delta[2], mode="drop")
-
-
-def _packed_programs(forward_step: Callable, sample_step: Callable, decode_loop: Callable | None):
-    """The step programs as the runner calls them: each takes its host data as ONE packed int32 buffer
-    (:class:`jaxrt.batch.PackedLayout`, static) and unpacks it on the device; the model programs also take the
-    page table (donated), write the step's page-table delta into it first, and return it.
-
-    - forward: ``(params, kv[donated], buf = (ForwardBatch, delta), prev_tokens, page_table[donated]) ->
-      (logits, kv, page_table)``
-    - sample: ``(logits, buf = SamplingBatch) -> StepOutput`` (``mode`` static)
-    - decode loop: ``(params, kv[donated], buf = (ForwardBatch, SamplingBatch, steps, delta), prev_tokens,
-      page_table[donated]) -> (DecodeLoopOutput, kv, page_table)`` (``mode`` static)
-    """
-
-    def forward(params, kv_caches, buf, prev_tokens, page_table, layout):
-        fb, delta = layout.unpack(buf)
-        page_table = _apply_delta(page_table, delta)
-        logits, kv_caches = forward_step(params, kv_caches, fb, prev_tokens, page_table)
-        return logits, kv_caches, page_table
-
-    def sample(logits, buf, layout, mode):
-        return sample_step(logits, layout.unpack(buf), mode)
-
-    def loop(params, kv_caches, buf, prev_tokens, page_table, layout, mode):
-        fb, sb, steps, delta = layout.unpack(buf)
-        page_table = _apply_delta(page_table, delta)
-        out, kv_caches = decode_loop(params, kv_caches, fb, sb, prev_tokens, steps, page_table, mode)
-        return out, kv_caches, page_table
-
-    return (
-        jax.jit(forward, donate_argnums=(1, 4), static_argnames=("layout",)),
-        jax.jit(sample, static_argnames=("layout", "mode")),
-        jax.jit(loop, donate_argnums=(1, 4), static_argnames=("layout", "mode"))
-        if decode_loop is not None
-        else None,
-    )
-
-
 class StagedStep(NamedTuple):
     """A single step's host data packed and on its way to the device (:meth:`ModelRunner.stage`)."""
 
@@ -205,7 +169,7 @@ class ModelRunner:
         # serves the single step and both decode-loop variants of that bucket (jit caches it by argument types).
         forward = jax.jit(forward)
         self.num_decode_steps = cfg.scheduler.num_continuous_decode_steps
-        self._forward, self._sample, self._decode_loop = _packed_programs(
+        self._forward, self._sample, self._decode_loop = make_packed_programs(
             make_forward_step(forward),
             make_sample_step(cfg.scheduler.max_running_requests),
             make_decode_loop(

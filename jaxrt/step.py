@@ -5,7 +5,8 @@
 
 The model enters as a pure ``ForwardFn(params, kv_caches, batch) -> (logits, kv_caches)``: native nnx models
 provide one through :func:`nnx_forward`; the transformers fallback provides its own. Either way the weights are
-jit inputs, never constants.
+jit inputs, never constants. The runner calls these programs through :func:`make_packed_programs`, which feeds
+each its host data as one packed buffer and folds the page-table update into the model programs.
 """
 
 from __future__ import annotations
@@ -151,3 +152,47 @@ def make_decode_loop(forward: ForwardFn, max_num_seqs: int, num_steps: int, page
         return out, kv_caches
 
     return jax.jit(loop, donate_argnums=(1,), static_argnames=("mode",))
+
+
+def _apply_delta(table: jax.Array, delta: jax.Array) -> jax.Array:
+    """Write ``delta`` ([3, capacity] int32: rows, cols, page ids; out-of-range rows are padding) into the
+    page table."""
+    return table.at[delta[0], delta[1]].set(delta[2], mode="drop")
+
+
+def make_packed_programs(forward_step: Callable, sample_step: Callable, decode_loop: Callable | None):
+    """The programs above as the runner calls them (``decode_loop`` may be None). Each takes all of its host
+    data as ONE int32 buffer (:class:`jaxrt.batch.PackedLayout`, a static argument) and unpacks it on the
+    device: one host-to-device copy per call instead of one per array. The model programs also take the page
+    table (donated), write the step's page-table delta (``[3, capacity]``: rows, cols, page ids) into it
+    first, and return it.
+
+    - forward: ``(params, kv[donated], buf = (ForwardBatch, delta), prev_tokens, page_table[donated]) ->
+      (logits, kv, page_table)``
+    - sample: ``(logits, buf = SamplingBatch) -> StepOutput`` (``mode`` static)
+    - decode loop: ``(params, kv[donated], buf = (ForwardBatch, SamplingBatch, steps, delta), prev_tokens,
+      page_table[donated]) -> (DecodeLoopOutput, kv, page_table)`` (``mode`` static)
+    """
+
+    def forward(params, kv_caches, buf, prev_tokens, page_table, layout):
+        fb, delta = layout.unpack(buf)
+        page_table = _apply_delta(page_table, delta)
+        logits, kv_caches = forward_step(params, kv_caches, fb, prev_tokens, page_table)
+        return logits, kv_caches, page_table
+
+    def sample(logits, buf, layout, mode):
+        return sample_step(logits, layout.unpack(buf), mode)
+
+    def loop(params, kv_caches, buf, prev_tokens, page_table, layout, mode):
+        fb, sb, steps, delta = layout.unpack(buf)
+        page_table = _apply_delta(page_table, delta)
+        out, kv_caches = decode_loop(params, kv_caches, fb, sb, prev_tokens, steps, page_table, mode)
+        return out, kv_caches, page_table
+
+    return (
+        jax.jit(forward, donate_argnums=(1, 4), static_argnames=("layout",)),
+        jax.jit(sample, static_argnames=("layout", "mode")),
+        jax.jit(loop, donate_argnums=(1, 4), static_argnames=("layout", "mode"))
+        if decode_loop is not None
+        else None,
+    )

@@ -1,8 +1,9 @@
 """The offline engine: SGLang-style ``generate`` / ``async_generate`` / streaming over one engine loop.
 
 One background thread owns the scheduler and the device: it drains an inbox of commands (new requests,
-aborts, cache flushes), runs a step, and hands each request's new tokens to that request's sink (a queue for
-synchronous callers, an asyncio queue for async ones). Callers never touch the scheduler directly, so the
+aborts, cache flushes), runs a step, and hands its tokens to the output processor (`jaxrt.output`), which
+sends each request's outputs to that request's sink (a queue for synchronous callers, an asyncio queue for
+async ones). Callers never touch the scheduler directly, so the
 server, the CLI and ``generate`` all share one path.
 """
 
@@ -15,13 +16,13 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import numpy as np
 
 from jaxrt.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from jaxrt.output import OutputProcessor, Sink, Track
 from jaxrt.page_table import PageAllocator
 from jaxrt.radix_cache import RadixCache
 from jaxrt.request import FinishReason, Request
@@ -30,27 +31,6 @@ from jaxrt.scheduler import Scheduler, SchedulerOutput
 from jaxrt.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger("jaxrt")
-
-Sink = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class _Track:
-    """Per-request host state the engine loop keeps beside the scheduler's Request."""
-
-    request: Request
-    sink: Sink
-    stream: bool
-    detok: IncrementalDetokenizer | None
-    stop_ids: list[int]
-    eos_ids: set[int]
-    return_logprob: bool
-    top_logprobs_num: int
-    stop_text: str | None = None  # text cut at a matched stop string
-    stop_set: frozenset[int] = (
-        frozenset()
-    )  # stop_ids as a set: tokens that finish the request past min_new_tokens
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _platform() -> str:
@@ -232,7 +212,6 @@ class Engine:
 
         self.overlap_schedule = not disable_overlap_schedule
         self._rng = np.random.default_rng(random_seed)
-        self._tracks: dict[str, _Track] = {}
         self._inbox: list[tuple[str, Any]] = []
         self._cv = threading.Condition()
         self.runner.on_compiled = self._wake  # the loop runs each background-compiled program once when idle
@@ -251,6 +230,7 @@ class Engine:
             "host_wait_s": 0.0,
             "host_process_s": 0.0,
         }
+        self.output = OutputProcessor(self.tokenizer, self.context_length, self.stats)
         self._thread = threading.Thread(target=self._loop, name="jaxrt-engine", daemon=True)
         self._thread.start()
         self.startup_seconds = time.perf_counter() - t0
@@ -533,7 +513,7 @@ class Engine:
             self._cv.notify_all()
         return [track.request.request_id for track in tracks]
 
-    def _track(self, spec: dict[str, Any], sink: Sink, stream: bool) -> _Track:
+    def _track(self, spec: dict[str, Any], sink: Sink, stream: bool) -> Track:
         if self._dead is not None:
             raise RuntimeError("the engine loop died") from self._dead
         if self._stopping:
@@ -554,7 +534,7 @@ class Engine:
                 f"the pool has {self.allocator.num_usable}"
             )
         stop_ids = list(sp.stop_token_ids) + ([] if sp.ignore_eos else sorted(self.eos_ids))
-        track = _Track(
+        track = Track(
             request=req,
             sink=sink,
             stream=stream,
@@ -606,7 +586,7 @@ class Engine:
                 if stopping:
                     if inflight is not None:
                         self._process(*inflight)
-                    for rid in list(self._tracks):
+                    for rid in list(self.output.tracks):
                         self._abort(rid, "the engine is shutting down")
                     return
                 if inflight is not None and not self._can_overlap():
@@ -621,7 +601,7 @@ class Engine:
         except BaseException as e:  # noqa: BLE001 - reported to every waiter
             logger.exception("engine loop died")
             self._dead = e
-            for track in list(self._tracks.values()):
+            for track in list(self.output.tracks.values()):
                 track.sink(RuntimeError(f"engine loop died: {e}"))
 
     def _can_overlap(self) -> bool:
@@ -632,12 +612,12 @@ class Engine:
 
     def _apply(self, kind: str, payload: Any) -> None:
         if kind == "add":
-            track: _Track = payload
-            self._tracks[track.request.request_id] = track
+            track: Track = payload
+            self.output.tracks[track.request.request_id] = track
             try:
                 self.scheduler.add_request(track.request)
             except ValueError as e:
-                self._tracks.pop(track.request.request_id)
+                self.output.tracks.pop(track.request.request_id)
                 track.sink(e)
         elif kind == "abort":
             self._abort(payload, "aborted by the client")
@@ -650,13 +630,13 @@ class Engine:
             done.set()
 
     def _abort(self, rid: str, message: str) -> None:
-        track = self._tracks.get(rid)
+        track = self.output.tracks.get(rid)
         if track is None:
             return
         req = self.scheduler.abort(rid)
         if req is not None:
             req.finish_reason = FinishReason("abort", message=message)
-        self._emit(track, final=True)
+        self.output.emit(track, final=True)
 
     def _launch(self, prev: tuple[SchedulerOutput, Any] | None) -> tuple[SchedulerOutput, Any] | None:
         """Schedule and dispatch one step (not waiting for it). Returns (schedule, device outputs) or None."""
@@ -672,7 +652,7 @@ class Engine:
             return None
         # Stop ids are only laid out for rows still under min_new_tokens (the batch suppresses them there).
         stop_ids = {
-            s.request.request_id: self._tracks[s.request.request_id].stop_ids
+            s.request.request_id: self.output.tracks[s.request.request_id].stop_ids
             for s in sched.scheduled
             if s.request.num_outputs < s.request.sampling_params.min_new_tokens
         }
@@ -704,168 +684,8 @@ class Engine:
         self.stats["num_steps"] += 1
         now = time.perf_counter()
         self.stats["host_wait_s"] += now - t0
-        multi = sched.num_steps > 1  # a continuous-decode dispatch returned a DecodeLoopOutput
-        # Row i's tokens (and log-probabilities) as Python lists, converted once for the whole batch.
-        tokens = out.all_tokens.T.tolist() if multi else out.tokens[:, None].tolist()
-        logprobs = None
-        for i, s in enumerate(sched.scheduled):
-            if not s.sample:
-                continue
-            req = s.request
-            n = s.num_steps
-            assert req.pending_rows[:n] == [i] * n, "pending tokens must be read back in order"
-            del req.pending_rows[:n]
-            track = self._tracks.get(req.request_id)
-            if track is None or req.is_finished:
-                continue  # finished or aborted while this step was in flight: its tokens are dropped
-            if not req.sampling_params.stop and not track.top_logprobs_num:
-                if track.return_logprob and logprobs is None:
-                    logprobs = out.all_logprobs.T.tolist() if multi else out.logprobs[:, None].tolist()
-                reason = self._accept_run(
-                    req, track, tokens[i][:n], logprobs[i] if track.return_logprob else None, now
-                )
-            else:
-                reason = self._accept_each(req, track, out, i, n, multi, now)
-            if reason is not None:
-                self.scheduler.finish(req, reason)
-                self._emit(track, final=True)
-            elif track.stream:
-                self._emit(track, final=False)
+        self.output.process(sched, out, now, self.scheduler.finish)
         self.stats["host_process_s"] += time.perf_counter() - now
-
-    def _accept_run(
-        self, req: Request, track: _Track, tokens: list[int], logprobs: list[float] | None, now: float
-    ) -> FinishReason | None:
-        """Append a row's sampled tokens (one step's, or a continuous decode's) to ``req`` at once; returns
-        why it finished, if it did. For requests without stop strings or top log-probabilities (the common
-        case): the same outcome as accepting them one by one (:meth:`_accept_each`), with the finish
-        checks in integer arithmetic and the text decoded once, only where a stream needs it."""
-        sp = req.sampling_params
-        outs = req.output_token_ids
-        n0 = len(outs)
-        # Tokens that fit before max_new_tokens or the context length ends the request.
-        room = min(sp.max_new_tokens - n0, self.context_length - req.num_known_tokens)
-        take, reason = len(tokens), None
-        for j, token in enumerate(tokens):
-            if token in track.stop_set and n0 + j + 1 >= sp.min_new_tokens:
-                take, reason = j + 1, FinishReason("stop", matched=token)
-                break
-            if j + 1 >= room:
-                take, reason = j + 1, FinishReason("length")
-                break
-        outs.extend(tokens[:take])
-        self.stats["num_generated_tokens"] += take
-        if req.first_token_time is None:
-            req.first_token_time = now
-            self.stats["num_prompt_tokens"] += req.num_prompt_tokens
-            self.stats["num_cached_tokens"] += req.num_cached_tokens
-        if logprobs is not None:
-            req.output_logprobs.extend(logprobs[:take])
-        if track.stream and track.detok is not None:
-            track.detok.step(outs)
-        return reason
-
-    def _accept_each(
-        self, req: Request, track: _Track, out, i: int, n: int, multi: bool, now: float
-    ) -> FinishReason | None:
-        """Append row ``i``'s ``n`` sampled tokens one by one (stop strings are matched token by token;
-        top log-probabilities come per token); returns why the request finished, if it did."""
-        reason = None
-        for j in range(n):
-            if multi:
-                token, logprob, top = int(out.all_tokens[j, i]), out.all_logprobs[j, i], None
-            else:
-                token, logprob = int(out.tokens[i]), out.logprobs[i]
-                top = (out.top_ids[i], out.top_logprobs[i])
-            reason = self._accept(req, track, token, logprob, top, now)
-            if reason is not None:
-                break  # tokens a continuous decode sampled past the end are dropped
-        return reason
-
-    def _accept(
-        self, req: Request, track: _Track, token: int, logprob, top, now: float
-    ) -> FinishReason | None:
-        """Append one sampled token to ``req``; returns why it finished, if it did."""
-        req.output_token_ids.append(token)
-        self.stats["num_generated_tokens"] += 1
-        if req.first_token_time is None:
-            req.first_token_time = now
-            self.stats["num_prompt_tokens"] += req.num_prompt_tokens
-            self.stats["num_cached_tokens"] += req.num_cached_tokens
-        if track.return_logprob:
-            req.output_logprobs.append(float(logprob))
-            if track.top_logprobs_num:
-                k = track.top_logprobs_num
-                ids, lps = top
-                req.output_top_logprobs.append(
-                    [(int(t), float(lp)) for t, lp in zip(ids[:k], lps[:k], strict=True)]
-                )
-        return self._check_finish(req, track, token)
-
-    def _check_finish(self, req: Request, track: _Track, token: int) -> FinishReason | None:
-        sp = req.sampling_params
-        n_out = len(req.output_token_ids)
-        delta = track.detok.step(req.output_token_ids) if track.detok is not None else ""
-        past_min = n_out >= sp.min_new_tokens
-        if past_min and token in track.eos_ids:
-            return FinishReason("stop", matched=token)
-        if past_min and token in sp.stop_token_ids:
-            return FinishReason("stop", matched=token)
-        if sp.stop and delta and past_min:
-            text = track.detok.text
-            start = max(0, len(text) - len(delta) - max(len(s) for s in sp.stop))
-            hits = [(text.find(s, start), s) for s in sp.stop]
-            hits = [(pos, s) for pos, s in hits if pos >= 0]
-            if hits:
-                pos, s = min(hits)
-                track.stop_text = text[:pos]
-                return FinishReason("stop", matched=s)
-        if n_out >= sp.max_new_tokens or req.num_known_tokens >= self.context_length:
-            return FinishReason("length")
-        return None
-
-    def _emit(self, track: _Track, final: bool) -> None:
-        req = track.request
-        sp = req.sampling_params
-        if final:
-            if track.stop_text is not None:
-                text = track.stop_text
-            elif self.tokenizer is None:
-                text = ""
-            else:
-                text = self.tokenizer.decode(req.output_token_ids, sp.skip_special_tokens)
-            self._tracks.pop(req.request_id, None)
-            req.finished_time = time.perf_counter()
-        else:
-            text = track.detok.text if track.detok is not None else ""
-            if sp.stop:  # hold back a tail that may still become a stop string
-                hold = 0
-                for s in sp.stop:
-                    for k in range(min(len(s) - 1, len(text)), 0, -1):
-                        if text.endswith(s[:k]):
-                            hold = max(hold, k)
-                            break
-                text = text[: len(text) - hold] if hold else text
-        reason = req.finish_reason.to_dict() if final and req.finish_reason else None
-        meta: dict[str, Any] = {
-            "id": req.request_id,
-            "finish_reason": reason,
-            "prompt_tokens": req.num_prompt_tokens,
-            "completion_tokens": len(req.output_token_ids),
-            "cached_tokens": req.num_cached_tokens,
-            "e2e_latency": time.perf_counter() - req.arrival_time,
-        }
-        if req.first_token_time is not None:
-            meta["ttft"] = req.first_token_time - req.arrival_time
-        if track.return_logprob:
-            meta["output_token_logprobs"] = [
-                (lp, t, None) for lp, t in zip(req.output_logprobs, req.output_token_ids, strict=False)
-            ]
-            if track.top_logprobs_num:
-                meta["output_top_logprobs"] = [
-                    [(lp, t, None) for t, lp in row] for row in req.output_top_logprobs
-                ]
-        track.sink({"text": text, "output_ids": list(req.output_token_ids), "meta_info": meta})
 
 
 class _Phases:

@@ -540,7 +540,6 @@ class Engine:
             stream=stream,
             detok=IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens) if self.tokenizer else None,
             stop_ids=stop_ids,
-            stop_set=frozenset(stop_ids),
             eos_ids=set() if sp.ignore_eos else self.eos_ids,
             return_logprob=sp.return_logprob or sp.top_logprobs_num > 0,
             top_logprobs_num=sp.top_logprobs_num,

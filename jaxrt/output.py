@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from jaxrt.batch import DecodeLoopOutput, StepOutput
@@ -34,9 +34,12 @@ class Track:
     eos_ids: set[int]
     return_logprob: bool
     top_logprobs_num: int
-    # stop_ids as a set: a sampled token in it finishes the request once min_new_tokens is reached
-    stop_set: frozenset[int] = frozenset()
     stop_text: str | None = None  # text cut at a matched stop string
+    # stop_ids as a set: a sampled token in it finishes the request once min_new_tokens is reached
+    stop_set: frozenset[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stop_set = frozenset(self.stop_ids)
 
 
 class OutputProcessor:

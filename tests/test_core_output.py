@@ -40,7 +40,6 @@ def _run(case: dict, one_by_one: bool) -> tuple[list[dict], list[Request], dict]
             stream=row["stream"],
             detok=None,
             stop_ids=stop_ids,
-            stop_set=frozenset(stop_ids),
             eos_ids=set(row["eos"]),
             return_logprob=True,
             top_logprobs_num=0,

@@ -75,41 +75,65 @@ class OutputProcessor:
             track = self.tracks.get(req.request_id)
             if track is None or req.is_finished:
                 continue  # finished or aborted while this step was in flight: its tokens are dropped
-            if not req.sampling_params.stop and not track.top_logprobs_num:
-                if track.return_logprob and logprobs is None:
-                    logprobs = out.all_logprobs.T.tolist() if multi else out.logprobs[:, None].tolist()
-                reason = self._accept_run(
-                    req, track, tokens[i][:n], logprobs[i] if track.return_logprob else None, now
-                )
-            else:
-                reason = self._accept_each(req, track, out, i, n, multi, now)
+            if track.return_logprob and logprobs is None:
+                logprobs = out.all_logprobs.T.tolist() if multi else out.logprobs[:, None].tolist()
+            top = None
+            if track.top_logprobs_num:  # single steps only (continuous decode excludes these requests)
+                k = track.top_logprobs_num
+                top = [
+                    [
+                        (int(t), float(lp))
+                        for t, lp in zip(out.top_ids[i][:k], out.top_logprobs[i][:k], strict=True)
+                    ]
+                ]
+            reason = self._accept(
+                req, track, tokens[i][:n], logprobs[i] if track.return_logprob else None, top, now
+            )
             if reason is not None:
                 finish(req, reason)
                 self.emit(track, final=True)
             elif track.stream:
                 self.emit(track, final=False)
 
-    def _accept_run(
-        self, req: Request, track: Track, tokens: list[int], logprobs: list[float] | None, now: float
+    def _accept(
+        self,
+        req: Request,
+        track: Track,
+        tokens: list[int],
+        logprobs: list[float] | None,
+        top: list[list[tuple[int, float]]] | None,
+        now: float,
     ) -> FinishReason | None:
-        """Append a row's sampled tokens (one step's, or a continuous decode's) to ``req`` at once; returns
-        why it finished, if it did. For requests without stop strings or top log-probabilities (the common
-        case): the same outcome as accepting them one by one (:meth:`_accept_each`), with the finish
-        checks in integer arithmetic and the text decoded once, only where a stream needs it."""
+        """Append a row's sampled tokens (one step's, or a continuous decode's) to ``req`` in order, up to the
+        first that finishes it; returns why it finished, if it did. A token finishes the request when it is a
+        stop id or EOS past ``min_new_tokens``, completes a stop string past ``min_new_tokens``, or reaches
+        ``max_new_tokens`` or the context length. Tokens sampled past the end are dropped. The text is decoded
+        token by token only for stop strings, else once, and only where a stream needs it."""
         sp = req.sampling_params
         outs = req.output_token_ids
         n0 = len(outs)
         # Tokens that fit before max_new_tokens or the context length ends the request.
         room = min(sp.max_new_tokens - n0, self.context_length - req.num_known_tokens)
+        by_token = bool(sp.stop) and track.detok is not None  # stop strings: match after each token
         take, reason = len(tokens), None
         for j, token in enumerate(tokens):
-            if token in track.stop_set and n0 + j + 1 >= sp.min_new_tokens:
-                take, reason = j + 1, FinishReason("stop", matched=token)
+            past_min = n0 + j + 1 >= sp.min_new_tokens
+            if by_token:
+                outs.append(token)
+                delta = track.detok.step(outs)
+            if past_min and token in track.stop_set:
+                reason = FinishReason("stop", matched=token)
+            elif by_token and past_min and delta:
+                reason = self._stop_string(track, sp.stop, delta)
+            if reason is None and j + 1 >= room:
+                reason = FinishReason("length")
+            if reason is not None:
+                take = j + 1
                 break
-            if j + 1 >= room:
-                take, reason = j + 1, FinishReason("length")
-                break
-        outs.extend(tokens[:take])
+        if not by_token:
+            outs.extend(tokens[:take])
+            if track.stream and track.detok is not None:
+                track.detok.step(outs)
         self.stats["num_generated_tokens"] += take
         if req.first_token_time is None:
             req.first_token_time = now
@@ -117,68 +141,22 @@ class OutputProcessor:
             self.stats["num_cached_tokens"] += req.num_cached_tokens
         if logprobs is not None:
             req.output_logprobs.extend(logprobs[:take])
-        if track.stream and track.detok is not None:
-            track.detok.step(outs)
+        if top is not None:
+            req.output_top_logprobs.extend(top[:take])
         return reason
 
-    def _accept_each(
-        self, req: Request, track: Track, out, i: int, n: int, multi: bool, now: float
-    ) -> FinishReason | None:
-        """Append row ``i``'s ``n`` sampled tokens one by one (stop strings are matched token by token;
-        top log-probabilities come per token); returns why the request finished, if it did."""
-        reason = None
-        for j in range(n):
-            if multi:
-                token, logprob, top = int(out.all_tokens[j, i]), out.all_logprobs[j, i], None
-            else:
-                token, logprob = int(out.tokens[i]), out.logprobs[i]
-                top = (out.top_ids[i], out.top_logprobs[i])
-            reason = self._accept(req, track, token, logprob, top, now)
-            if reason is not None:
-                break  # tokens a continuous decode sampled past the end are dropped
-        return reason
-
-    def _accept(
-        self, req: Request, track: Track, token: int, logprob, top, now: float
-    ) -> FinishReason | None:
-        """Append one sampled token to ``req``; returns why it finished, if it did."""
-        req.output_token_ids.append(token)
-        self.stats["num_generated_tokens"] += 1
-        if req.first_token_time is None:
-            req.first_token_time = now
-            self.stats["num_prompt_tokens"] += req.num_prompt_tokens
-            self.stats["num_cached_tokens"] += req.num_cached_tokens
-        if track.return_logprob:
-            req.output_logprobs.append(float(logprob))
-            if track.top_logprobs_num:
-                k = track.top_logprobs_num
-                ids, lps = top
-                req.output_top_logprobs.append(
-                    [(int(t), float(lp)) for t, lp in zip(ids[:k], lps[:k], strict=True)]
-                )
-        return self._check_finish(req, track, token)
-
-    def _check_finish(self, req: Request, track: Track, token: int) -> FinishReason | None:
-        sp = req.sampling_params
-        n_out = len(req.output_token_ids)
-        delta = track.detok.step(req.output_token_ids) if track.detok is not None else ""
-        past_min = n_out >= sp.min_new_tokens
-        if past_min and token in track.eos_ids:
-            return FinishReason("stop", matched=token)
-        if past_min and token in sp.stop_token_ids:
-            return FinishReason("stop", matched=token)
-        if sp.stop and delta and past_min:
-            text = track.detok.text
-            start = max(0, len(text) - len(delta) - max(len(s) for s in sp.stop))
-            hits = [(text.find(s, start), s) for s in sp.stop]
-            hits = [(pos, s) for pos, s in hits if pos >= 0]
-            if hits:
-                pos, s = min(hits)
-                track.stop_text = text[:pos]
-                return FinishReason("stop", matched=s)
-        if n_out >= sp.max_new_tokens or req.num_known_tokens >= self.context_length:
-            return FinishReason("length")
-        return None
+    @staticmethod
+    def _stop_string(track: Track, stops: list[str], delta: str) -> FinishReason | None:
+        """The earliest stop string in the text's new tail (``delta`` plus what a stop string may straddle);
+        the text is cut before it."""
+        text = track.detok.text
+        start = max(0, len(text) - len(delta) - max(len(s) for s in stops))
+        hits = [(pos, s) for pos, s in ((text.find(s, start), s) for s in stops) if pos >= 0]
+        if not hits:
+            return None
+        pos, s = min(hits)
+        track.stop_text = text[:pos]
+        return FinishReason("stop", matched=s)
 
     def emit(self, track: Track, final: bool) -> None:
         """Hand ``track``'s request its output so far (streaming) or its final output, SGLang-shaped."""

@@ -1,6 +1,6 @@
-"""The respond stage (jaxrt.output) on its own: appending a dispatch's tokens at once must end every request
-exactly where appending them one by one does (stop ids and EOS past min_new_tokens, max_new_tokens, the
-context length), keep the same tokens and log-probabilities, and drop what was sampled past the end."""
+"""The respond stage (jaxrt.output) on its own, against the finish rules written out token by token: a request
+ends at the first sampled token that is a stop id or EOS past min_new_tokens, or that reaches max_new_tokens or
+the context length; tokens sampled past it (later steps of a continuous-decode dispatch) are dropped."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from jaxrt.scheduler import ScheduledRequest, SchedulerOutput
 VOCAB = 6  # few ids, so stop ids are hit often
 
 
-def _run(case: dict, one_by_one: bool) -> tuple[list[dict], list[Request], dict]:
-    """Feed the case's dispatches (each ``[num_steps, rows]`` tokens) through an OutputProcessor; a stop
-    string (which never matches: there is no tokenizer) sends every row down the token-by-token path."""
+def _run(case: dict) -> tuple[list[dict], list[Request], dict]:
+    """Feed the case's dispatches (each ``[num_steps, rows]`` tokens; column i goes to the i-th request still
+    running) through an OutputProcessor."""
     stats: dict = {"num_generated_tokens": 0, "num_prompt_tokens": 0, "num_cached_tokens": 0}
     proc = OutputProcessor(None, case["context_length"], stats)
     outputs: list[dict] = []
@@ -29,7 +29,6 @@ def _run(case: dict, one_by_one: bool) -> tuple[list[dict], list[Request], dict]
             max_new_tokens=row["max_new"],
             min_new_tokens=row["min_new"],
             stop_token_ids=row["stop_ids"],
-            stop=["never"] if one_by_one else [],
             return_logprob=True,
         )
         req = Request(str(i), list(range(row["prompt_len"])), sp, seed=0)
@@ -97,33 +96,39 @@ def _cases(draw):
     return {"rows": rows, "dispatches": dispatches, "context_length": draw(st.integers(8, 20))}
 
 
+def _expected(case: dict) -> list[tuple[list[int], dict]]:
+    """Each request's tokens and finish reason under the rules, one token at a time (the reference)."""
+    rows = case["rows"]
+    outs: list[list[int]] = [[] for _ in rows]
+    reasons: list[dict | None] = [None] * len(rows)
+    for tokens in case["dispatches"]:
+        live = [i for i in range(len(rows)) if reasons[i] is None]
+        for col, i in enumerate(live):
+            row = rows[i]
+            for token in tokens[:, col].tolist():
+                outs[i].append(token)
+                n = len(outs[i])
+                if n >= row["min_new"] and token in set(row["stop_ids"]) | set(row["eos"]):
+                    reasons[i] = {"type": "stop", "matched": token}
+                elif n >= row["max_new"] or row["prompt_len"] + n >= case["context_length"]:
+                    reasons[i] = {"type": "length"}
+                if reasons[i] is not None:
+                    break
+    return list(zip(outs, reasons, strict=True))
+
+
 @settings(max_examples=200, deadline=None)
 @given(_cases())
-def test_tokens_at_once_end_where_one_by_one_ends(case):
-    at_once, reqs_a, stats_a = _run(case, one_by_one=False)
-    each, reqs_b, stats_b = _run(case, one_by_one=True)
-    for a, b in zip(reqs_a, reqs_b, strict=True):
-        assert a.output_token_ids == b.output_token_ids
-        assert a.output_logprobs == b.output_logprobs
-        assert a.pending_rows == b.pending_rows == []
-    finals_a = {
+def test_each_request_ends_where_the_rules_say(case):
+    outputs, reqs, stats = _run(case)
+    finals = {
         o["meta_info"]["id"]: o["meta_info"]["finish_reason"]
-        for o in at_once
+        for o in outputs
         if o["meta_info"]["finish_reason"]
     }
-    finals_b = {
-        o["meta_info"]["id"]: o["meta_info"]["finish_reason"] for o in each if o["meta_info"]["finish_reason"]
-    }
-    assert finals_a == finals_b
-    assert stats_a == stats_b
-    # The rules themselves: no request outgrows max_new_tokens or the context; one that ended on a stop id
-    # ended on its last token, past min_new_tokens.
-    for req, row in zip(reqs_a, case["rows"], strict=True):
-        n = len(req.output_token_ids)
-        assert n <= row["max_new"] and req.num_known_tokens <= case["context_length"]
-        reason = finals_a.get(req.request_id)
-        if reason and reason["type"] == "stop":
-            assert reason["matched"] == req.output_token_ids[-1] and n >= row["min_new"]
-            assert reason["matched"] in set(row["stop_ids"]) | set(row["eos"])
-        elif reason:
-            assert n == row["max_new"] or req.num_known_tokens >= case["context_length"]
+    for req, (want_ids, want_reason) in zip(reqs, _expected(case), strict=True):
+        assert req.output_token_ids == want_ids
+        assert req.output_logprobs == [-(t + 0.5) for t in want_ids]
+        assert req.pending_rows == []
+        assert finals.get(req.request_id) == want_reason
+    assert stats["num_generated_tokens"] == sum(len(r.output_token_ids) for r in reqs)

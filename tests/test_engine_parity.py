@@ -211,8 +211,8 @@ def test_continuous_decode_matches_single_steps(tiny_llama_dir, overlap):
 
 def test_tokens_accepted_at_once_match_token_by_token(tiny_llama_dir):
     """The engine appends a row's tokens at once when no stop string needs matching token by token; a stop
-    string that never matches forces the token-by-token path. Both give the same tokens, finish reasons and
-    log-probabilities: a stop id hit mid-dispatch, min_new_tokens holding it back, max_new_tokens and the
+    string that never matches makes it append and decode them one by one. Both give the same tokens, finish
+    reasons and log-probabilities: a stop id hit mid-dispatch, min_new_tokens holding it back, max_new_tokens and the
     context length ending rows inside a continuous decode."""
     from transformers import AutoTokenizer
 

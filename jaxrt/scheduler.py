@@ -177,17 +177,12 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.chunked_prefill_size
         i = 0
-        ctx = self.config.context_length
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_tokens = req.num_tokens
-            if (
-                num_tokens - len(req.prompt_token_ids) >= req.sampling_params.max_new_tokens
-                or num_tokens >= ctx
-            ):  # done_sampling, inlined (this loop visits every running request each step)
+            if self.done_sampling(req):
                 i += 1  # its last token is sampled; it finishes when that token is read back
                 continue
-            grant = min(num_tokens - req.num_computed_tokens, budget)
+            grant = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self._ensure_pages(req, req.num_computed_tokens + grant):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -226,9 +221,10 @@ class Scheduler:
 
     def done_sampling(self, req: Request) -> bool:
         """No further token may be sampled: max_new_tokens or the context is reached."""
+        num_tokens = req.num_tokens  # outputs = num_tokens - prompt (read back or pending)
         return (
-            req.num_outputs >= req.sampling_params.max_new_tokens
-            or req.num_tokens >= self.config.context_length
+            num_tokens - len(req.prompt_token_ids) >= req.sampling_params.max_new_tokens
+            or num_tokens >= self.config.context_length
         )
 
     def extend_decode(self, out: SchedulerOutput, num_steps: int, allows) -> bool:

@@ -27,16 +27,20 @@ def _case(rng, rows, vocab, dtype, num_stops=4):
     return x, jnp.asarray(stop_ids), jnp.asarray(suppress)
 
 
-def _want(x, stop_ids, suppress):
-    raw = np.asarray(x.astype(jnp.float32), np.float64)
-    masked = raw.copy()
-    for r in range(raw.shape[0]):
-        if suppress[r]:
-            ids = np.asarray(stop_ids[r])
-            masked[r, ids[ids >= 0]] = -np.inf
-    m = raw.max(axis=1, keepdims=True)
-    lse = (m + np.log(np.exp(raw - m).sum(axis=1, keepdims=True)))[:, 0]
-    return lse, masked.argmax(axis=1), masked.max(axis=1)
+def _check(got, x, stop_ids, suppress, atol):
+    """Against the pure-jnp reference, and the case's hand-set rows (the reference's own semantics)."""
+    lse, arg, mx = (np.asarray(o) for o in got)
+    want_lse, want_arg, want_mx = (np.asarray(o) for o in greedy_row_stats_reference(x, stop_ids, suppress))
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=atol)
+    np.testing.assert_array_equal(arg, want_arg)
+    np.testing.assert_array_equal(mx, want_mx)
+    logits = np.asarray(x.astype(jnp.float32))
+    allowed = np.where(np.isin(np.arange(logits.shape[1]), [5, logits.shape[1] - 1]), -np.inf, logits[1])
+    assert arg[1] == allowed.argmax() != 5  # its best id is a suppressed stop id: the best of the rest wins
+    assert arg[2] == int(stop_ids[2, 0])  # a stop id that is not suppressed stays
+    assert arg[3] == 7  # a tie across chunks: the lower index
+    finite = logits[4][np.isfinite(logits[4])]
+    np.testing.assert_allclose(lse[4], np.log(np.exp(finite.astype(np.float64)).sum()), rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
@@ -44,16 +48,7 @@ def _want(x, stop_ids, suppress):
 def test_matches_jnp_in_interpret_mode(dtype, vocab, chunk):
     rng = np.random.default_rng(vocab)
     x, stop_ids, suppress = _case(rng, 6, vocab, dtype)
-    lse, arg, mx = greedy_row_stats(x, stop_ids, suppress, chunk=chunk, interpret=True)
-    want_lse, want_arg, want_mx = _want(x, stop_ids, suppress)
-    np.testing.assert_allclose(np.asarray(lse), want_lse, rtol=1e-5, atol=1e-4)
-    np.testing.assert_array_equal(np.asarray(arg), want_arg)
-    np.testing.assert_array_equal(np.asarray(mx), want_mx.astype(np.float32))
-    assert int(arg[1]) != 5 and int(arg[3]) == 7
-    ref_lse, ref_arg, ref_mx = greedy_row_stats_reference(x, stop_ids, suppress)
-    np.testing.assert_allclose(np.asarray(ref_lse), want_lse, rtol=1e-5, atol=1e-4)
-    np.testing.assert_array_equal(np.asarray(ref_arg), want_arg)
-    np.testing.assert_array_equal(np.asarray(ref_mx), want_mx.astype(np.float32))
+    _check(greedy_row_stats(x, stop_ids, suppress, chunk=chunk, interpret=True), x, stop_ids, suppress, 1e-4)
 
 
 @pytest.mark.parametrize(
@@ -108,8 +103,4 @@ def test_lowers_for_cuda():
 def test_matches_jnp_on_gpu():
     rng = np.random.default_rng(0)
     x, stop_ids, suppress = _case(rng, 256, 128256, jnp.bfloat16, num_stops=8)
-    lse, arg, mx = greedy_row_stats(x, stop_ids, suppress)
-    want_lse, want_arg, want_mx = _want(x, stop_ids, suppress)
-    np.testing.assert_allclose(np.asarray(lse), want_lse, rtol=1e-5, atol=1e-3)
-    np.testing.assert_array_equal(np.asarray(arg), want_arg)
-    np.testing.assert_array_equal(np.asarray(mx), want_mx.astype(np.float32))
+    _check(greedy_row_stats(x, stop_ids, suppress), x, stop_ids, suppress, 1e-3)

@@ -96,23 +96,18 @@ def test_over_budget_tiling_is_refused():
     cfg = MosaicConfig(heads=1, block_kv=64, stages=6)
     assert mosaic_gpu.smem_bytes(cfg, 128, 2) > mosaic_gpu.SMEM_BUDGET
     meta = jnp.zeros((8, 8), jnp.int32)
-    with pytest.raises(ValueError, match="shared memory"):
-        jax.eval_shape(
-            lambda q, k, v, pt: mosaic_gpu.decode_attention_mgpu(q, k, v, meta, pt, sm_scale=0.1, config=cfg),
-            args[0],
-            args[1],
-            args[2],
-            args[4],
-        )
     odd = MosaicConfig(heads=1, block_kv=64, stages=3, consumers=2)  # two consumers own alternate stages
-    with pytest.raises(ValueError, match="consumers"):
-        jax.eval_shape(
-            lambda q, k, v, pt: mosaic_gpu.decode_attention_mgpu(q, k, v, meta, pt, sm_scale=0.1, config=odd),
-            args[0],
-            args[1],
-            args[2],
-            args[4],
-        )
+    for config, match in ((cfg, "shared memory"), (odd, "consumers")):
+        with pytest.raises(ValueError, match=match):
+            jax.eval_shape(
+                lambda q, k, v, pt, c=config: mosaic_gpu.decode_attention_mgpu(
+                    q, k, v, meta, pt, sm_scale=0.1, config=c
+                ),
+                args[0],
+                args[1],
+                args[2],
+                args[4],
+            )
 
 
 @pytest.mark.parametrize("heads", [1, 2])

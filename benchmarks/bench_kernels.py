@@ -14,8 +14,11 @@ Modes (combine freely):
 
 Decode bandwidth counts the K and V bytes of every sequence's context once (what any kernel must read);
 HBM read bandwidth of the H100 is taken as 3.19 TB/s (measured read-only reduction, notes/gpu-probe.md).
-Times are per call, from a jitted loop of calls (each call's q depends on the previous output, so calls
-cannot overlap or be hoisted), median of --repeats runs.
+Times are CUPTI GPU kernel times per call (median of 10-50 calls; ``--timer wall``: a jitted loop of dependent
+calls, median of --repeats runs). With ``--l2 cold`` (the default) each timed call first reads 128 MiB, so
+that it finds its K/V, page table and plan in HBM, as a model's layer does after the layer's weights have
+streamed through L2; ``--l2 warm`` times back-to-back calls, which leaves inputs up to ~50 MB in L2 (1b at
+batch 32 and context 1k: 26.4 µs warm, 28.3 cold on one H100; benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from jax.experimental import pallas as pl  # noqa: E402
 
 from jaxrt.kernels import pallas_gpu, ragged_paged_attention_reference  # noqa: E402
 from jaxrt.kernels.mosaic_gpu import MosaicConfig  # noqa: E402
@@ -296,6 +300,60 @@ def loop_fn(fn, iters):
 
 
 TIMER = "cupti"  # --timer
+COLD_L2 = (
+    False  # --l2 cold (the default from the command line): every timed call starts with L2 holding other data
+)
+_FLUSH_BLOCK = 4096  # f32 per load of the flush kernel
+
+
+def l2_flush(q, buf):
+    """Read ``buf`` (more than twice the L2 cache) and return ``q`` unchanged (aliased, so nothing is copied):
+    whatever consumes the result runs after the read, with L2 full of other lines, as attention finds it in a
+    model (the layer's weights just streamed through). One kernel, ``jaxrt_l2_flush``, which CUPTI totals
+    leave out."""
+    programs, n = buf.shape
+
+    def kernel(q_ref, buf_ref, q_out, sums_ref):
+        del q_ref, q_out  # aliased: q passes through untouched
+
+        def body(i, acc):
+            return acc + buf_ref[pl.ds(pl.multiple_of(i * _FLUSH_BLOCK, _FLUSH_BLOCK), _FLUSH_BLOCK)]
+
+        sums_ref[...] = jax.lax.fori_loop(0, n // _FLUSH_BLOCK, body, jnp.zeros((_FLUSH_BLOCK,), jnp.float32))
+
+    q_out, _ = pl.pallas_call(
+        kernel,
+        grid=(programs,),
+        in_specs=[pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec((None, n), lambda p: (p, 0))],
+        out_specs=[pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec((None, _FLUSH_BLOCK), lambda p: (p, 0))],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((programs, _FLUSH_BLOCK), jnp.float32),
+        ],
+        input_output_aliases={0: 0},
+        interpret=INTERPRET,
+        name="jaxrt_l2_flush",
+    )(q, buf)
+    return q_out
+
+
+def flush_buffer():
+    """A 128 MiB f32 buffer (the H100's L2 is 50 MiB), [264, ...] rows: one row per flush program."""
+    rows = 264
+    n = (128 << 20) // 4 // rows // _FLUSH_BLOCK * _FLUSH_BLOCK
+    if INTERPRET:
+        n = _FLUSH_BLOCK
+    return jnp.ones((rows, n), jnp.float32)
+
+
+def cold_fn(fn):
+    def g(q, *rest_and_buf):
+        *rest, buf = rest_and_buf
+        return fn(l2_flush(q, buf), *rest)
+
+    return g
+
+
 KERNEL_TIMES: dict = {}  # key -> seconds of the main kernel alone (CUPTI only)
 CAPTURE_OUTPUTS = False  # measure() keeps each job's first output in OUTPUTS (--sweep checks them)
 OUTPUTS: dict = {}
@@ -314,7 +372,7 @@ def _cupti_times(compiled, args, iterations, main):
     from jax.experimental.mosaic.gpu import profiler
 
     _, timings = profiler.measure(compiled, aggregate=False, iterations=iterations)(*args)
-    totals = [sum(ms for _, ms in it) * 1e-3 for it in timings]
+    totals = [sum(ms for name, ms in it if "l2_flush" not in name) * 1e-3 for it in timings]
     mains = [sum(ms for name, ms in it if main and main in name) * 1e-3 for it in timings]
     return float(np.median(totals)), float(np.median(mains))
 
@@ -327,8 +385,11 @@ def measure(jobs, threads, repeats):
     """
     eps_cache = {}
     cjobs = []
+    buf = flush_buffer() if COLD_L2 and TIMER == "cupti" else None
     for key, fn, q, rest, iters in jobs:
-        if TIMER == "cupti":
+        if buf is not None:
+            cjobs.append((key, cold_fn(fn), (q, *rest, buf)))
+        elif TIMER == "cupti":
             cjobs.append((key, fn, (q, *rest)))
         else:
             eps = eps_cache.setdefault(q.dtype, jnp.zeros((), q.dtype))
@@ -1133,15 +1194,24 @@ def main(argv=None):
     )
     p.add_argument("--timer", default="cupti", choices=("cupti", "wall"))
     p.add_argument(
+        "--l2",
+        default="cold",
+        choices=("cold", "warm"),
+        help="cold (default): read 128 MiB before each timed call (CUPTI timer), so that the call finds its "
+        "K/V, page table and plan in HBM, as a model's layer does; warm: back-to-back calls (inputs of up to "
+        "~50 MB stay in L2: the tables before 2026-11-28)",
+    )
+    p.add_argument(
         "--variants",
         default="default",
         help="default[,prefetch|heads][,prior]: extra tilings to check (prefetch, heads) / measure (prior)",
     )
     args = p.parse_args(argv)
-    global INTERPRET, TIMER, VARIANTS
+    global INTERPRET, TIMER, VARIANTS, COLD_L2
     VARIANTS = tuple(args.variants.split(","))
     INTERPRET = args.interpret
     TIMER = "wall" if args.interpret or args.smoke else args.timer
+    COLD_L2 = args.l2 == "cold"
 
     if args.smoke:
         args.threads = 1

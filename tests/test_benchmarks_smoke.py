@@ -69,3 +69,24 @@ def test_plot_results_makes_a_png(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_kernels_cold_l2_flush_passes_q_through():
+    """``bench_kernels.py --l2 cold`` (the default) runs each timed call on ``l2_flush(q, buf)``: q must come back bit for
+    bit (interpret mode here), so the timed attention sees the same inputs as without the flag."""
+    import importlib.util
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("bench_kernels_cold", BENCH / "bench_kernels.py")
+    bk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bk)
+    bk.INTERPRET = True
+    q = jnp.asarray(np.random.default_rng(0).standard_normal((3, 5, 64)), jnp.bfloat16)
+    buf = bk.flush_buffer()[:2]
+    out = bk.l2_flush(q, buf)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    np.testing.assert_array_equal(np.asarray(out.view(jnp.uint16)), np.asarray(q.view(jnp.uint16)))
+    f = lambda q, k: (q.astype(jnp.float32) * k).sum()  # noqa: E731
+    assert float(bk.cold_fn(f)(q, 2.0, buf)) == float(f(q, 2.0))

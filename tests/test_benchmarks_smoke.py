@@ -22,6 +22,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
         "bench_serving.py --backend openai",
         "bench_load.py",
         "bench_sampler.py",
+        "bench_skinny_gemm.py",
     ],
 )
 def test_benchmark_smoke(script, tmp_path, default_model_dir):

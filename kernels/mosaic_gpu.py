@@ -3,8 +3,9 @@
 The Triton-lowered kernel (``pallas_gpu``) moves K/V through registers with one block of software prefetch
 and levels off at 83-87% of HBM bandwidth on an H100. This kernel moves K/V with the Tensor Memory
 Accelerator into a ring of shared-memory stages, so several blocks per program are in flight with no
-registers held, and computes on the tensor cores (wgmma): 89-94% at batch >= 64 and context >= 1k on an
-H100 (benchmarks/RESULTS.md, "Kernels").
+registers held, and computes on the tensor cores (wgmma): 87-95% at batch >= 64 and context >= 1k on an
+H100, timed with the L2 cache cold as in a model (82% for the 1B head shape at batch 64 and context 1k;
+benchmarks/RESULTS.md, "Kernels").
 
 Work: every query token is one work item (``_pallas_common.make_plan`` with ``block_q=1``), so any ragged
 batch is served, but each token reads its whole kv prefix: the kernel is meant for decode batches, where

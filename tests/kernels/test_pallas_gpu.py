@@ -324,6 +324,16 @@ def test_default_config_tiles_are_triton_legal():
                 assert c.num_splits == 1
 
 
+def test_default_decode_tiling_by_bucket_size():
+    """Llama-3.2-1B heads (head_dim 64): one kv head per program with 128-token blocks up to 8 tokens, two kv
+    heads with 64-token blocks (256 contiguous bytes per token) from 16 (the H100 cold-L2 sweep's choice)."""
+    shapes = dict(num_q_heads=32, num_kv_heads=8, head_dim=64, page_size=16, pages_per_seq=64, num_sms=132)
+    small = default_config(num_tokens=8, max_num_seqs=8, **shapes)
+    assert (small.kv_heads, small.block_kv, small.num_splits) == (1, 128, 4)
+    larger = default_config(num_tokens=16, max_num_seqs=16, **shapes)
+    assert (larger.kv_heads, larger.block_kv, larger.num_splits) == (2, 64, 4)
+
+
 def test_backend_resolution():
     assert resolve_backend("auto", platform="cpu") == "reference"
     assert resolve_backend(None, platform="cpu") == "reference"

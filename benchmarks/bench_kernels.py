@@ -300,9 +300,8 @@ def loop_fn(fn, iters):
 
 
 TIMER = "cupti"  # --timer
-COLD_L2 = (
-    False  # --l2 cold (the default from the command line): every timed call starts with L2 holding other data
-)
+# --l2 cold (the command line's default): every timed call starts with L2 holding other data (l2_flush)
+COLD_L2 = False
 _FLUSH_BLOCK = 4096  # f32 per load of the flush kernel
 
 

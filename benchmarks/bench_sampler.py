@@ -18,9 +18,7 @@ import argparse
 import functools
 
 import numpy as np
-from common import append_jsonl
-
-HBM_READ_BW = 3.19e12
+from common import HBM_READ_BW, append_jsonl, cupti_seconds
 
 
 def main() -> None:
@@ -63,10 +61,7 @@ def main() -> None:
         out = jax.block_until_ready(c(*args_))
         if interpret:
             return out, float("nan")
-        from jax.experimental.mosaic.gpu import profiler
-
-        _, timings = profiler.measure(c, aggregate=False, iterations=args.iterations)(*args_)
-        return out, float(np.median([sum(ms for _, ms in it) for it in timings])) * 1e-3
+        return out, cupti_seconds(c, args_, args.iterations)[0]
 
     rng = np.random.default_rng(0)
     for rows in (int(r) for r in args.rows.split(",")):

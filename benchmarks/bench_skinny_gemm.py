@@ -21,9 +21,8 @@ import functools
 import math
 
 import numpy as np
-from common import append_jsonl
+from common import HBM_READ_BW, append_jsonl, cupti_seconds
 
-HBM_READ_BW = 3.19e12
 SHAPES = {"qkv": (2048, 3072), "o": (2048, 2048), "gate_up": (2048, 16384), "down": (8192, 2048)}  # (K, N)
 CONFIGS = "32/128/1/4/4,64/128/2/4/4,64/128/4/4/4,128/128/1/8/3,128/128/4/4/4"  # bn/bk/splits/warps/stages
 
@@ -111,11 +110,8 @@ def main() -> None:
         out = jax.block_until_ready(c(x, ws))
         if interpret:
             return out, float("nan"), float("nan")
-        from jax.experimental.mosaic.gpu import profiler
-
-        _, timings = profiler.measure(c, aggregate=False, iterations=args.iterations)(x, ws)
-        per_gemm = float(np.median([sum(ms for _, ms in it) for it in timings])) * 1e-3 / len(ws)
-        return out, per_gemm, len(timings[0]) / len(ws)
+        seconds, kernels = cupti_seconds(c, (x, ws), args.iterations)
+        return out, seconds / len(ws), kernels / len(ws)
 
     key = jax.random.key(0)
     for name, (k, n) in shapes.items():

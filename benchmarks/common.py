@@ -188,6 +188,18 @@ def append_jsonl(path: str | None, record: dict[str, Any]) -> None:
     print(json.dumps(record))
 
 
+HBM_READ_BW = 3.19e12  # bytes/s: the lent H100's measured read-only bandwidth (the kernels' ceiling)
+
+
+def cupti_seconds(compiled, args, iterations: int) -> tuple[float, int]:
+    """(median GPU kernel time of one call of ``compiled(*args)`` in seconds, kernels per call), from CUPTI
+    over ``iterations`` calls (launch gaps not counted). GPU only."""
+    from jax.experimental.mosaic.gpu import profiler
+
+    _, timings = profiler.measure(compiled, aggregate=False, iterations=iterations)(*args)
+    return float(np.median([sum(ms for _, ms in it) for it in timings])) * 1e-3, len(timings[0])
+
+
 def print_block(title: str, rows: list[tuple[str, Any]]) -> None:
     print(f"{'=' * 16} {title} {'=' * 16}")
     for k, v in rows:

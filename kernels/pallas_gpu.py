@@ -222,7 +222,8 @@ def default_config(
     A batch with no more tokens than sequences is treated as decode: 16-row query tiles, 32 KiB of K+V per
     kv step, split-K up to two programs per SM, software prefetch with page-id lookahead, and two kv heads
     per program where one head's row of a page is only 128 bytes (head_dim 64 in bf16), so that each token
-    read is 256 contiguous bytes, once the batch has more than 8 tokens. Anything else is prefill / mixed (64-row query tiles, no split).
+    read is 256 contiguous bytes, once the batch is large enough (from 16 tokens for Llama-3.2-1B heads on
+    an H100). Anything else is prefill / mixed (64-row query tiles, no split).
     These are the best tilings of the H100 decode sweeps (benchmarks/RESULTS.md, "Kernels").
     On Hopper, decode batches that fill the GPU go to the Mosaic GPU kernel (``mosaic_decode_config``).
     """
@@ -250,7 +251,7 @@ def default_config(
             and group == group_pad
             and 2 * group_pad <= 16
             and num_kv_heads % 2 == 0
-            # Enough programs left to fill the GPU twice over. With the L2 cold, one kv head per program
+            # At most 16 splits must still give 4 programs per SM. With the L2 cold, one kv head per program
             # (128-token blocks) was faster up to 8 tokens (Llama-3.2-1B heads, context 1k: 7.6 / 9.1 / 12.7 µs
             # at batch 1 / 4 / 8 in an 8-token bucket, against 8.8 / 10.3 / 13.8 with two heads), two heads
             # from 16 tokens (19.6 against 23.4 µs; benchmarks/RESULTS.md, "Kernels", seventh round).

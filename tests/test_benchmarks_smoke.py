@@ -73,8 +73,8 @@ def test_plot_results_makes_a_png(tmp_path):
 
 
 def test_bench_kernels_cold_l2_flush_passes_q_through():
-    """``bench_kernels.py --l2 cold`` (the default) runs each timed call on ``l2_flush(q, buf)``: q must come back bit for
-    bit (interpret mode here), so the timed attention sees the same inputs as without the flag."""
+    """``bench_kernels.py --l2 cold`` (the default) times each call on ``l2_flush(q, buf)``: q must come back
+    bit for bit (interpret mode here), so the timed attention sees the same inputs as with ``--l2 warm``."""
     import importlib.util
 
     import jax.numpy as jnp

@@ -691,7 +691,7 @@ def pct(nbytes, t):
 
 
 def cfg_str(c, kv_layout="nhd"):
-    """rows/block_kv/splits/warps/stages[/hf][/pf][/hN][/la][/hnd]: the --sweep-configs syntax."""
+    """rows/block_kv/splits/warps/stages[/hf][/pf][/hN][/la][/spN][/hnd]: the --sweep-configs syntax."""
     c = c if isinstance(c, dict) else dataclasses.asdict(c)
     if c.get("mosaic"):  # the Mosaic GPU decode kernel: mgpu/hHEADS/block_kv/stages/splits[/cCONSUMERS]
         m = c["mosaic"]
@@ -704,6 +704,7 @@ def cfg_str(c, kv_layout="nhd"):
         f"{c['block_rows']}/{c['block_kv']}/{c['num_splits']}/{c['num_warps']}/{c['num_stages']}"
         f"{'/hf' if c.get('heads_fastest') else ''}{'/pf' if c.get('prefetch') else ''}"
         f"{f'/h{heads}' if heads > 1 else ''}{'/la' if c.get('page_lookahead') else ''}"
+        f"{f'/sp{sp}' if (sp := c.get('split_programs')) else ''}"
         f"{'/hnd' if kv_layout == 'hnd' else ''}"
     )
 
@@ -722,8 +723,8 @@ def prior_decode_config(b, hq, hkv, d, page, pages_per_seq, itemsize, num_sms=No
 
 
 def parse_cfg(spec, *, b, hq, hkv, d, page, pages_per_seq):
-    """'rows/block_kv/splits/warps/stages[/hf][/pf][/hN][/la][/hnd]' -> (GpuConfig, kv_layout);
-    splits 'a' = decode_splits'. 'mgpu/hHEADS/block_kv/stages/splits[/cCONSUMERS]': the Mosaic GPU decode
+    """'rows/block_kv/splits/warps/stages[/hf][/pf][/hN][/la][/spN][/hnd]' -> (GpuConfig, kv_layout);
+    splits 'a' = decode_splits; spN: splits planned per batch for about N programs (at most ``splits``). 'mgpu/hHEADS/block_kv/stages/splits[/cCONSUMERS]': the Mosaic GPU decode
     kernel with that tiling (Hopper)."""
     parts = spec.split("/")
     if parts[0] == "mgpu":
@@ -735,10 +736,12 @@ def parse_cfg(spec, *, b, hq, hkv, d, page, pages_per_seq):
         return GpuConfig(mosaic=mosaic), "nhd"
     rows, bkv, splits, warps, stages = parts[:5]
     flags = parts[5:]
-    heads = 1
+    heads, split_programs = 1, 0
     for f in flags:
         if f.startswith("h") and f[1:].isdigit():
             heads = int(f[1:])
+        if f.startswith("sp") and f[2:].isdigit():
+            split_programs = int(f[2:])
     if splits == "a":
         block_q = max(1, max(16, int(rows)) // (heads * pallas_gpu.common.next_pow2(hq // hkv)))
         num_work = pallas_gpu.common.num_work_items(b, b, block_q)
@@ -754,6 +757,7 @@ def parse_cfg(spec, *, b, hq, hkv, d, page, pages_per_seq):
         prefetch="pf" in flags,
         kv_heads=heads,
         page_lookahead="la" in flags,
+        split_programs=split_programs,
     )
     return cfg, ("hnd" if "hnd" in flags else "nhd")
 

@@ -33,7 +33,11 @@ META_Q_START = 6  # row of q (token index) holding the block's first query token
 # padding rows (past cu_q_lens[num_seqs]) it zero-fills from META_Q_START on, so that kernels which store
 # straight into the [num_tokens, ...] output leave no row unwritten.
 META_OUT_ROWS = 7
-META_COLS = 8
+# kv splits of the work item (>= 1): kernels with a split grid axis divide the item's kv blocks among this
+# many of their split programs (the rest have nothing to do). ``make_plan`` writes 1; a backend may plan
+# more (``pallas_gpu.plan_splits``).
+META_SPLITS = 8
+META_COLS = 9
 
 
 DEFAULT_NUM_SMS = 132  # H100 SXM
@@ -148,8 +152,10 @@ def make_plan(
     pad_rows = jnp.clip(num_tokens - pad_start, 0, block_q)
     q_start = jnp.where(w_valid, cu_q_lens[w_seq] + w_blk * block_q, jnp.clip(pad_start, 0, num_tokens))
     out_rows = jnp.where(w_valid, nrows, pad_rows)
+    ones = jnp.ones_like(nrows)
     meta = jnp.stack(
-        [jnp.where(w_valid, w_seq, 0), first_pos, nrows, kv_len, lo_blk, hi_blk, q_start, out_rows], axis=1
+        [jnp.where(w_valid, w_seq, 0), first_pos, nrows, kv_len, lo_blk, hi_blk, q_start, out_rows, ones],
+        axis=1,
     ).astype(jnp.int32)
     if not token_map:
         return Plan(block_q, group, group_pad, block_kv, num_work, meta, None, None, None)

@@ -71,7 +71,12 @@ class GpuConfig:
       >= 16.
     block_kv: kv tokens per inner step, a power of two >= 16 (whole pages are gathered when it is >= the
       page size, else a slice of one page is read).
-    num_splits: kv splits per work item (1 = no split-K).
+    num_splits: kv splits per work item (1 = no split-K); with ``split_programs`` the most a work item takes.
+    split_programs: 0: every work item is split ``num_splits`` ways. > 0: the plan gives each work item its
+      own split count (``plan_splits``) from the batch's real kv lengths, so that about this many programs
+      have kv blocks to read (empty split programs return at once). A static grid sized for a full bucket
+      leaves most of the GPU idle when a decode bucket holds one long sequence; planned splits spread that
+      sequence over the SMs instead.
     heads_fastest: launch order; True puts the kv heads of one work item in adjacent programs, so the
       token-major pages they read are fetched at about the same time.
     prefetch: software-pipeline the K/V loads one block ahead in the loop carry (on top of, or instead of,
@@ -92,6 +97,7 @@ class GpuConfig:
     prefetch: bool = False  # issue block b+1's loads before block b's math (tiles carried in registers)
     kv_heads: int = 1
     page_lookahead: bool = False  # with prefetch: read block b+2's page ids while block b+1's K/V load
+    split_programs: int = 0  # > 0: per-item split counts planned per batch (plan_splits)
     # Decode batches on Hopper: run the Mosaic GPU kernel (``kernels/mosaic_gpu.py``) with this tiling
     # instead of the Triton one; every other field is then unused.
     mosaic: mosaic_gpu.MosaicConfig | None = None
@@ -263,7 +269,14 @@ def default_config(
         block_q = max(1, rows // (heads * group_pad))
         num_work = common.num_work_items(num_tokens, max_num_seqs, block_q)
         max_blocks = common.cdiv(pages_per_seq * page_size, block_kv)
-        splits = decode_splits(num_work * (num_kv_heads // heads), max_blocks, sms)
+        # Planned splits: the grid has room for the splits one sequence alone would take, and each step's plan
+        # gives every work item its share from the real kv lengths (plan_splits), so a bucket holding fewer
+        # or shorter sequences than it has room for still spreads its kv blocks over the SMs. The grid is
+        # kept within 16 programs per SM (empty programs return at once, but are launched).
+        groups = num_kv_heads // heads
+        splits = decode_splits(groups, max_blocks, sms)
+        while splits > 1 and num_work * groups * splits > 16 * sms:
+            splits //= 2
         return GpuConfig(
             block_rows=rows,
             block_kv=block_kv,
@@ -276,6 +289,7 @@ def default_config(
             prefetch=True,
             kv_heads=heads,
             page_lookahead=True,
+            split_programs=2 * sms if splits > 1 else 0,
         )
     rows = max(64, group_pad)
     block_kv = 64
@@ -355,7 +369,9 @@ def _tiling(
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["work", "page_table"], meta_fields=["config", "key"]
+    jax.tree_util.register_dataclass,
+    data_fields=["work", "page_table", "token_splits"],
+    meta_fields=["config", "key"],
 )
 @dataclasses.dataclass(frozen=True)
 class GpuPlan:
@@ -369,6 +385,9 @@ class GpuPlan:
     key: tuple  # static shapes it was made for (_plan_key)
     work: common.Plan
     page_table: jax.Array  # [max_num_seqs, pt_cols] int32, padded to whole kv blocks of page ids
+    # Split-K with direct q / out tiles: [num_tokens] int32, the split count of each token's work item (0 for
+    # padding rows). Split programs past their item's count store nothing; the merge reads only the rest.
+    token_splits: jax.Array | None = None
 
 
 def _plan_key(q, k_pages, page_indices, kv_layout: str = "nhd") -> tuple:
@@ -415,8 +434,45 @@ def gpu_metadata(
         sliding_window=None,
         token_map=not t.direct,
     )
+    token_splits = None
+    if t.num_splits > 1:
+        meta = plan_splits(work.meta, num_kv_heads // t.heads, t.num_splits, int(config.split_programs))
+        work = dataclasses.replace(work, meta=meta)
+        if t.direct:
+            token_splits = _token_splits(meta, num_tokens, t.block_q)
     pt = common.pad_page_table(page_indices, t.pages_per_blk)
-    return GpuPlan(config=config, key=key, work=work, page_table=pt)
+    return GpuPlan(config=config, key=key, work=work, page_table=pt, token_splits=token_splits)
+
+
+def _token_splits(meta: jax.Array, num_tokens: int, block_q: int) -> jax.Array:
+    """[num_tokens] split count of each query token's work item; 0 for padding rows."""
+    r = jnp.arange(block_q, dtype=jnp.int32)[None, :]
+    nrows = meta[:, common.META_NROWS][:, None]
+    rows = jnp.where(
+        r < nrows, meta[:, common.META_Q_START][:, None] + r, num_tokens
+    )  # past the end: dropped
+    splits = jnp.broadcast_to(meta[:, common.META_SPLITS][:, None], rows.shape)
+    out = jnp.zeros((num_tokens,), jnp.int32)
+    return out.at[rows.reshape(-1)].set(splits.reshape(-1), mode="drop")
+
+
+def plan_splits(meta: jax.Array, num_groups: int, max_splits: int, split_programs: int) -> jax.Array:
+    """Write each work item's kv split count into ``meta[:, META_SPLITS]``.
+
+    split_programs 0: every item takes ``max_splits``. Otherwise the kv blocks of the batch (over its
+    ``num_groups`` kv head groups) are cut into chunks of ``ceil(total / split_programs)`` blocks and each
+    item takes one split per chunk of its own blocks, at least 1 and at most ``max_splits``: a lone long
+    sequence gets all the splits the grid has, a full bucket of equal sequences about
+    ``split_programs / (items * groups)`` each, and in a mixed batch the long sequences more than the short.
+    """
+    if split_programs <= 0:
+        splits = jnp.full((meta.shape[0],), max_splits, jnp.int32)
+    else:
+        blocks = jnp.maximum(meta[:, common.META_HI_BLK] - meta[:, common.META_LO_BLK], 0)
+        total = blocks.sum() * num_groups
+        chunk = jnp.maximum(1, common.cdiv(total, split_programs))
+        splits = jnp.clip(common.cdiv(blocks, chunk), 1, max_splits).astype(jnp.int32)
+    return meta.at[:, common.META_SPLITS].set(splits)
 
 
 def _kernel(
@@ -474,25 +530,31 @@ def _kernel(
         lo_blk = jnp.zeros_like(hi_blk)
     else:
         lo_blk = jnp.minimum(jnp.maximum(first_pos - sliding_window + 1, 0) // block_kv, hi_blk)
-    if num_splits > 1:
-        per = (hi_blk - lo_blk + num_splits - 1) // num_splits
-        b0 = lo_blk + pl.program_id(2) * per
+    if num_splits > 1:  # this item's own split count (plan_splits); programs past it have no blocks
+        item_splits = meta_ref[common.META_SPLITS]
+        per = (hi_blk - lo_blk + item_splits - 1) // item_splits
+        b0 = jnp.minimum(lo_blk + pl.program_id(2) * per, hi_blk)
         b1 = jnp.minimum(hi_blk, b0 + per)
     else:
         b0, b1 = lo_blk, hi_blk
 
     q_cols = pl.ds(hg * heads * group, heads * group)
-    if t.direct:
-        tok = lax.broadcasted_iota(jnp.int32, (block_q, 1, 1), 0)
-        q = pltriton.load(q_ref.at[pl.ds(q_start, block_q), q_cols, :], mask=tok < nrows, other=0)
-        q = q.reshape(rows, head_dim)
-    else:
-        q = q_ref[...]
     if heads > 1:
         row_head = lax.rem(lax.div(lax.broadcasted_iota(jnp.int32, (rows, heads, 1), 0), group_pad), heads)
         on_diag = row_head == lax.broadcasted_iota(jnp.int32, (rows, heads, 1), 1)  # [rows, heads, 1]
-        q = jnp.where(on_diag, q.reshape(rows, 1, head_dim), jnp.zeros_like(q).reshape(rows, 1, head_dim))
-        q = q.reshape(rows, width)
+
+    def load_q():  # the query tile (only programs with kv blocks to read load it)
+        if t.direct:
+            tok = lax.broadcasted_iota(jnp.int32, (block_q, 1, 1), 0)
+            q = pltriton.load(q_ref.at[pl.ds(q_start, block_q), q_cols, :], mask=tok < nrows, other=0)
+            q = q.reshape(rows, head_dim)
+        else:
+            q = q_ref[...]
+        if heads > 1:
+            zeros = jnp.zeros_like(q).reshape(rows, 1, head_dim)
+            q = jnp.where(on_diag, q.reshape(rows, 1, head_dim), zeros).reshape(rows, width)
+        return q
+
     q_pos = first_pos + lax.div(lax.broadcasted_iota(jnp.int32, (rows,), 0), heads * group_pad)
     # Scores are kept in base 2: s2 = log2(e) * s.
     s_scale = sm_scale * LOG2E if soft_cap is None else sm_scale / soft_cap
@@ -513,7 +575,7 @@ def _kernel(
     def load(b):
         return fetch(b, lookup(b))
 
-    def compute(b, k, v, carry, masked):
+    def compute(q, b, k, v, carry, masked):
         m_prev, l_prev, acc_prev = carry
         s = lax.dot_general(
             q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
@@ -546,10 +608,10 @@ def _kernel(
 
     last = jnp.maximum(b1 - 1, 0)
 
-    def run(lo, hi, carry, masked):
+    def run(q, lo, hi, carry, masked):
         n = jnp.maximum(hi - lo, 0)
         if not prefetch:
-            return lax.fori_loop(0, n, lambda i, c: compute(lo + i, *load(lo + i), c, masked), carry)
+            return lax.fori_loop(0, n, lambda i, c: compute(q, lo + i, *load(lo + i), c, masked), carry)
 
         # Software prefetch: the loads of block b + 1 are issued before block b's math (the last block's
         # "next" is itself again, an L2 hit). The tiles ride in the loop carry across the three loops.
@@ -560,9 +622,9 @@ def _kernel(
             if page_lookahead:
                 kv, pages, state = c
                 nxt = fetch(jnp.minimum(b + 1, last), pages)
-                return nxt, lookup(jnp.minimum(b + 2, last)), compute(b, *kv, state, masked)
+                return nxt, lookup(jnp.minimum(b + 2, last)), compute(q, b, *kv, state, masked)
             kv, state = c
-            return load(jnp.minimum(b + 1, last)), compute(b, *kv, state, masked)
+            return load(jnp.minimum(b + 1, last)), compute(q, b, *kv, state, masked)
 
         return lax.fori_loop(0, n, body, carry)
 
@@ -576,19 +638,27 @@ def _kernel(
         lo_full = jnp.maximum(first_pos + nrows - sliding_window, 0)
         fb0 = jnp.clip((lo_full + block_kv - 1) // block_kv, b0, fb1)
     fb1 = jnp.maximum(fb1, fb0)
-    carry = (
+    empty = (
         jnp.full((rows,), MASK_VALUE, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
         jnp.zeros((rows, width), jnp.float32),
     )
-    if prefetch and page_lookahead:
-        carry = (load(jnp.minimum(b0, last)), lookup(jnp.minimum(b0 + 1, last)), carry)
-    elif prefetch:
-        carry = (load(jnp.minimum(b0, last)), carry)
-    carry = run(b0, fb0, carry, True)
-    carry = run(fb0, fb1, carry, False)
-    carry = run(fb1, b1, carry, True)
-    m, l, acc = carry[-1] if prefetch else carry
+
+    def attend():
+        carry = empty
+        if prefetch and page_lookahead:
+            carry = (load(jnp.minimum(b0, last)), lookup(jnp.minimum(b0 + 1, last)), carry)
+        elif prefetch:
+            carry = (load(jnp.minimum(b0, last)), carry)
+        q = load_q()
+        carry = run(q, b0, fb0, carry, True)
+        carry = run(q, fb0, fb1, carry, False)
+        carry = run(q, fb1, b1, carry, True)
+        return carry[-1] if prefetch else carry
+
+    # Programs with no kv blocks (padding work items, splits past the item's count) skip the loops and
+    # their prefetch: they only write the empty result.
+    m, l, acc = lax.cond(b1 > b0, attend, lambda: empty)
     if heads > 1:  # keep each row's own head's column block
         acc = jnp.where(on_diag, acc.reshape(rows, heads, head_dim), 0.0).sum(axis=1)
     if num_splits == 1:
@@ -598,8 +668,12 @@ def _kernel(
     for ref, val in zip(out_refs, results, strict=True):
         val = val.astype(ref.dtype)
         if t.direct:
-            # Empty work items write zeros over the padding rows they cover (META_OUT_ROWS).
+            # Empty work items write zeros over the padding rows they cover (META_OUT_ROWS). With split-K
+            # the merge reads a token's first META_SPLITS partials only (the plan's token_splits), so split
+            # programs past that count store nothing.
             ok = lax.broadcasted_iota(jnp.int32, (block_q, 1), 0) < out_rows
+            if num_splits > 1:
+                ok = ok & (pl.program_id(2) < item_splits)
             tile = (pl.ds(q_start, block_q), q_cols)
             if val.ndim == 2:
                 val = val.reshape(block_q, heads * group, head_dim)
@@ -771,11 +845,58 @@ def _gpu_call(
         # Every row of the output, padding included, was written by some program (META_OUT_ROWS).
         if num_splits == 1:
             return out[0]
-        return common.combine_splits(*out).astype(q.dtype)
+        return merge_splits_direct(*out, plan.token_splits, q.dtype, interpret=interpret)
     if num_splits == 1:
         return common.scatter_out(out[0], work, num_q_heads, q.dtype)
     acc, m, l = out
     return common.merge_splits(acc, m, l, work, num_q_heads, q.dtype)
+
+
+def _merge_kernel(splits_ref, acc_ref, m_ref, l_ref, o_ref):
+    """One token, ``heads`` q heads: o = sum_s alpha_s * acc_s / sum_s alpha_s * l_s over the token's first
+    ``splits_ref[t]`` splits (alpha_s = 2^(m_s - max m)), every split loaded at once."""
+    n = splits_ref[pl.program_id(0)]
+    acc, m, l = acc_ref[...], m_ref[...], l_ref[...]  # [S, heads, D], [S, heads], [S, heads]
+    live = lax.broadcasted_iota(jnp.int32, m.shape, 0) < n
+    m = jnp.where(live, m, MASK_VALUE)
+    alpha = jnp.where(live, jnp.exp2(m - m.max(axis=0)[None]), 0.0)
+    l_tot = (alpha * jnp.where(live, l, 0.0)).sum(axis=0)
+    o = (alpha[:, :, None] * jnp.where(live[:, :, None], acc, 0.0)).sum(axis=0)
+    o_ref[...] = (o / jnp.where(l_tot == 0.0, 1.0, l_tot)[:, None]).astype(o_ref.dtype)
+
+
+def merge_splits_direct(acc, m, l, token_splits, out_dtype, *, interpret=False) -> jax.Array:
+    """Flash-decoding merge of ``[S, T, Hq, D]`` partials (``m``, ``l``: ``[S, T, Hq]``) into ``[T, Hq, D]``,
+    reading each token's first ``token_splits[t]`` splits only (zero rows where it is 0; the others may hold
+    anything). One Pallas program per (token, block of q heads) loads all of its splits at once."""
+    num_splits, num_tokens, num_q_heads, head_dim = acc.shape
+    # Small blocks (<= 4 KiB of acc per program): the merge moves little data, so what bounds it is how many
+    # SMs share the loads (a program per token with all Hq heads, 8 programs for 8 tokens, was slower than
+    # XLA's reductions at S=4 on an H100).
+    heads = num_q_heads & -num_q_heads  # the largest power of two dividing Hq
+    while heads > 1 and num_splits * heads * head_dim > 1024:
+        heads //= 2
+    if not (common.is_pow2(num_splits) and common.is_pow2(head_dim)):
+        live = jnp.arange(num_splits)[:, None, None] < token_splits[None, :, None]
+        m = jnp.where(live, m, MASK_VALUE)
+        l = jnp.where(live, l, 0.0)
+        acc = jnp.where(live[..., None], acc, 0.0)
+        return common.combine_splits(acc, m, l).astype(out_dtype)
+    return pl.pallas_call(
+        _merge_kernel,
+        grid=(num_tokens, num_q_heads // heads),
+        in_specs=[
+            pl.BlockSpec((num_tokens,), lambda t, h: (0,)),
+            pl.BlockSpec((num_splits, None, heads, head_dim), lambda t, h: (0, t, h, 0)),
+            pl.BlockSpec((num_splits, None, heads), lambda t, h: (0, t, h)),
+            pl.BlockSpec((num_splits, None, heads), lambda t, h: (0, t, h)),
+        ],
+        out_specs=pl.BlockSpec((None, heads, head_dim), lambda t, h: (t, h, 0)),
+        out_shape=jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), out_dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name=f"jaxrt_rpa_merge_s{num_splits}",
+    )(token_splits, acc, m, l)
 
 
 def _supports(q, k_pages) -> str | None:

@@ -161,6 +161,25 @@ CASES = [
         config=GpuConfig(16, 32, 3, prefetch=True, kv_heads=4, page_lookahead=True),
     ),
     Case(*_mixed(32), page=32, window=9, config=GpuConfig(16, 16, 2, prefetch=True, page_lookahead=True)),
+    # planned splits (each work item's own split count from the kv lengths): decodes of very different
+    # lengths, so items get 1 to 8 splits, with window / cap, two heads per program and a bf16 pool
+    Case(
+        (1,) * 6,
+        (1, 200, 17, 90, 5, 64),
+        pad_tokens=-1,
+        config=GpuConfig(16, 16, 8, prefetch=True, page_lookahead=True, split_programs=24),
+    ),
+    Case(
+        (1,) * 6,
+        (3, 150, 40, 70, 1, 33),
+        pad_tokens=-1,
+        hq=16,
+        hkv=4,
+        dtype="bf16",
+        window=37,
+        cap=4.0,
+        config=GpuConfig(16, 16, 4, prefetch=True, kv_heads=2, split_programs=16),
+    ),
     # a sequence with no new tokens, a long prefill chunk spanning several query blocks, no padding at all
     Case((3, 0, 40), (3, 5, 50), pad_tokens=0, pad_seqs=0, config=GpuConfig(block_rows=32, block_kv=16)),
 ]
@@ -329,9 +348,58 @@ def test_default_decode_tiling_by_bucket_size():
     heads with 64-token blocks (256 contiguous bytes per token) from 16 (the H100 cold-L2 sweep's choice)."""
     shapes = dict(num_q_heads=32, num_kv_heads=8, head_dim=64, page_size=16, pages_per_seq=64, num_sms=132)
     small = default_config(num_tokens=8, max_num_seqs=8, **shapes)
-    assert (small.kv_heads, small.block_kv, small.num_splits) == (1, 128, 4)
+    assert (small.kv_heads, small.block_kv) == (1, 128)
     larger = default_config(num_tokens=16, max_num_seqs=16, **shapes)
-    assert (larger.kv_heads, larger.block_kv, larger.num_splits) == (2, 64, 4)
+    assert (larger.kv_heads, larger.block_kv) == (2, 64)
+    # Split room for one sequence alone (up to 16, at most the blocks of a page-table row), planned per step.
+    assert (small.num_splits, small.split_programs) == (8, 264)
+    assert (larger.num_splits, larger.split_programs) == (16, 264)
+
+
+def _plan(kv_lens, num_tokens, config, hq=32, hkv=8, d=64, page=16, pages_per_seq=256):
+    n = len(kv_lens)
+    q = jax.ShapeDtypeStruct((num_tokens, hq, d), jnp.bfloat16)
+    k_pages = jax.ShapeDtypeStruct((4096, page, hkv, d), jnp.bfloat16)
+    cu = jnp.asarray(list(range(n + 1)) + [n] * (num_tokens - n), jnp.int32)
+    kv = jnp.asarray(list(kv_lens) + [0] * (num_tokens - n), jnp.int32)
+    pt = jnp.zeros((num_tokens, pages_per_seq), jnp.int32)
+    plan = pallas_gpu.gpu_metadata(q, k_pages, kv, pt, cu, jnp.asarray([n], jnp.int32), config=config)
+    meta = np.asarray(plan.work.meta)
+    real = meta[:, pallas_gpu.common.META_NROWS] > 0
+    blocks = meta[:, pallas_gpu.common.META_HI_BLK] - meta[:, pallas_gpu.common.META_LO_BLK]
+    return meta[real, pallas_gpu.common.META_SPLITS], blocks[real]
+
+
+def test_planned_splits_follow_the_real_kv_lengths():
+    """The 8-token decode bucket of Llama-3.2-1B heads: a lone long sequence takes every split the grid
+    has; a full bucket of equal sequences shares ~split_programs programs; in a mixed batch the long
+    sequences get more splits than the short; a static tiling splits every item alike."""
+    cfg = default_config(
+        num_tokens=8,
+        max_num_seqs=8,
+        num_q_heads=32,
+        num_kv_heads=8,
+        head_dim=64,
+        page_size=16,
+        pages_per_seq=256,
+        num_sms=132,
+    )
+    groups = 8 // cfg.kv_heads
+    assert cfg.num_splits == 16 and cfg.split_programs == 264
+    splits, blocks = _plan([4096], 8, cfg)
+    assert splits.tolist() == [16]
+    splits, blocks = _plan([1024], 8, cfg)
+    assert splits.tolist() == [8] and blocks.tolist() == [8]  # one 128-token block per split
+    splits, blocks = _plan([4096] * 8, 8, cfg)
+    assert len(set(splits.tolist())) == 1 and splits.sum() * groups <= cfg.split_programs
+    assert splits.sum() * groups > cfg.split_programs // 2
+    splits, blocks = _plan([4096, 300, 4096, 60], 8, cfg)
+    assert splits[0] == splits[2] > splits[1] >= splits[3] >= 1
+    assert splits.sum() * groups <= cfg.split_programs + len(splits) * groups
+    assert np.all(splits <= np.maximum(blocks, 1))
+    static = dataclasses.replace(cfg, split_programs=0)
+    splits, _ = _plan([4096, 300, 60], 8, static)
+    assert splits.tolist() == [16, 16, 16]
 
 
 def test_backend_resolution():
@@ -415,3 +483,69 @@ SLOW_CASES = [
 @pytest.mark.parametrize("case", SLOW_CASES, ids=str)
 def test_full_grid(case):
     run_case(case, seed=zlib.crc32(str(case).encode()))
+
+
+@pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="jax >= 0.11 lowers Pallas to CUDA on CPU")
+@pytest.mark.parametrize(
+    "num_tokens,max_seqs", [(8, 8), (16, 16), (40, 4)], ids=["decode8-planned", "decode16-planned", "mixed"]
+)
+def test_lowers_for_cuda(num_tokens, max_seqs):
+    """The Pallas -> Triton IR lowering of the default tilings (decode buckets with planned splits, whose
+    empty programs branch around the kv loops; a mixed batch) for an H100, on any machine. The Triton ->
+    PTX compile happens in XLA on the GPU (benchmarks/bench_kernels.py --check)."""
+    from jax import export
+    from jax._src import mesh as mesh_lib
+
+    hq, hkv, d, page = 32, 8, 64, 16
+    q = jax.ShapeDtypeStruct((num_tokens, hq, d), jnp.bfloat16)
+    pages = jax.ShapeDtypeStruct((512, page, hkv, d), jnp.bfloat16)
+    ints = [jax.ShapeDtypeStruct(s, jnp.int32) for s in ((max_seqs,), (max_seqs, 256), (max_seqs + 1,), (1,))]
+    cfg = pallas_gpu.config_for(q, pages, ints[1])
+    if num_tokens <= max_seqs:
+        assert cfg.split_programs > 0 and cfg.num_splits > 1 and cfg.mosaic is None
+
+    def f(q, k, v, kv_lens, pt, cu, ns):
+        return ragged_paged_attention_gpu(q, k, v, kv_lens, pt, cu, ns, sm_scale=0.125, config=cfg)
+
+    h100 = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    mesh = jax.sharding.AbstractMesh(
+        (1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=h100
+    )
+    with jax.sharding.use_abstract_mesh(mesh):
+        exp = export.export(
+            jax.jit(f),
+            platforms=["cuda"],
+            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(q, pages, pages, *ints)
+    assert [a.shape for a in exp.out_avals] == [(num_tokens, hq, d)]
+    assert "jaxrt_rpa_" in exp.mlir_module()
+    if num_tokens <= max_seqs:  # the split merge is a Pallas kernel too
+        assert "jaxrt_rpa_merge_s" in exp.mlir_module()
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(8, 5, 8, 16), (3, 4, 6, 16), (4, 2, 3, 32)],
+    ids=["pallas", "xla-odd-splits", "pallas-odd-heads"],
+)
+def test_split_merge_reads_only_live_splits(shape):
+    """merge_splits_direct (Pallas where S and D are powers of two, else XLA) against the plain
+    flash-decoding merge of each token's live splits; the dead splits hold NaN and inf, as unwritten memory
+    may, and padding tokens (0 splits) come out zero."""
+    num_splits, num_tokens, hq, d = shape
+    rng = np.random.default_rng(num_splits * 100 + hq)
+    acc = rng.standard_normal((num_splits, num_tokens, hq, d)).astype(np.float32)
+    m = rng.standard_normal((num_splits, num_tokens, hq)).astype(np.float32) * 4
+    l = rng.uniform(0.5, 2.0, (num_splits, num_tokens, hq)).astype(np.float32)
+    token_splits = rng.integers(1, num_splits + 1, num_tokens).astype(np.int32)
+    token_splits[-1] = 0
+    want = np.zeros((num_tokens, hq, d))
+    for t, n in enumerate(token_splits):
+        if n:
+            want[t] = np.asarray(pallas_gpu.common.combine_splits(acc[:n, t], m[:n, t], l[:n, t]))
+        dead = np.arange(num_splits) >= n
+        acc[dead, t], m[dead, t], l[dead, t] = np.nan, np.inf, np.nan
+    out = pallas_gpu.merge_splits_direct(
+        *map(jnp.asarray, (acc, m, l, token_splits)), jnp.float32, interpret=True
+    )
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-6)

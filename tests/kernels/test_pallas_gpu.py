@@ -180,6 +180,15 @@ CASES = [
         cap=4.0,
         config=GpuConfig(16, 16, 4, prefetch=True, kv_heads=2, split_programs=16),
     ),
+    Case(
+        (1,) * 5,
+        (130, 7, 64, 1, 99),
+        pad_tokens=-1,
+        d=128,
+        hq=4,
+        hkv=2,
+        config=GpuConfig(16, 32, 16, prefetch=True, heads_fastest=True, split_programs=12),
+    ),
     # a sequence with no new tokens, a long prefill chunk spanning several query blocks, no padding at all
     Case((3, 0, 40), (3, 5, 50), pad_tokens=0, pad_seqs=0, config=GpuConfig(block_rows=32, block_kv=16)),
 ]
@@ -367,7 +376,8 @@ def _plan(kv_lens, num_tokens, config, hq=32, hkv=8, d=64, page=16, pages_per_se
     meta = np.asarray(plan.work.meta)
     real = meta[:, pallas_gpu.common.META_NROWS] > 0
     blocks = meta[:, pallas_gpu.common.META_HI_BLK] - meta[:, pallas_gpu.common.META_LO_BLK]
-    return meta[real, pallas_gpu.common.META_SPLITS], blocks[real]
+    splits = meta[:, pallas_gpu.common.META_SPLITS]
+    return splits[real], blocks[real]
 
 
 def test_planned_splits_follow_the_real_kv_lengths():
@@ -487,22 +497,25 @@ def test_full_grid(case):
 
 @pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="jax >= 0.11 lowers Pallas to CUDA on CPU")
 @pytest.mark.parametrize(
-    "num_tokens,max_seqs", [(8, 8), (16, 16), (40, 4)], ids=["decode8-planned", "decode16-planned", "mixed"]
+    "num_tokens,max_seqs,d",
+    [(8, 8, 64), (16, 16, 64), (8, 8, 128), (40, 4, 64)],
+    ids=["decode8-planned", "decode16-planned", "decode8-d128-heads-fastest", "mixed"],
 )
-def test_lowers_for_cuda(num_tokens, max_seqs):
+def test_lowers_for_cuda(num_tokens, max_seqs, d):
     """The Pallas -> Triton IR lowering of the default tilings (decode buckets with planned splits, whose
     empty programs branch around the kv loops; a mixed batch) for an H100, on any machine. The Triton ->
     PTX compile happens in XLA on the GPU (benchmarks/bench_kernels.py --check)."""
     from jax import export
     from jax._src import mesh as mesh_lib
 
-    hq, hkv, d, page = 32, 8, 64, 16
+    hq, hkv, page = 32, 8, 16
     q = jax.ShapeDtypeStruct((num_tokens, hq, d), jnp.bfloat16)
     pages = jax.ShapeDtypeStruct((512, page, hkv, d), jnp.bfloat16)
     ints = [jax.ShapeDtypeStruct(s, jnp.int32) for s in ((max_seqs,), (max_seqs, 256), (max_seqs + 1,), (1,))]
     cfg = pallas_gpu.config_for(q, pages, ints[1])
     if num_tokens <= max_seqs:
         assert cfg.split_programs > 0 and cfg.num_splits > 1 and cfg.mosaic is None
+        assert cfg.heads_fastest == (d == 128)
 
     def f(q, k, v, kv_lens, pt, cu, ns):
         return ragged_paged_attention_gpu(q, k, v, kv_lens, pt, cu, ns, sm_scale=0.125, config=cfg)

@@ -12,7 +12,10 @@ the kv head) form the M dimension of both dots, so K/V pages are read once per k
 walks the sequence's page table ``block_kv`` tokens at a time (an online softmax in base 2), gathering
 whole pages straight from the token-major pool, and stops at the last block its causal / sliding-window
 range needs; blocks that every query row sees in full skip all masking. For decode batches that would not
-fill the GPU the kv range is also split across programs ("flash decoding"); the splits are merged in XLA.
+fill the GPU the kv range is also split across programs ("flash decoding"): the grid has room for the
+splits one sequence alone would take, each step's plan gives every work item its own split count from the
+real kv lengths (``plan_splits``), programs past it return at once, and a small Pallas kernel merges each
+token's live splits (``merge_splits_direct``; XLA for gathered tiles).
 When the GQA group is a power of two, programs read their q rows from, and write their output rows to,
 the ``[T, Hq, D]`` arrays directly (masked loads / stores); otherwise the wrapper gathers padded q tiles.
 Decode tilings carry the next block's K/V tiles through the loop (software prefetch, with the page ids read
@@ -226,7 +229,8 @@ def default_config(
     """Heuristic tiling from static shapes.
 
     A batch with no more tokens than sequences is treated as decode: 16-row query tiles, 32 KiB of K+V per
-    kv step, split-K up to two programs per SM, software prefetch with page-id lookahead, and two kv heads
+    kv step, split-K planned per step for about two programs per SM (room for up to 16 splits of one
+    sequence), software prefetch with page-id lookahead, and two kv heads
     per program where one head's row of a page is only 128 bytes (head_dim 64 in bf16), so that each token
     read is 256 contiguous bytes, once the batch is large enough (from 16 tokens for Llama-3.2-1B heads on
     an H100). Anything else is prefill / mixed (64-row query tiles, no split).

@@ -452,9 +452,8 @@ def _token_splits(meta: jax.Array, num_tokens: int, block_q: int) -> jax.Array:
     """[num_tokens] split count of each query token's work item; 0 for padding rows."""
     r = jnp.arange(block_q, dtype=jnp.int32)[None, :]
     nrows = meta[:, common.META_NROWS][:, None]
-    rows = jnp.where(
-        r < nrows, meta[:, common.META_Q_START][:, None] + r, num_tokens
-    )  # past the end: dropped
+    # Rows past an item's tokens point past the end of the output and are dropped by the scatter.
+    rows = jnp.where(r < nrows, meta[:, common.META_Q_START][:, None] + r, num_tokens)
     splits = jnp.broadcast_to(meta[:, common.META_SPLITS][:, None], rows.shape)
     out = jnp.zeros((num_tokens,), jnp.int32)
     return out.at[rows.reshape(-1)].set(splits.reshape(-1), mode="drop")

@@ -1174,7 +1174,9 @@ def main(argv=None):
     )
     p.add_argument("--sweep-points", default=SWEEP_POINTS, help="shape:batchxcontext,...")
     p.add_argument(
-        "--sweep-configs", default=None, help="rows/block_kv/splits|a/warps/stages[/hf][/pf][/hN],..."
+        "--sweep-configs",
+        default=None,
+        help="rows/block_kv/splits|a/warps/stages[/hf][/pf][/hN][/la][/spN],... or mgpu/...",
     )
     p.add_argument(
         "--time-budget", type=float, default=0, help="--sweep: skip points after this many seconds"

@@ -180,6 +180,15 @@ CASES = [
         cap=4.0,
         config=GpuConfig(16, 16, 4, prefetch=True, kv_heads=2, split_programs=16),
     ),
+    # a small batch with multi-token chunks still takes the decode tiling (tokens <= sequence slots): a
+    # work item holds up to 4 query tokens, and every token of it reads that item's planned splits
+    Case(
+        (1, 3, 1, 2),
+        (50, 40, 9, 100),
+        pad_tokens=-1,
+        pad_seqs=4,
+        config=GpuConfig(16, 16, 8, prefetch=True, page_lookahead=True, split_programs=20),
+    ),
     Case(
         (1,) * 5,
         (130, 7, 64, 1, 99),

@@ -724,8 +724,9 @@ def prior_decode_config(b, hq, hkv, d, page, pages_per_seq, itemsize, num_sms=No
 
 def parse_cfg(spec, *, b, hq, hkv, d, page, pages_per_seq):
     """'rows/block_kv/splits/warps/stages[/hf][/pf][/hN][/la][/spN][/hnd]' -> (GpuConfig, kv_layout);
-    splits 'a' = decode_splits; spN: splits planned per batch for about N programs (at most ``splits``). 'mgpu/hHEADS/block_kv/stages/splits[/cCONSUMERS]': the Mosaic GPU decode
-    kernel with that tiling (Hopper)."""
+    splits 'a' = decode_splits; spN: splits planned per batch for about N programs (at most ``splits``).
+    'mgpu/hHEADS/block_kv/stages/splits[/cCONSUMERS]': the Mosaic GPU decode kernel with that tiling
+    (Hopper)."""
     parts = spec.split("/")
     if parts[0] == "mgpu":
         heads, bkv, stages, splits = int(parts[1].lstrip("h")), int(parts[2]), int(parts[3]), int(parts[4])

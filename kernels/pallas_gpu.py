@@ -436,27 +436,18 @@ def gpu_metadata(
         cu_q_lens=cu_q_lens,
         num_seqs=num_seqs,
         sliding_window=None,
-        token_map=not t.direct,
+        # Gathered tiles map tokens to (work item, row) to scatter the output back; with split-K, direct
+        # tiles use the map to give each token its work item's split count (token_splits).
+        token_map=not t.direct or t.num_splits > 1,
     )
     token_splits = None
     if t.num_splits > 1:
         meta = plan_splits(work.meta, num_kv_heads // t.heads, t.num_splits, int(config.split_programs))
         work = dataclasses.replace(work, meta=meta)
         if t.direct:
-            token_splits = _token_splits(meta, num_tokens, t.block_q)
+            token_splits = jnp.where(work.token_valid, meta[work.token_work, common.META_SPLITS], 0)
     pt = common.pad_page_table(page_indices, t.pages_per_blk)
     return GpuPlan(config=config, key=key, work=work, page_table=pt, token_splits=token_splits)
-
-
-def _token_splits(meta: jax.Array, num_tokens: int, block_q: int) -> jax.Array:
-    """[num_tokens] split count of each query token's work item; 0 for padding rows."""
-    r = jnp.arange(block_q, dtype=jnp.int32)[None, :]
-    nrows = meta[:, common.META_NROWS][:, None]
-    # Rows past an item's tokens point past the end of the output and are dropped by the scatter.
-    rows = jnp.where(r < nrows, meta[:, common.META_Q_START][:, None] + r, num_tokens)
-    splits = jnp.broadcast_to(meta[:, common.META_SPLITS][:, None], rows.shape)
-    out = jnp.zeros((num_tokens,), jnp.int32)
-    return out.at[rows.reshape(-1)].set(splits.reshape(-1), mode="drop")
 
 
 def plan_splits(meta: jax.Array, num_groups: int, max_splits: int, split_programs: int) -> jax.Array:
@@ -855,17 +846,18 @@ def _gpu_call(
     return common.merge_splits(acc, m, l, work, num_q_heads, q.dtype)
 
 
+def _live_splits(acc, m, l, live):
+    """Mask the dead splits out of a flash-decoding merge with ``where`` (they may hold NaN / inf): m to
+    MASK_VALUE, l and acc to 0. ``live``: broadcastable to ``m``'s shape."""
+    return jnp.where(live[..., None], acc, 0.0), jnp.where(live, m, MASK_VALUE), jnp.where(live, l, 0.0)
+
+
 def _merge_kernel(splits_ref, acc_ref, m_ref, l_ref, o_ref):
-    """One token, ``heads`` q heads: o = sum_s alpha_s * acc_s / sum_s alpha_s * l_s over the token's first
-    ``splits_ref[t]`` splits (alpha_s = 2^(m_s - max m)), every split loaded at once."""
-    n = splits_ref[pl.program_id(0)]
-    acc, m, l = acc_ref[...], m_ref[...], l_ref[...]  # [S, heads, D], [S, heads], [S, heads]
-    live = lax.broadcasted_iota(jnp.int32, m.shape, 0) < n
-    m = jnp.where(live, m, MASK_VALUE)
-    alpha = jnp.where(live, jnp.exp2(m - m.max(axis=0)[None]), 0.0)
-    l_tot = (alpha * jnp.where(live, l, 0.0)).sum(axis=0)
-    o = (alpha[:, :, None] * jnp.where(live[:, :, None], acc, 0.0)).sum(axis=0)
-    o_ref[...] = (o / jnp.where(l_tot == 0.0, 1.0, l_tot)[:, None]).astype(o_ref.dtype)
+    """One token, a block of q heads: ``combine_splits`` over the token's first ``splits_ref[t]`` splits,
+    every split loaded at once."""
+    m = m_ref[...]  # [S, heads]
+    live = lax.broadcasted_iota(jnp.int32, m.shape, 0) < splits_ref[pl.program_id(0)]
+    o_ref[...] = common.combine_splits(*_live_splits(acc_ref[...], m, l_ref[...], live)).astype(o_ref.dtype)
 
 
 def merge_splits_direct(acc, m, l, token_splits, out_dtype, *, interpret=False) -> jax.Array:
@@ -881,10 +873,7 @@ def merge_splits_direct(acc, m, l, token_splits, out_dtype, *, interpret=False) 
         heads //= 2
     if not (common.is_pow2(num_splits) and common.is_pow2(head_dim)):
         live = jnp.arange(num_splits)[:, None, None] < token_splits[None, :, None]
-        m = jnp.where(live, m, MASK_VALUE)
-        l = jnp.where(live, l, 0.0)
-        acc = jnp.where(live[..., None], acc, 0.0)
-        return common.combine_splits(acc, m, l).astype(out_dtype)
+        return common.combine_splits(*_live_splits(acc, m, l, live)).astype(out_dtype)
     return pl.pallas_call(
         _merge_kernel,
         grid=(num_tokens, num_q_heads // heads),

@@ -361,10 +361,13 @@ def test_default_config_tiles_are_triton_legal():
                 assert c.num_splits == 1
 
 
+LLAMA_1B_DECODE = dict(num_q_heads=32, num_kv_heads=8, head_dim=64, page_size=16, num_sms=132)
+
+
 def test_default_decode_tiling_by_bucket_size():
     """Llama-3.2-1B heads (head_dim 64): one kv head per program with 128-token blocks up to 8 tokens, two kv
     heads with 64-token blocks (256 contiguous bytes per token) from 16 (the H100 cold-L2 sweep's choice)."""
-    shapes = dict(num_q_heads=32, num_kv_heads=8, head_dim=64, page_size=16, pages_per_seq=64, num_sms=132)
+    shapes = dict(LLAMA_1B_DECODE, pages_per_seq=64)
     small = default_config(num_tokens=8, max_num_seqs=8, **shapes)
     assert (small.kv_heads, small.block_kv) == (1, 128)
     larger = default_config(num_tokens=16, max_num_seqs=16, **shapes)
@@ -393,16 +396,7 @@ def test_planned_splits_follow_the_real_kv_lengths():
     """The 8-token decode bucket of Llama-3.2-1B heads: a lone long sequence takes every split the grid
     has; a full bucket of equal sequences shares ~split_programs programs; in a mixed batch the long
     sequences get more splits than the short; a static tiling splits every item alike."""
-    cfg = default_config(
-        num_tokens=8,
-        max_num_seqs=8,
-        num_q_heads=32,
-        num_kv_heads=8,
-        head_dim=64,
-        page_size=16,
-        pages_per_seq=256,
-        num_sms=132,
-    )
+    cfg = default_config(num_tokens=8, max_num_seqs=8, pages_per_seq=256, **LLAMA_1B_DECODE)
     groups = 8 // cfg.kv_heads
     assert cfg.num_splits == 16 and cfg.split_programs == 264
     splits, blocks = _plan([4096], 8, cfg)
@@ -551,9 +545,9 @@ def test_lowers_for_cuda(num_tokens, max_seqs, d):
     ids=["pallas", "xla-odd-splits", "pallas-odd-heads"],
 )
 def test_split_merge_reads_only_live_splits(shape):
-    """merge_splits_direct (Pallas where S and D are powers of two, else XLA) against the plain
-    flash-decoding merge of each token's live splits; the dead splits hold NaN and inf, as unwritten memory
-    may, and padding tokens (0 splits) come out zero."""
+    """merge_splits_direct (Pallas where S and D are powers of two, else XLA) against the flash-decoding
+    merge of each token's live splits in float64 numpy (m is a base-2 max: weights 2^(m_s - max m)); the
+    dead splits hold NaN and inf, as unwritten memory may, and padding tokens (0 splits) come out zero."""
     num_splits, num_tokens, hq, d = shape
     rng = np.random.default_rng(num_splits * 100 + hq)
     acc = rng.standard_normal((num_splits, num_tokens, hq, d)).astype(np.float32)
@@ -564,7 +558,8 @@ def test_split_merge_reads_only_live_splits(shape):
     want = np.zeros((num_tokens, hq, d))
     for t, n in enumerate(token_splits):
         if n:
-            want[t] = np.asarray(pallas_gpu.common.combine_splits(acc[:n, t], m[:n, t], l[:n, t]))
+            w = np.exp2(m[:n, t].astype(np.float64) - m[:n, t].max(axis=0))  # [n, hq]
+            want[t] = (w[..., None] * acc[:n, t]).sum(axis=0) / (w * l[:n, t]).sum(axis=0)[:, None]
         dead = np.arange(num_splits) >= n
         acc[dead, t], m[dead, t], l[dead, t] = np.nan, np.inf, np.nan
     out = pallas_gpu.merge_splits_direct(

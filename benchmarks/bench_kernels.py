@@ -13,7 +13,8 @@ Modes (combine freely):
   --prefill   GPU: prefill benchmark (single sequence of 1k..8k tokens, and chunked prefill behind a prefix).
 
 Decode bandwidth counts the K and V bytes of every sequence's context once (what any kernel must read);
-HBM read bandwidth of the H100 is taken as 3.19 TB/s (measured read-only reduction, notes/gpu-probe.md).
+"% of read bandwidth" divides by the card's measured read-only bandwidth (``common.read_bandwidth``: 3.19 TB/s on
+the H100, ``bench_bandwidth.py`` measures it; ``JAXRT_READ_BW`` overrides).
 Times are CUPTI GPU kernel times per call (median of 10-50 calls; ``--timer wall``: a jitted loop of dependent
 calls, median of --repeats runs). With ``--l2 cold`` (the default) each timed call first reads 128 MiB, so
 that it finds its K/V, page table and plan in HBM, as a model's layer does after the layer's weights have
@@ -49,7 +50,7 @@ from jaxrt.kernels.mosaic_gpu import MosaicConfig  # noqa: E402
 from jaxrt.kernels.pallas_gpu import GpuConfig  # noqa: E402
 from jaxrt.kernels.testing import make_batch, oracle, rel_err  # noqa: E402
 
-HBM_READ_BW = 3.19e12
+HBM_READ_BW = 3.19e12  # replaced in main() by the device's measured figure (common.read_bandwidth)
 SHAPES = {"1b": (32, 8, 64), "8b": (32, 8, 128)}  # (num_q_heads, num_kv_heads, head_dim)
 DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
 
@@ -906,7 +907,7 @@ def run_sweep(args):
 
 def decode_header():
     return (
-        "| shape | batch | context | KV MB | pallas µs | GB/s | % of 3.19 TB/s | with shared plan µs (%) | "
+        f"| shape | batch | context | KV MB | pallas µs | GB/s | % of {HBM_READ_BW / 1e12:.2f} TB/s | with shared plan µs (%) | "
         "kernel alone µs (%) | prior tiling µs (%) | Triton kernel, shared plan µs (%) | jax paged µs (%) | "
         "XLA dense µs (%) | XLA reference µs | pallas config | best tuned µs (%) config |\n"
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
@@ -1213,7 +1214,7 @@ def main(argv=None):
         help="default[,prefetch|heads][,prior]: extra tilings to check (prefetch, heads) / measure (prior)",
     )
     args = p.parse_args(argv)
-    global INTERPRET, TIMER, VARIANTS, COLD_L2
+    global INTERPRET, TIMER, VARIANTS, COLD_L2, HBM_READ_BW
     VARIANTS = tuple(args.variants.split(","))
     INTERPRET = args.interpret
     TIMER = "wall" if args.interpret or args.smoke else args.timer
@@ -1222,8 +1223,15 @@ def main(argv=None):
     if args.smoke:
         args.threads = 1
         return 1 if run_smoke(args) else 0
-    log(f"# jax {jax.__version__}, devices {jax.devices()}, backend {jax.default_backend()}")
-    out = {"jax": jax.__version__, "device": str(jax.devices()[0]), "argv": sys.argv}
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import read_bandwidth
+
+    HBM_READ_BW = read_bandwidth()
+    log(
+        f"# jax {jax.__version__}, devices {jax.devices()}, backend {jax.default_backend()}, read bandwidth "
+        f"{HBM_READ_BW / 1e12:.3f} TB/s"
+    )
+    out = {"jax": jax.__version__, "device": str(jax.devices()[0]), "argv": sys.argv, "read_bw": HBM_READ_BW}
     status = 0
     shapes = args.shapes.split(",")
     if args.check:

@@ -13,7 +13,15 @@ import argparse
 import time
 
 import numpy as np
-from common import add_model_args, append_jsonl, device_name, ensure_checkpoint, print_block, trace_timeline
+from common import (
+    add_model_args,
+    append_jsonl,
+    device_name,
+    ensure_checkpoint,
+    print_block,
+    read_bandwidth,
+    trace_timeline,
+)
 
 
 def ints(s: str) -> list[int]:
@@ -90,7 +98,12 @@ def main() -> None:
     p.add_argument("--context-lens", type=ints, default=[1024])
     p.add_argument("--prefill-lens", type=ints, default=[128, 1024, 4096])
     p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--bandwidth", type=float, default=3.188e12, help="measured HBM read bandwidth, bytes/s")
+    p.add_argument(
+        "--bandwidth",
+        type=float,
+        default=None,
+        help="HBM read bandwidth for the floor, bytes/s (default: the card's measured figure, common.READ_BW)",
+    )
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--mem-fraction-static", type=float, default=0.85)
@@ -104,6 +117,8 @@ def main() -> None:
     p.add_argument("--trace", action="store_true", help="also summarise a JAX profiler trace of 5 steps")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
+    if args.bandwidth is None:
+        args.bandwidth = read_bandwidth()
     if args.smoke:
         args.random_model, args.random_dtype = "tiny", "float32"
         args.batch_sizes, args.context_lens, args.prefill_lens, args.iters = [1, 4], [48], [32], 3
@@ -216,6 +231,7 @@ def main() -> None:
                     "device_ms": device_s * 1e3,
                     "engine_ms": engine_s * 1e3,
                     "floor_ms": floor * 1e3,
+                    "read_bw": args.bandwidth,
                     "attention_backend": llm.config.attention_backend,
                 },
             )

@@ -18,7 +18,7 @@ import argparse
 import functools
 
 import numpy as np
-from common import HBM_READ_BW, append_jsonl, cupti_seconds
+from common import append_jsonl, cupti_seconds, read_bandwidth
 
 
 def main() -> None:
@@ -90,7 +90,7 @@ def main() -> None:
                 continue
             lse, arg, _ = (np.asarray(o) for o in out)
             ok = np.array_equal(arg, want[1]) and np.allclose(lse, want[0], rtol=1e-5, atol=1e-3)
-            bw = nbytes / t / HBM_READ_BW if t == t else float("nan")
+            bw = nbytes / t / read_bandwidth() if t == t else float("nan")
             print(
                 f"rows {rows} vocab {args.vocab} suppress 1/{every} {name:18s} {t * 1e6:8.1f} us  {bw:6.1%} of read bandwidth  {'ok' if ok else 'MISMATCH'}"
             )

@@ -21,7 +21,7 @@ import functools
 import math
 
 import numpy as np
-from common import HBM_READ_BW, append_jsonl, cupti_seconds
+from common import append_jsonl, cupti_seconds, read_bandwidth
 
 SHAPES = {"qkv": (2048, 3072), "o": (2048, 2048), "gate_up": (2048, 16384), "down": (8192, 2048)}  # (K, N)
 CONFIGS = "32/128/1/4/4,64/128/2/4/4,64/128/4/4/4,128/128/1/8/3,128/128/4/4/4"  # bn/bk/splits/warps/stages
@@ -147,7 +147,7 @@ def main() -> None:
                     continue
                 got = np.asarray(out[0].astype(jnp.float32), np.float64)
                 err = float(np.abs(got - want).max() / np.abs(want).max())
-                bw = nbytes / t / HBM_READ_BW if t == t else float("nan")
+                bw = nbytes / t / read_bandwidth() if t == t else float("nan")
                 print(
                     f"{name} K={k} N={n} M={m} {label:24s} {t * 1e6:7.1f} us  {bw:6.1%} of read bandwidth  "
                     f"{kernels:.0f} kernel(s)  rel err {err:.1e}"

@@ -188,7 +188,26 @@ def append_jsonl(path: str | None, record: dict[str, Any]) -> None:
     print(json.dumps(record))
 
 
-HBM_READ_BW = 3.19e12  # bytes/s: the lent H100's measured read-only bandwidth (the kernels' ceiling)
+# Measured read-only bandwidth (bytes/s) of the cards the benchmarks ran on (``bench_bandwidth.py``: a
+# reduction over 2 GiB, CUPTI): the decode floors and the kernels' "% of read bandwidth" divide by these.
+READ_BW = {"H100": 3.188e12, "H200": 4.651e12}
+HBM_READ_BW = READ_BW["H100"]  # the default where the device is not known (CPU smoke runs)
+
+
+def read_bandwidth(kind: str | None = None) -> float:
+    """The measured read bandwidth of ``kind`` (a device kind such as 'NVIDIA H200'; default: the first JAX
+    device's), or of the H100 where none is known; ``JAXRT_READ_BW`` (bytes/s) overrides."""
+    if os.environ.get("JAXRT_READ_BW"):
+        return float(os.environ["JAXRT_READ_BW"])
+    if kind is None:
+        try:
+            kind = device_name()
+        except Exception:
+            kind = ""
+    for key, bw in READ_BW.items():
+        if bw and key.lower() in kind.lower():
+            return bw
+    return HBM_READ_BW
 
 
 def cupti_seconds(compiled, args, iterations: int) -> tuple[float, int]:

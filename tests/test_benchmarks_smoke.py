@@ -23,6 +23,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
         "bench_load.py",
         "bench_sampler.py",
         "bench_skinny_gemm.py",
+        "bench_bandwidth.py",
     ],
 )
 def test_benchmark_smoke(script, tmp_path, default_model_dir):

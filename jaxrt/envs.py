@@ -32,6 +32,13 @@ def greedy_kernel() -> bool:
     return _get("JAXRT_GREEDY_KERNEL", "1") == "1"
 
 
+def fused_kv_write() -> bool:
+    """On the pallas_gpu attention backend one Pallas kernel ropes q and k and writes k and v into the paged
+    pools (``kernels.rope_write_kv``) instead of three XLA kernels. ``JAXRT_FUSED_KV_WRITE`` (default 1; 0
+    keeps XLA's, for A/B measurements). Read when a step is traced."""
+    return _get("JAXRT_FUSED_KV_WRITE", "1") == "1"
+
+
 def attention_interpret() -> bool:
     """Run Pallas attention in interpret mode (CPU testing of kernels). ``JAXRT_ATTENTION_INTERPRET``."""
     return _get("JAXRT_ATTENTION_INTERPRET", "0") == "1"

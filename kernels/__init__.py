@@ -1,5 +1,6 @@
-"""jaxrt kernels: ragged paged attention over a paged KV pool, the KV write, the greedy sampler's statistics
-(``kernels.greedy``, GPU), and their pure-jnp references."""
+"""jaxrt kernels: ragged paged attention over a paged KV pool, the KV write (alone, or with the rope of q and
+k: ``rope_write_kv``), the greedy sampler's statistics (``kernels.greedy``, GPU), and their pure-jnp
+references."""
 
 from jaxrt.kernels.attention import (
     BACKEND_NAMES,
@@ -8,23 +9,29 @@ from jaxrt.kernels.attention import (
     ragged_paged_attention,
     register_backend,
     resolve_backend,
+    rope_write_kv,
     write_kv,
 )
 from jaxrt.kernels.reference import (
+    apply_rope,
     greedy_row_stats_reference,
     ragged_paged_attention_reference,
+    rope_write_kv_reference,
     write_kv_reference,
 )
 
 __all__ = [
     "BACKEND_NAMES",
     "AttentionMetadata",
+    "apply_rope",
     "attention_metadata",
     "greedy_row_stats_reference",
     "ragged_paged_attention",
     "ragged_paged_attention_reference",
     "register_backend",
     "resolve_backend",
+    "rope_write_kv",
+    "rope_write_kv_reference",
     "write_kv",
     "write_kv_reference",
 ]

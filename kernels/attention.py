@@ -13,6 +13,9 @@ call to the reference, here, for every backend alike.
 
 ``interpret=True`` runs a Pallas backend in Pallas interpret mode (CPU tests).
 
+The KV write: ``write_kv`` (an XLA scatter) and ``rope_write_kv``, which also ropes q and k of the fused
+projection output; on "pallas_gpu" that is one Pallas kernel (``kernels.kv_write``), elsewhere jnp.
+
 Planning: the Pallas backends turn ``cu_q_lens`` / ``kv_lens`` / ``num_seqs`` into a work list with a few
 small XLA ops. That work depends only on the batch, not on the layer, so a model computes it once per step
 with ``attention_metadata`` and passes it to every layer's ``ragged_paged_attention(..., metadata=...)``.
@@ -29,7 +32,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxrt.kernels.reference import ragged_paged_attention_reference, write_kv_reference
+from jaxrt.kernels.reference import (
+    ragged_paged_attention_reference,
+    rope_write_kv_reference,
+    write_kv_reference,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -257,3 +264,74 @@ def write_kv(
     )
     _check(slot_mapping.shape == (k.shape[0],), "slot_mapping must be [num_tokens]")
     return write_kv_reference(k_pages, v_pages, k, v, slot_mapping)
+
+
+_FLOATS = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def rope_write_kv(
+    qkv: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    slot_mapping: jax.Array,
+    *,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    backend: str | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Rope q and k of the fused projection output and write k and v into their pool slots, in one step.
+
+    qkv: ``[num_tokens, (num_q_heads + 2 * num_kv_heads) * head_dim]``, q columns first, then k, then v;
+    cos, sin: ``[num_tokens, rotary_dim // 2]`` float32 (rotate-half rope on the first ``rotary_dim`` dims);
+    k_pages, v_pages: ``[num_pages, page_size, num_kv_heads, head_dim]``; slot_mapping: ``[num_tokens]`` int32
+    flat slot ``page * page_size + offset``, -1 for padding rows (dropped).
+    Returns (roped q ``[num_tokens, num_q_heads, head_dim]`` in qkv.dtype, k_pages, v_pages).
+
+    On the "pallas_gpu" backend one Pallas kernel (``kernels.kv_write``) does it where it can
+    (``kv_write.supports``: full rotary, power-of-two head_dim >= 16); everywhere else the jnp composition
+    ``kernels.reference.rope_write_kv_reference`` (split, ``apply_rope``, ``write_kv_reference``).
+    With the pools donated to the step both update them in place.
+    """
+    _check(
+        num_q_heads > 0 and num_kv_heads > 0 and head_dim > 0,
+        f"num_q_heads {num_q_heads}, num_kv_heads {num_kv_heads} and head_dim {head_dim} must be positive",
+    )
+    width = (num_q_heads + 2 * num_kv_heads) * head_dim
+    _check(
+        qkv.ndim == 2 and qkv.shape[1] == width,
+        f"qkv must be [num_tokens, {width}] ((num_q_heads + 2 * num_kv_heads) * head_dim), got {qkv.shape}",
+    )
+    _check(qkv.dtype in _FLOATS, f"qkv dtype {qkv.dtype} not supported")
+    t = qkv.shape[0]
+    for name, arr in (("cos", cos), ("sin", sin)):
+        _check(
+            arr.ndim == 2 and arr.shape[0] == t and 0 < 2 * arr.shape[1] <= head_dim,
+            f"{name} must be [{t}, rotary_dim // 2] with rotary_dim <= head_dim {head_dim}, got {arr.shape}",
+        )
+        _check(arr.dtype == jnp.float32, f"{name} must be float32, got {arr.dtype}")
+    _check(cos.shape == sin.shape, f"cos {cos.shape} and sin {sin.shape} differ")
+    _check(
+        k_pages.ndim == 4 and k_pages.shape[2:] == (num_kv_heads, head_dim),
+        f"k_pages must be [num_pages, page_size, {num_kv_heads}, {head_dim}], got {k_pages.shape}",
+    )
+    _check(k_pages.shape == v_pages.shape, f"k_pages {k_pages.shape} and v_pages {v_pages.shape} differ")
+    _check(k_pages.dtype == v_pages.dtype, f"k_pages {k_pages.dtype} and v_pages {v_pages.dtype} differ")
+    _check(k_pages.dtype in _FLOATS, f"k_pages dtype {k_pages.dtype} not supported")
+    _check(slot_mapping.shape == (t,), f"slot_mapping must be [{t}], got {slot_mapping.shape}")
+    _check(slot_mapping.dtype == jnp.int32, f"slot_mapping must be int32, got {slot_mapping.dtype}")
+    args = (qkv, cos, sin, k_pages, v_pages, slot_mapping)
+    heads = dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    if resolve_backend(backend) == "pallas_gpu":
+        from jaxrt.kernels import kv_write
+
+        reason = kv_write.supports(qkv.dtype, cos.shape, k_pages.dtype, head_dim)
+        if reason is None:
+            return kv_write.rope_write_kv_gpu(*args, **heads, interpret=interpret)
+        if ("rope_write_kv", reason) not in _FALLBACKS_LOGGED:
+            _FALLBACKS_LOGGED.add(("rope_write_kv", reason))
+            logger.info("rope_write_kv: %s; running the jnp composition", reason)
+    return rope_write_kv_reference(*args, **heads)

@@ -74,6 +74,49 @@ def write_kv_reference(
     return flat_k.reshape(k_pages.shape), flat_v.reshape(v_pages.shape)
 
 
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half rotary embedding (transformers' convention) on the first ``2 * cos.shape[-1]`` dims.
+
+    x: [num_tokens, num_heads, head_dim]; cos, sin: [num_tokens, rotary_dim // 2]. In f32, cast back to
+    x.dtype: first half ``x1 * cos - x2 * sin``, second half ``x2 * cos + x1 * sin``, the rest unchanged.
+    """
+    half = cos.shape[-1]
+    rotary_dim = 2 * half
+    cos2 = jnp.concatenate([cos, cos], axis=-1)[:, None, :]
+    sin2 = jnp.concatenate([sin, sin], axis=-1)[:, None, :]
+    xf = x.astype(jnp.float32)
+    rot, rest = xf[..., :rotary_dim], xf[..., rotary_dim:]
+    x1, x2 = rot[..., :half], rot[..., half:]
+    rotated = rot * cos2 + jnp.concatenate([-x2, x1], axis=-1) * sin2
+    return jnp.concatenate([rotated, rest], axis=-1).astype(x.dtype)
+
+
+def rope_write_kv_reference(
+    qkv: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    slot_mapping: jax.Array,
+    *,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Split the q/k/v projection output ``qkv [num_tokens, (num_q_heads + 2 * num_kv_heads) * head_dim]``
+    (q columns, then k, then v), rope q and k (``apply_rope``), write k and v into their slots
+    (``write_kv_reference``). Returns (q [num_tokens, num_q_heads, head_dim], k_pages, v_pages)."""
+    t = qkv.shape[0]
+    q_width, kv_width = num_q_heads * head_dim, num_kv_heads * head_dim
+    q, k, v = jnp.split(qkv, [q_width, q_width + kv_width], axis=-1)
+    q = apply_rope(q.reshape(t, num_q_heads, head_dim), cos, sin)
+    k = apply_rope(k.reshape(t, num_kv_heads, head_dim), cos, sin)
+    k_pages, v_pages = write_kv_reference(
+        k_pages, v_pages, k, v.reshape(t, num_kv_heads, head_dim), slot_mapping
+    )
+    return q, k_pages, v_pages
+
+
 def ragged_paged_attention_reference(
     q: jax.Array,
     k_pages: jax.Array,

@@ -18,9 +18,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxrt import envs
 from jaxrt.batch import ForwardBatch
 from jaxrt.config import ModelConfig, RopeConfig
-from jaxrt.kernels import attention_metadata, ragged_paged_attention, write_kv
+from jaxrt.kernels import (  # apply_rope stays importable from here; its definition is in kernels.reference
+    apply_rope,
+    attention_metadata,
+    ragged_paged_attention,
+    resolve_backend,
+    rope_write_kv,
+    write_kv,
+)
 from jaxrt.kernels.reference import token_metadata
 
 KVCache = tuple[jax.Array, jax.Array]  # (k_pages, v_pages): [num_pages, page_size, num_kv_heads, head_dim]
@@ -204,22 +212,6 @@ def needs_seq_lens(rope: RopeConfig) -> bool:
     return rope.rope_type in ("dynamic", "longrope")
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate-half rotary embedding (transformers' convention) on the first ``2 * cos.shape[-1]`` dims.
-
-    x: [num_tokens, num_heads, head_dim]; cos, sin: [num_tokens, rotary_dim // 2].
-    """
-    half = cos.shape[-1]
-    rotary_dim = 2 * half
-    cos2 = jnp.concatenate([cos, cos], axis=-1)[:, None, :]
-    sin2 = jnp.concatenate([sin, sin], axis=-1)[:, None, :]
-    xf = x.astype(jnp.float32)
-    rot, rest = xf[..., :rotary_dim], xf[..., rotary_dim:]
-    x1, x2 = rot[..., :half], rot[..., half:]
-    rotated = rot * cos2 + jnp.concatenate([-x2, x1], axis=-1) * sin2
-    return jnp.concatenate([rotated, rest], axis=-1).astype(x.dtype)
-
-
 # ---------------------------------------------------------------------------------------------- modules
 
 
@@ -291,6 +283,16 @@ class PagedAttention(nnx.Module):
         self.attention_backend = attention_backend
         self.interpret = interpret
 
+    def _fused_kv_write(self) -> bool:
+        """Rope and KV write through ``rope_write_kv``'s GPU kernel: on the pallas_gpu backend, without q/k
+        norms and with full rotary, unless ``JAXRT_FUSED_KV_WRITE=0`` (read when the step is traced)."""
+        return (
+            self.qk_norm is None
+            and self.rotary_dim == self.head_dim
+            and envs.fused_kv_write()
+            and resolve_backend(self.attention_backend) == "pallas_gpu"
+        )
+
     def metadata(self, num_tokens: int, dtype: jnp.dtype, kv: KVCache, batch: ForwardBatch):
         """The attention backend's per-step planning for this layer's shapes (shareable across layers)."""
         q = jax.ShapeDtypeStruct((num_tokens, self.num_heads, self.head_dim), dtype)
@@ -308,15 +310,6 @@ class PagedAttention(nnx.Module):
         self, x: jax.Array, batch: ForwardBatch, kv: KVCache, metadata=None
     ) -> tuple[jax.Array, KVCache]:
         t = x.shape[0]
-        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = jnp.split(self.qkv_proj(x), [q_width, q_width + kv_width], axis=-1)
-        if self.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q.reshape(t, self.num_heads, self.head_dim)
-        k = k.reshape(t, self.num_kv_heads, self.head_dim)
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        if self.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
         seq_lens = None
         if needs_seq_lens(self.rope):
             seq_ids, _, _ = token_metadata(t, batch.cu_q_lens, batch.kv_lens, batch.num_seqs)
@@ -324,9 +317,35 @@ class PagedAttention(nnx.Module):
         cos, sin = rope_cos_sin(
             self.rope, self.rotary_dim, batch.positions, seq_lens, self.max_position_embeddings
         )
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-        k_pages, v_pages = write_kv(kv[0], kv[1], k, v, batch.slot_mapping)
+        qkv = self.qkv_proj(x)
+        if self._fused_kv_write():
+            # One kernel ropes q and k and writes k and v into the pool, reading qkv's columns in place.
+            q, k_pages, v_pages = rope_write_kv(
+                qkv,
+                cos,
+                sin,
+                kv[0],
+                kv[1],
+                batch.slot_mapping,
+                num_q_heads=self.num_heads,
+                num_kv_heads=self.num_kv_heads,
+                head_dim=self.head_dim,
+                backend=self.attention_backend,
+                interpret=self.interpret,
+            )
+        else:
+            q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = jnp.split(qkv, [q_width, q_width + kv_width], axis=-1)
+            if self.qk_norm == "full":
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = q.reshape(t, self.num_heads, self.head_dim)
+            k = k.reshape(t, self.num_kv_heads, self.head_dim)
+            v = v.reshape(t, self.num_kv_heads, self.head_dim)
+            if self.qk_norm == "head":
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = apply_rope(q, cos, sin)
+            k = apply_rope(k, cos, sin)
+            k_pages, v_pages = write_kv(kv[0], kv[1], k, v, batch.slot_mapping)
         o = ragged_paged_attention(
             q,
             k_pages,

@@ -1,0 +1,142 @@
+"""Rotary embedding of q and k plus the KV write in one Pallas kernel (Triton lowering), for NVIDIA GPUs.
+
+After the fused q/k/v projection a decode step ran, per layer, three small XLA kernels: rope on q, and two
+scatters of the new K (with its rope fused in) and V rows into the paged pools, each mostly launch and tail
+at small batches. This kernel does all of it in one launch: program ``t`` reads row ``t`` of the projection
+output ``qkv [T, (Hq + 2 * Hkv) * D]`` (q columns, then k, then v; viewed as ``[T, Hq + 2 * Hkv, D]``, a free
+reshape), applies the rotate-half rope in f32 to its q and k heads (``kernels.reference.apply_rope``'s
+arithmetic), stores the roped q to the output and, when ``slot_mapping[t]`` is a slot of the pool, the roped
+k and the v row into that slot of ``k_pages`` / ``v_pages``. The pools pass through ``input_output_aliases``:
+with the pools donated to the step they update in place, as the XLA scatter did. Padding rows (slot < 0)
+and slots past the pool write nothing, as in ``kernels.reference.write_kv_reference``. Outputs are bitwise
+those of the jnp composition (checked on an H200, bf16 and f32). On an H200, in a synthetic chain of 16
+layers (qkv GEMM, this, o GEMM; Llama 3.2 1B shapes, bf16) it saved 1.4-2.7 us per layer against XLA's ops
+at 1 to 2048 tokens (wall clock of the jitted chain, not the engine's step).
+
+Triton loads power-of-two tiles: head_dim must be a power of two >= 16, and each of the three head counts is
+read as its binary decomposition (14 heads: tiles of 8, 4 and 2 heads), so any count works without masks.
+Only full rotary (``cos.shape[-1] * 2 == head_dim``) is expressed; ``kernels.attention.rope_write_kv``
+checks all of this (``supports``) and runs the jnp composition otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+NUM_WARPS = 4
+_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+def supports(qkv_dtype, cos_shape, pool_dtype, head_dim: int) -> str | None:
+    """None if the kernel takes these, else the reason the jnp composition runs instead."""
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return f"head_dim {head_dim} is not a power of two >= 16"
+    if 2 * cos_shape[-1] != head_dim:
+        return f"partial rotary ({2 * cos_shape[-1]} of {head_dim} dims)"
+    if jnp.dtype(qkv_dtype) not in _DTYPES or jnp.dtype(pool_dtype) not in _DTYPES:
+        return f"dtypes {qkv_dtype} / {pool_dtype} not supported"
+    return None
+
+
+def _pieces(count: int, start: int) -> list[tuple[int, int]]:
+    """(first head, number of heads) tiles covering heads ``start .. start + count``, each a power of two."""
+    out, h = [], start
+    for bit in reversed(range(count.bit_length())):
+        if count >> bit & 1:
+            out.append((h, 1 << bit))
+            h += 1 << bit
+    return out
+
+
+def _kernel(
+    qkv_ref, cos_ref, sin_ref, slot_ref, _k_in, _v_in, q_ref, k_ref, v_ref, *, hq, hkv, half, num_slots
+):
+    t = pl.program_id(0)
+    c = cos_ref[pl.ds(t, 1), :]  # [1, half] f32
+    s = sin_ref[pl.ds(t, 1), :]
+    slot = slot_ref[t]
+    first, second = pl.ds(0, half), pl.ds(half, half)
+
+    def rope(h0, n):
+        x1 = qkv_ref[t, pl.ds(h0, n), first].astype(jnp.float32)
+        x2 = qkv_ref[t, pl.ds(h0, n), second].astype(jnp.float32)
+        # apply_rope: rot * cos + rotate_half(rot) * sin, rotate_half = concat(-x2, x1).
+        return (x1 * c - x2 * s).astype(qkv_ref.dtype), (x2 * c + x1 * s).astype(qkv_ref.dtype)
+
+    for h0, n in _pieces(hq, 0):
+        o1, o2 = rope(h0, n)
+        q_ref[t, pl.ds(h0, n), first] = o1.astype(q_ref.dtype)
+        q_ref[t, pl.ds(h0, n), second] = o2.astype(q_ref.dtype)
+
+    @pl.when((slot >= 0) & (slot < num_slots))
+    def _():
+        for h0, n in _pieces(hkv, hq):
+            o1, o2 = rope(h0, n)
+            dst = pl.ds(h0 - hq, n)
+            k_ref[slot, dst, first] = o1.astype(k_ref.dtype)
+            k_ref[slot, dst, second] = o2.astype(k_ref.dtype)
+        for h0, n in _pieces(hkv, hq + hkv):
+            v = qkv_ref[t, pl.ds(h0, n), :]
+            v_ref[slot, pl.ds(h0 - hq - hkv, n), :] = v.astype(v_ref.dtype)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("num_q_heads", "num_kv_heads", "head_dim", "interpret", "num_warps"),
+)
+def rope_write_kv_gpu(
+    qkv: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    slot_mapping: jax.Array,
+    *,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    interpret: bool = False,
+    num_warps: int = NUM_WARPS,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """qkv [T, (Hq + 2 * Hkv) * D]; cos, sin [T, D // 2] f32; k_pages, v_pages [P, page_size, Hkv, D];
+    slot_mapping [T] int32 (flat slot, -1 = padding). Returns (roped q [T, Hq, D] in qkv.dtype, k_pages,
+    v_pages). Unchecked: ``kernels.attention.rope_write_kv`` validates and dispatches."""
+    num_tokens = qkv.shape[0]
+    hq, hkv, d = num_q_heads, num_kv_heads, head_dim
+    pool_shape = k_pages.shape
+    num_slots = pool_shape[0] * pool_shape[1]
+    x = qkv.reshape(num_tokens, hq + 2 * hkv, d)
+    flat_k = k_pages.reshape(num_slots, hkv, d)
+    flat_v = v_pages.reshape(num_slots, hkv, d)
+
+    def whole(shape):
+        return pl.BlockSpec(shape, lambda t: (0,) * len(shape))
+
+    q, flat_k, flat_v = pl.pallas_call(
+        functools.partial(_kernel, hq=hq, hkv=hkv, half=d // 2, num_slots=num_slots),
+        grid=(num_tokens,),
+        in_specs=[
+            whole(x.shape),
+            whole(cos.shape),
+            whole(sin.shape),
+            whole(slot_mapping.shape),
+            whole(flat_k.shape),
+            whole(flat_v.shape),
+        ],
+        out_specs=[whole((num_tokens, hq, d)), whole(flat_k.shape), whole(flat_v.shape)],
+        out_shape=[
+            jax.ShapeDtypeStruct((num_tokens, hq, d), qkv.dtype),
+            jax.ShapeDtypeStruct(flat_k.shape, flat_k.dtype),
+            jax.ShapeDtypeStruct(flat_v.shape, flat_v.dtype),
+        ],
+        input_output_aliases={4: 1, 5: 2},
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="jaxrt_rope_write_kv",
+    )(x, cos, sin, slot_mapping, flat_k, flat_v)
+    return q, flat_k.reshape(pool_shape), flat_v.reshape(pool_shape)

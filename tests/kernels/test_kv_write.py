@@ -1,0 +1,158 @@
+"""``rope_write_kv``: the fused rope + KV write kernel (``kernels/kv_write.py``) against the jnp composition
+(split, ``apply_rope``, ``write_kv_reference``), in Pallas interpret mode on CPU, and its Triton lowering for
+CUDA (jax.export) on any machine.
+
+Every case draws fresh inputs and poisons the pools (NaN) first: the rows the reference writes must hold its
+values, every other row must still be NaN (no stray or missing write).
+"""
+
+from __future__ import annotations
+
+import types
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrt.kernels import rope_write_kv, rope_write_kv_reference
+from jaxrt.kernels.kv_write import rope_write_kv_gpu
+from jaxrt.models.layers import PagedAttention
+
+PAGES, PAGE = 6, 4
+NUM_SLOTS = PAGES * PAGE
+
+
+def _inputs(rng, hq, hkv, d, dtype, slots, rotary_dim=None):
+    t = len(slots)
+    qkv = jnp.asarray(rng.standard_normal((t, (hq + 2 * hkv) * d)) * 2, dtype)
+    angles = rng.uniform(0, 100, (t, (rotary_dim or d) // 2)).astype(np.float32)
+    pools = jnp.full((PAGES, PAGE, hkv, d), jnp.nan, dtype)
+    return qkv, jnp.cos(angles), jnp.sin(angles), pools, pools, jnp.asarray(slots, jnp.int32)
+
+
+def _f32(x):
+    return np.asarray(jnp.asarray(x).astype(jnp.float32))
+
+
+def _assert_same(got, want, dtype):
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == "f32" else dict(rtol=2**-7, atol=1e-5)  # 1 bf16 ulp
+    q, k_pages, v_pages = map(_f32, got)
+    wq, wk, wv = map(_f32, want)
+    np.testing.assert_allclose(q, wq, **tol)
+    for name, a, b in (("k_pages", k_pages, wk), ("v_pages", v_pages, wv)):
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=f"{name}: rows written differ")
+        np.testing.assert_allclose(a, b, **tol, err_msg=name)  # NaN == NaN here
+
+
+# Slots: padding rows (-1) between real ones, both ends of pages (0, 3 | 4, 11 | 12, 23), one past the pool
+# (dropped, as the reference's scatter drops it).
+SLOTS = [4, -1, 3, 12, 11, -1, 0, 23, NUM_SLOTS, 17]
+CASES = [  # (hq, hkv, d, dtype)
+    (8, 2, 64, "bf16"),  # GQA
+    (8, 2, 128, "f32"),
+    (4, 1, 128, "bf16"),  # MQA
+    (14, 2, 64, "f32"),  # Qwen2-0.5B's 14 q heads: tiles of 8, 4 and 2
+    (6, 3, 32, "bf16"),  # odd kv head count
+]
+DT = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+@pytest.mark.parametrize("hq,hkv,d,dtype", CASES, ids=lambda v: str(v))
+def test_matches_reference_in_interpret_mode(hq, hkv, d, dtype):
+    rng = np.random.default_rng(zlib.crc32(f"{hq}-{hkv}-{d}-{dtype}".encode()))
+    args = _inputs(rng, hq, hkv, d, DT[dtype], SLOTS)
+    heads = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d)
+    want = rope_write_kv_reference(*args, **heads)
+    got = rope_write_kv(*args, **heads, backend="pallas_gpu", interpret=True)
+    _assert_same(got, want, dtype)
+    written = np.flatnonzero(~np.isnan(_f32(got[1]).reshape(NUM_SLOTS, -1)).any(axis=1))
+    assert sorted(written) == sorted(s for s in SLOTS if 0 <= s < NUM_SLOTS)
+
+
+def test_dispatch():
+    """pallas_gpu runs the kernel where it can; partial rotary and a head_dim that is not a power of two run
+    the jnp composition (same results); other backends always run the composition."""
+    rng = np.random.default_rng(7)
+    slots = [5, -1, 8]
+
+    def kernels_in(d, rotary_dim, backend):
+        args = _inputs(rng, 4, 2, d, jnp.float32, slots, rotary_dim)
+        heads = dict(num_q_heads=4, num_kv_heads=2, head_dim=d)
+        f = lambda *a: rope_write_kv(*a, **heads, backend=backend, interpret=True)  # noqa: E731
+        _assert_same(f(*args), rope_write_kv_reference(*args, **heads), "f32")
+        return "jaxrt_rope_write_kv" in str(jax.make_jaxpr(f)(*args))
+
+    assert kernels_in(64, None, "pallas_gpu")
+    assert not kernels_in(64, 32, "pallas_gpu")  # partial rotary
+    assert not kernels_in(96, None, "pallas_gpu")
+    assert not kernels_in(64, None, "reference")
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(qkv=(3, 100)), "qkv must be"),
+        (dict(cos=(3, 40)), "cos must be"),
+        (dict(cos_dtype=jnp.bfloat16), "cos must be float32"),
+        (dict(k_pages=(PAGES, PAGE, 3, 64)), "k_pages must be"),
+        (dict(v_pages=(PAGES, PAGE, 2, 32)), "k_pages .* and v_pages"),
+        (dict(slots=(4,)), "slot_mapping must be"),
+    ],
+)
+def test_validates(change, match):
+    d = 64
+    qkv = jnp.zeros(change.get("qkv", (3, 8 * d)), jnp.float32)
+    cos = jnp.zeros(change.get("cos", (3, d // 2)), change.get("cos_dtype", jnp.float32))
+    k = jnp.zeros(change.get("k_pages", (PAGES, PAGE, 2, d)), jnp.float32)
+    v = jnp.zeros(change.get("v_pages", (PAGES, PAGE, 2, d)), jnp.float32)
+    slots = jnp.zeros(change.get("slots", (3,)), jnp.int32)
+    with pytest.raises(ValueError, match=match):
+        rope_write_kv(qkv, cos, cos, k, v, slots, num_q_heads=4, num_kv_heads=2, head_dim=d)
+
+
+def test_layer_takes_the_kernel_only_where_it_applies(monkeypatch):
+    layer = dict(qk_norm=None, rotary_dim=64, head_dim=64, attention_backend="pallas_gpu")
+
+    def fused(**change):
+        return PagedAttention._fused_kv_write(types.SimpleNamespace(**{**layer, **change}))
+
+    assert fused()
+    assert not fused(qk_norm="head")
+    assert not fused(rotary_dim=32)
+    assert not fused(attention_backend="reference")
+    monkeypatch.setenv("JAXRT_FUSED_KV_WRITE", "0")
+    assert not fused()
+
+
+@pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="jax >= 0.11 lowers Pallas to CUDA on CPU")
+@pytest.mark.parametrize("num_tokens,hq,hkv", [(1, 32, 8), (256, 32, 8), (8, 14, 2)])
+def test_lowers_for_cuda(num_tokens, hq, hkv):
+    """The Pallas -> Triton IR lowering for an H100 on any machine (Llama 3.2 1B at decode batch 1 / 256,
+    Qwen2 0.5B's 14 q heads), the pools aliased to the outputs; the Triton -> PTX compile happens in XLA on
+    the GPU."""
+    from jax import export
+    from jax._src import mesh as mesh_lib
+
+    d = 64
+    qkv = jax.ShapeDtypeStruct((num_tokens, (hq + 2 * hkv) * d), jnp.bfloat16)
+    cs = jax.ShapeDtypeStruct((num_tokens, d // 2), jnp.float32)
+    pools = jax.ShapeDtypeStruct((512, 16, hkv, d), jnp.bfloat16)
+    slots = jax.ShapeDtypeStruct((num_tokens,), jnp.int32)
+
+    def f(qkv, cos, sin, k, v, slots):
+        return rope_write_kv_gpu(qkv, cos, sin, k, v, slots, num_q_heads=hq, num_kv_heads=hkv, head_dim=d)
+
+    h100 = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    mesh = jax.sharding.AbstractMesh(
+        (1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=h100
+    )
+    with jax.sharding.use_abstract_mesh(mesh):
+        exp = export.export(
+            jax.jit(f, donate_argnums=(3, 4)),
+            platforms=["cuda"],
+            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(qkv, cs, cs, pools, pools, slots)
+    assert [a.shape for a in exp.out_avals] == [(num_tokens, hq, d), pools.shape, pools.shape]
+    assert "jaxrt_rope_write_kv" in exp.mlir_module()

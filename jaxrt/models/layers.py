@@ -25,7 +25,6 @@ from jaxrt.kernels import (  # apply_rope stays importable from here; its defini
     apply_rope,
     attention_metadata,
     ragged_paged_attention,
-    resolve_backend,
     rope_write_kv,
     write_kv,
 )
@@ -283,15 +282,14 @@ class PagedAttention(nnx.Module):
         self.attention_backend = attention_backend
         self.interpret = interpret
 
-    def _fused_kv_write(self) -> bool:
-        """Rope and KV write through ``rope_write_kv``'s GPU kernel: on the pallas_gpu backend, without q/k
-        norms and with full rotary, unless ``JAXRT_FUSED_KV_WRITE=0`` (read when the step is traced)."""
-        return (
-            self.qk_norm is None
-            and self.rotary_dim == self.head_dim
-            and envs.fused_kv_write()
-            and resolve_backend(self.attention_backend) == "pallas_gpu"
-        )
+    def _kv_write_backend(self) -> str | None:
+        """Where rope and the KV write run (``rope_write_kv``'s backend), or None for models with q/k norms
+        (normed between the projection and rope: split, norm, rope and ``write_kv`` as separate ops). The
+        attention backend's, so that on pallas_gpu one kernel does it; "reference" (XLA's ops) with
+        ``JAXRT_FUSED_KV_WRITE=0`` (read when the step is traced)."""
+        if self.qk_norm is not None:
+            return None
+        return self.attention_backend if envs.fused_kv_write() else "reference"
 
     def metadata(self, num_tokens: int, dtype: jnp.dtype, kv: KVCache, batch: ForwardBatch):
         """The attention backend's per-step planning for this layer's shapes (shareable across layers)."""
@@ -318,8 +316,9 @@ class PagedAttention(nnx.Module):
             self.rope, self.rotary_dim, batch.positions, seq_lens, self.max_position_embeddings
         )
         qkv = self.qkv_proj(x)
-        if self._fused_kv_write():
-            # One kernel ropes q and k and writes k and v into the pool, reading qkv's columns in place.
+        kv_backend = self._kv_write_backend()
+        if kv_backend is not None:
+            # On pallas_gpu one kernel ropes q and k and writes k and v, reading qkv's columns in place.
             q, k_pages, v_pages = rope_write_kv(
                 qkv,
                 cos,
@@ -330,7 +329,7 @@ class PagedAttention(nnx.Module):
                 num_q_heads=self.num_heads,
                 num_kv_heads=self.num_kv_heads,
                 head_dim=self.head_dim,
-                backend=self.attention_backend,
+                backend=kv_backend,
                 interpret=self.interpret,
             )
         else:

@@ -112,18 +112,21 @@ def test_validates(change, match):
         rope_write_kv(qkv, cos, cos, k, v, slots, num_q_heads=4, num_kv_heads=2, head_dim=d)
 
 
-def test_layer_takes_the_kernel_only_where_it_applies(monkeypatch):
-    layer = dict(qk_norm=None, rotary_dim=64, head_dim=64, attention_backend="pallas_gpu")
+def test_layer_routes_rope_and_kv_write(monkeypatch):
+    """Models without q/k norms rope and write through ``rope_write_kv`` on their attention backend (the
+    kernel on pallas_gpu, where ``supports`` allows), XLA's ops with ``JAXRT_FUSED_KV_WRITE=0``; models with
+    q/k norms keep the separate ops."""
+    layer = dict(qk_norm=None, attention_backend="pallas_gpu")
 
-    def fused(**change):
-        return PagedAttention._fused_kv_write(types.SimpleNamespace(**{**layer, **change}))
+    def backend(**change):
+        return PagedAttention._kv_write_backend(types.SimpleNamespace(**{**layer, **change}))
 
-    assert fused()
-    assert not fused(qk_norm="head")
-    assert not fused(rotary_dim=32)
-    assert not fused(attention_backend="reference")
+    assert backend() == "pallas_gpu"
+    assert backend(attention_backend="reference") == "reference"
+    assert backend(qk_norm="head") is None
+    assert backend(qk_norm="full") is None
     monkeypatch.setenv("JAXRT_FUSED_KV_WRITE", "0")
-    assert not fused()
+    assert backend() == "reference"
 
 
 @pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="jax >= 0.11 lowers Pallas to CUDA on CPU")

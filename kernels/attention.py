@@ -309,7 +309,7 @@ def rope_write_kv(
     t = qkv.shape[0]
     for name, arr in (("cos", cos), ("sin", sin)):
         _check(
-            arr.ndim == 2 and arr.shape[0] == t and 0 < 2 * arr.shape[1] <= head_dim,
+            arr.ndim == 2 and arr.shape[0] == t and 2 * arr.shape[1] <= head_dim,  # 0: no rotary dims
             f"{name} must be [{t}, rotary_dim // 2] with rotary_dim <= head_dim {head_dim}, got {arr.shape}",
         )
         _check(arr.dtype == jnp.float32, f"{name} must be float32, got {arr.dtype}")

@@ -90,6 +90,38 @@ def test_dispatch():
     assert not kernels_in(64, None, "reference")
 
 
+def test_no_rotary_dims_writes_k_and_v_unchanged():
+    """A model whose rope covers no dims (cos, sin [T, 0]) still writes its K/V: q and k pass through as is."""
+    rng = np.random.default_rng(11)
+    slots = [2, -1, 9]
+    qkv = jnp.asarray(rng.standard_normal((3, 8 * 32)), jnp.float32)
+    empty = jnp.zeros((3, 0), jnp.float32)
+    pools = jnp.full((PAGES, PAGE, 2, 32), jnp.nan, jnp.float32)
+    heads = dict(num_q_heads=4, num_kv_heads=2, head_dim=32)
+    q, k_pages, v_pages = rope_write_kv(
+        qkv,
+        empty,
+        empty,
+        pools,
+        pools,
+        jnp.asarray(slots, jnp.int32),
+        **heads,
+        backend="pallas_gpu",
+        interpret=True,
+    )
+    x = np.asarray(qkv).reshape(3, 8, 32)
+    np.testing.assert_array_equal(np.asarray(q), x[:, :4])
+    flat_k, flat_v = (
+        np.asarray(k_pages).reshape(NUM_SLOTS, 2, 32),
+        np.asarray(v_pages).reshape(NUM_SLOTS, 2, 32),
+    )
+    for row, slot in enumerate(slots):
+        if slot >= 0:
+            np.testing.assert_array_equal(flat_k[slot], x[row, 4:6])
+            np.testing.assert_array_equal(flat_v[slot], x[row, 6:8])
+    assert np.isnan(flat_k).any(axis=(1, 2)).sum() == NUM_SLOTS - 2
+
+
 @pytest.mark.parametrize(
     "change,match",
     [

@@ -206,7 +206,7 @@ def read_bandwidth(kind: str | None = None) -> float:
         except Exception:
             kind = ""
     for key, bw in READ_BW.items():
-        if bw and key.lower() in kind.lower():
+        if key.lower() in kind.lower():
             return bw
     return HBM_READ_BW
 

@@ -29,17 +29,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 NUM_WARPS = 4
-_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
-def supports(qkv_dtype, cos_shape, pool_dtype, head_dim: int) -> str | None:
-    """None if the kernel takes these, else the reason the jnp composition runs instead."""
+def supports(cos_shape, head_dim: int) -> str | None:
+    """None if the kernel takes these shapes, else the reason the jnp composition runs instead (dtypes:
+    ``kernels.attention.rope_write_kv`` admits f32 / bf16 / f16 only, all of which the kernel takes)."""
     if head_dim < 16 or head_dim & (head_dim - 1):
         return f"head_dim {head_dim} is not a power of two >= 16"
     if 2 * cos_shape[-1] != head_dim:
         return f"partial rotary ({2 * cos_shape[-1]} of {head_dim} dims)"
-    if jnp.dtype(qkv_dtype) not in _DTYPES or jnp.dtype(pool_dtype) not in _DTYPES:
-        return f"dtypes {qkv_dtype} / {pool_dtype} not supported"
     return None
 
 

@@ -85,22 +85,41 @@ PRESETS: dict[str, dict[str, Any]] = {
             "original_max_position_embeddings": 8192,
         },
     ),
+    "qwen3-0.6b": dict(  # q/k RMSNorm per head: the fused norm + rope + KV-write path
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        bos_token_id=151643,
+        eos_token_id=151645,
+    ),
 }
+# Presets of another architecture than Llama: (config class, model class) of transformers.
+PRESET_CLASSES = {"qwen3-0.6b": ("Qwen3Config", "Qwen3ForCausalLM")}
 
 
 def make_random_checkpoint(preset: str, out_dir: str | Path, dtype: str = "bfloat16") -> str:
-    """Save a random-weight LlamaForCausalLM of ``preset``'s shape (normal x 0.02, norms 1) to ``out_dir``."""
+    """Save a random-weight model of ``preset``'s shape (LlamaForCausalLM unless ``PRESET_CLASSES`` names
+    another; normal x 0.02, norms 1) to ``out_dir``."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     out = Path(out_dir)
     if (out / "config.json").exists():
         return str(out)
-    cfg = LlamaConfig(**PRESETS[preset])
+    config_cls, model_cls = PRESET_CLASSES.get(preset, ("LlamaConfig", "LlamaForCausalLM"))
+    cfg = getattr(transformers, config_cls)(**PRESETS[preset])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(cfg, dtype=getattr(torch, dtype))
+        model = getattr(transformers, model_cls)._from_config(cfg, dtype=getattr(torch, dtype))
     model.save_pretrained(out)
     del model
     if device == "cuda":

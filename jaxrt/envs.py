@@ -33,9 +33,9 @@ def greedy_kernel() -> bool:
 
 
 def fused_kv_write() -> bool:
-    """On the pallas_gpu attention backend one Pallas kernel ropes q and k and writes k and v into the paged
-    pools (``kernels.rope_write_kv``) instead of three XLA kernels. ``JAXRT_FUSED_KV_WRITE`` (default 1; 0
-    keeps XLA's, for A/B measurements). Read when a step is traced."""
+    """On the pallas_gpu attention backend one Pallas kernel (norms q and k where the model does,) ropes them
+    and writes k and v into the paged pools (``kernels.rope_write_kv``) instead of three to five XLA kernels.
+    ``JAXRT_FUSED_KV_WRITE`` (default 1; 0 keeps XLA's, for A/B measurements). Read when a step is traced."""
     return _get("JAXRT_FUSED_KV_WRITE", "1") == "1"
 
 

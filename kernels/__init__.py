@@ -1,5 +1,5 @@
-"""jaxrt kernels: ragged paged attention over a paged KV pool, the KV write (alone, or with the rope of q and
-k: ``rope_write_kv``), the greedy sampler's statistics (``kernels.greedy``, GPU), and their pure-jnp
+"""jaxrt kernels: ragged paged attention over a paged KV pool, the KV write (alone, or with the rope (and norm)
+of q and k: ``rope_write_kv``), the greedy sampler's statistics (``kernels.greedy``, GPU), and their pure-jnp
 references."""
 
 from jaxrt.kernels.attention import (
@@ -13,6 +13,7 @@ from jaxrt.kernels.attention import (
     write_kv,
 )
 from jaxrt.kernels.reference import (
+    QKNorm,
     apply_rope,
     greedy_row_stats_reference,
     ragged_paged_attention_reference,
@@ -23,6 +24,7 @@ from jaxrt.kernels.reference import (
 __all__ = [
     "BACKEND_NAMES",
     "AttentionMetadata",
+    "QKNorm",
     "apply_rope",
     "attention_metadata",
     "greedy_row_stats_reference",

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrt.kernels.reference import (
+    QKNorm,
     ragged_paged_attention_reference,
     rope_write_kv_reference,
     write_kv_reference,
@@ -280,20 +281,26 @@ def rope_write_kv(
     num_q_heads: int,
     num_kv_heads: int,
     head_dim: int,
+    qk_norm: QKNorm | None = None,
+    qk_norm_weights: tuple[jax.Array, jax.Array] | None = None,
     backend: str | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Rope q and k of the fused projection output and write k and v into their pool slots, in one step.
+    """(Norm,) rope q and k of the fused projection output and write k and v into their pool slots, in one
+    step.
 
     qkv: ``[num_tokens, (num_q_heads + 2 * num_kv_heads) * head_dim]``, q columns first, then k, then v;
     cos, sin: ``[num_tokens, rotary_dim // 2]`` float32 (rotate-half rope on the first ``rotary_dim`` dims);
     k_pages, v_pages: ``[num_pages, page_size, num_kv_heads, head_dim]``; slot_mapping: ``[num_tokens]`` int32
-    flat slot ``page * page_size + offset``, -1 for padding rows (dropped).
+    flat slot ``page * page_size + offset``, -1 for padding rows (dropped). qk_norm: the model's RMSNorm of q
+    and k before rope (``kernels.reference.QKNorm``: Qwen3 / Gemma 3 per head, OLMo 2 over all heads), with
+    ``qk_norm_weights = (q weight, k weight)``: ``[head_dim]`` each for ``"head"``,
+    ``[num_q_heads * head_dim]`` / ``[num_kv_heads * head_dim]`` for ``"full"``.
     Returns (roped q ``[num_tokens, num_q_heads, head_dim]`` in qkv.dtype, k_pages, v_pages).
 
     On the "pallas_gpu" backend one Pallas kernel (``kernels.kv_write``) does it where it can
     (``kv_write.supports``: full rotary, power-of-two head_dim >= 16); everywhere else the jnp composition
-    ``kernels.reference.rope_write_kv_reference`` (split, ``apply_rope``, ``write_kv_reference``).
+    ``kernels.reference.rope_write_kv_reference`` (split, ``QKNorm``, ``apply_rope``, ``write_kv_reference``).
     With the pools donated to the step both update them in place.
     """
     _check(
@@ -323,8 +330,35 @@ def rope_write_kv(
     _check(k_pages.dtype in _FLOATS, f"k_pages dtype {k_pages.dtype} not supported")
     _check(slot_mapping.shape == (t,), f"slot_mapping must be [{t}], got {slot_mapping.shape}")
     _check(slot_mapping.dtype == jnp.int32, f"slot_mapping must be int32, got {slot_mapping.dtype}")
+    _check(
+        (qk_norm is None) == (qk_norm_weights is None),
+        "qk_norm and qk_norm_weights must be given together",
+    )
+    if qk_norm is not None:
+        _check(isinstance(qk_norm, QKNorm), f"qk_norm must be a kernels.reference.QKNorm, got {qk_norm!r}")
+        _check(
+            isinstance(qk_norm_weights, (tuple, list)) and len(qk_norm_weights) == 2,
+            "qk_norm_weights must be (q weight, k weight)",
+        )
+        full = qk_norm.mode == "full"
+        for name, w, heads_ in (
+            ("q", qk_norm_weights[0], num_q_heads),
+            ("k", qk_norm_weights[1], num_kv_heads),
+        ):
+            want = ((heads_ if full else 1) * head_dim,)
+            _check(
+                w.shape == want,
+                f"qk_norm_weights' {name} weight must be {list(want)} for mode {qk_norm.mode!r}, got {w.shape}",
+            )
+            _check(w.dtype in _FLOATS, f"qk_norm_weights' {name} weight dtype {w.dtype} not supported")
     args = (qkv, cos, sin, k_pages, v_pages, slot_mapping)
-    heads = dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    heads = dict(
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        qk_norm=qk_norm,
+        qk_norm_weights=None if qk_norm_weights is None else tuple(qk_norm_weights),
+    )
     if resolve_backend(backend) == "pallas_gpu":
         from jaxrt.kernels import kv_write
 

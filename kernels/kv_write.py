@@ -13,6 +13,11 @@ those of the jnp composition (checked on an H200, bf16 and f32). On an H200, in 
 layers (qkv GEMM, this, o GEMM; Llama 3.2 1B shapes, bf16) it saved 1.4-2.7 us per layer against XLA's ops
 at 1 to 2048 tokens (wall clock of the jitted chain, not the engine's step).
 
+Models that RMSNorm q and k before rope (Qwen3 and Gemma 3 per head, OLMo 2 over all heads of a token:
+``kernels.reference.QKNorm``) norm them here too, in f32 with the family's order of cast and scale, so their
+two norm kernels join the three. The sum of squares runs in another order than XLA's reduction: results are
+within an ulp of the jnp composition, not bitwise.
+
 Triton loads power-of-two tiles: head_dim must be a power of two >= 16, and each of the three head counts is
 read as its binary decomposition (14 heads: tiles of 8, 4 and 2 heads), so any count works without masks.
 Only full rotary (``cos.shape[-1] * 2 == head_dim``) is expressed; ``kernels.attention.rope_write_kv``
@@ -25,8 +30,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+
+from jaxrt.kernels.reference import QKNorm
 
 NUM_WARPS = 4
 
@@ -51,30 +59,66 @@ def _pieces(count: int, start: int) -> list[tuple[int, int]]:
     return out
 
 
-def _kernel(
-    qkv_ref, cos_ref, sin_ref, slot_ref, _k_in, _v_in, q_ref, k_ref, v_ref, *, hq, hkv, half, num_slots
-):
+def _kernel(*refs, hq, hkv, half, num_slots, norm):
+    if norm is None:
+        qkv_ref, cos_ref, sin_ref, slot_ref, _k_in, _v_in, q_ref, k_ref, v_ref = refs
+        wq_ref = wk_ref = None
+    else:
+        qkv_ref, cos_ref, sin_ref, slot_ref, wq_ref, wk_ref, _k_in, _v_in, q_ref, k_ref, v_ref = refs
     t = pl.program_id(0)
+    dtype = qkv_ref.dtype
     c = cos_ref[pl.ds(t, 1), :]  # [1, half] f32
     s = sin_ref[pl.ds(t, 1), :]
     slot = slot_ref[t]
     first, second = pl.ds(0, half), pl.ds(half, half)
 
-    def rope(h0, n):
-        x1 = qkv_ref[t, pl.ds(h0, n), first].astype(jnp.float32)
-        x2 = qkv_ref[t, pl.ds(h0, n), second].astype(jnp.float32)
-        # apply_rope: rot * cos + rotate_half(rot) * sin, rotate_half = concat(-x2, x1).
-        return (x1 * c - x2 * s).astype(qkv_ref.dtype), (x2 * c + x1 * s).astype(qkv_ref.dtype)
+    def heads(start, count, w_ref):
+        """[(first head, n, x1, x2)]: the halves of heads ``start .. start + count`` in f32 pieces, normed
+        (``reference.QKNorm``'s arithmetic, cast to the input dtype and back) when the model norms q / k."""
+        pieces = [
+            (
+                h0,
+                n,
+                qkv_ref[t, pl.ds(h0, n), first].astype(jnp.float32),
+                qkv_ref[t, pl.ds(h0, n), second].astype(jnp.float32),
+            )
+            for h0, n in _pieces(count, start)
+        ]
+        if norm is None:
+            return pieces
 
-    for h0, n in _pieces(hq, 0):
-        o1, o2 = rope(h0, n)
+        def sum_sq(x1, x2):  # [n, 1]
+            return jnp.sum(x1 * x1, axis=1, keepdims=True) + jnp.sum(x2 * x2, axis=1, keepdims=True)
+
+        if norm.mode == "full":  # one statistic over all the token's heads of q (or of k)
+            total = sum(jnp.sum(sum_sq(x1, x2)) for _, _, x1, x2 in pieces)
+            invs = [lax.rsqrt(total / (count * 2 * half) + norm.eps)] * len(pieces)
+        else:
+            invs = [lax.rsqrt(sum_sq(x1, x2) / (2 * half) + norm.eps) for _, _, x1, x2 in pieces]
+
+        def scale(x, w):
+            if norm.scale_f32 or norm.offset:
+                return (x * (w.astype(jnp.float32) + norm.offset)).astype(dtype).astype(jnp.float32)
+            return (x.astype(dtype) * w).astype(dtype).astype(jnp.float32)
+
+        out = []
+        for (h0, n, x1, x2), inv in zip(pieces, invs, strict=True):
+            rows = pl.ds(h0 - start, n) if norm.mode == "full" else pl.ds(0, 1)
+            out.append((h0, n, scale(x1 * inv, w_ref[rows, first]), scale(x2 * inv, w_ref[rows, second])))
+        return out
+
+    def rope(x1, x2):  # apply_rope: rot * cos + rotate_half(rot) * sin, rotate_half = concat(-x2, x1)
+        return (x1 * c - x2 * s).astype(dtype), (x2 * c + x1 * s).astype(dtype)
+
+    for h0, n, x1, x2 in heads(0, hq, wq_ref):
+        o1, o2 = rope(x1, x2)
         q_ref[t, pl.ds(h0, n), first] = o1.astype(q_ref.dtype)
         q_ref[t, pl.ds(h0, n), second] = o2.astype(q_ref.dtype)
 
     @pl.when((slot >= 0) & (slot < num_slots))
     def _():
-        for h0, n in _pieces(hkv, hq):
-            o1, o2 = rope(h0, n)
+        for h0, n, x1, x2 in heads(hq, hkv, wk_ref):
+            o1, o2 = rope(x1, x2)
             dst = pl.ds(h0 - hq, n)
             k_ref[slot, dst, first] = o1.astype(k_ref.dtype)
             k_ref[slot, dst, second] = o2.astype(k_ref.dtype)
@@ -85,7 +129,7 @@ def _kernel(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("num_q_heads", "num_kv_heads", "head_dim", "interpret", "num_warps"),
+    static_argnames=("num_q_heads", "num_kv_heads", "head_dim", "qk_norm", "interpret", "num_warps"),
 )
 def rope_write_kv_gpu(
     qkv: jax.Array,
@@ -98,11 +142,14 @@ def rope_write_kv_gpu(
     num_q_heads: int,
     num_kv_heads: int,
     head_dim: int,
+    qk_norm: QKNorm | None = None,
+    qk_norm_weights: tuple[jax.Array, jax.Array] | None = None,
     interpret: bool = False,
     num_warps: int = NUM_WARPS,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """qkv [T, (Hq + 2 * Hkv) * D]; cos, sin [T, D // 2] f32; k_pages, v_pages [P, page_size, Hkv, D];
-    slot_mapping [T] int32 (flat slot, -1 = padding). Returns (roped q [T, Hq, D] in qkv.dtype, k_pages,
+    slot_mapping [T] int32 (flat slot, -1 = padding); qk_norm / qk_norm_weights: q and k normed first, as
+    ``kernels.reference.rope_write_kv_reference``. Returns (roped q [T, Hq, D] in qkv.dtype, k_pages,
     v_pages). Unchecked: ``kernels.attention.rope_write_kv`` validates and dispatches."""
     num_tokens = qkv.shape[0]
     hq, hkv, d = num_q_heads, num_kv_heads, head_dim
@@ -115,14 +162,20 @@ def rope_write_kv_gpu(
     def whole(shape):
         return pl.BlockSpec(shape, lambda t: (0,) * len(shape))
 
+    weights = ()
+    if qk_norm is not None:  # [1, D] per-head weights, or [H, D] rows of a "full" norm's weight
+        rows = (hq, hkv) if qk_norm.mode == "full" else (1, 1)
+        weights = tuple(w.reshape(r, d) for w, r in zip(qk_norm_weights, rows, strict=True))
+    pools = 4 + len(weights)  # operand index of k_pages
     q, flat_k, flat_v = pl.pallas_call(
-        functools.partial(_kernel, hq=hq, hkv=hkv, half=d // 2, num_slots=num_slots),
+        functools.partial(_kernel, hq=hq, hkv=hkv, half=d // 2, num_slots=num_slots, norm=qk_norm),
         grid=(num_tokens,),
         in_specs=[
             whole(x.shape),
             whole(cos.shape),
             whole(sin.shape),
             whole(slot_mapping.shape),
+            *(whole(w.shape) for w in weights),
             whole(flat_k.shape),
             whole(flat_v.shape),
         ],
@@ -132,9 +185,9 @@ def rope_write_kv_gpu(
             jax.ShapeDtypeStruct(flat_k.shape, flat_k.dtype),
             jax.ShapeDtypeStruct(flat_v.shape, flat_v.dtype),
         ],
-        input_output_aliases={4: 1, 5: 2},
+        input_output_aliases={pools: 1, pools + 1: 2},
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="jaxrt_rope_write_kv",
-    )(x, cos, sin, slot_mapping, flat_k, flat_v)
+    )(x, cos, sin, slot_mapping, *weights, flat_k, flat_v)
     return q, flat_k.reshape(pool_shape), flat_v.reshape(pool_shape)

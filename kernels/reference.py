@@ -21,6 +21,8 @@ absolute position ``kv_lens[i] - q_len + r`` and attends causally to positions `
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 
@@ -91,6 +93,49 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([rotated, rest], axis=-1).astype(x.dtype)
 
 
+def rms_norm(
+    x: jax.Array, weight: jax.Array, eps: float, *, offset: float = 0.0, scale_f32: bool = False
+) -> jax.Array:
+    """RMSNorm over the last axis with statistics in f32, cast back to x.dtype.
+
+    ``offset=1`` scales by ``1 + weight`` (Gemma's weights are stored around zero) and implies
+    ``scale_f32``. With ``scale_f32`` the normalised f32 activations are multiplied by the weight before the
+    cast (Gemma, OLMo 2); otherwise they are cast to x.dtype first and then scaled (Llama, Qwen, Mistral).
+    The two orders differ only below f32.
+    """
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if scale_f32 or offset:
+        return (xf * (weight.astype(jnp.float32) + offset)).astype(x.dtype)
+    return (xf.astype(x.dtype) * weight).astype(x.dtype)
+
+
+@dataclass(frozen=True)
+class QKNorm:
+    """RMSNorm of q and k between the projection and rope (``rms_norm`` with these settings).
+
+    mode: ``"head"`` normalises each head over its head_dim (Qwen3, Gemma 3; weights ``[head_dim]``),
+    ``"full"`` all heads of a token together (OLMo 2; weights ``[num_heads * head_dim]`` for q and
+    ``[num_kv_heads * head_dim]`` for k).
+    """
+
+    mode: str
+    eps: float
+    offset: float = 0.0
+    scale_f32: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("head", "full"):
+            raise ValueError(f"QKNorm.mode must be 'head' or 'full', got {self.mode!r}")
+
+    def __call__(self, x: jax.Array, weight: jax.Array) -> jax.Array:
+        """Norm ``x [num_tokens, num_heads, head_dim]`` (heads of q or of k) with its weight."""
+        if self.mode == "head":
+            return rms_norm(x, weight, self.eps, offset=self.offset, scale_f32=self.scale_f32)
+        flat = x.reshape(x.shape[0], -1)
+        return rms_norm(flat, weight, self.eps, offset=self.offset, scale_f32=self.scale_f32).reshape(x.shape)
+
+
 def rope_write_kv_reference(
     qkv: jax.Array,
     cos: jax.Array,
@@ -102,15 +147,22 @@ def rope_write_kv_reference(
     num_q_heads: int,
     num_kv_heads: int,
     head_dim: int,
+    qk_norm: QKNorm | None = None,
+    qk_norm_weights: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Split the q/k/v projection output ``qkv [num_tokens, (num_q_heads + 2 * num_kv_heads) * head_dim]``
-    (q columns, then k, then v), rope q and k (``apply_rope``), write k and v into their slots
-    (``write_kv_reference``). Returns (q [num_tokens, num_q_heads, head_dim], k_pages, v_pages)."""
+    (q columns, then k, then v), norm q and k (``qk_norm`` with ``qk_norm_weights = (q weight, k weight)``,
+    when given), rope them (``apply_rope``), write k and v into their slots (``write_kv_reference``).
+    Returns (q [num_tokens, num_q_heads, head_dim], k_pages, v_pages)."""
     t = qkv.shape[0]
     q_width, kv_width = num_q_heads * head_dim, num_kv_heads * head_dim
     q, k, v = jnp.split(qkv, [q_width, q_width + kv_width], axis=-1)
-    q = apply_rope(q.reshape(t, num_q_heads, head_dim), cos, sin)
-    k = apply_rope(k.reshape(t, num_kv_heads, head_dim), cos, sin)
+    q = q.reshape(t, num_q_heads, head_dim)
+    k = k.reshape(t, num_kv_heads, head_dim)
+    if qk_norm is not None:
+        q, k = qk_norm(q, qk_norm_weights[0]), qk_norm(k, qk_norm_weights[1])
+    q = apply_rope(q, cos, sin)
+    k = apply_rope(k, cos, sin)
     k_pages, v_pages = write_kv_reference(
         k_pages, v_pages, k, v.reshape(t, num_kv_heads, head_dim), slot_mapping
     )

@@ -22,13 +22,13 @@ from jaxrt import envs
 from jaxrt.batch import ForwardBatch
 from jaxrt.config import ModelConfig, RopeConfig
 from jaxrt.kernels import (  # apply_rope stays importable from here; its definition is in kernels.reference
-    apply_rope,
+    QKNorm,
+    apply_rope,  # noqa: F401
     attention_metadata,
     ragged_paged_attention,
     rope_write_kv,
-    write_kv,
 )
-from jaxrt.kernels.reference import token_metadata
+from jaxrt.kernels.reference import rms_norm, token_metadata
 
 KVCache = tuple[jax.Array, jax.Array]  # (k_pages, v_pages): [num_pages, page_size, num_kv_heads, head_dim]
 
@@ -62,12 +62,8 @@ class Family:
 
 
 class RMSNorm(nnx.Module):
-    """RMSNorm over the last axis, statistics in f32.
-
-    ``offset=1`` is Gemma's ``x * (1 + w)`` (weights stored around zero). ``scale_f32`` multiplies by the
-    weight before casting back (Gemma, OLMo 2); otherwise the normalised activations are cast to the input
-    dtype first and then scaled (Llama, Qwen, Mistral). The two orders only differ below f32.
-    """
+    """RMSNorm over the last axis (``kernels.reference.rms_norm``: statistics in f32; ``offset=1`` is Gemma's
+    ``x * (1 + w)``; ``scale_f32`` scales before the cast, as Gemma and OLMo 2 do)."""
 
     def __init__(
         self,
@@ -85,12 +81,7 @@ class RMSNorm(nnx.Module):
         self.scale_f32 = scale_f32 or bool(offset)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        w = self.weight[...]
-        if self.scale_f32:
-            return (xf * (w.astype(jnp.float32) + self.offset)).astype(x.dtype)
-        return (xf.astype(x.dtype) * w).astype(x.dtype)
+        return rms_norm(x, self.weight[...], self.eps, offset=self.offset, scale_f32=self.scale_f32)
 
 
 # ----------------------------------------------------------------------------------------------- rotary
@@ -262,8 +253,15 @@ class PagedAttention(nnx.Module):
         # q, k and v as one matrix: one GEMM per step (the loader joins the checkpoint's three).
         self.qkv_proj = linear(h, (cfg.num_heads + 2 * cfg.num_kv_heads) * hd, qkv_bias, dtype, rngs)
         self.o_proj = linear(cfg.num_heads * hd, h, o_bias, dtype, rngs)
-        self.qk_norm = family.qk_norm
+        self.qk_norm = None
         if family.qk_norm is not None:
+            # Normed between the projection and rope, inside rope_write_kv (one kernel on pallas_gpu).
+            self.qk_norm = QKNorm(
+                family.qk_norm,
+                cfg.rms_norm_eps,
+                family.norm_offset,
+                family.norm_scale_f32 or bool(family.norm_offset),
+            )
             norm = _norm_factory(cfg, family, dtype, rngs)
             full = family.qk_norm == "full"
             self.q_norm = norm(cfg.num_heads * hd if full else hd)
@@ -282,13 +280,10 @@ class PagedAttention(nnx.Module):
         self.attention_backend = attention_backend
         self.interpret = interpret
 
-    def _kv_write_backend(self) -> str | None:
-        """Where rope and the KV write run (``rope_write_kv``'s backend), or None for models with q/k norms
-        (normed between the projection and rope: split, norm, rope and ``write_kv`` as separate ops). The
-        attention backend's, so that on pallas_gpu one kernel does it; "reference" (XLA's ops) with
+    def _kv_write_backend(self) -> str:
+        """Where (the q/k norm,) rope and the KV write run: ``rope_write_kv``'s backend. The attention
+        backend's, so that on pallas_gpu one kernel does it; "reference" (XLA's ops) with
         ``JAXRT_FUSED_KV_WRITE=0`` (read when the step is traced)."""
-        if self.qk_norm is not None:
-            return None
         return self.attention_backend if envs.fused_kv_write() else "reference"
 
     def metadata(self, num_tokens: int, dtype: jnp.dtype, kv: KVCache, batch: ForwardBatch):
@@ -316,35 +311,26 @@ class PagedAttention(nnx.Module):
             self.rope, self.rotary_dim, batch.positions, seq_lens, self.max_position_embeddings
         )
         qkv = self.qkv_proj(x)
-        kv_backend = self._kv_write_backend()
-        if kv_backend is not None:
-            # On pallas_gpu one kernel ropes q and k and writes k and v, reading qkv's columns in place.
-            q, k_pages, v_pages = rope_write_kv(
-                qkv,
-                cos,
-                sin,
-                kv[0],
-                kv[1],
-                batch.slot_mapping,
-                num_q_heads=self.num_heads,
-                num_kv_heads=self.num_kv_heads,
-                head_dim=self.head_dim,
-                backend=kv_backend,
-                interpret=self.interpret,
+        norm = {}
+        if self.qk_norm is not None:
+            norm = dict(
+                qk_norm=self.qk_norm, qk_norm_weights=(self.q_norm.weight[...], self.k_norm.weight[...])
             )
-        else:
-            q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            q, k, v = jnp.split(qkv, [q_width, q_width + kv_width], axis=-1)
-            if self.qk_norm == "full":
-                q, k = self.q_norm(q), self.k_norm(k)
-            q = q.reshape(t, self.num_heads, self.head_dim)
-            k = k.reshape(t, self.num_kv_heads, self.head_dim)
-            v = v.reshape(t, self.num_kv_heads, self.head_dim)
-            if self.qk_norm == "head":
-                q, k = self.q_norm(q), self.k_norm(k)
-            q = apply_rope(q, cos, sin)
-            k = apply_rope(k, cos, sin)
-            k_pages, v_pages = write_kv(kv[0], kv[1], k, v, batch.slot_mapping)
+        # On pallas_gpu one kernel (norms,) ropes q and k and writes k and v, reading qkv's columns in place.
+        q, k_pages, v_pages = rope_write_kv(
+            qkv,
+            cos,
+            sin,
+            kv[0],
+            kv[1],
+            batch.slot_mapping,
+            num_q_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            **norm,
+            backend=self._kv_write_backend(),
+            interpret=self.interpret,
+        )
         o = ragged_paged_attention(
             q,
             k_pages,

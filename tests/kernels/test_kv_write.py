@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrt.kernels import rope_write_kv, rope_write_kv_reference
+from jaxrt.kernels import QKNorm, rope_write_kv, rope_write_kv_reference
 from jaxrt.kernels.kv_write import rope_write_kv_gpu
 from jaxrt.models.layers import PagedAttention
 
@@ -36,12 +36,18 @@ def _f32(x):
     return np.asarray(jnp.asarray(x).astype(jnp.float32))
 
 
-def _assert_same(got, want, dtype):
+def _assert_same(got, want, dtype, normed=False):
+    """Within an ulp of the dtype. ``normed``: the kernel sums the squares in another order than the
+    reference, and XLA may keep the reference's bf16 intermediates in f32 (``xla_allow_excess_precision``),
+    so a normed element can round to the neighbouring bf16 value before rope mixes it with another: an ulp
+    of the inputs' magnitude (up to ~4 here) in bf16. The f32 cases check the arithmetic closely."""
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == "f32" else dict(rtol=2**-7, atol=1e-5)  # 1 bf16 ulp
+    if normed:
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == "f32" else dict(rtol=2**-7, atol=2**-5)
     q, k_pages, v_pages = map(_f32, got)
     wq, wk, wv = map(_f32, want)
     np.testing.assert_allclose(q, wq, **tol)
-    for name, a, b in (("k_pages", k_pages, wk), ("v_pages", v_pages, wv)):
+    for name, a, b in (("q", q, wq), ("k_pages", k_pages, wk), ("v_pages", v_pages, wv)):
         np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=f"{name}: rows written differ")
         np.testing.assert_allclose(a, b, **tol, err_msg=name)  # NaN == NaN here
 
@@ -69,6 +75,41 @@ def test_matches_reference_in_interpret_mode(hq, hkv, d, dtype):
     _assert_same(got, want, dtype)
     written = np.flatnonzero(~np.isnan(_f32(got[1]).reshape(NUM_SLOTS, -1)).any(axis=1))
     assert sorted(written) == sorted(s for s in SLOTS if 0 <= s < NUM_SLOTS)
+
+
+NORMS = {  # the q/k norms of the families that have them
+    "qwen3": QKNorm("head", 1e-6),  # cast to the dtype, then scaled
+    "gemma3": QKNorm("head", 1e-6, offset=1.0, scale_f32=True),  # (1 + w), in f32
+    "olmo2": QKNorm("full", 1e-6, scale_f32=True),  # over all heads of the token
+}
+
+
+def _norm_weights(rng, norm, hq, hkv, d, dtype):
+    rows = (hq, hkv) if norm.mode == "full" else (1, 1)
+    return tuple(jnp.asarray(1 + 0.3 * rng.standard_normal(r * d), dtype) for r in rows)
+
+
+@pytest.mark.parametrize("family", sorted(NORMS))
+@pytest.mark.parametrize("hq,hkv,d,dtype", [(8, 2, 64, "bf16"), (14, 2, 32, "f32"), (6, 3, 128, "bf16")])
+def test_qk_norm_matches_reference_in_interpret_mode(family, hq, hkv, d, dtype):
+    """q/k RMSNorm before rope (Qwen3, Gemma 3, OLMo 2 arithmetic), in the kernel: same as the jnp
+    composition within an ulp of the dtype (the kernel sums the squares in another order)."""
+    rng = np.random.default_rng(zlib.crc32(f"{family}-{hq}-{hkv}-{d}-{dtype}".encode()))
+    args = _inputs(rng, hq, hkv, d, DT[dtype], SLOTS)
+    norm = NORMS[family]
+    kw = dict(
+        num_q_heads=hq,
+        num_kv_heads=hkv,
+        head_dim=d,
+        qk_norm=norm,
+        qk_norm_weights=_norm_weights(rng, norm, hq, hkv, d, DT[dtype]),
+    )
+    want = rope_write_kv_reference(*args, **kw)
+    got = rope_write_kv(*args, **kw, backend="pallas_gpu", interpret=True)
+    _assert_same(got, want, dtype, normed=True)
+    # The norm is there: without it the result differs (the weights are far from one).
+    plain = rope_write_kv_reference(*args, num_q_heads=hq, num_kv_heads=hkv, head_dim=d)
+    assert not np.allclose(_f32(got[0]), _f32(plain[0]), rtol=0.05)
 
 
 def test_dispatch():
@@ -131,6 +172,10 @@ def test_no_rotary_dims_writes_k_and_v_unchanged():
         (dict(k_pages=(PAGES, PAGE, 3, 64)), "k_pages must be"),
         (dict(v_pages=(PAGES, PAGE, 2, 32)), "k_pages .* and v_pages"),
         (dict(slots=(4,)), "slot_mapping must be"),
+        (dict(norm=QKNorm("head", 1e-6)), "given together"),
+        (dict(norm=QKNorm("head", 1e-6), weights=(64, 32)), "k weight must be"),
+        (dict(norm=QKNorm("full", 1e-6), weights=(64, 128)), "q weight must be"),
+        (dict(norm="head", weights=(64, 32)), "must be a kernels.reference.QKNorm"),
     ],
 )
 def test_validates(change, match):
@@ -140,44 +185,71 @@ def test_validates(change, match):
     k = jnp.zeros(change.get("k_pages", (PAGES, PAGE, 2, d)), jnp.float32)
     v = jnp.zeros(change.get("v_pages", (PAGES, PAGE, 2, d)), jnp.float32)
     slots = jnp.zeros(change.get("slots", (3,)), jnp.int32)
+    norm = {}
+    if "norm" in change:
+        norm["qk_norm"] = change["norm"]
+    if "weights" in change:
+        norm["qk_norm_weights"] = tuple(jnp.ones(n, jnp.float32) for n in change["weights"])
     with pytest.raises(ValueError, match=match):
-        rope_write_kv(qkv, cos, cos, k, v, slots, num_q_heads=4, num_kv_heads=2, head_dim=d)
+        rope_write_kv(qkv, cos, cos, k, v, slots, num_q_heads=4, num_kv_heads=2, head_dim=d, **norm)
 
 
 def test_layer_routes_rope_and_kv_write(monkeypatch):
-    """Models without q/k norms rope and write through ``rope_write_kv`` on their attention backend (the
-    kernel on pallas_gpu, where ``supports`` allows), XLA's ops with ``JAXRT_FUSED_KV_WRITE=0``; models with
-    q/k norms keep the separate ops."""
-    layer = dict(qk_norm=None, attention_backend="pallas_gpu")
+    """Every model ropes and writes (and norms q / k where it does) through ``rope_write_kv`` on its attention
+    backend (the kernel on pallas_gpu, where ``supports`` allows); XLA's ops with ``JAXRT_FUSED_KV_WRITE=0``."""
+    layer = dict(attention_backend="pallas_gpu")
 
     def backend(**change):
         return PagedAttention._kv_write_backend(types.SimpleNamespace(**{**layer, **change}))
 
     assert backend() == "pallas_gpu"
     assert backend(attention_backend="reference") == "reference"
-    assert backend(qk_norm="head") is None
-    assert backend(qk_norm="full") is None
     monkeypatch.setenv("JAXRT_FUSED_KV_WRITE", "0")
     assert backend() == "reference"
 
 
 @pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="jax >= 0.11 lowers Pallas to CUDA on CPU")
-@pytest.mark.parametrize("num_tokens,hq,hkv", [(1, 32, 8), (256, 32, 8), (8, 14, 2)])
-def test_lowers_for_cuda(num_tokens, hq, hkv):
+@pytest.mark.parametrize(
+    "num_tokens,hq,hkv,d,norm",
+    [
+        (1, 32, 8, 64, None),
+        (256, 32, 8, 64, None),
+        (8, 14, 2, 64, None),
+        (8, 16, 8, 128, "qwen3"),  # Qwen3-0.6B
+        (256, 8, 4, 256, "gemma3"),  # Gemma 3 1B's head_dim 256 (one kv head on the real model)
+        (8, 16, 16, 128, "olmo2"),  # OLMo 2 1B
+    ],
+)
+def test_lowers_for_cuda(num_tokens, hq, hkv, d, norm):
     """The Pallas -> Triton IR lowering for an H100 on any machine (Llama 3.2 1B at decode batch 1 / 256,
-    Qwen2 0.5B's 14 q heads), the pools aliased to the outputs; the Triton -> PTX compile happens in XLA on
-    the GPU."""
+    Qwen2 0.5B's 14 q heads, the q/k-norm families), the pools aliased to the outputs; the Triton -> PTX
+    compile happens in XLA on the GPU."""
     from jax import export
     from jax._src import mesh as mesh_lib
 
-    d = 64
     qkv = jax.ShapeDtypeStruct((num_tokens, (hq + 2 * hkv) * d), jnp.bfloat16)
     cs = jax.ShapeDtypeStruct((num_tokens, d // 2), jnp.float32)
     pools = jax.ShapeDtypeStruct((512, 16, hkv, d), jnp.bfloat16)
     slots = jax.ShapeDtypeStruct((num_tokens,), jnp.int32)
 
-    def f(qkv, cos, sin, k, v, slots):
-        return rope_write_kv_gpu(qkv, cos, sin, k, v, slots, num_q_heads=hq, num_kv_heads=hkv, head_dim=d)
+    qk_norm = None if norm is None else NORMS[norm]
+    rows = (hq, hkv) if norm == "olmo2" else (1, 1)
+    weights = tuple(jax.ShapeDtypeStruct((r * d,), jnp.bfloat16) for r in rows)
+
+    def f(qkv, cos, sin, k, v, slots, weights):
+        return rope_write_kv_gpu(
+            qkv,
+            cos,
+            sin,
+            k,
+            v,
+            slots,
+            num_q_heads=hq,
+            num_kv_heads=hkv,
+            head_dim=d,
+            qk_norm=qk_norm,
+            qk_norm_weights=None if norm is None else weights,
+        )
 
     h100 = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
     mesh = jax.sharding.AbstractMesh(
@@ -188,6 +260,6 @@ def test_lowers_for_cuda(num_tokens, hq, hkv):
             jax.jit(f, donate_argnums=(3, 4)),
             platforms=["cuda"],
             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-        )(qkv, cs, cs, pools, pools, slots)
+        )(qkv, cs, cs, pools, pools, slots, weights)
     assert [a.shape for a in exp.out_avals] == [(num_tokens, hq, d), pools.shape, pools.shape]
     assert "jaxrt_rope_write_kv" in exp.mlir_module()

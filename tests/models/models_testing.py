@@ -196,12 +196,16 @@ class NativeModel:
     forward: Any
 
 
-def load_native(path: str, dtype: str = "float32") -> NativeModel:
+def load_native(
+    path: str, dtype: str = "float32", attention_backend: str = "reference", interpret: bool = False
+) -> NativeModel:
     from jaxrt.converters.loader import build_native_model, load_hf_config, native_model_config
     from jaxrt.step import nnx_forward
 
     cfg = native_model_config(load_hf_config(path))
-    graphdef, state = build_native_model(cfg, path, dtype, "reference", use_cache=False)
+    graphdef, state = build_native_model(
+        cfg, path, dtype, attention_backend, interpret=interpret, use_cache=False
+    )
     return NativeModel(cfg, state, jax.jit(nnx_forward(graphdef)))
 
 

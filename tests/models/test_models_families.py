@@ -74,6 +74,23 @@ def test_logits_match_transformers(family, chunks):
         assert_logits_close(ours, family["ref"][i][pos], f"{family['name']} prompt {i} position {pos}")
 
 
+QK_NORM = ("gemma3", "olmo2", "qwen3")  # q/k RMSNorm before rope: per head, (1 + w) per head, all heads
+
+
+@pytest.mark.parametrize("name", QK_NORM)
+def test_qk_norm_families_through_the_gpu_kernels(name, tmp_path):
+    """The q/k norms run inside the fused norm + rope + KV-write kernel on pallas_gpu (with the attention
+    kernel, both in Pallas interpret mode): logits of a one-chunk prefill still match transformers'."""
+    config_cls, overrides = FAMILIES[name]
+    seed = sorted(FAMILIES).index(name)
+    path, hf = make_checkpoint(tmp_path, config_cls, seed=seed, **overrides)
+    prompts = prompts_for(seed, (11, 26))
+    model = load_native(path, attention_backend="pallas_gpu", interpret=True)
+    got = native_chunk_logits(model, prompts, 1, num_tokens=64)
+    for i, p in enumerate(prompts):
+        assert_logits_close(got[(i, len(p) - 1)], hf_all_logits(hf, p)[len(p) - 1], f"{name} prompt {i}")
+
+
 def test_engine_greedy_matches_transformers_generate(family):
     prompts = family["prompts"]
     expected = hf_greedy(family["hf"], prompts, 32)

@@ -212,6 +212,12 @@ def mosaic_decode_config(
     return cfg
 
 
+# Up to this many tokens a call takes the decode tiling whatever its sequence slots: the prefill tiling's
+# 64-row tiles and single split took 30 us per layer for a lone decode token in an 8-token bucket with
+# Qwen3-0.6B heads on an H200 (8.3 us + a 2.1 us merge with the decode tiling; benchmarks/RESULTS.md).
+SMALL_BATCH_TOKENS = 16
+
+
 def default_config(
     *,
     num_tokens: int,
@@ -228,7 +234,9 @@ def default_config(
 ) -> GpuConfig:
     """Heuristic tiling from static shapes.
 
-    A batch with no more tokens than sequences is treated as decode: 16-row query tiles, 32 KiB of K+V per
+    A batch with no more tokens than sequences, or of at most ``SMALL_BATCH_TOKENS`` tokens (the decode
+    buckets of an engine that runs fewer requests than its smallest bucket holds, e.g.
+    ``max_running_requests=1``: 8 token rows, 1 sequence), is treated as decode: 16-row query tiles, 32 KiB of K+V per
     kv step, split-K planned per step for about two programs per SM (room for up to 16 splits of one
     sequence), software prefetch with page-id lookahead, and two kv heads
     per program where one head's row of a page is only 128 bytes (head_dim 64 in bf16), so that each token
@@ -240,7 +248,7 @@ def default_config(
     group = num_q_heads // num_kv_heads
     group_pad = common.next_pow2(group)
     sms = num_sms or common.num_sms()
-    if num_tokens <= max_num_seqs:
+    if num_tokens <= max(max_num_seqs, SMALL_BATCH_TOKENS):
         if _MOSAIC_DECODE and kv_layout == "nhd" and kv_dtype is not None and mosaic_gpu.hopper_available():
             mcfg = mosaic_decode_config(
                 num_tokens=num_tokens,

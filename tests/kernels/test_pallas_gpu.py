@@ -198,6 +198,18 @@ CASES = [
         hkv=2,
         config=GpuConfig(16, 32, 16, prefetch=True, heads_fastest=True, split_programs=12),
     ),
+    # more token rows than sequence slots (an engine running fewer requests than its smallest bucket holds)
+    # with the decode tiling: a lone decode token, a lone 5-token chunk
+    Case(
+        (1,), (130,), pad_tokens=7, pad_seqs=0, config=GpuConfig(16, 16, 8, prefetch=True, split_programs=20)
+    ),
+    Case(
+        (5,),
+        (70,),
+        pad_tokens=3,
+        pad_seqs=0,
+        config=GpuConfig(16, 16, 8, prefetch=True, page_lookahead=True, split_programs=20),
+    ),
     # a sequence with no new tokens, a long prefill chunk spanning several query blocks, no padding at all
     Case((3, 0, 40), (3, 5, 50), pad_tokens=0, pad_seqs=0, config=GpuConfig(block_rows=32, block_kv=16)),
 ]
@@ -357,7 +369,7 @@ def test_default_config_tiles_are_triton_legal():
             assert c.block_rows >= 16 and c.block_rows & (c.block_rows - 1) == 0
             assert c.block_kv >= 16 and c.block_kv & (c.block_kv - 1) == 0
             assert 1 <= c.num_splits <= 16
-            if tokens > seqs:
+            if tokens > max(seqs, pallas_gpu.SMALL_BATCH_TOKENS):
                 assert c.num_splits == 1
 
 
@@ -375,6 +387,18 @@ def test_default_decode_tiling_by_bucket_size():
     # Split room for one sequence alone (up to 16, at most the blocks of a page-table row), planned per step.
     assert (small.num_splits, small.split_programs) == (8, 264)
     assert (larger.num_splits, larger.split_programs) == (16, 264)
+
+
+def test_small_buckets_take_the_decode_tiling_with_few_sequence_slots():
+    """An engine with max_running_requests below its smallest bucket (8 token rows, 1 sequence slot) decodes
+    with the decode tiling (16-row tiles, planned splits), not the prefill one; larger calls with more
+    tokens than slots stay on the prefill tiling."""
+    shapes = dict(LLAMA_1B_DECODE, pages_per_seq=64)
+    lone = default_config(num_tokens=8, max_num_seqs=1, **shapes)
+    assert lone.block_rows == 16 and lone.num_splits > 1 and lone.split_programs > 0
+    assert default_config(num_tokens=16, max_num_seqs=2, **shapes).num_splits > 1
+    chunk = default_config(num_tokens=32, max_num_seqs=1, **shapes)
+    assert chunk.block_rows == 64 and chunk.num_splits == 1
 
 
 def _plan(kv_lens, num_tokens, config, hq=32, hkv=8, d=64, page=16, pages_per_seq=256):

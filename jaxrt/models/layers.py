@@ -255,17 +255,12 @@ class PagedAttention(nnx.Module):
         self.o_proj = linear(cfg.num_heads * hd, h, o_bias, dtype, rngs)
         self.qk_norm = None
         if family.qk_norm is not None:
-            # Normed between the projection and rope, inside rope_write_kv (one kernel on pallas_gpu).
-            self.qk_norm = QKNorm(
-                family.qk_norm,
-                cfg.rms_norm_eps,
-                family.norm_offset,
-                family.norm_scale_f32 or bool(family.norm_offset),
-            )
             norm = _norm_factory(cfg, family, dtype, rngs)
             full = family.qk_norm == "full"
-            self.q_norm = norm(cfg.num_heads * hd if full else hd)
-            self.k_norm = norm(cfg.num_kv_heads * hd if full else hd)
+            self.q_norm = norm(cfg.num_heads * hd if full else hd)  # their weights; the norm itself runs
+            self.k_norm = norm(cfg.num_kv_heads * hd if full else hd)  # inside rope_write_kv, as this spec
+            n = self.q_norm
+            self.qk_norm = QKNorm(family.qk_norm, n.eps, offset=n.offset, scale_f32=n.scale_f32)
         if layer_idx is not None:
             sliding = is_sliding_layer(cfg, layer_idx)
             sliding_window = cfg.sliding_window if sliding else None

@@ -299,7 +299,7 @@ def rope_write_kv(
     Returns (roped q ``[num_tokens, num_q_heads, head_dim]`` in qkv.dtype, k_pages, v_pages).
 
     On the "pallas_gpu" backend one Pallas kernel (``kernels.kv_write``) does it where it can
-    (``kv_write.supports``: full rotary, power-of-two head_dim >= 16); everywhere else the jnp composition
+    (``kv_write.supports``: head_dim a multiple of 8, some rotary dims); everywhere else the jnp composition
     ``kernels.reference.rope_write_kv_reference`` (split, ``QKNorm``, ``apply_rope``, ``write_kv_reference``).
     With the pools donated to the step both update them in place.
     """

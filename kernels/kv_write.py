@@ -18,15 +18,17 @@ Models that RMSNorm q and k before rope (Qwen3 and Gemma 3 per head, OLMo 2 over
 two norm kernels join the three. The sum of squares runs in another order than XLA's reduction: results are
 within an ulp of the jnp composition, not bitwise.
 
-Triton loads power-of-two tiles: head_dim must be a power of two >= 16, and each of the three head counts is
-read as its binary decomposition (14 heads: tiles of 8, 4 and 2 heads), so any count works without masks.
-Only full rotary (``cos.shape[-1] * 2 == head_dim``) is expressed; ``kernels.attention.rope_write_kv``
-checks all of this (``supports``) and runs the jnp composition otherwise.
+Triton loads power-of-two tiles: each of the three head counts is read as its binary decomposition (14
+heads: tiles of 8, 4 and 2 heads), and so are the columns: the two rotated halves and the pass-through
+columns of partial rotary (Phi-4-mini: head_dim 128, 96 rotary dims, halves of 48 = 32 + 16 columns, 32
+passed through), so any head count, head_dim (a multiple of 8) and rotary_dim work without masks.
+``kernels.attention.rope_write_kv`` checks this (``supports``) and runs the jnp composition otherwise.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -41,11 +43,13 @@ NUM_WARPS = 4
 
 def supports(cos_shape, head_dim: int) -> str | None:
     """None if the kernel takes these shapes, else the reason the jnp composition runs instead (dtypes:
-    ``kernels.attention.rope_write_kv`` admits f32 / bf16 / f16 only, all of which the kernel takes)."""
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        return f"head_dim {head_dim} is not a power of two >= 16"
-    if 2 * cos_shape[-1] != head_dim:
-        return f"partial rotary ({2 * cos_shape[-1]} of {head_dim} dims)"
+    ``kernels.attention.rope_write_kv`` admits f32 / bf16 / f16 only, all of which the kernel takes). Any
+    head_dim and rotary_dim are tiled (in power-of-two column pieces); no rotary dims at all is the jnp
+    composition's (nothing to rope: a plain scatter)."""
+    if cos_shape[-1] == 0:
+        return "no rotary dims"
+    if head_dim % 8:
+        return f"head_dim {head_dim} is not a multiple of 8"
     return None
 
 
@@ -59,7 +63,7 @@ def _pieces(count: int, start: int) -> list[tuple[int, int]]:
     return out
 
 
-def _kernel(*refs, hq, hkv, half, num_slots, norm):
+def _kernel(*refs, hq, hkv, half, head_dim, num_slots, norm):
     if norm is None:
         qkv_ref, cos_ref, sin_ref, slot_ref, _k_in, _v_in, q_ref, k_ref, v_ref = refs
         wq_ref = wk_ref = None
@@ -67,64 +71,80 @@ def _kernel(*refs, hq, hkv, half, num_slots, norm):
         qkv_ref, cos_ref, sin_ref, slot_ref, wq_ref, wk_ref, _k_in, _v_in, q_ref, k_ref, v_ref = refs
     t = pl.program_id(0)
     dtype = qkv_ref.dtype
-    c = cos_ref[pl.ds(t, 1), :]  # [1, half] f32
-    s = sin_ref[pl.ds(t, 1), :]
     slot = slot_ref[t]
-    first, second = pl.ds(0, half), pl.ds(half, half)
+    # Column pieces (first column, width), each a power of two: the rotated halves [0, half) and
+    # [half, 2 * half) piece by piece (rotate-half pairs column c with c + half), then the columns past the
+    # rotary dims, which pass through (partial rotary).
+    rot = _pieces(half, 0)
+    rest = _pieces(head_dim - 2 * half, 2 * half)
+    cos = [cos_ref[pl.ds(t, 1), pl.ds(c0, w)] for c0, w in rot]  # [1, w] f32 each
+    sin = [sin_ref[pl.ds(t, 1), pl.ds(c0, w)] for c0, w in rot]
 
     def heads(start, count, w_ref):
-        """[(first head, n, x1, x2)]: the halves of heads ``start .. start + count`` in f32 pieces, normed
-        (``reference.QKNorm``'s arithmetic, cast to the input dtype and back) when the model norms q / k."""
-        pieces = [
+        """[(first head, n, first halves, second halves, rest)] of heads ``start .. start + count``: f32
+        column pieces, normed (``reference.QKNorm``'s arithmetic, cast to the input dtype and back) when the
+        model norms q / k."""
+
+        def load(h0, n, c0, w):
+            return qkv_ref[t, pl.ds(h0, n), pl.ds(c0, w)].astype(jnp.float32)
+
+        tiles = [
             (
                 h0,
                 n,
-                qkv_ref[t, pl.ds(h0, n), first].astype(jnp.float32),
-                qkv_ref[t, pl.ds(h0, n), second].astype(jnp.float32),
+                [load(h0, n, c0, w) for c0, w in rot],
+                [load(h0, n, half + c0, w) for c0, w in rot],
+                [load(h0, n, c0, w) for c0, w in rest],
             )
             for h0, n in _pieces(count, start)
         ]
         if norm is None:
-            return pieces
+            return tiles
 
-        def sum_sq(x1, x2):  # [n, 1]
-            return jnp.sum(x1 * x1, axis=1, keepdims=True) + jnp.sum(x2 * x2, axis=1, keepdims=True)
+        def sum_sq(*parts):  # [n, 1]
+            return sum(jnp.sum(x * x, axis=1, keepdims=True) for part in parts for x in part)
 
         if norm.mode == "full":  # one statistic over all the token's heads of q (or of k)
-            total = sum(jnp.sum(sum_sq(x1, x2)) for _, _, x1, x2 in pieces)
-            invs = [lax.rsqrt(total / (count * 2 * half) + norm.eps)] * len(pieces)
+            total = sum(jnp.sum(sum_sq(*tile[2:])) for tile in tiles)
+            invs = [lax.rsqrt(total / (count * head_dim) + norm.eps)] * len(tiles)
         else:
-            invs = [lax.rsqrt(sum_sq(x1, x2) / (2 * half) + norm.eps) for _, _, x1, x2 in pieces]
+            invs = [lax.rsqrt(sum_sq(*tile[2:]) / head_dim + norm.eps) for tile in tiles]
 
-        def scale(x, w):
+        def scale(x, inv, h0, n, c0, w):
+            rows = pl.ds(h0 - start, n) if norm.mode == "full" else pl.ds(0, 1)
+            wt = w_ref[rows, pl.ds(c0, w)]
+            x = x * inv
             if norm.scale_f32 or norm.offset:
-                return (x * (w.astype(jnp.float32) + norm.offset)).astype(dtype).astype(jnp.float32)
-            return (x.astype(dtype) * w).astype(dtype).astype(jnp.float32)
+                return (x * (wt.astype(jnp.float32) + norm.offset)).astype(dtype).astype(jnp.float32)
+            return (x.astype(dtype) * wt).astype(dtype).astype(jnp.float32)
 
         out = []
-        for (h0, n, x1, x2), inv in zip(pieces, invs, strict=True):
-            rows = pl.ds(h0 - start, n) if norm.mode == "full" else pl.ds(0, 1)
-            out.append((h0, n, scale(x1 * inv, w_ref[rows, first]), scale(x2 * inv, w_ref[rows, second])))
+        for (h0, n, x1, x2, xr), inv in zip(tiles, invs, strict=True):
+            x1 = [scale(x, inv, h0, n, c0, w) for x, (c0, w) in zip(x1, rot, strict=True)]
+            x2 = [scale(x, inv, h0, n, half + c0, w) for x, (c0, w) in zip(x2, rot, strict=True)]
+            xr = [scale(x, inv, h0, n, c0, w) for x, (c0, w) in zip(xr, rest, strict=True)]
+            out.append((h0, n, x1, x2, xr))
         return out
 
-    def rope(x1, x2):  # apply_rope: rot * cos + rotate_half(rot) * sin, rotate_half = concat(-x2, x1)
-        return (x1 * c - x2 * s).astype(dtype), (x2 * c + x1 * s).astype(dtype)
+    def store(ref, row, dst, x1, x2, xr):
+        """Rope a tile's halves (apply_rope: rot * cos + rotate_half(rot) * sin, rotate_half = concat(-x2,
+        x1)) and store them and the pass-through columns to ``ref[row, dst]``."""
+        for (c0, w), a, b, c, s in zip(rot, x1, x2, cos, sin, strict=True):
+            ref[row, dst, pl.ds(c0, w)] = (a * c - b * s).astype(dtype).astype(ref.dtype)
+            ref[row, dst, pl.ds(half + c0, w)] = (b * c + a * s).astype(dtype).astype(ref.dtype)
+        for (c0, w), x in zip(rest, xr, strict=True):
+            ref[row, dst, pl.ds(c0, w)] = x.astype(dtype).astype(ref.dtype)
 
-    for h0, n, x1, x2 in heads(0, hq, wq_ref):
-        o1, o2 = rope(x1, x2)
-        q_ref[t, pl.ds(h0, n), first] = o1.astype(q_ref.dtype)
-        q_ref[t, pl.ds(h0, n), second] = o2.astype(q_ref.dtype)
+    for h0, n, x1, x2, xr in heads(0, hq, wq_ref):
+        store(q_ref, t, pl.ds(h0, n), x1, x2, xr)
 
     @pl.when((slot >= 0) & (slot < num_slots))
     def _():
-        for h0, n, x1, x2 in heads(hq, hkv, wk_ref):
-            o1, o2 = rope(x1, x2)
-            dst = pl.ds(h0 - hq, n)
-            k_ref[slot, dst, first] = o1.astype(k_ref.dtype)
-            k_ref[slot, dst, second] = o2.astype(k_ref.dtype)
-        for h0, n in _pieces(hkv, hq + hkv):
-            v = qkv_ref[t, pl.ds(h0, n), :]
-            v_ref[slot, pl.ds(h0 - hq - hkv, n), :] = v.astype(v_ref.dtype)
+        for h0, n, x1, x2, xr in heads(hq, hkv, wk_ref):
+            store(k_ref, slot, pl.ds(h0 - hq, n), x1, x2, xr)
+        for (h0, n), (c0, w) in itertools.product(_pieces(hkv, hq + hkv), _pieces(head_dim, 0)):
+            v = qkv_ref[t, pl.ds(h0, n), pl.ds(c0, w)]
+            v_ref[slot, pl.ds(h0 - hq - hkv, n), pl.ds(c0, w)] = v.astype(v_ref.dtype)
 
 
 @functools.partial(
@@ -147,7 +167,7 @@ def rope_write_kv_gpu(
     interpret: bool = False,
     num_warps: int = NUM_WARPS,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """qkv [T, (Hq + 2 * Hkv) * D]; cos, sin [T, D // 2] f32; k_pages, v_pages [P, page_size, Hkv, D];
+    """qkv [T, (Hq + 2 * Hkv) * D]; cos, sin [T, rotary_dim // 2] f32; k_pages, v_pages [P, page_size, Hkv, D];
     slot_mapping [T] int32 (flat slot, -1 = padding); qk_norm / qk_norm_weights: q and k normed first, as
     ``kernels.reference.rope_write_kv_reference``. Returns (roped q [T, Hq, D] in qkv.dtype, k_pages,
     v_pages). Unchecked: ``kernels.attention.rope_write_kv`` validates and dispatches."""
@@ -168,7 +188,9 @@ def rope_write_kv_gpu(
         weights = tuple(w.reshape(r, d) for w, r in zip(qk_norm_weights, rows, strict=True))
     pools = 4 + len(weights)  # operand index of k_pages
     q, flat_k, flat_v = pl.pallas_call(
-        functools.partial(_kernel, hq=hq, hkv=hkv, half=d // 2, num_slots=num_slots, norm=qk_norm),
+        functools.partial(
+            _kernel, hq=hq, hkv=hkv, half=cos.shape[1], head_dim=d, num_slots=num_slots, norm=qk_norm
+        ),
         grid=(num_tokens,),
         in_specs=[
             whole(x.shape),

@@ -55,20 +55,23 @@ def _assert_same(got, want, dtype, normed=False):
 # Slots: padding rows (-1) between real ones, both ends of pages (0, 3 | 4, 11 | 12, 23), one past the pool
 # (dropped, as the reference's scatter drops it).
 SLOTS = [4, -1, 3, 12, 11, -1, 0, 23, NUM_SLOTS, 17]
-CASES = [  # (hq, hkv, d, dtype)
-    (8, 2, 64, "bf16"),  # GQA
-    (8, 2, 128, "f32"),
-    (4, 1, 128, "bf16"),  # MQA
-    (14, 2, 64, "f32"),  # Qwen2-0.5B's 14 q heads: tiles of 8, 4 and 2
-    (6, 3, 32, "bf16"),  # odd kv head count
+CASES = [  # (hq, hkv, d, dtype, rotary_dim or None for all of head_dim)
+    (8, 2, 64, "bf16", None),  # GQA
+    (8, 2, 128, "f32", None),
+    (4, 1, 128, "bf16", None),  # MQA
+    (14, 2, 64, "f32", None),  # Qwen2-0.5B's 14 q heads: tiles of 8, 4 and 2
+    (6, 3, 32, "bf16", None),  # odd kv head count
+    (6, 2, 128, "bf16", 96),  # Phi-4-mini's partial rotary: halves of 48 (32 + 16 columns), 32 passed through
+    (4, 2, 80, "f32", 32),  # Phi-2-like: head_dim 80 (64 + 16), 32 rotary dims
+    (4, 4, 96, "f32", 24),  # halves of 12 (8 + 4 columns), head_dim 96 (64 + 32)
 ]
 DT = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
 
-@pytest.mark.parametrize("hq,hkv,d,dtype", CASES, ids=lambda v: str(v))
-def test_matches_reference_in_interpret_mode(hq, hkv, d, dtype):
-    rng = np.random.default_rng(zlib.crc32(f"{hq}-{hkv}-{d}-{dtype}".encode()))
-    args = _inputs(rng, hq, hkv, d, DT[dtype], SLOTS)
+@pytest.mark.parametrize("hq,hkv,d,dtype,rotary", CASES, ids=lambda v: str(v))
+def test_matches_reference_in_interpret_mode(hq, hkv, d, dtype, rotary):
+    rng = np.random.default_rng(zlib.crc32(f"{hq}-{hkv}-{d}-{dtype}-{rotary}".encode()))
+    args = _inputs(rng, hq, hkv, d, DT[dtype], SLOTS, rotary)
     heads = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d)
     want = rope_write_kv_reference(*args, **heads)
     got = rope_write_kv(*args, **heads, backend="pallas_gpu", interpret=True)
@@ -90,12 +93,16 @@ def _norm_weights(rng, norm, hq, hkv, d, dtype):
 
 
 @pytest.mark.parametrize("family", sorted(NORMS))
-@pytest.mark.parametrize("hq,hkv,d,dtype", [(8, 2, 64, "bf16"), (14, 2, 32, "f32"), (6, 3, 128, "bf16")])
-def test_qk_norm_matches_reference_in_interpret_mode(family, hq, hkv, d, dtype):
+@pytest.mark.parametrize(
+    "hq,hkv,d,dtype,rotary",
+    [(8, 2, 64, "bf16", None), (14, 2, 32, "f32", None), (6, 3, 128, "bf16", None), (4, 2, 80, "f32", 48)],
+)
+def test_qk_norm_matches_reference_in_interpret_mode(family, hq, hkv, d, dtype, rotary):
     """q/k RMSNorm before rope (Qwen3, Gemma 3, OLMo 2 arithmetic), in the kernel: same as the jnp
-    composition within an ulp of the dtype (the kernel sums the squares in another order)."""
-    rng = np.random.default_rng(zlib.crc32(f"{family}-{hq}-{hkv}-{d}-{dtype}".encode()))
-    args = _inputs(rng, hq, hkv, d, DT[dtype], SLOTS)
+    composition within an ulp of the dtype (the kernel sums the squares in another order); with partial
+    rotary the pass-through columns are normed too."""
+    rng = np.random.default_rng(zlib.crc32(f"{family}-{hq}-{hkv}-{d}-{dtype}-{rotary}".encode()))
+    args = _inputs(rng, hq, hkv, d, DT[dtype], SLOTS, rotary)
     norm = NORMS[family]
     kw = dict(
         num_q_heads=hq,
@@ -113,8 +120,9 @@ def test_qk_norm_matches_reference_in_interpret_mode(family, hq, hkv, d, dtype):
 
 
 def test_dispatch():
-    """pallas_gpu runs the kernel where it can; partial rotary and a head_dim that is not a power of two run
-    the jnp composition (same results); other backends always run the composition."""
+    """pallas_gpu runs the kernel where it can (partial rotary and head_dims that are not powers of two
+    included); a head_dim that is not a multiple of 8 runs the jnp composition (same results), and so do
+    other backends, always."""
     rng = np.random.default_rng(7)
     slots = [5, -1, 8]
 
@@ -126,8 +134,9 @@ def test_dispatch():
         return "jaxrt_rope_write_kv" in str(jax.make_jaxpr(f)(*args))
 
     assert kernels_in(64, None, "pallas_gpu")
-    assert not kernels_in(64, 32, "pallas_gpu")  # partial rotary
-    assert not kernels_in(96, None, "pallas_gpu")
+    assert kernels_in(64, 32, "pallas_gpu")  # partial rotary
+    assert kernels_in(96, None, "pallas_gpu")
+    assert not kernels_in(36, None, "pallas_gpu")
     assert not kernels_in(64, None, "reference")
 
 
@@ -210,25 +219,27 @@ def test_layer_routes_rope_and_kv_write(monkeypatch):
 
 @pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="jax >= 0.11 lowers Pallas to CUDA on CPU")
 @pytest.mark.parametrize(
-    "num_tokens,hq,hkv,d,norm",
+    "num_tokens,hq,hkv,d,norm,rotary",
     [
-        (1, 32, 8, 64, None),
-        (256, 32, 8, 64, None),
-        (8, 14, 2, 64, None),
-        (8, 16, 8, 128, "qwen3"),  # Qwen3-0.6B
-        (256, 8, 4, 256, "gemma3"),  # Gemma 3 1B's head_dim 256 (one kv head on the real model)
-        (8, 16, 16, 128, "olmo2"),  # OLMo 2 1B
+        (1, 32, 8, 64, None, 64),
+        (256, 32, 8, 64, None, 64),
+        (8, 14, 2, 64, None, 64),
+        (8, 16, 8, 128, "qwen3", 128),  # Qwen3-0.6B
+        (256, 8, 4, 256, "gemma3", 256),  # Gemma 3 1B's head_dim 256 (one kv head on the real model)
+        (8, 16, 16, 128, "olmo2", 128),  # OLMo 2 1B
+        (8, 24, 8, 128, None, 96),  # Phi-4-mini: 96 of 128 dims rotary
+        (64, 32, 32, 80, None, 32),  # Phi-2's head_dim 80 with 32 rotary dims
     ],
 )
-def test_lowers_for_cuda(num_tokens, hq, hkv, d, norm):
+def test_lowers_for_cuda(num_tokens, hq, hkv, d, norm, rotary):
     """The Pallas -> Triton IR lowering for an H100 on any machine (Llama 3.2 1B at decode batch 1 / 256,
-    Qwen2 0.5B's 14 q heads, the q/k-norm families), the pools aliased to the outputs; the Triton -> PTX
-    compile happens in XLA on the GPU."""
+    Qwen2 0.5B's 14 q heads, the q/k-norm families, partial rotary), the pools aliased to the outputs; the
+    Triton -> PTX compile happens in XLA on the GPU."""
     from jax import export
     from jax._src import mesh as mesh_lib
 
     qkv = jax.ShapeDtypeStruct((num_tokens, (hq + 2 * hkv) * d), jnp.bfloat16)
-    cs = jax.ShapeDtypeStruct((num_tokens, d // 2), jnp.float32)
+    cs = jax.ShapeDtypeStruct((num_tokens, rotary // 2), jnp.float32)
     pools = jax.ShapeDtypeStruct((512, 16, hkv, d), jnp.bfloat16)
     slots = jax.ShapeDtypeStruct((num_tokens,), jnp.int32)
 

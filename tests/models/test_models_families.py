@@ -74,13 +74,15 @@ def test_logits_match_transformers(family, chunks):
         assert_logits_close(ours, family["ref"][i][pos], f"{family['name']} prompt {i} position {pos}")
 
 
-QK_NORM = ("gemma3", "olmo2", "qwen3")  # q/k RMSNorm before rope: per head, (1 + w) per head, all heads
+# q/k RMSNorm before rope (per head, (1 + w) per head, all heads), and partial rotary (phi3's test config)
+FUSED_VARIANTS = ("gemma3", "olmo2", "qwen3", "phi3")
 
 
-@pytest.mark.parametrize("name", QK_NORM)
-def test_qk_norm_families_through_the_gpu_kernels(name, tmp_path):
-    """The q/k norms run inside the fused norm + rope + KV-write kernel on pallas_gpu (with the attention
-    kernel, both in Pallas interpret mode): logits of a one-chunk prefill still match transformers'."""
+@pytest.mark.parametrize("name", FUSED_VARIANTS)
+def test_families_through_the_gpu_kernels(name, tmp_path):
+    """The q/k norms and partial rotary run inside the fused norm + rope + KV-write kernel on pallas_gpu
+    (with the attention kernel, both in Pallas interpret mode): logits of a one-chunk prefill still match
+    transformers'."""
     config_cls, overrides = FAMILIES[name]
     seed = sorted(FAMILIES).index(name)
     path, hf = make_checkpoint(tmp_path, config_cls, seed=seed, **overrides)

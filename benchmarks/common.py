@@ -100,9 +100,29 @@ PRESETS: dict[str, dict[str, Any]] = {
         bos_token_id=151643,
         eos_token_id=151645,
     ),
+    "phi-4-mini": dict(  # partial rotary (96 of 128 dims): the fused rope + KV-write kernel's column pieces
+        vocab_size=200064,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=32,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        original_max_position_embeddings=4096,
+        partial_rotary_factor=0.75,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},  # the real one is longrope
+        bos_token_id=199999,
+        eos_token_id=199999,
+        pad_token_id=199999,
+    ),
 }
 # Presets of another architecture than Llama: (config class, model class) of transformers.
-PRESET_CLASSES = {"qwen3-0.6b": ("Qwen3Config", "Qwen3ForCausalLM")}
+PRESET_CLASSES = {
+    "qwen3-0.6b": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "phi-4-mini": ("Phi3Config", "Phi3ForCausalLM"),
+}
 
 
 def make_random_checkpoint(preset: str, out_dir: str | Path, dtype: str = "bfloat16") -> str:

@@ -24,6 +24,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
         "bench_sampler.py",
         "bench_skinny_gemm.py",
         "bench_bandwidth.py",
+        "bench_kv_write.py",
     ],
 )
 def test_benchmark_smoke(script, tmp_path, default_model_dir):
@@ -50,6 +51,8 @@ def test_benchmark_smoke(script, tmp_path, default_model_dir):
     if name == "bench_serving.py":
         assert "Serving Benchmark Result" in proc.stdout
         assert records[0]["completed"] == records[0]["num_prompts"]
+    if name == "bench_kv_write.py":  # the kernel checked against XLA's composition, every case
+        assert len(records) == 12 and all(r["ok"] for r in records)
     if name == "bench_offline.py":
         assert "Offline Throughput Benchmark Result" in proc.stdout
         assert records[0]["output_throughput"] > 0

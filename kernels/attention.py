@@ -341,11 +341,11 @@ def rope_write_kv(
             "qk_norm_weights must be (q weight, k weight)",
         )
         full = qk_norm.mode == "full"
-        for name, w, heads_ in (
+        for name, w, count in (
             ("q", qk_norm_weights[0], num_q_heads),
             ("k", qk_norm_weights[1], num_kv_heads),
         ):
-            want = ((heads_ if full else 1) * head_dim,)
+            want = ((count if full else 1) * head_dim,)
             _check(
                 w.shape == want,
                 f"qk_norm_weights' {name} weight must be {list(want)} for mode {qk_norm.mode!r}, got {w.shape}",

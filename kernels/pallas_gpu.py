@@ -236,9 +236,9 @@ def default_config(
 
     A batch with no more tokens than sequences, or of at most ``SMALL_BATCH_TOKENS`` tokens (the decode
     buckets of an engine that runs fewer requests than its smallest bucket holds, e.g.
-    ``max_running_requests=1``: 8 token rows, 1 sequence), is treated as decode: 16-row query tiles, 32 KiB of K+V per
-    kv step, split-K planned per step for about two programs per SM (room for up to 16 splits of one
-    sequence), software prefetch with page-id lookahead, and two kv heads
+    ``max_running_requests=1``: 8 token rows, 1 sequence), is treated as decode: 16-row query tiles, 32 KiB
+    of K+V per kv step, split-K planned per step for about two programs per SM (room for up to 16 splits of
+    one sequence), software prefetch with page-id lookahead, and two kv heads
     per program where one head's row of a page is only 128 bytes (head_dim 64 in bf16), so that each token
     read is 256 contiguous bytes, once the batch is large enough (from 16 tokens for Llama-3.2-1B heads on
     an H100). Anything else is prefill / mixed (64-row query tiles, no split).

@@ -140,6 +140,29 @@ def test_dispatch():
     assert not kernels_in(64, None, "reference")
 
 
+def test_no_tokens():
+    """An empty batch returns an empty q and the pools as they were, on every backend."""
+    pools = jnp.arange(PAGES * PAGE * 2 * 16, dtype=jnp.float32).reshape(PAGES, PAGE, 2, 16)
+    empty = jnp.zeros((0, 8), jnp.float32)
+    for backend in ("pallas_gpu", "reference"):
+        q, k_pages, v_pages = rope_write_kv(
+            jnp.zeros((0, 8 * 16), jnp.float32),
+            empty,
+            empty,
+            pools,
+            pools,
+            jnp.zeros((0,), jnp.int32),
+            num_q_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            backend=backend,
+            interpret=True,
+        )
+        assert q.shape == (0, 4, 16)
+        np.testing.assert_array_equal(np.asarray(k_pages), np.asarray(pools))
+        np.testing.assert_array_equal(np.asarray(v_pages), np.asarray(pools))
+
+
 def test_no_rotary_dims_writes_k_and_v_unchanged():
     """A model whose rope covers no dims (cos, sin [T, 0]) still writes its K/V: q and k pass through as is."""
     rng = np.random.default_rng(11)

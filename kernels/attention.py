@@ -110,8 +110,11 @@ def resolve_backend(backend: str | None = None, platform: str | None = None) -> 
 
 
 def _runnable_backend(backend: str | None, q, k_pages) -> str:
-    """The backend that runs a call: the selected one, or the reference when it does not support the call."""
+    """The backend that runs a call: the selected one, or the reference when it does not support the call
+    (or the call has no query tokens: nothing for a kernel's grid to do)."""
     name = resolve_backend(backend)
+    if q.shape[0] == 0:
+        return "reference"
     supports = _BACKENDS[name].supports
     reason = None if supports is None else supports(q, k_pages)
     if reason is None:

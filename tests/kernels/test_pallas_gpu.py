@@ -257,6 +257,20 @@ def test_num_seqs_zero_gives_zeros():
     assert np.all(np.asarray(out) == 0)
 
 
+def test_no_query_tokens():
+    """A call with no query tokens returns an empty output (and empty metadata) on every backend."""
+    q = jnp.zeros((0, 4, 64), jnp.float32)
+    pages = jnp.zeros((8, 16, 1, 64), jnp.float32)
+    batch = (jnp.zeros((2,), jnp.int32), jnp.zeros((2, 4), jnp.int32), jnp.zeros((3,), jnp.int32))
+    num_seqs = jnp.zeros((1,), jnp.int32)
+    for backend in ("pallas_gpu", "reference"):
+        meta = attention_metadata(q, pages, *batch, num_seqs, backend=backend)
+        out = ragged_paged_attention(
+            q, pages, pages, *batch, num_seqs, sm_scale=0.125, backend=backend, interpret=True, metadata=meta
+        )
+        assert out.shape == (0, 4, 64)
+
+
 def test_under_jit_and_public_entry_point():
     rng = np.random.default_rng(1)
     b = make_batch(

@@ -77,6 +77,8 @@ def greedy_row_stats(
         raise ValueError(f"suppress must be [{num_rows}], got shape {suppress.shape}")
     if chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two >= 16, got {chunk}")
+    if num_rows == 0:  # no rows: nothing for the grid to do (a grid of zero programs does not lower)
+        return jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.float32)
     num_stops = stop_ids.shape[1]
     num_chunks = pl.cdiv(vocab, chunk)
     part = jax.ShapeDtypeStruct((num_rows, num_chunks), jnp.float32)

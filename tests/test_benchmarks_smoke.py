@@ -58,6 +58,28 @@ def test_benchmark_smoke(script, tmp_path, default_model_dir):
         assert records[0]["output_throughput"] > 0
 
 
+def test_random_model_presets_load_natively(tmp_path):
+    """Every ``--random-model`` preset is a config transformers builds and jaxrt runs natively (no weights
+    made: the benchmarks build them on the GPU machine)."""
+    import transformers
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from common import PRESET_CLASSES, PRESETS
+    finally:
+        sys.path.remove(str(BENCH))
+    from jaxrt.converters.loader import has_native, load_hf_config, native_model_config
+
+    for name, preset in PRESETS.items():
+        config_cls, model_cls = PRESET_CLASSES.get(name, ("LlamaConfig", "LlamaForCausalLM"))
+        cfg = getattr(transformers, config_cls)(**preset)
+        cfg.architectures = [model_cls]
+        cfg.save_pretrained(tmp_path / name)
+        native = native_model_config(load_hf_config(str(tmp_path / name)))
+        assert has_native(native.architecture), name
+        assert native.num_layers == preset["num_hidden_layers"], name
+
+
 def test_plot_results_makes_a_png(tmp_path):
     out = tmp_path / "plot.png"
     proc = subprocess.run(

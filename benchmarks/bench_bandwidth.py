@@ -64,13 +64,8 @@ def main() -> None:
                 t, _ = cupti_seconds(compiled, (x,), args.iterations)
             except TypeError:
                 pass
-        if t is None:  # wall clock: median of single synchronised calls
-            ts = []
-            for _ in range(3 if args.smoke else args.iterations):
-                t0 = time.perf_counter()
-                jax.block_until_ready(compiled(x))
-                ts.append(time.perf_counter() - t0)
-            t = float(np.median(ts))
+        if t is None:
+            t = wall_seconds(compiled, (x,), 3 if args.smoke else args.iterations)
             name += "_wall"
         record[f"{name}_gbps"] = moved / t / 1e9
         print(
@@ -81,6 +76,18 @@ def main() -> None:
     if sizes:
         record["cold_read"] = cold_read_ceilings(sizes, args.iterations, args.smoke)
     append_jsonl(args.output_file, record)
+
+
+def wall_seconds(compiled, args, iterations: int) -> float:
+    """Median wall clock of single synchronised calls (where CUPTI sees no kernel, or off the GPU)."""
+    import jax
+
+    ts = []
+    for _ in range(iterations):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
 
 
 def cold_read_ceilings(sizes_mb: list[float], iterations: int, smoke: bool) -> list[dict]:
@@ -108,14 +115,9 @@ def cold_read_ceilings(sizes_mb: list[float], iterations: int, smoke: bool) -> l
         for name, fn in programs.items():
             compiled = jax.jit(lambda a, b, fn=fn: fn(bk.l2_flush(a, b))).lower(x, buf).compile()
             if gpu:
-                t, _ = bk._cupti_times(compiled, (x, buf), max(iterations, 10), None)
+                t, _ = cupti_seconds(compiled, (x, buf), max(iterations, 10), exclude=("l2_flush",))
             else:
-                ts = []
-                for _ in range(3):
-                    t0 = time.perf_counter()
-                    jax.block_until_ready(compiled(x, buf))
-                    ts.append(time.perf_counter() - t0)
-                t = float(np.median(ts))
+                t = wall_seconds(compiled, (x, buf), 3)
             rows.append(dict(mb=nbytes / 1e6, program=name, us=t * 1e6, fraction_of_read_bw=nbytes / t / bw))
             print(
                 f"cold {name:>6}: {nbytes / 1e6:8.1f} MB in {t * 1e6:8.1f} us = {nbytes / t / 1e9:6,.0f} GB/s "

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from common import append_jsonl, device_name
+from common import append_jsonl, cupti_seconds, device_name
 
 # Head shapes of real models: (q heads, kv heads, head_dim, rotary dims, q/k norm as QKNorm arguments).
 SHAPES = {
@@ -36,15 +36,6 @@ SMOKE_SHAPES = {
     "tiny-partial": (6, 3, 48, 16, ("full", 1e-6, 0.0, True)),
 }
 PAGE = 16
-
-
-def kernel_seconds(compiled, args, iterations: int) -> tuple[float, int]:
-    """(median GPU seconds per call of every kernel but XLA's copies, kernels counted) from CUPTI."""
-    from jax.experimental.mosaic.gpu import profiler
-
-    _, timings = profiler.measure(compiled, aggregate=False, iterations=iterations)(*args)
-    kept = [[ms for name, ms in it if "copy" not in name] for it in timings]
-    return float(np.median([sum(k) for k in kept])) * 1e-3, len(kept[0])
 
 
 def main() -> None:
@@ -122,8 +113,12 @@ def main() -> None:
         fused = fused_kernels = None
         xla = xla_kernels = None
         if timed:
-            fused, fused_kernels = kernel_seconds(compiled["pallas_gpu"], inputs, args.iterations)
-            xla, xla_kernels = kernel_seconds(compiled["reference"], inputs, args.iterations)
+            fused, fused_kernels = cupti_seconds(
+                compiled["pallas_gpu"], inputs, args.iterations, exclude=("copy",)
+            )
+            xla, xla_kernels = cupti_seconds(
+                compiled["reference"], inputs, args.iterations, exclude=("copy",)
+            )
         line = f"{name:>13} {dname} T={t:<4} {'PASS' if ok else 'FAIL'} max|diff| {err:.3g}{' (bitwise)' if exact else ''}"
         if timed:
             line += f"  kernel {fused * 1e6:6.2f} us ({fused_kernels})  XLA {xla * 1e6:6.2f} us ({xla_kernels} kernels)"

@@ -125,6 +125,11 @@ PRESET_CLASSES = {
 }
 
 
+def preset_classes(preset: str) -> tuple[str, str]:
+    """(config class, model class) names in transformers of a ``PRESETS`` entry."""
+    return PRESET_CLASSES.get(preset, ("LlamaConfig", "LlamaForCausalLM"))
+
+
 def make_random_checkpoint(preset: str, out_dir: str | Path, dtype: str = "bfloat16") -> str:
     """Save a random-weight model of ``preset``'s shape (LlamaForCausalLM unless ``PRESET_CLASSES`` names
     another; normal x 0.02, norms 1) to ``out_dir``."""
@@ -134,7 +139,7 @@ def make_random_checkpoint(preset: str, out_dir: str | Path, dtype: str = "bfloa
     out = Path(out_dir)
     if (out / "config.json").exists():
         return str(out)
-    config_cls, model_cls = PRESET_CLASSES.get(preset, ("LlamaConfig", "LlamaForCausalLM"))
+    config_cls, model_cls = preset_classes(preset)
     cfg = getattr(transformers, config_cls)(**PRESETS[preset])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -250,13 +255,15 @@ def read_bandwidth(kind: str | None = None) -> float:
     return HBM_READ_BW
 
 
-def cupti_seconds(compiled, args, iterations: int) -> tuple[float, int]:
+def cupti_seconds(compiled, args, iterations: int, exclude: tuple[str, ...] = ()) -> tuple[float, int]:
     """(median GPU kernel time of one call of ``compiled(*args)`` in seconds, kernels per call), from CUPTI
-    over ``iterations`` calls (launch gaps not counted). GPU only."""
+    over ``iterations`` calls (launch gaps not counted), leaving out kernels whose name contains one of
+    ``exclude`` (an L2 flush, XLA's copies of undonated inputs). GPU only."""
     from jax.experimental.mosaic.gpu import profiler
 
     _, timings = profiler.measure(compiled, aggregate=False, iterations=iterations)(*args)
-    return float(np.median([sum(ms for _, ms in it) for it in timings])) * 1e-3, len(timings[0])
+    kept = [[ms for name, ms in it if not any(e in name for e in exclude)] for it in timings]
+    return float(np.median([sum(k) for k in kept])) * 1e-3, len(kept[0])
 
 
 def print_block(title: str, rows: list[tuple[str, Any]]) -> None:

@@ -365,7 +365,7 @@ def rope_write_kv(
     if resolve_backend(backend) == "pallas_gpu":
         from jaxrt.kernels import kv_write
 
-        reason = kv_write.supports(cos.shape, head_dim) if t else "no tokens"
+        reason = kv_write.supports(t, cos.shape, head_dim)
         if reason is None:
             return kv_write.rope_write_kv_gpu(*args, **heads, interpret=interpret)
         if ("rope_write_kv", reason) not in _FALLBACKS_LOGGED:

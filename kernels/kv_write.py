@@ -41,11 +41,14 @@ from jaxrt.kernels.reference import QKNorm
 NUM_WARPS = 4
 
 
-def supports(cos_shape, head_dim: int) -> str | None:
+def supports(num_tokens: int, cos_shape, head_dim: int) -> str | None:
     """None if the kernel takes these shapes, else the reason the jnp composition runs instead (dtypes:
     ``kernels.attention.rope_write_kv`` admits f32 / bf16 / f16 only, all of which the kernel takes). Any
     head_dim and rotary_dim are tiled (in power-of-two column pieces); no rotary dims at all is the jnp
-    composition's (nothing to rope: a plain scatter)."""
+    composition's (nothing to rope: a plain scatter), and so is an empty batch (a grid of zero programs does
+    not lower)."""
+    if num_tokens == 0:
+        return "no tokens"
     if cos_shape[-1] == 0:
         return "no rotary dims"
     if head_dim % 8:

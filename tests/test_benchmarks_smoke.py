@@ -65,13 +65,13 @@ def test_random_model_presets_load_natively(tmp_path):
 
     sys.path.insert(0, str(BENCH))
     try:
-        from common import PRESET_CLASSES, PRESETS
+        from common import PRESETS, preset_classes
     finally:
         sys.path.remove(str(BENCH))
     from jaxrt.converters.loader import has_native, load_hf_config, native_model_config
 
     for name, preset in PRESETS.items():
-        config_cls, model_cls = PRESET_CLASSES.get(name, ("LlamaConfig", "LlamaForCausalLM"))
+        config_cls, model_cls = preset_classes(name)
         cfg = getattr(transformers, config_cls)(**preset)
         cfg.architectures = [model_cls]
         cfg.save_pretrained(tmp_path / name)

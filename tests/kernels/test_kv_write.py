@@ -46,7 +46,6 @@ def _assert_same(got, want, dtype, normed=False):
         tol = dict(rtol=1e-5, atol=1e-5) if dtype == "f32" else dict(rtol=2**-7, atol=2**-5)
     q, k_pages, v_pages = map(_f32, got)
     wq, wk, wv = map(_f32, want)
-    np.testing.assert_allclose(q, wq, **tol)
     for name, a, b in (("q", q, wq), ("k_pages", k_pages, wk), ("v_pages", v_pages, wv)):
         np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=f"{name}: rows written differ")
         np.testing.assert_allclose(a, b, **tol, err_msg=name)  # NaN == NaN here

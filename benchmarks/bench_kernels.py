@@ -697,8 +697,10 @@ def cfg_str(c, kv_layout="nhd"):
     if c.get("mosaic"):  # the Mosaic GPU decode kernel: mgpu/hHEADS/block_kv/stages/splits[/cCONSUMERS]
         m = c["mosaic"]
         cons = m.get("consumers", 1)
-        return f"mgpu/h{m['heads']}/{m['block_kv']}/{m['stages']}/{m['num_splits']}" + (
-            f"/c{cons}" if cons > 1 else ""
+        return (
+            f"mgpu/h{m['heads']}/{m['block_kv']}/{m['stages']}/{m['num_splits']}"
+            + (f"/c{cons}" if cons > 1 else "")
+            + ("/copy" if m.get("copy_only") else "")
         )
     heads = c.get("kv_heads", 1)
     return (
@@ -726,14 +728,20 @@ def prior_decode_config(b, hq, hkv, d, page, pages_per_seq, itemsize, num_sms=No
 def parse_cfg(spec, *, b, hq, hkv, d, page, pages_per_seq):
     """'rows/block_kv/splits/warps/stages[/hf][/pf][/hN][/la][/spN][/hnd]' -> (GpuConfig, kv_layout);
     splits 'a' = decode_splits; spN: splits planned per batch for about N programs (at most ``splits``).
-    'mgpu/hHEADS/block_kv/stages/splits[/cCONSUMERS]': the Mosaic GPU decode kernel with that tiling
-    (Hopper)."""
+    'mgpu/hHEADS/block_kv/stages/splits[/cCONSUMERS][/copy]': the Mosaic GPU decode kernel with that tiling
+    (Hopper); /copy: its K/V stream alone (``MosaicConfig.copy_only``, wrong outputs by design)."""
     parts = spec.split("/")
     if parts[0] == "mgpu":
         heads, bkv, stages, splits = int(parts[1].lstrip("h")), int(parts[2]), int(parts[3]), int(parts[4])
-        consumers = int(parts[5].lstrip("c")) if len(parts) > 5 else 1
+        flags = parts[5:]
+        consumers = next((int(f[1:]) for f in flags if f.startswith("c") and f[1:].isdigit()), 1)
         mosaic = MosaicConfig(
-            heads=heads, block_kv=bkv, stages=stages, num_splits=splits, consumers=consumers
+            heads=heads,
+            block_kv=bkv,
+            stages=stages,
+            num_splits=splits,
+            consumers=consumers,
+            copy_only="copy" in flags,
         )
         return GpuConfig(mosaic=mosaic), "nhd"
     rows, bkv, splits, warps, stages = parts[:5]

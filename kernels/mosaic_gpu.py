@@ -77,6 +77,10 @@ class MosaicConfig:
       merges and stores. It halves each consumer's wgmma -> softmax -> wgmma chain. On an H100 that made
       head_dim 128 0-1.1% faster and head_dim 64 no faster (up to 35% slower with one kv head per program):
       the kernel is bound by memory and a fixed cost per call, not by the chain (benchmarks/RESULTS.md).
+    copy_only: a diagnostic for benchmarks, never for models: the producer streams K/V exactly as it does
+      for attention, but the consumer only waits for each stage and frees it (no wgmma, no softmax) and
+      stores zeros. Its time is this kernel's copy pattern and synchronisation alone, to set beside a plain
+      read of the same bytes (``benchmarks/bench_kernels.py --sweep``, tiling suffix ``/copy``).
     """
 
     heads: int = 1
@@ -84,6 +88,7 @@ class MosaicConfig:
     stages: int = 4
     num_splits: int = 1
     consumers: int = 1
+    copy_only: bool = False
 
 
 def supports(q_shape, k_shape, kv_dtype) -> str | None:
@@ -307,6 +312,10 @@ def _kernel(
                 slot = lax.rem(step, stages)
                 blk = b0 + i
                 plgpu.barrier_wait(k_bar.at[slot])
+                if cfg.copy_only:
+                    plgpu.barrier_wait(v_bar.at[slot])
+                    plgpu.barrier_arrive(free_bar.at[slot])
+                    return carry
 
                 def qk(acc_ref):
                     plgpu.wgmma(acc_ref, q_smem.at[qb], k_smem.at[slot].transpose((1, 0)))
@@ -520,7 +529,8 @@ def decode_attention_mgpu(
         num_threads=cfg.consumers + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        kernel_name=f"jaxrt_rpa_mgpu_h{heads}_kv{cfg.block_kv}_st{cfg.stages}_s{cfg.num_splits}_c{cfg.consumers}",
+        kernel_name=f"jaxrt_rpa_mgpu_h{heads}_kv{cfg.block_kv}_st{cfg.stages}_s{cfg.num_splits}_c{cfg.consumers}"
+        + ("_copy" if cfg.copy_only else ""),
     )(meta, qk, k2, v2, page_table)
 
     def unpad(x, head_axis):  # padded groups: [..., Hkv * gp, ...] -> [..., Hq, ...]

@@ -68,6 +68,7 @@ LOWER_CASES = [
         100,
         30.0,
     ),
+    ("1b-copy-only", LLAMA_1B, 16, MosaicConfig(heads=2, stages=3, copy_only=True), None, None),
 ]
 
 

@@ -879,7 +879,8 @@ def run_sweep(args):
             v_ = res[(k_, cfg)]
             kern = KERNEL_TIMES.pop((k_, cfg), None)
             err = errs.get((k_, cfg), float("nan"))
-            if isinstance(v_, float) and not err < 2e-2:
+            copy_only = cfg.mosaic is not None and cfg.mosaic.copy_only  # outputs zeros by design
+            if isinstance(v_, float) and not err < 2e-2 and not copy_only:
                 v_ = RuntimeError(f"wrong result: rel err {err:.2e} vs XLA dense")
             rows.append(
                 dict(

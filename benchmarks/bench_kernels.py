@@ -700,7 +700,7 @@ def cfg_str(c, kv_layout="nhd"):
         return (
             f"mgpu/h{m['heads']}/{m['block_kv']}/{m['stages']}/{m['num_splits']}"
             + (f"/c{cons}" if cons > 1 else "")
-            + ("/copy" if m.get("copy_only") else "")
+            + {"": "", "pages": "/copy", "head-pages": "/copyh"}[m.get("copy_only", "")]
         )
     heads = c.get("kv_heads", 1)
     return (
@@ -729,7 +729,8 @@ def parse_cfg(spec, *, b, hq, hkv, d, page, pages_per_seq):
     """'rows/block_kv/splits/warps/stages[/hf][/pf][/hN][/la][/spN][/hnd]' -> (GpuConfig, kv_layout);
     splits 'a' = decode_splits; spN: splits planned per batch for about N programs (at most ``splits``).
     'mgpu/hHEADS/block_kv/stages/splits[/cCONSUMERS][/copy]': the Mosaic GPU decode kernel with that tiling
-    (Hopper); /copy: its K/V stream alone (``MosaicConfig.copy_only``, wrong outputs by design)."""
+    (Hopper); /copy, /copyh: its K/V stream alone, as the kernel copies or as a head-major pool would
+    (``MosaicConfig.copy_only`` "pages" / "head-pages"; wrong outputs by design)."""
     parts = spec.split("/")
     if parts[0] == "mgpu":
         heads, bkv, stages, splits = int(parts[1].lstrip("h")), int(parts[2]), int(parts[3]), int(parts[4])
@@ -741,7 +742,7 @@ def parse_cfg(spec, *, b, hq, hkv, d, page, pages_per_seq):
             stages=stages,
             num_splits=splits,
             consumers=consumers,
-            copy_only="copy" in flags,
+            copy_only="head-pages" if "copyh" in flags else "pages" if "copy" in flags else "",
         )
         return GpuConfig(mosaic=mosaic), "nhd"
     rows, bkv, splits, warps, stages = parts[:5]
@@ -1187,7 +1188,7 @@ def main(argv=None):
     p.add_argument(
         "--sweep-configs",
         default=None,
-        help="rows/block_kv/splits|a/warps/stages[/hf][/pf][/hN][/la][/spN],... or mgpu/...",
+        help="rows/block_kv/splits|a/warps/stages[/hf][/pf][/hN][/la][/spN],... or mgpu/...[/copy|/copyh]",
     )
     p.add_argument(
         "--time-budget", type=float, default=0, help="--sweep: skip points after this many seconds"

@@ -77,10 +77,15 @@ class MosaicConfig:
       merges and stores. It halves each consumer's wgmma -> softmax -> wgmma chain. On an H100 that made
       head_dim 128 0-1.1% faster and head_dim 64 no faster (up to 35% slower with one kv head per program):
       the kernel is bound by memory and a fixed cost per call, not by the chain (benchmarks/RESULTS.md).
-    copy_only: a diagnostic for benchmarks, never for models: the producer streams K/V exactly as it does
-      for attention, but the consumer only waits for each stage and frees it (no wgmma, no softmax) and
-      stores zeros. Its time is this kernel's copy pattern and synchronisation alone, to set beside a plain
-      read of the same bytes (``benchmarks/bench_kernels.py --sweep``, tiling suffix ``/copy``).
+    copy_only: a diagnostic for benchmarks, never for models (outputs are zeros): "" (off), "pages": the
+      producer streams K/V exactly as it does for attention, but the consumer only waits for each stage and
+      frees it (no wgmma, no softmax). Its time is this kernel's copy pattern and synchronisation alone, to
+      set beside a plain read of the same bytes. "head-pages": the same, but each copy reads what one kv
+      head's page would be in a head-major pool (``[num_pages, num_kv_heads, page_size, head_dim]``: one
+      contiguous ``page_size * head_dim`` run per head instead of ``page_size`` rows of ``heads * head_dim``
+      elements ``num_kv_heads * head_dim`` apart), on the same bytes reinterpreted, so what that layout
+      would move can be measured before adopting it (``benchmarks/bench_kernels.py --sweep``, tiling
+      suffixes ``/copy`` and ``/copyh``).
     """
 
     heads: int = 1
@@ -88,7 +93,7 @@ class MosaicConfig:
     stages: int = 4
     num_splits: int = 1
     consumers: int = 1
-    copy_only: bool = False
+    copy_only: str = ""
 
 
 def supports(q_shape, k_shape, kv_dtype) -> str | None:
@@ -242,11 +247,25 @@ def _kernel(
                     page = pt_ref[seq, (b0 + i) * pages_per_blk + p]
                     live = ((b0 + i) * pages_per_blk + p) * page_size < end
                     rows = pl.ds(p * page_size, page_size)
-                    src = (page, slice(None), pl.ds(col0, hd))
                     for ref, smem, bar in ((k_ref, k_smem, k_bar), (v_ref, v_smem, v_bar)):
-                        plgpu.copy_gmem_to_smem(
-                            ref.at[src], smem.at[slot, rows], bar.at[slot], predicate=live
-                        )
+                        if cfg.copy_only == "head-pages":  # ref: [num_pages, Hkv, page_size, D]
+                            # 8 rows per copy: a column block of the tiled stage is contiguous 8 rows at a time.
+                            for j, r in itertools.product(range(heads), range(page_size // 8)):
+                                plgpu.copy_gmem_to_smem(
+                                    ref.at[page, g * heads + j, pl.ds(8 * r, 8)],
+                                    smem.at[
+                                        slot, pl.ds(p * page_size + 8 * r, 8), pl.ds(j * head_dim, head_dim)
+                                    ],
+                                    bar.at[slot],
+                                    predicate=live,
+                                )
+                        else:
+                            plgpu.copy_gmem_to_smem(
+                                ref.at[page, slice(None), pl.ds(col0, hd)],
+                                smem.at[slot, rows],
+                                bar.at[slot],
+                                predicate=live,
+                            )
                 return step + 1
 
             # The query tile first: issuing it after the item's first K/V blocks (which wait for free
@@ -454,8 +473,16 @@ def decode_attention_mgpu(
         qk = jnp.pad(qk, ((0, 0), (0, 0), (0, gp - group), (0, 0))).reshape(num_tokens, -1, head_dim)
     if qk.shape[1] % 8:  # the last slab's rows past the q heads are read: keep them in bounds
         qk = jnp.pad(qk, ((0, 0), (0, 8 - qk.shape[1] % 8), (0, 0)))
-    k2 = k_pages.reshape(num_pages, page_size, num_kv_heads * head_dim)
-    v2 = v_pages.reshape(num_pages, page_size, num_kv_heads * head_dim)
+    if cfg.copy_only not in ("", "pages", "head-pages"):
+        raise ValueError(f"copy_only must be '', 'pages' or 'head-pages', got {cfg.copy_only!r}")
+    # The head-pages diagnostic reads the same bytes as if they were a head-major pool (values scrambled).
+    pool_shape = (
+        (num_pages, num_kv_heads, page_size, head_dim)
+        if cfg.copy_only == "head-pages"
+        else (num_pages, page_size, num_kv_heads * head_dim)
+    )
+    k2, v2 = k_pages.reshape(pool_shape), v_pages.reshape(pool_shape)
+    copies_per_page = heads * (page_size // 8) if cfg.copy_only == "head-pages" else 1
     pages_per_blk = cfg.block_kv // page_size
     page_table = common.pad_page_table(page_table, pages_per_blk)  # the producer reads whole blocks of ids
     swz = min(128, hd * jnp.dtype(dtype).itemsize)
@@ -514,8 +541,8 @@ def decode_attention_mgpu(
             plgpu.SMEM((2, ROWS), jnp.float32),
             plgpu.Barrier(num_arrivals=heads * slab // 8, num_barriers=2),
             plgpu.Barrier(num_arrivals=cfg.consumers, num_barriers=2),
-            plgpu.Barrier(num_arrivals=pages_per_blk, num_barriers=cfg.stages),
-            plgpu.Barrier(num_arrivals=pages_per_blk, num_barriers=cfg.stages),
+            plgpu.Barrier(num_arrivals=pages_per_blk * copies_per_page, num_barriers=cfg.stages),
+            plgpu.Barrier(num_arrivals=pages_per_blk * copies_per_page, num_barriers=cfg.stages),
             plgpu.Barrier(num_arrivals=1, num_barriers=cfg.stages),
             *merge_scratch,
             collective_axes="wg",
@@ -530,7 +557,7 @@ def decode_attention_mgpu(
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         kernel_name=f"jaxrt_rpa_mgpu_h{heads}_kv{cfg.block_kv}_st{cfg.stages}_s{cfg.num_splits}_c{cfg.consumers}"
-        + ("_copy" if cfg.copy_only else ""),
+        + (f"_copy_{cfg.copy_only}" if cfg.copy_only else ""),
     )(meta, qk, k2, v2, page_table)
 
     def unpad(x, head_axis):  # padded groups: [..., Hkv * gp, ...] -> [..., Hq, ...]

@@ -68,7 +68,9 @@ LOWER_CASES = [
         100,
         30.0,
     ),
-    ("1b-copy-only", LLAMA_1B, 16, MosaicConfig(heads=2, stages=3, copy_only=True), None, None),
+    ("1b-copy-pages", LLAMA_1B, 16, MosaicConfig(heads=2, stages=3, copy_only="pages"), None, None),
+    ("1b-copy-head-pages", LLAMA_1B, 16, MosaicConfig(heads=2, stages=3, copy_only="head-pages"), None, None),
+    ("8b-copy-head-pages", LLAMA_8B, 16, MosaicConfig(heads=1, stages=4, copy_only="head-pages"), None, None),
 ]
 
 

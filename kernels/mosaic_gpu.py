@@ -557,7 +557,7 @@ def decode_attention_mgpu(
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         kernel_name=f"jaxrt_rpa_mgpu_h{heads}_kv{cfg.block_kv}_st{cfg.stages}_s{cfg.num_splits}_c{cfg.consumers}"
-        + (f"_copy_{cfg.copy_only}" if cfg.copy_only else ""),
+        + (f"_copy_{cfg.copy_only.replace('-', '_')}" if cfg.copy_only else ""),
     )(meta, qk, k2, v2, page_table)
 
     def unpad(x, head_axis):  # padded groups: [..., Hkv * gp, ...] -> [..., Hq, ...]

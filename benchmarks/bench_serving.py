@@ -30,6 +30,7 @@ class Result:
     itl: list[float] = field(default_factory=list)
     output_tokens: int = 0
     prompt_tokens: int = 0
+    server_prompt_tokens: int = -1  # openai backend: the prompt tokens the server's usage reports
     error: str = ""
 
 
@@ -48,13 +49,14 @@ async def one_request(client, args, ids: list[int], out_len: int) -> Result:
         url = f"{args.base_url}/v1/completions"
         body = {
             "model": args.model,
-            "prompt": ids,
+            "prompt": args.detokenize(ids) if args.detokenize else ids,
             "max_tokens": out_len,
             "temperature": 0,
             "stream": True,
-            "ignore_eos": True,
             "stream_options": {"include_usage": True},
         }
+        if not args.disable_ignore_eos:
+            body["ignore_eos"] = True
     t0 = time.perf_counter()
     last = t0
     try:
@@ -69,19 +71,19 @@ async def one_request(client, args, ids: list[int], out_len: int) -> Result:
                 now = time.perf_counter()
                 if args.backend == "jaxrt":
                     n = chunk["meta_info"]["completion_tokens"]
-                else:
+                else:  # a chunk with text is a token (or several); the usage chunk has the true count
+                    has_text = any(c.get("text") for c in chunk.get("choices") or [])
+                    n = res.output_tokens + 1 if has_text else res.output_tokens
                     if chunk.get("usage"):
-                        res.output_tokens = chunk["usage"]["completion_tokens"]
-                    if not chunk.get("choices"):
-                        continue
-                    n = res.output_tokens + 1
-                if n > res.output_tokens or args.backend == "openai":
+                        res.server_prompt_tokens = chunk["usage"].get("prompt_tokens", -1)
+                        n = max(n, chunk["usage"]["completion_tokens"])
+                if n > res.output_tokens:
                     if res.ttft == 0.0:
                         res.ttft = now - t0
                     else:
                         res.itl.append(now - last)
                     last = now
-                    res.output_tokens = max(res.output_tokens, n)
+                    res.output_tokens = n
         res.latency = time.perf_counter() - t0
         res.ok = True
     except (httpx.HTTPError, json.JSONDecodeError, KeyError) as e:
@@ -121,7 +123,7 @@ def summarize(args, results: list[Result], dur: float) -> None:
     n_in = sum(r.prompt_tokens for r in ok)
     n_out = sum(r.output_tokens for r in ok)
     rows = [
-        ("Backend", args.backend),
+        ("Backend", f"{args.backend} ({args.label})" if args.label else args.backend),
         ("Traffic request rate", args.request_rate),
         ("Max request concurrency", args.max_concurrency or "not set"),
         ("Successful requests", len(ok)),
@@ -152,12 +154,16 @@ def summarize(args, results: list[Result], dur: float) -> None:
         {
             "bench": "serving",
             "backend": args.backend,
+            "label": args.label or args.backend,
             "request_rate": args.request_rate,
             "max_concurrency": args.max_concurrency,
             "num_prompts": len(results),
             "completed": len(ok),
             "duration_s": dur,
             "output_throughput": n_out / dur,
+            "median_tpot_ms": float(np.median(tpot)),
+            "p99_tpot_ms": float(np.percentile(tpot, 99)),
+            "median_e2e_ms": float(np.median(e2e)),
             "mean_ttft_ms": float(ttft.mean()),
             "median_ttft_ms": float(np.median(ttft)),
             "p99_ttft_ms": float(np.percentile(ttft, 99)),
@@ -178,14 +184,7 @@ def start_smoke_server(args) -> subprocess.Popen:
     from jaxrt.launch_server import spawn
 
     path = make_random_checkpoint("tiny", f"{args.model_cache}/tiny-float32", "float32")
-    from pathlib import Path
-
-    if not (Path(path) / "tokenizer.json").exists():  # the server detokenizes: borrow the default model's
-        from transformers import AutoTokenizer
-
-        from jaxrt.default_model import default_model_path
-
-        AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(path)
+    args.smoke_model = path
     server_args = ["--model-path", path, "--chunked-prefill-size", "32", "--max-running-requests", "4"]
     server_args += ["--context-length", "128", "--num-pages", "64", "--skip-server-warmup"]
     proc, args.base_url = spawn(server_args, timeout=300)
@@ -216,11 +215,24 @@ def main() -> None:
     p.add_argument("--random-output-len", type=int, default=256)
     p.add_argument("--random-range-ratio", type=float, default=1.0)
     p.add_argument("--vocab-size", type=int, default=32000, help="token ids are drawn below this")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="openai backend: send each prompt as this tokenizer's text of its ids (servers that take only text, "
+        "e.g. `transformers serve`; the benchmarks' random checkpoints carry a tokenizer whose text encodes back "
+        "to the same ids); without it prompts go as token ids",
+    )
     p.add_argument("--request-rate", type=float, default=float("inf"))
+    p.add_argument(
+        "--disable-ignore-eos",
+        action="store_true",
+        help="openai backend: do not send ignore_eos (servers that reject unknown fields, e.g. transformers serve)",
+    )
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--output-file", default=None)
+    p.add_argument("--label", default=None, help="name of the server in the summary and JSONL (e.g. jaxrt)")
     p.add_argument("--model-cache", default="/tmp/jaxrt-bench-models")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
@@ -232,10 +244,6 @@ def main() -> None:
     args.base_url = args.base_url or f"http://{args.host}:{args.port}"
     try:
         wait_compiled(args.base_url)
-        if args.backend == "openai" and args.model is None:
-            import requests
-
-            args.model = requests.get(f"{args.base_url}/v1/models", timeout=30).json()["data"][0]["id"]
         reqs = random_requests(
             args.num_prompts,
             args.random_input_len,
@@ -244,14 +252,36 @@ def main() -> None:
             args.vocab_size,
             args.seed,
         )
-        results, dur = asyncio.run(run(args, reqs))
-        summarize(args, results, dur)
+        results = bench(args, reqs)
         if args.smoke:
             assert all(r.ok for r in results), [r.error for r in results]
+            # The same server through its OpenAI API with text prompts (as for `transformers serve`): the
+            # random checkpoint's tokenizer must give the server exactly the prompt ids.
+            args.backend, args.tokenizer = "openai", args.smoke_model
+            results = bench(args, reqs)
+            assert all(r.ok for r in results), [r.error for r in results]
+            assert [r.server_prompt_tokens for r in results] == [len(ids) for ids, _ in reqs]
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=60)
+
+
+def bench(args, reqs) -> list[Result]:
+    """One timed run of ``reqs`` against ``args.base_url``; prints the summary block, appends the record."""
+    args.detokenize = None
+    if args.backend == "openai":
+        import requests
+
+        if args.tokenizer:
+            from transformers import AutoTokenizer
+
+            args.detokenize = AutoTokenizer.from_pretrained(args.tokenizer).decode
+        if args.model is None:
+            args.model = requests.get(f"{args.base_url}/v1/models", timeout=30).json()["data"][0]["id"]
+    results, dur = asyncio.run(run(args, reqs))
+    summarize(args, results, dur)
+    return results
 
 
 def wait_compiled(base_url: str, timeout: float = 900.0) -> None:

@@ -132,7 +132,7 @@ def preset_classes(preset: str) -> tuple[str, str]:
 
 def make_random_checkpoint(preset: str, out_dir: str | Path, dtype: str = "bfloat16") -> str:
     """Save a random-weight model of ``preset``'s shape (LlamaForCausalLM unless ``PRESET_CLASSES`` names
-    another; normal x 0.02, norms 1) to ``out_dir``."""
+    another; normal x 0.02, norms 1) to ``out_dir``, with ``word_tokenizer`` of its vocabulary."""
     import torch
     import transformers
 
@@ -145,11 +145,25 @@ def make_random_checkpoint(preset: str, out_dir: str | Path, dtype: str = "bfloa
     torch.manual_seed(0)
     with torch.device(device):
         model = getattr(transformers, model_cls)._from_config(cfg, dtype=getattr(torch, dtype))
-    model.save_pretrained(out)
+    word_tokenizer(cfg.vocab_size).save_pretrained(out)
+    model.save_pretrained(out)  # after the tokenizer: config.json marks a complete checkpoint
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
     return str(out)
+
+
+def word_tokenizer(vocab_size: int):
+    """A tokenizer for random-weight models: token ``i`` is the word ``t<i>``, words split on whitespace, no
+    special tokens. Any id sequence decodes to text that encodes back to exactly those ids, so servers that
+    take only text (``transformers serve``) get the same prompts as those that take ids, and every generated
+    token streams as visible text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
 def ensure_checkpoint(args) -> str:

@@ -1,10 +1,12 @@
-"""Plot benchmark JSONL records (from bench_one_batch / bench_offline / bench_hf) into one PNG.
+"""Plot benchmark JSONL records (from bench_one_batch / bench_offline / bench_hf / bench_serving) into one PNG.
 
     python benchmarks/plot_results.py benchmarks/results/h100-2026-11-27.jsonl -o benchmarks/results/h100-2026-11-27.png
 
-Left: decode step time against batch size at one context length (jaxrt device and engine time, the bandwidth
-floor, and the transformers peer's ms/step when its records are present). Right: offline output tokens/s per
-run (jaxrt, and the peer's modes when present).
+Top left: decode step time against batch size at one context length (jaxrt device and engine time, the
+bandwidth floor, and the transformers peer's ms/step when its records are present). Top right: offline output
+tokens/s per run (jaxrt, and the peer's modes when present). With bench_serving records, a second row:
+median time per output token and median time to first token against the offered request rate (Poisson
+arrivals; "all" = every request at once), one line per server (``--label``), peers together.
 """
 
 from __future__ import annotations
@@ -27,7 +29,12 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     recs = [json.loads(line) for f in args.files for line in Path(f).read_text().splitlines() if line.strip()]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    serving = [r for r in recs if r["bench"] == "serving" and not r.get("max_concurrency") and r["completed"]]
+    if serving:
+        fig, ((ax1, ax2), (ax3, ax4)) = plt.subplots(2, 2, figsize=(12, 9))
+        plot_serving(serving, ax3, ax4)
+    else:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
 
     decode = defaultdict(list)
     for r in recs:
@@ -81,6 +88,32 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(args.output, dpi=110)
     print(args.output)
+
+
+def plot_serving(recs: list[dict], ax_tpot, ax_ttft) -> None:
+    """Median TPOT and TTFT against the offered request rate, one line per server label."""
+    finite = [float(r["request_rate"]) for r in recs if float(r["request_rate"]) != float("inf")]
+    at_once = 2 * max(finite) if finite else 1.0  # where "every request at once" sits on the x axis
+    by_label = defaultdict(list)
+    for r in recs:
+        rate = float(r["request_rate"])
+        by_label[r.get("label", r["backend"])].append((at_once if rate == float("inf") else rate, r))
+    for label, rows in sorted(by_label.items()):
+        rows.sort(key=lambda x: x[0])
+        x = [rate for rate, _ in rows]
+        ax_tpot.plot(
+            x, [r.get("median_tpot_ms", r["mean_tpot_ms"]) for _, r in rows], marker="o", label=label
+        )
+        ax_ttft.plot(x, [r["median_ttft_ms"] for _, r in rows], marker="o", label=label)
+    ticks = sorted(set(finite)) + [at_once]
+    for ax, what in ((ax_tpot, "median TPOT (ms)"), (ax_ttft, "median TTFT (ms)")):
+        ax.set(xscale="log", yscale="log", xlabel="request rate (req/s, Poisson)", ylabel=what)
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks[:-1]] + ["all"])
+        ax.minorticks_off()
+        ax.legend(fontsize=8)
+    n = recs[0]["num_prompts"]
+    ax_tpot.set_title(f"Latency against load: time per output token ({n} requests per point)")
+    ax_ttft.set_title("Latency against load: time to first token")
 
 
 if __name__ == "__main__":

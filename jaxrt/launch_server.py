@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds running requests get to finish on SIGTERM",
     )
     p.add_argument("--skip-server-warmup", action="store_true", help="do not precompile before serving")
+    p.add_argument(
+        "--incremental-streaming-output",
+        action="store_true",
+        help="/generate streams: each chunk carries only the new text and output_ids (default: all so far)",
+    )
     return p
 
 
@@ -82,6 +87,7 @@ def build_state(args: argparse.Namespace):
         factory,
         api_key=args.api_key,
         max_queued_requests=args.max_queued_requests,
+        incremental_streaming_output=args.incremental_streaming_output,
         args={"server_args": shown},
     )
 

@@ -356,6 +356,9 @@ async def _native_generate(state: ServerState, request: Request, body: dict[str,
             items.append({key: prompt, "sampling_params": one, **gen})
     ss = await state.open_streams(request, items, rid=rid)
     multi = len(items) > 1
+    # Incremental chunks: (text length, ids) already sent per sequence. The engine's chunks stay cumulative;
+    # only what goes on the wire is cut, so a long stream costs O(its length) bytes, not O(length^2).
+    sent = [(0, 0)] * len(items) if state.incremental_streaming_output else None
 
     async def events():
         try:
@@ -369,7 +372,16 @@ async def _native_generate(state: ServerState, request: Request, body: dict[str,
                 if err is not None:
                     yield sse(err.body())
                     break
-                out = finish(dict(chunk, meta_info=dict(chunk["meta_info"])), i)
+                out = dict(chunk, meta_info=dict(chunk["meta_info"]))
+                if sent is not None:  # cut by length, as the OpenAI streams cut their deltas
+                    n_text, n_ids = sent[i]
+                    text, ids, meta = out["text"], out["output_ids"], out["meta_info"]
+                    out["text"], out["output_ids"] = text[n_text:], ids[n_ids:]
+                    for k in ("output_token_logprobs", "output_top_logprobs"):  # one entry per output id
+                        if k in meta:
+                            meta[k] = meta[k][n_ids:]
+                    sent[i] = (max(n_text, len(text)), max(n_ids, len(ids)))
+                out = finish(out, i)
                 if multi:
                     out["index"] = i
                 yield sse(out)

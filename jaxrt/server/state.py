@@ -52,9 +52,13 @@ class ServerState:
         max_queued_requests: int | None = None,
         owns_engine: bool = True,
         health_check_timeout: float = 20.0,
+        incremental_streaming_output: bool = False,
         args: dict[str, Any] | None = None,
     ) -> None:
         self.engine_factory = engine_factory
+        # /generate streams: each chunk carries only the text and output_ids new since the previous chunk
+        # of its sequence (SGLang's --incremental-streaming-output) instead of everything so far.
+        self.incremental_streaming_output = incremental_streaming_output
         self.api_key = api_key
         self.max_queued_requests = max_queued_requests
         self.owns_engine = owns_engine

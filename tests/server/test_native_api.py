@@ -177,3 +177,29 @@ def test_metrics(server, http):
     model = server.engine.served_model_name
     assert metric(text, "jaxrt:num_running_reqs", model_name=model) == 0
     assert API_KEY not in text
+
+
+def test_generate_incremental_stream_concatenates_to_the_whole(server, http):
+    """--incremental-streaming-output: each chunk carries only its new text, ids and log-probabilities;
+    concatenated they are the non-streamed response."""
+    body = {
+        "text": "In a galaxy far away",
+        "sampling_params": {"temperature": 0, "max_new_tokens": 16},
+        "return_logprob": True,
+    }
+    whole = http.post("/generate", json=body).json()
+    server.state.incremental_streaming_output = True
+    try:
+        with http.stream("POST", "/generate", json={**body, "stream": True}) as r:
+            events = sse_events(r)
+    finally:
+        server.state.incremental_streaming_output = False
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[-1]["meta_info"]["finish_reason"] is not None
+    assert len(chunks) > 1 and all(c["output_ids"] for c in chunks[:-1])
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    assert [t for c in chunks for t in c["output_ids"]] == whole["output_ids"]
+    lps = [lp for c in chunks for lp in c["meta_info"]["output_token_logprobs"]]
+    assert [t for _, t, _ in lps] == whole["output_ids"]
+    assert chunks[-1]["meta_info"]["completion_tokens"] == len(whole["output_ids"])

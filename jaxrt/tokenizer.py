@@ -18,6 +18,7 @@ class Tokenizer:
         self.eos_token_ids: set[int] = set()
         if self.hf.eos_token_id is not None:
             self.eos_token_ids.add(int(self.hf.eos_token_id))
+        self._backend_decode = _backend_decoder(self.hf)
 
     @property
     def vocab_size(self) -> int:
@@ -37,12 +38,29 @@ class Tokenizer:
         return list(self.hf.encode(text, add_special_tokens=False))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if self._backend_decode is not None:
+            return self._backend_decode(ids, skip_special_tokens=skip_special_tokens)
         return self.hf.decode(
             ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
         )
 
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
         return self.hf.convert_ids_to_tokens(ids)
+
+
+def _backend_decoder(hf: Any):
+    """The Rust tokenizer's own ``decode`` where it is what ``hf.decode(..., clean_up_tokenization_spaces=
+    False)`` runs anyway (a tokenizers-backed class that does not override ``_decode``), else None. Streams
+    decode twice per chunk per request, and transformers' Python wrapper around this call (argument
+    conversion, batching checks) cost several times the decode itself."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # pragma: no cover - older transformers
+        return None
+    backend = getattr(hf, "_tokenizer", None)
+    if not isinstance(hf, TokenizersBackend) or type(hf)._decode is not TokenizersBackend._decode:
+        return None
+    return getattr(backend, "decode", None)
 
 
 @dataclass

@@ -33,6 +33,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="decode steps per dispatch when all running requests decode (default: 4 on GPU/TPU, 1 on CPU)",
     )
     p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="output tokens between a stream's chunks: larger values cost the server less per token at high "
+        "concurrency, smaller ones stream more smoothly",
+    )
+    p.add_argument(
         "--attention-backend", default=None, choices=["auto", "reference", "pallas_gpu", "pallas_tpu"]
     )
     p.add_argument(
@@ -59,6 +66,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "num_pages": args.num_pages,
         "disable_radix_cache": args.disable_radix_cache,
         "num_continuous_decode_steps": args.num_continuous_decode_steps,
+        "stream_interval": args.stream_interval,
         "attention_backend": args.attention_backend,
         "random_seed": args.random_seed,
         "background_compile": False if args.disable_background_compile else None,

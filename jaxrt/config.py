@@ -163,8 +163,11 @@ class EngineConfig:
     random_seed: int = 0
     compile_buckets: bool = True
     trust_remote_code: bool = False
+    stream_interval: int = 1  # output tokens between a stream's chunks (the first token goes at once)
 
     def __post_init__(self) -> None:
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         if self.impl not in ("native", "transformers"):
             raise ValueError(f"impl must be 'native' or 'transformers', got {self.impl!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):

@@ -75,6 +75,7 @@ class Engine:
         disable_overlap_schedule: bool = False,
         num_continuous_decode_steps: int | None = None,
         background_compile: bool | None = None,
+        stream_interval: int = 1,
     ) -> None:
         import jax
 
@@ -170,6 +171,7 @@ class Engine:
             attention_backend=backend,
             random_seed=random_seed,
             trust_remote_code=trust_remote_code,
+            stream_interval=stream_interval,
         )
         # skip_tokenizer_init (SGLang's flag): token ids in, token ids out, no text.
         self.tokenizer = (
@@ -230,7 +232,9 @@ class Engine:
             "host_wait_s": 0.0,
             "host_process_s": 0.0,
         }
-        self.output = OutputProcessor(self.tokenizer, self.context_length, self.stats)
+        self.output = OutputProcessor(
+            self.tokenizer, self.context_length, self.stats, stream_interval=stream_interval
+        )
         self._thread = threading.Thread(target=self._loop, name="jaxrt-engine", daemon=True)
         self._thread.start()
         self.startup_seconds = time.perf_counter() - t0
@@ -395,6 +399,7 @@ class Engine:
             "max_running_requests": c.scheduler.max_running_requests,
             "chunked_prefill_size": c.scheduler.chunked_prefill_size,
             "num_continuous_decode_steps": c.scheduler.num_continuous_decode_steps,
+            "stream_interval": c.stream_interval,
             "disable_radix_cache": c.cache.disable_radix_cache,
             "attention_backend": c.attention_backend,
             "token_buckets": self.runner.token_buckets,

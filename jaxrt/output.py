@@ -35,6 +35,7 @@ class Track:
     return_logprob: bool
     top_logprobs_num: int
     stop_text: str | None = None  # text cut at a matched stop string
+    emitted: int = 0  # output tokens when the last stream chunk went out
     # stop_ids as a set: a sampled token in it finishes the request once min_new_tokens is reached
     stop_set: frozenset[int] = field(init=False)
 
@@ -45,9 +46,18 @@ class Track:
 class OutputProcessor:
     """The live requests' tracks, and what happens to each step's sampled tokens."""
 
-    def __init__(self, tokenizer: Tokenizer | None, context_length: int, stats: dict[str, Any]) -> None:
-        """``stats``: the engine's counters; this adds generated, prompt and cached token counts to them."""
+    def __init__(
+        self,
+        tokenizer: Tokenizer | None,
+        context_length: int,
+        stats: dict[str, Any],
+        stream_interval: int = 1,
+    ) -> None:
+        """``stats``: the engine's counters; this adds generated, prompt and cached token counts to them.
+        ``stream_interval``: a stream's chunk goes out once this many tokens have come since the last one
+        (SGLang's ``--stream-interval``; the first token goes at once, the final chunk always)."""
         self.tokenizer = tokenizer
+        self.stream_interval = stream_interval
         self.context_length = context_length
         self.stats = stats
         self.tracks: dict[str, Track] = {}
@@ -93,7 +103,10 @@ class OutputProcessor:
                 finish(req, reason)
                 self.emit(track, final=True)
             elif track.stream:
-                self.emit(track, final=False)
+                n_out = len(req.output_token_ids)
+                if track.emitted == 0 or n_out - track.emitted >= self.stream_interval:
+                    track.emitted = n_out
+                    self.emit(track, final=False)
 
     def _accept(
         self,

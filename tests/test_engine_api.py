@@ -281,6 +281,23 @@ def test_stream_chunks_accumulate_to_the_final_text(llm):
     assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
 
 
+def test_stream_interval_spaces_the_chunks(llm, tiny_llama_dir):
+    """stream_interval (SGLang's --stream-interval): the first token goes at once, then a chunk every N
+    tokens, and the final chunk always; the final output is the same."""
+    params = {"temperature": 0, "max_new_tokens": 10, "ignore_eos": True}
+    final = llm.generate("Streaming test", params)
+    assert llm.output.stream_interval == 1 and llm.config.scheduler.num_continuous_decode_steps == 1
+    llm.output.stream_interval = 3
+    try:
+        chunks = list(llm.generate("Streaming test", params, stream=True))
+    finally:
+        llm.output.stream_interval = 1
+    assert [c["meta_info"]["completion_tokens"] for c in chunks] == [1, 4, 7, 10]
+    assert chunks[-1]["text"] == final["text"] and chunks[-1]["output_ids"] == final["output_ids"]
+    with pytest.raises(ValueError, match="stream_interval"):
+        jaxrt.Engine(model_path=tiny_llama_dir, **LLM, stream_interval=0)
+
+
 def test_async_generate_and_async_stream(llm):
     params = {"temperature": 0, "max_new_tokens": 8}
     expected = llm.generate(["Async one", "Async two"], params)

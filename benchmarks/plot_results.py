@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 
@@ -22,6 +22,9 @@ def main() -> None:
     p.add_argument("files", nargs="+")
     p.add_argument("-o", "--output", default="results.png")
     p.add_argument("--context", type=int, default=1024)
+    p.add_argument(
+        "--serving-labels", default=None, help="comma-separated bench_serving labels to plot (default: all)"
+    )
     args = p.parse_args()
     import matplotlib
 
@@ -30,6 +33,12 @@ def main() -> None:
 
     recs = [json.loads(line) for f in args.files for line in Path(f).read_text().splitlines() if line.strip()]
     serving = [r for r in recs if r["bench"] == "serving" and not r.get("max_concurrency") and r["completed"]]
+    if args.serving_labels:
+        keep = args.serving_labels.split(",")
+        serving = [r for r in serving if r.get("label", r["backend"]) in keep]
+    if serving:  # one workload per plot: the most common request count
+        n = Counter(r["num_prompts"] for r in serving).most_common(1)[0][0]
+        serving = [r for r in serving if r["num_prompts"] == n]
     if serving:
         fig, ((ax1, ax2), (ax3, ax4)) = plt.subplots(2, 2, figsize=(12, 9))
         plot_serving(serving, ax3, ax4)

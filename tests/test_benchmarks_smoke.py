@@ -80,13 +80,18 @@ def test_random_model_presets_load_natively(tmp_path):
         assert native.num_layers == preset["num_hidden_layers"], name
 
 
-def test_plot_results_makes_a_png(tmp_path):
+@pytest.mark.parametrize(
+    "records",
+    [["h100-2026-11-27.jsonl"], ["h200-2026-11-28-baseline.jsonl", "h200-2026-11-28-serving.jsonl"]],
+    ids=["steps-offline", "with-serving"],
+)
+def test_plot_results_makes_a_png(tmp_path, records):
     out = tmp_path / "plot.png"
     proc = subprocess.run(
         [
             sys.executable,
             str(BENCH / "plot_results.py"),
-            str(BENCH / "results" / "h100-2026-11-27.jsonl"),
+            *(str(BENCH / "results" / r) for r in records),
             "-o",
             str(out),
         ],

@@ -121,7 +121,7 @@ class OutputProcessor:
         first that finishes it; returns why it finished, if it did. A token finishes the request when it is a
         stop id or EOS past ``min_new_tokens``, completes a stop string past ``min_new_tokens``, or reaches
         ``max_new_tokens`` or the context length. Tokens sampled past the end are dropped. The text is decoded
-        token by token only for stop strings, else once, and only where a stream needs it."""
+        token by token only for stop strings; a stream's is decoded once per chunk that goes out (``emit``)."""
         sp = req.sampling_params
         outs = req.output_token_ids
         n0 = len(outs)
@@ -143,10 +143,8 @@ class OutputProcessor:
             if reason is not None:
                 take = j + 1
                 break
-        if not by_token:
+        if not by_token:  # a stream's text is decoded when its next chunk goes out (emit)
             outs.extend(tokens[:take])
-            if track.stream and track.detok is not None:
-                track.detok.step(outs)
         self.stats["num_generated_tokens"] += take
         if req.first_token_time is None:
             req.first_token_time = now
@@ -185,6 +183,8 @@ class OutputProcessor:
             self.tracks.pop(req.request_id, None)
             req.finished_time = time.perf_counter()
         else:
+            if track.detok is not None:
+                track.detok.step(req.output_token_ids)  # catches up on every token since the last chunk
             text = track.detok.text if track.detok is not None else ""
             if sp.stop:  # hold back a tail that may still become a stop string
                 hold = 0

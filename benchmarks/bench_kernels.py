@@ -700,7 +700,7 @@ def cfg_str(c, kv_layout="nhd"):
         return (
             f"mgpu/h{m['heads']}/{m['block_kv']}/{m['stages']}/{m['num_splits']}"
             + (f"/c{cons}" if cons > 1 else "")
-            + {"": "", "pages": "/copy", "head-pages": "/copyh"}[m.get("copy_only", "")]
+            + (f"/{COPY_SUFFIX[m['copy_only']]}" if m.get("copy_only") else "")
         )
     heads = c.get("kv_heads", 1)
     return (
@@ -725,6 +725,10 @@ def prior_decode_config(b, hq, hkv, d, page, pages_per_seq, itemsize, num_sms=No
     return GpuConfig(rows, block_kv, splits, 4, stages, prefetch=True)
 
 
+# MosaicConfig.copy_only mode -> its tiling suffix in --sweep-configs
+COPY_SUFFIX = {"pages": "copy", "head-pages": "copyh"}
+
+
 def parse_cfg(spec, *, b, hq, hkv, d, page, pages_per_seq):
     """'rows/block_kv/splits/warps/stages[/hf][/pf][/hN][/la][/spN][/hnd]' -> (GpuConfig, kv_layout);
     splits 'a' = decode_splits; spN: splits planned per batch for about N programs (at most ``splits``).
@@ -736,13 +740,14 @@ def parse_cfg(spec, *, b, hq, hkv, d, page, pages_per_seq):
         heads, bkv, stages, splits = int(parts[1].lstrip("h")), int(parts[2]), int(parts[3]), int(parts[4])
         flags = parts[5:]
         consumers = next((int(f[1:]) for f in flags if f.startswith("c") and f[1:].isdigit()), 1)
+        copy_only = next((mode for mode, suffix in COPY_SUFFIX.items() if suffix in flags), "")
         mosaic = MosaicConfig(
             heads=heads,
             block_kv=bkv,
             stages=stages,
             num_splits=splits,
             consumers=consumers,
-            copy_only="head-pages" if "copyh" in flags else "pages" if "copy" in flags else "",
+            copy_only=copy_only,
         )
         return GpuConfig(mosaic=mosaic), "nhd"
     rows, bkv, splits, warps, stages = parts[:5]

@@ -57,10 +57,9 @@ def _backend_decoder(hf: Any):
         from transformers.tokenization_utils_tokenizers import TokenizersBackend
     except ImportError:  # pragma: no cover - older transformers
         return None
-    backend = getattr(hf, "_tokenizer", None)
     if not isinstance(hf, TokenizersBackend) or type(hf)._decode is not TokenizersBackend._decode:
         return None
-    return getattr(backend, "decode", None)
+    return hf.backend_tokenizer.decode
 
 
 @dataclass
@@ -78,6 +77,9 @@ class IncrementalDetokenizer:
     text: str = ""
 
     def step(self, ids: list[int]) -> str:
+        # Nothing new since the last delta (a stop-string stream's chunk was decoded token by token already).
+        if self.read_offset >= len(ids):
+            return ""
         prefix = self.tokenizer.decode(ids[self.prefix_offset : self.read_offset], self.skip_special_tokens)
         full = self.tokenizer.decode(ids[self.prefix_offset :], self.skip_special_tokens)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):

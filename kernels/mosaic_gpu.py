@@ -62,6 +62,9 @@ _MASK = -1e30  # finite: an empty split's (m, l) = (_MASK, 0) merges to zero wei
 ROWS = 64  # wgmma M
 
 
+COPY_ONLY_MODES = ("", "pages", "head-pages")  # MosaicConfig.copy_only
+
+
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
     """Static tiling of the Mosaic GPU decode kernel.
@@ -94,6 +97,10 @@ class MosaicConfig:
     num_splits: int = 1
     consumers: int = 1
     copy_only: str = ""
+
+    def __post_init__(self) -> None:
+        if self.copy_only not in COPY_ONLY_MODES:
+            raise ValueError(f"copy_only must be one of {COPY_ONLY_MODES}, got {self.copy_only!r}")
 
 
 def supports(q_shape, k_shape, kv_dtype) -> str | None:
@@ -473,8 +480,6 @@ def decode_attention_mgpu(
         qk = jnp.pad(qk, ((0, 0), (0, 0), (0, gp - group), (0, 0))).reshape(num_tokens, -1, head_dim)
     if qk.shape[1] % 8:  # the last slab's rows past the q heads are read: keep them in bounds
         qk = jnp.pad(qk, ((0, 0), (0, 8 - qk.shape[1] % 8), (0, 0)))
-    if cfg.copy_only not in ("", "pages", "head-pages"):
-        raise ValueError(f"copy_only must be '', 'pages' or 'head-pages', got {cfg.copy_only!r}")
     # The head-pages diagnostic reads the same bytes as if they were a head-major pool (values scrambled).
     pool_shape = (
         (num_pages, num_kv_heads, page_size, head_dim)

@@ -30,3 +30,10 @@ def test_incremental_deltas_add_up_to_the_whole(tok):
     deltas = [detok.step(ids[: k + 1]) for k in range(len(ids))]
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) == detok.text == tok.decode(ids)
+    calls = []
+    decode = tok.decode
+    tok.decode = lambda *a: calls.append(a) or decode(*a)
+    try:
+        assert detok.step(ids) == "" and not calls  # nothing new: no decoding at all
+    finally:
+        del tok.decode

@@ -113,6 +113,12 @@ def test_over_budget_tiling_is_refused():
             )
 
 
+def test_unknown_copy_only_mode_is_refused():
+    with pytest.raises(ValueError, match="copy_only"):
+        MosaicConfig(copy_only="everything")
+    assert MosaicConfig(copy_only="head-pages").copy_only == "head-pages"
+
+
 @pytest.mark.parametrize("heads", [1, 2])
 @pytest.mark.parametrize("group", [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 32])
 def test_tile_rows_hold_each_kv_heads_q_heads(heads, group):

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ from jaxrt.page_table import PageAllocator
 from jaxrt.radix_cache import RadixCache
 from jaxrt.request import FinishReason, Request
 from jaxrt.sampling_params import SamplingParams
-from jaxrt.scheduler import Scheduler, SchedulerOutput
+from jaxrt.scheduler import Scheduler, SchedulerOutput, max_pages_for
 from jaxrt.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger("jaxrt")
@@ -45,7 +46,239 @@ def _default_dtype(checkpoint_dtype: str, platform: str) -> str:
     return "float16" if checkpoint_dtype == "float16" else "bfloat16"
 
 
-class Engine:
+class EngineAPI:
+    """What every engine handle offers callers: validation and tokenization of requests, ``generate`` /
+    ``async_generate`` / streaming on top of ``_submit_many``, and model info.
+
+    Subclasses: :class:`Engine` (the loop on a thread of this process) and
+    `jaxrt.engine_process.EngineProcess` (the loop in a process of its own). They set ``config``,
+    ``tokenizer``, ``model_path``, ``served_model_name``, ``eos_ids`` and ``_rng``, and implement
+    ``_submit_many``, ``_check_alive``, ``_num_usable_pages`` and ``abort``.
+    """
+
+    config: EngineConfig
+    tokenizer: Tokenizer | None
+    model_path: str
+    served_model_name: str
+    eos_ids: set[int]
+    _rng: np.random.Generator
+
+    # ------------------------------------------------------------------------------- for subclasses
+
+    def _submit_many(
+        self,
+        items: list[tuple[dict[str, Any], Sink]],
+        stream: bool,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> list[str]:
+        """Queue prepared requests (``_prepare``'s specs) together; returns their ids. Each sink gets the
+        request's output dicts (or the exception that ended it): called on ``loop``'s thread when ``loop`` is
+        given, else on any thread (so it must be thread-safe)."""
+        raise NotImplementedError
+
+    def _check_alive(self) -> None:
+        """Raise RuntimeError if the engine can no longer answer (its loop died or it was shut down)."""
+        raise NotImplementedError
+
+    @property
+    def _num_usable_pages(self) -> int:
+        raise NotImplementedError
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request: it finishes with ``finish_reason.type == "abort"`` and frees all it holds."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------ public API
+
+    @property
+    def context_length(self) -> int:
+        return self.config.scheduler.context_length
+
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        stream: bool = False,
+        return_logprob: bool | None = None,
+        top_logprobs_num: int | None = None,
+    ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
+        """Generate for one prompt or a batch. Returns SGLang-shaped dicts; ``stream=True`` yields chunks."""
+        specs, single = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num)
+        if stream:
+            if len(specs) != 1:
+                raise ValueError("stream=True takes a single prompt with n=1")
+            return self._stream_sync(specs[0])
+        sinks = [queue.SimpleQueue() for _ in specs]
+        self._submit_many([(spec, q.put) for spec, q in zip(specs, sinks, strict=True)], stream=False)
+        results = [self._wait(q) for q in sinks]
+        return results[0] if single else results
+
+    def _submit(self, spec: dict[str, Any], sink: Sink, stream: bool, loop=None) -> str:
+        return self._submit_many([(spec, sink)], stream, loop)[0]
+
+    def _stream_sync(self, spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        rid = self._submit(spec, q.put, stream=True)
+        try:
+            while True:
+                chunk = self._wait(q)
+                yield chunk
+                if chunk["meta_info"]["finish_reason"] is not None:
+                    return
+        finally:
+            self.abort(rid)  # no-op if finished; frees everything if the consumer stopped early
+
+    def _wait(self, q: queue.SimpleQueue) -> dict[str, Any]:
+        while True:
+            try:
+                item = q.get(timeout=0.5)
+            except queue.Empty:
+                self._check_alive()
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            return item
+
+    def async_generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        stream: bool = False,
+        return_logprob: bool | None = None,
+        top_logprobs_num: int | None = None,
+    ):
+        """Async twin of :meth:`generate`.
+
+        ``await engine.async_generate(...)`` gives the result; with ``stream=True`` the return value is an
+        async iterator of chunks (``async for chunk in engine.async_generate(..., stream=True)``; awaiting it
+        first also works, as in SGLang).
+        """
+        specs, single = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num)
+        if stream:
+            if len(specs) != 1:
+                raise ValueError("stream=True takes a single prompt with n=1")
+            return _AsyncStream(self, specs[0])
+        return self._async_batch(specs, single)
+
+    async def _async_batch(self, specs: list[dict[str, Any]], single: bool):
+        loop = asyncio.get_running_loop()
+        futures = []
+        submissions = []
+        for spec in specs:
+            fut = loop.create_future()
+
+            def sink(item, fut=fut):  # on the loop's thread
+                if fut.done():
+                    return
+                if isinstance(item, BaseException):
+                    fut.set_exception(item)
+                elif item["meta_info"]["finish_reason"] is not None:
+                    fut.set_result(item)
+
+            submissions.append((spec, sink))
+            futures.append(fut)
+        futures = list(zip(self._submit_many(submissions, stream=False, loop=loop), futures, strict=True))
+        try:
+            results = [await fut for _, fut in futures]
+        except asyncio.CancelledError:
+            for rid, _ in futures:
+                self.abort(rid)
+            raise
+        return results[0] if single else results
+
+    def get_model_info(self) -> dict[str, Any]:
+        m = self.config.model
+        return {
+            "model_path": self.model_path,
+            "tokenizer_path": self.model_path,
+            "served_model_name": self.served_model_name,
+            "is_generation": True,
+            "architecture": m.architecture,
+            "impl": self.config.impl,
+            "dtype": self.config.dtype,
+            "context_length": self.context_length,
+            "vocab_size": m.vocab_size,
+        }
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        raise NotImplementedError
+
+    # ====================================================================================== intake
+
+    def _prepare(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num):
+        """Validate everything up front; a bad request raises ValueError before anything is queued."""
+        if (prompt is None) == (input_ids is None):
+            raise ValueError("pass exactly one of prompt or input_ids")
+        if prompt is not None:
+            single = isinstance(prompt, str)
+            prompts = [prompt] if single else list(prompt)
+            if not all(isinstance(p, str) for p in prompts):
+                raise ValueError("prompt must be a string or a list of strings")
+            if self.tokenizer is None:
+                raise ValueError(
+                    "prompt: text needs the tokenizer (engine started with skip_tokenizer_init); pass input_ids"
+                )
+            token_lists = [self.tokenizer.encode(p) if p else [] for p in prompts]
+        else:
+            single = bool(input_ids) and isinstance(input_ids[0], int) or input_ids == []
+            token_lists = [list(input_ids)] if single else [list(x) for x in input_ids]
+        if not token_lists:
+            raise ValueError("prompt: empty batch")
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != len(token_lists):
+                raise ValueError(
+                    f"sampling_params: got {len(sampling_params)} for a batch of {len(token_lists)} prompts"
+                )
+            sps = [SamplingParams.from_dict(s) for s in sampling_params]
+        else:
+            sps = [SamplingParams.from_dict(sampling_params) for _ in token_lists]
+        vocab = self.config.model.vocab_size
+        page_size = self.config.cache.page_size
+        specs = []
+        for ids, sp in zip(token_lists, sps, strict=True):
+            if return_logprob is not None:
+                sp.return_logprob = bool(return_logprob)
+            if top_logprobs_num is not None:
+                sp.top_logprobs_num = int(top_logprobs_num)
+                sp.validate()
+            sp.validate(vocab)
+            self._validate_ids(ids)
+            room = self.context_length - len(ids)
+            pages = max_pages_for(len(ids) + min(sp.max_new_tokens, room), self.context_length, page_size)
+            if pages > self._num_usable_pages:
+                raise ValueError(
+                    f"max_new_tokens: prompt + max_new_tokens needs {pages} KV pages, "
+                    f"the pool has {self._num_usable_pages}"
+                )
+            for i in range(sp.n):
+                seed = sp.seed + i if sp.seed is not None else int(self._rng.integers(0, 2**31 - 1))
+                specs.append({"ids": ids, "sp": sp, "seed": seed, "max_new": min(sp.max_new_tokens, room)})
+            if sp.n > 1:
+                single = False
+        return specs, single
+
+    def _validate_ids(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("prompt: empty prompt (no tokens)")
+        vocab = self.config.model.vocab_size
+        if any(not isinstance(t, (int, np.integer)) or t < 0 or t >= vocab for t in ids):
+            raise ValueError(f"input_ids: token ids must be integers in [0, {vocab})")
+        if len(ids) >= self.context_length:
+            raise ValueError(
+                f"prompt: {len(ids)} tokens is too long for context_length {self.context_length} "
+                "(at least one token must be generated)"
+            )
+
+
+class Engine(EngineAPI):
     """Generate text from a transformers causal LM with jaxrt.
 
     ``Engine()`` with no ``model_path`` uses the default model (SmolLM2-135M-Instruct, fully offline).
@@ -219,6 +452,9 @@ class Engine:
         self.runner.on_compiled = self._wake  # the loop runs each background-compiled program once when idle
         self._stopping = False
         self._dead: BaseException | None = None
+        # Called on the loop's thread after every pass that may have handed outputs to sinks (and after the
+        # last); the engine process sends the pass's OutputDelta records in one message from here.
+        self.on_loop_end: Callable[[], None] | None = None
         self.stats = {
             "num_generated_tokens": 0,
             "num_prompt_tokens": 0,
@@ -263,107 +499,6 @@ class Engine:
         runs and, once background compiles end, ``background_s``."""
         return {**self._load_phases, **self.runner.startup_breakdown}
 
-    @property
-    def context_length(self) -> int:
-        return self.config.scheduler.context_length
-
-    def generate(
-        self,
-        prompt: str | list[str] | None = None,
-        sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
-        input_ids: list[int] | list[list[int]] | None = None,
-        stream: bool = False,
-        return_logprob: bool | None = None,
-        top_logprobs_num: int | None = None,
-    ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
-        """Generate for one prompt or a batch. Returns SGLang-shaped dicts; ``stream=True`` yields chunks."""
-        specs, single = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num)
-        if stream:
-            if len(specs) != 1:
-                raise ValueError("stream=True takes a single prompt with n=1")
-            return self._stream_sync(specs[0])
-        sinks = [queue.SimpleQueue() for _ in specs]
-        self._submit_many([(spec, q.put) for spec, q in zip(specs, sinks, strict=True)], stream=False)
-        results = [self._wait(q) for q in sinks]
-        return results[0] if single else results
-
-    def _stream_sync(self, spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        q: queue.SimpleQueue = queue.SimpleQueue()
-        rid = self._submit(spec, q.put, stream=True)
-        try:
-            while True:
-                chunk = self._wait(q)
-                yield chunk
-                if chunk["meta_info"]["finish_reason"] is not None:
-                    return
-        finally:
-            self.abort(rid)  # no-op if finished; frees everything if the consumer stopped early
-
-    def _wait(self, q: queue.SimpleQueue) -> dict[str, Any]:
-        while True:
-            try:
-                item = q.get(timeout=0.5)
-            except queue.Empty:
-                if self._dead is not None:
-                    raise RuntimeError("the engine loop died") from self._dead
-                if not self._thread.is_alive():
-                    raise RuntimeError("the engine is shut down") from None
-                continue
-            if isinstance(item, BaseException):
-                raise item
-            return item
-
-    def async_generate(
-        self,
-        prompt: str | list[str] | None = None,
-        sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
-        input_ids: list[int] | list[list[int]] | None = None,
-        stream: bool = False,
-        return_logprob: bool | None = None,
-        top_logprobs_num: int | None = None,
-    ):
-        """Async twin of :meth:`generate`.
-
-        ``await engine.async_generate(...)`` gives the result; with ``stream=True`` the return value is an
-        async iterator of chunks (``async for chunk in engine.async_generate(..., stream=True)``; awaiting it
-        first also works, as in SGLang).
-        """
-        specs, single = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num)
-        if stream:
-            if len(specs) != 1:
-                raise ValueError("stream=True takes a single prompt with n=1")
-            return _AsyncStream(self, specs[0])
-        return self._async_batch(specs, single)
-
-    async def _async_batch(self, specs: list[dict[str, Any]], single: bool):
-        loop = asyncio.get_running_loop()
-        futures = []
-        submissions = []
-        for spec in specs:
-            fut = loop.create_future()
-
-            def sink(item, fut=fut):
-                def deliver():
-                    if fut.done():
-                        return
-                    if isinstance(item, BaseException):
-                        fut.set_exception(item)
-                    elif item["meta_info"]["finish_reason"] is not None:
-                        fut.set_result(item)
-
-                loop.call_soon_threadsafe(deliver)
-
-            submissions.append((spec, sink))
-            futures.append(fut)
-        futures = list(zip(self._submit_many(submissions, stream=False), futures, strict=True))
-        try:
-            results = [await fut for _, fut in futures]
-        except asyncio.CancelledError:
-            for rid, _ in futures:
-                self.abort(rid)
-            raise
-        return results[0] if single else results
-
     def abort(self, request_id: str) -> None:
         """Abort a request: it finishes with ``finish_reason.type == "abort"`` and frees all it holds."""
         self._post("abort", request_id)
@@ -375,20 +510,6 @@ class Engine:
         self._post("flush", (done, result))
         done.wait(timeout=60)
         return bool(result and result[0])
-
-    def get_model_info(self) -> dict[str, Any]:
-        m = self.config.model
-        return {
-            "model_path": self.model_path,
-            "tokenizer_path": self.model_path,
-            "served_model_name": self.served_model_name,
-            "is_generation": True,
-            "architecture": m.architecture,
-            "impl": self.config.impl,
-            "dtype": self.config.dtype,
-            "context_length": self.context_length,
-            "vocab_size": m.vocab_size,
-        }
 
     def get_server_info(self) -> dict[str, Any]:
         c = self.config
@@ -441,77 +562,30 @@ class Engine:
             self._cv.notify_all()
         self._thread.join(timeout=60)
 
-    def __enter__(self) -> Engine:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
-
     # ===================================================================================== intake
 
-    def _prepare(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num):
-        """Validate everything up front; a bad request raises ValueError before anything is queued."""
-        if (prompt is None) == (input_ids is None):
-            raise ValueError("pass exactly one of prompt or input_ids")
-        if prompt is not None:
-            single = isinstance(prompt, str)
-            prompts = [prompt] if single else list(prompt)
-            if not all(isinstance(p, str) for p in prompts):
-                raise ValueError("prompt must be a string or a list of strings")
-            if self.tokenizer is None:
-                raise ValueError(
-                    "prompt: text needs the tokenizer (engine started with skip_tokenizer_init); pass input_ids"
-                )
-            token_lists = [self.tokenizer.encode(p) if p else [] for p in prompts]
-        else:
-            single = bool(input_ids) and isinstance(input_ids[0], int) or input_ids == []
-            token_lists = [list(input_ids)] if single else [list(x) for x in input_ids]
-        if not token_lists:
-            raise ValueError("prompt: empty batch")
-        if isinstance(sampling_params, list):
-            if len(sampling_params) != len(token_lists):
-                raise ValueError(
-                    f"sampling_params: got {len(sampling_params)} for a batch of {len(token_lists)} prompts"
-                )
-            sps = [SamplingParams.from_dict(s) for s in sampling_params]
-        else:
-            sps = [SamplingParams.from_dict(sampling_params) for _ in token_lists]
-        vocab = self.config.model.vocab_size
-        specs = []
-        for ids, sp in zip(token_lists, sps, strict=True):
-            if return_logprob is not None:
-                sp.return_logprob = bool(return_logprob)
-            if top_logprobs_num is not None:
-                sp.top_logprobs_num = int(top_logprobs_num)
-                sp.validate()
-            sp.validate(vocab)
-            self._validate_ids(ids)
-            room = self.context_length - len(ids)
-            for i in range(sp.n):
-                seed = sp.seed + i if sp.seed is not None else int(self._rng.integers(0, 2**31 - 1))
-                specs.append({"ids": ids, "sp": sp, "seed": seed, "max_new": min(sp.max_new_tokens, room)})
-            if sp.n > 1:
-                single = False
-        return specs, single
+    @property
+    def _num_usable_pages(self) -> int:
+        return self.allocator.num_usable
 
-    def _validate_ids(self, ids: list[int]) -> None:
-        if not ids:
-            raise ValueError("prompt: empty prompt (no tokens)")
-        vocab = self.config.model.vocab_size
-        if any(not isinstance(t, (int, np.integer)) or t < 0 or t >= vocab for t in ids):
-            raise ValueError(f"input_ids: token ids must be integers in [0, {vocab})")
-        if len(ids) >= self.context_length:
-            raise ValueError(
-                f"prompt: {len(ids)} tokens is too long for context_length {self.context_length} "
-                "(at least one token must be generated)"
-            )
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise RuntimeError("the engine loop died") from self._dead
+        if not self._thread.is_alive():
+            raise RuntimeError("the engine is shut down")
 
-    def _submit(self, spec: dict[str, Any], sink: Sink, stream: bool) -> str:
-        return self._submit_many([(spec, sink)], stream)[0]
+    def _submit_many(
+        self,
+        items: list[tuple[dict[str, Any], Sink]],
+        stream: bool,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> list[str]:
+        """Hand a batch of prepared requests to the loop together: the scheduler sees the whole batch at once.
 
-    def _submit_many(self, items: list[tuple[dict[str, Any], Sink]], stream: bool) -> list[str]:
-        """Validate every request of a batch, then hand them to the loop together: a bad one fails the call
-        before any runs, and the scheduler sees the whole batch at once."""
+        A spec may carry ``rid`` (its request id; default a fresh one) and ``deltas`` (its sink takes
+        `jaxrt.output.OutputDelta` records, no text: the engine-process protocol)."""
+        if loop is not None:  # sinks run on the loop's thread; the engine calls them from its own
+            items = [(spec, functools.partial(loop.call_soon_threadsafe, sink)) for spec, sink in items]
         tracks = [self._track(spec, sink, stream) for spec, sink in items]
         with self._cv:
             self._inbox.extend(("add", track) for track in tracks)
@@ -525,25 +599,23 @@ class Engine:
             raise RuntimeError("the engine is shutting down")
         sp: SamplingParams = spec["sp"]
         sp = dataclasses.replace(sp, max_new_tokens=spec["max_new"])
-        rid = uuid.uuid4().hex
+        rid = spec.get("rid") or uuid.uuid4().hex
         req = Request(
             request_id=rid,
             prompt_token_ids=list(map(int, spec["ids"])),
             sampling_params=sp,
             seed=spec["seed"],
         )
-        # Fail here, in the caller, if the pool can never hold this request.
-        if self.scheduler.max_pages_for(req) > self.allocator.num_usable:
-            raise ValueError(
-                f"max_new_tokens: prompt + max_new_tokens needs {self.scheduler.max_pages_for(req)} KV pages, "
-                f"the pool has {self.allocator.num_usable}"
-            )
         stop_ids = list(sp.stop_token_ids) + ([] if sp.ignore_eos else sorted(self.eos_ids))
+        deltas = bool(spec.get("deltas"))
+        # With deltas the text is made on the other side; here only stop strings need it.
+        detok = self.tokenizer is not None and (bool(sp.stop) or not deltas)
         track = Track(
             request=req,
             sink=sink,
             stream=stream,
-            detok=IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens) if self.tokenizer else None,
+            detok=IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens) if detok else None,
+            deltas=deltas,
             stop_ids=stop_ids,
             eos_ids=set() if sp.ignore_eos else self.eos_ids,
             return_logprob=sp.return_logprob or sp.top_logprobs_num > 0,
@@ -592,6 +664,7 @@ class Engine:
                         self._process(*inflight)
                     for rid in list(self.output.tracks):
                         self._abort(rid, "the engine is shutting down")
+                    self._loop_end()
                     return
                 if inflight is not None and not self._can_overlap():
                     self._process(*inflight)
@@ -600,6 +673,7 @@ class Engine:
                 if inflight is not None:
                     self._process(*inflight)
                 inflight = launched
+                self._loop_end()
                 if launched is None and self.scheduler.has_work:
                     time.sleep(0.0005)  # nothing runnable until results arrive or requests finish
         except BaseException as e:  # noqa: BLE001 - reported to every waiter
@@ -607,6 +681,11 @@ class Engine:
             self._dead = e
             for track in list(self.output.tracks.values()):
                 track.sink(RuntimeError(f"engine loop died: {e}"))
+            self._loop_end()
+
+    def _loop_end(self) -> None:
+        if self.on_loop_end is not None:
+            self.on_loop_end()
 
     def _can_overlap(self) -> bool:
         if not self.overlap_schedule:
@@ -715,7 +794,7 @@ def _continuous_ok(req: Request) -> bool:
 class _AsyncStream:
     """Async iterator of a streamed request's chunks; awaiting it returns itself (SGLang's idiom)."""
 
-    def __init__(self, engine: Engine, spec: dict[str, Any]) -> None:
+    def __init__(self, engine: EngineAPI, spec: dict[str, Any]) -> None:
         self._engine = engine
         self._spec = spec
         self._queue: asyncio.Queue | None = None
@@ -735,9 +814,7 @@ class _AsyncStream:
         loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue()
         q = self._queue
-        self._rid = self._engine._submit(
-            self._spec, lambda item: loop.call_soon_threadsafe(q.put_nowait, item), True
-        )
+        self._rid = self._engine._submit(self._spec, q.put_nowait, True, loop)
 
     @property
     def request_id(self) -> str | None:

@@ -1,7 +1,7 @@
 """HTTP server entry point: ``python -m jaxrt.launch_server --model-path PATH`` (also ``jaxrt serve``).
 
 The socket comes up first; the engine loads and compiles in a background thread (``/health`` is 503 until
-then). SIGTERM/SIGINT stop new work (503), let running requests finish within ``--shutdown-timeout``
+then), in a child process of its own unless ``--disable-frontend-multiprocessing`` (`jaxrt.engine_process`). SIGTERM/SIGINT stop new work (503), let running requests finish within ``--shutdown-timeout``
 seconds, shut the engine down and exit 0.
 """
 
@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--skip-server-warmup", action="store_true", help="do not precompile before serving")
     p.add_argument(
+        "--disable-frontend-multiprocessing",
+        action="store_true",
+        help="run the engine loop in the server's own process (default: a process of its own, so that the "
+        "HTTP side's per-chunk work does not share one interpreter with scheduling)",
+    )
+    p.add_argument(
         "--incremental-streaming-output",
         action="store_true",
         help="/generate streams: each chunk carries only the new text and output_ids (default: all so far)",
@@ -78,9 +84,13 @@ def build_state(args: argparse.Namespace):
     }
 
     def factory():
-        from jaxrt.engine import Engine
+        if args.disable_frontend_multiprocessing:
+            from jaxrt.engine import Engine
 
-        return Engine(**kwargs)
+            return Engine(**kwargs)
+        from jaxrt.engine_process import EngineProcess
+
+        return EngineProcess(**kwargs)
 
     shown = {k: v for k, v in vars(args).items() if k != "api_key"}
     return ServerState(

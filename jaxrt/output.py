@@ -4,6 +4,11 @@ For every sampled row of a step the engine read back: append its tokens to the r
 conditions (stop ids and EOS past ``min_new_tokens``, stop strings, ``max_new_tokens``, the context length),
 decode text incrementally where a stream or a stop string needs it, and hand the SGLang-shaped output dict
 to the request's sink. Host-only (no jax); runs on the engine's loop thread.
+
+A request submitted with ``deltas`` (the engine running in its own process, `jaxrt.engine_process`) gets
+:class:`OutputDelta` records instead: the ids, log-probabilities and finish state new since its previous
+output, no text. The other process detokenizes and builds the same dicts with :func:`output_dict`, so the
+engine's interpreter does no per-chunk text work.
 """
 
 from __future__ import annotations
@@ -11,14 +16,35 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jaxrt.batch import DecodeLoopOutput, StepOutput
 from jaxrt.request import FinishReason, Request
 from jaxrt.scheduler import SchedulerOutput
 from jaxrt.tokenizer import IncrementalDetokenizer, Tokenizer
 
-Sink = Callable[[dict[str, Any]], None]
+if TYPE_CHECKING:  # jaxrt.batch imports jax, which the engine process's frontend never loads
+    from jaxrt.batch import DecodeLoopOutput, StepOutput
+
+Sink = Callable[[Any], None]  # takes an output dict, an OutputDelta, or the exception that ended the request
+
+
+@dataclass(slots=True)
+class OutputDelta:
+    """What is new in one request's output since its previous one: the engine's side of a process boundary.
+
+    ``final`` marks its last; ``stop_text`` is the whole text cut at a matched stop string (final only);
+    ``error`` is the exception that ended the request instead (nothing else is set then)."""
+
+    request_id: str
+    new_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[float] | None = None
+    new_top_logprobs: list[list[tuple[int, float]]] | None = None
+    final: bool = False
+    finish_reason: dict[str, Any] | None = None
+    stop_text: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    error: BaseException | None = None
 
 
 @dataclass
@@ -36,6 +62,8 @@ class Track:
     top_logprobs_num: int
     stop_text: str | None = None  # text cut at a matched stop string
     emitted: int = 0  # output tokens when the last stream chunk went out
+    deltas: bool = False  # the sink takes OutputDelta records (see the module's docstring)
+    sent: int = 0  # deltas: output tokens already handed to the sink
     # stop_ids as a set: a sampled token in it finishes the request once min_new_tokens is reached
     stop_set: frozenset[int] = field(init=False)
 
@@ -174,43 +202,97 @@ class OutputProcessor:
         req = track.request
         sp = req.sampling_params
         if final:
+            self.tracks.pop(req.request_id, None)
+            req.finished_time = time.perf_counter()
+        reason = req.finish_reason.to_dict() if final and req.finish_reason else None
+        if track.deltas:
+            self._emit_delta(track, final, reason)
+            return
+        if final:
             if track.stop_text is not None:
                 text = track.stop_text
             elif self.tokenizer is None:
                 text = ""
             else:
                 text = self.tokenizer.decode(req.output_token_ids, sp.skip_special_tokens)
-            self.tracks.pop(req.request_id, None)
-            req.finished_time = time.perf_counter()
         else:
             if track.detok is not None:
                 track.detok.step(req.output_token_ids)  # catches up on every token since the last chunk
-            text = track.detok.text if track.detok is not None else ""
-            if sp.stop:  # hold back a tail that may still become a stop string
-                hold = 0
-                for s in sp.stop:
-                    for k in range(min(len(s) - 1, len(text)), 0, -1):
-                        if text.endswith(s[:k]):
-                            hold = max(hold, k)
-                            break
-                text = text[: len(text) - hold] if hold else text
-        reason = req.finish_reason.to_dict() if final and req.finish_reason else None
-        meta: dict[str, Any] = {
-            "id": req.request_id,
-            "finish_reason": reason,
-            "prompt_tokens": req.num_prompt_tokens,
-            "completion_tokens": len(req.output_token_ids),
-            "cached_tokens": req.num_cached_tokens,
-            "e2e_latency": time.perf_counter() - req.arrival_time,
-        }
-        if req.first_token_time is not None:
-            meta["ttft"] = req.first_token_time - req.arrival_time
-        if track.return_logprob:
-            meta["output_token_logprobs"] = [
-                (lp, t, None) for lp, t in zip(req.output_logprobs, req.output_token_ids, strict=False)
-            ]
-            if track.top_logprobs_num:
-                meta["output_top_logprobs"] = [
-                    [(lp, t, None) for t, lp in row] for row in req.output_top_logprobs
-                ]
-        track.sink({"text": text, "output_ids": list(req.output_token_ids), "meta_info": meta})
+            text = hold_back(track.detok.text, sp.stop) if track.detok is not None else ""
+        ttft = None if req.first_token_time is None else req.first_token_time - req.arrival_time
+        track.sink(
+            output_dict(
+                req.request_id,
+                text,
+                req.output_token_ids,
+                reason,
+                prompt_tokens=req.num_prompt_tokens,
+                cached_tokens=req.num_cached_tokens,
+                e2e_latency=time.perf_counter() - req.arrival_time,
+                ttft=ttft,
+                logprobs=req.output_logprobs if track.return_logprob else None,
+                top_logprobs=req.output_top_logprobs if track.top_logprobs_num else None,
+            )
+        )
+
+    @staticmethod
+    def _emit_delta(track: Track, final: bool, reason: dict[str, Any] | None) -> None:
+        req = track.request
+        n = track.sent
+        track.sent = len(req.output_token_ids)
+        track.sink(
+            OutputDelta(
+                req.request_id,
+                req.output_token_ids[n:],
+                req.output_logprobs[n:] if track.return_logprob else None,
+                req.output_top_logprobs[n:] if track.top_logprobs_num else None,
+                final,
+                reason,
+                track.stop_text if final else None,
+                req.num_prompt_tokens,
+                req.num_cached_tokens,
+            )
+        )
+
+
+def hold_back(text: str, stops: list[str]) -> str:
+    """A stream's text without the tail that may still become one of ``stops`` (it goes out once it cannot)."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return text[: len(text) - hold] if hold else text
+
+
+def output_dict(
+    request_id: str,
+    text: str,
+    output_ids: list[int],
+    finish_reason: dict[str, Any] | None,
+    *,
+    prompt_tokens: int,
+    cached_tokens: int,
+    e2e_latency: float,
+    ttft: float | None,
+    logprobs: list[float] | None,
+    top_logprobs: list[list[tuple[int, float]]] | None,
+) -> dict[str, Any]:
+    """One SGLang-shaped output: ``text``, ``output_ids`` and ``meta_info`` (copies; the caller keeps its lists).
+    ``logprobs`` / ``top_logprobs``: per output token, when the request asked for them."""
+    meta: dict[str, Any] = {
+        "id": request_id,
+        "finish_reason": finish_reason,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": len(output_ids),
+        "cached_tokens": cached_tokens,
+        "e2e_latency": e2e_latency,
+    }
+    if ttft is not None:
+        meta["ttft"] = ttft
+    if logprobs is not None:
+        meta["output_token_logprobs"] = [(lp, t, None) for lp, t in zip(logprobs, output_ids, strict=False)]
+        if top_logprobs is not None:
+            meta["output_top_logprobs"] = [[(lp, t, None) for t, lp in row] for row in top_logprobs]
+    return {"text": text, "output_ids": list(output_ids), "meta_info": meta}

@@ -35,6 +35,11 @@ class ScheduledRequest:
     num_steps: int = 1
 
 
+def max_pages_for(max_total_tokens: int, context_length: int, page_size: int) -> int:
+    """KV pages a request may come to hold: its prompt plus ``max_new_tokens``, capped by the context."""
+    return cdiv(min(max_total_tokens, context_length), page_size)
+
+
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
@@ -88,8 +93,7 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------ intake
 
     def max_pages_for(self, req: Request) -> int:
-        total = min(req.max_total_tokens, self.config.context_length)
-        return cdiv(total, self.page_size)
+        return max_pages_for(req.max_total_tokens, self.config.context_length, self.page_size)
 
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:

@@ -1,0 +1,459 @@
+"""The engine loop in a process of its own, for the server.
+
+In one process the engine loop shares the interpreter with everything else the server does per chunk
+(detokenizing, building and JSON-encoding chunks, the ASGI send chain), so at a few hundred live streams the
+device waits on the HTTP side. As in vLLM's and SGLang's servers, :class:`EngineProcess` runs the
+:class:`jaxrt.engine.Engine` (scheduler, model runner, device) in a child process and keeps the rest here:
+
+- here (the frontend): validation and tokenization (the same ``_prepare`` as the engine's), request ids and
+  seeds, detokenization, the SGLang-shaped output dicts, and the Engine's public API on top of them;
+- there (the core): the Engine itself, fed prepared requests; each pass of its loop sends what it produced as
+  one message of `jaxrt.output.OutputDelta` records (new ids, log-probabilities, finish state, no text),
+  with the load counters.
+
+The two talk over a socket pair wrapped as a ``multiprocessing`` connection (pickled tuples). The child is a
+fresh interpreter (it starts its own JAX) that imports only jaxrt: not the parent's ``__main__``, so scripts
+need no ``if __name__ == "__main__"`` guard. Frontend -> core: ``(engine_kwargs, log_level)`` first, then
+``("add", specs, stream)``, ``("abort", rid)``, ``("call", token, method, args)``, ``("shutdown",)``.
+Core -> frontend: ``("ready", info)`` or ``("failed", message)`` once, then ``("out", deltas, stats)``,
+``("reply", token, ok, value)``, ``("dead", message)``, and ``("bye",)`` last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from jaxrt.engine import EngineAPI
+from jaxrt.output import OutputDelta, Sink, hold_back, output_dict
+from jaxrt.sampling_params import SamplingParams
+from jaxrt.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger("jaxrt")
+
+
+@dataclass
+class _Seq:
+    """The frontend's side of one request: where its outputs go, and its output so far."""
+
+    request_id: str
+    sp: SamplingParams
+    stream: bool
+    sink: Sink
+    loop: asyncio.AbstractEventLoop | None  # the sink runs on this loop's thread; None: on the reader thread
+    detok: IncrementalDetokenizer | None
+    return_logprob: bool
+    top_logprobs: bool
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
+
+
+class EngineProcess(EngineAPI):
+    """An :class:`jaxrt.engine.Engine` running in a child process, behind the same API.
+
+    Takes the Engine's keyword arguments. ``generate`` / ``async_generate`` / streaming, ``abort``,
+    ``flush_cache``, ``load_stats``, ``get_model_info``, ``get_server_info``, ``wait_compiled`` and
+    ``shutdown`` behave as the Engine's; ``load_stats`` is the core's latest report (sent with every output,
+    and whenever the queue or page counts change). Construction returns once the child's engine is ready;
+    a failure there raises RuntimeError with the child's error.
+    """
+
+    def __init__(self, model_path: str | None = None, **engine_kwargs: Any) -> None:
+        t0 = time.perf_counter()
+        ours, theirs = socket.socketpair()
+        # The child resolves imports as this process does (multiprocessing's spawn passes sys.path the same way).
+        path = [p or os.getcwd() for p in sys.path]
+        code = (
+            "import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
+            "from jaxrt.engine_process import _core_main; _core_main(int(sys.argv[2]))"
+        )
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", code, json.dumps(path), str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        level = logging.getLogger("jaxrt").getEffectiveLevel()
+        msg = self._start_core({"model_path": model_path, **engine_kwargs}, level)
+        if msg[0] != "ready":
+            self._conn.close()
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+            raise RuntimeError(f"the engine process failed to start: {msg[1]}")
+        info = msg[1]
+        self.config = info["config"]
+        self.model_path = info["model_path"]
+        self.served_model_name = info["served_model_name"]
+        self.eos_ids = set(info["eos_ids"])
+        self._usable_pages = info["num_usable_pages"]
+        self._stats: dict[str, Any] = info["stats"]
+        self._startup_breakdown = info["startup_breakdown"]
+        self.tokenizer = (
+            None
+            if engine_kwargs.get("skip_tokenizer_init")
+            else Tokenizer(
+                self.model_path,
+                engine_kwargs.get("trust_remote_code", False),
+                engine_kwargs.get("chat_template"),
+            )
+        )
+        self._rng = np.random.default_rng(engine_kwargs.get("random_seed", 0))
+        self._seqs: dict[str, _Seq] = {}
+        self._send_lock = threading.Lock()
+        self._calls: dict[int, Future] = {}
+        self._tokens = itertools.count()
+        self._dead: BaseException | None = None
+        self._stopping = False
+        self._reader = threading.Thread(target=self._read, name="jaxrt-engine-reader", daemon=True)
+        self._reader.start()
+        self.startup_seconds = time.perf_counter() - t0
+
+    def _start_core(self, engine_kwargs: dict[str, Any], log_level: int) -> tuple:
+        """Send the child its Engine's arguments; return its first answer (``ready`` or ``failed``)."""
+        try:
+            self._conn.send((engine_kwargs, log_level))
+            while not self._conn.poll(0.5):
+                if self._proc.poll() is not None:
+                    break
+            else:
+                return self._conn.recv()
+        except (EOFError, OSError):
+            pass
+        return ("failed", f"the process exited with code {self._proc.wait()}")
+
+    # ===================================================================================== public API
+
+    @property
+    def startup_breakdown(self) -> dict[str, float]:
+        return dict(self._startup_breakdown)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request: it finishes with ``finish_reason.type == "abort"`` and frees all it holds."""
+        self._send(("abort", request_id), quiet=True)
+
+    def flush_cache(self) -> bool:
+        """Drop all cached prefixes. Returns False (and does nothing) while requests are running."""
+        return bool(self._call("flush_cache"))
+
+    def get_server_info(self) -> dict[str, Any]:
+        return {**self._call("get_server_info"), "engine_process_pid": self._proc.pid}
+
+    def load_stats(self) -> dict[str, Any]:
+        return dict(self._stats)
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        return bool(self._call("wait_compiled", timeout, timeout=None if timeout is None else timeout + 60))
+
+    def shutdown(self) -> None:
+        """Stop the engine: requests still in flight finish with an abort; the child process exits."""
+        if not self._stopping:
+            self._stopping = True
+            self._send(("shutdown",), quiet=True)
+        self._reader.join(timeout=90)
+        try:
+            self._proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            logger.warning("the engine process did not exit; killing it")
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+        self._conn.close()
+
+    # ===================================================================================== intake
+
+    @property
+    def _num_usable_pages(self) -> int:
+        return self._usable_pages
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise RuntimeError("the engine loop died") from self._dead
+        if self._stopping or not self._reader.is_alive():
+            raise RuntimeError("the engine is shut down")
+
+    def _submit_many(
+        self,
+        items: list[tuple[dict[str, Any], Sink]],
+        stream: bool,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> list[str]:
+        if self._dead is not None:
+            raise RuntimeError("the engine loop died") from self._dead
+        if self._stopping:
+            raise RuntimeError("the engine is shutting down")
+        specs, rids = [], []
+        for spec, sink in items:
+            sp: SamplingParams = spec["sp"]
+            rid = uuid.uuid4().hex
+            self._seqs[rid] = _Seq(
+                rid,
+                sp,
+                stream,
+                sink,
+                loop,
+                IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens)
+                if stream and self.tokenizer is not None
+                else None,
+                return_logprob=sp.return_logprob or sp.top_logprobs_num > 0,
+                top_logprobs=sp.top_logprobs_num > 0,
+            )
+            specs.append({**spec, "rid": rid, "deltas": True})
+            rids.append(rid)
+        try:
+            self._send(("add", specs, stream))
+        except BaseException:
+            for rid in rids:
+                self._seqs.pop(rid, None)
+            raise
+        return rids
+
+    # ===================================================================================== the pipe
+
+    def _send(self, msg: tuple, quiet: bool = False) -> None:
+        try:
+            with self._send_lock:
+                self._conn.send(msg)
+        except (OSError, ValueError) as e:  # the core has exited (closed pipe)
+            if not quiet:
+                raise RuntimeError("the engine is shut down") from e
+
+    def _call(self, method: str, *args: Any, timeout: float | None = 120.0) -> Any:
+        """Run ``Engine.<method>(*args)`` in the core and return its result."""
+        self._check_alive()
+        token = next(self._tokens)
+        fut: Future = Future()
+        self._calls[token] = fut
+        self._send(("call", token, method, args))
+        return fut.result(timeout)
+
+    def _read(self) -> None:
+        """The reader thread: every message from the core, until it says goodbye or its pipe closes."""
+        try:
+            while True:
+                msg = self._conn.recv()
+                kind = msg[0]
+                if kind == "out":
+                    self._stats = msg[2]
+                    self._route(msg[1])
+                elif kind == "reply":
+                    fut = self._calls.pop(msg[1], None)
+                    if fut is not None:
+                        (fut.set_result if msg[2] else fut.set_exception)(msg[3])
+                elif kind == "dead":
+                    self._dead = RuntimeError(msg[1])
+                elif kind == "bye":
+                    return
+        except (EOFError, OSError):
+            if not self._stopping:
+                code = self._proc.wait()
+                logger.error("the engine process exited (code %s)", code)
+                self._dead = RuntimeError(f"the engine process exited (code {code})")
+        finally:
+            err = RuntimeError("the engine is shut down")
+            for fut in self._calls.values():
+                fut.set_exception(err)
+            self._route([OutputDelta(rid, error=err) for rid in list(self._seqs)])
+
+    def _route(self, deltas: list[OutputDelta]) -> None:
+        """Hand each delta to its request: one call per event loop for the async ones, directly here for the
+        rest (their sinks are thread-safe queues)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        here = []
+        for d in deltas:
+            seq = self._seqs.get(d.request_id)
+            if seq is None:
+                continue
+            if d.final or d.error is not None:
+                del self._seqs[d.request_id]
+            if seq.loop is None:
+                here.append((seq, d))
+            else:
+                by_loop.setdefault(seq.loop, []).append((seq, d))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(self._deliver, batch)
+            except RuntimeError:  # that loop has closed: nobody is waiting there any more
+                pass
+        if here:
+            self._deliver(here)
+
+    def _deliver(self, batch: list[tuple[_Seq, OutputDelta]]) -> None:
+        now = time.perf_counter()
+        for seq, d in batch:
+            seq.sink(d.error if d.error is not None else self._absorb(seq, d, now))
+
+    def _absorb(self, seq: _Seq, d: OutputDelta, now: float) -> dict[str, Any]:
+        """Add a delta to its request's output and return the output dict the Engine would have sent."""
+        seq.ids.extend(d.new_ids)
+        if d.new_logprobs is not None:
+            seq.logprobs.extend(d.new_logprobs)
+        if d.new_top_logprobs is not None:
+            seq.top.extend(d.new_top_logprobs)
+        if seq.first_token_time is None and seq.ids:
+            seq.first_token_time = now
+        tok = self.tokenizer
+        if d.final:
+            if d.stop_text is not None:
+                text = d.stop_text
+            else:
+                text = tok.decode(seq.ids, seq.sp.skip_special_tokens) if tok is not None else ""
+        elif seq.detok is not None:
+            seq.detok.step(seq.ids)
+            text = hold_back(seq.detok.text, seq.sp.stop)
+        else:
+            text = ""
+        return output_dict(
+            seq.request_id,
+            text,
+            seq.ids,
+            d.finish_reason,
+            prompt_tokens=d.prompt_tokens,
+            cached_tokens=d.cached_tokens,
+            e2e_latency=now - seq.arrival,
+            ttft=None if seq.first_token_time is None else seq.first_token_time - seq.arrival,
+            logprobs=seq.logprobs if seq.return_logprob else None,
+            top_logprobs=seq.top if seq.top_logprobs else None,
+        )
+
+
+# ======================================================================================= the child
+
+
+def _core_main(fd: int) -> None:
+    """The child process: build the Engine, then serve the frontend's messages until it says shutdown or
+    its end of the socket closes."""
+    import signal
+
+    # Ctrl-C reaches the whole process group; the frontend decides when the engine stops (it drains first).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    conn = Connection(fd)
+    try:
+        engine_kwargs, log_level = conn.recv()
+    except (EOFError, OSError):
+        return
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from jaxrt.engine import Engine
+
+    try:
+        engine = Engine(**engine_kwargs)
+    except BaseException as e:  # noqa: BLE001 - reported to the frontend, which raises it
+        logger.exception("the engine failed to start")
+        conn.send(("failed", f"{type(e).__name__}: {e}"))
+        conn.close()
+        return
+    _Core(engine, conn).run()
+
+
+class _Core:
+    """The child's side of the pipe: requests in (main thread), each loop pass's outputs out (loop thread)."""
+
+    def __init__(self, engine, conn) -> None:
+        self.engine = engine
+        self.conn = conn
+        self.lock = threading.Lock()
+        self.outbox: list[OutputDelta] = []
+        self.counts: tuple = ()
+        self.dead_sent = False
+        engine.on_loop_end = self.flush
+
+    def send(self, msg: tuple) -> None:
+        with self.lock:
+            self.conn.send(msg)
+
+    def sink(self, rid: str):
+        outbox = self.outbox
+
+        def put(item) -> None:  # on the engine's loop thread
+            outbox.append(item if isinstance(item, OutputDelta) else OutputDelta(rid, error=item))
+
+        return put
+
+    def flush(self) -> None:
+        """One message per loop pass: its outputs, with the load counters (also sent alone when they moved)."""
+        st = self.engine.load_stats()
+        counts = (
+            st["num_running_reqs"],
+            st["num_queue_reqs"],
+            st["num_used_pages"],
+            st["num_cached_pages"],
+            st["num_generated_tokens"],
+        )
+        if self.outbox or counts != self.counts:
+            out, self.outbox[:] = list(self.outbox), []
+            self.counts = counts
+            self.send(("out", out, st))
+        if self.engine._dead is not None and not self.dead_sent:
+            self.dead_sent = True
+            self.send(("dead", f"engine loop died: {self.engine._dead}"))
+
+    def run(self) -> None:
+        e = self.engine
+        self.send(
+            (
+                "ready",
+                {
+                    "config": e.config,
+                    "model_path": e.model_path,
+                    "served_model_name": e.served_model_name,
+                    "eos_ids": sorted(e.eos_ids),
+                    "num_usable_pages": e.allocator.num_usable,
+                    "stats": e.load_stats(),
+                    "startup_breakdown": e.startup_breakdown,
+                },
+            )
+        )
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):  # the frontend is gone
+                break
+            kind = msg[0]
+            if kind == "add":
+                specs, stream = msg[1], msg[2]
+                try:
+                    e._submit_many([(spec, self.sink(spec["rid"])) for spec in specs], stream)
+                except Exception as err:  # noqa: BLE001 - the whole batch fails, as in the Engine
+                    self.send(("out", [OutputDelta(s["rid"], error=err) for s in specs], e.load_stats()))
+            elif kind == "abort":
+                e.abort(msg[1])
+            elif kind == "call":
+                # On a thread of its own: flush_cache and wait_compiled wait for the loop.
+                threading.Thread(target=self.call, args=msg[1:], daemon=True).start()
+            elif kind == "shutdown":
+                break
+        e.shutdown()  # in-flight requests finish with an abort; the loop's last pass sends them
+        try:
+            self.send(("bye",))
+        except (OSError, ValueError):
+            pass
+        self.conn.close()
+
+    def call(self, token: int, method: str, args: tuple) -> None:
+        try:
+            result, ok = getattr(self.engine, method)(*args), True
+        except Exception as err:  # noqa: BLE001 - raised in the frontend
+            result, ok = err, False
+        try:
+            self.send(("reply", token, ok, result))
+        except (OSError, ValueError):
+            pass

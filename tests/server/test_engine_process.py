@@ -1,0 +1,238 @@
+"""The engine in a process of its own (the server's default): the same answers as the in-process engine,
+through the same HTTP server; aborts and disconnects free the child's pages; a dead child fails its requests
+instead of hanging them; the frontend never loads JAX."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from server_testing import API_KEY, ENGINE_ARGS, LiveServer, sse_events, start_inprocess, wait_idle
+
+PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away", "1, 2, 3,"]
+GREEDY = {"temperature": 0, "max_new_tokens": 10, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def ep_server(tiny_llama_dir) -> Iterator[LiveServer]:
+    def factory():
+        from jaxrt.engine_process import EngineProcess
+
+        return EngineProcess(model_path=tiny_llama_dir, **ENGINE_ARGS)
+
+    live = start_inprocess(factory, api_key=API_KEY)
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def ep_http(ep_server) -> Iterator[httpx.Client]:
+    with httpx.Client(
+        base_url=ep_server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120
+    ) as client:
+        yield client
+
+
+def test_engine_runs_in_another_process(ep_http):
+    info = ep_http.get("/get_server_info").json()
+    pid = info["engine_process_pid"]
+    assert pid != os.getpid()
+    os.kill(pid, 0)  # alive
+    assert info["num_pages"] == ENGINE_ARGS["num_pages"]
+    assert info["max_running_requests"] == ENGINE_ARGS["max_running_requests"]
+
+
+def test_generate_matches_the_in_process_engine(server, ep_http):
+    """Batched /generate, with log-probabilities: ids, text and log-probs as the in-process engine gives."""
+    ref = server.engine.generate(PROMPTS, GREEDY, return_logprob=True)
+    got = ep_http.post(
+        "/generate", json={"text": PROMPTS, "sampling_params": GREEDY, "return_logprob": True}
+    ).json()
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref, strict=True):
+        assert g["output_ids"] == r["output_ids"]
+        assert g["text"] == r["text"]
+        assert g["meta_info"]["finish_reason"] == r["meta_info"]["finish_reason"] == {"type": "length"}
+        assert g["meta_info"]["prompt_tokens"] == r["meta_info"]["prompt_tokens"]
+        assert g["meta_info"]["completion_tokens"] == 10
+        glp = [lp for lp, _, _ in g["meta_info"]["output_token_logprobs"]]
+        rlp = [lp for lp, _, _ in r["meta_info"]["output_token_logprobs"]]
+        assert glp == pytest.approx(rlp, abs=1e-5)
+        assert g["meta_info"]["ttft"] <= g["meta_info"]["e2e_latency"]
+
+
+def test_streams_and_stop_strings_match(server, ep_http):
+    """A stream's chunks grow to the non-streamed text; a stop string cuts the text where the in-process
+    engine cuts it, streamed or not."""
+    prompt = PROMPTS[1]
+    full = server.engine.generate(prompt, GREEDY)["text"]
+    words = full.split()
+    assert len(words) >= 4
+    stop = words[len(words) // 2]
+    body = {"text": prompt, "sampling_params": GREEDY, "stream": True}
+    with ep_http.stream("POST", "/generate", json=body) as r:
+        events = sse_events(r)
+    chunks = [e for e in events if e != "[DONE]"]
+    assert len(chunks) >= 2
+    texts = [c["text"] for c in chunks]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
+    assert texts[-1] == full
+    assert chunks[-1]["output_ids"] == server.engine.generate(prompt, GREEDY)["output_ids"]
+
+    sp = {**GREEDY, "stop": [stop]}
+    ref = server.engine.generate(prompt, sp)
+    assert ref["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    got = ep_http.post("/generate", json={"text": prompt, "sampling_params": sp}).json()
+    assert got["text"] == ref["text"]
+    assert got["meta_info"]["finish_reason"] == ref["meta_info"]["finish_reason"]
+    with ep_http.stream("POST", "/generate", json={**body, "sampling_params": sp}) as r:
+        chunks = [e for e in sse_events(r) if e != "[DONE]"]
+    assert chunks[-1]["text"] == ref["text"]
+    assert all(stop not in c["text"] for c in chunks)  # a stop string never shows, even half-matched
+
+
+def test_openai_chat_stream_matches_non_streamed(ep_server, ep_http):
+    name = ep_http.get("/v1/models").json()["data"][0]["id"]
+    client = openai.OpenAI(base_url=ep_server.base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    msgs = [{"role": "user", "content": "Say something."}]
+    common = dict(model=name, messages=msgs, max_tokens=8, temperature=0)
+    whole = client.chat.completions.create(**common)
+    parts = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(stream=True, **common)
+        if c.choices
+    ]
+    assert "".join(parts) == whole.choices[0].message.content
+    assert whole.usage.completion_tokens == 8
+
+
+def test_many_concurrent_streams_then_idle(server, ep_server, ep_http):
+    """24 streams at once over the OpenAI API give the greedy texts; the child ends with no page in use
+    outside the prefix cache."""
+    prompts = [f"Stream {i} tells the tale of {i * 5 % 11}" for i in range(24)]
+    name = ep_http.get("/v1/models").json()["data"][0]["id"]
+
+    async def one(client, p):
+        stream = await client.completions.create(
+            model=name, prompt=p, max_tokens=8, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
+        return "".join([c.choices[0].text async for c in stream])
+
+    async def run_all():
+        client = openai.AsyncOpenAI(
+            base_url=ep_server.base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=300
+        )
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(one(client, p) for p in prompts)), 300)
+        finally:
+            await client.close()
+
+    got = asyncio.run(run_all())
+    ref = server.engine.generate(prompts, {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True})
+    assert got == [r["text"] for r in ref]
+    wait_idle(ep_http)
+
+
+def test_abort_and_disconnect_free_the_child_pages(ep_http):
+    long = {"temperature": 0, "max_new_tokens": 400, "ignore_eos": True}
+    body = {"text": "A long story begins", "sampling_params": long, "stream": True, "rid": "ep-rid-1"}
+    with ep_http.stream("POST", "/generate", json=body) as r:
+        lines = r.iter_lines()
+        next(line for line in lines if line.startswith("data:"))
+        assert ep_http.post("/abort_request", json={"rid": "ep-rid-1"}).json()["num_aborted"] == 1
+        events = [line for line in lines if line.startswith("data:")]
+    assert '"abort"' in events[-2] and events[-1] == "data: [DONE]"
+    # a client that goes away mid-stream
+    with ep_http.stream("POST", "/generate", json={**body, "rid": None}) as r:
+        next(line for line in r.iter_lines() if line.startswith("data:"))
+    info = wait_idle(ep_http)
+    assert info["num_running_reqs"] == 0
+
+
+def test_bad_input_is_400_and_the_server_keeps_serving(ep_http):
+    r = ep_http.post("/generate", json={"text": "hi", "sampling_params": {"temperature": -1}})
+    assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]
+    r = ep_http.post("/generate", json={"input_ids": [10**9], "sampling_params": GREEDY})
+    assert r.status_code == 400 and "input_ids" in r.json()["error"]["message"]
+    r = ep_http.post("/generate", json={"input_ids": [5] * 600, "sampling_params": GREEDY})
+    assert r.status_code == 400 and "too long" in r.json()["error"]["message"]
+    ok = ep_http.post("/generate", json={"text": "hi", "sampling_params": GREEDY})
+    assert ok.status_code == 200 and ok.json()["meta_info"]["completion_tokens"] == 10
+
+
+def test_a_dead_engine_process_fails_requests_instead_of_hanging(tiny_llama_dir):
+    from jaxrt.engine_process import EngineProcess
+
+    ep = EngineProcess(model_path=tiny_llama_dir, **ENGINE_ARGS)
+    try:
+        assert ep.generate("hello", GREEDY)["meta_info"]["completion_tokens"] == 10
+        stream = ep.generate("hello", {**GREEDY, "max_new_tokens": 400}, stream=True)
+        next(stream)
+        os.kill(ep.get_server_info()["engine_process_pid"], signal.SIGKILL)
+        with pytest.raises(RuntimeError):
+            for _ in stream:
+                pass
+        deadline = time.monotonic() + 30
+        while ep._dead is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(RuntimeError, match="engine loop died"):
+            ep.generate("hello", GREEDY)
+    finally:
+        ep.shutdown()
+
+
+def test_shutdown_aborts_what_is_in_flight(tiny_llama_dir):
+    from jaxrt.engine_process import EngineProcess
+
+    ep = EngineProcess(model_path=tiny_llama_dir, **ENGINE_ARGS)
+
+    async def run():
+        stream = ep.async_generate("hello", {**GREEDY, "max_new_tokens": 400}, stream=True)
+        first = await stream.__anext__()
+        await asyncio.to_thread(ep.shutdown)
+        last = first
+        async for chunk in stream:
+            last = chunk
+        return last
+
+    last = asyncio.run(asyncio.wait_for(run(), 120))
+    assert last["meta_info"]["finish_reason"]["type"] == "abort"
+    assert ep._proc.poll() is not None  # the child has exited
+    with pytest.raises(RuntimeError):
+        ep.generate("hello", GREEDY)
+
+
+def test_the_frontend_never_loads_jax(tiny_llama_dir, tmp_path):
+    """The server's process must not start a JAX backend (on a GPU it would take the memory the engine
+    process needs): serving through EngineProcess does not even import jax there."""
+    script = tmp_path / "front.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import asyncio, sys
+            from jaxrt.engine_process import EngineProcess
+            ep = EngineProcess(model_path={tiny_llama_dir!r}, **{ENGINE_ARGS!r})
+            out = ep.generate("hello", {{"max_new_tokens": 3, "ignore_eos": True}})
+            async def chunks():
+                return [c async for c in ep.async_generate("hi", {{"max_new_tokens": 3}}, stream=True)]
+            asyncio.run(chunks())
+            ep.shutdown()
+            print("completion_tokens", out["meta_info"]["completion_tokens"], "jax", "jax" in sys.modules)
+            """
+        )
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "JAXRT_DISABLE_PROGRESS": "1"}
+    r = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "completion_tokens 3 jax False" in r.stdout

@@ -15,7 +15,7 @@ The two talk over a socket pair wrapped as a ``multiprocessing`` connection (pic
 fresh interpreter (it starts its own JAX) that imports only jaxrt: not the parent's ``__main__``, so scripts
 need no ``if __name__ == "__main__"`` guard. Frontend -> core: ``(engine_kwargs, log_level)`` first, then
 ``("add", specs, stream)``, ``("abort", rid)``, ``("call", token, method, args)``, ``("shutdown",)``.
-Core -> frontend: ``("ready", info)`` or ``("failed", message)`` once, then ``("out", deltas, stats)``,
+Core -> frontend: ``("ready", info)`` or ``("failed", message)`` once, then ``("out", deltas, stats)`` (the deltas as plain tuples),
 ``("reply", token, ok, value)``, ``("dead", message)``, and ``("bye",)`` last.
 """
 
@@ -254,7 +254,7 @@ class EngineProcess(EngineAPI):
                 kind = msg[0]
                 if kind == "out":
                     self._stats = msg[2]
-                    self._route(msg[1])
+                    self._route([OutputDelta._make(t) for t in msg[1]])
                 elif kind == "reply":
                     fut = self._calls.pop(msg[1], None)
                     if fut is not None:
@@ -399,7 +399,7 @@ class _Core:
             st["num_generated_tokens"],
         )
         if self.outbox or counts != self.counts:
-            out, self.outbox[:] = list(self.outbox), []
+            out, self.outbox[:] = [tuple(d) for d in self.outbox], []
             self.counts = counts
             self.send(("out", out, st))
         if self.engine._dead is not None and not self.dead_sent:
@@ -433,7 +433,8 @@ class _Core:
                 try:
                     e._submit_many([(spec, self.sink(spec["rid"])) for spec in specs], stream)
                 except Exception as err:  # noqa: BLE001 - the whole batch fails, as in the Engine
-                    self.send(("out", [OutputDelta(s["rid"], error=err) for s in specs], e.load_stats()))
+                    failed = [tuple(OutputDelta(s["rid"], error=err)) for s in specs]
+                    self.send(("out", failed, e.load_stats()))
             elif kind == "abort":
                 e.abort(msg[1])
             elif kind == "call":

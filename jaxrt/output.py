@@ -14,9 +14,9 @@ engine's interpreter does no per-chunk text work.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from jaxrt.request import FinishReason, Request
 from jaxrt.scheduler import SchedulerOutput
@@ -28,15 +28,16 @@ if TYPE_CHECKING:  # jaxrt.batch imports jax, which the engine process's fronten
 Sink = Callable[[Any], None]  # takes an output dict, an OutputDelta, or the exception that ended the request
 
 
-@dataclass(slots=True)
-class OutputDelta:
+class OutputDelta(NamedTuple):
     """What is new in one request's output since its previous one: the engine's side of a process boundary.
 
     ``final`` marks its last; ``stop_text`` is the whole text cut at a matched stop string (final only);
-    ``error`` is the exception that ended the request instead (nothing else is set then)."""
+    ``error`` is the exception that ended the request instead (nothing else is set then). A named tuple:
+    a pass's records cross the pipe together as plain tuples (``tuple(d)`` / ``OutputDelta._make``), which
+    pickle ~8x faster than dataclass instances."""
 
     request_id: str
-    new_ids: list[int] = field(default_factory=list)
+    new_ids: Sequence[int] = ()
     new_logprobs: list[float] | None = None
     new_top_logprobs: list[list[tuple[int, float]]] | None = None
     final: bool = False

@@ -344,8 +344,11 @@ def _core_main(fd: int) -> None:
     its end of the socket closes."""
     import signal
 
-    # Ctrl-C reaches the whole process group; the frontend decides when the engine stops (it drains first).
+    # Ctrl-C reaches the whole process group, and `timeout` or systemd send SIGTERM to every process of theirs:
+    # the frontend decides when the engine stops (it drains first). The engine also stops when the frontend's
+    # end of the socket closes, so it cannot outlive it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     conn = Connection(fd)
     try:
         engine_kwargs, log_level = conn.recv()

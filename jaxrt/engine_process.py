@@ -254,7 +254,7 @@ class EngineProcess(EngineAPI):
                 kind = msg[0]
                 if kind == "out":
                     self._stats = msg[2]
-                    self._route([OutputDelta._make(t) for t in msg[1]])
+                    self._route(msg[1])
                 elif kind == "reply":
                     fut = self._calls.pop(msg[1], None)
                     if fut is not None:
@@ -274,17 +274,19 @@ class EngineProcess(EngineAPI):
                 fut.set_exception(err)
             self._route([OutputDelta(rid, error=err) for rid in list(self._seqs)])
 
-    def _route(self, deltas: list[OutputDelta]) -> None:
-        """Hand each delta to its request: one call per event loop for the async ones, directly here for the
-        rest (their sinks are thread-safe queues)."""
+    def _route(self, deltas: list[tuple]) -> None:
+        """Hand each delta (an OutputDelta's fields as a plain tuple, as they cross the pipe: read by position,
+        not rebuilt) to its request: one call per event loop for the async ones, directly here for the rest
+        (their sinks are thread-safe queues)."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         here = []
         for d in deltas:
-            seq = self._seqs.get(d.request_id)
+            rid = d[0]
+            seq = self._seqs.get(rid)
             if seq is None:
                 continue
-            if d.final or d.error is not None:
-                del self._seqs[d.request_id]
+            if d[4] or d[9] is not None:  # final, or failed
+                del self._seqs[rid]
             if seq.loop is None:
                 here.append((seq, d))
             else:
@@ -297,24 +299,25 @@ class EngineProcess(EngineAPI):
         if here:
             self._deliver(here)
 
-    def _deliver(self, batch: list[tuple[_Seq, OutputDelta]]) -> None:
+    def _deliver(self, batch: list[tuple[_Seq, tuple]]) -> None:
         now = time.perf_counter()
         for seq, d in batch:
-            seq.sink(d.error if d.error is not None else self._absorb(seq, d, now))
+            seq.sink(d[9] if d[9] is not None else self._absorb(seq, d, now))
 
-    def _absorb(self, seq: _Seq, d: OutputDelta, now: float) -> dict[str, Any]:
+    def _absorb(self, seq: _Seq, d: tuple, now: float) -> dict[str, Any]:
         """Add a delta to its request's output and return the output dict the Engine would have sent."""
-        seq.ids.extend(d.new_ids)
-        if d.new_logprobs is not None:
-            seq.logprobs.extend(d.new_logprobs)
-        if d.new_top_logprobs is not None:
-            seq.top.extend(d.new_top_logprobs)
+        _, new_ids, new_logprobs, new_top, final, reason, stop_text, prompt_tokens, cached_tokens, _ = d
+        seq.ids.extend(new_ids)
+        if new_logprobs is not None:
+            seq.logprobs.extend(new_logprobs)
+        if new_top is not None:
+            seq.top.extend(new_top)
         if seq.first_token_time is None and seq.ids:
             seq.first_token_time = now
         tok = self.tokenizer
-        if d.final:
-            if d.stop_text is not None:
-                text = d.stop_text
+        if final:
+            if stop_text is not None:
+                text = stop_text
             else:
                 text = tok.decode(seq.ids, seq.sp.skip_special_tokens) if tok is not None else ""
         elif seq.detok is not None:
@@ -326,9 +329,9 @@ class EngineProcess(EngineAPI):
             seq.request_id,
             text,
             seq.ids,
-            d.finish_reason,
-            prompt_tokens=d.prompt_tokens,
-            cached_tokens=d.cached_tokens,
+            reason,
+            prompt_tokens=prompt_tokens,
+            cached_tokens=cached_tokens,
             e2e_latency=now - seq.arrival,
             ttft=None if seq.first_token_time is None else seq.first_token_time - seq.arrival,
             logprobs=seq.logprobs if seq.return_logprob else None,

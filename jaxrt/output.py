@@ -33,8 +33,8 @@ class OutputDelta(NamedTuple):
 
     ``final`` marks its last; ``stop_text`` is the whole text cut at a matched stop string (final only);
     ``error`` is the exception that ended the request instead (nothing else is set then). A named tuple:
-    a pass's records cross the pipe together as plain tuples (``tuple(d)`` / ``OutputDelta._make``), which
-    pickle ~8x faster than dataclass instances."""
+    a pass's records cross the pipe together as plain tuples (``tuple(d)``, read back by position: the field
+    order is the wire format), which pickle ~8x faster than dataclass instances."""
 
     request_id: str
     new_ids: Sequence[int] = ()

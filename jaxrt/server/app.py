@@ -190,7 +190,8 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/server_info")
     async def get_server_info():
         engine = state.require_engine()
-        info = engine.get_server_info()
+        # Off the event loop: with the engine in its own process this is a round trip to it.
+        info = await asyncio.to_thread(engine.get_server_info)
         stats = engine.load_stats()
         return {
             **info,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -68,6 +69,8 @@ def test_queue_full_and_graceful_sigterm(tiny_llama_dir, tmp_path):
         # the socket is up before the model: /health says 503 until the engine is loaded and compiled
         assert wait_http(url + "/health", timeout=60, ok=(200, 503)) == 503
         wait_http(url + "/health", timeout=300)
+        engine_pid = httpx.get(url + "/get_server_info", timeout=30).json()["engine_process_pid"]
+        assert engine_pid != proc.pid  # the engine runs in a process of its own
 
         tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
         r = httpx.post(
@@ -137,6 +140,8 @@ def test_queue_full_and_graceful_sigterm(tiny_llama_dir, tmp_path):
         except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
             pass
         assert proc.wait(timeout=120) == 0, "".join(proc.output_lines[-30:])
+        with pytest.raises(ProcessLookupError):  # the engine process went with it
+            os.kill(engine_pid, 0)
         for t in threads:
             t.join(30)
         assert a_lines[-1] == "data: [DONE]"
@@ -150,3 +155,21 @@ def test_queue_full_and_graceful_sigterm(tiny_llama_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+
+
+def test_disable_frontend_multiprocessing(tiny_llama_dir, tmp_path):
+    """``--disable-frontend-multiprocessing``: the engine loop runs in the server's own process."""
+    args = ["--model-path", tiny_llama_dir, "--dtype", "float32", "--context-length", "256",
+            "--num-pages", "64", "--max-running-requests", "4", "--disable-frontend-multiprocessing"]  # fmt: skip
+    proc, url = spawn_server(args, cwd=str(tmp_path))
+    try:
+        wait_http(url + "/health", timeout=300)
+        assert "engine_process_pid" not in httpx.get(url + "/get_server_info", timeout=30).json()
+        body = {"text": "hello", "sampling_params": {"max_new_tokens": 3, "ignore_eos": True}}
+        out = httpx.post(url + "/generate", json=body, timeout=60).json()
+        assert out["meta_info"]["completion_tokens"] == 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, "".join(proc.output_lines[-30:])
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -13,10 +13,15 @@ device waits on the HTTP side. As in vLLM's and SGLang's servers, :class:`Engine
 
 The two talk over a socket pair wrapped as a ``multiprocessing`` connection (pickled tuples). The child is a
 fresh interpreter (it starts its own JAX) that imports only jaxrt: not the parent's ``__main__``, so scripts
-need no ``if __name__ == "__main__"`` guard. Frontend -> core: ``(engine_kwargs, log_level)`` first, then
-``("add", specs, stream)``, ``("abort", rid)``, ``("call", token, method, args)``, ``("shutdown",)``.
-Core -> frontend: ``("ready", info)`` or ``("failed", message)`` once, then ``("out", deltas, stats)`` (the deltas as plain tuples),
-``("reply", token, ok, value)``, ``("dead", message)``, and ``("bye",)`` last.
+need no ``if __name__ == "__main__"`` guard. One engine process can serve several connections
+(``start_core``; the server's ``--api-server-count``): each request's outputs go back on the connection that
+sent it. Frontend -> core: ``(engine_kwargs, log_level, control)`` first (on the first connection), then
+``("add", specs, stream)``, ``("abort", rid)``, ``("abort_broadcast", client_rid, abort_all)`` (passed on to
+the other connections), ``("call", token, method, args)``, ``("shutdown",)``. Core -> frontend:
+``("ready", info)`` or ``("failed", message)`` once, then ``("out", deltas, stats)`` (the deltas as plain
+tuples), ``("reply", token, ok, value)``, ``("abort_broadcast", ...)``, ``("dead", message)``, and
+``("bye",)`` last. The engine stops once every connection has said shutdown or closed; a connection that
+leaves earlier has its requests aborted.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -78,22 +84,9 @@ class EngineProcess(EngineAPI):
 
     def __init__(self, model_path: str | None = None, **engine_kwargs: Any) -> None:
         t0 = time.perf_counter()
-        ours, theirs = socket.socketpair()
-        # The child resolves imports as this process does (multiprocessing's spawn passes sys.path the same way).
-        path = [p or os.getcwd() for p in sys.path]
-        code = (
-            "import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
-            "from jaxrt.engine_process import _core_main; _core_main(int(sys.argv[2]))"
-        )
-        self._proc = subprocess.Popen(
-            [sys.executable, "-c", code, json.dumps(path), str(theirs.fileno())],
-            pass_fds=[theirs.fileno()],
-            stdin=subprocess.DEVNULL,
-        )
-        theirs.close()
-        self._conn = Connection(ours.detach())
+        self._proc, (self._conn,) = start_core(1)
         level = logging.getLogger("jaxrt").getEffectiveLevel()
-        msg = self._start_core({"model_path": model_path, **engine_kwargs}, level)
+        msg = _handshake(self._conn, self._proc, ({"model_path": model_path, **engine_kwargs}, level, False))
         if msg[0] != "ready":
             self._conn.close()
             try:
@@ -101,7 +94,29 @@ class EngineProcess(EngineAPI):
             except subprocess.TimeoutExpired:
                 self._proc.kill()
             raise RuntimeError(f"the engine process failed to start: {msg[1]}")
-        info = msg[1]
+        self._setup(msg[1], engine_kwargs, 0, t0)
+
+    @classmethod
+    def attach(cls, fd: int, index: int, **engine_kwargs: Any) -> EngineProcess:
+        """A handle on an engine process that another process started (``start_core``), over the
+        connection ``fd``: what each HTTP process of ``--api-server-count`` holds. ``engine_kwargs`` are those
+        the engine was started with (the tokenizer's are read from them); ``index`` tells handles apart
+        (each draws its requests' seeds from its own stream)."""
+        t0 = time.perf_counter()
+        self = cls.__new__(cls)
+        self._proc = None
+        self._conn = Connection(fd)
+        try:
+            msg = self._conn.recv()
+        except (EOFError, OSError):
+            msg = ("failed", "the engine process exited")
+        if msg[0] != "ready":
+            self._conn.close()
+            raise RuntimeError(f"the engine process failed to start: {msg[1]}")
+        self._setup(msg[1], engine_kwargs, index, t0)
+        return self
+
+    def _setup(self, info: dict[str, Any], engine_kwargs: dict[str, Any], index: int, t0: float) -> None:
         self.config = info["config"]
         self.model_path = info["model_path"]
         self.served_model_name = info["served_model_name"]
@@ -109,6 +124,7 @@ class EngineProcess(EngineAPI):
         self._usable_pages = info["num_usable_pages"]
         self._stats: dict[str, Any] = info["stats"]
         self._startup_breakdown = info["startup_breakdown"]
+        self._core_pid = info["pid"]
         self.tokenizer = (
             None
             if engine_kwargs.get("skip_tokenizer_init")
@@ -118,7 +134,11 @@ class EngineProcess(EngineAPI):
                 engine_kwargs.get("chat_template"),
             )
         )
-        self._rng = np.random.default_rng(engine_kwargs.get("random_seed", 0))
+        seed = engine_kwargs.get("random_seed", 0)
+        self._rng = np.random.default_rng(seed if index == 0 else [seed, index])
+        # Called (on the reader thread) with (rid, abort_all) when another process's handle asks every
+        # process to abort a client's request id, or everything (the server's /abort_request).
+        self.on_abort_broadcast: Callable[[str | None, bool], None] | None = None
         self._seqs: dict[str, _Seq] = {}
         self._send_lock = threading.Lock()
         self._calls: dict[int, Future] = {}
@@ -128,19 +148,6 @@ class EngineProcess(EngineAPI):
         self._reader = threading.Thread(target=self._read, name="jaxrt-engine-reader", daemon=True)
         self._reader.start()
         self.startup_seconds = time.perf_counter() - t0
-
-    def _start_core(self, engine_kwargs: dict[str, Any], log_level: int) -> tuple:
-        """Send the child its Engine's arguments; return its first answer (``ready`` or ``failed``)."""
-        try:
-            self._conn.send((engine_kwargs, log_level))
-            while not self._conn.poll(0.5):
-                if self._proc.poll() is not None:
-                    break
-            else:
-                return self._conn.recv()
-        except (EOFError, OSError):
-            pass
-        return ("failed", f"the process exited with code {self._proc.wait()}")
 
     # ===================================================================================== public API
 
@@ -152,12 +159,17 @@ class EngineProcess(EngineAPI):
         """Abort a request: it finishes with ``finish_reason.type == "abort"`` and frees all it holds."""
         self._send(("abort", request_id), quiet=True)
 
+    def broadcast_abort(self, rid: str | None, abort_all: bool = False) -> None:
+        """Ask the other handles on this engine (other HTTP processes) to abort their requests with the
+        client id ``rid``, or all of theirs: their ``on_abort_broadcast`` runs."""
+        self._send(("abort_broadcast", rid, abort_all), quiet=True)
+
     def flush_cache(self) -> bool:
         """Drop all cached prefixes. Returns False (and does nothing) while requests are running."""
         return bool(self._call("flush_cache"))
 
     def get_server_info(self) -> dict[str, Any]:
-        return {**self._call("get_server_info"), "engine_process_pid": self._proc.pid}
+        return {**self._call("get_server_info"), "engine_process_pid": self._core_pid}
 
     def load_stats(self) -> dict[str, Any]:
         return dict(self._stats)
@@ -171,12 +183,13 @@ class EngineProcess(EngineAPI):
             self._stopping = True
             self._send(("shutdown",), quiet=True)
         self._reader.join(timeout=90)
-        try:
-            self._proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            logger.warning("the engine process did not exit; killing it")
-            self._proc.kill()
-            self._proc.wait(timeout=10)
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                logger.warning("the engine process did not exit; killing it")
+                self._proc.kill()
+                self._proc.wait(timeout=10)
         self._conn.close()
 
     # ===================================================================================== intake
@@ -259,13 +272,16 @@ class EngineProcess(EngineAPI):
                     fut = self._calls.pop(msg[1], None)
                     if fut is not None:
                         (fut.set_result if msg[2] else fut.set_exception)(msg[3])
+                elif kind == "abort_broadcast":
+                    if self.on_abort_broadcast is not None:
+                        self.on_abort_broadcast(msg[1], msg[2])
                 elif kind == "dead":
                     self._dead = RuntimeError(msg[1])
                 elif kind == "bye":
                     return
         except (EOFError, OSError):
             if not self._stopping:
-                code = self._proc.wait()
+                code = self._proc.wait() if self._proc is not None else "unknown"
                 logger.error("the engine process exited (code %s)", code)
                 self._dead = RuntimeError(f"the engine process exited (code {code})")
         finally:
@@ -342,19 +358,56 @@ class EngineProcess(EngineAPI):
 # ======================================================================================= the child
 
 
-def _core_main(fd: int) -> None:
-    """The child process: build the Engine, then serve the frontend's messages until it says shutdown or
-    its end of the socket closes."""
+def start_core(num_links: int) -> tuple[subprocess.Popen, list[Connection]]:
+    """Start an engine process with ``num_links`` connections to it; returns it and our ends. The first
+    connection must send ``(engine_kwargs, log_level, control)`` (``_handshake``); ``control``: that
+    connection only starts and stops the engine (it gets no outputs or load reports) and the others serve
+    requests. Every connection then gets ``("ready", info)`` or ``("failed", message)``."""
+    pairs = [socket.socketpair() for _ in range(num_links)]
+    # The child resolves imports as this process does (multiprocessing's spawn passes sys.path the same way).
+    path = [p or os.getcwd() for p in sys.path]
+    code = (
+        "import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
+        "from jaxrt.engine_process import _core_main; _core_main(*map(int, sys.argv[2:]))"
+    )
+    fds = [theirs.fileno() for _, theirs in pairs]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(path), *map(str, fds)], pass_fds=fds, stdin=subprocess.DEVNULL
+    )
+    conns = []
+    for ours, theirs in pairs:
+        theirs.close()
+        conns.append(Connection(ours.detach()))
+    return proc, conns
+
+
+def _handshake(conn: Connection, proc: subprocess.Popen, init: tuple) -> tuple:
+    """Send the engine process its arguments; return its first answer (``ready`` or ``failed``)."""
+    try:
+        conn.send(init)
+        while not conn.poll(0.5):
+            if proc.poll() is not None:
+                break
+        else:
+            return conn.recv()
+    except (EOFError, OSError):
+        pass
+    return ("failed", f"the process exited with code {proc.wait()}")
+
+
+def _core_main(*fds: int) -> None:
+    """The child process: build the Engine, then serve every connection's messages; stop once each has said
+    shutdown or closed."""
     import signal
 
     # Ctrl-C reaches the whole process group, and `timeout` or systemd send SIGTERM to every process of theirs:
-    # the frontend decides when the engine stops (it drains first). The engine also stops when the frontend's
-    # end of the socket closes, so it cannot outlive it.
+    # the frontends decide when the engine stops (they drain first). The engine also stops when their ends
+    # of the sockets close, so it cannot outlive them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    conn = Connection(fd)
+    conns = [Connection(fd) for fd in fds]
     try:
-        engine_kwargs, log_level = conn.recv()
+        engine_kwargs, log_level, control = conns[0].recv()
     except (EOFError, OSError):
         return
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -362,32 +415,51 @@ def _core_main(fd: int) -> None:
 
     try:
         engine = Engine(**engine_kwargs)
-    except BaseException as e:  # noqa: BLE001 - reported to the frontend, which raises it
+    except BaseException as e:  # noqa: BLE001 - reported to the frontends, which raise it
         logger.exception("the engine failed to start")
-        conn.send(("failed", f"{type(e).__name__}: {e}"))
-        conn.close()
+        for conn in conns:
+            try:
+                conn.send(("failed", f"{type(e).__name__}: {e}"))
+                conn.close()
+            except OSError:
+                pass
         return
-    _Core(engine, conn).run()
+    _Core(engine, conns, control).run()
+
+
+class _Link:
+    """One frontend's connection to the core, and the outputs waiting to go to it."""
+
+    def __init__(self, index: int, conn: Connection, serves: bool) -> None:
+        self.index = index
+        self.conn = conn
+        self.serves = serves  # False: the control connection (no outputs, no load reports)
+        self.lock = threading.Lock()
+        self.outbox: list[OutputDelta] = []
+        self.open = True  # until it says shutdown or closes
+        self.owned: set[str] = set()  # its requests' ids, until their last output is sent
+
+    def send(self, msg: tuple) -> None:
+        try:
+            with self.lock:
+                self.conn.send(msg)
+        except (OSError, ValueError):  # it has gone away: its requests are aborted by its receiver
+            self.open = False
 
 
 class _Core:
-    """The child's side of the pipe: requests in (main thread), each loop pass's outputs out (loop thread)."""
+    """The child's side: requests in (one receiver thread per connection), each loop pass's outputs out
+    (the engine's loop thread), each request's outputs to the connection that sent it."""
 
-    def __init__(self, engine, conn) -> None:
+    def __init__(self, engine, conns: list[Connection], control: bool) -> None:
         self.engine = engine
-        self.conn = conn
-        self.lock = threading.Lock()
-        self.outbox: list[OutputDelta] = []
+        self.links = [_Link(i, c, serves=not (control and i == 0)) for i, c in enumerate(conns)]
         self.counts: tuple = ()
         self.dead_sent = False
         engine.on_loop_end = self.flush
 
-    def send(self, msg: tuple) -> None:
-        with self.lock:
-            self.conn.send(msg)
-
-    def sink(self, rid: str):
-        outbox = self.outbox
+    def sink(self, link: _Link, rid: str):
+        outbox = link.outbox
 
         def put(item) -> None:  # on the engine's loop thread
             outbox.append(item if isinstance(item, OutputDelta) else OutputDelta(rid, error=item))
@@ -395,7 +467,8 @@ class _Core:
         return put
 
     def flush(self) -> None:
-        """One message per loop pass: its outputs, with the load counters (also sent alone when they moved)."""
+        """One message per loop pass and connection: its outputs, with the load counters (also sent alone
+        when they moved)."""
         st = self.engine.load_stats()
         counts = (
             st["num_running_reqs"],
@@ -404,63 +477,100 @@ class _Core:
             st["num_cached_pages"],
             st["num_generated_tokens"],
         )
-        if self.outbox or counts != self.counts:
-            out, self.outbox[:] = [tuple(d) for d in self.outbox], []
-            self.counts = counts
-            self.send(("out", out, st))
+        moved, self.counts = counts != self.counts, counts
+        for link in self.links:
+            if not link.serves or not (link.outbox or moved):
+                continue
+            out, link.outbox[:] = [tuple(d) for d in link.outbox], []
+            for d in out:
+                if d[4] or d[9] is not None:  # final, or failed
+                    link.owned.discard(d[0])
+            if link.open:
+                link.send(("out", out, st))
         if self.engine._dead is not None and not self.dead_sent:
             self.dead_sent = True
-            self.send(("dead", f"engine loop died: {self.engine._dead}"))
+            for link in self.links:
+                if link.open:
+                    link.send(("dead", f"engine loop died: {self.engine._dead}"))
 
     def run(self) -> None:
         e = self.engine
-        self.send(
-            (
-                "ready",
-                {
-                    "config": e.config,
-                    "model_path": e.model_path,
-                    "served_model_name": e.served_model_name,
-                    "eos_ids": sorted(e.eos_ids),
-                    "num_usable_pages": e.allocator.num_usable,
-                    "stats": e.load_stats(),
-                    "startup_breakdown": e.startup_breakdown,
-                },
+        info = {
+            "config": e.config,
+            "model_path": e.model_path,
+            "served_model_name": e.served_model_name,
+            "eos_ids": sorted(e.eos_ids),
+            "num_usable_pages": e.allocator.num_usable,
+            "stats": e.load_stats(),
+            "startup_breakdown": e.startup_breakdown,
+            "pid": os.getpid(),
+        }
+        for link in self.links:
+            link.send(("ready", info))
+        receivers = [
+            threading.Thread(
+                target=self.receive, args=(link,), name=f"jaxrt-core-link{link.index}", daemon=True
             )
-        )
+            for link in self.links
+        ]
+        for t in receivers:
+            t.start()
+        for t in receivers:
+            t.join()
+        e.shutdown()  # in-flight requests finish with an abort; the loop's last pass sends them
+        for link in self.links:
+            if link.open:
+                link.send(("bye",))
+            link.conn.close()
+
+    def receive(self, link: _Link) -> None:
+        """One connection's messages, until it says shutdown or closes; then its requests are aborted and,
+        if it is still there, it gets ``("bye",)``."""
+        e = self.engine
         while True:
             try:
-                msg = self.conn.recv()
-            except (EOFError, OSError):  # the frontend is gone
+                msg = link.conn.recv()
+            except (EOFError, OSError):  # that frontend is gone
+                link.open = False
                 break
             kind = msg[0]
             if kind == "add":
                 specs, stream = msg[1], msg[2]
+                rids = [spec["rid"] for spec in specs]
+                link.owned.update(rids)  # before the loop can finish (and discard) them
                 try:
-                    e._submit_many([(spec, self.sink(spec["rid"])) for spec in specs], stream)
+                    e._submit_many([(spec, self.sink(link, spec["rid"])) for spec in specs], stream)
                 except Exception as err:  # noqa: BLE001 - the whole batch fails, as in the Engine
-                    failed = [tuple(OutputDelta(s["rid"], error=err)) for s in specs]
-                    self.send(("out", failed, e.load_stats()))
+                    link.owned.difference_update(rids)
+                    link.send(
+                        ("out", [tuple(OutputDelta(s["rid"], error=err)) for s in specs], e.load_stats())
+                    )
             elif kind == "abort":
                 e.abort(msg[1])
+            elif kind == "abort_broadcast":
+                for other in self.links:
+                    if other is not link and other.serves and other.open:
+                        other.send(msg)
             elif kind == "call":
                 # On a thread of its own: flush_cache and wait_compiled wait for the loop.
-                threading.Thread(target=self.call, args=msg[1:], daemon=True).start()
+                threading.Thread(target=self.call, args=(link, *msg[1:]), daemon=True).start()
             elif kind == "shutdown":
                 break
-        e.shutdown()  # in-flight requests finish with an abort; the loop's last pass sends them
-        try:
-            self.send(("bye",))
-        except (OSError, ValueError):
-            pass
-        self.conn.close()
+        if any(other.open for other in self.links if other is not link):
+            # The engine keeps serving the others: end this one's requests, then say goodbye.
+            for rid in list(link.owned):
+                e.abort(rid)
+            deadline = time.monotonic() + 30
+            while link.owned and link.open and time.monotonic() < deadline:
+                time.sleep(0.01)  # the aborts' final outputs go out with the loop's next pass
+            if link.open:
+                link.send(("bye",))
+            link.open = False
+        # else the last one: run() stops the engine (whatever is in flight ends with an abort) and says bye
 
-    def call(self, token: int, method: str, args: tuple) -> None:
+    def call(self, link: _Link, token: int, method: str, args: tuple) -> None:
         try:
             result, ok = getattr(self.engine, method)(*args), True
         except Exception as err:  # noqa: BLE001 - raised in the frontend
             result, ok = err, False
-        try:
-            self.send(("reply", token, ok, result))
-        except (OSError, ValueError):
-            pass
+        link.send(("reply", token, ok, result))

@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
         "HTTP side's per-chunk work does not share one interpreter with scheduling)",
     )
     p.add_argument(
+        "--api-server-count",
+        type=int,
+        default=1,
+        help="HTTP processes sharing the port, each tokenizing, detokenizing and streaming for its own "
+        "connections, all served by one engine process (vLLM's flag; default 1)",
+    )
+    p.add_argument(
         "--incremental-streaming-output",
         action="store_true",
         help="/generate streams: each chunk carries only the new text and output_ids (default: all so far)",
@@ -73,17 +80,24 @@ def read_chat_template(value: str | None) -> str | None:
     raise ValueError(f"--chat-template: {value!r} is neither a file nor a Jinja template")
 
 
-def build_state(args: argparse.Namespace):
-    from jaxrt.server.state import ServerState
-
-    kwargs: dict[str, Any] = {
+def server_engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The Engine's keyword arguments from the server's flags."""
+    return {
         **engine_kwargs(args),
         "served_model_name": args.served_model_name,
         "chat_template": read_chat_template(args.chat_template),
         "skip_warmup": args.skip_server_warmup,
     }
 
-    def factory():
+
+def build_state(args: argparse.Namespace, factory=None):
+    """The server's state; ``factory`` makes its engine (default: an engine process, or the engine itself
+    with ``--disable-frontend-multiprocessing``)."""
+    from jaxrt.server.state import ServerState
+
+    kwargs = server_engine_kwargs(args)
+
+    def default_factory():
         if args.disable_frontend_multiprocessing:
             from jaxrt.engine import Engine
 
@@ -94,7 +108,7 @@ def build_state(args: argparse.Namespace):
 
     shown = {k: v for k, v in vars(args).items() if k != "api_key"}
     return ServerState(
-        factory,
+        factory or default_factory,
         api_key=args.api_key,
         max_queued_requests=args.max_queued_requests,
         incremental_streaming_output=args.incremental_streaming_output,
@@ -190,10 +204,24 @@ def spawn(
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.api_server_count < 1:
+        print("error: --api-server-count must be >= 1", file=sys.stderr)
+        return 2
+    if args.api_server_count > 1:
+        if args.disable_frontend_multiprocessing:
+            print("error: --api-server-count > 1 needs the engine in its own process", file=sys.stderr)
+            return 2
+        try:
+            kwargs = server_engine_kwargs(args)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return _serve_multi(args, argv, kwargs)
     try:
         state = build_state(args)
     except ValueError as e:
@@ -216,6 +244,107 @@ def main(argv: list[str] | None = None) -> int:
     print(f"jaxrt server listening on http://{args.host}:{sock.getsockname()[1]}", flush=True)
     server.run(sockets=[sock])
     return 1 if state.load_error is not None else 0
+
+
+def _serve_multi(args: argparse.Namespace, argv: list[str], kwargs: dict[str, Any]) -> int:
+    """``--api-server-count N``: this process binds the port, starts one engine process and N HTTP processes
+    that accept on the shared socket (each an `EngineProcess` handle on the engine), and supervises them.
+    SIGTERM / SIGINT: the HTTP processes drain (``--shutdown-timeout``), then the engine stops. If any of
+    them dies, or the engine fails to start, everything stops and the exit code is 1."""
+    import json
+    import subprocess
+    import time
+
+    from jaxrt.engine_process import start_core
+
+    try:
+        sock = bind_socket(args.host, args.port)
+    except OSError as e:
+        print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    core, (control, *links) = start_core(args.api_server_count + 1)
+    control.send((kwargs, logging.getLogger("jaxrt").getEffectiveLevel(), True))
+    path = [p or os.getcwd() for p in sys.path]
+    code = (
+        "import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
+        "from jaxrt.launch_server import _http_process_main; _http_process_main(sys.argv[2:])"
+    )
+    workers = []
+    for i, link in enumerate(links):
+        fds = [link.fileno(), sock.fileno()]
+        workers.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code, json.dumps(path), str(i), *map(str, fds), *argv], pass_fds=fds
+            )
+        )
+        link.close()
+    print(f"jaxrt server listening on http://{args.host}:{sock.getsockname()[1]}", flush=True)
+    rc = 0
+    while not stop.wait(0.2):
+        if control.poll():
+            try:
+                msg = control.recv()
+            except (EOFError, OSError):
+                msg = ("failed", "the engine process exited")
+            if msg[0] == "failed":
+                logger.error("the engine failed to start: %s", msg[1])
+                rc = 1
+                break
+        if core.poll() is not None:
+            logger.error("the engine process exited (code %s)", core.returncode)
+            rc = 1
+            break
+        gone = [w for w in workers if w.poll() is not None]
+        if gone:
+            logger.error("an HTTP process exited (code %s); stopping", gone[0].returncode)
+            rc = 1
+            break
+    for w in workers:  # they drain their requests, then detach from the engine
+        if w.poll() is None:
+            w.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + args.shutdown_timeout + 60
+    for w in workers:
+        try:
+            w.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            w.kill()
+            w.wait()
+    try:
+        control.send(("shutdown",))
+        core.wait(timeout=90)
+    except (OSError, subprocess.TimeoutExpired):
+        core.kill()
+        core.wait()
+    control.close()
+    return rc
+
+
+def _http_process_main(argv: list[str]) -> None:
+    """One HTTP process of ``--api-server-count``: ``argv`` = index, engine connection fd, listening socket
+    fd, then the server's own flags."""
+    index, link_fd, sock_fd = map(int, argv[:3])
+    args = build_parser().parse_args(argv[3:])
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    kwargs = server_engine_kwargs(args)
+
+    def factory():
+        from jaxrt.engine_process import EngineProcess
+
+        return EngineProcess.attach(link_fd, index, **kwargs)
+
+    from jaxrt.server.app import create_app
+
+    state = build_state(args, factory)
+    app = create_app(state)
+    server = make_server(app, args.host, args.port, args.log_level, args.shutdown_timeout, state)
+    state.on_load_failure = lambda e: setattr(server, "should_exit", True)
+    server.run(sockets=[socket.socket(fileno=sock_fd)])
+    sys.exit(1 if state.load_error is not None else 0)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -199,6 +200,7 @@ def create_app(state: ServerState) -> FastAPI:
             **state.args,
             "max_total_num_tokens": info["num_pages"] * info["page_size"],
             "max_req_input_len": engine.context_length - 1,
+            "server_pid": os.getpid(),  # which HTTP process answered (--api-server-count)
             "max_queued_requests": state.max_queued_requests,
             "num_inflight_seqs": state.inflight_seqs,
             "internal_states": [stats],

@@ -75,10 +75,16 @@ class ServerState:
         self.inflight_seqs = 0
         self._keys = itertools.count()
         self._loader: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------------------------- lifecycle
 
     def start_loading(self) -> None:
+        """Load the engine on a thread (called from the running event loop, the server's lifespan)."""
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
         if self._loader is None:
             self._loader = threading.Thread(target=self._load, name="jaxrt-engine-loader", daemon=True)
             self._loader.start()
@@ -94,6 +100,12 @@ class ServerState:
                 self.on_load_failure(e)
             return
         self.engine = engine
+        if hasattr(engine, "on_abort_broadcast") and self._loop is not None:
+            # Another HTTP process of the same engine got an /abort_request: it may be for one of ours.
+            loop = self._loop
+            engine.on_abort_broadcast = lambda rid, abort_all: loop.call_soon_threadsafe(
+                self._abort_local, rid, abort_all
+            )
         self.ready = True
         logger.info("engine loaded in %.1f s; the server is ready", time.perf_counter() - t0)
 
@@ -164,12 +176,21 @@ class ServerState:
     # ------------------------------------------------------------------------------------- abort
 
     def abort(self, rid: str | None = None, abort_all: bool = False) -> int:
-        """Abort by the client's ``rid`` or an engine request id (``meta_info.id``); returns matches."""
+        """Abort by the client's ``rid`` or an engine request id (``meta_info.id``); returns this process's
+        matches. With several HTTP processes (``--api-server-count``) the others abort theirs too."""
+        n = self._abort_local(rid, abort_all)
+        if self.engine is not None:
+            if rid is not None:
+                self.engine.abort(rid)  # an engine id we do not track (harmless if unknown)
+            broadcast = getattr(self.engine, "broadcast_abort", None)
+            if broadcast is not None:
+                broadcast(rid, abort_all)
+        return n
+
+    def _abort_local(self, rid: str | None, abort_all: bool) -> int:
         hits = [a for a in self.active.values() if abort_all or (rid is not None and a.matches(rid))]
         for a in hits:
             self._abort_active(a)
-        if rid is not None and self.engine is not None:
-            self.engine.abort(rid)  # an engine id we do not track (harmless if unknown)
         return len(hits)
 
     def _abort_active(self, a: Active) -> None:

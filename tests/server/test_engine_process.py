@@ -236,3 +236,54 @@ def test_the_frontend_never_loads_jax(tiny_llama_dir, tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "completion_tokens 3 jax False" in r.stdout
+
+
+def test_one_engine_process_serves_several_handles(server, tiny_llama_dir):
+    """What ``--api-server-count`` builds on: handles attached to one engine process each get their own
+    requests' outputs, an abort broadcast reaches the others, and a handle that leaves has its requests
+    aborted while the engine keeps serving the rest."""
+    import logging
+
+    from jaxrt.engine_process import EngineProcess, start_core
+
+    core, (control, *links) = start_core(3)
+    control.send(({"model_path": tiny_llama_dir, **ENGINE_ARGS}, logging.WARNING, True))
+    fds = [os.dup(link.fileno()) for link in links]
+    for link in links:
+        link.close()
+    try:
+        a, b = (EngineProcess.attach(fd, i) for i, fd in enumerate(fds))
+        assert control.recv()[0] == "ready"
+        ref = server.engine.generate(PROMPTS, GREEDY)
+
+        async def both():
+            return await asyncio.gather(
+                a.async_generate(PROMPTS, GREEDY), b.async_generate(PROMPTS[::-1], GREEDY)
+            )
+
+        got_a, got_b = asyncio.run(both())
+        assert [g["output_ids"] for g in got_a] == [r["output_ids"] for r in ref]
+        assert [g["output_ids"] for g in got_b] == [r["output_ids"] for r in ref[::-1]]
+
+        heard = []
+        a.on_abort_broadcast = lambda rid, abort_all: heard.append((rid, abort_all))
+        b.broadcast_abort("client-rid", False)
+        deadline = time.monotonic() + 30
+        while not heard and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert heard == [("client-rid", False)]
+
+        long = {**GREEDY, "max_new_tokens": 400}
+        stream_b = b.generate("hello", long, stream=True)
+        next(stream_b)
+        b.shutdown()  # b leaves: its request ends with an abort; the engine stays up for a
+        rest = list(stream_b)
+        assert rest and rest[-1]["meta_info"]["finish_reason"]["type"] == "abort"
+        assert a.generate(PROMPTS[0], GREEDY)["output_ids"] == ref[0]["output_ids"]
+        a.shutdown()
+        control.send(("shutdown",))
+        assert core.wait(timeout=120) == 0
+    finally:
+        if core.poll() is None:
+            core.kill()
+        control.close()

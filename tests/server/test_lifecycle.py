@@ -173,3 +173,56 @@ def test_disable_frontend_multiprocessing(tiny_llama_dir, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_api_server_count_two_processes_one_engine(server, tiny_llama_dir, tmp_path):
+    """``--api-server-count 2``: two HTTP processes share the port and one engine process; both answer
+    (greedy outputs equal the in-process engine's), /abort_request reaches a stream the other process
+    holds, and SIGTERM stops all three processes with exit code 0."""
+    from server_testing import ENGINE_ARGS
+
+    args = ["--model-path", tiny_llama_dir, "--dtype", "float32", "--context-length", "512",
+            "--num-pages", str(ENGINE_ARGS["num_pages"]), "--max-running-requests", "32",
+            "--chunked-prefill-size", "64", "--api-server-count", "2"]  # fmt: skip
+    proc, url = spawn_server(args, cwd=str(tmp_path))
+    try:
+        wait_http(url + "/health", timeout=300)
+        pids, engine_pids = set(), set()
+        deadline = time.monotonic() + 60
+        while len(pids) < 2 and time.monotonic() < deadline:
+            info = httpx.get(url + "/get_server_info", timeout=30).json()  # a new connection each time
+            pids.add(info["server_pid"])
+            engine_pids.add(info["engine_process_pid"])
+            wait_http(url + "/health", timeout=30)  # /health waits for the engine in each process
+        assert len(pids) == 2 and len(engine_pids) == 1
+        assert proc.pid not in pids | engine_pids
+
+        greedy = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
+        prompts = [f"Process test {i}: once upon a time" for i in range(8)]
+        ref = server.engine.generate(prompts, greedy)
+        for p, r in zip(prompts, ref, strict=True):
+            got = httpx.post(
+                url + "/generate", json={"text": p, "sampling_params": greedy}, timeout=60
+            ).json()
+            assert got["output_ids"] == r["output_ids"]
+
+        # a stream in one process, aborted through whichever process answers /abort_request
+        body = {"text": "long", "stream": True, "rid": "multi-rid-1",
+                "sampling_params": {"max_new_tokens": 480, "ignore_eos": True}}  # fmt: skip
+        with httpx.stream("POST", url + "/generate", json=body, timeout=120) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data:"))
+            assert (
+                httpx.post(url + "/abort_request", json={"rid": "multi-rid-1"}, timeout=30).status_code == 200
+            )
+            events = [line for line in lines if line.startswith("data:")]
+        assert '"abort"' in events[-2] and events[-1] == "data: [DONE]"
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, "".join(proc.output_lines[-30:])
+        for pid in pids | engine_pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -364,21 +364,23 @@ def start_core(num_links: int) -> tuple[subprocess.Popen, list[Connection]]:
     connection only starts and stops the engine (it gets no outputs or load reports) and the others serve
     requests. Every connection then gets ``("ready", info)`` or ``("failed", message)``."""
     pairs = [socket.socketpair() for _ in range(num_links)]
-    # The child resolves imports as this process does (multiprocessing's spawn passes sys.path the same way).
-    path = [p or os.getcwd() for p in sys.path]
-    code = (
-        "import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
-        "from jaxrt.engine_process import _core_main; _core_main(*map(int, sys.argv[2:]))"
-    )
     fds = [theirs.fileno() for _, theirs in pairs]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, json.dumps(path), *map(str, fds)], pass_fds=fds, stdin=subprocess.DEVNULL
-    )
+    proc = spawn_python("jaxrt.engine_process", "_core_main", [str(fd) for fd in fds], fds)
     conns = []
     for ours, theirs in pairs:
         theirs.close()
         conns.append(Connection(ours.detach()))
     return proc, conns
+
+
+def spawn_python(module: str, func: str, args: list[str], pass_fds: list[int]) -> subprocess.Popen:
+    """A fresh interpreter that runs ``module.func(*args)``, resolving imports as this process does
+    (multiprocessing's spawn passes ``sys.path`` the same way) and importing nothing of our ``__main__``."""
+    path = [p or os.getcwd() for p in sys.path]
+    code = f"import sys, json; sys.path[:] = json.loads(sys.argv[1]); from {module} import {func}; {func}(*sys.argv[2:])"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(path), *args], pass_fds=pass_fds, stdin=subprocess.DEVNULL
+    )
 
 
 def _handshake(conn: Connection, proc: subprocess.Popen, init: tuple) -> tuple:
@@ -395,7 +397,7 @@ def _handshake(conn: Connection, proc: subprocess.Popen, init: tuple) -> tuple:
     return ("failed", f"the process exited with code {proc.wait()}")
 
 
-def _core_main(*fds: int) -> None:
+def _core_main(*fds: str) -> None:
     """The child process: build the Engine, then serve every connection's messages; stop once each has said
     shutdown or closed."""
     import signal
@@ -405,7 +407,7 @@ def _core_main(*fds: int) -> None:
     # of the sockets close, so it cannot outlive them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    conns = [Connection(fd) for fd in fds]
+    conns = [Connection(int(fd)) for fd in fds]
     try:
         engine_kwargs, log_level, control = conns[0].recv()
     except (EOFError, OSError):

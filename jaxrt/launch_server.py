@@ -251,11 +251,10 @@ def _serve_multi(args: argparse.Namespace, argv: list[str], kwargs: dict[str, An
     that accept on the shared socket (each an `EngineProcess` handle on the engine), and supervises them.
     SIGTERM / SIGINT: the HTTP processes drain (``--shutdown-timeout``), then the engine stops. If any of
     them dies, or the engine fails to start, everything stops and the exit code is 1."""
-    import json
     import subprocess
     import time
 
-    from jaxrt.engine_process import start_core
+    from jaxrt.engine_process import spawn_python, start_core
 
     try:
         sock = bind_socket(args.host, args.port)
@@ -267,18 +266,11 @@ def _serve_multi(args: argparse.Namespace, argv: list[str], kwargs: dict[str, An
         signal.signal(sig, lambda *_: stop.set())
     core, (control, *links) = start_core(args.api_server_count + 1)
     control.send((kwargs, logging.getLogger("jaxrt").getEffectiveLevel(), True))
-    path = [p or os.getcwd() for p in sys.path]
-    code = (
-        "import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
-        "from jaxrt.launch_server import _http_process_main; _http_process_main(sys.argv[2:])"
-    )
     workers = []
     for i, link in enumerate(links):
         fds = [link.fileno(), sock.fileno()]
         workers.append(
-            subprocess.Popen(
-                [sys.executable, "-c", code, json.dumps(path), str(i), *map(str, fds), *argv], pass_fds=fds
-            )
+            spawn_python("jaxrt.launch_server", "_http_process_main", [str(i), *map(str, fds), *argv], fds)
         )
         link.close()
     print(f"jaxrt server listening on http://{args.host}:{sock.getsockname()[1]}", flush=True)
@@ -322,7 +314,7 @@ def _serve_multi(args: argparse.Namespace, argv: list[str], kwargs: dict[str, An
     return rc
 
 
-def _http_process_main(argv: list[str]) -> None:
+def _http_process_main(*argv: str) -> None:
     """One HTTP process of ``--api-server-count``: ``argv`` = index, engine connection fd, listening socket
     fd, then the server's own flags."""
     index, link_fd, sock_fd = map(int, argv[:3])

@@ -251,7 +251,9 @@ def _serve_multi(args: argparse.Namespace, argv: list[str], kwargs: dict[str, An
     that accept on the shared socket (each an `EngineProcess` handle on the engine), and supervises them.
     SIGTERM / SIGINT: the HTTP processes drain (``--shutdown-timeout``), then the engine stops. If any of
     them dies, or the engine fails to start, everything stops and the exit code is 1."""
+    import shutil
     import subprocess
+    import tempfile
     import time
 
     from jaxrt.engine_process import spawn_python, start_core
@@ -264,6 +266,10 @@ def _serve_multi(args: argparse.Namespace, argv: list[str], kwargs: dict[str, An
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    # The HTTP processes' Prometheus counters and histograms, summed at every scrape (metrics.py).
+    own_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if own_metrics_dir:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="jaxrt-metrics-")
     core, (control, *links) = start_core(args.api_server_count + 1)
     control.send((kwargs, logging.getLogger("jaxrt").getEffectiveLevel(), True))
     workers = []
@@ -311,6 +317,8 @@ def _serve_multi(args: argparse.Namespace, argv: list[str], kwargs: dict[str, An
         core.kill()
         core.wait()
     control.close()
+    if own_metrics_dir:
+        shutil.rmtree(os.environ.pop("PROMETHEUS_MULTIPROC_DIR"), ignore_errors=True)
     return rc
 
 

@@ -2,11 +2,14 @@
 
 Engine-side numbers (running/queued requests, KV usage, token counters, preemptions) are read from
 ``engine.load_stats()`` at scrape time by a custom collector; per-request latencies are histograms observed
-by the server when a request finishes.
+by the server when a request finishes. With several HTTP processes (``--api-server-count``) the launcher sets
+``PROMETHEUS_MULTIPROC_DIR``: each process's counters and histograms go to files there and every scrape sums
+them (prometheus-client's multiprocess mode), so any process answers for all.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -176,4 +179,11 @@ class Metrics:
         self.http_errors.labels(self._model(), str(status)).inc()
 
     def render(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # every HTTP process's samples, summed
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            registry.register(_EngineCollector(self._get_engine))
+            return generate_latest(registry)
         return generate_latest(self.registry)

@@ -14,7 +14,7 @@ import time
 import httpx
 import openai
 import pytest
-from server_testing import spawn_server, wait_http
+from server_testing import metric, spawn_server, wait_http
 
 TEMPLATE = "{% for m in messages %}<<{{ m['role'] }}:{{ m['content'] }}>>{% endfor %}"
 
@@ -205,6 +205,11 @@ def test_api_server_count_two_processes_one_engine(server, tiny_llama_dir, tmp_p
                 url + "/generate", json={"text": p, "sampling_params": greedy}, timeout=60
             ).json()
             assert got["output_ids"] == r["output_ids"]
+
+        # /metrics from either process counts every process's requests (prometheus multiprocess mode)
+        for _ in range(6):
+            page = httpx.get(url + "/metrics", timeout=30).text  # a new connection each time
+            assert metric(page, "jaxrt:num_requests_total", finish_reason="length") == len(prompts)
 
         # a stream in one process, aborted through whichever process answers /abort_request
         body = {"text": "long", "stream": True, "rid": "multi-rid-1",

@@ -34,6 +34,19 @@ class Result:
     error: str = ""
 
 
+def tokens_so_far(backend: str, chunk: dict, res: Result) -> int:
+    """Output tokens after this stream chunk. OpenAI chunks carry text, not counts: a chunk with text is a
+    token (or several), and the usage chunk (which also gives the server's prompt count) has the true total."""
+    if backend == "jaxrt":
+        return chunk["meta_info"]["completion_tokens"]
+    has_text = any(c.get("text") for c in chunk.get("choices") or [])
+    n = res.output_tokens + 1 if has_text else res.output_tokens
+    if chunk.get("usage"):
+        res.server_prompt_tokens = chunk["usage"].get("prompt_tokens", -1)
+        n = max(n, chunk["usage"]["completion_tokens"])
+    return n
+
+
 async def one_request(session, args, ids: list[int], out_len: int) -> Result:
     import aiohttp
 
@@ -66,22 +79,13 @@ async def one_request(session, args, ids: list[int], out_len: int) -> Result:
                 return res
             buf = b""
             async for data in r.content.iter_any():  # SSE events, split into lines here (no line limit)
-                buf += data
-                *lines, buf = buf.split(b"\n")
+                *lines, buf = (buf + data).split(b"\n")
                 for raw in lines:
                     line = raw.decode()
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
-                    chunk = json.loads(line[6:])
                     now = time.perf_counter()
-                    if args.backend == "jaxrt":
-                        n = chunk["meta_info"]["completion_tokens"]
-                    else:  # a chunk with text is a token (or several); the usage chunk has the true count
-                        has_text = any(c.get("text") for c in chunk.get("choices") or [])
-                        n = res.output_tokens + 1 if has_text else res.output_tokens
-                        if chunk.get("usage"):
-                            res.server_prompt_tokens = chunk["usage"].get("prompt_tokens", -1)
-                            n = max(n, chunk["usage"]["completion_tokens"])
+                    n = tokens_so_far(args.backend, json.loads(line[6:]), res)
                     if n > res.output_tokens:
                         if res.ttft == 0.0:
                             res.ttft = now - t0

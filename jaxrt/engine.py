@@ -251,8 +251,8 @@ class EngineAPI:
                 sp.validate()
             sp.validate(vocab)
             self._validate_ids(ids)
-            room = self.context_length - len(ids)
-            pages = max_pages_for(len(ids) + min(sp.max_new_tokens, room), self.context_length, page_size)
+            max_new = min(sp.max_new_tokens, self.context_length - len(ids))
+            pages = max_pages_for(len(ids) + max_new, self.context_length, page_size)
             if pages > self._num_usable_pages:
                 raise ValueError(
                     f"max_new_tokens: prompt + max_new_tokens needs {pages} KV pages, "
@@ -260,7 +260,7 @@ class EngineAPI:
                 )
             for i in range(sp.n):
                 seed = sp.seed + i if sp.seed is not None else int(self._rng.integers(0, 2**31 - 1))
-                specs.append({"ids": ids, "sp": sp, "seed": seed, "max_new": min(sp.max_new_tokens, room)})
+                specs.append({"ids": ids, "sp": sp, "seed": seed, "max_new": max_new})
             if sp.n > 1:
                 single = False
         return specs, single

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from jaxrt.engine import EngineAPI
-from jaxrt.output import OutputDelta, Sink, hold_back, output_dict
+from jaxrt.output import DELTA_ERROR, OutputDelta, Sink, delta_ends, hold_back, output_dict
 from jaxrt.sampling_params import SamplingParams
 from jaxrt.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -301,7 +301,7 @@ class EngineProcess(EngineAPI):
             seq = self._seqs.get(rid)
             if seq is None:
                 continue
-            if d[4] or d[9] is not None:  # final, or failed
+            if delta_ends(d):
                 del self._seqs[rid]
             if seq.loop is None:
                 here.append((seq, d))
@@ -318,7 +318,8 @@ class EngineProcess(EngineAPI):
     def _deliver(self, batch: list[tuple[_Seq, tuple]]) -> None:
         now = time.perf_counter()
         for seq, d in batch:
-            seq.sink(d[9] if d[9] is not None else self._absorb(seq, d, now))
+            err = d[DELTA_ERROR]
+            seq.sink(err if err is not None else self._absorb(seq, d, now))
 
     def _absorb(self, seq: _Seq, d: tuple, now: float) -> dict[str, Any]:
         """Add a delta to its request's output and return the output dict the Engine would have sent."""
@@ -484,9 +485,7 @@ class _Core:
             if not link.serves or not (link.outbox or moved):
                 continue
             out, link.outbox[:] = [tuple(d) for d in link.outbox], []
-            for d in out:
-                if d[4] or d[9] is not None:  # final, or failed
-                    link.owned.discard(d[0])
+            link.owned.difference_update(d[0] for d in out if delta_ends(d))
             if link.open:
                 link.send(("out", out, st))
         if self.engine._dead is not None and not self.dead_sent:

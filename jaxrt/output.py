@@ -48,6 +48,16 @@ class OutputDelta(NamedTuple):
     error: BaseException | None = None
 
 
+# Field positions of an OutputDelta that crossed the pipe as a plain tuple.
+DELTA_FINAL = OutputDelta._fields.index("final")
+DELTA_ERROR = OutputDelta._fields.index("error")
+
+
+def delta_ends(d: tuple) -> bool:
+    """Whether a delta (an OutputDelta, or its plain tuple) is its request's last: final, or failed."""
+    return bool(d[DELTA_FINAL]) or d[DELTA_ERROR] is not None
+
+
 @dataclass
 class Track:
     """Per-request host state the engine keeps beside the scheduler's Request: where its outputs go and

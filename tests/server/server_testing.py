@@ -93,11 +93,14 @@ def server(tiny_llama_dir) -> Iterator[LiveServer]:
     live.stop()
 
 
+def api_client(live: LiveServer) -> httpx.Client:
+    """An HTTP client for ``live`` with the test API key."""
+    return httpx.Client(base_url=live.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
+
+
 @pytest.fixture(scope="session")
 def http(server) -> Iterator[httpx.Client]:
-    with httpx.Client(
-        base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120
-    ) as client:
+    with api_client(server) as client:
         yield client
 
 

@@ -16,7 +16,15 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from server_testing import API_KEY, ENGINE_ARGS, LiveServer, sse_events, start_inprocess, wait_idle
+from server_testing import (
+    API_KEY,
+    ENGINE_ARGS,
+    LiveServer,
+    api_client,
+    sse_events,
+    start_inprocess,
+    wait_idle,
+)
 
 PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away", "1, 2, 3,"]
 GREEDY = {"temperature": 0, "max_new_tokens": 10, "ignore_eos": True}
@@ -36,9 +44,7 @@ def ep_server(tiny_llama_dir) -> Iterator[LiveServer]:
 
 @pytest.fixture(scope="module")
 def ep_http(ep_server) -> Iterator[httpx.Client]:
-    with httpx.Client(
-        base_url=ep_server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120
-    ) as client:
+    with api_client(ep_server) as client:
         yield client
 
 

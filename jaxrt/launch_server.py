@@ -112,6 +112,7 @@ def build_state(args: argparse.Namespace, factory=None):
         api_key=args.api_key,
         max_queued_requests=args.max_queued_requests,
         incremental_streaming_output=args.incremental_streaming_output,
+        freeze_gc=True,
         args={"server_args": shown},
     )
 

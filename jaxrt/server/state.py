@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import itertools
 import logging
 import threading
@@ -53,9 +54,13 @@ class ServerState:
         owns_engine: bool = True,
         health_check_timeout: float = 20.0,
         incremental_streaming_output: bool = False,
+        freeze_gc: bool = False,
         args: dict[str, Any] | None = None,
     ) -> None:
         self.engine_factory = engine_factory
+        # Once the engine is loaded, leave the startup heap out of garbage collection (freeze_startup_heap).
+        # Process-wide, so only for a process that serves nothing else (the server's own).
+        self.freeze_gc = freeze_gc
         # /generate streams: each chunk carries only the text and output_ids new since the previous chunk
         # of its sequence (SGLang's --incremental-streaming-output) instead of everything so far.
         self.incremental_streaming_output = incremental_streaming_output
@@ -106,6 +111,8 @@ class ServerState:
             engine.on_abort_broadcast = lambda rid, abort_all: loop.call_soon_threadsafe(
                 self._abort_local, rid, abort_all
             )
+        if self.freeze_gc:
+            freeze_startup_heap()
         self.ready = True
         logger.info("engine loaded in %.1f s; the server is ready", time.perf_counter() - t0)
 
@@ -375,6 +382,18 @@ def _engine_error(e: RuntimeError) -> Exception:
     if "shutting down" in str(e) or "shut down" in str(e):
         return APIError(503, "The server is shutting down.", headers={"Retry-After": "5"})
     return e
+
+
+def freeze_startup_heap() -> None:
+    """Move every object alive now into the collector's permanent generation (vLLM's server does the same).
+
+    The startup heap (transformers' and the tokenizer's modules, FastAPI's routes: ~400k objects) never
+    becomes garbage, yet each full collection walked all of it: 0.1-0.2 s of the HTTP process's core, every
+    second burst of 256 requests (measured on the CPU; as much as admitting the burst). Frozen, a full
+    collection walks only what serving allocated since.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _aborted_result(rid, i: int) -> dict[str, Any]:

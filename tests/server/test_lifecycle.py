@@ -54,6 +54,30 @@ def test_read_chat_template(tmp_path):
         read_chat_template("no/such/file.jinja")
 
 
+def test_server_freezes_its_startup_heap_once_loaded():
+    """The server's own state moves the startup heap out of garbage collection once the engine is loaded;
+    a state built for tests (which share the process) leaves the collector alone."""
+    import gc
+
+    from jaxrt.launch_server import build_parser, build_state
+    from jaxrt.server.state import ServerState
+
+    loaded = object()
+    assert build_state(build_parser().parse_args([]), lambda: loaded).freeze_gc
+    assert gc.get_freeze_count() == 0
+    try:
+        plain = ServerState(lambda: loaded)
+        plain.start_loading()
+        assert plain.wait_loaded(30) and plain.engine is loaded
+        assert gc.get_freeze_count() == 0
+        frozen = ServerState(lambda: loaded, freeze_gc=True)
+        frozen.start_loading()
+        assert frozen.wait_loaded(30) and frozen.engine is loaded
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
 def test_queue_full_and_graceful_sigterm(tiny_llama_dir, tmp_path):
     from transformers import AutoTokenizer
 

@@ -1,6 +1,6 @@
 """jaxrt kernels: ragged paged attention over a paged KV pool, the KV write (alone, or with the rope (and norm)
-of q and k: ``rope_write_kv``), the greedy sampler's statistics (``kernels.greedy``, GPU), and their pure-jnp
-references."""
+of q and k: ``rope_write_kv``), the greedy sampler's statistics (``kernels.greedy``, GPU), the gated MLP block at a few tokens
+(``gated_mlp``: one Mosaic GPU kernel on Hopper), and their pure-jnp references."""
 
 from jaxrt.kernels.attention import (
     BACKEND_NAMES,
@@ -12,9 +12,11 @@ from jaxrt.kernels.attention import (
     rope_write_kv,
     write_kv,
 )
+from jaxrt.kernels.mlp import MLP_BACKENDS, gated_mlp, mlp_kernel_applies
 from jaxrt.kernels.reference import (
     QKNorm,
     apply_rope,
+    gated_mlp_reference,
     greedy_row_stats_reference,
     ragged_paged_attention_reference,
     rope_write_kv_reference,
@@ -23,11 +25,15 @@ from jaxrt.kernels.reference import (
 
 __all__ = [
     "BACKEND_NAMES",
+    "MLP_BACKENDS",
     "AttentionMetadata",
     "QKNorm",
     "apply_rope",
     "attention_metadata",
+    "gated_mlp",
+    "gated_mlp_reference",
     "greedy_row_stats_reference",
+    "mlp_kernel_applies",
     "ragged_paged_attention",
     "ragged_paged_attention_reference",
     "register_backend",

@@ -265,3 +265,25 @@ def greedy_row_stats_reference(
     hit = jnp.any(ids[None, :, None] == stop_ids[:, None, :], axis=-1) & suppress[:, None]
     masked = jnp.where(hit, -jnp.inf, raw)
     return jax.nn.logsumexp(raw, axis=-1), jnp.argmax(masked, axis=-1).astype(jnp.int32), masked.max(axis=-1)
+
+
+MLP_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": lambda g: jax.nn.gelu(g, approximate=True),
+}
+
+
+def gated_mlp_reference(
+    x: jax.Array,
+    w_gate_up: jax.Array,
+    w_down: jax.Array,
+    *,
+    act: str = "silu",
+    residual: jax.Array | None = None,
+) -> jax.Array:
+    """``residual + down(act(x @ W_gate) * (x @ W_up))`` in x's dtype, each product rounded as a model's
+    layers round it. x: [num_tokens, hidden]; w_gate_up: [hidden, 2 * intermediate] (gate columns, then up
+    columns); w_down: [intermediate, hidden]; residual: [num_tokens, hidden] or None."""
+    gate, up = jnp.split(x @ w_gate_up, 2, axis=-1)
+    out = (MLP_ACTIVATIONS[act](gate) * up) @ w_down
+    return out if residual is None else residual + out

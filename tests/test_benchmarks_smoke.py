@@ -25,6 +25,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
         "bench_skinny_gemm.py",
         "bench_bandwidth.py",
         "bench_kv_write.py",
+        "bench_mlp.py",
     ],
 )
 def test_benchmark_smoke(script, tmp_path, default_model_dir):

@@ -1,0 +1,64 @@
+"""The gated MLP block (SwiGLU / GeGLU) as one call: the Mosaic GPU kernel where it applies, else XLA."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxrt.kernels import mosaic_gpu, mosaic_mlp
+from jaxrt.kernels.reference import MLP_ACTIVATIONS, gated_mlp_reference
+
+MLP_BACKENDS = ("auto", "mosaic", "reference")
+
+
+def mlp_kernel_applies(num_tokens: int, hidden: int, intermediate: int, dtype, act: str) -> bool:
+    """Whether ``gated_mlp(backend="auto")`` runs the Mosaic GPU kernel for this shape on this machine."""
+    return (
+        mosaic_mlp.supports(num_tokens, hidden, intermediate, dtype, act) is None
+        and mosaic_gpu.hopper_available()
+    )
+
+
+def gated_mlp(
+    x: jax.Array,
+    w_gate_up: jax.Array,
+    w_down: jax.Array,
+    *,
+    act: str = "silu",
+    residual: jax.Array | None = None,
+    backend: str = "auto",
+) -> jax.Array:
+    """``residual + down(act(x @ W_gate) * (x @ W_up))``.
+
+    x: [num_tokens, hidden]; w_gate_up: [hidden, 2 * intermediate] (gate columns, then up columns);
+    w_down: [intermediate, hidden]; residual: [num_tokens, hidden] or None; all one dtype; act: one of
+    ``kernels.reference.MLP_ACTIVATIONS``. backend: "auto" (the Mosaic GPU kernel for a few bf16 tokens on
+    a Hopper GPU, ``mosaic_mlp.supports``; else XLA), "mosaic" (the kernel, or a ValueError saying why
+    not), "reference" (XLA). The kernel accumulates in f32 and rounds once, so its results differ from
+    XLA's bf16 products in the last bits.
+    """
+    if backend not in MLP_BACKENDS:
+        raise ValueError(f"backend must be one of {MLP_BACKENDS}, got {backend!r}")
+    if act not in MLP_ACTIVATIONS:
+        raise ValueError(f"act must be one of {sorted(MLP_ACTIVATIONS)}, got {act!r}")
+    if x.ndim != 2:
+        raise ValueError(f"x must be [num_tokens, hidden], got shape {x.shape}")
+    num_tokens, hidden = x.shape
+    if w_gate_up.ndim != 2 or w_gate_up.shape[0] != hidden or w_gate_up.shape[1] % 2:
+        raise ValueError(f"w_gate_up must be [{hidden}, 2 * intermediate], got {w_gate_up.shape}")
+    intermediate = w_gate_up.shape[1] // 2
+    if w_down.shape != (intermediate, hidden):
+        raise ValueError(f"w_down must be [{intermediate}, {hidden}], got {w_down.shape}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual must be {x.shape}, got {residual.shape}")
+    dtypes = {jnp.dtype(a.dtype) for a in (x, w_gate_up, w_down) + (() if residual is None else (residual,))}
+    if len(dtypes) != 1:
+        raise ValueError(
+            f"x, w_gate_up, w_down and residual must share one dtype, got {sorted(map(str, dtypes))}"
+        )
+    use_kernel = backend == "mosaic" or (
+        backend == "auto" and mlp_kernel_applies(num_tokens, hidden, intermediate, x.dtype, act)
+    )
+    if use_kernel:
+        return mosaic_mlp.gated_mlp_mgpu(x, w_gate_up, w_down, act=act, residual=residual)
+    return gated_mlp_reference(x, w_gate_up, w_down, act=act, residual=residual)

@@ -39,6 +39,15 @@ def fused_kv_write() -> bool:
     return _get("JAXRT_FUSED_KV_WRITE", "1") == "1"
 
 
+def fused_mlp() -> bool:
+    """On Hopper GPUs run the gated MLP block of a few tokens (decode batches up to 16) as one Mosaic GPU
+    kernel that streams the gate/up and down weights (``kernels.gated_mlp``) instead of XLA's three to four
+    kernels. ``JAXRT_FUSED_MLP`` (default 0: on an H200 the kernel ties XLA's MLP alone, 34.3 vs 34.9 us per
+    1B layer at 8 tokens, and its transposed f32 output slows the next norm, so the B=1 step is 1.200 vs 1.111
+    ms; benchmarks/RESULTS.md, "Engine", thirteenth round). Read when a step is traced."""
+    return _get("JAXRT_FUSED_MLP", "0") == "1"
+
+
 def attention_interpret() -> bool:
     """Run Pallas attention in interpret mode (CPU testing of kernels). ``JAXRT_ATTENTION_INTERPRET``."""
     return _get("JAXRT_ATTENTION_INTERPRET", "0") == "1"

@@ -25,6 +25,8 @@ from jaxrt.kernels import (  # apply_rope stays importable from here; its defini
     QKNorm,
     apply_rope,  # noqa: F401
     attention_metadata,
+    gated_mlp,
+    mlp_kernel_applies,
     ragged_paged_attention,
     rope_write_kv,
 )
@@ -356,9 +358,22 @@ ACTIVATIONS = {
 }
 
 
+# hidden_act -> the activation of kernels.gated_mlp, where it has the same one
+KERNEL_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+}
+
+
 class GatedMLP(nnx.Module):
     """down(act(gate(x)) * up(x)): SwiGLU (Llama), GeGLU (Gemma). gate and up are one matrix (one GEMM per
-    step); the loader joins a checkpoint's separate gate_proj and up_proj."""
+    step); the loader joins a checkpoint's separate gate_proj and up_proj. At a few tokens on a Hopper GPU
+    the block (with the residual add) is one Mosaic GPU kernel (``kernels.gated_mlp``; ``JAXRT_FUSED_MLP``).
+    """
 
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
         h, i = cfg.hidden_size, cfg.intermediate_size
@@ -367,10 +382,18 @@ class GatedMLP(nnx.Module):
         self.gate_up_proj = linear(h, 2 * i, cfg.mlp_bias, dtype, rngs)
         self.down_proj = linear(i, h, cfg.mlp_bias, dtype, rngs)
         self.act = cfg.hidden_act
+        self.bias = cfg.mlp_bias
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, residual: jax.Array | None = None) -> jax.Array:
+        """x: [num_tokens, hidden] -> [num_tokens, hidden]; ``residual + mlp(x)`` when residual is given."""
+        act = KERNEL_ACTIVATIONS.get(self.act)
+        if act is not None and not self.bias and envs.fused_mlp():
+            wgu, wd = self.gate_up_proj.kernel[...], self.down_proj.kernel[...]
+            if mlp_kernel_applies(x.shape[0], wd.shape[1], wd.shape[0], x.dtype, act):
+                return gated_mlp(x, wgu, wd, act=act, residual=residual, backend="mosaic")
         gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(ACTIVATIONS[self.act](gate) * up)
+        out = self.down_proj(ACTIVATIONS[self.act](gate) * up)
+        return out if residual is None else residual + out
 
 
 class DecoderLayer(nnx.Module):
@@ -413,6 +436,8 @@ class DecoderLayer(nnx.Module):
         if self.placement == "pre":
             h, kv = self.self_attn(self.input_layernorm(x), batch, kv, metadata)
             x = self._residual(x, h)
+            if self.residual_multiplier == 1.0:  # the add goes into the MLP (one kernel with it on GPUs)
+                return self.mlp(self.post_attention_layernorm(x), residual=x), kv
             return self._residual(x, self.mlp(self.post_attention_layernorm(x))), kv
         if self.placement == "sandwich":
             h, kv = self.self_attn(self.input_layernorm(x), batch, kv, metadata)

@@ -9,7 +9,8 @@ not L2) and is timed as the sum of its GPU kernel times (CUPTI), per layer, with
 the three weights once. Every variant is checked against a float64 evaluation of the same block.
 Variants: ``xla``; ``mgpu`` (TMA reductions into the f32 output), ``mgpu-det`` (per-item partials summed by
 XLA), ``mgpu-il`` (gate and up blocks interleaved: each item's rows are 256 contiguous bytes; the
-interleaving itself is done once, outside the timed program), each optionally with ``:stages/out_buffers`` or ``:stages/out_buffers/copy_only`` (the kernel's
+interleaving itself is done once, outside the timed program), ``mgpu-t`` (phase 1 transposed:
+``MlpConfig.transposed_gate_up``), each optionally with ``:stages/out_buffers`` or ``:stages/out_buffers/copy_only`` (the kernel's
 diagnostic modes, ``MlpConfig.copy_only``: their outputs are not checked). ``--smoke``: CPU, tiny shapes (the Mosaic GPU variants
 in the Pallas GPU interpreter where jax has one).
 """
@@ -17,6 +18,7 @@ in the Pallas GPU interpreter where jax has one).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import traceback
 
@@ -70,14 +72,15 @@ def main() -> None:
             for wgu, wd in ws
         ]
 
-    def make_fn(variant):
+    def make_fn(variant, hidden, m):
         if variant == "xla":
             return xla_block
         name, _, tiling = variant.partition(":")
-        cfg = None
+        cfg = mosaic_mlp.default_config(hidden, mosaic_mlp._rows(m))
         if tiling:
             stages, bufs, *copy = tiling.split("/")
             cfg = mosaic_mlp.MlpConfig(stages=int(stages), out_buffers=int(bufs), copy_only="".join(copy))
+        cfg = dataclasses.replace(cfg, transposed_gate_up=name == "mgpu-t")
         det, il = name == "mgpu-det", name == "mgpu-il"
 
         def fn(x, wgu, wd, residual):
@@ -136,7 +139,7 @@ def main() -> None:
                     print(f"{shape} M={m} {variant}: skipped ({why})")
                     continue
                 try:
-                    out, t, kernels = timed(make_fn(variant), x, res, prepare(variant, ws))
+                    out, t, kernels = timed(make_fn(variant, hidden, m), x, res, prepare(variant, ws))
                 except Exception as e:  # noqa: BLE001 - a tiling that does not compile is reported, not fatal
                     where = traceback.extract_tb(e.__traceback__)[-3:]
                     print(f"{shape} M={m} {variant}: FAIL {type(e).__name__}: {str(e)[:300]} at {where}")

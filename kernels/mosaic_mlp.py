@@ -64,11 +64,17 @@ class MlpConfig:
     copy_only: a diagnostic for benchmarks, never for models (the output is wrong): "" (off), "all": the
     producer streams every weight tile as usual and the consumer only waits for each stage and frees it;
     "down": the consumer computes phase 1 but only waits for and frees phase 2's stages. Their times
-    against the full kernel's split it into the weights' stream, phase 1's products and phase 2's."""
+    against the full kernel's split it into the weights' stream, phase 1's products and phase 2's (each
+    mode still stores one zero tile per item, so XLA keeps the kernel).
+    transposed_gate_up: phase 1 as ``gate^T = W_gate^T x^T`` (wgmma's N is the token rows, not a 64-row
+    tile of which only the tokens are used: 8x less tensor work at 8 tokens, [64, tokens] accumulators),
+    with ``h`` stored transposed for phase 2. On an H200 it takes the same time (phase 1's products are
+    hidden behind the weights' stream either way; benchmarks/RESULTS.md)."""
 
     stages: int = 3
     out_buffers: int = 2
     copy_only: str = ""
+    transposed_gate_up: bool = False
 
     def __post_init__(self) -> None:
         if self.copy_only not in COPY_ONLY_MODES:
@@ -230,9 +236,15 @@ def _kernel(
                         plgpu.barrier_arrive(free_bar.at[slot])
                         return carry
                     for half in range(2):
-                        x_chunk = x_smem.at[pl.ds(pl.multiple_of((2 * t + half) * rows, 8), ROWS)]
-                        plgpu.wgmma(gate_ref, x_chunk, w_smem.at[slot, half])
-                        plgpu.wgmma(up_ref, x_chunk, w_smem.at[slot, 2 + half])
+                        if cfg.transposed_gate_up:  # gate^T += W_tile^T x_chunk^T: N is the token rows
+                            x_t = x_smem.at[pl.ds(pl.multiple_of((2 * t + half) * rows, 8), rows)]
+                            x_t = x_t.transpose((1, 0))
+                            plgpu.wgmma(gate_ref, w_smem.at[slot, half].transpose((1, 0)), x_t)
+                            plgpu.wgmma(up_ref, w_smem.at[slot, 2 + half].transpose((1, 0)), x_t)
+                        else:
+                            x_chunk = x_smem.at[pl.ds(pl.multiple_of((2 * t + half) * rows, 8), ROWS)]
+                            plgpu.wgmma(gate_ref, x_chunk, w_smem.at[slot, half])
+                            plgpu.wgmma(up_ref, x_chunk, w_smem.at[slot, 2 + half])
                     # Stage t's products are in flight; those of stage t - 1 have read their operands.
                     plgpu.wgmma_wait(4)
 
@@ -248,12 +260,16 @@ def _kernel(
                     plgpu.barrier_arrive(free_bar.at[lax.rem(base + nk - 1, stages)])
                 return gate, up
 
+            acc_shape = (BLOCK_I, rows) if cfg.transposed_gate_up else (ROWS, BLOCK_I)
             gate, up = pl.run_scoped(
-                gate_up, plgpu.ACC((ROWS, BLOCK_I), jnp.float32), plgpu.ACC((ROWS, BLOCK_I), jnp.float32)
+                gate_up, plgpu.ACC(acc_shape, jnp.float32), plgpu.ACC(acc_shape, jnp.float32)
             )
-            h = _activate(gate, act) * up
+            h = (_activate(gate, act) * up).astype(h_smem.dtype)
             # The previous item's down products have completed (their accumulators were read).
-            h_smem[...] = h.astype(h_smem.dtype)
+            if cfg.transposed_gate_up:
+                h_smem.at[pl.ds(0, rows)].transpose((1, 0))[...] = h
+            else:
+                h_smem[...] = h
             plgpu.commit_smem()
 
             def down_stage(t, carry):  # phase 2: the item's rows of W_down for 256 output columns

@@ -63,6 +63,8 @@ INTERPRET_CASES = [
     (1, 512, 256, "silu", False, 2, None),  # two items per program: the ring carries across items
     (5, 512, 256, "silu", True, 3, MlpConfig(stages=2, out_buffers=1)),  # padded rows, uneven items
     (16, 256, 192, "gelu_tanh", True, 2, MlpConfig(stages=3, out_buffers=2)),
+    (8, 512, 256, "silu", True, 2, MlpConfig(stages=3, transposed_gate_up=True)),
+    (5, 256, 192, "gelu_tanh", False, 2, MlpConfig(stages=4, transposed_gate_up=True)),
 ]
 
 
@@ -99,6 +101,7 @@ LOWER_CASES = [
     ("odd-3", 3, 1024, 2816, False, True, MlpConfig(stages=2, out_buffers=1)),
     ("copy-all", 8, 2048, 8192, False, True, MlpConfig(stages=4, out_buffers=2, copy_only="all")),
     ("copy-down-det", 8, 2048, 8192, True, True, MlpConfig(stages=4, out_buffers=2, copy_only="down")),
+    ("1b-16-transposed", 16, 2048, 8192, False, True, MlpConfig(stages=3, transposed_gate_up=True)),
 ]
 
 

@@ -16,12 +16,20 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import jaxrt
 from jaxrt.server.metrics import CONTENT_TYPE
-from jaxrt.server.protocol import SSE_DONE, APIError, bad_request, error_body, internal_failure, sse
+from jaxrt.server.protocol import (
+    SSE_DONE,
+    APIError,
+    EventStreamResponse,
+    bad_request,
+    error_body,
+    internal_failure,
+    sse,
+)
 from jaxrt.server.state import ClientDisconnected, ServerState
 
 logger = logging.getLogger("jaxrt.server")
@@ -364,6 +372,7 @@ async def _native_generate(state: ServerState, request: Request, body: dict[str,
     sent = [(0, 0)] * len(items) if state.incremental_streaming_output else None
 
     async def events():
+        left = len(items)  # streams without their final chunk yet; the last one's event carries [DONE]
         try:
             async for i, chunk in ss:
                 if isinstance(chunk, BaseException):
@@ -387,17 +396,21 @@ async def _native_generate(state: ServerState, request: Request, body: dict[str,
                 out = finish(out, i)
                 if multi:
                     out["index"] = i
-                yield sse(out)
-            yield SSE_DONE
+                if out["meta_info"]["finish_reason"] is not None:
+                    left -= 1
+                yield sse(out) if left else sse(out) + SSE_DONE
+            if left:
+                yield SSE_DONE
         except Exception as e:  # a bug while formatting: report in-band, keep serving
             logger.exception("stream formatting failed")
-            yield sse(
-                error_body(
-                    f"Internal server error: {type(e).__name__}: {e}", "internal_server_error", None, 500
+            if left:  # (else the body has ended)
+                yield sse(
+                    error_body(
+                        f"Internal server error: {type(e).__name__}: {e}", "internal_server_error", None, 500
+                    )
                 )
-            )
-            yield SSE_DONE
+                yield SSE_DONE
         finally:
             ss.close()
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return EventStreamResponse(events())

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from jaxrt.sampling_params import MAX_TOP_LOGPROBS
 from jaxrt.server.protocol import (
@@ -16,6 +15,7 @@ from jaxrt.server.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    EventStreamResponse,
     TokenText,
     chat_logprobs,
     check_context,
@@ -149,11 +149,7 @@ async def _run(job: _Job, request: Request):
                 sp["seed"] = req.seed + j
             items.append({"input_ids": ids, "sampling_params": sp, **job.lp_args})
     ss = await state.open_streams(request, items, rid=req.rid)
-    return StreamingResponse(
-        _events(job, ss, model, text_of),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache"},
-    )
+    return EventStreamResponse(_events(job, ss, model, text_of))
 
 
 def _response(job: _Job, results: list[dict[str, Any]], model: str, text_of: TokenText) -> dict[str, Any]:
@@ -215,9 +211,13 @@ async def _events(job: _Job, ss, model: str, text_of: TokenText) -> AsyncIterato
     completion = [0] * n_streams
     cached = [0] * n_streams
     prompt_tokens = sum(len(ids) for ids in job.prompts)
+    left = n_streams  # streams without their final chunk yet; the last one's event carries the end
 
     def running_usage() -> dict[str, Any]:
         return usage(prompt_tokens, sum(completion), sum(cached[:: job.n]))
+
+    def ending() -> str:
+        return (sse({**base, "choices": [], "usage": running_usage()}) if include_usage else "") + SSE_DONE
 
     def event(choice: dict[str, Any]) -> str:
         out = {**base, "choices": [choice]}
@@ -282,16 +282,22 @@ async def _events(job: _Job, ss, model: str, text_of: TokenText) -> AsyncIterato
             choice["finish_reason"] = finish_reason(fr)
             if fr is not None:
                 choice["matched_stop"] = matched_stop(fr)
-            yield event(choice)
-        if include_usage:
-            yield sse({**base, "choices": [], "usage": running_usage()})
-        yield SSE_DONE
+                left -= 1
+            if left:
+                yield event(choice)
+            else:  # the last event, the usage and [DONE] in one piece (EventStreamResponse)
+                yield event(choice) + ending()
+        if left:
+            yield ending()
     except Exception as e:  # a bug while formatting: report in-band, keep serving
         logger.exception("stream formatting failed")
-        yield sse(
-            error_body(f"Internal server error: {type(e).__name__}: {e}", "internal_server_error", None, 500)
-        )
-        yield SSE_DONE
+        if left:  # (else the body has ended)
+            yield sse(
+                error_body(
+                    f"Internal server error: {type(e).__name__}: {e}", "internal_server_error", None, 500
+                )
+            )
+            yield SSE_DONE
     finally:
         ss.close()
 

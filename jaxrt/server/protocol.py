@@ -10,6 +10,7 @@ import uuid
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
+from starlette.responses import StreamingResponse
 
 # --------------------------------------------------------------------------------------------- errors
 
@@ -58,6 +59,32 @@ def sse(obj: Any) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+_SSE_DONE_BYTES = SSE_DONE.encode()
+
+
+class EventStreamResponse(StreamingResponse):
+    """A ``text/event-stream`` of ``sse`` events whose last body piece ends with ``SSE_DONE``: that piece also
+    ends the HTTP body. The streams yield their last event and ``[DONE]`` as one piece, so a stream's end
+    costs one send through the middleware and one socket write instead of three (event, ``[DONE]``, the
+    chunked-encoding terminator); at 256 short streams at once these sends were a fifth of the HTTP
+    process's time. Bytes on the wire are unchanged."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content, headers: dict[str, str] | None = None) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", **(headers or {})})
+
+    async def stream_response(self, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        ended = False
+        async for chunk in self.body_iterator:
+            if not isinstance(chunk, bytes | memoryview):
+                chunk = chunk.encode(self.charset)
+            ended = chunk.endswith(_SSE_DONE_BYTES)
+            await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
+        if not ended:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
 
 # Engine ValueErrors name their field ("sampling_params.top_p must be ...", "prompt: ..."); OpenAI names differ.
 _OPENAI_PARAM = {

@@ -203,3 +203,64 @@ def test_generate_incremental_stream_concatenates_to_the_whole(server, http):
     lps = [lp for c in chunks for lp in c["meta_info"]["output_token_logprobs"]]
     assert [t for _, t, _ in lps] == whole["output_ids"]
     assert chunks[-1]["meta_info"]["completion_tokens"] == len(whole["output_ids"])
+
+
+def _http_chunks(base_url: str, path: str, body: dict) -> list[bytes]:
+    """POST ``body`` over a raw socket and return the response body's HTTP/1.1 chunks (the framing the
+    server wrote, whatever the TCP segments were)."""
+    import json
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(base_url)
+    data = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+    )
+    raw = b""
+    with socket.create_connection((url.hostname, url.port), timeout=120) as s:
+        s.sendall(head.encode() + data)
+        while part := s.recv(65536):
+            raw += part
+    headers, _, rest = raw.partition(b"\r\n\r\n")
+    assert headers.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in headers.lower()
+    chunks = []
+    while True:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            assert rest == b"\r\n"
+            return chunks
+        chunks.append(rest[:size])
+        assert rest[size : size + 2] == b"\r\n"
+        rest = rest[size + 2 :]
+
+
+def test_stream_ends_with_its_last_event_and_done_in_one_piece(server):
+    """The last event and [DONE] (and, for OpenAI streams, the usage event) go out as one HTTP chunk that
+    ends the body: one send and one socket write for a stream's end instead of three."""
+    for path, body, tail in (
+        ("/generate", {"text": "a b c", "sampling_params": GREEDY, "stream": True}, b'"finish_reason":{'),
+        (
+            "/generate",
+            {"text": ["a b", "c d"], "sampling_params": {**GREEDY, "n": 2}, "stream": True},
+            b'"finish_reason":{',
+        ),
+        (
+            "/v1/completions",
+            {
+                "model": server.engine.served_model_name,
+                "prompt": "a b c",
+                "max_tokens": 4,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+            b'"usage":{',
+        ),
+    ):
+        chunks = _http_chunks(server.base_url, path, body)
+        assert len(chunks) >= 2, chunks
+        assert all(b"[DONE]" not in c for c in chunks[:-1])
+        last = chunks[-1]
+        assert last.endswith(b"data: [DONE]\n\n") and last.count(b"data: ") >= 2 and tail in last, last

@@ -293,3 +293,78 @@ def test_one_engine_process_serves_several_handles(server, tiny_llama_dir):
         if core.poll() is None:
             core.kill()
         control.close()
+
+
+def test_requests_of_one_loop_pass_go_in_one_message(tiny_llama_dir):
+    """Requests submitted in one pass of the event loop reach the core as one ``add`` message; each gets the
+    answer it gets alone, and an abort sent in the same pass does not overtake its request's add."""
+    from jaxrt.engine_process import EngineProcess
+
+    ep = EngineProcess(model_path=tiny_llama_dir, **ENGINE_ARGS)
+    sent: list[tuple] = []
+    real_send = ep._conn.send
+
+    def spy(msg):  # records what goes to the real core, and sends it
+        sent.append(msg)
+        real_send(msg)
+
+    ep._conn.send = spy
+    try:
+        alone = [ep.generate(p, GREEDY) for p in PROMPTS]
+        long = {**GREEDY, "max_new_tokens": 400}
+
+        async def together():
+            loop = asyncio.get_running_loop()
+            sent.clear()
+            waits = [asyncio.ensure_future(ep.async_generate(p, GREEDY)) for p in PROMPTS]
+            streams = [ep.async_generate(p, GREEDY, stream=True) for p in PROMPTS]
+            firsts = [asyncio.ensure_future(s.__anext__()) for s in streams]
+            ended: asyncio.Future = loop.create_future()
+
+            async def submit_and_abort():  # runs after the tasks above, in the same pass
+                (spec,), _ = ep._prepare("abort me", long, None, None, None)
+                rid = ep._submit_many([(spec, lambda out: out_done(out, ended))], True, loop)[0]
+                ep.abort(rid)
+
+            await asyncio.ensure_future(submit_and_abort())
+            results = await asyncio.wait_for(asyncio.gather(*waits), 120)
+            await asyncio.wait_for(asyncio.gather(*firsts), 120)
+            finals = [[c async for c in s][-1] for s in streams]
+            return results, finals, await asyncio.wait_for(ended, 120)
+
+        def out_done(out, fut):
+            if not fut.done() and (isinstance(out, BaseException) or out["meta_info"]["finish_reason"]):
+                fut.set_result(out)
+
+        results, finals, aborted = asyncio.run(together())
+        adds = [m for m in sent if m[0] == "add"]
+        assert len(adds) == 1 and len(adds[0][1]) == 2 * len(PROMPTS) + 1, adds
+        assert [m[0] for m in sent][:2] == ["add", "abort"]
+        for a, r, f in zip(alone, results, finals, strict=True):
+            assert (
+                r["output_ids"] == a["output_ids"] == f["output_ids"] and r["text"] == a["text"] == f["text"]
+            )
+        assert aborted["meta_info"]["finish_reason"]["type"] == "abort"
+        assert len(aborted["output_ids"]) < 400
+    finally:
+        ep.shutdown()
+
+
+def test_a_bad_request_among_many_gets_its_400_while_the_others_finish(ep_server, ep_http):
+    async def run_all():
+        async with httpx.AsyncClient(
+            base_url=ep_server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120
+        ) as client:
+            bodies = [{"text": p, "sampling_params": GREEDY} for p in PROMPTS * 3]
+            bodies.insert(4, {"input_ids": [10**9], "sampling_params": GREEDY})
+            bodies.insert(7, {"text": "hi", "sampling_params": {**GREEDY, "top_p": 7}})
+            return await asyncio.gather(*(client.post("/generate", json=b) for b in bodies))
+
+    got = asyncio.run(run_all())
+    assert [r.status_code for r in got].count(400) == 2
+    assert got[4].status_code == 400 and "input_ids" in got[4].json()["error"]["message"]
+    assert got[7].status_code == 400 and "top_p" in got[7].json()["error"]["message"]
+    ok = [r.json() for i, r in enumerate(got) if i not in (4, 7)]
+    assert all(r["meta_info"]["completion_tokens"] == 10 for r in ok)
+    assert [r["text"] for r in ok[:3]] == [r["text"] for r in ok[3:6]] == [r["text"] for r in ok[6:]]
+    wait_idle(ep_http)

@@ -28,14 +28,6 @@ from common import append_jsonl, cupti_seconds, read_bandwidth
 SHAPES = {"1b": (2048, 8192), "3b": (3072, 8192), "8b": (4096, 14336)}  # (hidden, intermediate)
 
 
-def xla_block(x, wgu, wd, residual):
-    import jax
-    import jax.numpy as jnp
-
-    gate, up = jnp.split(x @ wgu, 2, axis=-1)
-    return residual + (jax.nn.silu(gate) * up) @ wd
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--shapes", default="1b")
@@ -51,7 +43,7 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
-    from jaxrt.kernels import mosaic_mlp
+    from jaxrt.kernels import gated_mlp_reference, mosaic_mlp
 
     shapes = {name: SHAPES[name] for name in args.shapes.split(",")}
     variants = args.variants.split(",")
@@ -74,7 +66,7 @@ def main() -> None:
 
     def make_fn(variant, hidden, m):
         if variant == "xla":
-            return xla_block
+            return lambda x, wgu, wd, residual: gated_mlp_reference(x, wgu, wd, residual=residual)
         name, _, tiling = variant.partition(":")
         cfg = mosaic_mlp.default_config(hidden, mosaic_mlp._rows(m))
         if tiling:

@@ -399,15 +399,15 @@ def gated_mlp_mgpu(
         + ("_det" if deterministic else "")
         + (f"_copy_{cfg.copy_only}" if cfg.copy_only else ""),
     )
+
+    def entry(x_ref, wgu_ref, wd_ref, out_ref):
+        pl.run_scoped(
+            functools.partial(kernel, x_ref, wgu_ref, wd_ref, out_ref), *scratch, collective_axes="wg"
+        )
+
     if interpret:
         mesh_kwargs["interpret"] = plgpu.InterpretGPUParams()
     if deterministic:
-
-        def entry(x_ref, wgu_ref, wd_ref, out_ref):
-            pl.run_scoped(
-                functools.partial(kernel, x_ref, wgu_ref, wd_ref, out_ref), *scratch, collective_axes="wg"
-            )
-
         parts = plgpu.kernel(
             entry, out_type=jax.ShapeDtypeStruct((num_items, hidden, rows), jnp.float32), **mesh_kwargs
         )(xr, w_gate_up, w_down)
@@ -419,11 +419,6 @@ def gated_mlp_mgpu(
         if residual is not None:
             init = init.at[:, :num_tokens].set(residual.T.astype(jnp.float32))
         out_ref = jax.new_ref(init)
-
-        def entry(x_ref, wgu_ref, wd_ref, out_ref):
-            pl.run_scoped(
-                functools.partial(kernel, x_ref, wgu_ref, wd_ref, out_ref), *scratch, collective_axes="wg"
-            )
 
         plgpu.kernel(entry, out_type=(), **mesh_kwargs)(xr, w_gate_up, w_down, out_ref)
         out = out_ref[...].T[:num_tokens]

@@ -42,9 +42,10 @@ def fused_kv_write() -> bool:
 def fused_mlp() -> bool:
     """On Hopper GPUs run the gated MLP block of a few tokens (decode batches up to 16) as one Mosaic GPU
     kernel that streams the gate/up and down weights (``kernels.gated_mlp``) instead of XLA's three to four
-    kernels. ``JAXRT_FUSED_MLP`` (default 0: on an H200 the kernel ties XLA's MLP alone, 34.3 vs 34.9 us per
-    1B layer at 8 tokens, and its transposed f32 output slows the next norm, so the B=1 step is 1.200 vs 1.111
-    ms; benchmarks/RESULTS.md, "Engine", thirteenth round). Read when a step is traced."""
+    kernels. ``JAXRT_FUSED_MLP`` (default 0: on an H200 the kernel takes 31.7 us per 1B layer at 8 tokens where
+    XLA's take 34.4, but with the f32 output's two conversions the B=1 and B=8 steps gain ~1% (1.090 vs 1.100
+    ms) and B=16 loses 1%, and its TMA reductions add in a varying order, so results are not bitwise the same
+    from run to run; benchmarks/RESULTS.md, "Engine", fourteenth round). Read when a step is traced."""
     return _get("JAXRT_FUSED_MLP", "0") == "1"
 
 

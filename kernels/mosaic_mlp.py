@@ -27,12 +27,15 @@ rows)`` of one ``[chunks * rows + 64 - rows, 64]`` buffer, and the A operand of 
 from there: rows past ``rows`` are other chunks' data (or never written), so accumulator rows past the
 tokens hold garbage that no copy ever stores (a product's row ``r`` depends on row ``r`` of A only).
 ``MlpConfig.transposed_gate_up`` computes ``gate^T`` instead, with the tokens as wgmma's N. Phase 2 is
-always transposed, ``out^T = W_down^T h^T`` (M: 64 output columns, N: the token rows), so a stage's partial
-is ``[256, rows]`` f32 and the output is kept as ``[hidden, rows]``, transposed back by XLA.
+always transposed, ``out^T = W_down^T h^T`` (M: 64 output columns, N: the token rows); each ``[64, rows]``
+accumulator is moved to the transposed register layout (a shuffle between lane pairs) and stored through a
+transposed view, so a stage's partial is ``[rows, 256]`` f32 in shared memory and the output is ``[rows,
+hidden]``, as the next kernel reads it. Program ``c`` starts phase 2 at output block ``c`` (``rotate_down``),
+so the programs' reductions spread over the output.
 
-Measured on an H200 (benchmarks/RESULTS.md, "Engine", thirteenth round): 34.3 µs per Llama-3.2-1B layer at
-8 tokens, 63% of the bandwidth, as XLA's kernels; the weights' stream alone takes 28.8 µs. Not the
-model's default (``JAXRT_FUSED_MLP``).
+Measured on an H200 (benchmarks/RESULTS.md, "Engine", fourteenth round): 31.7 µs per Llama-3.2-1B layer at
+8 tokens (68% of the bandwidth; XLA's four to five kernels 34.4), 29.6 µs inside the decode step; the
+weights' stream alone takes 29.0 µs. Not the model's default (``JAXRT_FUSED_MLP``).
 """
 
 from __future__ import annotations
@@ -76,12 +79,20 @@ class MlpConfig:
     transposed_gate_up: phase 1 as ``gate^T = W_gate^T x^T`` (wgmma's N is the token rows, not a 64-row
     tile of which only the tokens are used: 8x less tensor work at 8 tokens, [64, tokens] accumulators),
     with ``h`` stored transposed for phase 2. On an H200 it takes the same time (phase 1's products are
-    hidden behind the weights' stream either way; benchmarks/RESULTS.md)."""
+    hidden behind the weights' stream either way; benchmarks/RESULTS.md).
+    pdl: programmatic dependent launch. The kernel may start while the kernel before it finishes: the
+    producer issues the first stages of weight copies (which depend on no earlier kernel), then waits for
+    the earlier kernels (``griddepcontrol.wait``) before it reads ``x`` and before any output is added.
+    Off in the interpreter, which has no such instruction.
+    rotate_down: program ``c`` walks phase 2's blocks of 256 output columns starting at block ``c``, so the
+    programs' TMA reductions are spread over the output instead of all adding into the same block."""
 
     stages: int = 3
     out_buffers: int = 2
     copy_only: str = ""
     transposed_gate_up: bool = False
+    pdl: bool = False
+    rotate_down: bool = True
 
     def __post_init__(self) -> None:
         if self.copy_only not in COPY_ONLY_MODES:
@@ -96,7 +107,7 @@ def smem_bytes(cfg: MlpConfig, hidden: int, rows: int) -> int:
     x = _x_rows(hidden, rows) * 64 * 2
     ring = cfg.stages * K_STAGE * 128 * 2
     h = ROWS * BLOCK_I * 2
-    out = cfg.out_buffers * N_STAGE * rows * 4
+    out = cfg.out_buffers * rows * N_STAGE * 4
     return x + ring + h + out + 1024
 
 
@@ -143,11 +154,11 @@ def _kernel(
     x_ref,  # [rows, hidden] bf16, GMEM
     wgu_ref,  # [hidden, 2 * intermediate] bf16: gate columns, then up columns
     wd_ref,  # [intermediate, hidden] bf16
-    out_ref,  # reduce: [hidden, rows] f32 (added into); deterministic: [items, hidden, rows] f32
+    out_ref,  # reduce: [rows, hidden] f32 (added into); deterministic: [items, rows, hidden] f32
     x_smem,  # [x_rows, 64], tiled and swizzled
     w_smem,  # [stages, 4, 64, 64], tiled and swizzled
     h_smem,  # [64, 64], tiled and swizzled
-    o_smem,  # [out_buffers, 256, rows] f32, untiled: a stage's transposed partial
+    o_smem,  # [out_buffers, rows, 256] f32, untiled: a stage's partial
     x_bar,
     full_bar,  # [stages]
     free_bar,  # [stages]
@@ -171,20 +182,21 @@ def _kernel(
     per_item = nk + nn
     stages = cfg.stages
 
+    def down_block(t):  # phase 2's t-th block of 256 output columns
+        # Programs start at different blocks, so their reductions do not all hit the same 256 columns.
+        return lax.rem(t + c, nn) if cfg.rotate_down else t
+
     @pl.when(wg == 1)
     def _producer():
         plgpu.set_max_registers(40, action="decrease")
-        for ch in range(chunks):
-            plgpu.copy_gmem_to_smem(
-                x_ref.at[:, pl.ds(ch * 64, 64)], x_smem.at[pl.ds(ch * rows, rows)], x_bar.at[0]
-            )
 
         def issue(step, tiles):
             slot = lax.rem(step, stages)
+            if not isinstance(step, int) or step >= stages:
 
-            @pl.when(step >= stages)
-            def _():
-                plgpu.barrier_wait(free_bar.at[slot])
+                @pl.when(step >= stages)
+                def _():
+                    plgpu.barrier_wait(free_bar.at[slot])
 
             for q, src in enumerate(tiles):  # four [64, 64] tiles per stage
                 plgpu.copy_gmem_to_smem(src, w_smem.at[slot, q], full_bar.at[slot])
@@ -194,26 +206,39 @@ def _kernel(
                 return (2 * j + up) * BLOCK_I
             return up * intermediate + j * BLOCK_I
 
+        def gate_up_tiles(j, t):  # rows of chunks 2t and 2t + 1: gate's, then up's
+            return [
+                wgu_ref.at[pl.ds((2 * t + q % 2) * 64, 64), pl.ds(gate_up_col(j, q // 2), 64)]
+                for q in range(4)
+            ]
+
+        # The first item's first stages depend on no earlier kernel: with PDL they are in flight before
+        # this program waits for the kernels before it (every program has at least one item).
+        prefetch = min(stages, nk) if cfg.pdl else 0
+        for t in range(prefetch):
+            issue(t, gate_up_tiles(c, t))
+        if cfg.pdl:
+            plgpu.griddepcontrol_wait()
+        for ch in range(chunks):
+            plgpu.copy_gmem_to_smem(
+                x_ref.at[:, pl.ds(ch * 64, 64)], x_smem.at[pl.ds(ch * rows, rows)], x_bar.at[0]
+            )
+
         def item_body(k, carry):
             j = c + k * num_programs
             base = k * per_item
 
-            def gate_up(t, carry):  # rows of chunks 2t and 2t + 1: gate's, then up's
-                issue(
-                    base + t,
-                    [
-                        wgu_ref.at[pl.ds((2 * t + q % 2) * 64, 64), pl.ds(gate_up_col(j, q // 2), 64)]
-                        for q in range(4)
-                    ],
-                )
+            def gate_up(t, carry):
+                issue(base + t, gate_up_tiles(j, t))
                 return carry
 
             def down(t, carry):
                 rows_j = pl.ds(j * BLOCK_I, BLOCK_I)
-                issue(base + nk + t, [wd_ref.at[rows_j, pl.ds(t * N_STAGE + q * 64, 64)] for q in range(4)])
+                n0 = down_block(t) * N_STAGE
+                issue(base + nk + t, [wd_ref.at[rows_j, pl.ds(n0 + q * 64, 64)] for q in range(4)])
                 return carry
 
-            lax.fori_loop(0, nk, gate_up, None)
+            lax.fori_loop(jnp.where(k == 0, prefetch, 0), nk, gate_up, None)
             lax.fori_loop(0, nn, down, None)
             return carry
 
@@ -229,6 +254,8 @@ def _kernel(
 
     @pl.when(wg == 0)
     def _consumer():
+        if cfg.pdl:  # the output's initial value is written by an earlier kernel
+            plgpu.griddepcontrol_wait()
         plgpu.barrier_wait(x_bar.at[0])
 
         def item_body(k, carry):
@@ -287,7 +314,8 @@ def _kernel(
                     return carry
 
                 # Transposed (out^T = W_down^T h^T): M is 64 output columns, N the token rows, so the
-                # partial is [256, rows] per stage, not a 64-row tile per 64 columns.
+                # partial is four [64, rows] tiles per stage, not a 64-row tile per 64 columns. They are
+                # stored transposed, so the output is [rows, hidden].
                 def down(*acc_refs):
                     h_t = h_smem.at[pl.ds(0, rows)].transpose((1, 0))
                     for q, acc_ref in enumerate(acc_refs):
@@ -300,13 +328,14 @@ def _kernel(
                 # The reduction that last read this buffer has finished reading it.
                 plgpu.wait_smem_to_gmem(cfg.out_buffers - 1, wait_read_only=True)
                 for q, o in enumerate(outs):
-                    o_smem.at[buf, pl.ds(q * 64, 64)][...] = o
+                    o = plgpu.layout_cast(o, plgpu.Layout.WGMMA_TRANSPOSED)
+                    o_smem.at[buf, :, pl.ds(q * 64, 64)].transpose((1, 0))[...] = o
                 plgpu.commit_smem()
-                cols = pl.ds(pl.multiple_of(t * N_STAGE, N_STAGE), N_STAGE)
+                cols = pl.ds(pl.multiple_of(down_block(t) * N_STAGE, N_STAGE), N_STAGE)
                 if deterministic:
-                    plgpu.copy_smem_to_gmem(o_smem.at[buf], out_ref.at[j, cols])
+                    plgpu.copy_smem_to_gmem(o_smem.at[buf], out_ref.at[j, :, cols])
                 else:
-                    plgpu.copy_smem_to_gmem(o_smem.at[buf], out_ref.at[cols], reduction_op="add")
+                    plgpu.copy_smem_to_gmem(o_smem.at[buf], out_ref.at[:, cols], reduction_op="add")
                 return carry
 
             lax.fori_loop(0, nn, down_stage, None)
@@ -314,7 +343,8 @@ def _kernel(
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 o_smem[...] = jnp.zeros(o_smem.shape, o_smem.dtype)
                 plgpu.commit_smem()
-                dst = out_ref.at[j, pl.ds(0, N_STAGE)] if deterministic else out_ref.at[pl.ds(0, N_STAGE)]
+                cols = pl.ds(0, N_STAGE)
+                dst = out_ref.at[j, :, cols] if deterministic else out_ref.at[:, cols]
                 plgpu.copy_smem_to_gmem(o_smem.at[0], dst)
             return carry
 
@@ -362,6 +392,8 @@ def gated_mlp_mgpu(
         )
     rows = _rows(num_tokens)
     cfg = config or default_config(hidden, rows)
+    if interpret:
+        cfg = dataclasses.replace(cfg, pdl=False)  # the interpreter has no griddepcontrol
     smem = smem_bytes(cfg, hidden, rows)
     if smem > SMEM_BUDGET:
         raise ValueError(f"{cfg} needs {smem} bytes of shared memory per program (> {SMEM_BUDGET})")
@@ -384,7 +416,7 @@ def gated_mlp_mgpu(
         plgpu.SMEM((_x_rows(hidden, rows), 64), dtype, transforms=swizzled),
         plgpu.SMEM((cfg.stages, 4, 64, 64), dtype, transforms=swizzled),
         plgpu.SMEM((ROWS, BLOCK_I), dtype, transforms=swizzled),
-        plgpu.SMEM((cfg.out_buffers, N_STAGE, rows), jnp.float32),
+        plgpu.SMEM((cfg.out_buffers, rows, N_STAGE), jnp.float32),
         plgpu.Barrier(num_arrivals=hidden // 64, num_barriers=1),
         plgpu.Barrier(num_arrivals=4, num_barriers=cfg.stages),
         plgpu.Barrier(num_arrivals=1, num_barriers=cfg.stages),
@@ -409,17 +441,20 @@ def gated_mlp_mgpu(
         mesh_kwargs["interpret"] = plgpu.InterpretGPUParams()
     if deterministic:
         parts = plgpu.kernel(
-            entry, out_type=jax.ShapeDtypeStruct((num_items, hidden, rows), jnp.float32), **mesh_kwargs
+            entry, out_type=jax.ShapeDtypeStruct((num_items, rows, hidden), jnp.float32), **mesh_kwargs
         )(xr, w_gate_up, w_down)
-        out = parts.sum(axis=0).T[:num_tokens]
+        out = parts.sum(axis=0)[:num_tokens]
         if residual is not None:
             out = out + residual.astype(jnp.float32)
     else:
-        init = jnp.zeros((hidden, rows), jnp.float32)
-        if residual is not None:
-            init = init.at[:, :num_tokens].set(residual.T.astype(jnp.float32))
+        if residual is None:
+            init = jnp.zeros((rows, hidden), jnp.float32)
+        else:
+            init = residual.astype(jnp.float32)
+            if rows != num_tokens:
+                init = jnp.pad(init, ((0, rows - num_tokens), (0, 0)))
         out_ref = jax.new_ref(init)
 
         plgpu.kernel(entry, out_type=(), **mesh_kwargs)(xr, w_gate_up, w_down, out_ref)
-        out = out_ref[...].T[:num_tokens]
+        out = out_ref[...][:num_tokens]
     return out.astype(dtype)

@@ -65,6 +65,9 @@ INTERPRET_CASES = [
     (16, 256, 192, "gelu_tanh", True, 2, MlpConfig(stages=3, out_buffers=2)),
     (8, 512, 256, "silu", True, 2, MlpConfig(stages=3, transposed_gate_up=True)),
     (5, 256, 192, "gelu_tanh", False, 2, MlpConfig(stages=4, transposed_gate_up=True)),
+    # program 1 walks the output blocks from block 1 (rotated) or from block 0
+    (8, 768, 128, "silu", True, 2, MlpConfig(stages=3)),
+    (8, 768, 128, "silu", True, 2, MlpConfig(stages=3, rotate_down=False)),
 ]
 
 
@@ -102,6 +105,8 @@ LOWER_CASES = [
     ("copy-all", 8, 2048, 8192, False, True, MlpConfig(stages=4, out_buffers=2, copy_only="all")),
     ("copy-down-det", 8, 2048, 8192, True, True, MlpConfig(stages=4, out_buffers=2, copy_only="down")),
     ("1b-16-transposed", 16, 2048, 8192, False, True, MlpConfig(stages=3, transposed_gate_up=True)),
+    ("pdl", 8, 2048, 8192, False, True, MlpConfig(stages=4, pdl=True)),
+    ("pdl-det-no-rotation", 5, 2048, 8192, True, True, MlpConfig(stages=4, pdl=True, rotate_down=False)),
 ]
 
 

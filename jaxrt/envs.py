@@ -39,14 +39,22 @@ def fused_kv_write() -> bool:
     return _get("JAXRT_FUSED_KV_WRITE", "1") == "1"
 
 
-def fused_mlp() -> bool:
+FUSED_MLP_MODES = ("0", "1", "deterministic")
+
+
+def fused_mlp() -> str:
     """On Hopper GPUs run the gated MLP block of a few tokens (decode batches up to 16) as one Mosaic GPU
     kernel that streams the gate/up and down weights (``kernels.gated_mlp``) instead of XLA's three to four
-    kernels. ``JAXRT_FUSED_MLP`` (default 0: on an H200 the kernel takes 31.7 us per 1B layer at 8 tokens where
-    XLA's take 34.4, but with the f32 output's two conversions the B=1 and B=8 steps gain ~1% (1.090 vs 1.100
-    ms) and B=16 loses 1%, and its TMA reductions add in a varying order, so results are not bitwise the same
-    from run to run; benchmarks/RESULTS.md, "Engine", fourteenth round). Read when a step is traced."""
-    return _get("JAXRT_FUSED_MLP", "0") == "1"
+    kernels. ``JAXRT_FUSED_MLP``: "0" (default) XLA's kernels; "1" the kernel adding its partial outputs with
+    TMA reductions (the faster, but the order of the additions varies from run to run, so results are not
+    bitwise reproducible); "deterministic" the kernel storing its per-block partials for XLA to sum in a fixed
+    order. On an H200 "1" makes the Llama-3.2-1B decode step 1-6% faster at 1-8 sequences and
+    "deterministic" is slower than XLA at one (benchmarks/RESULTS.md, "Engine", fourteenth round), hence the
+    default. Read when a step is traced."""
+    value = _get("JAXRT_FUSED_MLP", "0")
+    if value not in FUSED_MLP_MODES:
+        raise ValueError(f"JAXRT_FUSED_MLP must be one of {FUSED_MLP_MODES}, got {value!r}")
+    return value
 
 
 def attention_interpret() -> bool:

@@ -27,6 +27,7 @@ def gated_mlp(
     act: str = "silu",
     residual: jax.Array | None = None,
     backend: str = "auto",
+    deterministic: bool = False,
 ) -> jax.Array:
     """``residual + down(act(x @ W_gate) * (x @ W_up))``.
 
@@ -35,7 +36,9 @@ def gated_mlp(
     ``kernels.reference.MLP_ACTIVATIONS``. backend: "auto" (the Mosaic GPU kernel for a few bf16 tokens on
     a Hopper GPU, ``mosaic_mlp.supports``; else XLA), "mosaic" (the kernel, or a ValueError saying why
     not), "reference" (XLA). The kernel accumulates in f32 and rounds once, so its results differ from
-    XLA's bf16 products in the last bits.
+    XLA's bf16 products in the last bits. deterministic (the kernel only): each 64-column block's partial
+    output is stored and XLA sums them in a fixed order, so equal inputs give bitwise equal results; False
+    adds them into one f32 output with TMA reductions instead, whose order varies from run to run.
     """
     if backend not in MLP_BACKENDS:
         raise ValueError(f"backend must be one of {MLP_BACKENDS}, got {backend!r}")
@@ -60,5 +63,7 @@ def gated_mlp(
         backend == "auto" and mlp_kernel_applies(num_tokens, hidden, intermediate, x.dtype, act)
     )
     if use_kernel:
-        return mosaic_mlp.gated_mlp_mgpu(x, w_gate_up, w_down, act=act, residual=residual)
+        return mosaic_mlp.gated_mlp_mgpu(
+            x, w_gate_up, w_down, act=act, residual=residual, deterministic=deterministic
+        )
     return gated_mlp_reference(x, w_gate_up, w_down, act=act, residual=residual)

@@ -387,10 +387,19 @@ class GatedMLP(nnx.Module):
     def __call__(self, x: jax.Array, residual: jax.Array | None = None) -> jax.Array:
         """x: [num_tokens, hidden] -> [num_tokens, hidden]; ``residual + mlp(x)`` when residual is given."""
         act = KERNEL_ACTIVATIONS.get(self.act)
-        if act is not None and not self.bias and envs.fused_mlp():
+        mode = envs.fused_mlp()
+        if act is not None and not self.bias and mode != "0":
             wgu, wd = self.gate_up_proj.kernel[...], self.down_proj.kernel[...]
             if mlp_kernel_applies(x.shape[0], wd.shape[1], wd.shape[0], x.dtype, act):
-                return gated_mlp(x, wgu, wd, act=act, residual=residual, backend="mosaic")
+                return gated_mlp(
+                    x,
+                    wgu,
+                    wd,
+                    act=act,
+                    residual=residual,
+                    backend="mosaic",
+                    deterministic=mode == "deterministic",
+                )
         gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
         out = self.down_proj(ACTIVATIONS[self.act](gate) * up)
         return out if residual is None else residual + out

@@ -229,8 +229,8 @@ def test_model_layer_hands_the_kernel_its_weights_and_residual(monkeypatch):
     want = mlp(x, residual=res)  # XLA's path (the flag is off by default)
     calls = []
 
-    def interpreted(x, wgu, wd, *, act, residual, backend):
-        calls.append((wgu.shape, wd.shape, act, residual is not None, backend))
+    def interpreted(x, wgu, wd, *, act, residual, backend, deterministic):
+        calls.append((wgu.shape, wd.shape, act, residual is not None, backend, deterministic))
         return mosaic_mlp.gated_mlp_mgpu(
             x, wgu, wd, act=act, residual=residual, deterministic=True, num_sms=2, interpret=True
         )
@@ -239,7 +239,13 @@ def test_model_layer_hands_the_kernel_its_weights_and_residual(monkeypatch):
     monkeypatch.setattr(layers, "mlp_kernel_applies", lambda *a: True)
     monkeypatch.setattr(layers, "gated_mlp", interpreted)
     got = mlp(x, residual=res)
-    assert calls == [((256, 256), (128, 256), "silu", True, "mosaic")]
+    assert calls == [((256, 256), (128, 256), "silu", True, "mosaic", False)]
+    monkeypatch.setenv("JAXRT_FUSED_MLP", "deterministic")
+    mlp(x, residual=res)
+    assert calls[-1][-1] is True
+    monkeypatch.setenv("JAXRT_FUSED_MLP", "yes")
+    with pytest.raises(ValueError, match="JAXRT_FUSED_MLP"):
+        mlp(x, residual=res)
     assert _rel_err(got, _f64(want)) < 2e-2
 
 

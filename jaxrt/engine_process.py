@@ -17,12 +17,16 @@ need no ``if __name__ == "__main__"`` guard. One engine process can serve severa
 (``start_core``; the server's ``--api-server-count``): each request's outputs go back on the connection that
 sent it. Frontend -> core: ``(engine_kwargs, log_level, control)`` first (on the first connection), then
 ``("add", [(specs, stream), ...])`` (the requests of one event-loop pass, a group per
-``_submit_many``), ``("abort", rid)``, ``("abort_broadcast", client_rid, abort_all)`` (passed on to
-the other connections), ``("call", token, method, args)``, ``("shutdown",)``. Core -> frontend:
-``("ready", info)`` or ``("failed", message)`` once, then ``("out", deltas, stats)`` (the deltas as plain
-tuples), ``("reply", token, ok, value)``, ``("abort_broadcast", ...)``, ``("dead", message)``, and
-``("bye",)`` last. The engine stops once every connection has said shutdown or closed; a connection that
-leaves earlier has its requests aborted.
+``_submit_many``), ``("abort", rid)``, ``("abort_broadcast", token, client_rid, abort_all, timeout)``
+(passed on to the other connections), ``("aborted", key, count)`` (the answer to a passed-on broadcast),
+``("call", token, method, args)``, ``("shutdown",)``. Core -> frontend: ``("ready", info)`` or
+``("failed", message)`` once, then ``("out", deltas, stats)`` (the deltas as plain tuples),
+``("reply", token, ok, value)`` (to a call, or to an abort broadcast: how many requests the other
+connections aborted), ``("abort_broadcast", key, client_rid, abort_all)`` (another connection's, to be
+answered with ``aborted``), ``("dead", message)``, and ``("bye",)`` last. The core answers a broadcast once
+every connection it passed it to has answered or left, or after ``timeout`` seconds with the counts so far,
+so that ``/abort_request`` reports the requests aborted in every HTTP process. The engine stops once every
+connection has said shutdown or closed; a connection that leaves earlier has its requests aborted.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -126,6 +130,9 @@ class EngineProcess(EngineAPI):
         self._stats: dict[str, Any] = info["stats"]
         self._startup_breakdown = info["startup_breakdown"]
         self._core_pid = info["pid"]
+        # The other handles on this engine (other HTTP processes): with none, an abort broadcast has no one
+        # to reach and costs no round trip.
+        self._num_peers = info.get("num_frontends", 1) - 1
         self.tokenizer = (
             None
             if engine_kwargs.get("skip_tokenizer_init")
@@ -137,9 +144,10 @@ class EngineProcess(EngineAPI):
         )
         seed = engine_kwargs.get("random_seed", 0)
         self._rng = np.random.default_rng(seed if index == 0 else [seed, index])
-        # Called (on the reader thread) with (rid, abort_all) when another process's handle asks every
-        # process to abort a client's request id, or everything (the server's /abort_request).
-        self.on_abort_broadcast: Callable[[str | None, bool], None] | None = None
+        # Called (on the reader thread) with (rid, abort_all, reply) when another process's handle asks every
+        # process to abort a client's request id, or everything (the server's /abort_request); it must call
+        # reply(number aborted) once, from any thread, without blocking the reader on the answer.
+        self.on_abort_broadcast: Callable[[str | None, bool, Callable[[int], None]], None] | None = None
         self._seqs: dict[str, _Seq] = {}
         self._send_lock = threading.Lock()
         self._pending_adds: list[tuple[list[dict[str, Any]], bool]] = []  # (specs, stream) not sent yet
@@ -162,10 +170,29 @@ class EngineProcess(EngineAPI):
         """Abort a request: it finishes with ``finish_reason.type == "abort"`` and frees all it holds."""
         self._send(("abort", request_id), quiet=True)
 
-    def broadcast_abort(self, rid: str | None, abort_all: bool = False) -> None:
+    # How long the core waits for the other handles' answers to an abort broadcast before it replies with
+    # the counts it has: a handle whose event loop is stuck must not hold up /abort_request for long.
+    abort_broadcast_timeout = 5.0
+
+    def broadcast_abort(self, rid: str | None, abort_all: bool = False) -> Future:
         """Ask the other handles on this engine (other HTTP processes) to abort their requests with the
-        client id ``rid``, or all of theirs: their ``on_abort_broadcast`` runs."""
-        self._send(("abort_broadcast", rid, abort_all), quiet=True)
+        client id ``rid``, or all of theirs: their ``on_abort_broadcast`` runs. Returns a Future of how many
+        requests they aborted in all; the core answers once each has answered or left, or after
+        ``abort_broadcast_timeout`` seconds with the answers so far. It fails with RuntimeError if the core
+        has gone. Sent after the queued requests, as every message: it never overtakes their adds."""
+        fut: Future = Future()
+        if self._num_peers <= 0:
+            fut.set_result(0)
+            return fut
+        token = next(self._tokens)
+        try:
+            self._check_alive()
+            self._calls[token] = fut
+            self._send(("abort_broadcast", token, rid, abort_all, self.abort_broadcast_timeout))
+        except RuntimeError as err:
+            self._calls.pop(token, None)
+            _settle(fut, False, err)
+        return fut
 
     def flush_cache(self) -> bool:
         """Drop all cached prefixes. Returns False (and does nothing) while requests are running."""
@@ -300,10 +327,9 @@ class EngineProcess(EngineAPI):
                 elif kind == "reply":
                     fut = self._calls.pop(msg[1], None)
                     if fut is not None:
-                        (fut.set_result if msg[2] else fut.set_exception)(msg[3])
+                        _settle(fut, msg[2], msg[3])
                 elif kind == "abort_broadcast":
-                    if self.on_abort_broadcast is not None:
-                        self.on_abort_broadcast(msg[1], msg[2])
+                    self._heard_abort(*msg[1:])
                 elif kind == "dead":
                     self._dead = RuntimeError(msg[1])
                 elif kind == "bye":
@@ -315,9 +341,27 @@ class EngineProcess(EngineAPI):
                 self._dead = RuntimeError(f"the engine process exited (code {code})")
         finally:
             err = RuntimeError("the engine is shut down")
-            for fut in self._calls.values():
-                fut.set_exception(err)
+            for fut in list(self._calls.values()):
+                _settle(fut, False, err)
             self._route([OutputDelta(rid, error=err) for rid in list(self._seqs)])
+
+    def _heard_abort(self, key: int, rid: str | None, abort_all: bool) -> None:
+        """Another handle's abort broadcast: abort our matches (``on_abort_broadcast``) and tell the core
+        how many, which it adds up for the asker. A failure here still answers (0); a callback that never
+        replies costs the asker the core's timeout, no more."""
+
+        def reply(n: int) -> None:
+            self._send(("aborted", key, int(n)), quiet=True)
+
+        callback = self.on_abort_broadcast
+        if callback is None:
+            reply(0)
+            return
+        try:
+            callback(rid, abort_all, reply)
+        except Exception:  # noqa: BLE001 - the asker still gets an answer
+            logger.exception("an abort broadcast failed here")
+            reply(0)
 
     def _route(self, deltas: list[tuple]) -> None:
         """Hand each delta (an OutputDelta's fields as a plain tuple, as they cross the pipe: read by position,
@@ -383,6 +427,14 @@ class EngineProcess(EngineAPI):
             logprobs=seq.logprobs if seq.return_logprob else None,
             top_logprobs=seq.top if seq.top_logprobs else None,
         )
+
+
+def _settle(fut: Future, ok: bool, value: Any) -> None:
+    """Resolve ``fut`` unless it is already done (a caller that stopped waiting may have cancelled it)."""
+    try:
+        (fut.set_result if ok else fut.set_exception)(value)
+    except InvalidStateError:
+        pass
 
 
 # ======================================================================================= the child
@@ -469,6 +521,7 @@ class _Link:
         self.lock = threading.Lock()
         self.outbox: list[OutputDelta] = []
         self.open = True  # until it says shutdown or closes
+        self.listening = True  # until its receiver stops reading it: it answers no abort broadcast after
         self.owned: set[str] = set()  # its requests' ids, until their last output is sent
 
     def send(self, msg: tuple) -> None:
@@ -489,6 +542,9 @@ class _Core:
         self.counts: tuple = ()
         self.dead_sent = False
         engine.on_loop_end = self.flush
+        self.abort_lock = threading.Lock()  # the receivers of every connection share the waits below
+        self.abort_waits: dict[int, _AbortWait] = {}  # by key: the broadcasts still waiting for answers
+        self.abort_keys = itertools.count()
 
     def sink(self, link: _Link, rid: str):
         outbox = link.outbox
@@ -534,6 +590,7 @@ class _Core:
             "stats": e.load_stats(),
             "startup_breakdown": e.startup_breakdown,
             "pid": os.getpid(),
+            "num_frontends": sum(link.serves for link in self.links),
         }
         for link in self.links:
             link.send(("ready", info))
@@ -577,14 +634,15 @@ class _Core:
             elif kind == "abort":
                 e.abort(msg[1])
             elif kind == "abort_broadcast":
-                for other in self.links:
-                    if other is not link and other.serves and other.open:
-                        other.send(msg)
+                self.broadcast_abort(link, *msg[1:])
+            elif kind == "aborted":
+                self.count_aborted(link, msg[1], msg[2])
             elif kind == "call":
                 # On a thread of its own: flush_cache and wait_compiled wait for the loop.
                 threading.Thread(target=self.call, args=(link, *msg[1:]), daemon=True).start()
             elif kind == "shutdown":
                 break
+        self.stop_listening(link)
         if any(other.open for other in self.links if other is not link):
             # The engine keeps serving the others: end this one's requests, then say goodbye.
             for rid in list(link.owned):
@@ -603,3 +661,81 @@ class _Core:
         except Exception as err:  # noqa: BLE001 - raised in the frontend
             result, ok = err, False
         link.send(("reply", token, ok, result))
+
+    # ----------------------------------------------------------------------------- abort broadcasts
+
+    def broadcast_abort(
+        self, asker: _Link, token: int, rid: str | None, abort_all: bool, timeout: float
+    ) -> None:
+        """Pass an abort on to every other connection that serves, and reply to ``asker`` with the sum of
+        their counts once each has answered or left, or after ``timeout`` seconds with what has come."""
+        key = next(self.abort_keys)
+        with self.abort_lock:
+            targets = [o for o in self.links if o is not asker and o.serves and o.open and o.listening]
+            wait = _AbortWait(asker, token, {o.index for o in targets})
+            if targets:
+                wait.timer = threading.Timer(timeout, self.end_abort_wait, args=(key,))
+                wait.timer.daemon = True
+                wait.timer.start()
+                self.abort_waits[key] = wait
+        if not targets:
+            self.answer_abort(wait)
+            return
+        for o in targets:
+            o.send(("abort_broadcast", key, rid, abort_all))
+            if not o.open:  # it went away: it will not answer
+                self.count_aborted(o, key, 0)
+
+    def count_aborted(self, link: _Link, key: int, n: int) -> None:
+        """One connection's answer to broadcast ``key``; the last one awaited sends the reply."""
+        with self.abort_lock:
+            wait = self.abort_waits.get(key)
+            if wait is None or link.index not in wait.waiting:  # late (timed out) or a second answer
+                return
+            wait.waiting.discard(link.index)
+            wait.total += n
+            if wait.waiting:
+                return
+            del self.abort_waits[key]
+        self.answer_abort(wait)
+
+    def end_abort_wait(self, key: int) -> None:
+        """A broadcast's time is up (on its timer's thread): reply with the counts so far."""
+        with self.abort_lock:
+            wait = self.abort_waits.pop(key, None)
+        if wait is not None:
+            logger.warning("abort broadcast: %d connection(s) did not answer in time", len(wait.waiting))
+            self.answer_abort(wait)
+
+    def answer_abort(self, wait: _AbortWait) -> None:
+        if wait.timer is not None:
+            wait.timer.cancel()
+        if wait.asker.open:
+            wait.asker.send(("reply", wait.token, True, wait.total))
+
+    def stop_listening(self, link: _Link) -> None:
+        """``link``'s receiver has stopped: it answers no broadcast any more (count it as 0), and the
+        broadcasts it asked for get their reply now, with the counts so far (if it still reads)."""
+        done = []
+        with self.abort_lock:
+            link.listening = False
+            for key, wait in list(self.abort_waits.items()):
+                if wait.asker is link:
+                    done.append(self.abort_waits.pop(key))
+                elif link.index in wait.waiting:
+                    wait.waiting.discard(link.index)
+                    if not wait.waiting:
+                        done.append(self.abort_waits.pop(key))
+        for wait in done:
+            self.answer_abort(wait)
+
+
+@dataclass
+class _AbortWait:
+    """An abort broadcast in the core, waiting for the other connections' counts."""
+
+    asker: _Link
+    token: int  # the asker's, for its reply
+    waiting: set[int]  # the indices of the connections yet to answer
+    total: int = 0
+    timer: threading.Timer | None = None

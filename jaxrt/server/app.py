@@ -249,7 +249,7 @@ def create_app(state: ServerState) -> FastAPI:
         abort_all = bool(body.get("abort_all", False))
         if rid is None and not abort_all:
             raise APIError(400, 'pass {"rid": ...} or {"abort_all": true}', param="rid")
-        n = state.abort(rid, abort_all)
+        n = await state.abort(rid, abort_all)
         return {"success": True, "num_aborted": n}
 
     # ------------------------------------------------------------------------------------- generate

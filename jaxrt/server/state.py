@@ -107,10 +107,7 @@ class ServerState:
         self.engine = engine
         if hasattr(engine, "on_abort_broadcast") and self._loop is not None:
             # Another HTTP process of the same engine got an /abort_request: it may be for one of ours.
-            loop = self._loop
-            engine.on_abort_broadcast = lambda rid, abort_all: loop.call_soon_threadsafe(
-                self._abort_local, rid, abort_all
-            )
+            engine.on_abort_broadcast = self._on_abort_broadcast
         if self.freeze_gc:
             freeze_startup_heap()
         self.ready = True
@@ -182,17 +179,45 @@ class ServerState:
 
     # ------------------------------------------------------------------------------------- abort
 
-    def abort(self, rid: str | None = None, abort_all: bool = False) -> int:
-        """Abort by the client's ``rid`` or an engine request id (``meta_info.id``); returns this process's
-        matches. With several HTTP processes (``--api-server-count``) the others abort theirs too."""
+    async def abort(self, rid: str | None = None, abort_all: bool = False) -> int:
+        """Abort by the client's ``rid`` or an engine request id (``meta_info.id``); returns the number of
+        requests aborted. With several HTTP processes (``--api-server-count``) the others abort theirs too
+        and the number counts every process's (as SGLang's, whose one tokenizer manager sees them all); a
+        process that does not answer in time counts as none."""
         n = self._abort_local(rid, abort_all)
-        if self.engine is not None:
+        engine = self.engine
+        if engine is not None:
             if rid is not None:
-                self.engine.abort(rid)  # an engine id we do not track (harmless if unknown)
-            broadcast = getattr(self.engine, "broadcast_abort", None)
+                engine.abort(rid)  # an engine id we do not track (harmless if unknown)
+            broadcast = getattr(engine, "broadcast_abort", None)
             if broadcast is not None:
-                broadcast(rid, abort_all)
+                # The core replies within the engine's abort_broadcast_timeout; the margin covers a core
+                # that cannot reply at all. Shielded: a caller that stops waiting leaves the Future alone.
+                timeout = getattr(engine, "abort_broadcast_timeout", 5.0) + 5.0
+                try:
+                    n += await asyncio.wait_for(
+                        asyncio.shield(asyncio.wrap_future(broadcast(rid, abort_all))), timeout
+                    )
+                except (TimeoutError, RuntimeError) as e:
+                    logger.warning("abort: the other HTTP processes' count is missing (%r)", e)
         return n
+
+    def _on_abort_broadcast(self, rid: str | None, abort_all: bool, reply: Callable[[int], None]) -> None:
+        """Another HTTP process's abort (on the engine's reader thread): abort our matches on our event loop,
+        then tell it how many."""
+
+        def run() -> None:
+            n = 0
+            try:
+                n = self._abort_local(rid, abort_all)
+            finally:
+                reply(n)
+
+        loop = self._loop
+        if loop is None:
+            reply(0)
+        else:
+            loop.call_soon_threadsafe(run)
 
     def _abort_local(self, rid: str | None, abort_all: bool) -> int:
         hits = [a for a in self.active.values() if abort_all or (rid is not None and a.matches(rid))]

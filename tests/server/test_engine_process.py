@@ -5,13 +5,16 @@ instead of hanging them; the frontend never loads JAX."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -23,6 +26,7 @@ from server_testing import (
     api_client,
     sse_events,
     start_inprocess,
+    wait_http,
     wait_idle,
 )
 
@@ -246,8 +250,9 @@ def test_the_frontend_never_loads_jax(tiny_llama_dir, tmp_path):
 
 def test_one_engine_process_serves_several_handles(server, tiny_llama_dir):
     """What ``--api-server-count`` builds on: handles attached to one engine process each get their own
-    requests' outputs, an abort broadcast reaches the others, and a handle that leaves has its requests
-    aborted while the engine keeps serving the rest."""
+    requests' outputs, an abort broadcast reaches the others and comes back with their count (the counts so
+    far once its time is up, none for a handle that leaves meanwhile), and a handle that leaves has its
+    requests aborted while the engine keeps serving the rest."""
     import logging
 
     from jaxrt.engine_process import EngineProcess, start_core
@@ -272,19 +277,32 @@ def test_one_engine_process_serves_several_handles(server, tiny_llama_dir):
         assert [g["output_ids"] for g in got_b] == [r["output_ids"] for r in ref[::-1]]
 
         heard = []
-        a.on_abort_broadcast = lambda rid, abort_all: heard.append((rid, abort_all))
-        b.broadcast_abort("client-rid", False)
-        deadline = time.monotonic() + 30
-        while not heard and time.monotonic() < deadline:
-            time.sleep(0.01)
+
+        def answer_two(rid, abort_all, reply):
+            heard.append((rid, abort_all))
+            reply(2)
+
+        a.on_abort_broadcast = answer_two
+        assert b.broadcast_abort("client-rid", False).result(30) == 2
         assert heard == [("client-rid", False)]
+
+        # a handle that never answers: the core replies with what it has once the time is up
+        a.on_abort_broadcast = lambda rid, abort_all, reply: heard.append((rid, abort_all))
+        b.abort_broadcast_timeout = 0.5
+        t0 = time.monotonic()
+        assert b.broadcast_abort(None, True).result(30) == 0
+        assert heard[-1] == (None, True) and time.monotonic() - t0 < 10
 
         long = {**GREEDY, "max_new_tokens": 400}
         stream_b = b.generate("hello", long, stream=True)
         next(stream_b)
+        b.on_abort_broadcast = lambda rid, abort_all, reply: None  # b will leave instead of answering
+        a.abort_broadcast_timeout = 600
+        pending = a.broadcast_abort("client-rid", False)
         b.shutdown()  # b leaves: its request ends with an abort; the engine stays up for a
         rest = list(stream_b)
         assert rest and rest[-1]["meta_info"]["finish_reason"]["type"] == "abort"
+        assert pending.result(60) == 0  # b left without answering: it counts as none, a waits no longer
         assert a.generate(PROMPTS[0], GREEDY)["output_ids"] == ref[0]["output_ids"]
         a.shutdown()
         control.send(("shutdown",))
@@ -293,6 +311,103 @@ def test_one_engine_process_serves_several_handles(server, tiny_llama_dir):
         if core.poll() is None:
             core.kill()
         control.close()
+
+
+@pytest.fixture(scope="module")
+def two_frontends(tiny_llama_dir) -> Iterator[tuple[httpx.Client, httpx.Client]]:
+    """Two HTTP servers on one engine process, as the HTTP processes of ``--api-server-count 2`` are (here
+    in this process, each with its own event loop): clients for A and B."""
+    import logging
+
+    from jaxrt.engine_process import EngineProcess, start_core
+
+    core, (control, *links) = start_core(3)
+    control.send(({"model_path": tiny_llama_dir, **ENGINE_ARGS}, logging.WARNING, True))
+    fds = [os.dup(link.fileno()) for link in links]
+    for link in links:
+        link.close()
+    lives: list[LiveServer] = []
+    try:
+        for i, fd in enumerate(fds):
+            factory = lambda fd=fd, i=i: EngineProcess.attach(fd, i, **ENGINE_ARGS)  # noqa: E731
+            lives.append(start_inprocess(factory, api_key=API_KEY, wait=False))
+        for live in lives:
+            wait_http(live.base_url + "/health", timeout=600)
+        assert control.recv()[0] == "ready"
+        with api_client(lives[0]) as http_a, api_client(lives[1]) as http_b:
+            yield http_a, http_b
+    finally:
+        for live in lives:
+            live.stop()
+        try:
+            control.send(("shutdown",))
+            core.wait(timeout=120)
+        except (OSError, subprocess.TimeoutExpired):
+            core.kill()
+        control.close()
+
+
+LONG = {"temperature": 0, "max_new_tokens": 480, "ignore_eos": True}
+
+
+def _first_event(lines: Iterator[str]) -> str:
+    return next(line for line in lines if line.startswith("data:"))
+
+
+def test_abort_request_counts_a_request_of_another_http_process(two_frontends):
+    """/abort_request through B, by the rid of a stream that A holds: 1 aborted (A's count, summed by the
+    core), and A's stream ends with an abort. A rid that nowhere matches counts 0, without waiting."""
+    http_a, http_b = two_frontends
+    body = {"text": "A long story begins", "sampling_params": LONG, "stream": True, "rid": "two-rid-1"}
+    with http_a.stream("POST", "/generate", json=body) as r:
+        lines = r.iter_lines()
+        _first_event(lines)
+        got = http_b.post("/abort_request", json={"rid": "two-rid-1"})
+        assert got.status_code == 200 and got.json() == {"success": True, "num_aborted": 1}
+        events = [line for line in lines if line.startswith("data:")]
+    assert '"type":"abort"' in events[-2] and events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][5:])["meta_info"]["completion_tokens"] < LONG["max_new_tokens"]
+    t0 = time.monotonic()
+    assert http_b.post("/abort_request", json={"rid": "no-such-rid"}).json()["num_aborted"] == 0
+    assert time.monotonic() - t0 < 4  # every process answered: no wait for the timeout
+    for bad in ({}, {"rid": 5}):
+        assert http_b.post("/abort_request", json=bad).status_code == 400
+    wait_idle(http_a)
+    wait_idle(http_b)
+
+
+def test_abort_all_counts_every_http_process(two_frontends):
+    """abort_all through B: a stream and a non-streamed request in A and a stream in B, 3 aborted; each ends
+    with an abort."""
+    http_a, http_b = two_frontends
+    waited: dict[str, Any] = {}
+
+    def run_a() -> None:
+        body = {"text": "Wait for me", "sampling_params": LONG, "rid": "two-rid-wait"}
+        waited["a"] = http_a.post("/generate", json=body).json()
+
+    body = {"text": "Stream on", "sampling_params": LONG, "stream": True}
+    with (
+        http_a.stream("POST", "/generate", json={**body, "rid": "two-rid-a"}) as ra,
+        http_b.stream("POST", "/generate", json={**body, "rid": "two-rid-b"}) as rb,
+    ):
+        lines_a, lines_b = ra.iter_lines(), rb.iter_lines()
+        _first_event(lines_a)
+        _first_event(lines_b)
+        t = threading.Thread(target=run_a)
+        t.start()
+        deadline = time.monotonic() + 60
+        while http_a.get("/get_server_info").json()["num_inflight_seqs"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        got = http_b.post("/abort_request", json={"abort_all": True})
+        assert got.status_code == 200 and got.json()["num_aborted"] == 3
+        events = [[line for line in lines if line.startswith("data:")] for lines in (lines_a, lines_b)]
+    t.join(120)
+    assert waited["a"]["meta_info"]["finish_reason"]["type"] == "abort"
+    for ev in events:
+        assert '"type":"abort"' in ev[-2] and ev[-1] == "data: [DONE]"
+    wait_idle(http_a)
+    wait_idle(http_b)
 
 
 def test_requests_of_one_loop_pass_go_in_one_message(tiny_llama_dir):
@@ -337,9 +452,12 @@ def test_requests_of_one_loop_pass_go_in_one_message(tiny_llama_dir):
                 fut.set_result(out)
 
         results, finals, aborted = asyncio.run(together())
+        # no other handle on this engine: an abort broadcast answers at once, without a message
+        assert ep.broadcast_abort("anything", True).result(0) == 0
         adds = [m for m in sent if m[0] == "add"]
         assert len(adds) == 1 and len(adds[0][1]) == 2 * len(PROMPTS) + 1, adds
         assert [m[0] for m in sent][:2] == ["add", "abort"]
+        assert all(m[0] != "abort_broadcast" for m in sent)
         for a, r, f in zip(alone, results, finals, strict=True):
             assert (
                 r["output_ids"] == a["output_ids"] == f["output_ids"] and r["text"] == a["text"] == f["text"]

@@ -201,8 +201,8 @@ def test_disable_frontend_multiprocessing(tiny_llama_dir, tmp_path):
 
 def test_api_server_count_two_processes_one_engine(server, tiny_llama_dir, tmp_path):
     """``--api-server-count 2``: two HTTP processes share the port and one engine process; both answer
-    (greedy outputs equal the in-process engine's), /abort_request reaches a stream the other process
-    holds, and SIGTERM stops all three processes with exit code 0."""
+    (greedy outputs equal the in-process engine's), /abort_request reaches and counts a stream the other
+    process holds, and SIGTERM stops all three processes with exit code 0."""
     from server_testing import ENGINE_ARGS
 
     args = ["--model-path", tiny_llama_dir, "--dtype", "float32", "--context-length", "512",
@@ -241,9 +241,8 @@ def test_api_server_count_two_processes_one_engine(server, tiny_llama_dir, tmp_p
         with httpx.stream("POST", url + "/generate", json=body, timeout=120) as r:
             lines = r.iter_lines()
             next(line for line in lines if line.startswith("data:"))
-            assert (
-                httpx.post(url + "/abort_request", json={"rid": "multi-rid-1"}, timeout=30).status_code == 200
-            )
+            got = httpx.post(url + "/abort_request", json={"rid": "multi-rid-1"}, timeout=30)
+            assert got.status_code == 200 and got.json()["num_aborted"] == 1  # counted in either process
             events = [line for line in lines if line.startswith("data:")]
         assert '"abort"' in events[-2] and events[-1] == "data: [DONE]"
 

@@ -10,8 +10,11 @@ with the bandwidth of reading the weights once. The XLA side is compiled as the 
 (Triton GEMM fusions off, so every dot is a cuBLAS call); an optimisation barrier per layer keeps XLA from
 merging the dots that share their left operand into one. The Pallas kernel is a prototype kept here for
 the measurement: program (n block, k split) streams its ``[K / splits, bn]`` slab of the weight in ``bk``-row
-steps into an f32 ``[max(16, M), bn]`` accumulator; with ``splits > 1`` XLA sums the f32 partials. Every
-result is checked against a float64 product. ``--smoke``: CPU, interpret mode, tiny shapes.
+steps into an f32 ``[max(16, M), bn]`` accumulator; with ``splits > 1`` XLA sums the f32 partials.
+``mosaic`` is ``kernels.mosaic_skinny`` (Hopper, up to 16 rows): persistent programs that each own 16-64
+output columns and stream their whole ``[K, cols]`` slab through a TMA ring, writing the bf16 output
+themselves. Every result is checked against a float64 product. ``--smoke``: CPU, interpret mode, tiny
+shapes.
 """
 
 from __future__ import annotations
@@ -87,11 +90,15 @@ def main() -> None:
     p.add_argument("--output-file", default=None)
     p.add_argument("--model-cache", default=None, help="unused (the smoke test passes it to every script)")
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--mosaic", type=int, default=1, help="also time kernels.mosaic_skinny (1/0)")
     args = p.parse_args()
     read_bw = read_bandwidth()  # the card's measured ceiling, for the '% of read bandwidth' column
     import jax
     import jax.numpy as jnp
 
+    from jaxrt.kernels import mosaic_skinny
+
+    has_interp = mosaic_skinny.plgpu is not None and hasattr(mosaic_skinny.plgpu, "InterpretGPUParams")
     shapes = {name: SHAPES[name] for name in args.shapes.split(",")}
     configs = args.configs
     if args.smoke:
@@ -125,7 +132,16 @@ def main() -> None:
         for m in (int(v) for v in args.m.split(",")):
             x = jax.random.normal(jax.random.fold_in(key, 10_000 + m), (m, k), jnp.bfloat16)
             want = np.asarray(x.astype(jnp.float32), np.float64) @ w0
-            variants = [("cublas", jnp.dot)] + [
+            variants = [("cublas", jnp.dot)]
+            if (
+                args.mosaic
+                and mosaic_skinny.supports(m, k, n, x.dtype) is None
+                and (not interpret or has_interp)
+            ):
+                variants.append(
+                    ("mosaic", functools.partial(mosaic_skinny.skinny_matmul_mgpu, interpret=interpret))
+                )
+            variants += [
                 (
                     f"pallas {c}",
                     functools.partial(

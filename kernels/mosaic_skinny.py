@@ -1,0 +1,296 @@
+"""``residual + h @ w`` for a few rows of ``h`` on Hopper GPUs: one Mosaic GPU kernel in which each program
+owns a slab of output columns.
+
+At decode a projection sees a handful of token rows, so it is bound by reading ``w``. Splitting its K
+dimension over the SMs (as cuBLAS's split-K or the MLP kernel's items do) leaves a partial output per split
+that must be added up: f32 partials written and read again, TMA reductions whose order varies, and a final
+rounding as a kernel of its own. Here each program owns ``cols`` (16, 32 or 64) output columns and streams
+the whole K extent of its slab of ``w`` (``[K, cols]``, a ``[256, cols]`` tile per stage) together with the
+matching columns of ``h`` (small, read from L2 by every program), so its f32 accumulator is the final sum:
+it adds the residual and writes the bf16 output itself. Results are the same from run to run.
+
+The A operand of wgmma is 64 rows; ``h``'s few rows are laid out as in the MLP kernel: the ``rows`` rows of
+each 64-column chunk of a stage follow one another in a ``[4 * rows + 64 - rows, 64]`` buffer, and the A
+operand of chunk ``c`` is the 64 rows from ``c * rows``; accumulator rows past ``rows`` hold garbage that
+is never stored. wgmma takes one tiling for both operands, so ``h``'s stage buffer is tiled like the
+``[256, cols]`` weight tile (``(8, cols)``, a ``2 * cols``-byte swizzle).
+
+Status: correct in the Pallas GPU interpreter and lowered for CUDA (tests/kernels/test_mosaic_skinny.py);
+not yet run or timed on a GPU (``benchmarks/bench_skinny_gemm.py`` times it against cuBLAS). It is the
+building block for projections whose output a program owns: the MLP's down projection without partial sums
+(deterministic, no f32 output to convert) and, later, the projections of a per-layer kernel. Nothing in the
+model calls it yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from jaxrt.kernels import _pallas_common as common
+
+try:  # Mosaic GPU ships with jax; CPU-only installs still import this module
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+except ImportError:  # pragma: no cover
+    plgpu = None
+
+ROWS = 64  # wgmma M
+K_STAGE = 256  # rows of w per stage
+COLS = (16, 32, 64)
+MAX_ROWS = 16
+SMEM_BUDGET = 227 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class SkinnyConfig:
+    """stages: depth of the ring of ``[256, cols]`` tiles of ``w`` (with the matching columns of ``h``);
+    cols: output columns per program (16, 32 or 64; None: the fewest that keep the programs within the
+    SMs)."""
+
+    stages: int = 6
+    cols: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.cols is not None and self.cols not in COLS:
+            raise ValueError(f"cols must be one of {COLS}, got {self.cols}")
+
+
+def _rows(num_rows: int) -> int:
+    return max(8, -(-num_rows // 8) * 8)
+
+
+def _h_rows(rows: int) -> int:
+    return (K_STAGE // 64) * rows + ROWS - rows
+
+
+def choose_cols(n: int, num_sms: int) -> int | None:
+    """The fewest output columns per program that divide ``n`` and need at most ``num_sms`` programs, else
+    the most that divide ``n`` (programs then take several slabs); None if none divides ``n``."""
+    fits = [c for c in COLS if n % c == 0]
+    for c in fits:
+        if n // c <= num_sms:
+            return c
+    return fits[-1] if fits else None
+
+
+def smem_bytes(cfg: SkinnyConfig, rows: int, cols: int) -> int:
+    stage = _h_rows(rows) * 64 * 2 + K_STAGE * cols * 2
+    return cfg.stages * stage + ROWS * cols * 4 + 2 * rows * cols * 2 + 1024
+
+
+def supports(num_rows: int, k: int, n: int, dtype) -> str | None:
+    """None if the kernel takes ``[num_rows, k] @ [k, n]``, else why (the hardware check is
+    ``mosaic_gpu.hopper_available``)."""
+    if plgpu is None:
+        return "jax has no Mosaic GPU"
+    if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
+        return f"dtype {dtype} (the kernel takes bf16)"
+    if num_rows > MAX_ROWS:
+        return f"{num_rows} rows (the kernel is for at most {MAX_ROWS})"
+    if k % K_STAGE:
+        return f"K = {k} is not a multiple of {K_STAGE}"
+    if n % COLS[0]:
+        return f"N = {n} is not a multiple of {COLS[0]}"
+    return None
+
+
+def _kernel(
+    h_ref,  # [rows, K] bf16, GMEM
+    w_ref,  # [K, N] bf16
+    res_ref,  # [rows, N] bf16 or None
+    out_ref,  # [rows, N] bf16
+    h_smem,  # [stages, h_rows, 64], tiled and swizzled as w_smem (wgmma takes one tiling for A and B)
+    w_smem,  # [stages, 256, cols], tiled and swizzled
+    acc_smem,  # [64, cols] f32, untiled
+    r_smem,  # [rows, cols] bf16, untiled: the residual's slab
+    o_smem,  # [rows, cols] bf16, untiled: the output's slab
+    full_bar,  # [stages]
+    free_bar,  # [stages]
+    r_bar,
+    *,
+    stages: int,
+    rows: int,
+    k: int,
+    n: int,
+    cols: int,
+):
+    c = lax.axis_index("c")
+    num_programs = lax.axis_size("c")
+    wg = lax.axis_index("wg")
+    my_slabs = (n // cols - c + num_programs - 1) // num_programs
+    nk = k // K_STAGE
+    chunks = K_STAGE // 64
+
+    @pl.when(wg == 1)
+    def _producer():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def slab_body(i, carry):
+            s = c + i * num_programs
+
+            def stage(t, carry):
+                step = i * nk + t
+                slot = lax.rem(step, stages)
+
+                @pl.when(step >= stages)
+                def _():
+                    plgpu.barrier_wait(free_bar.at[slot])
+
+                ks = pl.ds(pl.multiple_of(t * K_STAGE, K_STAGE), K_STAGE)
+                plgpu.copy_gmem_to_smem(
+                    w_ref.at[ks, pl.ds(s * cols, cols)], w_smem.at[slot], full_bar.at[slot]
+                )
+                for ch in range(chunks):
+                    plgpu.copy_gmem_to_smem(
+                        h_ref.at[:, pl.ds(t * K_STAGE + ch * 64, 64)],
+                        h_smem.at[slot, pl.ds(ch * rows, rows)],
+                        full_bar.at[slot],
+                    )
+                return carry
+
+            lax.fori_loop(0, nk, stage, None)
+            return carry
+
+        lax.fori_loop(0, my_slabs, slab_body, None)
+        total = my_slabs * nk
+        for i in range(stages):  # every barrier phase is waited on before the kernel ends
+            step = total - 1 - i
+
+            @pl.when(step >= 0)
+            def _(step=step):
+                plgpu.barrier_wait(free_bar.at[lax.rem(step, stages)])
+
+    @pl.when(wg == 0)
+    def _consumer():
+        def slab_body(i, carry):
+            s = c + i * num_programs
+            out_cols = pl.ds(s * cols, cols)
+            if res_ref is not None:
+                # The previous slab's output store has read r_smem's neighbour o_smem; r_smem is free.
+                plgpu.copy_gmem_to_smem(res_ref.at[:, out_cols], r_smem, r_bar.at[0])
+
+            def products(acc_ref):
+                def stage(t, carry):
+                    slot = lax.rem(i * nk + t, stages)
+                    plgpu.barrier_wait(full_bar.at[slot])
+                    for ch in range(chunks):
+                        plgpu.wgmma(
+                            acc_ref,
+                            h_smem.at[slot, pl.ds(ch * rows, ROWS)],
+                            w_smem.at[slot, pl.ds(ch * 64, 64)],
+                        )
+                    # Stage t's products are in flight; those of stage t - 1 have read their operands.
+                    plgpu.wgmma_wait(chunks)
+
+                    @pl.when(t > 0)
+                    def _():
+                        plgpu.barrier_arrive(free_bar.at[lax.rem(i * nk + t - 1, stages)])
+
+                    return carry
+
+                lax.fori_loop(0, nk, stage, None)
+                acc = acc_ref[...]
+                plgpu.barrier_arrive(free_bar.at[lax.rem(i * nk + nk - 1, stages)])
+                return acc
+
+            acc_smem[...] = pl.run_scoped(products, plgpu.ACC((ROWS, cols), jnp.float32))
+            # The output slab is rows x cols elements: one (or two) per thread of the warpgroup.
+            strided = plgpu.Layout.WG_STRIDED((rows, cols), vec_size=1)
+            out = plgpu.load(acc_smem.at[pl.ds(0, rows)], layout=strided, optimized=False)
+            if res_ref is not None:
+                plgpu.barrier_wait(r_bar.at[0])
+                res = plgpu.load(r_smem, layout=strided, optimized=False)
+                out = out + res.astype(jnp.float32)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous slab's store read o_smem
+            o_smem[...] = out.astype(o_smem.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, out_ref.at[:, out_cols])
+            return carry
+
+        lax.fori_loop(0, my_slabs, slab_body, None)
+        plgpu.wait_smem_to_gmem(0)
+
+
+def skinny_matmul_mgpu(
+    h: jax.Array,
+    w: jax.Array,
+    *,
+    residual: jax.Array | None = None,
+    config: SkinnyConfig | None = None,
+    num_sms: int | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """``residual + h @ w`` with an f32 accumulator per output element, rounded once to ``h``'s dtype.
+
+    h: [num_rows, K] bf16 (num_rows <= 16); w: [K, N] bf16; residual: [num_rows, N] or None. ``supports``
+    says which shapes the kernel takes. Runs on Hopper GPUs; ``interpret=True`` runs it in the Pallas GPU
+    interpreter (CPU tests).
+    """
+    num_rows, k = h.shape
+    if w.ndim != 2 or w.shape[0] != k:
+        raise ValueError(f"w {w.shape} does not match h {h.shape} (expected ({k}, N))")
+    n = w.shape[1]
+    if residual is not None and residual.shape != (num_rows, n):
+        raise ValueError(f"residual {residual.shape} does not match the output ({num_rows}, {n})")
+    why = supports(num_rows, k, n, h.dtype)
+    if why is not None:
+        raise ValueError(f"skinny_matmul_mgpu does not take this product: {why}")
+    cfg = config or SkinnyConfig()
+    sms = num_sms or common.num_sms()
+    cols = cfg.cols or choose_cols(n, sms)
+    if n % cols:
+        raise ValueError(f"N = {n} is not a multiple of cols = {cols}")
+    rows = _rows(num_rows)
+    smem = smem_bytes(cfg, rows, cols)
+    if smem > SMEM_BUDGET:
+        raise ValueError(f"{cfg} with cols {cols} needs {smem} bytes of shared memory (> {SMEM_BUDGET})")
+
+    def pad(a):
+        return a if rows == num_rows else jnp.pad(a, ((0, rows - num_rows), (0, 0)))
+
+    num_programs = max(1, min(n // cols, sms))
+    dtype = h.dtype
+    w_swizzle = (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(cols * 2))
+    scratch = (
+        plgpu.SMEM((cfg.stages, _h_rows(rows), 64), dtype, transforms=w_swizzle),
+        plgpu.SMEM((cfg.stages, K_STAGE, cols), dtype, transforms=w_swizzle),
+        plgpu.SMEM((ROWS, cols), jnp.float32),
+        plgpu.SMEM((rows, cols), dtype),
+        plgpu.SMEM((rows, cols), dtype),
+        plgpu.Barrier(num_arrivals=1 + K_STAGE // 64, num_barriers=cfg.stages),
+        plgpu.Barrier(num_arrivals=1, num_barriers=cfg.stages),
+        plgpu.Barrier(num_arrivals=1, num_barriers=1),
+    )
+    kernel = functools.partial(_kernel, stages=cfg.stages, rows=rows, k=k, n=n, cols=cols)
+    mesh_kwargs = dict(
+        grid=(num_programs,),
+        grid_names=("c",),
+        num_threads=2,
+        thread_name="wg",
+        kernel_name=f"jaxrt_skinny_mgpu_r{rows}_c{cols}_st{cfg.stages}",
+    )
+    if interpret:
+        mesh_kwargs["interpret"] = plgpu.InterpretGPUParams()
+    out_type = jax.ShapeDtypeStruct((rows, n), dtype)
+    if residual is None:
+
+        def entry(h_ref, w_ref, out_ref):
+            pl.run_scoped(
+                functools.partial(kernel, h_ref, w_ref, None, out_ref), *scratch, collective_axes="wg"
+            )
+
+        out = plgpu.kernel(entry, out_type=out_type, **mesh_kwargs)(pad(h), w)
+    else:
+
+        def entry(h_ref, w_ref, res_ref, out_ref):
+            pl.run_scoped(
+                functools.partial(kernel, h_ref, w_ref, res_ref, out_ref), *scratch, collective_axes="wg"
+            )
+
+        out = plgpu.kernel(entry, out_type=out_type, **mesh_kwargs)(pad(h), w, pad(residual.astype(dtype)))
+    return out[:num_rows]

@@ -12,7 +12,9 @@ XLA), ``mgpu-il`` (gate and up blocks interleaved: each item's rows are 256 cont
 interleaving itself is done once, outside the timed program), ``mgpu-t`` (phase 1 transposed:
 ``MlpConfig.transposed_gate_up``), each optionally with ``:stages/out_buffers`` or ``:stages/out_buffers/copy_only`` (the kernel's
 diagnostic modes, ``MlpConfig.copy_only``: their outputs are not checked), then optionally ``+nopdl``
-(``MlpConfig.pdl=True``) and ``+norot`` (``rotate_down=False``), e.g. ``mgpu:4/2/all+pdl``. ``--smoke``: CPU, tiny shapes (the Mosaic GPU variants
+(``MlpConfig.pdl=True``), ``+norot`` (``rotate_down=False``) and ``+cols`` (``down_by_columns=True``: the
+gated product, then ``kernels.mosaic_skinny`` for the down projection), e.g. ``mgpu:4/2/all+pdl``,
+``mgpu+cols``. ``--smoke``: CPU, tiny shapes (the Mosaic GPU variants
 in the Pallas GPU interpreter where jax has one).
 """
 
@@ -79,14 +81,15 @@ def main() -> None:
         if tiling:
             stages, bufs, *copy = tiling.split("/")
             cfg = mosaic_mlp.MlpConfig(stages=int(stages), out_buffers=int(bufs), copy_only="".join(copy))
-        unknown = set(opts) - {"pdl", "norot"}
+        unknown = set(opts) - {"pdl", "norot", "cols"}
         if unknown:
-            raise SystemExit(f"unknown variant options {sorted(unknown)} (known: +pdl, +norot)")
+            raise SystemExit(f"unknown variant options {sorted(unknown)} (known: +pdl, +norot, +cols)")
         cfg = dataclasses.replace(
             cfg,
             transposed_gate_up=name == "mgpu-t",
             pdl="pdl" in opts,
             rotate_down="norot" not in opts,
+            down_by_columns="cols" in opts,
         )
         det, il = name == "mgpu-det", name == "mgpu-il"
 

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-from jaxrt.kernels import mosaic_gpu, mosaic_mlp
+from jaxrt.kernels import mosaic_gpu, mosaic_mlp, mosaic_skinny
 from jaxrt.kernels.reference import MLP_ACTIVATIONS, gated_mlp_reference
 
 MLP_BACKENDS = ("auto", "mosaic", "reference")
 
 
-def mlp_kernel_applies(num_tokens: int, hidden: int, intermediate: int, dtype, act: str) -> bool:
+def mlp_kernel_applies(
+    num_tokens: int, hidden: int, intermediate: int, dtype, act: str, down_by_columns: bool = False
+) -> bool:
     """Whether ``gated_mlp(backend="auto")`` runs the Mosaic GPU kernel for this shape on this machine."""
     return (
         mosaic_mlp.supports(num_tokens, hidden, intermediate, dtype, act) is None
+        and (not down_by_columns or mosaic_skinny.supports(num_tokens, intermediate, hidden, dtype) is None)
         and mosaic_gpu.hopper_available()
     )
 
@@ -28,6 +33,7 @@ def gated_mlp(
     residual: jax.Array | None = None,
     backend: str = "auto",
     deterministic: bool = False,
+    down_by_columns: bool = False,
 ) -> jax.Array:
     """``residual + down(act(x @ W_gate) * (x @ W_up))``.
 
@@ -39,6 +45,9 @@ def gated_mlp(
     XLA's bf16 products in the last bits. deterministic (the kernel only): each 64-column block's partial
     output is stored and XLA sums them in a fixed order, so equal inputs give bitwise equal results; False
     adds them into one f32 output with TMA reductions instead, whose order varies from run to run.
+    down_by_columns (the kernel only): two kernels, the gated product ``h`` and then the down projection
+    with each program owning output columns (``MlpConfig.down_by_columns``): no partial outputs, the same
+    result from run to run; needs an intermediate size that is a multiple of 256.
     """
     if backend not in MLP_BACKENDS:
         raise ValueError(f"backend must be one of {MLP_BACKENDS}, got {backend!r}")
@@ -60,10 +69,15 @@ def gated_mlp(
             f"x, w_gate_up, w_down and residual must share one dtype, got {sorted(map(str, dtypes))}"
         )
     use_kernel = backend == "mosaic" or (
-        backend == "auto" and mlp_kernel_applies(num_tokens, hidden, intermediate, x.dtype, act)
+        backend == "auto"
+        and mlp_kernel_applies(num_tokens, hidden, intermediate, x.dtype, act, down_by_columns)
     )
     if use_kernel:
+        config = None
+        if down_by_columns:
+            config = mosaic_mlp.default_config(hidden, mosaic_mlp._rows(num_tokens))
+            config = config and dataclasses.replace(config, down_by_columns=True)
         return mosaic_mlp.gated_mlp_mgpu(
-            x, w_gate_up, w_down, act=act, residual=residual, deterministic=deterministic
+            x, w_gate_up, w_down, act=act, residual=residual, deterministic=deterministic, config=config
         )
     return gated_mlp_reference(x, w_gate_up, w_down, act=act, residual=residual)

@@ -49,6 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxrt.kernels import _pallas_common as common
+from jaxrt.kernels import mosaic_skinny
 
 try:  # Mosaic GPU ships with jax; CPU-only installs still import this module
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -85,18 +86,25 @@ class MlpConfig:
     the earlier kernels (``griddepcontrol.wait``) before it reads ``x`` and before any output is added.
     Off in the interpreter, which has no such instruction.
     rotate_down: program ``c`` walks phase 2's blocks of 256 output columns starting at block ``c``, so the
-    programs' TMA reductions are spread over the output instead of all adding into the same block."""
+    programs' TMA reductions are spread over the output instead of all adding into the same block.
+    down_by_columns: two kernels instead of one. This kernel runs phase 1 only and writes ``h`` ([tokens,
+    intermediate] bf16, 128 KiB for 8 tokens of Llama-3.2-1B); then ``mosaic_skinny.skinny_matmul_mgpu``
+    computes ``residual + h @ W_down`` with each program owning output columns: no partial outputs, no f32
+    output to convert, the same result from run to run (``deterministic`` does not apply)."""
 
     stages: int = 3
     out_buffers: int = 2
     copy_only: str = ""
     transposed_gate_up: bool = False
     pdl: bool = False
+    down_by_columns: bool = False
     rotate_down: bool = True
 
     def __post_init__(self) -> None:
         if self.copy_only not in COPY_ONLY_MODES:
             raise ValueError(f"copy_only must be one of {COPY_ONLY_MODES}, got {self.copy_only!r}")
+        if self.copy_only and self.down_by_columns:
+            raise ValueError("copy_only applies to the one-kernel form, not to down_by_columns")
 
 
 def _x_rows(hidden: int, rows: int) -> int:
@@ -170,6 +178,7 @@ def _kernel(
     act: str,
     deterministic: bool,
     interleaved: bool,
+    h_only: bool,
 ):
     c = lax.axis_index("c")
     num_programs = lax.axis_size("c")
@@ -178,7 +187,7 @@ def _kernel(
     my_items = (num_items - c + num_programs - 1) // num_programs
     chunks = hidden // 64
     nk = hidden // K_STAGE
-    nn = hidden // N_STAGE
+    nn = 0 if h_only else hidden // N_STAGE  # h_only: no phase 2
     per_item = nk + nn
     stages = cfg.stages
 
@@ -239,7 +248,8 @@ def _kernel(
                 return carry
 
             lax.fori_loop(jnp.where(k == 0, prefetch, 0), nk, gate_up, None)
-            lax.fori_loop(0, nn, down, None)
+            if not h_only:
+                lax.fori_loop(0, nn, down, None)
             return carry
 
         lax.fori_loop(0, my_items, item_body, None)
@@ -299,12 +309,20 @@ def _kernel(
                 gate_up, plgpu.ACC(acc_shape, jnp.float32), plgpu.ACC(acc_shape, jnp.float32)
             )
             h = (_activate(gate, act) * up).astype(h_smem.dtype)
-            # The previous item's down products have completed (their accumulators were read).
+            if h_only:  # the previous item's h has been read out of h_smem by its store
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            # (Else the previous item's down products have completed: their accumulators were read.)
             if cfg.transposed_gate_up:
                 h_smem.at[pl.ds(0, rows)].transpose((1, 0))[...] = h
             else:
                 h_smem[...] = h
             plgpu.commit_smem()
+            if h_only:  # h's rows for the item's 64 columns: out_ref is h, [rows, intermediate]
+                plgpu.copy_smem_to_gmem(
+                    h_smem.at[pl.ds(0, rows)],
+                    out_ref.at[:, pl.ds(pl.multiple_of(j * BLOCK_I, BLOCK_I), BLOCK_I)],
+                )
+                return carry
 
             def down_stage(t, carry):  # phase 2: the item's rows of W_down for 256 output columns
                 slot = lax.rem(base + nk + t, stages)
@@ -394,6 +412,10 @@ def gated_mlp_mgpu(
     cfg = config or default_config(hidden, rows)
     if interpret:
         cfg = dataclasses.replace(cfg, pdl=False)  # the interpreter has no griddepcontrol
+    if cfg.down_by_columns:
+        why = mosaic_skinny.supports(num_tokens, intermediate, hidden, x.dtype)
+        if why is not None:
+            raise ValueError(f"down_by_columns: the down projection's kernel does not take it: {why}")
     smem = smem_bytes(cfg, hidden, rows)
     if smem > SMEM_BUDGET:
         raise ValueError(f"{cfg} needs {smem} bytes of shared memory per program (> {SMEM_BUDGET})")
@@ -411,6 +433,7 @@ def gated_mlp_mgpu(
         act=act,
         deterministic=deterministic,
         interleaved=interleaved,
+        h_only=cfg.down_by_columns,
     )
     scratch = (
         plgpu.SMEM((_x_rows(hidden, rows), 64), dtype, transforms=swizzled),
@@ -429,7 +452,8 @@ def gated_mlp_mgpu(
         compiler_params=plgpu.CompilerParams(approx_math=True),
         kernel_name=f"jaxrt_mlp_mgpu_r{rows}_st{cfg.stages}_o{cfg.out_buffers}"
         + ("_det" if deterministic else "")
-        + (f"_copy_{cfg.copy_only}" if cfg.copy_only else ""),
+        + (f"_copy_{cfg.copy_only}" if cfg.copy_only else "")
+        + ("_h" if cfg.down_by_columns else ""),
     )
 
     def entry(x_ref, wgu_ref, wd_ref, out_ref):
@@ -439,6 +463,15 @@ def gated_mlp_mgpu(
 
     if interpret:
         mesh_kwargs["interpret"] = plgpu.InterpretGPUParams()
+    if cfg.down_by_columns:
+        h = plgpu.kernel(entry, out_type=jax.ShapeDtypeStruct((rows, intermediate), dtype), **mesh_kwargs)(
+            xr, w_gate_up, w_down
+        )
+        res = None if residual is None else residual.astype(dtype)
+        if res is not None and rows != num_tokens:
+            res = jnp.pad(res, ((0, rows - num_tokens), (0, 0)))
+        out = mosaic_skinny.skinny_matmul_mgpu(h, w_down, residual=res, num_sms=num_sms, interpret=interpret)
+        return out[:num_tokens]
     if deterministic:
         parts = plgpu.kernel(
             entry, out_type=jax.ShapeDtypeStruct((num_items, rows, hidden), jnp.float32), **mesh_kwargs

@@ -43,16 +43,17 @@ ROWS = 64  # wgmma M
 K_STAGE = 256  # rows of w per stage
 COLS = (16, 32, 64)
 MAX_ROWS = 16
+MAX_STAGES = 6
 SMEM_BUDGET = 227 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
 class SkinnyConfig:
-    """stages: depth of the ring of ``[256, cols]`` tiles of ``w`` (with the matching columns of ``h``);
-    cols: output columns per program (16, 32 or 64; None: the fewest that keep the programs within the
-    SMs)."""
+    """stages: depth of the ring of ``[256, cols]`` tiles of ``w`` (with the matching columns of ``h``;
+    None: the deepest up to ``MAX_STAGES`` that fits shared memory); cols: output columns per program (16,
+    32 or 64; None: the fewest that keep the programs within the SMs)."""
 
-    stages: int = 6
+    stages: int | None = None
     cols: int | None = None
 
     def __post_init__(self) -> None:
@@ -78,9 +79,14 @@ def choose_cols(n: int, num_sms: int) -> int | None:
     return fits[-1] if fits else None
 
 
-def smem_bytes(cfg: SkinnyConfig, rows: int, cols: int) -> int:
+def smem_bytes(stages: int, rows: int, cols: int) -> int:
     stage = _h_rows(rows) * 64 * 2 + K_STAGE * cols * 2
-    return cfg.stages * stage + ROWS * cols * 4 + 2 * rows * cols * 2 + 1024
+    return stages * stage + ROWS * cols * 4 + 2 * rows * cols * 2 + 1024
+
+
+def default_stages(rows: int, cols: int) -> int:
+    """The deepest ring, up to ``MAX_STAGES``, that fits shared memory (at least 2 fit every shape)."""
+    return next(s for s in range(MAX_STAGES, 1, -1) if smem_bytes(s, rows, cols) <= SMEM_BUDGET)
 
 
 def supports(num_rows: int, k: int, n: int, dtype) -> str | None:
@@ -246,9 +252,12 @@ def skinny_matmul_mgpu(
     if n % cols:
         raise ValueError(f"N = {n} is not a multiple of cols = {cols}")
     rows = _rows(num_rows)
-    smem = smem_bytes(cfg, rows, cols)
+    stages = cfg.stages or default_stages(rows, cols)
+    smem = smem_bytes(stages, rows, cols)
     if smem > SMEM_BUDGET:
-        raise ValueError(f"{cfg} with cols {cols} needs {smem} bytes of shared memory (> {SMEM_BUDGET})")
+        raise ValueError(
+            f"{stages} stages of cols {cols} need {smem} bytes of shared memory (> {SMEM_BUDGET})"
+        )
 
     def pad(a):
         return a if rows == num_rows else jnp.pad(a, ((0, rows - num_rows), (0, 0)))
@@ -257,22 +266,22 @@ def skinny_matmul_mgpu(
     dtype = h.dtype
     w_swizzle = (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(cols * 2))
     scratch = (
-        plgpu.SMEM((cfg.stages, _h_rows(rows), 64), dtype, transforms=w_swizzle),
-        plgpu.SMEM((cfg.stages, K_STAGE, cols), dtype, transforms=w_swizzle),
+        plgpu.SMEM((stages, _h_rows(rows), 64), dtype, transforms=w_swizzle),
+        plgpu.SMEM((stages, K_STAGE, cols), dtype, transforms=w_swizzle),
         plgpu.SMEM((ROWS, cols), jnp.float32),
         plgpu.SMEM((rows, cols), dtype),
         plgpu.SMEM((rows, cols), dtype),
-        plgpu.Barrier(num_arrivals=1 + K_STAGE // 64, num_barriers=cfg.stages),
-        plgpu.Barrier(num_arrivals=1, num_barriers=cfg.stages),
+        plgpu.Barrier(num_arrivals=1 + K_STAGE // 64, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
         plgpu.Barrier(num_arrivals=1, num_barriers=1),
     )
-    kernel = functools.partial(_kernel, stages=cfg.stages, rows=rows, k=k, n=n, cols=cols)
+    kernel = functools.partial(_kernel, stages=stages, rows=rows, k=k, n=n, cols=cols)
     mesh_kwargs = dict(
         grid=(num_programs,),
         grid_names=("c",),
         num_threads=2,
         thread_name="wg",
-        kernel_name=f"jaxrt_skinny_mgpu_r{rows}_c{cols}_st{cfg.stages}",
+        kernel_name=f"jaxrt_skinny_mgpu_r{rows}_c{cols}_st{stages}",
     )
     if interpret:
         mesh_kwargs["interpret"] = plgpu.InterpretGPUParams()

@@ -68,6 +68,10 @@ INTERPRET_CASES = [
     # program 1 walks the output blocks from block 1 (rotated) or from block 0
     (8, 768, 128, "silu", True, 2, MlpConfig(stages=3)),
     (8, 768, 128, "silu", True, 2, MlpConfig(stages=3, rotate_down=False)),
+    # two kernels: phase 1 writes h, the down projection's programs own output columns
+    (8, 256, 256, "silu", True, 2, MlpConfig(stages=3, down_by_columns=True)),  # h of 4 items, 2 per program
+    (5, 512, 512, "gelu_tanh", False, 3, MlpConfig(stages=2, out_buffers=1, down_by_columns=True)),
+    (16, 256, 768, "silu", True, 2, MlpConfig(stages=4, transposed_gate_up=True, down_by_columns=True)),
 ]
 
 
@@ -107,6 +111,9 @@ LOWER_CASES = [
     ("1b-16-transposed", 16, 2048, 8192, False, True, MlpConfig(stages=3, transposed_gate_up=True)),
     ("pdl", 8, 2048, 8192, False, True, MlpConfig(stages=4, pdl=True)),
     ("pdl-det-no-rotation", 5, 2048, 8192, True, True, MlpConfig(stages=4, pdl=True, rotate_down=False)),
+    ("columns-1b-8", 8, 2048, 8192, False, True, MlpConfig(stages=4, down_by_columns=True)),
+    ("columns-8b-16", 16, 4096, 14336, False, True, MlpConfig(stages=2, out_buffers=1, down_by_columns=True)),
+    ("columns-odd-3", 3, 1024, 2816, False, False, MlpConfig(stages=3, down_by_columns=True)),
 ]
 
 
@@ -161,9 +168,33 @@ def test_kernel_refuses_what_it_cannot_run(tokens, hidden, inter, dtype, act, wh
     assert mosaic_mlp.supports(8, 2048, 8192, jnp.bfloat16, "silu") is None
 
 
+def test_gated_mlp_passes_the_two_kernel_form_to_the_kernel(monkeypatch):
+    seen = {}
+
+    def fake(x, wgu, wd, *, act, residual, deterministic, config):
+        seen.update(config=config, deterministic=deterministic)
+        return x
+
+    monkeypatch.setattr(mosaic_mlp, "gated_mlp_mgpu", fake)
+    x, wgu, wd, res = _inputs(2, 8, 2048, 8192)
+    gated_mlp(x, wgu, wd, residual=res, backend="mosaic", down_by_columns=True)
+    assert seen["config"].down_by_columns and not seen["deterministic"]
+    gated_mlp(x, wgu, wd, residual=res, backend="mosaic", deterministic=True)
+    assert seen["config"] is None and seen["deterministic"]
+
+
 def test_copy_only_mode_is_validated():
     with pytest.raises(ValueError, match="copy_only"):
         MlpConfig(copy_only="pages")
+    with pytest.raises(ValueError, match="down_by_columns"):
+        MlpConfig(copy_only="all", down_by_columns=True)
+
+
+@needs_mgpu_api
+def test_down_by_columns_refuses_an_intermediate_the_down_kernel_cannot_take():
+    x, wgu, wd, res = _inputs(1, 4, 256, 192)  # 192 intermediate columns: 3 items, not a multiple of 256
+    with pytest.raises(ValueError, match="down_by_columns.*K = 192"):
+        mosaic_mlp.gated_mlp_mgpu(x, wgu, wd, residual=res, config=MlpConfig(down_by_columns=True))
 
 
 def test_gated_mlp_reference_backend_is_the_models_xla_path():
@@ -229,20 +260,25 @@ def test_model_layer_hands_the_kernel_its_weights_and_residual(monkeypatch):
     want = mlp(x, residual=res)  # XLA's path (the flag is off by default)
     calls = []
 
-    def interpreted(x, wgu, wd, *, act, residual, backend, deterministic):
-        calls.append((wgu.shape, wd.shape, act, residual is not None, backend, deterministic))
+    def interpreted(x, wgu, wd, *, act, residual, backend, deterministic, down_by_columns):
+        calls.append(
+            (wgu.shape, wd.shape, act, residual is not None, backend, deterministic, down_by_columns)
+        )
         return mosaic_mlp.gated_mlp_mgpu(
             x, wgu, wd, act=act, residual=residual, deterministic=True, num_sms=2, interpret=True
         )
 
     monkeypatch.setenv("JAXRT_FUSED_MLP", "1")
-    monkeypatch.setattr(layers, "mlp_kernel_applies", lambda *a: True)
+    monkeypatch.setattr(layers, "mlp_kernel_applies", lambda *a, **k: True)
     monkeypatch.setattr(layers, "gated_mlp", interpreted)
     got = mlp(x, residual=res)
-    assert calls == [((256, 256), (128, 256), "silu", True, "mosaic", False)]
+    assert calls == [((256, 256), (128, 256), "silu", True, "mosaic", False, False)]
     monkeypatch.setenv("JAXRT_FUSED_MLP", "deterministic")
     mlp(x, residual=res)
-    assert calls[-1][-1] is True
+    assert calls[-1][-2:] == (True, False)
+    monkeypatch.setenv("JAXRT_FUSED_MLP", "columns")
+    mlp(x, residual=res)
+    assert calls[-1][-2:] == (False, True)
     monkeypatch.setenv("JAXRT_FUSED_MLP", "yes")
     with pytest.raises(ValueError, match="JAXRT_FUSED_MLP"):
         mlp(x, residual=res)

@@ -30,7 +30,9 @@ def ints(s: str) -> list[int]:
 
 KERNEL_GROUPS = (
     ("sampler", ("greedy",)),  # the greedy statistics' Pallas kernel (kernels/greedy.py)
-    ("attention", ("ragged", "paged", "attention", "_kernel")),
+    ("mosaic mlp/proj", ("jaxrt_mlp", "jaxrt_skinny")),  # kernels/mosaic_mlp.py, kernels/mosaic_skinny.py
+    ("kv write", ("rope_write_kv", "write_kv")),  # kernels/kv_write.py
+    ("attention", ("jaxrt_rpa", "ragged", "paged", "attention", "_kernel")),
     ("gemm", ("gemm", "nvjet", "cutlass", "cublas", "sm90_xmma", "dot")),
     ("sort/top-k", ("sort", "topk", "top_k")),
     ("reduce", ("reduce", "reduction")),
@@ -81,7 +83,7 @@ def profile_kernels(fn, label: str, top: int, device_s: float, iters: int = 5) -
         f"wall {device_s * 1e3:.3f} ms (gaps {device_s * 1e3 - total:.3f} ms)"
     )
     for g, ms in sorted(groups.items(), key=lambda kv: -kv[1]):
-        print(f"[profile]   {g:<14} {ms:8.3f} ms  {ms / total:5.1%}")
+        print(f"[profile]   {g:<16} {ms:8.3f} ms  {ms / total:5.1%}")
     ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
     for name, times in ranked[:top]:
         n = len(times) / iters

@@ -33,9 +33,14 @@ transposed view, so a stage's partial is ``[rows, 256]`` f32 in shared memory an
 hidden]``, as the next kernel reads it. Program ``c`` starts phase 2 at output block ``c`` (``rotate_down``),
 so the programs' reductions spread over the output.
 
+``MlpConfig.down_by_columns`` is a two-kernel form: this kernel runs phase 1 only and writes ``h``, and
+``mosaic_skinny.skinny_matmul_mgpu`` computes the down projection with each program owning output columns,
+so there are no partials to add and no f32 output to round in another kernel.
+
 Measured on an H200 (benchmarks/RESULTS.md, "Engine", fourteenth round): 31.7 µs per Llama-3.2-1B layer at
 8 tokens (68% of the bandwidth; XLA's four to five kernels 34.4), 29.6 µs inside the decode step; the
-weights' stream alone takes 29.0 µs. Not the model's default (``JAXRT_FUSED_MLP``).
+weights' stream alone takes 29.0 µs, and phase 2 is what slows it (it streams at 3.8 TB/s where its copies
+alone reach 4.3). Not the model's default (``JAXRT_FUSED_MLP``); the two-kernel form is not yet timed.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ interleaving itself is done once, outside the timed program), ``mgpu-t`` (phase 
 ``MlpConfig.transposed_gate_up``), each optionally with ``:stages/out_buffers`` or ``:stages/out_buffers/copy_only`` (the kernel's
 diagnostic modes, ``MlpConfig.copy_only``: their outputs are not checked), then optionally ``+nopdl``
 (``MlpConfig.pdl=True``), ``+norot`` (``rotate_down=False``) and ``+cols`` (``down_by_columns=True``: the
-gated product, then ``kernels.mosaic_skinny`` for the down projection), e.g. ``mgpu:4/2/all+pdl``,
-``mgpu+cols``. ``--smoke``: CPU, tiny shapes (the Mosaic GPU variants
+gated product, then ``kernels.mosaic_skinny`` for the down projection; ``+overlap`` also launches the
+second kernel with PDL, ``overlap_down``), e.g. ``mgpu:4/2/all+pdl``, ``mgpu+cols``, ``mgpu+overlap``. ``--smoke``: CPU, tiny shapes (the Mosaic GPU variants
 in the Pallas GPU interpreter where jax has one).
 """
 
@@ -81,15 +81,18 @@ def main() -> None:
         if tiling:
             stages, bufs, *copy = tiling.split("/")
             cfg = mosaic_mlp.MlpConfig(stages=int(stages), out_buffers=int(bufs), copy_only="".join(copy))
-        unknown = set(opts) - {"pdl", "norot", "cols"}
+        unknown = set(opts) - {"pdl", "norot", "cols", "overlap"}
         if unknown:
-            raise SystemExit(f"unknown variant options {sorted(unknown)} (known: +pdl, +norot, +cols)")
+            raise SystemExit(
+                f"unknown variant options {sorted(unknown)} (known: +pdl, +norot, +cols, +overlap)"
+            )
         cfg = dataclasses.replace(
             cfg,
             transposed_gate_up=name == "mgpu-t",
             pdl="pdl" in opts,
             rotate_down="norot" not in opts,
-            down_by_columns="cols" in opts,
+            down_by_columns="cols" in opts or "overlap" in opts,
+            overlap_down="overlap" in opts,
         )
         det, il = name == "mgpu-det", name == "mgpu-il"
 

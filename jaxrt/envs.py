@@ -39,7 +39,7 @@ def fused_kv_write() -> bool:
     return _get("JAXRT_FUSED_KV_WRITE", "1") == "1"
 
 
-FUSED_MLP_MODES = ("0", "1", "deterministic", "columns")
+FUSED_MLP_MODES = ("0", "1", "deterministic", "columns", "columns-pdl")
 
 
 def fused_mlp() -> str:
@@ -49,7 +49,8 @@ def fused_mlp() -> str:
     TMA reductions (the faster, but the order of the additions varies from run to run, so results are not
     bitwise reproducible); "deterministic" the kernel storing its per-block partials for XLA to sum in a fixed
     order; "columns" two kernels, the gated product and then the down projection with each program owning
-    output columns (reproducible, no partials; not yet timed on a GPU). On an H200 "1" makes the Llama-3.2-1B decode step 1-6% faster at 1-8 sequences and
+    output columns (reproducible, no partials; not yet timed on a GPU); "columns-pdl" the same with the
+    second kernel launched early (``MlpConfig.overlap_down``). On an H200 "1" makes the Llama-3.2-1B decode step 1-6% faster at 1-8 sequences and
     "deterministic" is slower than XLA at one (benchmarks/RESULTS.md, "Engine", fourteenth round), hence the
     default. Read when a step is traced."""
     value = _get("JAXRT_FUSED_MLP", "0")

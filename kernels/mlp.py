@@ -34,6 +34,7 @@ def gated_mlp(
     backend: str = "auto",
     deterministic: bool = False,
     down_by_columns: bool = False,
+    overlap_down: bool = False,
 ) -> jax.Array:
     """``residual + down(act(x @ W_gate) * (x @ W_up))``.
 
@@ -47,8 +48,11 @@ def gated_mlp(
     adds them into one f32 output with TMA reductions instead, whose order varies from run to run.
     down_by_columns (the kernel only): two kernels, the gated product ``h`` and then the down projection
     with each program owning output columns (``MlpConfig.down_by_columns``): no partial outputs, the same
-    result from run to run; needs an intermediate size that is a multiple of 256.
+    result from run to run; needs an intermediate size that is a multiple of 256. overlap_down (with
+    down_by_columns): the second kernel is launched with PDL (``MlpConfig.overlap_down``).
     """
+    if overlap_down and not down_by_columns:
+        raise ValueError("overlap_down needs down_by_columns=True")
     if backend not in MLP_BACKENDS:
         raise ValueError(f"backend must be one of {MLP_BACKENDS}, got {backend!r}")
     if act not in MLP_ACTIVATIONS:
@@ -76,7 +80,7 @@ def gated_mlp(
         config = None
         if down_by_columns:
             config = mosaic_mlp.default_config(hidden, mosaic_mlp._rows(num_tokens))
-            config = config and dataclasses.replace(config, down_by_columns=True)
+            config = config and dataclasses.replace(config, down_by_columns=True, overlap_down=overlap_down)
         return mosaic_mlp.gated_mlp_mgpu(
             x, w_gate_up, w_down, act=act, residual=residual, deterministic=deterministic, config=config
         )

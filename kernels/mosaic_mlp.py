@@ -95,7 +95,11 @@ class MlpConfig:
     down_by_columns: two kernels instead of one. This kernel runs phase 1 only and writes ``h`` ([tokens,
     intermediate] bf16, 128 KiB for 8 tokens of Llama-3.2-1B); then ``mosaic_skinny.skinny_matmul_mgpu``
     computes ``residual + h @ W_down`` with each program owning output columns: no partial outputs, no f32
-    output to convert, the same result from run to run (``deterministic`` does not apply)."""
+    output to convert, the same result from run to run (``deterministic`` does not apply).
+    overlap_down (with down_by_columns): phase 1's programs signal their dependents as they start
+    (``griddepcontrol.launch_dependents``) and the down projection's kernel is launched with PDL, so its
+    programs take the SMs that phase 1 frees and stream their first weight stages before ``h`` is complete.
+    Off in the interpreter."""
 
     stages: int = 3
     out_buffers: int = 2
@@ -103,6 +107,7 @@ class MlpConfig:
     transposed_gate_up: bool = False
     pdl: bool = False
     down_by_columns: bool = False
+    overlap_down: bool = False
     rotate_down: bool = True
 
     def __post_init__(self) -> None:
@@ -110,6 +115,8 @@ class MlpConfig:
             raise ValueError(f"copy_only must be one of {COPY_ONLY_MODES}, got {self.copy_only!r}")
         if self.copy_only and self.down_by_columns:
             raise ValueError("copy_only applies to the one-kernel form, not to down_by_columns")
+        if self.overlap_down and not self.down_by_columns:
+            raise ValueError("overlap_down applies to the two-kernel form (down_by_columns=True)")
 
 
 def _x_rows(hidden: int, rows: int) -> int:
@@ -271,6 +278,8 @@ def _kernel(
     def _consumer():
         if cfg.pdl:  # the output's initial value is written by an earlier kernel
             plgpu.griddepcontrol_wait()
+        if cfg.overlap_down:  # the down projection's kernel may start taking the SMs this kernel frees
+            plgpu.griddepcontrol_launch_dependents()
         plgpu.barrier_wait(x_bar.at[0])
 
         def item_body(k, carry):
@@ -415,8 +424,8 @@ def gated_mlp_mgpu(
         )
     rows = _rows(num_tokens)
     cfg = config or default_config(hidden, rows)
-    if interpret:
-        cfg = dataclasses.replace(cfg, pdl=False)  # the interpreter has no griddepcontrol
+    if interpret:  # the interpreter has no griddepcontrol
+        cfg = dataclasses.replace(cfg, pdl=False, overlap_down=False)
     if cfg.down_by_columns:
         why = mosaic_skinny.supports(num_tokens, intermediate, hidden, x.dtype)
         if why is not None:
@@ -458,7 +467,8 @@ def gated_mlp_mgpu(
         kernel_name=f"jaxrt_mlp_mgpu_r{rows}_st{cfg.stages}_o{cfg.out_buffers}"
         + ("_det" if deterministic else "")
         + (f"_copy_{cfg.copy_only}" if cfg.copy_only else "")
-        + ("_h" if cfg.down_by_columns else ""),
+        + ("_h" if cfg.down_by_columns else "")
+        + ("_overlap" if cfg.overlap_down else ""),
     )
 
     def entry(x_ref, wgu_ref, wd_ref, out_ref):
@@ -475,7 +485,14 @@ def gated_mlp_mgpu(
         res = None if residual is None else residual.astype(dtype)
         if res is not None and rows != num_tokens:
             res = jnp.pad(res, ((0, rows - num_tokens), (0, 0)))
-        out = mosaic_skinny.skinny_matmul_mgpu(h, w_down, residual=res, num_sms=num_sms, interpret=interpret)
+        out = mosaic_skinny.skinny_matmul_mgpu(
+            h,
+            w_down,
+            residual=res,
+            config=mosaic_skinny.SkinnyConfig(pdl=cfg.overlap_down),
+            num_sms=num_sms,
+            interpret=interpret,
+        )
         return out[:num_tokens]
     if deterministic:
         parts = plgpu.kernel(

@@ -51,10 +51,15 @@ SMEM_BUDGET = 227 * 1024
 class SkinnyConfig:
     """stages: depth of the ring of ``[256, cols]`` tiles of ``w`` (with the matching columns of ``h``;
     None: the deepest up to ``MAX_STAGES`` that fits shared memory); cols: output columns per program (16,
-    32 or 64; None: the fewest that keep the programs within the SMs)."""
+    32 or 64; None: the fewest that keep the programs within the SMs). pdl: programmatic dependent launch:
+    the kernel may start before the kernel ahead of it ends (if that one signals its dependents, as the MLP
+    kernel's phase 1 does in ``MlpConfig.overlap_down``), issue its first stages of ``w``, then wait for it
+    (``griddepcontrol.wait``) before it reads ``h`` or the residual. Off in the interpreter, which has no
+    such instructions."""
 
     stages: int | None = None
     cols: int | None = None
+    pdl: bool = False
 
     def __post_init__(self) -> None:
         if self.cols is not None and self.cols not in COLS:
@@ -124,6 +129,7 @@ def _kernel(
     k: int,
     n: int,
     cols: int,
+    pdl: bool,
 ):
     c = lax.axis_index("c")
     num_programs = lax.axis_size("c")
@@ -136,6 +142,29 @@ def _kernel(
     def _producer():
         plgpu.set_max_registers(40, action="decrease")
 
+        def copy_w(s, t, slot):
+            k0 = t * K_STAGE if isinstance(t, int) else pl.multiple_of(t * K_STAGE, K_STAGE)
+            ks = pl.ds(k0, K_STAGE)
+            plgpu.copy_gmem_to_smem(w_ref.at[ks, pl.ds(s * cols, cols)], w_smem.at[slot], full_bar.at[slot])
+
+        def copy_h(t, slot):
+            for ch in range(chunks):
+                plgpu.copy_gmem_to_smem(
+                    h_ref.at[:, pl.ds(t * K_STAGE + ch * 64, 64)],
+                    h_smem.at[slot, pl.ds(ch * rows, rows)],
+                    full_bar.at[slot],
+                )
+
+        # With PDL the first slab's first stages of w (which no earlier kernel writes) are in flight before
+        # this program waits for the kernel that writes h (every program has at least one slab).
+        prefetch = min(stages, nk) if pdl else 0
+        for t in range(prefetch):
+            copy_w(c, t, t)
+        if pdl:
+            plgpu.griddepcontrol_wait()
+        for t in range(prefetch):
+            copy_h(t, t)
+
         def slab_body(i, carry):
             s = c + i * num_programs
 
@@ -147,19 +176,11 @@ def _kernel(
                 def _():
                     plgpu.barrier_wait(free_bar.at[slot])
 
-                ks = pl.ds(pl.multiple_of(t * K_STAGE, K_STAGE), K_STAGE)
-                plgpu.copy_gmem_to_smem(
-                    w_ref.at[ks, pl.ds(s * cols, cols)], w_smem.at[slot], full_bar.at[slot]
-                )
-                for ch in range(chunks):
-                    plgpu.copy_gmem_to_smem(
-                        h_ref.at[:, pl.ds(t * K_STAGE + ch * 64, 64)],
-                        h_smem.at[slot, pl.ds(ch * rows, rows)],
-                        full_bar.at[slot],
-                    )
+                copy_w(s, t, slot)
+                copy_h(t, slot)
                 return carry
 
-            lax.fori_loop(0, nk, stage, None)
+            lax.fori_loop(jnp.where(i == 0, prefetch, 0), nk, stage, None)
             return carry
 
         lax.fori_loop(0, my_slabs, slab_body, None)
@@ -173,6 +194,9 @@ def _kernel(
 
     @pl.when(wg == 0)
     def _consumer():
+        if pdl:  # the residual may come from the kernel before
+            plgpu.griddepcontrol_wait()
+
         def slab_body(i, carry):
             s = c + i * num_programs
             out_cols = pl.ds(s * cols, cols)
@@ -275,13 +299,15 @@ def skinny_matmul_mgpu(
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
         plgpu.Barrier(num_arrivals=1, num_barriers=1),
     )
-    kernel = functools.partial(_kernel, stages=stages, rows=rows, k=k, n=n, cols=cols)
+    kernel = functools.partial(
+        _kernel, stages=stages, rows=rows, k=k, n=n, cols=cols, pdl=cfg.pdl and not interpret
+    )
     mesh_kwargs = dict(
         grid=(num_programs,),
         grid_names=("c",),
         num_threads=2,
         thread_name="wg",
-        kernel_name=f"jaxrt_skinny_mgpu_r{rows}_c{cols}_st{stages}",
+        kernel_name=f"jaxrt_skinny_mgpu_r{rows}_c{cols}_st{stages}" + ("_pdl" if cfg.pdl else ""),
     )
     if interpret:
         mesh_kwargs["interpret"] = plgpu.InterpretGPUParams()

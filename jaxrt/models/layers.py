@@ -390,7 +390,7 @@ class GatedMLP(nnx.Module):
         mode = envs.fused_mlp()
         if act is not None and not self.bias and mode != "0":
             wgu, wd = self.gate_up_proj.kernel[...], self.down_proj.kernel[...]
-            columns = mode == "columns"
+            columns = mode.startswith("columns")
             if mlp_kernel_applies(x.shape[0], wd.shape[1], wd.shape[0], x.dtype, act, columns):
                 return gated_mlp(
                     x,
@@ -401,6 +401,7 @@ class GatedMLP(nnx.Module):
                     backend="mosaic",
                     deterministic=mode == "deterministic",
                     down_by_columns=columns,
+                    overlap_down=mode == "columns-pdl",
                 )
         gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
         out = self.down_proj(ACTIVATIONS[self.act](gate) * up)

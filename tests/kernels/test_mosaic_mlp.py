@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,6 +74,8 @@ INTERPRET_CASES = [
     (8, 256, 256, "silu", True, 2, MlpConfig(stages=3, down_by_columns=True)),  # h of 4 items, 2 per program
     (5, 512, 512, "gelu_tanh", False, 3, MlpConfig(stages=2, out_buffers=1, down_by_columns=True)),
     (16, 256, 768, "silu", True, 2, MlpConfig(stages=4, transposed_gate_up=True, down_by_columns=True)),
+    # (the interpreter runs overlap_down without its launch instructions: the same kernels otherwise)
+    (8, 512, 256, "silu", True, 2, MlpConfig(stages=3, down_by_columns=True, overlap_down=True)),
 ]
 
 
@@ -114,6 +118,15 @@ LOWER_CASES = [
     ("columns-1b-8", 8, 2048, 8192, False, True, MlpConfig(stages=4, down_by_columns=True)),
     ("columns-8b-16", 16, 4096, 14336, False, True, MlpConfig(stages=2, out_buffers=1, down_by_columns=True)),
     ("columns-odd-3", 3, 1024, 2816, False, False, MlpConfig(stages=3, down_by_columns=True)),
+    (
+        "columns-overlap",
+        8,
+        2048,
+        8192,
+        False,
+        True,
+        MlpConfig(stages=4, down_by_columns=True, overlap_down=True),
+    ),
 ]
 
 
@@ -181,6 +194,10 @@ def test_gated_mlp_passes_the_two_kernel_form_to_the_kernel(monkeypatch):
     assert seen["config"].down_by_columns and not seen["deterministic"]
     gated_mlp(x, wgu, wd, residual=res, backend="mosaic", deterministic=True)
     assert seen["config"] is None and seen["deterministic"]
+    gated_mlp(x, wgu, wd, residual=res, backend="mosaic", down_by_columns=True, overlap_down=True)
+    assert seen["config"].down_by_columns and seen["config"].overlap_down
+    with pytest.raises(ValueError, match="overlap_down"):
+        gated_mlp(x, wgu, wd, residual=res, backend="mosaic", overlap_down=True)
 
 
 def test_copy_only_mode_is_validated():
@@ -188,6 +205,8 @@ def test_copy_only_mode_is_validated():
         MlpConfig(copy_only="pages")
     with pytest.raises(ValueError, match="down_by_columns"):
         MlpConfig(copy_only="all", down_by_columns=True)
+    with pytest.raises(ValueError, match="overlap_down"):
+        MlpConfig(overlap_down=True)
 
 
 @needs_mgpu_api
@@ -260,10 +279,11 @@ def test_model_layer_hands_the_kernel_its_weights_and_residual(monkeypatch):
     want = mlp(x, residual=res)  # XLA's path (the flag is off by default)
     calls = []
 
-    def interpreted(x, wgu, wd, *, act, residual, backend, deterministic, down_by_columns):
+    def interpreted(x, wgu, wd, *, act, residual, backend, deterministic, down_by_columns, overlap_down):
         calls.append(
             (wgu.shape, wd.shape, act, residual is not None, backend, deterministic, down_by_columns)
         )
+        assert overlap_down == (os.environ["JAXRT_FUSED_MLP"] == "columns-pdl")
         return mosaic_mlp.gated_mlp_mgpu(
             x, wgu, wd, act=act, residual=residual, deterministic=True, num_sms=2, interpret=True
         )
@@ -276,9 +296,10 @@ def test_model_layer_hands_the_kernel_its_weights_and_residual(monkeypatch):
     monkeypatch.setenv("JAXRT_FUSED_MLP", "deterministic")
     mlp(x, residual=res)
     assert calls[-1][-2:] == (True, False)
-    monkeypatch.setenv("JAXRT_FUSED_MLP", "columns")
-    mlp(x, residual=res)
-    assert calls[-1][-2:] == (False, True)
+    for mode in ("columns", "columns-pdl"):
+        monkeypatch.setenv("JAXRT_FUSED_MLP", mode)
+        mlp(x, residual=res)
+        assert calls[-1][-2:] == (False, True)
     monkeypatch.setenv("JAXRT_FUSED_MLP", "yes")
     with pytest.raises(ValueError, match="JAXRT_FUSED_MLP"):
         mlp(x, residual=res)

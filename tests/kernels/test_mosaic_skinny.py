@@ -52,6 +52,7 @@ INTERPRET_CASES = [
     (16, 768, 32, True, 1, SkinnyConfig(stages=2)),  # cols 32, one program, 3 stages through 2 slots
     (1, 512, 128, True, 2, SkinnyConfig(stages=3, cols=16)),  # 8 slabs over 2 programs
     (3, 256, 128, True, 2, SkinnyConfig(stages=2, cols=64)),
+    (8, 512, 64, True, 1, SkinnyConfig(stages=2, pdl=True)),  # interpreted without its PDL instructions
 ]
 
 
@@ -73,6 +74,7 @@ LOWER_CASES = [
     ("down-1b", 8, 8192, 2048, True),
     ("down-8b-16", 16, 14336, 4096, True),
     ("o-3b-1", 1, 3072, 3072, True),
+    ("down-1b-pdl", 8, 8192, 2048, True),
 ]
 
 
@@ -83,8 +85,12 @@ def test_lowers_for_cuda(name, rows, k, n, residual):
 
     s = jax.ShapeDtypeStruct
 
+    cfg = SkinnyConfig(pdl=name.endswith("pdl"))
+
     def f(h, w, r):
-        return mosaic_skinny.skinny_matmul_mgpu(h, w, residual=r if residual else None, num_sms=132)
+        return mosaic_skinny.skinny_matmul_mgpu(
+            h, w, residual=r if residual else None, config=cfg, num_sms=132
+        )
 
     args = (s((rows, k), jnp.bfloat16), s((k, n), jnp.bfloat16), s((rows, n), jnp.bfloat16))
     exp = export.export(jax.jit(f), platforms=["cuda"])(*args)

@@ -54,6 +54,16 @@ def num_sms() -> int:
     return DEFAULT_NUM_SMS
 
 
+def token_rows(num_rows: int) -> int:
+    """Rows of the few-token Mosaic kernels' tiles (MLP, skinny projections): a multiple of 8, at least 8."""
+    return max(8, -(-num_rows // 8) * 8)
+
+
+def pad_rows(a: jax.Array, rows: int) -> jax.Array:
+    """``a`` ([n, ...]) with zero rows appended up to ``rows`` (a no-op when it has them)."""
+    return a if a.shape[0] == rows else jnp.pad(a, ((0, rows - a.shape[0]),) + ((0, 0),) * (a.ndim - 1))
+
+
 def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
 

@@ -79,7 +79,7 @@ def gated_mlp(
     if use_kernel:
         config = None
         if down_by_columns:
-            config = mosaic_mlp.default_config(hidden, mosaic_mlp._rows(num_tokens))
+            config = mosaic_mlp.default_config(hidden, num_tokens)
             config = config and dataclasses.replace(config, down_by_columns=True, overlap_down=overlap_down)
         return mosaic_mlp.gated_mlp_mgpu(
             x, w_gate_up, w_down, act=act, residual=residual, deterministic=deterministic, config=config

@@ -131,8 +131,9 @@ def smem_bytes(cfg: MlpConfig, hidden: int, rows: int) -> int:
     return x + ring + h + out + 1024
 
 
-def default_config(hidden: int, rows: int) -> MlpConfig | None:
+def default_config(hidden: int, num_tokens: int) -> MlpConfig | None:
     """The deepest ring (up to 4 stages, then 2 output buffers before 1) that fits shared memory."""
+    rows = common.token_rows(num_tokens)
     for stages, bufs in ((4, 2), (3, 2), (3, 1), (2, 2), (2, 1)):
         cfg = MlpConfig(stages=stages, out_buffers=bufs)
         if smem_bytes(cfg, hidden, rows) <= SMEM_BUDGET:
@@ -154,13 +155,9 @@ def supports(num_tokens: int, hidden: int, intermediate: int, dtype, act: str) -
         return f"hidden size {hidden} is not a multiple of {N_STAGE}"
     if intermediate % BLOCK_I:
         return f"intermediate size {intermediate} is not a multiple of {BLOCK_I}"
-    if default_config(hidden, _rows(num_tokens)) is None:
+    if default_config(hidden, num_tokens) is None:
         return f"hidden size {hidden} with {num_tokens} tokens does not fit shared memory"
     return None
-
-
-def _rows(num_tokens: int) -> int:
-    return max(8, -(-num_tokens // 8) * 8)
 
 
 def _activate(g, act: str):
@@ -422,8 +419,8 @@ def gated_mlp_mgpu(
         raise ValueError(
             "interpret mode runs deterministic=True only (the interpreter has no TMA reductions)"
         )
-    rows = _rows(num_tokens)
-    cfg = config or default_config(hidden, rows)
+    rows = common.token_rows(num_tokens)
+    cfg = config or default_config(hidden, num_tokens)
     if interpret:  # the interpreter has no griddepcontrol
         cfg = dataclasses.replace(cfg, pdl=False, overlap_down=False)
     if cfg.down_by_columns:
@@ -433,7 +430,7 @@ def gated_mlp_mgpu(
     smem = smem_bytes(cfg, hidden, rows)
     if smem > SMEM_BUDGET:
         raise ValueError(f"{cfg} needs {smem} bytes of shared memory per program (> {SMEM_BUDGET})")
-    xr = x if rows == num_tokens else jnp.pad(x, ((0, rows - num_tokens), (0, 0)))
+    xr = common.pad_rows(x, rows)
     num_items = intermediate // BLOCK_I
     num_programs = max(1, min(num_items, num_sms or common.num_sms()))
     dtype = x.dtype
@@ -482,9 +479,7 @@ def gated_mlp_mgpu(
         h = plgpu.kernel(entry, out_type=jax.ShapeDtypeStruct((rows, intermediate), dtype), **mesh_kwargs)(
             xr, w_gate_up, w_down
         )
-        res = None if residual is None else residual.astype(dtype)
-        if res is not None and rows != num_tokens:
-            res = jnp.pad(res, ((0, rows - num_tokens), (0, 0)))
+        res = None if residual is None else common.pad_rows(residual.astype(dtype), rows)
         out = mosaic_skinny.skinny_matmul_mgpu(
             h,
             w_down,
@@ -505,9 +500,7 @@ def gated_mlp_mgpu(
         if residual is None:
             init = jnp.zeros((rows, hidden), jnp.float32)
         else:
-            init = residual.astype(jnp.float32)
-            if rows != num_tokens:
-                init = jnp.pad(init, ((0, rows - num_tokens), (0, 0)))
+            init = common.pad_rows(residual.astype(jnp.float32), rows)
         out_ref = jax.new_ref(init)
 
         plgpu.kernel(entry, out_type=(), **mesh_kwargs)(xr, w_gate_up, w_down, out_ref)

@@ -66,10 +66,6 @@ class SkinnyConfig:
             raise ValueError(f"cols must be one of {COLS}, got {self.cols}")
 
 
-def _rows(num_rows: int) -> int:
-    return max(8, -(-num_rows // 8) * 8)
-
-
 def _h_rows(rows: int) -> int:
     return (K_STAGE // 64) * rows + ROWS - rows
 
@@ -275,16 +271,13 @@ def skinny_matmul_mgpu(
     cols = cfg.cols or choose_cols(n, sms)
     if n % cols:
         raise ValueError(f"N = {n} is not a multiple of cols = {cols}")
-    rows = _rows(num_rows)
+    rows = common.token_rows(num_rows)
     stages = cfg.stages or default_stages(rows, cols)
     smem = smem_bytes(stages, rows, cols)
     if smem > SMEM_BUDGET:
         raise ValueError(
             f"{stages} stages of cols {cols} need {smem} bytes of shared memory (> {SMEM_BUDGET})"
         )
-
-    def pad(a):
-        return a if rows == num_rows else jnp.pad(a, ((0, rows - num_rows), (0, 0)))
 
     num_programs = max(1, min(n // cols, sms))
     dtype = h.dtype
@@ -319,7 +312,7 @@ def skinny_matmul_mgpu(
                 functools.partial(kernel, h_ref, w_ref, None, out_ref), *scratch, collective_axes="wg"
             )
 
-        out = plgpu.kernel(entry, out_type=out_type, **mesh_kwargs)(pad(h), w)
+        out = plgpu.kernel(entry, out_type=out_type, **mesh_kwargs)(common.pad_rows(h, rows), w)
     else:
 
         def entry(h_ref, w_ref, res_ref, out_ref):
@@ -327,5 +320,6 @@ def skinny_matmul_mgpu(
                 functools.partial(kernel, h_ref, w_ref, res_ref, out_ref), *scratch, collective_axes="wg"
             )
 
-        out = plgpu.kernel(entry, out_type=out_type, **mesh_kwargs)(pad(h), w, pad(residual.astype(dtype)))
+        res = common.pad_rows(residual.astype(dtype), rows)
+        out = plgpu.kernel(entry, out_type=out_type, **mesh_kwargs)(common.pad_rows(h, rows), w, res)
     return out[:num_rows]

@@ -148,3 +148,31 @@ def chunked_prefill_logits(
         logits, kv = fwd(params, kv, fb)
     # Every prompt's last chunk is in the last step, in prompt order.
     return np.asarray(logits)[: len(prompts_ids)]
+
+
+def f64(a) -> np.ndarray:
+    """A jax or numpy array as float64 numpy (bf16 through f32), for comparisons with a float64 oracle."""
+    import jax.numpy as jnp
+
+    return np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
+
+
+def mosaic_gpu_marks():
+    """Skip marks of the few-token Mosaic GPU kernels' tests: (needs the Pallas GPU interpreter of jax >=
+    0.11, needs jax >= 0.11's Mosaic GPU API (CUDA lowering runs on any machine), needs a Hopper GPU)."""
+    import jax
+    import pytest
+
+    from jaxrt.kernels import mosaic_gpu
+    from jaxrt.kernels.mosaic_mlp import plgpu
+
+    return (
+        pytest.mark.skipif(
+            plgpu is None or not hasattr(plgpu, "InterpretGPUParams"),
+            reason="needs jax >= 0.11's Pallas GPU interpreter",
+        ),
+        pytest.mark.skipif(
+            plgpu is None or jax.__version_info__ < (0, 11), reason="needs jax >= 0.11 Mosaic GPU"
+        ),
+        pytest.mark.skipif(not mosaic_gpu.hopper_available(), reason="needs a Hopper GPU"),
+    )

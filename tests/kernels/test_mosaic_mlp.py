@@ -16,22 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxrt_testing import f64 as _f64
+from jaxrt_testing import mosaic_gpu_marks
 
+from jaxrt.kernels import _pallas_common as common
 from jaxrt.kernels import gated_mlp, gated_mlp_reference, mosaic_gpu, mosaic_mlp
 from jaxrt.kernels.mosaic_mlp import MlpConfig
 
-_HAS_INTERPRETER = mosaic_mlp.plgpu is not None and hasattr(mosaic_mlp.plgpu, "InterpretGPUParams")
-needs_interpreter = pytest.mark.skipif(
-    not _HAS_INTERPRETER, reason="needs jax >= 0.11's Pallas GPU interpreter"
-)
-needs_mgpu_api = pytest.mark.skipif(
-    mosaic_mlp.plgpu is None or jax.__version_info__ < (0, 11), reason="needs jax >= 0.11 Mosaic GPU"
-)
-on_hopper = pytest.mark.skipif(not mosaic_gpu.hopper_available(), reason="needs a Hopper GPU")
-
-
-def _f64(a) -> np.ndarray:
-    return np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
+needs_interpreter, needs_mgpu_api, on_hopper = mosaic_gpu_marks()
 
 
 def _oracle(x, wgu, wd, act, residual):
@@ -158,8 +150,8 @@ def test_lowers_for_cuda(name, tokens, hidden, inter, det, residual, cfg):
 def test_default_configs_fit_shared_memory():
     for hidden in (1024, 2048, 3072, 4096):
         for tokens in (1, 8, 16):
-            rows = mosaic_mlp._rows(tokens)
-            cfg = mosaic_mlp.default_config(hidden, rows)
+            cfg = mosaic_mlp.default_config(hidden, tokens)
+            rows = common.token_rows(tokens)
             assert cfg is not None and mosaic_mlp.smem_bytes(cfg, hidden, rows) <= mosaic_mlp.SMEM_BUDGET
     assert mosaic_mlp.smem_bytes(MlpConfig(stages=6, out_buffers=2), 4096, 16) > mosaic_mlp.SMEM_BUDGET
 

@@ -14,22 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxrt_testing import f64 as _f64
+from jaxrt_testing import mosaic_gpu_marks
 
-from jaxrt.kernels import mosaic_gpu, mosaic_skinny
+from jaxrt.kernels import mosaic_skinny
 from jaxrt.kernels.mosaic_skinny import SkinnyConfig
 
-_HAS_INTERPRETER = mosaic_skinny.plgpu is not None and hasattr(mosaic_skinny.plgpu, "InterpretGPUParams")
-needs_interpreter = pytest.mark.skipif(
-    not _HAS_INTERPRETER, reason="needs jax >= 0.11's Pallas GPU interpreter"
-)
-needs_mgpu_api = pytest.mark.skipif(
-    mosaic_skinny.plgpu is None or jax.__version_info__ < (0, 11), reason="needs jax >= 0.11 Mosaic GPU"
-)
-on_hopper = pytest.mark.skipif(not mosaic_gpu.hopper_available(), reason="needs a Hopper GPU")
-
-
-def _f64(a) -> np.ndarray:
-    return np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
+needs_interpreter, needs_mgpu_api, on_hopper = mosaic_gpu_marks()
 
 
 def _inputs(seed, rows, k, n, residual):

@@ -7,7 +7,7 @@ as the engine compiles it) against the one-kernel Mosaic GPU MLP (``kernels.mosa
 Each call runs ``--layers`` blocks with distinct weights (like a model's layers: the weights come from HBM,
 not L2) and is timed as the sum of its GPU kernel times (CUPTI), per layer, with the bandwidth of reading
 the three weights once. Every variant is checked against a float64 evaluation of the same block.
-Variants: ``xla``; ``mgpu`` (TMA reductions into the f32 output), ``mgpu-det`` (per-item partials summed by
+Variants: ``xla``; ``xla-nk`` (the weights stored ``[out, in]`` as transformers stores them); ``mgpu`` (TMA reductions into the f32 output), ``mgpu-det`` (per-item partials summed by
 XLA), ``mgpu-il`` (gate and up blocks interleaved: each item's rows are 256 contiguous bytes; the
 interleaving itself is done once, outside the timed program), ``mgpu-t`` (phase 1 transposed:
 ``MlpConfig.transposed_gate_up``), each optionally with ``:stages/out_buffers`` or ``:stages/out_buffers/copy_only`` (the kernel's
@@ -59,10 +59,12 @@ def main() -> None:
     if args.smoke:
         shapes, args.m, args.layers = {"tiny": (256, 128)}, "5", 2
         has_interpreter = mosaic_mlp.plgpu is not None and hasattr(mosaic_mlp.plgpu, "InterpretGPUParams")
-        variants = ["xla"] + (["mgpu-det"] if has_interpreter else [])
+        variants = ["xla", "xla-nk"] + (["mgpu-det"] if has_interpreter else [])
     options = {"xla_gpu_enable_triton_gemm": False} if on_gpu else {}
 
     def prepare(variant, ws):
+        if variant == "xla-nk":  # the same weights stored [out, in] (transformers' layout)
+            return [(jnp.asarray(wgu.T), jnp.asarray(wd.T)) for wgu, wd in ws]
         if not variant.startswith("mgpu-il"):
             return ws
         # the same weights with gate and up blocks of 64 columns interleaved
@@ -75,6 +77,14 @@ def main() -> None:
     def make_fn(variant, hidden, m):
         if variant == "xla":
             return lambda x, wgu, wd, residual: gated_mlp_reference(x, wgu, wd, residual=residual)
+        if variant == "xla-nk":
+
+            def nk(x, wgu_t, wd_t, residual):
+                dot = lambda a, b: jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())))  # noqa: E731
+                g, u = jnp.split(dot(x, wgu_t), 2, axis=-1)
+                return (residual + dot(jax.nn.silu(g) * u, wd_t)).astype(x.dtype)
+
+            return nk
         variant, *opts = variant.split("+")
         name, _, tiling = variant.partition(":")
         cfg = mosaic_mlp.default_config(hidden, m)
@@ -160,7 +170,9 @@ def main() -> None:
             want = f64(res) + (g / (1 + np.exp(-g)) * u) @ wd0
             for variant in variants:
                 why = (
-                    None if variant == "xla" else mosaic_mlp.supports(m, hidden, inter, jnp.bfloat16, "silu")
+                    None
+                    if variant.startswith("xla")
+                    else mosaic_mlp.supports(m, hidden, inter, jnp.bfloat16, "silu")
                 )
                 if why:
                     print(f"{shape} M={m} {variant}: skipped ({why})")

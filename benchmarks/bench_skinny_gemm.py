@@ -80,6 +80,13 @@ def skinny_matmul(x, w, *, bn, bk, splits, warps, stages, interpret=False):
     return out[:m]
 
 
+def _dot_nk(x, w_nk):
+    """x [M, K] @ w_nk[N, K].T: the weight stored as transformers stores it (each output's K contiguous)."""
+    import jax
+
+    return jax.lax.dot_general(x, w_nk, (((1,), (1,)), ((), ())))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--shapes", default=",".join(SHAPES))
@@ -127,12 +134,13 @@ def main() -> None:
             (jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
             for i in range(args.layers)
         ]
+        ws_nk = [jnp.asarray(w.T) for w in ws]  # the same weights stored [N, K] (PyTorch's layout)
         w0 = np.asarray(ws[0].astype(jnp.float32), np.float64)
         nbytes = k * n * 2
         for m in (int(v) for v in args.m.split(",")):
             x = jax.random.normal(jax.random.fold_in(key, 10_000 + m), (m, k), jnp.bfloat16)
             want = np.asarray(x.astype(jnp.float32), np.float64) @ w0
-            variants = [("cublas", jnp.dot)]
+            variants = [("cublas", jnp.dot), ("cublas [N,K]", _dot_nk)]
             if (
                 args.mosaic
                 and mosaic_skinny.supports(m, k, n, x.dtype) is None
@@ -158,7 +166,7 @@ def main() -> None:
             ]
             for label, fn in variants:
                 try:
-                    out, t, kernels = timed(fn, x, ws)
+                    out, t, kernels = timed(fn, x, ws_nk if fn is _dot_nk else ws)
                 except Exception as e:  # noqa: BLE001 - a tiling that does not compile is reported, not fatal
                     print(f"{name} M={m} {label}: FAIL {type(e).__name__}: {str(e)[:200]}")
                     continue

@@ -39,7 +39,7 @@ from jaxrt import envs
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when weight maps or the stored layout change: old cache entries stop matching
+FORMAT_VERSION = 2  # bump when weight maps or the stored layout change: old cache entries stop matching
 META_FILE = "jaxrt_converted.json"
 PARAMS_DIR = "params"
 # Safetensors checkpoints from this size on are written to the cache automatically; None: never (measured

@@ -3,10 +3,11 @@
 A family's map is a list of ``WeightRule(pattern, path, transform, sharding, fuse)``: ``pattern`` is a regex
 over the checkpoint's tensor name, ``path`` the nnx state path (``/``-separated, regex groups substituted),
 ``transform`` one of ``None`` or ``"T"`` (transpose a torch ``[out, in]`` Linear weight into a Flax
-``[in, out]`` kernel), ``sharding`` the logical axes for tensor parallelism (``"tp"`` marks the sharded one),
-and ``fuse`` the parts of a fused param: jaxrt keeps q/k/v and gate/up as one ``qkv_proj`` / ``gate_up_proj``
-matrix each (one GEMM per step, no per-step concatenation of weights), so the checkpoint's separate tensors,
-told apart by the pattern's ``part`` group, are joined along the last axis in ``fuse`` order once all arrived.
+``[in, out]`` kernel; the attention projections keep ``[out, in]``, see ``layers.OutInLinear``), ``sharding``
+the logical axes for tensor parallelism (``"tp"`` marks the sharded one), ``fuse`` the parts of a fused
+param and ``fuse_axis`` the param's axis they join along: jaxrt keeps q/k/v and gate/up as one ``qkv_proj`` /
+``gate_up_proj`` matrix each (one GEMM per step, no per-step concatenation of weights), so the checkpoint's
+separate tensors, told apart by the pattern's ``part`` group, are joined in ``fuse`` order once all arrived.
 Checkpoints that are fused already (Phi-3) map straight onto them. (A tensor-parallel split of a fused param
 must cut each part, not the joined axis: ``sharding`` records the logical axis only; nothing shards yet.)
 
@@ -49,6 +50,7 @@ class WeightRule:
     transform: str | None = None
     sharding: tuple[str | None, ...] = ()
     fuse: tuple[str, ...] = ()
+    fuse_axis: int = -1
 
 
 _L = r"model\.layers\.(\d+)"
@@ -58,10 +60,11 @@ DECODER_WEIGHT_MAP: list[WeightRule] = [
     WeightRule(r"model\.embed_tokens\.weight", "model/embed_tokens/embedding", None, ("tp", None)),
     WeightRule(
         rf"{_L}\.self_attn\.(?P<part>[qkv])_proj\.weight",
-        rf"{_P}/self_attn/qkv_proj/kernel",
-        "T",
-        (None, "tp"),
+        rf"{_P}/self_attn/qkv_proj/weight",
+        None,
+        ("tp", None),
         fuse=("q", "k", "v"),
+        fuse_axis=0,
     ),
     WeightRule(
         rf"{_L}\.self_attn\.(?P<part>[qkv])_proj\.bias",
@@ -70,7 +73,7 @@ DECODER_WEIGHT_MAP: list[WeightRule] = [
         ("tp",),
         fuse=("q", "k", "v"),
     ),
-    WeightRule(rf"{_L}\.self_attn\.o_proj\.weight", rf"{_P}/self_attn/o_proj/kernel", "T", ("tp", None)),
+    WeightRule(rf"{_L}\.self_attn\.o_proj\.weight", rf"{_P}/self_attn/o_proj/weight", None, (None, "tp")),
     WeightRule(rf"{_L}\.self_attn\.o_proj\.bias", rf"{_P}/self_attn/o_proj/bias", None, (None,)),
     WeightRule(rf"{_L}\.self_attn\.([qk])_norm\.weight", rf"{_P}/self_attn/\2_norm/weight", None, (None,)),
     WeightRule(
@@ -103,7 +106,7 @@ DECODER_WEIGHT_MAP: list[WeightRule] = [
 LLAMA_WEIGHT_MAP = DECODER_WEIGHT_MAP
 
 PHI3_WEIGHT_MAP: list[WeightRule] = [
-    WeightRule(rf"{_L}\.self_attn\.qkv_proj\.weight", rf"{_P}/self_attn/qkv_proj/kernel", "T", (None, "tp")),
+    WeightRule(rf"{_L}\.self_attn\.qkv_proj\.weight", rf"{_P}/self_attn/qkv_proj/weight", None, ("tp", None)),
     WeightRule(rf"{_L}\.mlp\.gate_up_proj\.weight", rf"{_P}/mlp/gate_up_proj/kernel", "T", (None, "tp")),
     *DECODER_WEIGHT_MAP,
 ]
@@ -301,11 +304,11 @@ TRANSFER_WINDOW_BYTES = 1 << 30
 _LOOKAHEAD = 2  # params whose transform waits for later transfers to be submitted first
 
 
-@functools.partial(jax.jit, static_argnames=("transpose", "dtype"))
-def _assemble(*parts: jax.Array, transpose: bool, dtype: np.dtype) -> jax.Array:
-    """One param from its checkpoint tensor(s): joined along the last axis, transposed if ``transpose``, cast.
+@functools.partial(jax.jit, static_argnames=("transpose", "dtype", "axis"))
+def _assemble(*parts: jax.Array, transpose: bool, dtype: np.dtype, axis: int = -1) -> jax.Array:
+    """One param from its checkpoint tensor(s): joined along ``axis``, transposed if ``transpose``, cast.
     Compiled once per (part shapes, dtypes, transform): a decoder's layers share theirs."""
-    x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+    x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
     return (x.T if transpose else x).astype(dtype)
 
 
@@ -339,6 +342,7 @@ class _Job:
     transfers: list[Future]
     nbytes: int
     transpose: bool
+    axis: int = -1  # the param's axis a fused param's parts join along
 
 
 def load_weights(
@@ -402,7 +406,7 @@ def load_weights(
         t0 = time.perf_counter()
         if job.transpose and len(arrs) > 1:
             arrs = [_join_rows(*arrs)]
-        out = _assemble(*arrs, transpose=job.transpose, dtype=dtype)
+        out = _assemble(*arrs, transpose=job.transpose, dtype=dtype, axis=job.axis)
         if sig not in programs:
             programs.add(sig)
             st["compile_s"] += time.perf_counter() - t0
@@ -477,19 +481,22 @@ def load_weights(
                 name = " + ".join(got[p][0] for p in rule.fuse)
                 shapes = [got[p][1] for p in rule.fuse]
                 nbytes = sum(got[p][3] for p in rule.fuse)
-                if not all(shapes) or len({s[:-1] for s in shapes}) != 1:
+                ax = rule.fuse_axis % len(shapes[0]) if shapes[0] else 0
+                if not all(shapes) or len({s[:ax] + s[ax + 1 :] for s in shapes}) != 1:
                     mismatched.append(
-                        f"{name}: checkpoint parts {', '.join(map(str, shapes))} do not join along the last "
-                        f"axis; model {shape_of(key)}"
+                        f"{name}: checkpoint parts {', '.join(map(str, shapes))} do not join along axis "
+                        f"{rule.fuse_axis}; model {shape_of(key)}"
                     )
                     raw_bytes -= nbytes
                     continue
-                joined = (*shapes[0][:-1], sum(s[-1] for s in shapes))
+                joined = (*shapes[0][:ax], sum(s[ax] for s in shapes), *shapes[0][ax + 1 :])
                 if joined != shape_of(key):
                     mismatched.append(f"{name}: checkpoint {joined} vs model {shape_of(key)}")
                     raw_bytes -= nbytes
                     continue
-                jobs.append(_Job(key, name, [got[p][2] for p in rule.fuse], nbytes, transpose))
+                jobs.append(
+                    _Job(key, name, [got[p][2] for p in rule.fuse], nbytes, transpose, rule.fuse_axis)
+                )
                 assigned.add(key)
             t0 = time.perf_counter()
             while len(jobs) > _LOOKAHEAD:

@@ -165,9 +165,10 @@ _BOOL = np.dtype(np.bool_)
 _PACKABLE = (np.dtype(np.int32), np.dtype(np.float32), np.dtype(np.uint32), np.dtype(np.bool_))
 
 
-def token_buckets(max_tokens: int, min_bucket: int = 8) -> list[int]:
-    """Powers of two from ``min_bucket`` up to and including ``max_tokens``."""
-    out, b = [], min_bucket
+def token_buckets(max_tokens: int, min_bucket: int = 8, single: bool = False) -> list[int]:
+    """Powers of two from ``min_bucket`` up to and including ``max_tokens``, after a bucket of 1 if
+    ``single``."""
+    out, b = [1] if single and min_bucket > 1 else [], min_bucket
     while b < max_tokens:
         out.append(b)
         b *= 2

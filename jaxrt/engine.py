@@ -309,6 +309,7 @@ class Engine(EngineAPI):
         num_continuous_decode_steps: int | None = None,
         background_compile: bool | None = None,
         stream_interval: int = 1,
+        single_token_bucket: bool | None = None,
     ) -> None:
         import jax
 
@@ -398,6 +399,8 @@ class Engine(EngineAPI):
                 # Several decode steps per dispatch hide the host's per-step work behind the device; on the
                 # CPU there is nothing to hide, and single steps stream token by token.
                 num_continuous_decode_steps=num_continuous_decode_steps or (1 if on_cpu else 4),
+                # A program for one token (a lone decode stream): cuBLAS runs its projections as GEMVs.
+                single_token_bucket=platform == "gpu" if single_token_bucket is None else single_token_bucket,
             ),
             impl=impl,
             dtype=dtype,
@@ -520,6 +523,7 @@ class Engine(EngineAPI):
             "max_running_requests": c.scheduler.max_running_requests,
             "chunked_prefill_size": c.scheduler.chunked_prefill_size,
             "num_continuous_decode_steps": c.scheduler.num_continuous_decode_steps,
+            "single_token_bucket": c.scheduler.single_token_bucket,
             "stream_interval": c.stream_interval,
             "disable_radix_cache": c.cache.disable_radix_cache,
             "attention_backend": c.attention_backend,

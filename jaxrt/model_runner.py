@@ -163,7 +163,9 @@ class ModelRunner:
             + [jnp.zeros((self.num_state_slots, *s.shape), s.dtype) for s in m.state_specs],
             self.device,
         )
-        self.token_buckets = token_buckets(cfg.scheduler.chunked_prefill_size)
+        self.token_buckets = token_buckets(
+            cfg.scheduler.chunked_prefill_size, single=cfg.scheduler.single_token_bucket
+        )
         self.history_buckets = history_buckets(cfg.scheduler.context_length)
         # One jitted model function inside every program: its trace for a token bucket is made once and
         # serves the single step and both decode-loop variants of that bucket (jit caches it by argument types).

@@ -91,6 +91,28 @@ def test_engine_greedy_matches_transformers_generate(tiny_llama_dir, hf_tiny, va
         assert_no_leak(llm)
 
 
+def test_single_token_bucket_matches_transformers(tiny_llama_dir, hf_tiny):
+    """The 1-token program (on by default on GPUs): a lone stream's decode steps run in it, greedy tokens
+    match transformers, and a batch that outgrows it moves to the 8-token program."""
+    kwargs = dict(dtype="float32", chunked_prefill_size=32, max_running_requests=8, context_length=256)
+    with jaxrt.Engine(model_path=tiny_llama_dir, num_pages=600, single_token_bucket=True, **kwargs) as llm:
+        assert llm.runner.token_buckets[:2] == [1, 8]
+        picked: list[int] = []  # the bucket of every step (observed, the runner's choice is unchanged)
+        pick = llm.runner.pick
+        llm.runner.pick = lambda n, loop=False: picked.append(pick(n, loop)) or picked[-1]
+        ids = [llm.tokenizer.encode(p) for p in PROMPTS]
+        params = {"temperature": 0, "max_new_tokens": 12, "min_new_tokens": 12}
+        expected = hf_greedy(hf_tiny, ids, 12)
+        alone = llm.generate(input_ids=ids[0], sampling_params=params)
+        assert alone["output_ids"] == expected[0]
+        assert picked.count(1) >= 10, picked  # the decode steps after the prompt's
+        picked.clear()
+        outs = llm.generate(input_ids=ids, sampling_params=params)
+        assert [o["output_ids"] for o in outs] == expected
+        assert max(picked) >= 8, picked
+        assert_no_leak(llm)
+
+
 def test_preemption_small_pool_same_output(tiny_llama_dir, hf_tiny):
     ids_list = None
     results = {}

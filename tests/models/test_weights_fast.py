@@ -47,20 +47,21 @@ def _reference(sd: dict[str, np.ndarray], n_layers: int, dtype: str) -> dict[str
         p, q = f"model.layers.{i}.", f"model.layers.{i}."
         for norm in ("input_layernorm", "post_attention_layernorm"):
             ref[q + norm + ".weight"] = sd[p + norm + ".weight"]
-        for mod, fused, names in (
-            ("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
-            ("mlp", "gate_up_proj", ("gate_proj", "up_proj")),
+        # the attention projections are stored [out, in] as transformers stores them, the MLP's [in, out]
+        for mod, fused, names, param, t in (
+            ("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj"), "weight", False),
+            ("mlp", "gate_up_proj", ("gate_proj", "up_proj"), "kernel", True),
         ):
             if f"{p}{mod}.{fused}.weight" in sd:
-                ref[f"{q}{mod}.{fused}.kernel"] = sd[f"{p}{mod}.{fused}.weight"].T
+                w = sd[f"{p}{mod}.{fused}.weight"]
             else:
-                ref[f"{q}{mod}.{fused}.kernel"] = np.concatenate(
-                    [sd[f"{p}{mod}.{n}.weight"].T for n in names], 1
-                )
+                w = np.concatenate([sd[f"{p}{mod}.{n}.weight"] for n in names], 0)
+            ref[f"{q}{mod}.{fused}.{param}"] = w.T if t else w
             if f"{p}{mod}.{names[0]}.bias" in sd:
                 ref[f"{q}{mod}.{fused}.bias"] = np.concatenate([sd[f"{p}{mod}.{n}.bias"] for n in names])
+        ref[f"{q}self_attn.o_proj.weight"] = sd[f"{p}self_attn.o_proj.weight"]
+        ref[f"{q}mlp.down_proj.kernel"] = sd[f"{p}mlp.down_proj.weight"].T
         for mod, name in (("self_attn", "o_proj"), ("mlp", "down_proj")):
-            ref[f"{q}{mod}.{name}.kernel"] = sd[f"{p}{mod}.{name}.weight"].T
             if f"{p}{mod}.{name}.bias" in sd:
                 ref[f"{q}{mod}.{name}.bias"] = sd[f"{p}{mod}.{name}.bias"]
     target = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
@@ -261,7 +262,7 @@ def test_fused_param_errors_name_the_parts(tmp_path, sources):
     with pytest.raises(WeightLoadError) as e:
         _load(_write(tmp_path / "lacking", Path(path), lacking, 2), "float32")
     msg = str(e.value)
-    assert "model/layers/1/self_attn/qkv_proj/kernel (has " in msg and "lacks the other parts" in msg
+    assert "model/layers/1/self_attn/qkv_proj/weight (has " in msg and "lacks the other parts" in msg
     assert "model.layers.1.self_attn.q_proj.weight" in msg and "model.layers.1.self_attn.v_proj.weight" in msg
 
     ragged = dict(sd)

@@ -49,10 +49,11 @@ def fused_mlp() -> str:
     TMA reductions (the faster, but the order of the additions varies from run to run, so results are not
     bitwise reproducible); "deterministic" the kernel storing its per-block partials for XLA to sum in a fixed
     order; "columns" two kernels, the gated product and then the down projection with each program owning
-    output columns (reproducible, no partials; not yet timed on a GPU); "columns-pdl" the same with the
-    second kernel launched early (``MlpConfig.overlap_down``). On an H200 "1" makes the Llama-3.2-1B decode step 1-6% faster at 1-8 sequences and
-    "deterministic" is slower than XLA at one (benchmarks/RESULTS.md, "Engine", fourteenth round), hence the
-    default. Read when a step is traced."""
+    output columns (reproducible, no partials); "columns-pdl" the same with the second kernel launched early
+    (``MlpConfig.overlap_down``). On an H200 "1" makes the Llama-3.2-1B decode step 1-6% faster at 1-8
+    sequences, "deterministic" is slower than XLA at one, and both "columns" modes are 7-10% slower (their
+    down kernel reads 32-byte rows of the weight; benchmarks/RESULTS.md, "Engine", fourteenth and fifteenth
+    rounds), hence the default. Read when a step is traced."""
     value = _get("JAXRT_FUSED_MLP", "0")
     if value not in FUSED_MLP_MODES:
         raise ValueError(f"JAXRT_FUSED_MLP must be one of {FUSED_MLP_MODES}, got {value!r}")

@@ -134,8 +134,8 @@ class SchedulerConfig:
     max_queued_requests: int | None = None
     # Decode steps per dispatch when every running request is decoding (SGLang's flag of the same name).
     num_continuous_decode_steps: int = 1
-    # A 1-token program besides the powers of two from 8: a lone decode stream runs its projections as GEMVs
-    # instead of 8-row GEMMs (the Engine turns it on for GPUs, where that is faster).
+    # A 1-token program besides the powers of two from 8: a lone decode stream's attention projections run as
+    # one-row products instead of 8-row GEMMs (the Engine turns it on for GPUs, where that is faster).
     single_token_bucket: bool = False
 
     def __post_init__(self) -> None:

@@ -399,7 +399,7 @@ class Engine(EngineAPI):
                 # Several decode steps per dispatch hide the host's per-step work behind the device; on the
                 # CPU there is nothing to hide, and single steps stream token by token.
                 num_continuous_decode_steps=num_continuous_decode_steps or (1 if on_cpu else 4),
-                # A program for one token (a lone decode stream): cuBLAS runs its projections as GEMVs.
+                # A program for one token (a lone decode stream): its attention projections skip 8-row GEMMs.
                 single_token_bucket=platform == "gpu" if single_token_bucket is None else single_token_bucket,
             ),
             impl=impl,

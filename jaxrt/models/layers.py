@@ -214,10 +214,10 @@ def linear(din: int, dout: int, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs) ->
 class OutInLinear(nnx.Module):
     """``x @ weight.T (+ bias)`` with ``weight`` stored ``[out, in]``, as transformers stores a Linear.
 
-    The attention projections use it: with a single row (a lone decode token) cuBLAS runs the product with
-    this layout as one GEMV kernel, where the ``[in, out]`` layout takes a split-K GEMM and its reduce
-    (Llama-3.2-1B's qkv 4.6 vs 18.7 us, o 3.7 vs 12.9 us on an H200); from 8 rows both layouts run the same
-    GEMMs at the same speed. The MLP keeps ``[in, out]`` kernels: its down projection is up to 2 us slower
+    The attention projections use it: XLA runs a single row's product (a lone decode token) with this layout
+    as one reduction kernel, which also takes the RMSNorm before it, where the ``[in, out]`` layout takes a
+    cuBLAS split-K GEMM and its reduce (Llama-3.2-1B's qkv 4.6 vs 18.7 us, o 3.7 vs 12.9 us on an H200); from
+    8 rows both layouts run the same cuBLAS GEMMs at the same speed. The MLP keeps ``[in, out]`` kernels: its down projection is up to 2 us slower
     stored ``[out, in]`` at 16-64 rows, and the fused MLP kernels read ``[in, out]`` (benchmarks/RESULTS.md).
     """
 

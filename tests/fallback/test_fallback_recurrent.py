@@ -376,3 +376,19 @@ def test_every_adapter_under_preemption_and_continuous_decode(tmp_path, model_ty
     for out, exp, n in zip(got[1], expected, limits, strict=True):
         if 2 not in out:
             assert out == exp[:n]
+
+
+def test_engine_single_token_bucket(engine_model, prompt_ids, expected):
+    """The 1-token program (GPUs' default) through the fallback and the recurrent state: a lone request
+    decodes in it and keeps transformers' greedy tokens; the next batch leaves it."""
+    with jaxrt.Engine(model_path=engine_model, **ENGINE, single_token_bucket=True) as llm:
+        assert llm.runner.token_buckets[0] == 1
+        picked: list[int] = []  # the bucket of every step (observed; the runner's choice is unchanged)
+        pick = llm.runner.pick
+        llm.runner.pick = lambda n, loop=False: picked.append(pick(n, loop)) or picked[-1]
+        alone = llm.generate(input_ids=prompt_ids[1], sampling_params=_greedy())
+        assert alone["output_ids"] == expected[1]
+        assert picked.count(1) >= NEW_TOKENS - 1, picked
+        outs = llm.generate(input_ids=prompt_ids[:3], sampling_params=_greedy())
+        assert [o["output_ids"] for o in outs] == expected[:3]
+        assert_slots_free(llm)

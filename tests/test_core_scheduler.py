@@ -318,3 +318,19 @@ def test_device_page_table_rows_follow_their_requests(shapes, decode_steps, num_
         s.check_invariants()
     assert sorted(s.free_page_rows) == list(range(max_running))
     assert all(r.page_row is None and r.pages_on_device == 0 for r in reqs)
+
+
+@pytest.mark.parametrize("single", [False, True])
+@pytest.mark.parametrize("max_tokens", [1, 4, 8, 9, 2048])
+def test_token_buckets(max_tokens, single):
+    """Powers of two from 8 up to the step's token budget (always included), after a 1-token bucket when
+    asked for one; strictly increasing, so every batch size has exactly one smallest fitting bucket."""
+    from jaxrt.batch import pick_bucket, token_buckets
+
+    buckets = token_buckets(max_tokens, single=single)
+    assert buckets == sorted(set(buckets)) and buckets[-1] == max_tokens
+    assert all(b & (b - 1) == 0 for b in buckets[:-1]) and all(b == 1 or b >= 8 for b in buckets[:-1])
+    assert (buckets[0] == 1) == (single or max_tokens == 1)
+    for n in range(1, max_tokens + 1, max(1, max_tokens // 64)):
+        b = pick_bucket(buckets, n)
+        assert b >= n and all(c < n for c in buckets if c < b)

@@ -168,7 +168,7 @@ _PACKABLE = (np.dtype(np.int32), np.dtype(np.float32), np.dtype(np.uint32), np.d
 def token_buckets(max_tokens: int, min_bucket: int = 8, single: bool = False) -> list[int]:
     """Powers of two from ``min_bucket`` up to and including ``max_tokens``, after a bucket of 1 if
     ``single``."""
-    out, b = [1] if single and 1 < min_bucket and 1 < max_tokens else [], min_bucket
+    out, b = [1] if single and min_bucket > 1 and max_tokens > 1 else [], min_bucket
     while b < max_tokens:
         out.append(b)
         b *= 2

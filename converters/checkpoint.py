@@ -14,8 +14,8 @@ Two uses, one format:
   cache off. Stale entries (source gone or changed) are dropped when a new entry is written, and at most
   ``MAX_CACHE_ENTRIES`` are kept (least recently used go first).
 
-Params are stored as a flat ``{"model.layers.0.self_attn.q_proj.kernel": array}`` dict, so the layout is
-readable without jaxrt; restoring casts to the requested dtype and places arrays on the default device.
+Params are stored as a flat ``{"model.layers.0.self_attn.qkv_proj.weight": array}`` dict (``weight``:
+``[out, in]`` as in transformers; ``kernel``: Flax's ``[in, out]``), so the layout is readable without jaxrt; restoring casts to the requested dtype and places arrays on the default device.
 """
 
 from __future__ import annotations

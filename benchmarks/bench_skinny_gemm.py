@@ -13,7 +13,8 @@ the measurement: program (n block, k split) streams its ``[K / splits, bn]`` sla
 steps into an f32 ``[max(16, M), bn]`` accumulator; with ``splits > 1`` XLA sums the f32 partials.
 ``mosaic`` is ``kernels.mosaic_skinny`` (Hopper, up to 16 rows): persistent programs that each own 16-64
 output columns and stream their whole ``[K, cols]`` slab through a TMA ring, writing the bf16 output
-themselves. Every result is checked against a float64 product. ``--smoke``: CPU, interpret mode, tiny
+themselves; ``--mosaic-configs cols/splits,...`` adds tilings (``splits > 1``: K split, the partials summed
+in the kernel behind a GMEM semaphore; GPU only). Every result is checked against a float64 product. ``--smoke``: CPU, interpret mode, tiny
 shapes.
 """
 
@@ -98,6 +99,11 @@ def main() -> None:
     p.add_argument("--model-cache", default=None, help="unused (the smoke test passes it to every script)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--mosaic", type=int, default=1, help="also time kernels.mosaic_skinny (1/0)")
+    p.add_argument(
+        "--mosaic-configs",
+        default="",
+        help="more mosaic_skinny tilings, cols/splits,... (e.g. 64/4: 64-column slabs, K split 4 ways)",
+    )
     args = p.parse_args()
     read_bw = read_bandwidth()  # the card's measured ceiling, for the '% of read bandwidth' column
     import jax
@@ -149,6 +155,11 @@ def main() -> None:
                 variants.append(
                     ("mosaic", functools.partial(mosaic_skinny.skinny_matmul_mgpu, interpret=interpret))
                 )
+                for mc in filter(None, args.mosaic_configs.split(",")):
+                    cols, splits = map(int, mc.split("/"))
+                    cfg = mosaic_skinny.SkinnyConfig(cols=cols, splits=splits)
+                    fn = functools.partial(mosaic_skinny.skinny_matmul_mgpu, config=cfg, interpret=interpret)
+                    variants.append((f"mosaic {mc}", fn))
             variants += [
                 (
                     f"pallas {c}",

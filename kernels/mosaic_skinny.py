@@ -56,15 +56,21 @@ class SkinnyConfig:
     the kernel may start before the kernel ahead of it ends (if that one signals its dependents, as the MLP
     kernel's phase 1 does in ``MlpConfig.overlap_down``), issue its first stages of ``w``, then wait for it
     (``griddepcontrol.wait``) before it reads ``h`` or the residual. Off in the interpreter, which has no
-    such instructions."""
+    such instructions. splits: K splits per output slab (1: none). Split ``j > 0``'s program stores its f32
+    partial and signals a GMEM semaphore; split 0's program waits for the others, adds their partials in
+    split order to its own, and writes the output, so results are the same from run to run. Every program
+    must be resident at once (slabs x splits <= SMs); GPU only (the interpreter has no GMEM semaphores)."""
 
     stages: int | None = None
     cols: int | None = None
     pdl: bool = False
+    splits: int = 1
 
     def __post_init__(self) -> None:
         if self.cols is not None and self.cols not in COLS:
             raise ValueError(f"cols must be one of {COLS}, got {self.cols}")
+        if self.splits < 1:
+            raise ValueError(f"splits must be >= 1, got {self.splits}")
 
 
 def _h_rows(rows: int) -> int:
@@ -112,6 +118,7 @@ def _kernel(
     w_ref,  # [K, N] bf16
     res_ref,  # [rows, N] bf16 or None
     out_ref,  # [rows, N] bf16
+    part_ref,  # [splits - 1, rows, N] f32: the partials of splits 1.. (None without splits)
     h_smem,  # [stages, h_rows, 64], tiled and swizzled as w_smem (wgmma takes one tiling for A and B)
     w_smem,  # [stages, 256, cols], tiled and swizzled
     acc_smem,  # [64, cols] f32, untiled
@@ -127,27 +134,36 @@ def _kernel(
     n: int,
     cols: int,
     pdl: bool,
+    splits: int,
 ):
     c = lax.axis_index("c")
     num_programs = lax.axis_size("c")
     wg = lax.axis_index("wg")
-    my_slabs = (n // cols - c + num_programs - 1) // num_programs
-    nk = k // K_STAGE
     chunks = K_STAGE // 64
+    if splits == 1:  # program c takes slabs c, c + programs, ...: all of K for each
+        first_slab, slab_stride, part = c, num_programs, 0
+        my_slabs = (n // cols - c + num_programs - 1) // num_programs
+        nk = k // K_STAGE
+    else:  # program c takes split c % splits of slab c // splits: K / splits rows of it
+        first_slab, slab_stride, part = c // splits, 0, c % splits
+        my_slabs = 1
+        nk = k // K_STAGE // splits
+    k_first = part * nk  # the first stage of K this program reads
 
     @pl.when(wg == 1)
     def _producer():
         plgpu.set_max_registers(40, action="decrease")
 
         def copy_w(s, t, slot):
-            k0 = t * K_STAGE if isinstance(t, int) else pl.multiple_of(t * K_STAGE, K_STAGE)
+            k0 = (k_first + t) * K_STAGE
+            k0 = k0 if isinstance(k0, int) else pl.multiple_of(k0, K_STAGE)
             ks = pl.ds(k0, K_STAGE)
             plgpu.copy_gmem_to_smem(w_ref.at[ks, pl.ds(s * cols, cols)], w_smem.at[slot], full_bar.at[slot])
 
         def copy_h(t, slot):
             for ch in range(chunks):
                 plgpu.copy_gmem_to_smem(
-                    h_ref.at[:, pl.ds(t * K_STAGE + ch * 64, 64)],
+                    h_ref.at[:, pl.ds((k_first + t) * K_STAGE + ch * 64, 64)],
                     h_smem.at[slot, pl.ds(ch * rows, rows)],
                     full_bar.at[slot],
                 )
@@ -156,14 +172,14 @@ def _kernel(
         # this program waits for the kernel that writes h (every program has at least one slab).
         prefetch = min(stages, nk) if pdl else 0
         for t in range(prefetch):
-            copy_w(c, t, t)
+            copy_w(first_slab, t, t)
         if pdl:
             plgpu.griddepcontrol_wait()
         for t in range(prefetch):
             copy_h(t, t)
 
         def slab_body(i, carry):
-            s = c + i * num_programs
+            s = first_slab + i * slab_stride
 
             def stage(t, carry):
                 step = i * nk + t
@@ -189,13 +205,16 @@ def _kernel(
             def _(step=step):
                 plgpu.barrier_wait(free_bar.at[lax.rem(step, stages)])
 
+    # One semaphore per output slab in GMEM, zeroed before the call; each wait takes back what was signalled.
+    sem = pl.get_global(plgpu.SemaphoreType.REGULAR((n // cols,))) if splits > 1 else None
+
     @pl.when(wg == 0)
     def _consumer():
         if pdl:  # the residual may come from the kernel before
             plgpu.griddepcontrol_wait()
 
         def slab_body(i, carry):
-            s = c + i * num_programs
+            s = first_slab + i * slab_stride
             out_cols = pl.ds(s * cols, cols)
             if res_ref is not None:
                 # The previous slab's output store has read r_smem's neighbour o_smem; r_smem is free.
@@ -231,12 +250,34 @@ def _kernel(
             out = plgpu.load(acc_smem.at[pl.ds(0, rows)], layout=strided, optimized=False)
             if res_ref is not None:
                 plgpu.barrier_wait(r_bar.at[0])
-                res = plgpu.load(r_smem, layout=strided, optimized=False)
-                out = out + res.astype(jnp.float32)
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous slab's store read o_smem
-            o_smem[...] = out.astype(o_smem.dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, out_ref.at[:, out_cols])
+
+            def finish(out):
+                if res_ref is not None:
+                    out = out + plgpu.load(r_smem, layout=strided, optimized=False).astype(jnp.float32)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous slab's store read o_smem
+                o_smem[...] = out.astype(o_smem.dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem, out_ref.at[:, out_cols])
+
+            if splits == 1:
+                finish(out)
+            else:
+
+                @pl.when(part > 0)
+                def _():  # plain stores, then a release of the slab's semaphore (after a warpgroup barrier)
+                    part_ref[part - 1, :, out_cols] = out
+                    pl.semaphore_signal(sem.at[s])
+
+                @pl.when(part == 0)
+                def _():
+                    pl.semaphore_wait(sem.at[s], splits - 1)
+                    total = out
+                    for q in range(splits - 1):  # a fixed order: the same sums every run
+                        total = total + plgpu.load(
+                            part_ref.at[q, :, out_cols], layout=strided, optimized=False
+                        )
+                    finish(total)
+
             return carry
 
         lax.fori_loop(0, my_slabs, slab_body, None)
@@ -280,7 +321,19 @@ def skinny_matmul_mgpu(
             f"{stages} stages of cols {cols} need {smem} bytes of shared memory (> {SMEM_BUDGET})"
         )
 
+    splits = cfg.splits
     num_programs = max(1, min(n // cols, sms))
+    if splits > 1:
+        if interpret:
+            raise ValueError("splits > 1 needs a GPU (the interpreter has no GMEM semaphores)")
+        if (k // K_STAGE) % splits:
+            raise ValueError(f"K = {k} does not split into {splits} parts of whole {K_STAGE}-row stages")
+        if (n // cols) * splits > sms:
+            raise ValueError(
+                f"{n // cols} slabs x {splits} splits need {(n // cols) * splits} programs resident at once "
+                f"(> {sms} SMs)"
+            )
+        num_programs = (n // cols) * splits
     dtype = h.dtype
     w_swizzle = (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(cols * 2))
     scratch = (
@@ -294,33 +347,33 @@ def skinny_matmul_mgpu(
         plgpu.Barrier(num_arrivals=1, num_barriers=1),
     )
     kernel = functools.partial(
-        _kernel, stages=stages, rows=rows, k=k, n=n, cols=cols, pdl=cfg.pdl and not interpret
+        _kernel, stages=stages, rows=rows, k=k, n=n, cols=cols, pdl=cfg.pdl and not interpret, splits=splits
     )
     mesh_kwargs = dict(
         grid=(num_programs,),
         grid_names=("c",),
         num_threads=2,
         thread_name="wg",
-        kernel_name=f"jaxrt_skinny_mgpu_r{rows}_c{cols}_st{stages}" + ("_pdl" if cfg.pdl else ""),
+        kernel_name=f"jaxrt_skinny_mgpu_r{rows}_c{cols}_st{stages}"
+        + (f"_k{splits}" if splits > 1 else "")
+        + ("_pdl" if cfg.pdl else ""),
     )
     if interpret:
         mesh_kwargs["interpret"] = plgpu.InterpretGPUParams()
     out_type = jax.ShapeDtypeStruct((rows, n), dtype)
-    if residual is None:
+    if splits > 1:
+        out_type = (out_type, jax.ShapeDtypeStruct((splits - 1, rows, n), jnp.float32))
 
-        def entry(h_ref, w_ref, out_ref):
-            pl.run_scoped(
-                functools.partial(kernel, h_ref, w_ref, None, out_ref), *scratch, collective_axes="wg"
-            )
+    def entry(h_ref, w_ref, *refs):
+        res_ref = refs[0] if residual is not None else None
+        out_ref, *part = refs[1:] if residual is not None else refs
+        body = functools.partial(kernel, h_ref, w_ref, res_ref, out_ref, part[0] if part else None)
+        pl.run_scoped(body, *scratch, collective_axes="wg")
 
-        out = plgpu.kernel(entry, out_type=out_type, **mesh_kwargs)(common.pad_rows(h, rows), w)
-    else:
-
-        def entry(h_ref, w_ref, res_ref, out_ref):
-            pl.run_scoped(
-                functools.partial(kernel, h_ref, w_ref, res_ref, out_ref), *scratch, collective_axes="wg"
-            )
-
-        res = common.pad_rows(residual.astype(dtype), rows)
-        out = plgpu.kernel(entry, out_type=out_type, **mesh_kwargs)(common.pad_rows(h, rows), w, res)
+    args = [common.pad_rows(h, rows), w]
+    if residual is not None:
+        args.append(common.pad_rows(residual.astype(dtype), rows))
+    out = plgpu.kernel(entry, out_type=out_type, **mesh_kwargs)(*args)
+    if splits > 1:
+        out = out[0]
     return out[:num_rows]

@@ -66,6 +66,10 @@ LOWER_CASES = [
     ("down-8b-16", 16, 14336, 4096, True),
     ("o-3b-1", 1, 3072, 3072, True),
     ("down-1b-pdl", 8, 8192, 2048, True),
+    # K splits summed in the kernel (64-column slabs: 128-byte rows of w)
+    ("o-1b-k4", 8, 2048, 2048, True),
+    ("down-1b-k4", 8, 8192, 2048, True),
+    ("qkv-1b-k2", 1, 2048, 3072, False),
 ]
 
 
@@ -76,7 +80,8 @@ def test_lowers_for_cuda(name, rows, k, n, residual):
 
     s = jax.ShapeDtypeStruct
 
-    cfg = SkinnyConfig(pdl=name.endswith("pdl"))
+    splits = int(name.rsplit("-k", 1)[1]) if "-k" in name else 1
+    cfg = SkinnyConfig(pdl=name.endswith("pdl"), cols=64 if splits > 1 else None, splits=splits)
 
     def f(h, w, r):
         return mosaic_skinny.skinny_matmul_mgpu(

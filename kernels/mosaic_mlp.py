@@ -41,7 +41,9 @@ Measured on an H200 (benchmarks/RESULTS.md, "Engine", fourteenth round): 31.7 µ
 8 tokens (68% of the bandwidth; XLA's four to five kernels 34.4), 29.6 µs inside the decode step; the
 weights' stream alone takes 29.0 µs, and phase 2 is what slows it (it streams at 3.8 TB/s where its copies
 alone reach 4.3). Not the model's default (``JAXRT_FUSED_MLP``). The two-kernel form is correct on the
-GPU and bitwise stable, but slower (37.7 µs at 8 tokens; fifteenth round): see ``mosaic_skinny``.
+GPU and bitwise stable, but was slower with 16-column slabs in the down kernel (37.7 µs at 8 tokens;
+fifteenth round); it now takes 64-column slabs in K splits (``mosaic_skinny.split_config``), not yet timed
+in this form.
 """
 
 from __future__ import annotations
@@ -485,7 +487,12 @@ def gated_mlp_mgpu(
             h,
             w_down,
             residual=res,
-            config=mosaic_skinny.SkinnyConfig(pdl=cfg.overlap_down),
+            # 64-column slabs in K splits where they fit (the interpreter takes the unsplit form)
+            config=mosaic_skinny.SkinnyConfig(pdl=cfg.overlap_down)
+            if interpret
+            else mosaic_skinny.split_config(
+                intermediate, hidden, num_sms or common.num_sms(), cfg.overlap_down
+            ),
             num_sms=num_sms,
             interpret=interpret,
         )

@@ -15,12 +15,19 @@ operand of chunk ``c`` is the 64 rows from ``c * rows``; accumulator rows past `
 is never stored. wgmma takes one tiling for both operands, so ``h``'s stage buffer is tiled like the
 ``[256, cols]`` weight tile (``(8, cols)``, a ``2 * cols``-byte swizzle).
 
-Status: correct in the Pallas GPU interpreter, lowered for CUDA (tests/kernels/test_mosaic_skinny.py) and
-on an H200 (against float64), but not faster than cuBLAS where it matters (benchmarks/RESULTS.md, "Engine",
-fifteenth round): 6.3 / 7.8 µs for Llama-3.2-1B's qkv / o projections at 8 rows (cuBLAS 6.0 / 5.6) and
-19.3 µs for its down projection (33.5 MB, 1.7 TB/s): with ``N / 132`` columns per program, the 16-column
-slabs read 32-byte rows of ``w``, too short for the memory system. Wider slabs leave SMs idle; a K split
-brings the partials back. Nothing in the model calls it (``JAXRT_FUSED_MLP=columns`` only).
+With ``SkinnyConfig.splits > 1`` each slab's K extent is split over that many programs: split ``j > 0``
+stores its f32 partial with plain stores and releases the slab's GMEM semaphore (``pl.get_global``), split
+0 waits on it, adds the partials in split order and writes the output. The sums are still the same from run
+to run; every program must be resident at once (slabs x splits <= SMs), and the interpreter has no GMEM
+semaphores, so this form runs on the GPU only.
+
+Status: correct in the Pallas GPU interpreter (unsplit), lowered for CUDA (tests/kernels/test_mosaic_skinny.py)
+and correct and bitwise stable on an H200 against float64, split or not (benchmarks/RESULTS.md, "Engine",
+fifteenth round). Unsplit, ``N / 132`` columns per program make 16-column slabs for a 2048-wide output:
+32-byte rows of ``w``, too short for the memory system (Llama-3.2-1B's down projection 19.3-20.2 µs, 1.7
+TB/s). 64-column slabs in 4 K splits (``split_config``) take it to 12.8 µs and its o projection to 6.0 µs
+at 1-8 rows, against cuBLAS's 11.8 and 5.6. Nothing in the model calls it (``JAXRT_FUSED_MLP=columns``
+only, which takes ``split_config``).
 """
 
 from __future__ import annotations
@@ -85,6 +92,17 @@ def choose_cols(n: int, num_sms: int) -> int | None:
         if n // c <= num_sms:
             return c
     return fits[-1] if fits else None
+
+
+def split_config(k: int, n: int, num_sms: int, pdl: bool = False) -> SkinnyConfig:
+    """64-column slabs (128-byte rows of ``w``) with the most K splits, up to 4, that keep every program
+    resident; else the unsplit default. On an H200 at 1-8 rows, 64 columns in 4 splits took Llama-3.2-1B's
+    down projection from 20.2 to 12.8 us and its o projection from 7.0 to 6.0 (benchmarks/RESULTS.md)."""
+    slabs = n // 64 if n % 64 == 0 else 0
+    for splits in (4, 2):
+        if slabs and slabs * splits <= num_sms and (k // K_STAGE) % splits == 0:
+            return SkinnyConfig(cols=64, splits=splits, pdl=pdl)
+    return SkinnyConfig(pdl=pdl)
 
 
 def smem_bytes(stages: int, rows: int, cols: int) -> int:

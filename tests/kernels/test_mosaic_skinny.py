@@ -94,6 +94,23 @@ def test_lowers_for_cuda(name, rows, k, n, residual):
     assert "mosaic_gpu" in exp.mlir_module()
 
 
+def test_split_config_keeps_every_program_resident():
+    """64-column slabs with the most K splits (<= 4) whose programs all fit on the SMs at once (split 0
+    waits for the others, so a program that cannot start would hang its slab)."""
+    for k, n, sms, want in [
+        (8192, 2048, 132, 4),  # 32 slabs x 4
+        (2048, 3072, 132, 2),  # 48 slabs x 2
+        (14336, 4096, 132, 2),  # 64 slabs x 2 (56 stages split in 2)
+        (2048, 16384, 132, 1),  # 256 slabs: no split fits
+        (256 * 3, 2048, 132, 1),  # 3 stages do not split in 2 or 4
+        (2048, 2080, 132, 1),  # N not a multiple of 64
+    ]:
+        cfg = mosaic_skinny.split_config(k, n, sms)
+        assert cfg.splits == want, (k, n, cfg)
+        if want > 1:
+            assert cfg.cols == 64 and (n // 64) * cfg.splits <= sms and (k // 256) % cfg.splits == 0
+
+
 def test_column_width_keeps_programs_within_the_sms():
     assert mosaic_skinny.choose_cols(2048, 132) == 16  # 128 programs
     assert mosaic_skinny.choose_cols(3072, 132) == 32  # 96 programs

@@ -51,8 +51,9 @@ def fused_mlp() -> str:
     order; "columns" two kernels, the gated product and then the down projection with each program owning
     output columns (reproducible, no partials); "columns-pdl" the same with the second kernel launched early
     (``MlpConfig.overlap_down``). On an H200 "1" makes the Llama-3.2-1B decode step 1-6% faster at 1-8
-    sequences, "deterministic" is slower than XLA at one, and both "columns" modes are 7-10% slower (their
-    down kernel reads 32-byte rows of the weight; benchmarks/RESULTS.md, "Engine", fourteenth and fifteenth
+    sequences, "deterministic" is slower than XLA at one, and both "columns" modes were 7-10% slower while
+    their down kernel read 32-byte rows of the weight (it now takes 64-column slabs in K splits, 12.8 instead
+    of 20.2 us alone, not yet timed in the step; benchmarks/RESULTS.md, "Engine", fourteenth and fifteenth
     rounds), hence the default. Read when a step is traced."""
     value = _get("JAXRT_FUSED_MLP", "0")
     if value not in FUSED_MLP_MODES:

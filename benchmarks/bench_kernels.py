@@ -700,6 +700,7 @@ def cfg_str(c, kv_layout="nhd"):
         return (
             f"mgpu/h{m['heads']}/{m['block_kv']}/{m['stages']}/{m['num_splits']}"
             + (f"/c{cons}" if cons > 1 else "")
+            + (f"/sp{sp}" if (sp := m.get("split_programs")) else "")
             + (f"/{COPY_SUFFIX[m['copy_only']]}" if m.get("copy_only") else "")
         )
     heads = c.get("kv_heads", 1)
@@ -732,8 +733,8 @@ COPY_SUFFIX = {"pages": "copy", "head-pages": "copyh"}
 def parse_cfg(spec, *, b, hq, hkv, d, page, pages_per_seq):
     """'rows/block_kv/splits/warps/stages[/hf][/pf][/hN][/la][/spN][/hnd]' -> (GpuConfig, kv_layout);
     splits 'a' = decode_splits; spN: splits planned per batch for about N programs (at most ``splits``).
-    'mgpu/hHEADS/block_kv/stages/splits[/cCONSUMERS][/copy]': the Mosaic GPU decode kernel with that tiling
-    (Hopper); /copy, /copyh: its K/V stream alone, as the kernel copies or as a head-major pool would
+    'mgpu/hHEADS/block_kv/stages/splits[/cCONSUMERS][/spN][/copy]': the Mosaic GPU decode kernel with that
+    tiling (Hopper; spN: at most ``splits``, planned per batch as above); /copy, /copyh: its K/V stream alone, as the kernel copies or as a head-major pool would
     (``MosaicConfig.copy_only`` "pages" / "head-pages"; wrong outputs by design)."""
     parts = spec.split("/")
     if parts[0] == "mgpu":
@@ -741,6 +742,7 @@ def parse_cfg(spec, *, b, hq, hkv, d, page, pages_per_seq):
         flags = parts[5:]
         consumers = next((int(f[1:]) for f in flags if f.startswith("c") and f[1:].isdigit()), 1)
         copy_only = next((mode for mode, suffix in COPY_SUFFIX.items() if suffix in flags), "")
+        split_programs = next((int(f[2:]) for f in flags if f.startswith("sp") and f[2:].isdigit()), 0)
         mosaic = MosaicConfig(
             heads=heads,
             block_kv=bkv,
@@ -748,6 +750,7 @@ def parse_cfg(spec, *, b, hq, hkv, d, page, pages_per_seq):
             num_splits=splits,
             consumers=consumers,
             copy_only=copy_only,
+            split_programs=split_programs,
         )
         return GpuConfig(mosaic=mosaic), "nhd"
     rows, bkv, splits, warps, stages = parts[:5]

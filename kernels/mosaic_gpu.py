@@ -74,6 +74,11 @@ class MosaicConfig:
     block_kv: kv tokens per stage (a multiple of 64 and of the page size).
     stages: shared-memory ring depth (blocks in flight per program).
     num_splits: kv splits per work item (flash decoding; merged in XLA).
+    split_programs: 0: every work item takes ``num_splits``. > 0: ``num_splits`` is the most an item takes;
+      the plan gives each item its own count from the batch's kv lengths (``pallas_gpu.plan_splits``, the
+      Triton path's rule, aiming at about this many programs' worth of splits) and splits past an item's
+      count read nothing (they merge with zero weight), so one static tiling suits a bucket whose
+      sequences may be short or long.
     consumers: compute warpgroups per program (1 or 2). With 2, consumer ``c`` takes the blocks the producer
       issues at steps ``c, c + 2, ...`` (so each stage of the ring has one owner: ``stages`` must be even),
       and at the end of an item consumer 1 hands its (acc, m, l) to consumer 0 through shared memory, which
@@ -97,6 +102,7 @@ class MosaicConfig:
     num_splits: int = 1
     consumers: int = 1
     copy_only: str = ""
+    split_programs: int = 0
 
     def __post_init__(self) -> None:
         if self.copy_only not in COPY_ONLY_MODES:
@@ -227,7 +233,10 @@ def _kernel(
             lo = jnp.maximum(first_pos - sliding_window + 1, 0)
         lo_blk = lo // bk
         hi_blk = (end + bk - 1) // bk
-        per_split = (jnp.maximum(hi_blk - lo_blk, 0) + splits - 1) // splits
+        # The item's own split count when planned (meta's SPLITS column), else the static one; a split past
+        # it starts at or after hi_blk, so it takes no steps.
+        n_split = jnp.maximum(meta_ref[w, common.META_SPLITS], 1) if cfg.split_programs else splits
+        per_split = (jnp.maximum(hi_blk - lo_blk, 0) + n_split - 1) // n_split
         b0 = lo_blk + s * per_split
         steps = jnp.maximum(jnp.minimum(b0 + per_split, hi_blk) - b0, 0)
         return g, s, w, seq, lo, end, b0, steps
@@ -562,6 +571,7 @@ def decode_attention_mgpu(
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         kernel_name=f"jaxrt_rpa_mgpu_h{heads}_kv{cfg.block_kv}_st{cfg.stages}_s{cfg.num_splits}_c{cfg.consumers}"
+        + ("_planned" if cfg.split_programs and split_out else "")
         + (f"_copy_{cfg.copy_only.replace('-', '_')}" if cfg.copy_only else ""),
     )(meta, qk, k2, v2, page_table)
 

@@ -430,8 +430,12 @@ def gpu_metadata(
         config = config_for(q, k_pages, page_indices, kv_layout)
     key = _plan_key(q, k_pages, page_indices, kv_layout)
     if config.mosaic is not None:  # one work item per query token; whole kv blocks of page ids
+        mcfg = config.mosaic
         work = mosaic_gpu.make_plan(q, kv_lens, cu_q_lens, num_seqs)
-        pt = common.pad_page_table(page_indices, max(1, config.mosaic.block_kv // page_size))
+        if mcfg.num_splits > 1 and mcfg.split_programs:  # each item's split count, from the kv lengths
+            meta = plan_splits(work.meta, num_kv_heads // mcfg.heads, mcfg.num_splits, mcfg.split_programs)
+            work = dataclasses.replace(work, meta=meta)
+        pt = common.pad_page_table(page_indices, max(1, mcfg.block_kv // page_size))
         return GpuPlan(config=config, key=key, work=work, page_table=pt)
     t = _tiling(config, num_q_heads, num_kv_heads, page_size, kv_layout)
     work = common.make_plan(

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from jaxrt.kernels import mosaic_gpu, pallas_gpu
+from jaxrt.kernels._pallas_common import META_SPLITS
 from jaxrt.kernels.mosaic_gpu import MosaicConfig
 from jaxrt.kernels.pallas_gpu import GpuConfig
 from jaxrt.kernels.testing import make_batch, oracle, rel_err
@@ -67,6 +68,14 @@ LOWER_CASES = [
         MosaicConfig(stages=2, num_splits=2, consumers=2),
         100,
         30.0,
+    ),
+    (
+        "1b-planned-splits",
+        LLAMA_1B,
+        16,
+        MosaicConfig(heads=2, stages=3, num_splits=4, split_programs=264),
+        None,
+        None,
     ),
     ("1b-copy-pages", LLAMA_1B, 16, MosaicConfig(heads=2, stages=3, copy_only="pages"), None, None),
     ("1b-copy-head-pages", LLAMA_1B, 16, MosaicConfig(heads=2, stages=3, copy_only="head-pages"), None, None),
@@ -251,6 +260,16 @@ GPU_CASES = [
     (LLAMA_8B, 16, MosaicConfig(heads=1, block_kv=64, stages=4, consumers=2), None, None, None),
     (dict(hq=9, hkv=3, d=64), 32, MosaicConfig(stages=2, num_splits=2, consumers=2), 100, 30.0, None),
     (dict(hq=8, hkv=2, d=64), 16, MosaicConfig(consumers=2), None, None, (3, 7, 1, 1, 1, 1, 1, 1, 1)),
+    # splits planned per item from the kv lengths (pallas_gpu.plan_splits): up to 8 for the long sequences
+    (
+        LLAMA_1B,
+        16,
+        MosaicConfig(heads=2, block_kv=64, stages=3, num_splits=8, split_programs=64),
+        None,
+        None,
+        None,
+    ),
+    (dict(hq=9, hkv=3, d=64), 32, MosaicConfig(num_splits=4, split_programs=16), 100, 30.0, None),
 ]
 
 
@@ -268,6 +287,10 @@ def test_matches_oracle_on_hopper(case, num_sms):
     kw = dict(sm_scale=1 / math.sqrt(shape["d"]), sliding_window=window, soft_cap=cap)
     args = tuple(map(jnp.asarray, b.args()))
     meta = mosaic_gpu.make_plan(args[0], args[3], args[5], args[6]).meta
+    if cfg.split_programs:
+        groups = shape["hkv"] // cfg.heads
+        meta = pallas_gpu.plan_splits(meta, groups, cfg.num_splits, cfg.split_programs)
+        assert len(set(np.asarray(meta[:, META_SPLITS]).tolist())) > 1  # the items' split counts differ
     out = mosaic_gpu.decode_attention_mgpu(*args[:3], meta, args[4], config=cfg, num_sms=num_sms, **kw)
     out = np.asarray(out.astype(jnp.float32), np.float64)
     n = b.num_real_tokens
@@ -288,6 +311,10 @@ def test_bench_kernels_sweep_syntax_names_mosaic_tilings():
     for text, want in [
         ("mgpu/h2/64/3/1", MosaicConfig(heads=2, block_kv=64, stages=3, num_splits=1)),
         ("mgpu/h1/64/4/2/c2", MosaicConfig(heads=1, block_kv=64, stages=4, num_splits=2, consumers=2)),
+        (
+            "mgpu/h2/64/3/4/sp264",
+            MosaicConfig(heads=2, block_kv=64, stages=3, num_splits=4, split_programs=264),
+        ),
     ]:
         cfg, layout = bk.parse_cfg(text, **shape)
         assert cfg.mosaic == want and layout == "nhd"

@@ -14,7 +14,8 @@ interleaving itself is done once, outside the timed program), ``mgpu-t`` (phase 
 diagnostic modes, ``MlpConfig.copy_only``: their outputs are not checked), then optionally ``+nopdl``
 (``MlpConfig.pdl=True``), ``+norot`` (``rotate_down=False``) and ``+cols`` (``down_by_columns=True``: the
 gated product, then ``kernels.mosaic_skinny`` for the down projection; ``+overlap`` also launches the
-second kernel with PDL, ``overlap_down``), e.g. ``mgpu:4/2/all+pdl``, ``mgpu+cols``, ``mgpu+overlap``. ``--smoke``: CPU, tiny shapes (the Mosaic GPU variants
+second kernel with PDL, ``overlap_down``; ``+fused``: both phases in one kernel with a grid barrier,
+``fused_columns``), e.g. ``mgpu:4/2/all+pdl``, ``mgpu+cols``, ``mgpu+overlap``. ``--smoke``: CPU, tiny shapes (the Mosaic GPU variants
 in the Pallas GPU interpreter where jax has one).
 """
 
@@ -91,10 +92,10 @@ def main() -> None:
         if tiling:
             stages, bufs, *copy = tiling.split("/")
             cfg = mosaic_mlp.MlpConfig(stages=int(stages), out_buffers=int(bufs), copy_only="".join(copy))
-        unknown = set(opts) - {"pdl", "norot", "cols", "overlap"}
+        unknown = set(opts) - {"pdl", "norot", "cols", "overlap", "fused"}
         if unknown:
             raise SystemExit(
-                f"unknown variant options {sorted(unknown)} (known: +pdl, +norot, +cols, +overlap)"
+                f"unknown variant options {sorted(unknown)} (known: +pdl, +norot, +cols, +overlap, +fused)"
             )
         cfg = dataclasses.replace(
             cfg,
@@ -103,6 +104,7 @@ def main() -> None:
             rotate_down="norot" not in opts,
             down_by_columns="cols" in opts or "overlap" in opts,
             overlap_down="overlap" in opts,
+            fused_columns="fused" in opts,
         )
         det, il = name == "mgpu-det", name == "mgpu-il"
 

@@ -35,6 +35,7 @@ def gated_mlp(
     deterministic: bool = False,
     down_by_columns: bool = False,
     overlap_down: bool = False,
+    one_kernel: bool = False,
 ) -> jax.Array:
     """``residual + down(act(x @ W_gate) * (x @ W_up))``.
 
@@ -49,10 +50,14 @@ def gated_mlp(
     down_by_columns (the kernel only): two kernels, the gated product ``h`` and then the down projection
     with each program owning output columns (``MlpConfig.down_by_columns``): no partial outputs, the same
     result from run to run; needs an intermediate size that is a multiple of 256. overlap_down (with
-    down_by_columns): the second kernel is launched with PDL (``MlpConfig.overlap_down``).
+    down_by_columns): the second kernel is launched with PDL (``MlpConfig.overlap_down``). one_kernel (with
+    down_by_columns): both phases in one kernel, a grid-wide barrier on a GMEM semaphore between them
+    (``MlpConfig.fused_columns``; GPU only).
     """
-    if overlap_down and not down_by_columns:
-        raise ValueError("overlap_down needs down_by_columns=True")
+    if (overlap_down or one_kernel) and not down_by_columns:
+        raise ValueError("overlap_down and one_kernel need down_by_columns=True")
+    if overlap_down and one_kernel:
+        raise ValueError("overlap_down and one_kernel are two different forms")
     if backend not in MLP_BACKENDS:
         raise ValueError(f"backend must be one of {MLP_BACKENDS}, got {backend!r}")
     if act not in MLP_ACTIVATIONS:
@@ -80,7 +85,10 @@ def gated_mlp(
         config = None
         if down_by_columns:
             config = mosaic_mlp.default_config(hidden, num_tokens)
-            config = config and dataclasses.replace(config, down_by_columns=True, overlap_down=overlap_down)
+            if config is not None and one_kernel:
+                config = dataclasses.replace(config, fused_columns=True)
+            elif config is not None:
+                config = dataclasses.replace(config, down_by_columns=True, overlap_down=overlap_down)
         return mosaic_mlp.gated_mlp_mgpu(
             x, w_gate_up, w_down, act=act, residual=residual, deterministic=deterministic, config=config
         )

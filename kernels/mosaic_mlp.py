@@ -102,7 +102,12 @@ class MlpConfig:
     overlap_down (with down_by_columns): phase 1's programs signal their dependents as they start
     (``griddepcontrol.launch_dependents``) and the down projection's kernel is launched with PDL, so its
     programs take the SMs that phase 1 frees and stream their first weight stages before ``h`` is complete.
-    Off in the interpreter."""
+    Off in the interpreter.
+    fused_columns: the columns form as one kernel. Phase 1 writes ``h`` to global memory and each program
+    then signals a GMEM semaphore; phase 2 is ``mosaic_skinny``'s body on the same programs (64-column slabs
+    in K splits, ``split_config``), whose producers issue their first weight stages and then wait until
+    every program has signalled before they copy ``h``. One launch, no f32 output, the same result from
+    run to run. GPU only (the interpreter has no GMEM semaphores)."""
 
     stages: int = 3
     out_buffers: int = 2
@@ -112,8 +117,11 @@ class MlpConfig:
     down_by_columns: bool = False
     overlap_down: bool = False
     rotate_down: bool = True
+    fused_columns: bool = False
 
     def __post_init__(self) -> None:
+        if self.fused_columns and (self.down_by_columns or self.copy_only or self.pdl):
+            raise ValueError("fused_columns is its own form: no down_by_columns, copy_only or pdl")
         if self.copy_only not in COPY_ONLY_MODES:
             raise ValueError(f"copy_only must be one of {COPY_ONLY_MODES}, got {self.copy_only!r}")
         if self.copy_only and self.down_by_columns:
@@ -191,6 +199,7 @@ def _kernel(
     deterministic: bool,
     interleaved: bool,
     h_only: bool,
+    after_h=None,
 ):
     c = lax.axis_index("c")
     num_programs = lax.axis_size("c")
@@ -382,6 +391,68 @@ def _kernel(
 
         lax.fori_loop(0, my_items, item_body, None)
         plgpu.wait_smem_to_gmem(0)
+        if after_h is not None:  # h_only: this program's h has landed in global memory
+            after_h()
+
+
+def _fused_columns(
+    xr, w_gate_up, w_down, residual, phase1, scratch1, mesh_kwargs, rows, num_programs, num_sms
+):
+    """``MlpConfig.fused_columns``: phase 1 (``phase1``, writing ``h``), a grid-wide barrier on a GMEM
+    semaphore, then ``mosaic_skinny``'s down projection on the same programs. -> [rows, hidden]."""
+    if "interpret" in mesh_kwargs:
+        raise ValueError("fused_columns needs a GPU (its barrier is a GMEM semaphore)")
+    intermediate, hidden = w_down.shape
+    dtype = xr.dtype
+    sms = num_sms or common.num_sms()
+    dcfg = mosaic_skinny.split_config(intermediate, hidden, min(sms, num_programs))
+    cols = dcfg.cols or mosaic_skinny.choose_cols(hidden, num_programs)
+    if cols is None or mosaic_skinny.supports(rows, intermediate, hidden, dtype) is not None:
+        raise ValueError(f"fused_columns: the down projection ({intermediate} x {hidden}) does not tile")
+    stages = mosaic_skinny.default_stages(rows, cols)
+    scratch2 = mosaic_skinny.scratch_shapes(stages, rows, cols, dtype)
+    phase2 = functools.partial(
+        mosaic_skinny._kernel, stages=stages, rows=rows, k=intermediate, n=hidden, cols=cols, pdl=False
+    )
+    splits = dcfg.splits
+    out_type = [
+        jax.ShapeDtypeStruct((rows, hidden), dtype),
+        jax.ShapeDtypeStruct((rows, intermediate), dtype),
+    ]
+    if splits > 1:
+        out_type.append(jax.ShapeDtypeStruct((splits - 1, rows, hidden), jnp.float32))
+
+    def entry(x_ref, wgu_ref, wd_ref, *refs):
+        res_ref = refs[0] if residual is not None else None
+        out_ref, h_ref, *part = refs[1:] if residual is not None else refs
+        h_ready = pl.get_global(plgpu.SemaphoreType.REGULAR)  # zeroed before the call
+
+        def signal():  # h's TMA stores have completed (wait_smem_to_gmem(0) just before)
+            mosaic_skinny.fence_proxy_async_global()
+            pl.semaphore_signal(h_ready)
+
+        def wait_h():
+            pl.semaphore_wait(h_ready, num_programs, decrement=False)
+            mosaic_skinny.fence_proxy_async_global()
+
+        pl.run_scoped(
+            lambda *s1: phase1(x_ref, wgu_ref, wd_ref, h_ref, *s1, after_h=signal),
+            *scratch1,
+            collective_axes="wg",
+        )
+        pl.run_scoped(
+            lambda *s2: phase2(
+                h_ref, wd_ref, res_ref, out_ref, part[0] if part else None, *s2, splits=splits, wait_h=wait_h
+            ),
+            *scratch2,
+            collective_axes="wg",
+        )
+
+    args = [xr, w_gate_up, w_down]
+    if residual is not None:
+        args.append(common.pad_rows(residual.astype(dtype), rows))
+    outs = plgpu.kernel(entry, out_type=tuple(out_type), **mesh_kwargs)(*args)
+    return outs[0]
 
 
 def gated_mlp_mgpu(
@@ -447,7 +518,7 @@ def gated_mlp_mgpu(
         act=act,
         deterministic=deterministic,
         interleaved=interleaved,
-        h_only=cfg.down_by_columns,
+        h_only=cfg.down_by_columns or cfg.fused_columns,
     )
     scratch = (
         plgpu.SMEM((_x_rows(hidden, rows), 64), dtype, transforms=swizzled),
@@ -468,6 +539,7 @@ def gated_mlp_mgpu(
         + ("_det" if deterministic else "")
         + (f"_copy_{cfg.copy_only}" if cfg.copy_only else "")
         + ("_h" if cfg.down_by_columns else "")
+        + ("_fused" if cfg.fused_columns else "")
         + ("_overlap" if cfg.overlap_down else ""),
     )
 
@@ -478,6 +550,10 @@ def gated_mlp_mgpu(
 
     if interpret:
         mesh_kwargs["interpret"] = plgpu.InterpretGPUParams()
+    if cfg.fused_columns:
+        return _fused_columns(
+            xr, w_gate_up, w_down, residual, kernel, scratch, mesh_kwargs, rows, num_programs, num_sms
+        )[:num_tokens]
     if cfg.down_by_columns:
         h = plgpu.kernel(entry, out_type=jax.ShapeDtypeStruct((rows, intermediate), dtype), **mesh_kwargs)(
             xr, w_gate_up, w_down

@@ -153,7 +153,12 @@ def _kernel(
     cols: int,
     pdl: bool,
     splits: int,
+    wait_h=None,
 ):
+    """wait_h: called by the producer of every program with work after it has issued its first stages of
+    ``w`` and before it copies any of ``h`` (``gated_mlp_mgpu``'s one-kernel columns form waits there for
+    the grid's phase 1 to have written ``h``); with ``splits > 1`` the grid may then hold more programs than
+    slabs x splits, and the extra ones have no work."""
     c = lax.axis_index("c")
     num_programs = lax.axis_size("c")
     wg = lax.axis_index("wg")
@@ -164,7 +169,7 @@ def _kernel(
         nk = k // K_STAGE
     else:  # program c takes split c % splits of slab c // splits: K / splits rows of it
         first_slab, slab_stride, part = c // splits, 0, c % splits
-        my_slabs = 1
+        my_slabs = jnp.where(c < (n // cols) * splits, 1, 0)
         nk = k // K_STAGE // splits
     k_first = part * nk  # the first stage of K this program reads
 
@@ -188,13 +193,19 @@ def _kernel(
 
         # With PDL the first slab's first stages of w (which no earlier kernel writes) are in flight before
         # this program waits for the kernel that writes h (every program has at least one slab).
-        prefetch = min(stages, nk) if pdl else 0
-        for t in range(prefetch):
-            copy_w(first_slab, t, t)
-        if pdl:
-            plgpu.griddepcontrol_wait()
-        for t in range(prefetch):
-            copy_h(t, t)
+        early = pdl or wait_h is not None
+        prefetch = min(stages, nk) if early else 0
+
+        @pl.when(my_slabs > 0)
+        def _():
+            for t in range(prefetch):
+                copy_w(first_slab, t, t)
+            if pdl:
+                plgpu.griddepcontrol_wait()
+            if wait_h is not None:
+                wait_h()
+            for t in range(prefetch):
+                copy_h(t, t)
 
         def slab_body(i, carry):
             s = first_slab + i * slab_stride
@@ -302,6 +313,35 @@ def _kernel(
         plgpu.wait_smem_to_gmem(0)
 
 
+def scratch_shapes(stages: int, rows: int, cols: int, dtype) -> tuple:
+    """The shared memory and barriers of ``_kernel``, in its argument order."""
+    w_swizzle = (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(cols * 2))
+    return (
+        plgpu.SMEM((stages, _h_rows(rows), 64), dtype, transforms=w_swizzle),
+        plgpu.SMEM((stages, K_STAGE, cols), dtype, transforms=w_swizzle),
+        plgpu.SMEM((ROWS, cols), jnp.float32),
+        plgpu.SMEM((rows, cols), dtype),
+        plgpu.SMEM((rows, cols), dtype),
+        plgpu.Barrier(num_arrivals=1 + K_STAGE // 64, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=1, num_barriers=1),
+    )
+
+
+def fence_proxy_async_global() -> None:
+    """Order this thread's generic-proxy accesses to global memory before its later async-proxy (TMA) ones
+    (PTX ``fence.proxy.async.global``): data published by other programs through a semaphore and then read
+    with TMA."""
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    @plgpu.inline_mgpu()
+    def fence(ctx):
+        del ctx
+        mgpu_utils.inline_ptx("fence.proxy.async.global;", has_side_effects=True)
+
+    fence()
+
+
 def skinny_matmul_mgpu(
     h: jax.Array,
     w: jax.Array,
@@ -353,17 +393,7 @@ def skinny_matmul_mgpu(
             )
         num_programs = (n // cols) * splits
     dtype = h.dtype
-    w_swizzle = (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(cols * 2))
-    scratch = (
-        plgpu.SMEM((stages, _h_rows(rows), 64), dtype, transforms=w_swizzle),
-        plgpu.SMEM((stages, K_STAGE, cols), dtype, transforms=w_swizzle),
-        plgpu.SMEM((ROWS, cols), jnp.float32),
-        plgpu.SMEM((rows, cols), dtype),
-        plgpu.SMEM((rows, cols), dtype),
-        plgpu.Barrier(num_arrivals=1 + K_STAGE // 64, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=1, num_barriers=1),
-    )
+    scratch = scratch_shapes(stages, rows, cols, dtype)
     kernel = functools.partial(
         _kernel, stages=stages, rows=rows, k=k, n=n, cols=cols, pdl=cfg.pdl and not interpret, splits=splits
     )

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -119,6 +120,10 @@ LOWER_CASES = [
         True,
         MlpConfig(stages=4, down_by_columns=True, overlap_down=True),
     ),
+    # one kernel: phase 1, a grid barrier on a GMEM semaphore, the down projection in K splits
+    ("fused-1b-8", 8, 2048, 8192, False, True, MlpConfig(stages=4, fused_columns=True)),
+    ("fused-8b-16", 16, 4096, 14336, False, True, MlpConfig(stages=2, out_buffers=1, fused_columns=True)),
+    ("fused-odd-3", 3, 1024, 2816, False, False, MlpConfig(stages=3, fused_columns=True)),
 ]
 
 
@@ -199,6 +204,24 @@ def test_copy_only_mode_is_validated():
         MlpConfig(copy_only="all", down_by_columns=True)
     with pytest.raises(ValueError, match="overlap_down"):
         MlpConfig(overlap_down=True)
+    for other in (dict(down_by_columns=True), dict(copy_only="all"), dict(pdl=True)):
+        with pytest.raises(ValueError, match="fused_columns"):
+            MlpConfig(fused_columns=True, **other)
+
+
+@needs_mgpu_api
+def test_one_kernel_form_needs_a_gpu_and_the_columns_flag():
+    """The one-kernel form's barrier is a GMEM semaphore, which the interpreter does not have; gated_mlp
+    takes it only together with down_by_columns and not with overlap_down."""
+    x, wgu, wd, res = _inputs(4, 4, 256, 256)
+    with pytest.raises(ValueError, match="needs a GPU"):
+        mosaic_mlp.gated_mlp_mgpu(
+            x, wgu, wd, residual=res, deterministic=True, config=MlpConfig(fused_columns=True), interpret=True
+        )
+    with pytest.raises(ValueError, match="one_kernel"):
+        gated_mlp(x, wgu, wd, residual=res, one_kernel=True)
+    with pytest.raises(ValueError, match="two different forms"):
+        gated_mlp(x, wgu, wd, residual=res, down_by_columns=True, overlap_down=True, one_kernel=True)
 
 
 @needs_mgpu_api
@@ -271,11 +294,14 @@ def test_model_layer_hands_the_kernel_its_weights_and_residual(monkeypatch):
     want = mlp(x, residual=res)  # XLA's path (the flag is off by default)
     calls = []
 
-    def interpreted(x, wgu, wd, *, act, residual, backend, deterministic, down_by_columns, overlap_down):
+    def interpreted(
+        x, wgu, wd, *, act, residual, backend, deterministic, down_by_columns, overlap_down, one_kernel
+    ):
         calls.append(
             (wgu.shape, wd.shape, act, residual is not None, backend, deterministic, down_by_columns)
         )
         assert overlap_down == (os.environ["JAXRT_FUSED_MLP"] == "columns-pdl")
+        assert one_kernel == (os.environ["JAXRT_FUSED_MLP"] == "columns-fused")
         return mosaic_mlp.gated_mlp_mgpu(
             x, wgu, wd, act=act, residual=residual, deterministic=True, num_sms=2, interpret=True
         )
@@ -288,7 +314,7 @@ def test_model_layer_hands_the_kernel_its_weights_and_residual(monkeypatch):
     monkeypatch.setenv("JAXRT_FUSED_MLP", "deterministic")
     mlp(x, residual=res)
     assert calls[-1][-2:] == (True, False)
-    for mode in ("columns", "columns-pdl"):
+    for mode in ("columns", "columns-pdl", "columns-fused"):
         monkeypatch.setenv("JAXRT_FUSED_MLP", mode)
         mlp(x, residual=res)
         assert calls[-1][-2:] == (False, True)
@@ -307,3 +333,22 @@ def test_matches_oracle_on_hopper(tokens, hidden, inter, det):
         x, wgu, wd, res
     )
     assert _rel_err(got, _oracle(x, wgu, wd, "silu", res)) < 1e-2
+
+
+@on_hopper
+@pytest.mark.parametrize("form", ["columns", "fused"])
+@pytest.mark.parametrize(
+    "tokens,hidden,inter", [(1, 2048, 8192), (8, 2048, 8192), (16, 4096, 14336), (3, 1024, 2816)]
+)
+def test_column_forms_match_oracle_and_repeat_on_hopper(tokens, hidden, inter, form):
+    """The two-kernel form (its down kernel in K splits) and the one-kernel form (a grid barrier between the
+    phases): against the oracle, and bitwise the same on every run."""
+    x, wgu, wd, res = _inputs(tokens, tokens, hidden, inter)
+    base = mosaic_mlp.default_config(hidden, tokens)
+    cfg = dataclasses.replace(
+        base, **({"fused_columns": True} if form == "fused" else {"down_by_columns": True})
+    )
+    f = jax.jit(lambda *a: mosaic_mlp.gated_mlp_mgpu(*a[:3], residual=a[3], config=cfg))
+    outs = [np.asarray(f(x, wgu, wd, res).astype(jnp.float32)) for _ in range(5)]
+    assert _rel_err(outs[0], _oracle(x, wgu, wd, "silu", res)) < 1e-2
+    assert all(np.array_equal(o, outs[0]) for o in outs[1:])

@@ -157,3 +157,17 @@ def test_matches_float64_on_hopper(rows, k, n):
     out = f(h, w, res)
     assert _rel_err(out, h, w, res) < 8e-3
     assert np.array_equal(_f64(out), _f64(f(h, w, res)))
+
+
+@on_hopper
+@pytest.mark.parametrize(
+    "rows,k,n,splits", [(8, 2048, 2048, 4), (1, 8192, 2048, 4), (16, 14336, 4096, 2), (5, 2048, 3072, 2)]
+)
+def test_k_splits_match_float64_and_repeat_on_hopper(rows, k, n, splits):
+    """K splits summed behind GMEM semaphores: against float64, and bitwise the same on every run."""
+    h, w, res = _inputs(rows, rows, k, n, True)
+    cfg = SkinnyConfig(cols=64, splits=splits)
+    f = jax.jit(lambda h, w, r: mosaic_skinny.skinny_matmul_mgpu(h, w, residual=r, config=cfg))
+    out = f(h, w, res)
+    assert _rel_err(out, h, w, res) < 8e-3
+    assert all(np.array_equal(_f64(out), _f64(f(h, w, res))) for _ in range(4))

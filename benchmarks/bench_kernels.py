@@ -731,11 +731,12 @@ COPY_SUFFIX = {"pages": "copy", "head-pages": "copyh"}
 
 
 def parse_cfg(spec, *, b, hq, hkv, d, page, pages_per_seq):
-    """'rows/block_kv/splits/warps/stages[/hf][/pf][/hN][/la][/spN][/hnd]' -> (GpuConfig, kv_layout);
-    splits 'a' = decode_splits; spN: splits planned per batch for about N programs (at most ``splits``).
+    """'rows/block_kv/splits/warps/stages[/hf][/pf][/hN][/la][/spN][/hnd]' -> (GpuConfig, kv_layout); splits
+    'a' = decode_splits; spN: splits planned per batch for about N programs (at most ``splits``).
     'mgpu/hHEADS/block_kv/stages/splits[/cCONSUMERS][/spN][/copy]': the Mosaic GPU decode kernel with that
-    tiling (Hopper; spN: at most ``splits``, planned per batch as above); /copy, /copyh: its K/V stream alone, as the kernel copies or as a head-major pool would
-    (``MosaicConfig.copy_only`` "pages" / "head-pages"; wrong outputs by design)."""
+    tiling (Hopper; spN: at most ``splits``, planned per batch as above); /copy, /copyh: its K/V stream alone,
+    as the kernel copies or as a head-major pool would (``MosaicConfig.copy_only`` "pages" / "head-pages";
+    wrong outputs by design)."""
     parts = spec.split("/")
     if parts[0] == "mgpu":
         heads, bkv, stages, splits = int(parts[1].lstrip("h")), int(parts[2]), int(parts[3]), int(parts[4])

@@ -5,17 +5,18 @@ as the engine compiles it) against the one-kernel Mosaic GPU MLP (``kernels.mosa
     python benchmarks/bench_mlp.py --m 8,16 --shapes 1b,8b
 
 Each call runs ``--layers`` blocks with distinct weights (like a model's layers: the weights come from HBM,
-not L2) and is timed as the sum of its GPU kernel times (CUPTI), per layer, with the bandwidth of reading
-the three weights once. Every variant is checked against a float64 evaluation of the same block.
-Variants: ``xla``; ``xla-nk`` (the weights stored ``[out, in]`` as transformers stores them); ``mgpu`` (TMA reductions into the f32 output), ``mgpu-det`` (per-item partials summed by
-XLA), ``mgpu-il`` (gate and up blocks interleaved: each item's rows are 256 contiguous bytes; the
-interleaving itself is done once, outside the timed program), ``mgpu-t`` (phase 1 transposed:
-``MlpConfig.transposed_gate_up``), each optionally with ``:stages/out_buffers`` or ``:stages/out_buffers/copy_only`` (the kernel's
-diagnostic modes, ``MlpConfig.copy_only``: their outputs are not checked), then optionally ``+nopdl``
-(``MlpConfig.pdl=True``), ``+norot`` (``rotate_down=False``) and ``+cols`` (``down_by_columns=True``: the
-gated product, then ``kernels.mosaic_skinny`` for the down projection; ``+overlap`` also launches the
-second kernel with PDL, ``overlap_down``; ``+fused``: both phases in one kernel with a grid barrier,
-``fused_columns``), e.g. ``mgpu:4/2/all+pdl``, ``mgpu+cols``, ``mgpu+overlap``. ``--smoke``: CPU, tiny shapes (the Mosaic GPU variants
+not L2) and is timed as the sum of its GPU kernel times (CUPTI), per layer, with the bandwidth of reading the
+three weights once. Every variant is checked against a float64 evaluation of the same block. Variants:
+``xla``; ``xla-nk`` (the weights stored ``[out, in]`` as transformers stores them); ``mgpu`` (TMA reductions
+into the f32 output), ``mgpu-det`` (per-item partials summed by XLA), ``mgpu-il`` (gate and up blocks
+interleaved: each item's rows are 256 contiguous bytes; the interleaving itself is done once, outside the
+timed program), ``mgpu-t`` (phase 1 transposed: ``MlpConfig.transposed_gate_up``), each optionally with
+``:stages/out_buffers`` or ``:stages/out_buffers/copy_only`` (the kernel's diagnostic modes,
+``MlpConfig.copy_only``: their outputs are not checked), then optionally ``+nopdl`` (``MlpConfig.pdl=True``),
+``+norot`` (``rotate_down=False``) and ``+cols`` (``down_by_columns=True``: the gated product, then
+``kernels.mosaic_skinny`` for the down projection; ``+overlap`` also launches the second kernel with PDL,
+``overlap_down``; ``+fused``: both phases in one kernel with a grid barrier, ``fused_columns``), e.g.
+``mgpu:4/2/all+pdl``, ``mgpu+cols``, ``mgpu+overlap``. ``--smoke``: CPU, tiny shapes (the Mosaic GPU variants
 in the Pallas GPU interpreter where jax has one).
 """
 
@@ -78,14 +79,8 @@ def main() -> None:
     def make_fn(variant, hidden, m):
         if variant == "xla":
             return lambda x, wgu, wd, residual: gated_mlp_reference(x, wgu, wd, residual=residual)
-        if variant == "xla-nk":
-
-            def nk(x, wgu_t, wd_t, residual):
-                dot = lambda a, b: jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())))  # noqa: E731
-                g, u = jnp.split(dot(x, wgu_t), 2, axis=-1)
-                return (residual + dot(jax.nn.silu(g) * u, wd_t)).astype(x.dtype)
-
-            return nk
+        if variant == "xla-nk":  # the transposes fold into the dots: products of [out, in] weights
+            return lambda x, wgu_t, wd_t, residual: gated_mlp_reference(x, wgu_t.T, wd_t.T, residual=residual)
         variant, *opts = variant.split("+")
         name, _, tiling = variant.partition(":")
         cfg = mosaic_mlp.default_config(hidden, m)

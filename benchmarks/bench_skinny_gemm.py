@@ -5,17 +5,17 @@ engine, against a Pallas (Triton) skinny-GEMM kernel, on the Llama-3.2-1B projec
     python benchmarks/bench_skinny_gemm.py --m 1,64
 
 Each call multiplies the same activations by ``--layers`` distinct weight matrices (like a model's layers, so
-the weights are read from HBM, not L2) and is timed as the sum of its GPU kernel times (CUPTI), per GEMM,
-with the bandwidth of reading the weights once. The XLA side is compiled as the engine compiles its programs
+the weights are read from HBM, not L2) and is timed as the sum of its GPU kernel times (CUPTI), per GEMM, with
+the bandwidth of reading the weights once. The XLA side is compiled as the engine compiles its programs
 (Triton GEMM fusions off, so every dot is a cuBLAS call); an optimisation barrier per layer keeps XLA from
-merging the dots that share their left operand into one. The Pallas kernel is a prototype kept here for
-the measurement: program (n block, k split) streams its ``[K / splits, bn]`` slab of the weight in ``bk``-row
-steps into an f32 ``[max(16, M), bn]`` accumulator; with ``splits > 1`` XLA sums the f32 partials.
-``mosaic`` is ``kernels.mosaic_skinny`` (Hopper, up to 16 rows): persistent programs that each own 16-64
-output columns and stream their whole ``[K, cols]`` slab through a TMA ring, writing the bf16 output
-themselves; ``--mosaic-configs cols/splits,...`` adds tilings (``splits > 1``: K split, the partials summed
-in the kernel behind a GMEM semaphore; GPU only). Every result is checked against a float64 product. ``--smoke``: CPU, interpret mode, tiny
-shapes.
+merging the dots that share their left operand into one. The Pallas kernel is a prototype kept here for the
+measurement: program (n block, k split) streams its ``[K / splits, bn]`` slab of the weight in ``bk``-row
+steps into an f32 ``[max(16, M), bn]`` accumulator; with ``splits > 1`` XLA sums the f32 partials. ``mosaic``
+is ``kernels.mosaic_skinny`` (Hopper, up to 16 rows): persistent programs that each own 16-64 output columns
+and stream their whole ``[K, cols]`` slab through a TMA ring, writing the bf16 output themselves;
+``--mosaic-configs cols/splits,...`` adds tilings (``splits > 1``: K split, the partials summed in the kernel
+behind a GMEM semaphore; GPU only). Every result is checked against a float64 product. ``--smoke``: CPU,
+interpret mode, tiny shapes.
 """
 
 from __future__ import annotations
@@ -82,10 +82,9 @@ def skinny_matmul(x, w, *, bn, bk, splits, warps, stages, interpret=False):
 
 
 def _dot_nk(x, w_nk):
-    """x [M, K] @ w_nk[N, K].T: the weight stored as transformers stores it (each output's K contiguous)."""
-    import jax
-
-    return jax.lax.dot_general(x, w_nk, (((1,), (1,)), ((), ())))
+    """x [M, K] @ w_nk[N, K].T: the weight stored as transformers stores it (each output's K contiguous; XLA
+    folds the transpose into the dot)."""
+    return x @ w_nk.T
 
 
 def main() -> None:

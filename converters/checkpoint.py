@@ -15,7 +15,8 @@ Two uses, one format:
   ``MAX_CACHE_ENTRIES`` are kept (least recently used go first).
 
 Params are stored as a flat ``{"model.layers.0.self_attn.qkv_proj.weight": array}`` dict (``weight``:
-``[out, in]`` as in transformers; ``kernel``: Flax's ``[in, out]``), so the layout is readable without jaxrt; restoring casts to the requested dtype and places arrays on the default device.
+``[out, in]`` as in transformers; ``kernel``: Flax's ``[in, out]``), so the layout is readable without
+jaxrt; restoring casts to the requested dtype and places arrays on the default device.
 """
 
 from __future__ import annotations

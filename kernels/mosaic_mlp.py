@@ -395,32 +395,27 @@ def _kernel(
             after_h()
 
 
-def _fused_columns(
-    xr, w_gate_up, w_down, residual, phase1, scratch1, mesh_kwargs, rows, num_programs, num_sms
-):
+def _down_config(intermediate: int, hidden: int, sms: int, pdl: bool, interpret: bool):
+    """The columns forms' down projection: 64-column slabs in K splits (``mosaic_skinny.split_config``),
+    unsplit in the interpreter, which has no GMEM semaphores."""
+    if interpret:
+        return mosaic_skinny.SkinnyConfig(pdl=pdl)
+    return mosaic_skinny.split_config(intermediate, hidden, sms, pdl)
+
+
+def _fused_columns(xr, w_gate_up, w_down, residual, phase1, scratch1, mesh_kwargs, num_programs):
     """``MlpConfig.fused_columns``: phase 1 (``phase1``, writing ``h``), a grid-wide barrier on a GMEM
     semaphore, then ``mosaic_skinny``'s down projection on the same programs. -> [rows, hidden]."""
     if "interpret" in mesh_kwargs:
         raise ValueError("fused_columns needs a GPU (its barrier is a GMEM semaphore)")
     intermediate, hidden = w_down.shape
-    dtype = xr.dtype
-    sms = num_sms or common.num_sms()
-    dcfg = mosaic_skinny.split_config(intermediate, hidden, min(sms, num_programs))
-    cols = dcfg.cols or mosaic_skinny.choose_cols(hidden, num_programs)
-    if cols is None or mosaic_skinny.supports(rows, intermediate, hidden, dtype) is not None:
-        raise ValueError(f"fused_columns: the down projection ({intermediate} x {hidden}) does not tile")
-    stages = mosaic_skinny.default_stages(rows, cols)
-    scratch2 = mosaic_skinny.scratch_shapes(stages, rows, cols, dtype)
-    phase2 = functools.partial(
-        mosaic_skinny._kernel, stages=stages, rows=rows, k=intermediate, n=hidden, cols=cols, pdl=False
-    )
-    splits = dcfg.splits
-    out_type = [
-        jax.ShapeDtypeStruct((rows, hidden), dtype),
-        jax.ShapeDtypeStruct((rows, intermediate), dtype),
-    ]
-    if splits > 1:
-        out_type.append(jax.ShapeDtypeStruct((splits - 1, rows, hidden), jnp.float32))
+    rows, dtype = xr.shape[0], xr.dtype
+    down_cfg = _down_config(intermediate, hidden, num_programs, False, False)
+    plan = mosaic_skinny.plan_launch(rows, intermediate, hidden, dtype, down_cfg, num_programs, False)
+    phase2 = plan.kernel(pdl=False)
+    scratch2 = mosaic_skinny.scratch_shapes(plan.stages, rows, plan.cols, dtype)
+    out_types = plan.out_types(dtype)
+    out_types.insert(1, jax.ShapeDtypeStruct((rows, intermediate), dtype))  # h
 
     def entry(x_ref, wgu_ref, wd_ref, *refs):
         res_ref = refs[0] if residual is not None else None
@@ -442,7 +437,7 @@ def _fused_columns(
         )
         pl.run_scoped(
             lambda *s2: phase2(
-                h_ref, wd_ref, res_ref, out_ref, part[0] if part else None, *s2, splits=splits, wait_h=wait_h
+                h_ref, wd_ref, res_ref, out_ref, part[0] if part else None, *s2, wait_h=wait_h
             ),
             *scratch2,
             collective_axes="wg",
@@ -451,8 +446,7 @@ def _fused_columns(
     args = [xr, w_gate_up, w_down]
     if residual is not None:
         args.append(common.pad_rows(residual.astype(dtype), rows))
-    outs = plgpu.kernel(entry, out_type=tuple(out_type), **mesh_kwargs)(*args)
-    return outs[0]
+    return plgpu.kernel(entry, out_type=tuple(out_types), **mesh_kwargs)(*args)[0]
 
 
 def gated_mlp_mgpu(
@@ -551,9 +545,9 @@ def gated_mlp_mgpu(
     if interpret:
         mesh_kwargs["interpret"] = plgpu.InterpretGPUParams()
     if cfg.fused_columns:
-        return _fused_columns(
-            xr, w_gate_up, w_down, residual, kernel, scratch, mesh_kwargs, rows, num_programs, num_sms
-        )[:num_tokens]
+        return _fused_columns(xr, w_gate_up, w_down, residual, kernel, scratch, mesh_kwargs, num_programs)[
+            :num_tokens
+        ]
     if cfg.down_by_columns:
         h = plgpu.kernel(entry, out_type=jax.ShapeDtypeStruct((rows, intermediate), dtype), **mesh_kwargs)(
             xr, w_gate_up, w_down
@@ -563,11 +557,8 @@ def gated_mlp_mgpu(
             h,
             w_down,
             residual=res,
-            # 64-column slabs in K splits where they fit (the interpreter takes the unsplit form)
-            config=mosaic_skinny.SkinnyConfig(pdl=cfg.overlap_down)
-            if interpret
-            else mosaic_skinny.split_config(
-                intermediate, hidden, num_sms or common.num_sms(), cfg.overlap_down
+            config=_down_config(
+                intermediate, hidden, num_sms or common.num_sms(), cfg.overlap_down, interpret
             ),
             num_sms=num_sms,
             interpret=interpret,

@@ -342,6 +342,64 @@ def fence_proxy_async_global() -> None:
     fence()
 
 
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """A checked tiling of ``[num_rows, k] @ [k, n]`` on ``num_programs`` programs."""
+
+    rows: int  # token rows of the tiles
+    k: int
+    n: int
+    cols: int
+    stages: int
+    splits: int
+    num_programs: int
+
+    def kernel(self, **kw):
+        """``_kernel`` with this tiling bound (its refs and scratch are the remaining arguments)."""
+        s = self
+        return functools.partial(
+            _kernel, stages=s.stages, rows=s.rows, k=s.k, n=s.n, cols=s.cols, splits=s.splits, **kw
+        )
+
+    def out_types(self, dtype) -> list:
+        """The output, then (with K splits) the f32 partials of splits 1.."""
+        out = [jax.ShapeDtypeStruct((self.rows, self.n), dtype)]
+        if self.splits > 1:
+            out.append(jax.ShapeDtypeStruct((self.splits - 1, self.rows, self.n), jnp.float32))
+        return out
+
+
+def plan_launch(num_rows: int, k: int, n: int, dtype, cfg: SkinnyConfig, sms: int, interpret: bool) -> Launch:
+    """Check ``cfg`` against the product and ``sms`` resident programs and fill in its defaults."""
+    why = supports(num_rows, k, n, dtype)
+    if why is not None:
+        raise ValueError(f"skinny_matmul_mgpu does not take this product: {why}")
+    cols = cfg.cols or choose_cols(n, sms)
+    if n % cols:
+        raise ValueError(f"N = {n} is not a multiple of cols = {cols}")
+    rows = common.token_rows(num_rows)
+    stages = cfg.stages or default_stages(rows, cols)
+    smem = smem_bytes(stages, rows, cols)
+    if smem > SMEM_BUDGET:
+        raise ValueError(
+            f"{stages} stages of cols {cols} need {smem} bytes of shared memory (> {SMEM_BUDGET})"
+        )
+    splits = cfg.splits
+    num_programs = max(1, min(n // cols, sms))
+    if splits > 1:
+        if interpret:
+            raise ValueError("splits > 1 needs a GPU (the interpreter has no GMEM semaphores)")
+        if (k // K_STAGE) % splits:
+            raise ValueError(f"K = {k} does not split into {splits} parts of whole {K_STAGE}-row stages")
+        if (n // cols) * splits > sms:
+            raise ValueError(
+                f"{n // cols} slabs x {splits} splits need {(n // cols) * splits} programs resident at once "
+                f"(> {sms} SMs)"
+            )
+        num_programs = (n // cols) * splits
+    return Launch(rows, k, n, cols, stages, splits, num_programs)
+
+
 def skinny_matmul_mgpu(
     h: jax.Array,
     w: jax.Array,
@@ -363,54 +421,22 @@ def skinny_matmul_mgpu(
     n = w.shape[1]
     if residual is not None and residual.shape != (num_rows, n):
         raise ValueError(f"residual {residual.shape} does not match the output ({num_rows}, {n})")
-    why = supports(num_rows, k, n, h.dtype)
-    if why is not None:
-        raise ValueError(f"skinny_matmul_mgpu does not take this product: {why}")
     cfg = config or SkinnyConfig()
-    sms = num_sms or common.num_sms()
-    cols = cfg.cols or choose_cols(n, sms)
-    if n % cols:
-        raise ValueError(f"N = {n} is not a multiple of cols = {cols}")
-    rows = common.token_rows(num_rows)
-    stages = cfg.stages or default_stages(rows, cols)
-    smem = smem_bytes(stages, rows, cols)
-    if smem > SMEM_BUDGET:
-        raise ValueError(
-            f"{stages} stages of cols {cols} need {smem} bytes of shared memory (> {SMEM_BUDGET})"
-        )
-
-    splits = cfg.splits
-    num_programs = max(1, min(n // cols, sms))
-    if splits > 1:
-        if interpret:
-            raise ValueError("splits > 1 needs a GPU (the interpreter has no GMEM semaphores)")
-        if (k // K_STAGE) % splits:
-            raise ValueError(f"K = {k} does not split into {splits} parts of whole {K_STAGE}-row stages")
-        if (n // cols) * splits > sms:
-            raise ValueError(
-                f"{n // cols} slabs x {splits} splits need {(n // cols) * splits} programs resident at once "
-                f"(> {sms} SMs)"
-            )
-        num_programs = (n // cols) * splits
-    dtype = h.dtype
-    scratch = scratch_shapes(stages, rows, cols, dtype)
-    kernel = functools.partial(
-        _kernel, stages=stages, rows=rows, k=k, n=n, cols=cols, pdl=cfg.pdl and not interpret, splits=splits
-    )
+    plan = plan_launch(num_rows, k, n, h.dtype, cfg, num_sms or common.num_sms(), interpret)
+    dtype, rows = h.dtype, plan.rows
+    scratch = scratch_shapes(plan.stages, rows, plan.cols, dtype)
+    kernel = plan.kernel(pdl=cfg.pdl and not interpret)
     mesh_kwargs = dict(
-        grid=(num_programs,),
+        grid=(plan.num_programs,),
         grid_names=("c",),
         num_threads=2,
         thread_name="wg",
-        kernel_name=f"jaxrt_skinny_mgpu_r{rows}_c{cols}_st{stages}"
-        + (f"_k{splits}" if splits > 1 else "")
+        kernel_name=f"jaxrt_skinny_mgpu_r{rows}_c{plan.cols}_st{plan.stages}"
+        + (f"_k{plan.splits}" if plan.splits > 1 else "")
         + ("_pdl" if cfg.pdl else ""),
     )
     if interpret:
         mesh_kwargs["interpret"] = plgpu.InterpretGPUParams()
-    out_type = jax.ShapeDtypeStruct((rows, n), dtype)
-    if splits > 1:
-        out_type = (out_type, jax.ShapeDtypeStruct((splits - 1, rows, n), jnp.float32))
 
     def entry(h_ref, w_ref, *refs):
         res_ref = refs[0] if residual is not None else None
@@ -421,7 +447,5 @@ def skinny_matmul_mgpu(
     args = [common.pad_rows(h, rows), w]
     if residual is not None:
         args.append(common.pad_rows(residual.astype(dtype), rows))
-    out = plgpu.kernel(entry, out_type=out_type, **mesh_kwargs)(*args)
-    if splits > 1:
-        out = out[0]
-    return out[:num_rows]
+    out = plgpu.kernel(entry, out_type=tuple(plan.out_types(dtype)), **mesh_kwargs)(*args)
+    return out[0][:num_rows]

@@ -176,3 +176,17 @@ def mosaic_gpu_marks():
         ),
         pytest.mark.skipif(not mosaic_gpu.hopper_available(), reason="needs a Hopper GPU"),
     )
+
+
+def record_buckets(llm) -> list[int]:
+    """The token bucket of every step ``llm`` runs from now on, appended to the returned list as it goes (the
+    runner's choice itself is unchanged)."""
+    picked: list[int] = []
+    pick = llm.runner.pick
+
+    def recording(num_tokens: int, loop: bool = False) -> int:
+        picked.append(pick(num_tokens, loop))
+        return picked[-1]
+
+    llm.runner.pick = recording
+    return picked

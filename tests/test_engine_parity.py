@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from jaxrt_testing import assert_no_leak, chunked_prefill_logits, hf_greedy, hf_last_logits, hf_model
+from jaxrt_testing import (
+    assert_no_leak,
+    chunked_prefill_logits,
+    hf_greedy,
+    hf_last_logits,
+    hf_model,
+    record_buckets,
+)
 
 import jaxrt
 from jaxrt.converters.loader import build_native_model, load_hf_config, native_model_config
@@ -97,9 +104,7 @@ def test_single_token_bucket_matches_transformers(tiny_llama_dir, hf_tiny):
     kwargs = dict(dtype="float32", chunked_prefill_size=32, max_running_requests=8, context_length=256)
     with jaxrt.Engine(model_path=tiny_llama_dir, num_pages=600, single_token_bucket=True, **kwargs) as llm:
         assert llm.runner.token_buckets[:2] == [1, 8]
-        picked: list[int] = []  # the bucket of every step (observed, the runner's choice is unchanged)
-        pick = llm.runner.pick
-        llm.runner.pick = lambda n, loop=False: picked.append(pick(n, loop)) or picked[-1]
+        picked = record_buckets(llm)
         ids = [llm.tokenizer.encode(p) for p in PROMPTS]
         params = {"temperature": 0, "max_new_tokens": 12, "min_new_tokens": 12}
         expected = hf_greedy(hf_tiny, ids, 12)

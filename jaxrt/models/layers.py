@@ -217,9 +217,9 @@ class OutInLinear(nnx.Module):
     The attention projections use it: XLA runs a single row's product (a lone decode token) with this layout
     as one reduction kernel, which also takes the RMSNorm before it, where the ``[in, out]`` layout takes a
     cuBLAS split-K GEMM and its reduce (Llama-3.2-1B's qkv 4.6 vs 18.7 us, o 3.7 vs 12.9 us on an H200); from
-    8 rows both layouts run the same cuBLAS GEMMs at the same speed. The MLP keeps ``[in, out]`` kernels: its down projection is up to 2 us slower
-    stored ``[out, in]`` at 16-64 rows, and the fused MLP kernels read ``[in, out]`` (benchmarks/RESULTS.md).
-    """
+    8 rows both layouts run the same cuBLAS GEMMs at the same speed. The MLP keeps ``[in, out]`` kernels: its
+    down projection is up to 2 us slower stored ``[out, in]`` at 16-64 rows, and the fused MLP kernels read
+    ``[in, out]`` (benchmarks/RESULTS.md)."""
 
     def __init__(self, din: int, dout: int, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
         init = nnx.initializers.lecun_normal(in_axis=-1, out_axis=-2)

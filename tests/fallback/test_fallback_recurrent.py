@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from fallback_sweep import NEW_TOKENS, hf_greedy_ids
 from fallback_testing import make_checkpoint
-from jaxrt_testing import assert_no_leak, chunked_prefill_logits
+from jaxrt_testing import assert_no_leak, chunked_prefill_logits, record_buckets
 
 import jaxrt
 from jaxrt.converters.fallback import build_fallback
@@ -383,9 +383,7 @@ def test_engine_single_token_bucket(engine_model, prompt_ids, expected):
     decodes in it and keeps transformers' greedy tokens; the next batch leaves it."""
     with jaxrt.Engine(model_path=engine_model, **ENGINE, single_token_bucket=True) as llm:
         assert llm.runner.token_buckets[0] == 1
-        picked: list[int] = []  # the bucket of every step (observed; the runner's choice is unchanged)
-        pick = llm.runner.pick
-        llm.runner.pick = lambda n, loop=False: picked.append(pick(n, loop)) or picked[-1]
+        picked = record_buckets(llm)
         alone = llm.generate(input_ids=prompt_ids[1], sampling_params=_greedy())
         assert alone["output_ids"] == expected[1]
         assert picked.count(1) >= NEW_TOKENS - 1, picked

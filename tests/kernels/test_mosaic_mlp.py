@@ -193,6 +193,8 @@ def test_gated_mlp_passes_the_two_kernel_form_to_the_kernel(monkeypatch):
     assert seen["config"] is None and seen["deterministic"]
     gated_mlp(x, wgu, wd, residual=res, backend="mosaic", down_by_columns=True, overlap_down=True)
     assert seen["config"].down_by_columns and seen["config"].overlap_down
+    gated_mlp(x, wgu, wd, residual=res, backend="mosaic", down_by_columns=True, one_kernel=True)
+    assert seen["config"].fused_columns and not seen["config"].down_by_columns
     with pytest.raises(ValueError, match="overlap_down"):
         gated_mlp(x, wgu, wd, residual=res, backend="mosaic", overlap_down=True)
 

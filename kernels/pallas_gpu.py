@@ -154,6 +154,10 @@ def decode_splits(programs: int, max_blocks: int, num_sms: int | None = None) ->
 
 _MOSAIC_DECODE = True
 
+# The most kv splits per work item ``mosaic_decode_config`` gives a small decode batch (the H200 sweep's best
+# went from 4 down as the batch grew; 8 was never the fastest once the merge was counted).
+MOSAIC_MAX_SPLITS = 4
+
 
 def set_mosaic_decode(enabled: bool) -> None:
     """Let ``default_config`` pick the Mosaic GPU decode kernel on Hopper (the default) or not."""
@@ -172,15 +176,23 @@ def mosaic_decode_config(
     num_sms: int,
 ) -> mosaic_gpu.MosaicConfig | None:
     """Tiling of the Mosaic GPU decode kernel for a decode batch, or None where the Triton kernel is
-    the better choice: when the batch has fewer (token, kv head group) items than 3/4 of the SMs, so that
-    only split-K would fill the GPU (the Triton kernel's split path is what was tuned for that), or for shapes
-    the Mosaic kernel does not take (head_dim other than 64 / 128, f32 pools).
+    the better choice: for shapes the Mosaic kernel does not take (head_dim other than 64 / 128, f32 pools),
+    and when the batch has so few (token, kv head group) items that even ``MOSAIC_MAX_SPLITS`` kv splits
+    per item leave more than a quarter of the SMs idle (the Triton kernel's planned splits spread a lone
+    sequence over the whole GPU).
 
     Two kv heads per program for head_dim 64 (128 contiguous elements per token, like the Triton tiling),
     64-token stages, 3 stages with two heads and 4 with one: the best of the H100 sweep at batch 32-256
     and context 128-4k (benchmarks/RESULTS.md, "Kernels"). For head_dim 128, two consumer warpgroups
     (0-1.1% faster on the H100 at batch 32-256, context 1k-16k; with head_dim 64 they were equal with two
     heads and up to 35% slower with one).
+
+    Batches with fewer items than 3/4 of the SMs split every item's kv range the fewest power-of-two ways
+    (at most ``MOSAIC_MAX_SPLITS``) that give 3/4 of the SMs a program. On an H200 that beat the Triton
+    kernel by 1.2-1.5x from 32 items up (Llama-3.2-1B heads at 8 and 16 tokens, Llama-3.1-8B heads at 4
+    and 8, context 1k-16k), and the count it picks was the fastest of 2, 4 and 8 at each point
+    (benchmarks/RESULTS.md, "Kernels", twelfth round). Split batches keep one consumer warpgroup: with
+    head_dim 128 two were 0.5-0.7 µs slower there.
     """
     if mosaic_gpu.supports(
         (num_tokens, num_q_heads, head_dim), (0, page_size, num_kv_heads, head_dim), kv_dtype
@@ -192,7 +204,11 @@ def mosaic_decode_config(
         gp = mosaic_gpu.padded_group(2, group)
         if 2 * mosaic_gpu.slab_rows(2, gp) <= mosaic_gpu.ROWS:
             heads = 2
-    if 4 * num_tokens * (num_kv_heads // heads) < 3 * num_sms:
+    items = num_tokens * (num_kv_heads // heads)
+    splits = 1
+    while splits < MOSAIC_MAX_SPLITS and 4 * items * splits < 3 * num_sms:
+        splits *= 2
+    if 4 * items * splits < 3 * num_sms:
         return None
     block_kv = max(64, page_size)
     stages = 3 if heads > 1 else 4
@@ -205,8 +221,8 @@ def mosaic_decode_config(
         stages -= 1
     if stages < 2:
         return None
-    consumers = 2 if head_dim == 128 and stages % 2 == 0 else 1
-    cfg = mosaic_gpu.MosaicConfig(heads, block_kv, stages, num_splits=1, consumers=consumers)
+    consumers = 2 if head_dim == 128 and stages % 2 == 0 and splits == 1 else 1
+    cfg = mosaic_gpu.MosaicConfig(heads, block_kv, stages, num_splits=splits, consumers=consumers)
     if mosaic_gpu.smem_bytes(cfg, head_dim, itemsize) > mosaic_gpu.SMEM_BUDGET:
         cfg = dataclasses.replace(cfg, consumers=1)
     return cfg

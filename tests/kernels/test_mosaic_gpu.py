@@ -161,12 +161,29 @@ def test_default_tilings_fit_and_match_the_sweep():
     )
     assert cfg_1b == MosaicConfig(heads=2, block_kv=64, stages=3, num_splits=1)
     assert cfg_8b == MosaicConfig(heads=1, block_kv=64, stages=4, num_splits=1, consumers=2)
-    # Batches that only split-K would spread over the GPU stay on the Triton kernel; so do f32 pools and
-    # head_dim 256.
-    assert (
-        pallas_gpu.mosaic_decode_config(num_tokens=8, num_q_heads=32, num_kv_heads=8, head_dim=64, **kw)
-        is None
-    )
+
+    # Smaller batches split every item's kv range the fewest power-of-two ways (at most 4) that occupy 3/4
+    # of the SMs, with one consumer warpgroup (the H200 sweep's best, "Kernels", twelfth round); batches
+    # too small for that stay on the Triton kernel's planned splits; so do f32 pools and head_dim 256.
+    def small(tokens, d):
+        return pallas_gpu.mosaic_decode_config(
+            num_tokens=tokens, num_q_heads=32, num_kv_heads=8, head_dim=d, **kw
+        )
+
+    assert small(8, 64) == MosaicConfig(heads=2, block_kv=64, stages=3, num_splits=4)
+    assert small(16, 64) == MosaicConfig(heads=2, block_kv=64, stages=3, num_splits=2)
+    assert small(32, 64) == cfg_1b
+    assert small(4, 128) == MosaicConfig(heads=1, block_kv=64, stages=4, num_splits=4)
+    assert small(8, 128) == MosaicConfig(heads=1, block_kv=64, stages=4, num_splits=2)
+    assert small(16, 128) == cfg_8b
+    assert small(4, 64) is None and small(2, 128) is None and small(1, 64) is None
+    for tokens in range(1, 64):
+        for d in (64, 128):
+            cfg = small(tokens, d)
+            if cfg is not None:
+                items = tokens * 8 // cfg.heads
+                assert 4 * items * cfg.num_splits >= 3 * 132, (tokens, d, cfg)
+                assert cfg.num_splits == 1 or 4 * items * cfg.num_splits // 2 < 3 * 132, (tokens, d, cfg)
     f32 = dict(kw, kv_dtype=jnp.float32)
     assert (
         pallas_gpu.mosaic_decode_config(num_tokens=256, num_q_heads=32, num_kv_heads=8, head_dim=64, **f32)
@@ -270,6 +287,9 @@ GPU_CASES = [
         None,
     ),
     (dict(hq=9, hkv=3, d=64), 32, MosaicConfig(num_splits=4, split_programs=16), 100, 30.0, None),
+    # the tilings mosaic_decode_config gives 8-token decode batches of Llama-3.2-1B / 3.1-8B heads
+    (LLAMA_1B, 16, MosaicConfig(heads=2, block_kv=64, stages=3, num_splits=4), None, None, None),
+    (LLAMA_8B, 16, MosaicConfig(heads=1, block_kv=64, stages=4, num_splits=2), None, 50.0, None),
 ]
 
 

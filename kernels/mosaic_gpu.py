@@ -126,11 +126,15 @@ def supports(q_shape, k_shape, kv_dtype) -> str | None:
     return None
 
 
-def padded_group(heads: int, group: int) -> int:
+def padded_group(heads: int, group: int, split: bool = False) -> int:
     """GQA group as the kernel lays it out: a program's ``heads * group`` q heads must fill whole 8-row
-    slabs or sit inside one, so other groups are padded (zero q heads, in XLA) to the next power of two."""
+    slabs or sit inside one, so other groups are padded (zero q heads, in XLA) to the next power of two.
+    With split outputs (``num_splits > 1``) each kv head's (max, sum) row of ``group`` f32 is one TMA
+    store, which must be a multiple of 16 bytes: groups 1 and 2 are then padded to 4 (the q tile keeps its
+    8-row slab, so this costs only the padding in XLA)."""
     n = heads * group
-    return group if n % 8 == 0 or 8 % n == 0 else common.next_pow2(group)
+    gp = group if n % 8 == 0 or 8 % n == 0 else common.next_pow2(group)
+    return max(gp, 4) if split else gp
 
 
 def slab_rows(heads: int, group: int) -> int:
@@ -473,7 +477,8 @@ def decode_attention_mgpu(
     group = num_q_heads // num_kv_heads
     groups = num_kv_heads // heads
     hd = heads * head_dim
-    gp = padded_group(heads, group)
+    split_out = cfg.num_splits > 1
+    gp = padded_group(heads, group, split_out)
     slab = slab_rows(heads, gp)
     if hd > 256 or heads * slab > ROWS or num_kv_heads % heads:
         raise ValueError(f"heads={heads} does not fit head_dim {head_dim} / group {group}")
@@ -482,7 +487,6 @@ def decode_attention_mgpu(
     if cfg.consumers not in (1, 2) or cfg.stages % cfg.consumers:
         raise ValueError(f"consumers={cfg.consumers} must be 1 or 2 and divide stages={cfg.stages}")
     dtype = k_pages.dtype
-    split_out = cfg.num_splits > 1
     qk = q.astype(dtype)
     if gp != group:
         qk = qk.reshape(num_tokens, num_kv_heads, group, head_dim)

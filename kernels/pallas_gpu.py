@@ -201,7 +201,7 @@ def mosaic_decode_config(
     group = num_q_heads // num_kv_heads
     heads = 1
     if head_dim == 64 and num_kv_heads % 2 == 0:
-        gp = mosaic_gpu.padded_group(2, group)
+        gp = mosaic_gpu.padded_group(2, group, split=True)  # the larger of the two paddings
         if 2 * mosaic_gpu.slab_rows(2, gp) <= mosaic_gpu.ROWS:
             heads = 2
     items = num_tokens * (num_kv_heads // heads)

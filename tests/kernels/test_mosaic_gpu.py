@@ -59,6 +59,10 @@ LOWER_CASES = [
     ("group7-padded", dict(hq=14, hkv=2, d=64), 16, MosaicConfig(), None, None),
     ("mha-2heads", dict(hq=4, hkv=4, d=64), 16, MosaicConfig(heads=2), None, None),
     ("mqa", dict(hq=8, hkv=1, d=128), 32, MosaicConfig(stages=3), None, None),
+    # split outputs store each kv head's (m, l) row by TMA: groups 1 and 2 are padded to 4 for that
+    ("qwen3-0.6b-split", dict(hq=16, hkv=8, d=128), 16, MosaicConfig(stages=4, num_splits=2), None, None),
+    ("mha-2heads-split", dict(hq=4, hkv=4, d=64), 16, MosaicConfig(heads=2, num_splits=4), None, None),
+    ("mha-split", dict(hq=8, hkv=8, d=128), 16, MosaicConfig(stages=4, num_splits=2), None, None),
     ("1b-2consumers", LLAMA_1B, 16, MosaicConfig(heads=2, stages=4, consumers=2), None, None),
     ("8b-2consumers", LLAMA_8B, 16, MosaicConfig(heads=1, stages=4, consumers=2), None, None),
     (
@@ -128,13 +132,16 @@ def test_unknown_copy_only_mode_is_refused():
     assert MosaicConfig(copy_only="head-pages").copy_only == "head-pages"
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("heads", [1, 2])
 @pytest.mark.parametrize("group", [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 32])
-def test_tile_rows_hold_each_kv_heads_q_heads(heads, group):
+def test_tile_rows_hold_each_kv_heads_q_heads(heads, group, split):
     """Block j of the tile is q rows [s0, s0 + slab) copied at tile rows [j * slab, ...); the rows the
     kernel stores for kv head j must be exactly its q heads, and the copies must stay 8-row aligned."""
-    gp = mosaic_gpu.padded_group(heads, group)
+    gp = mosaic_gpu.padded_group(heads, group, split)
     assert gp >= group
+    if split:  # each kv head's (m, l) row is one TMA store of a multiple of 16 bytes
+        assert gp * 4 % 16 == 0
     slab = mosaic_gpu.slab_rows(heads, gp)
     assert slab % 8 == 0
     if heads * slab > mosaic_gpu.ROWS:
@@ -290,6 +297,9 @@ GPU_CASES = [
     # the tilings mosaic_decode_config gives 8-token decode batches of Llama-3.2-1B / 3.1-8B heads
     (LLAMA_1B, 16, MosaicConfig(heads=2, block_kv=64, stages=3, num_splits=4), None, None, None),
     (LLAMA_8B, 16, MosaicConfig(heads=1, block_kv=64, stages=4, num_splits=2), None, 50.0, None),
+    # groups 2 and 1 with split outputs (padded to 4 for the (m, l) stores): Qwen3-0.6B heads, MHA
+    (dict(hq=16, hkv=8, d=128), 16, MosaicConfig(stages=4, num_splits=2), None, None, None),
+    (dict(hq=4, hkv=4, d=64), 16, MosaicConfig(heads=2, stages=3, num_splits=4), 40, None, None),
 ]
 
 

@@ -39,7 +39,7 @@ def fused_kv_write() -> bool:
     return _get("JAXRT_FUSED_KV_WRITE", "1") == "1"
 
 
-FUSED_MLP_MODES = ("0", "1", "deterministic", "columns", "columns-pdl", "columns-fused")
+FUSED_MLP_MODES = ("0", "1", "deterministic", "columns", "columns-pdl")
 
 
 def fused_mlp() -> str:
@@ -50,12 +50,11 @@ def fused_mlp() -> str:
     bitwise reproducible); "deterministic" the kernel storing its per-block partials for XLA to sum in a fixed
     order; "columns" two kernels, the gated product and then the down projection with each program owning
     output columns (reproducible, no partials); "columns-pdl" the same with the second kernel launched early
-    (``MlpConfig.overlap_down``); "columns-fused" both in one kernel with a grid-wide barrier between them
-    (``MlpConfig.fused_columns``; built, not yet run on a GPU). On an H200 "1" makes the Llama-3.2-1B decode
-    step 1-6% faster at 1-8 sequences, "deterministic" is slower than XLA at one, and both "columns" modes
-    were 7-10% slower while their down kernel read 32-byte rows of the weight (it now takes 64-column slabs in
-    K splits, 12.8 instead of 20.2 us alone, not yet timed in the step; benchmarks/RESULTS.md, "Engine",
-    fourteenth and fifteenth rounds), hence the default. Read when a step is traced."""
+    (``MlpConfig.overlap_down``). On an H200 "1" makes the Llama-3.2-1B decode step 1-6% faster at 1-8
+    sequences, "deterministic" is slower than XLA at one, and both "columns" modes were 7-10% slower while
+    their down kernel read 32-byte rows of the weight; with 64-column slabs in K splits the "columns" block
+    takes 33.6 us at one token against XLA's 32.4 (benchmarks/RESULTS.md, "Engine", fourteenth to sixteenth
+    rounds), hence the default. Read when a step is traced."""
     value = _get("JAXRT_FUSED_MLP", "0")
     if value not in FUSED_MLP_MODES:
         raise ValueError(f"JAXRT_FUSED_MLP must be one of {FUSED_MLP_MODES}, got {value!r}")

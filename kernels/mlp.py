@@ -52,7 +52,7 @@ def gated_mlp(
     result from run to run; needs an intermediate size that is a multiple of 256. overlap_down (with
     down_by_columns): the second kernel is launched with PDL (``MlpConfig.overlap_down``). one_kernel (with
     down_by_columns): both phases in one kernel, a grid-wide barrier on a GMEM semaphore between them
-    (``MlpConfig.fused_columns``; GPU only).
+    (``MlpConfig.fused_columns``; GPU only; experimental: see there).
     """
     if (overlap_down or one_kernel) and not down_by_columns:
         raise ValueError("overlap_down and one_kernel need down_by_columns=True")

@@ -107,7 +107,10 @@ class MlpConfig:
     then signals a GMEM semaphore; phase 2 is ``mosaic_skinny``'s body on the same programs (64-column slabs
     in K splits, ``split_config``), whose producers issue their first weight stages and then wait until
     every program has signalled before they copy ``h``. One launch, no f32 output, the same result from
-    run to run. GPU only (the interpreter has no GMEM semaphores)."""
+    run to run. GPU only (the interpreter has no GMEM semaphores). Experimental, not offered to models: on
+    an H200 it is correct and bitwise repeatable called alone (4 shapes), but a program of 16 such blocks
+    (``benchmarks/bench_mlp.py +fused``) did not finish in 80 s, chained or not; every program must be
+    resident at once for its barrier, and what else holds the SMs there is not yet known."""
 
     stages: int = 3
     out_buffers: int = 2
@@ -403,6 +406,14 @@ def _down_config(intermediate: int, hidden: int, sms: int, pdl: bool, interpret:
     return mosaic_skinny.split_config(intermediate, hidden, sms, pdl)
 
 
+def _smem_then_barriers(scratch: tuple) -> tuple[tuple, tuple]:
+    """A kernel's scratch operands split into (shared memory, barriers); every barrier must come last."""
+    first = next((i for i, x in enumerate(scratch) if isinstance(x, plgpu.Barrier)), len(scratch))
+    if not all(isinstance(x, plgpu.Barrier) for x in scratch[first:]):
+        raise ValueError("the scratch operands must list every barrier after the shared memory")
+    return scratch[:first], scratch[first:]
+
+
 def _fused_columns(xr, w_gate_up, w_down, residual, phase1, scratch1, mesh_kwargs, num_programs):
     """``MlpConfig.fused_columns``: phase 1 (``phase1``, writing ``h``), a grid-wide barrier on a GMEM
     semaphore, then ``mosaic_skinny``'s down projection on the same programs. -> [rows, hidden]."""
@@ -416,6 +427,8 @@ def _fused_columns(xr, w_gate_up, w_down, residual, phase1, scratch1, mesh_kwarg
     scratch2 = mosaic_skinny.scratch_shapes(plan.stages, rows, plan.cols, dtype)
     out_types = plan.out_types(dtype)
     out_types.insert(1, jax.ShapeDtypeStruct((rows, intermediate), dtype))  # h
+    m1_shapes, b1 = _smem_then_barriers(scratch1)
+    m2_shapes, b2 = _smem_then_barriers(scratch2)
 
     def entry(x_ref, wgu_ref, wd_ref, *refs):
         res_ref = refs[0] if residual is not None else None
@@ -430,18 +443,26 @@ def _fused_columns(xr, w_gate_up, w_down, residual, phase1, scratch1, mesh_kwarg
             pl.semaphore_wait(h_ready, num_programs, decrement=False)
             mosaic_skinny.fence_proxy_async_global()
 
-        pl.run_scoped(
-            lambda *s1: phase1(x_ref, wgu_ref, wd_ref, h_ref, *s1, after_h=signal),
-            *scratch1,
-            collective_axes="wg",
-        )
-        pl.run_scoped(
-            lambda *s2: phase2(
-                h_ref, wd_ref, res_ref, out_ref, part[0] if part else None, *s2, wait_h=wait_h
-            ),
-            *scratch2,
-            collective_axes="wg",
-        )
+        # Mosaic GPU initialises every barrier once, at kernel start, and hands the same one to scopes that
+        # run one after the other; each thread tracks its phase itself. Phase 2's warpgroups would then wait
+        # on phase 1's barriers in phases they never saw, so both phases' barriers are reserved together
+        # here (distinct barriers, each used by one phase's roles) and only shared memory is reused.
+        def phases(*bars):
+            bars1, bars2 = bars[: len(b1)], bars[len(b1) :]
+            pl.run_scoped(
+                lambda *m1: phase1(x_ref, wgu_ref, wd_ref, h_ref, *m1, *bars1, after_h=signal),
+                *m1_shapes,
+                collective_axes="wg",
+            )
+            pl.run_scoped(
+                lambda *m2: phase2(
+                    h_ref, wd_ref, res_ref, out_ref, part[0] if part else None, *m2, *bars2, wait_h=wait_h
+                ),
+                *m2_shapes,
+                collective_axes="wg",
+            )
+
+        pl.run_scoped(phases, *b1, *b2, collective_axes="wg")
 
     args = [xr, w_gate_up, w_down]
     if residual is not None:

@@ -423,7 +423,6 @@ class GatedMLP(nnx.Module):
                     deterministic=mode == "deterministic",
                     down_by_columns=columns,
                     overlap_down=mode == "columns-pdl",
-                    one_kernel=mode == "columns-fused",
                 )
         gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
         out = self.down_proj(ACTIVATIONS[self.act](gate) * up)

@@ -296,14 +296,11 @@ def test_model_layer_hands_the_kernel_its_weights_and_residual(monkeypatch):
     want = mlp(x, residual=res)  # XLA's path (the flag is off by default)
     calls = []
 
-    def interpreted(
-        x, wgu, wd, *, act, residual, backend, deterministic, down_by_columns, overlap_down, one_kernel
-    ):
+    def interpreted(x, wgu, wd, *, act, residual, backend, deterministic, down_by_columns, overlap_down):
         calls.append(
             (wgu.shape, wd.shape, act, residual is not None, backend, deterministic, down_by_columns)
         )
         assert overlap_down == (os.environ["JAXRT_FUSED_MLP"] == "columns-pdl")
-        assert one_kernel == (os.environ["JAXRT_FUSED_MLP"] == "columns-fused")
         return mosaic_mlp.gated_mlp_mgpu(
             x, wgu, wd, act=act, residual=residual, deterministic=True, num_sms=2, interpret=True
         )
@@ -316,10 +313,14 @@ def test_model_layer_hands_the_kernel_its_weights_and_residual(monkeypatch):
     monkeypatch.setenv("JAXRT_FUSED_MLP", "deterministic")
     mlp(x, residual=res)
     assert calls[-1][-2:] == (True, False)
-    for mode in ("columns", "columns-pdl", "columns-fused"):
+    for mode in ("columns", "columns-pdl"):
         monkeypatch.setenv("JAXRT_FUSED_MLP", mode)
         mlp(x, residual=res)
         assert calls[-1][-2:] == (False, True)
+    for bad in ("yes", "columns-fused"):  # the one-kernel form is not offered to models (MlpConfig)
+        monkeypatch.setenv("JAXRT_FUSED_MLP", bad)
+        with pytest.raises(ValueError, match="JAXRT_FUSED_MLP"):
+            mlp(x, residual=res)
     monkeypatch.setenv("JAXRT_FUSED_MLP", "yes")
     with pytest.raises(ValueError, match="JAXRT_FUSED_MLP"):
         mlp(x, residual=res)

@@ -119,9 +119,8 @@ def main() -> None:
 
     def timed(fn, x, res, ws):
         def call(x, res, ws):
-            # Each layer takes the one before's output, as in a model: independent blocks could run side by
-            # side, which a kernel whose programs must all be resident at once (the K-split and one-kernel
-            # columns forms wait on each other through GMEM semaphores) does not survive.
+            # Each layer takes the one before's output, as in a model (independent blocks would leave XLA
+            # free to reorder or overlap them).
             outs = []
             for wgu, wd in ws:
                 xb, rb, wgu, wd = jax.lax.optimization_barrier((x, res, wgu, wd))  # one block per layer

@@ -1,8 +1,9 @@
 """Ragged paged attention for NVIDIA GPUs: a Pallas kernel lowered through Triton.
 
-On Hopper, decode batches that fill at least 3/4 of the SMs go to the Mosaic GPU kernel instead
-(``kernels/mosaic_gpu.py``, chosen by ``default_config`` through ``mosaic_decode_config``; 1.08-1.15x
-faster per layer at batch >= 32 and context >= 1k on an H100). Its plan is a one-token-per-item work list
+On Hopper, decode batches that fill at least 3/4 of the SMs, with up to 4 kv splits per token, go to
+the Mosaic GPU kernel instead (``kernels/mosaic_gpu.py``, chosen by ``default_config`` through
+``mosaic_decode_config``; 1.08-1.15x faster per layer at batch >= 32 and context >= 1k on an H100, and
+1.2-1.5x with splits at 8-16 tokens on an H200). Its plan is a one-token-per-item work list
 and the page table padded to whole 64-token blocks; the rest of this module is the Triton kernel.
 
 One ``pallas_call`` serves a mixed batch of prefill chunks and decodes. The grid is

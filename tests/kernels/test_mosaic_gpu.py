@@ -253,6 +253,13 @@ def test_gpu_backend_routes_decode_batches_on_hopper_only(monkeypatch):
     monkeypatch.setattr(mosaic_gpu, "hopper_available", lambda: True)
     assert pallas_gpu.default_config(**shapes).mosaic == MosaicConfig(heads=2, block_kv=64, stages=3)
     assert pallas_gpu.default_config(**dict(shapes, max_num_seqs=64)).mosaic is None  # a mixed batch
+    # The engine's small decode programs: 8 / 16 token rows (any number of them live) split 4 / 2 ways; a
+    # 1-token program stays on the Triton kernel's planned splits.
+    small = dict(shapes, max_num_seqs=16)
+    assert pallas_gpu.default_config(**dict(small, num_tokens=8)).mosaic.num_splits == 4
+    assert pallas_gpu.default_config(**dict(small, num_tokens=16)).mosaic.num_splits == 2
+    one = pallas_gpu.default_config(**dict(small, num_tokens=1))
+    assert one.mosaic is None and one.split_programs > 0
     pallas_gpu.set_mosaic_decode(False)
     try:
         assert pallas_gpu.default_config(**shapes).mosaic is None

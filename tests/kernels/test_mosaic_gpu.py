@@ -307,6 +307,8 @@ GPU_CASES = [
     # groups 2 and 1 with split outputs (padded to 4 for the (m, l) stores): Qwen3-0.6B heads, MHA
     (dict(hq=16, hkv=8, d=128), 16, MosaicConfig(stages=4, num_splits=2), None, None, None),
     (dict(hq=4, hkv=4, d=64), 16, MosaicConfig(heads=2, stages=3, num_splits=4), 40, None, None),
+    # a small bucket holding prefill chunks and decodes (the engine's 16-token program), split, windowed
+    (LLAMA_8B, 16, MosaicConfig(heads=1, stages=4, num_splits=2), 50, None, (3, 7, 1, 1, 1, 1, 1, 1, 1)),
 ]
 
 

@@ -107,10 +107,11 @@ class MlpConfig:
     then signals a GMEM semaphore; phase 2 is ``mosaic_skinny``'s body on the same programs (64-column slabs
     in K splits, ``split_config``), whose producers issue their first weight stages and then wait until
     every program has signalled before they copy ``h``. One launch, no f32 output, the same result from
-    run to run. GPU only (the interpreter has no GMEM semaphores). Experimental, not offered to models: on
-    an H200 it is correct and bitwise repeatable called alone (4 shapes), but a program of 16 such blocks
-    (``benchmarks/bench_mlp.py +fused``) did not finish in 80 s, chained or not; every program must be
-    resident at once for its barrier, and what else holds the SMs there is not yet known."""
+    run to run. GPU only (the interpreter has no GMEM semaphores). Not offered to models yet: on an H200
+    it is correct and bitwise repeatable (4 shapes), but not yet timed; ``benchmarks/bench_mlp.py +fused``
+    builds a program of 16 blocks, and each block's kernel instance took about 7-10 s to compile there (a
+    lone block's test compiled and ran in about 10 s; the two-kernel form's 32 instances took 75 s), which
+    outlasted every call's time limit. Its grid barrier needs every program resident at once."""
 
     stages: int = 3
     out_buffers: int = 2

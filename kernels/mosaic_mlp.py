@@ -108,10 +108,10 @@ class MlpConfig:
     in K splits, ``split_config``), whose producers issue their first weight stages and then wait until
     every program has signalled before they copy ``h``. One launch, no f32 output, the same result from
     run to run. GPU only (the interpreter has no GMEM semaphores). Not offered to models yet: on an H200
-    it is correct and bitwise repeatable (4 shapes), but not yet timed; ``benchmarks/bench_mlp.py +fused``
-    builds a program of 16 blocks, and each block's kernel instance took about 7-10 s to compile there (a
-    lone block's test compiled and ran in about 10 s; the two-kernel form's 32 instances took 75 s), which
-    outlasted every call's time limit. Its grid barrier needs every program resident at once."""
+    it is correct and bitwise repeatable (4 shapes, compiled and run in 40 s), but not yet timed:
+    ``benchmarks/bench_mlp.py +fused``'s program of 16 blocks outlasted the 65-110 s its calls had left,
+    most likely in compilation (the two-kernel form's 16-block program took 75 s to compile and time), not
+    settled. Its grid barrier needs every program resident at once."""
 
     stages: int = 3
     out_buffers: int = 2

@@ -185,26 +185,30 @@ def _on_hopper() -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU")
-def test_small_decode_programs_on_split_mosaic_tilings_match_triton(tmp_path, default_model_dir, monkeypatch):
+def test_small_decode_programs_on_split_mosaic_tilings_match_triton(tmp_path, monkeypatch):
     """bf16 on a Hopper GPU: 12 requests decoding together run the engine's 16-token program, which takes the
     Mosaic kernel with 2 kv splits (Llama-3.2-1B heads); with ``JAXRT_MOSAIC_DECODE=0`` the same steps run
     the Triton kernel. Greedy tokens and their logprobs agree up to any divergence (bf16 adds in another
-    order, so a near tie may flip a token)."""
+    order, so a near tie may flip a token). No tokenizer: it runs where the default model is not cached."""
     import jax.numpy as jnp
-    from jaxrt_testing import make_tiny_llama
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from jaxrt.kernels import _pallas_common, pallas_gpu
 
-    heads = dict(num_attention_heads=32, num_key_value_heads=8, head_dim=64)
-    path = make_tiny_llama(
-        tmp_path / "m",
-        default_model_dir,
+    torch.manual_seed(0)
+    hf_cfg = LlamaConfig(
+        vocab_size=1000,
         hidden_size=512,
         intermediate_size=1024,
         num_hidden_layers=4,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
         max_position_embeddings=1024,
-        **heads,
     )
+    path = str(tmp_path / "m")
+    LlamaForCausalLM(hf_cfg).to(torch.bfloat16).save_pretrained(path)
     cfg = pallas_gpu.mosaic_decode_config(
         num_tokens=16,
         num_q_heads=32,
@@ -222,7 +226,13 @@ def test_small_decode_programs_on_split_mosaic_tilings_match_triton(tmp_path, de
     try:
         for flag in ("1", "0"):
             monkeypatch.setenv("JAXRT_MOSAIC_DECODE", flag)
-            kw = dict(dtype="bfloat16", max_running_requests=16, context_length=1024, page_size=16)
+            kw = dict(
+                dtype="bfloat16",
+                max_running_requests=16,
+                context_length=1024,
+                page_size=16,
+                skip_tokenizer_init=True,
+            )
             with jaxrt.Engine(model_path=path, **kw) as llm:
                 outs = llm.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
                 assert_no_leak(llm)

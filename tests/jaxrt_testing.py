@@ -20,23 +20,28 @@ TINY_LLAMA = dict(
 )
 
 
-def make_tiny_llama(out: Path, tokenizer_from: str, seed: int = 0, **overrides: Any) -> str:
-    """Random-weight LlamaForCausalLM with the default model's tokenizer, saved as a transformers checkpoint."""
+def make_tiny_llama(out: Path, tokenizer_from: str | None, seed: int = 0, **overrides: Any) -> str:
+    """Random-weight LlamaForCausalLM with the default model's tokenizer, saved as a transformers checkpoint.
+    ``tokenizer_from=None``: no tokenizer (engines run it with ``skip_tokenizer_init=True``; the overrides
+    give ``vocab_size``), so it builds where the default model is not cached."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_from)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-        **{**TINY_LLAMA, **overrides},
-    )
+    tok = AutoTokenizer.from_pretrained(tokenizer_from) if tokenizer_from else None
+    ids = {}
+    if tok is not None:
+        ids = dict(
+            vocab_size=len(tok),
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        )
+    cfg = LlamaConfig(**{**ids, **TINY_LLAMA, **overrides})
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).to(torch.float32)
     model.save_pretrained(out)
-    tok.save_pretrained(out)
+    if tok is not None:
+        tok.save_pretrained(out)
     return str(out)
 
 

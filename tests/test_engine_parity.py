@@ -10,6 +10,8 @@ from jaxrt_testing import (
     hf_greedy,
     hf_last_logits,
     hf_model,
+    make_tiny_llama,
+    mosaic_gpu_marks,
     record_buckets,
 )
 
@@ -149,7 +151,6 @@ def test_engine_through_pallas_gpu_kernel_interpret(tmp_path, default_model_dir,
     across layers: greedy tokens identical to transformers. head_dim 64 and a GQA group of 4 are shapes the
     kernel takes itself (others would be handed to the reference, which this test must not measure)."""
     import jax
-    from jaxrt_testing import make_tiny_llama
 
     from jaxrt.kernels import attention_metadata
 
@@ -177,38 +178,28 @@ def test_engine_through_pallas_gpu_kernel_interpret(tmp_path, default_model_dir,
         assert_no_leak(llm)
 
 
-def _on_hopper() -> bool:
-    from jaxrt.kernels import mosaic_gpu
-
-    return mosaic_gpu.hopper_available()
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU")
+@mosaic_gpu_marks()[2]
 def test_small_decode_programs_on_split_mosaic_tilings_match_triton(tmp_path, monkeypatch):
     """bf16 on a Hopper GPU: 12 requests decoding together run the engine's 16-token program, which takes the
     Mosaic kernel with 2 kv splits (Llama-3.2-1B heads); with ``JAXRT_MOSAIC_DECODE=0`` the same steps run
     the Triton kernel. Greedy tokens and their logprobs agree up to any divergence (bf16 adds in another
     order, so a near tie may flip a token). No tokenizer: it runs where the default model is not cached."""
     import jax.numpy as jnp
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from jaxrt.kernels import _pallas_common, pallas_gpu
 
-    torch.manual_seed(0)
-    hf_cfg = LlamaConfig(
+    heads = dict(num_attention_heads=32, num_key_value_heads=8, head_dim=64)
+    path = make_tiny_llama(
+        tmp_path / "m",
+        None,
         vocab_size=1000,
         hidden_size=512,
         intermediate_size=1024,
         num_hidden_layers=4,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
         max_position_embeddings=1024,
+        **heads,
     )
-    path = str(tmp_path / "m")
-    LlamaForCausalLM(hf_cfg).to(torch.bfloat16).save_pretrained(path)
     cfg = pallas_gpu.mosaic_decode_config(
         num_tokens=16,
         num_q_heads=32,

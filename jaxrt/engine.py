@@ -559,12 +559,15 @@ class Engine(EngineAPI):
         return done
 
     def shutdown(self) -> None:
-        """Stop the loop; requests still in flight finish with an abort."""
+        """Stop the loop; requests still in flight finish with an abort. Then the device memory of the KV
+        pool and the weights is freed, so another engine can start in the same process."""
         self.runner.close()
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
         self._thread.join(timeout=60)
+        if not self._thread.is_alive():  # no step in flight or to come: the buffers can go
+            self.runner.release()
 
     # ===================================================================================== intake
 

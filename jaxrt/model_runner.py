@@ -206,6 +206,7 @@ class ModelRunner:
         # Background compilation (precompile(background=True)): the programs start-up left for later.
         self._background: threading.Thread | None = None
         self._closing = False
+        self.released = False  # release(): the device buffers are gone
         self._unwarmed: list[tuple] = []  # compiled in the background, not run yet (see warm_pending)
         # Called (from a compile thread) each time a background program becomes ready.
         self.on_compiled: Callable[[], None] | None = None
@@ -534,6 +535,22 @@ class ModelRunner:
     def close(self) -> None:
         """Stop starting background compiles (one already in XLA finishes on its own daemon thread)."""
         self._closing = True
+
+    def release(self) -> None:
+        """Free the device memory the runner holds, once no step can run any more (the engine's loop has
+        ended): the KV pool, the page table and the other buffers it donates into its steps are deleted at
+        once, the weights and compiled programs are dropped. A new engine in the same process then finds the
+        memory free (its pool is sized from what is free), even where this runner's engine object lives on."""
+        self.close()
+        owned = jax.tree.leaves((self.kv_caches, self.page_table, self._no_prev))
+        for leaf in owned:  # the runner's alone: every step takes them donated and hands them back
+            if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+                leaf.delete()
+        self.kv_caches, self.page_table, self._no_prev = [], None, None
+        self.state = None  # the weights: freed when nothing else holds them
+        self._programs.clear()
+        self._unwarmed.clear()
+        self.released = True
 
     def _runnable(self, n: int, loop: bool) -> bool:
         """Whether bucket ``n`` has its start-up programs compiled: both decode-loop variants (``loop``), else

@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from jaxrt_testing import assert_no_leak
@@ -364,6 +365,7 @@ def test_unknown_model_path_is_a_clear_error():
 
 
 def test_skip_tokenizer_init_ids_in_ids_out(tiny_llama_dir, llm):
+    """Ids in, ids out; after shutdown the engine's device memory is freed."""
     ids = llm.tokenizer.encode("token ids only")
     expected = llm.generate(input_ids=ids, sampling_params={"temperature": 0, "max_new_tokens": 6})[
         "output_ids"
@@ -382,6 +384,13 @@ def test_skip_tokenizer_init_ids_in_ids_out(tiny_llama_dir, llm):
         assert out["output_ids"] == expected and out["text"] == ""
         with pytest.raises(ValueError, match="prompt"):
             raw.generate("text is not accepted")
+        pool = jax.tree.leaves(raw.runner.kv_caches)
+    # Shut down (the object lives on): its KV pool is freed on the device, and it serves nothing more.
+    assert pool and all(a.is_deleted() for a in pool)
+    assert raw.runner.state is None
+    with pytest.raises(RuntimeError, match="shutting down"):
+        raw.generate(input_ids=ids, sampling_params={"max_new_tokens": 1})
+    raw.shutdown()  # a second shutdown is harmless
 
 
 def test_no_recompiles_after_warmup(llm):

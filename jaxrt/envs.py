@@ -39,6 +39,14 @@ def fused_kv_write() -> bool:
     return _get("JAXRT_FUSED_KV_WRITE", "1") == "1"
 
 
+def fused_qkv() -> bool:
+    """On the pallas_gpu attention backend a lone decode token's RMSNorm, q/k/v projection, rope and KV write
+    run as one Pallas kernel (``kernels.norm_qkv_rope_write``) instead of four kernels.
+    ``JAXRT_FUSED_QKV`` (default 1; 0 keeps the separate kernels, for A/B measurements). Read when a step is
+    traced."""
+    return _get("JAXRT_FUSED_QKV", "1") == "1"
+
+
 FUSED_MLP_MODES = ("0", "1", "deterministic", "columns", "columns-pdl")
 
 

@@ -1,11 +1,14 @@
 """jaxrt kernels: ragged paged attention over a paged KV pool, the KV write (alone, or with the rope (and norm)
-of q and k: ``rope_write_kv``), the greedy sampler's statistics (``kernels.greedy``, GPU), the gated MLP block at a few tokens
-(``gated_mlp``: one Mosaic GPU kernel on Hopper), and their pure-jnp references."""
+of q and k: ``rope_write_kv``; for a lone decode token also with the RMSNorm and the q/k/v projection before
+it: ``norm_qkv_rope_write``), the greedy sampler's statistics (``kernels.greedy``, GPU), the gated MLP block at
+a few tokens (``gated_mlp``: one Mosaic GPU kernel on Hopper), and their pure-jnp references."""
 
 from jaxrt.kernels.attention import (
     BACKEND_NAMES,
     AttentionMetadata,
     attention_metadata,
+    norm_qkv_kernel_applies,
+    norm_qkv_rope_write,
     ragged_paged_attention,
     register_backend,
     resolve_backend,
@@ -34,6 +37,8 @@ __all__ = [
     "gated_mlp_reference",
     "greedy_row_stats_reference",
     "mlp_kernel_applies",
+    "norm_qkv_kernel_applies",
+    "norm_qkv_rope_write",
     "ragged_paged_attention",
     "ragged_paged_attention_reference",
     "register_backend",

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jaxrt.kernels.reference import (
     QKNorm,
     ragged_paged_attention_reference,
+    rms_norm,
     rope_write_kv_reference,
     write_kv_reference,
 )
@@ -372,3 +373,95 @@ def rope_write_kv(
             _FALLBACKS_LOGGED.add(("rope_write_kv", reason))
             logger.info("rope_write_kv: %s; running the jnp composition", reason)
     return rope_write_kv_reference(*args, **heads)
+
+
+def norm_qkv_kernel_applies(
+    num_tokens: int, hidden: int, head_dim: int, rotary_dim: int, qk_norm, backend: str | None
+) -> bool:
+    """Whether ``norm_qkv_rope_write`` runs its one kernel (``kernels.decode_qkv``) for this call on
+    ``backend``; else it runs the norm, the product and ``rope_write_kv`` as before."""
+    from jaxrt.kernels import decode_qkv
+
+    return (
+        resolve_backend(backend) == "pallas_gpu"
+        and decode_qkv.supports(num_tokens, hidden, head_dim, rotary_dim, qk_norm) is None
+    )
+
+
+def norm_qkv_rope_write(
+    x: jax.Array,
+    norm_weight: jax.Array,
+    w_qkv: jax.Array,
+    bias: jax.Array | None,
+    cos: jax.Array,
+    sin: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    slot_mapping: jax.Array,
+    *,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    eps: float,
+    norm_offset: float = 0.0,
+    norm_scale_f32: bool = False,
+    backend: str | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The attention block's input: ``rope_write_kv(rms_norm(x) @ w_qkv.T + bias, ...)``.
+
+    x: ``[num_tokens, hidden]`` (the residual stream); norm_weight: ``[hidden]`` with ``eps``,
+    ``norm_offset`` and ``norm_scale_f32`` as ``kernels.reference.rms_norm`` takes them; w_qkv:
+    ``[(num_q_heads + 2 * num_kv_heads) * head_dim, hidden]`` (stored ``[out, in]``, q rows first, then k,
+    then v); bias: ``[(num_q_heads + 2 * num_kv_heads) * head_dim]`` or None; the rest as ``rope_write_kv``
+    (full rotary: cos, sin ``[num_tokens, head_dim // 2]``). Returns (roped q ``[num_tokens, num_q_heads,
+    head_dim]`` in x.dtype, k_pages, v_pages).
+
+    On the "pallas_gpu" backend a lone token (``decode_qkv.supports``) takes one Pallas kernel
+    (``kernels.decode_qkv``); everything else runs ``rms_norm``, the product and ``rope_write_kv``.
+    """
+    width = (num_q_heads + 2 * num_kv_heads) * head_dim
+    _check(x.ndim == 2, f"x must be [num_tokens, hidden], got shape {x.shape}")
+    t, hidden = x.shape
+    _check(x.dtype in _FLOATS, f"x dtype {x.dtype} not supported")
+    _check(norm_weight.shape == (hidden,), f"norm_weight must be [{hidden}], got {norm_weight.shape}")
+    _check(
+        w_qkv.shape == (width, hidden), f"w_qkv must be [{width}, {hidden}] ([out, in]), got {w_qkv.shape}"
+    )
+    _check(
+        w_qkv.dtype == x.dtype and norm_weight.dtype == x.dtype,
+        f"x {x.dtype}, norm_weight {norm_weight.dtype} and w_qkv {w_qkv.dtype} must share one dtype",
+    )
+    if bias is not None:
+        _check(bias.shape == (width,), f"bias must be [{width}], got {bias.shape}")
+        _check(bias.dtype == x.dtype, f"bias dtype {bias.dtype} must be x's {x.dtype}")
+    heads = dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    if norm_qkv_kernel_applies(t, hidden, head_dim, 2 * cos.shape[-1], None, backend):
+        from jaxrt.kernels import decode_qkv
+
+        # rope_write_kv's checks of the rest (cos / sin, pools, slots) on a stand-in of the projection
+        rope_args = (cos, sin, k_pages, v_pages, slot_mapping)
+        jax.eval_shape(
+            functools.partial(rope_write_kv, **heads, backend="reference"),
+            jax.ShapeDtypeStruct((t, width), x.dtype),
+            *rope_args,
+        )
+        return decode_qkv.norm_qkv_rope_write_gpu(
+            x,
+            norm_weight,
+            w_qkv,
+            bias,
+            *rope_args,
+            **heads,
+            eps=float(eps),
+            norm_offset=float(norm_offset),
+            norm_scale_f32=bool(norm_scale_f32),
+            interpret=interpret,
+        )
+    xn = rms_norm(x, norm_weight, eps, offset=norm_offset, scale_f32=norm_scale_f32)
+    qkv = jax.lax.dot_general(xn, w_qkv, (((1,), (1,)), ((), ())))
+    if bias is not None:
+        qkv = qkv + bias
+    return rope_write_kv(
+        qkv, cos, sin, k_pages, v_pages, slot_mapping, **heads, backend=backend, interpret=interpret
+    )

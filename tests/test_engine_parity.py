@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 from jaxrt_testing import (
@@ -165,16 +166,36 @@ def test_engine_through_pallas_gpu_kernel_interpret(tmp_path, default_model_dir,
     )
     assert plan is not None, "these shapes must run on the kernel, not the reference"
 
+    from jaxrt.kernels import decode_qkv
+
+    traced = []  # the one-token kernel's traces (each layer of the 1-token programs)
+    kernel = decode_qkv.norm_qkv_rope_write_gpu
+    monkeypatch.setattr(
+        decode_qkv, "norm_qkv_rope_write_gpu", lambda *a, **k: traced.append(a[0].shape) or kernel(*a, **k)
+    )
     monkeypatch.setenv("JAXRT_ATTENTION_INTERPRET", "1")
     kwargs = dict(
-        dtype="float32", chunked_prefill_size=16, max_running_requests=4, context_length=128, num_pages=64
+        dtype="float32",
+        chunked_prefill_size=16,
+        max_running_requests=4,
+        context_length=128,
+        num_pages=64,
+        single_token_bucket=True,  # as on GPUs: a lone stream's steps take the one-token kernels
     )
     with jaxrt.Engine(model_path=path, attention_backend="pallas_gpu", **kwargs) as llm:
+        picked = record_buckets(llm)
         ids = [llm.tokenizer.encode(p) for p in PROMPTS[:3]]
         params = {"temperature": 0, "max_new_tokens": 12, "min_new_tokens": 12}
         outs = llm.generate(input_ids=ids, sampling_params=params)
         expected = hf_greedy(hf_model(path), ids, 12)
         assert [o["output_ids"] for o in outs] == expected
+        # A lone stream: its decode steps run the 1-token program, whose layers norm, project, rope and
+        # write k / v in one kernel (kernels.norm_qkv_rope_write).
+        picked.clear()
+        alone = llm.generate(input_ids=ids[1], sampling_params=params)
+        assert alone["output_ids"] == expected[1]
+        assert picked.count(1) >= 10, picked
+        assert traced and set(traced) == {(1, hf_model(path).config.hidden_size)}, traced
         assert_no_leak(llm)
 
 
@@ -237,6 +258,49 @@ def test_small_decode_programs_on_split_mosaic_tilings_match_triton(tmp_path, mo
         n = next((i for i, (a, b) in enumerate(zip(ids_m, ids_t, strict=True)) if a != b), len(ids_m))
         diffs += [abs(a - b) for a, b in zip(lp_m[:n], lp_t[:n], strict=True)]
     assert len(diffs) >= 200, f"only {len(diffs)} of 288 tokens agree before a divergence"
+    assert max(diffs) < 0.05, max(diffs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
+def test_lone_stream_one_kernel_attention_input_matches_separate_kernels(tmp_path, monkeypatch):
+    """bf16 on a GPU: a lone stream's decode steps (the 1-token program) with the norm, q/k/v product, rope
+    and KV write in one kernel agree with the same steps on separate kernels (``JAXRT_FUSED_QKV=0``): greedy
+    tokens and logprobs up to any divergence. Llama-3.2-1B's attention shapes on a tokenizer-free model."""
+    path = make_tiny_llama(
+        tmp_path / "m",
+        None,
+        vocab_size=1000,
+        hidden_size=2048,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        max_position_embeddings=1024,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+    )
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(5, 995, int(n)).tolist() for n in (300, 700)]
+    params = {"temperature": 0, "max_new_tokens": 48, "ignore_eos": True}
+    runs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("JAXRT_FUSED_QKV", flag)
+        kw = dict(dtype="bfloat16", max_running_requests=4, context_length=1024, skip_tokenizer_init=True)
+        kw["single_token_bucket"] = True  # the default on GPUs
+        with jaxrt.Engine(model_path=path, **kw) as llm:
+            assert llm.runner.token_buckets[0] == 1
+            picked = record_buckets(llm)
+            outs = [llm.generate(input_ids=p, sampling_params=params, return_logprob=True) for p in prompts]
+            assert picked.count(1) >= 90, picked
+            assert_no_leak(llm)
+        runs[flag] = [
+            (o["output_ids"], [lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]]) for o in outs
+        ]
+    diffs = []
+    for (ids_f, lp_f), (ids_s, lp_s) in zip(runs["1"], runs["0"], strict=True):
+        n = next((i for i, (a, b) in enumerate(zip(ids_f, ids_s, strict=True)) if a != b), len(ids_f))
+        diffs += [abs(a - b) for a, b in zip(lp_f[:n], lp_s[:n], strict=True)]
+    assert len(diffs) >= 60, f"only {len(diffs)} of 96 tokens agree before a divergence"
     assert max(diffs) < 0.05, max(diffs)
 
 

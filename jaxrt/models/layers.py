@@ -27,6 +27,8 @@ from jaxrt.kernels import (  # apply_rope stays importable from here; its defini
     attention_metadata,
     gated_mlp,
     mlp_kernel_applies,
+    norm_qkv_kernel_applies,
+    norm_qkv_rope_write,
     ragged_paged_attention,
     rope_write_kv,
 )
@@ -317,9 +319,23 @@ class PagedAttention(nnx.Module):
             backend=self.attention_backend,
         )
 
+    def takes_input_norm(self, num_tokens: int) -> bool:
+        """Whether this call (of ``num_tokens`` tokens) takes the residual stream and the RMSNorm before it
+        (``input_norm``) rather than the normed rows: a lone decode token on pallas_gpu, where one kernel
+        norms, projects, ropes and writes k and v (``kernels.norm_qkv_rope_write``; ``JAXRT_FUSED_QKV``)."""
+        return envs.fused_qkv() and norm_qkv_kernel_applies(
+            num_tokens,
+            self.qkv_proj.weight.shape[1],
+            self.head_dim,
+            self.rotary_dim,
+            self.qk_norm,
+            self._kv_write_backend(),
+        )
+
     def __call__(
-        self, x: jax.Array, batch: ForwardBatch, kv: KVCache, metadata=None
+        self, x: jax.Array, batch: ForwardBatch, kv: KVCache, metadata=None, input_norm: RMSNorm | None = None
     ) -> tuple[jax.Array, KVCache]:
+        """x: the normed rows, or with ``input_norm`` (where ``takes_input_norm``) the residual stream."""
         t = x.shape[0]
         seq_lens = None
         if needs_seq_lens(self.rope):
@@ -328,6 +344,27 @@ class PagedAttention(nnx.Module):
         cos, sin = rope_cos_sin(
             self.rope, self.rotary_dim, batch.positions, seq_lens, self.max_position_embeddings
         )
+        if input_norm is not None:
+            q, k_pages, v_pages = norm_qkv_rope_write(
+                x,
+                input_norm.weight[...],
+                self.qkv_proj.weight[...],
+                None if self.qkv_proj.bias is None else self.qkv_proj.bias[...],
+                cos,
+                sin,
+                kv[0],
+                kv[1],
+                batch.slot_mapping,
+                num_q_heads=self.num_heads,
+                num_kv_heads=self.num_kv_heads,
+                head_dim=self.head_dim,
+                eps=input_norm.eps,
+                norm_offset=input_norm.offset,
+                norm_scale_f32=input_norm.scale_f32,
+                backend=self._kv_write_backend(),
+                interpret=self.interpret,
+            )
+            return self._attend(q, k_pages, v_pages, batch, metadata)
         qkv = self.qkv_proj(x)
         norm = {}
         if self.qk_norm is not None:
@@ -349,6 +386,10 @@ class PagedAttention(nnx.Module):
             backend=self._kv_write_backend(),
             interpret=self.interpret,
         )
+        return self._attend(q, k_pages, v_pages, batch, metadata)
+
+    def _attend(self, q, k_pages, v_pages, batch: ForwardBatch, metadata) -> tuple[jax.Array, KVCache]:
+        t = q.shape[0]
         o = ragged_paged_attention(
             q,
             k_pages,
@@ -467,7 +508,10 @@ class DecoderLayer(nnx.Module):
         self, x: jax.Array, batch: ForwardBatch, kv: KVCache, metadata=None
     ) -> tuple[jax.Array, KVCache]:
         if self.placement == "pre":
-            h, kv = self.self_attn(self.input_layernorm(x), batch, kv, metadata)
+            if self.self_attn.takes_input_norm(x.shape[0]):  # one kernel from the norm to the KV write
+                h, kv = self.self_attn(x, batch, kv, metadata, input_norm=self.input_layernorm)
+            else:
+                h, kv = self.self_attn(self.input_layernorm(x), batch, kv, metadata)
             x = self._residual(x, h)
             if self.residual_multiplier == 1.0:  # the add goes into the MLP (one kernel with it on GPUs)
                 return self.mlp(self.post_attention_layernorm(x), residual=x), kv

@@ -6,13 +6,12 @@ does (launch, ramp, tail). Before attention XLA ran four (Llama-3.2-1B on an H20
 sum of squares (1.2 us), its scaling (1.3), the q/k/v product as a reduction (4.7 us for 12.6 MB of weights)
 and ``kv_write``'s rope + KV write (2.2). Here they are one kernel.
 
-Program ``(h, g)`` owns rows ``g * PAIRS .. + PAIRS`` of head ``h``'s first rotary half and the same rows of
-its second half (rotate-half pairs row ``r`` with ``r + half``), so it can rope its outputs itself. Heads
-are numbered as the projection's rows: q heads, then k heads, then v heads; a v head's programs use the same
-row split and skip the rope. Each program first reads the token's ``x`` (a few KiB, from L2 for all but
-the first) for the RMSNorm statistic, then streams its two ``[PAIRS, hidden]`` slabs of ``W_qkv`` (stored
-``[out, in]``: each row contiguous) in ``block_k``-column steps, normalising each step's piece of ``x`` on
-the way, and accumulates in f32.
+Program ``(h, g)`` owns ``pairs`` rows of head ``h``'s first rotary half and the same rows of its second half
+(rotate-half pairs row ``r`` with ``r + half``), so it can rope its outputs itself. Heads are numbered as
+the projection's rows: q heads, then k heads, then v heads; a v head's programs use the same row split and
+skip the rope. A program issues all its loads at once, with no loop: its two ``[pairs, hidden]`` slabs of
+``W_qkv`` (stored ``[out, in]``: each row contiguous; ``pairs_per_program`` keeps a slab near 32 KiB) and the
+token's row of ``x`` (a few KiB, from L2 for all but the first program), which it normalises itself.
 
 Arithmetic, in XLA's order: ``kernels.reference.rms_norm`` (statistic in f32, the family's order of cast and
 scale), the product of the normed row and the weights accumulated in f32 and rounded to the activations'
@@ -35,10 +34,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-PAIRS = 8  # rotate-half row pairs of a head per program
-MAX_BLOCK_K = 512
-NUM_WARPS = 4
-NUM_STAGES = 3
+ROW_BYTES = 32 * 1024  # bytes of W_qkv per program and rotary half: the rows of a program's two slabs
+MAX_PAIRS = 16
+NUM_WARPS = 8
 
 
 def supports(num_tokens: int, hidden: int, head_dim: int, rotary_dim: int, qk_norm) -> str | None:
@@ -49,22 +47,34 @@ def supports(num_tokens: int, hidden: int, head_dim: int, rotary_dim: int, qk_no
         return "q/k norms"
     if rotary_dim != head_dim:
         return f"rotary_dim {rotary_dim} != head_dim {head_dim}"
-    if (head_dim // 2) % PAIRS or head_dim % 2:
-        return f"head_dim {head_dim} is not a multiple of {2 * PAIRS}"
+    if head_dim % 16:
+        return f"head_dim {head_dim} is not a multiple of 16"
     if hidden % 16:
         return f"hidden size {hidden} is not a multiple of 16"
     return None
 
 
-def block_k(hidden: int) -> int:
-    """Columns of ``W_qkv`` per step: the largest power of two up to ``MAX_BLOCK_K`` that divides hidden."""
-    bk = MAX_BLOCK_K
-    while hidden % bk:
-        bk //= 2
-    return bk
+def pairs_per_program(hidden: int, head_dim: int) -> int:
+    """Rotate-half row pairs per program: a power of two (4 to ``MAX_PAIRS``) dividing ``head_dim // 2``, as
+    many as keep each slab within ``ROW_BYTES`` of bf16 (Llama-3.2-1B: 8 pairs, 192 programs of 64 KiB)."""
+    half = head_dim // 2
+    pairs = MAX_PAIRS
+    while pairs > 4 and (half % pairs or pairs * hidden * 2 > ROW_BYTES):
+        pairs //= 2
+    return pairs
 
 
-def _kernel(*refs, hq, hkv, half, hidden, bk, eps, offset, scale_f32, has_bias, num_slots):
+def _pieces(n: int) -> list[tuple[int, int]]:
+    """(start, width) pieces covering ``0 .. n``, each a power of two (Triton loads power-of-two tiles)."""
+    out, k = [], 0
+    for bit in reversed(range(n.bit_length())):
+        if n >> bit & 1:
+            out.append((k, 1 << bit))
+            k += 1 << bit
+    return out
+
+
+def _kernel(*refs, hq, hkv, half, hidden, pairs, eps, offset, scale_f32, has_bias, num_slots):
     if has_bias:
         x_ref, nw_ref, w_ref, b_ref, cos_ref, sin_ref, slot_ref, _k_in, _v_in, q_ref, k_ref, v_ref = refs
     else:
@@ -73,41 +83,36 @@ def _kernel(*refs, hq, hkv, half, hidden, bk, eps, offset, scale_f32, has_bias, 
     h = pl.program_id(0)
     g = pl.program_id(1)
     dtype = x_ref.dtype
-    steps = hidden // bk
-
-    def sum_sq(i, acc):
-        xs = x_ref[0, pl.ds(pl.multiple_of(i * bk, bk), bk)].astype(jnp.float32)
-        return acc + jnp.sum(xs * xs)
-
-    inv = lax.rsqrt(lax.fori_loop(0, steps, sum_sq, jnp.float32(0.0)) / hidden + eps)
-    r1 = h * (2 * half) + g * PAIRS  # the program's rows of W_qkv: r1.. (first half), r1 + half.. (second)
-
-    def step(i, accs):
-        a1, a2 = accs
-        k0 = pl.multiple_of(i * bk, bk)
-        xs = x_ref[0, pl.ds(k0, bk)].astype(jnp.float32) * inv
-        nw = nw_ref[pl.ds(k0, bk)]
+    pieces = _pieces(hidden)
+    r1 = h * (2 * half) + g * pairs  # the program's rows of W_qkv: r1.. (first half), r1 + half.. (second)
+    # Every load is issued up front, the weights' first: no loop, so each program has its whole slab (and
+    # the token's row) in flight at once.
+    w1 = [w_ref[pl.ds(r1, pairs), pl.ds(k0, n)] for k0, n in pieces]
+    w2 = [w_ref[pl.ds(r1 + half, pairs), pl.ds(k0, n)] for k0, n in pieces]
+    xs = [x_ref[0, pl.ds(k0, n)].astype(jnp.float32) for k0, n in pieces]
+    nws = [nw_ref[pl.ds(k0, n)] for k0, n in pieces]
+    inv = lax.rsqrt(sum(jnp.sum(x * x) for x in xs) / hidden + eps)
+    a1 = a2 = None
+    for x, nw, p1, p2 in zip(xs, nws, w1, w2, strict=True):
+        x = x * inv
         if scale_f32 or offset:
-            xn = (xs * (nw.astype(jnp.float32) + offset)).astype(dtype)
+            xn = (x * (nw.astype(jnp.float32) + offset)).astype(dtype)
         else:
-            xn = (xs.astype(dtype) * nw).astype(dtype)
+            xn = (x.astype(dtype) * nw).astype(dtype)
         xn = xn.astype(w_ref.dtype).astype(jnp.float32)[None, :]
-        w1 = w_ref[pl.ds(r1, PAIRS), pl.ds(k0, bk)].astype(jnp.float32)
-        w2 = w_ref[pl.ds(r1 + half, PAIRS), pl.ds(k0, bk)].astype(jnp.float32)
-        return a1 + jnp.sum(w1 * xn, axis=1), a2 + jnp.sum(w2 * xn, axis=1)
-
-    zero = jnp.zeros((PAIRS,), jnp.float32)
-    a1, a2 = lax.fori_loop(0, steps, step, (zero, zero))
+        s1 = jnp.sum(p1.astype(jnp.float32) * xn, axis=1)
+        s2 = jnp.sum(p2.astype(jnp.float32) * xn, axis=1)
+        a1, a2 = (s1, s2) if a1 is None else (a1 + s1, a2 + s2)
     y1, y2 = a1.astype(dtype), a2.astype(dtype)  # the projection's output, in the activations' dtype
     if b_ref is not None:
-        y1 = (y1 + b_ref[pl.ds(r1, PAIRS)]).astype(dtype)
-        y2 = (y2 + b_ref[pl.ds(r1 + half, PAIRS)]).astype(dtype)
+        y1 = (y1 + b_ref[pl.ds(r1, pairs)]).astype(dtype)
+        y2 = (y2 + b_ref[pl.ds(r1 + half, pairs)]).astype(dtype)
     f1, f2 = y1.astype(jnp.float32), y2.astype(jnp.float32)
-    c = cos_ref[0, pl.ds(g * PAIRS, PAIRS)]
-    s = sin_ref[0, pl.ds(g * PAIRS, PAIRS)]
+    c = cos_ref[0, pl.ds(g * pairs, pairs)]
+    s = sin_ref[0, pl.ds(g * pairs, pairs)]
     o1 = (f1 * c - f2 * s).astype(dtype)  # apply_rope: rot * cos + rotate_half(rot) * sin
     o2 = (f2 * c + f1 * s).astype(dtype)
-    lo, hi = pl.ds(g * PAIRS, PAIRS), pl.ds(half + g * PAIRS, PAIRS)
+    lo, hi = pl.ds(g * pairs, pairs), pl.ds(half + g * pairs, pairs)
 
     @pl.when(h < hq)
     def _():
@@ -139,7 +144,7 @@ def _kernel(*refs, hq, hkv, half, hidden, bk, eps, offset, scale_f32, has_bias, 
         "norm_scale_f32",
         "interpret",
         "num_warps",
-        "num_stages",
+        "pairs",
     ),
 )
 def norm_qkv_rope_write_gpu(
@@ -161,7 +166,7 @@ def norm_qkv_rope_write_gpu(
     norm_scale_f32: bool = False,
     interpret: bool = False,
     num_warps: int = NUM_WARPS,
-    num_stages: int = NUM_STAGES,
+    pairs: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [1, hidden]; norm_weight [hidden]; w_qkv [(Hq + 2 * Hkv) * D, hidden] (``[out, in]``); bias
     [(Hq + 2 * Hkv) * D] or None; cos, sin [1, D // 2] f32; k_pages, v_pages [P, page_size, Hkv, D];
@@ -174,7 +179,7 @@ def norm_qkv_rope_write_gpu(
     flat_k = k_pages.reshape(num_slots, hkv, d)
     flat_v = v_pages.reshape(num_slots, hkv, d)
     half = d // 2
-    bk = block_k(hidden)
+    pairs = pairs or pairs_per_program(hidden, d)
 
     def whole(shape):
         return pl.BlockSpec(shape, lambda h, g: (0,) * len(shape))
@@ -188,14 +193,14 @@ def norm_qkv_rope_write_gpu(
             hkv=hkv,
             half=half,
             hidden=hidden,
-            bk=bk,
+            pairs=pairs,
             eps=eps,
             offset=norm_offset,
             scale_f32=norm_scale_f32,
             has_bias=bias is not None,
             num_slots=num_slots,
         ),
-        grid=(hq + 2 * hkv, half // PAIRS),
+        grid=(hq + 2 * hkv, half // pairs),
         in_specs=[whole(a.shape) for a in operands] + [whole(flat_k.shape), whole(flat_v.shape)],
         out_specs=[whole((1, hq, d)), whole(flat_k.shape), whole(flat_v.shape)],
         out_shape=[
@@ -204,7 +209,7 @@ def norm_qkv_rope_write_gpu(
             jax.ShapeDtypeStruct(flat_v.shape, flat_v.dtype),
         ],
         input_output_aliases={pools: 1, pools + 1: 2},
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="jaxrt_norm_qkv_rope_write",
     )(*operands, flat_k, flat_v)

@@ -95,7 +95,7 @@ def test_dispatch():
     assert not norm_qkv_kernel_applies(2, 256, 64, 64, None, "pallas_gpu")
     assert not norm_qkv_kernel_applies(1, 256, 64, 32, None, "pallas_gpu")
     assert not norm_qkv_kernel_applies(1, 256, 64, 64, object(), "pallas_gpu")
-    assert not norm_qkv_kernel_applies(1, 256, 40, 40, None, "pallas_gpu")  # half 20: not in rows of 8
+    assert not norm_qkv_kernel_applies(1, 256, 40, 40, None, "pallas_gpu")  # half 20: not in rows of 4
     assert not norm_qkv_kernel_applies(1, 256, 64, 64, None, "reference")
     args = _inputs(3, 256, 4, 2, 64, "f32", 5, False)
 

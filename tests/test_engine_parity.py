@@ -234,31 +234,30 @@ def test_small_decode_programs_on_split_mosaic_tilings_match_triton(tmp_path, mo
     rng = np.random.default_rng(0)
     prompts = [rng.integers(5, 995, int(n)).tolist() for n in rng.integers(200, 900, 12)]
     params = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
+    kw = dict(
+        dtype="bfloat16",
+        max_running_requests=16,
+        context_length=1024,
+        page_size=16,
+        skip_tokenizer_init=True,
+        background_compile=False,  # every program from the first step: the 16-token one runs the decodes
+    )
     runs = {}
     try:
-        for flag in ("1", "0"):
+        for name, flag, backend in (
+            ("mosaic", "1", "auto"),
+            ("triton", "0", "auto"),
+            ("xla", "1", "reference"),
+        ):
             monkeypatch.setenv("JAXRT_MOSAIC_DECODE", flag)
-            kw = dict(
-                dtype="bfloat16",
-                max_running_requests=16,
-                context_length=1024,
-                page_size=16,
-                skip_tokenizer_init=True,
-            )
-            with jaxrt.Engine(model_path=path, **kw) as llm:
-                outs = llm.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
+            with jaxrt.Engine(model_path=path, attention_backend=backend, **kw) as llm:
+                picked = record_buckets(llm)
+                runs[name] = _greedy_logprobs(llm, prompts, params)
+                assert picked.count(16) >= 10, picked
                 assert_no_leak(llm)
-            runs[flag] = [
-                (o["output_ids"], [lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]]) for o in outs
-            ]
     finally:
         pallas_gpu.set_mosaic_decode(True)
-    diffs = []
-    for (ids_m, lp_m), (ids_t, lp_t) in zip(runs["1"], runs["0"], strict=True):
-        n = next((i for i, (a, b) in enumerate(zip(ids_m, ids_t, strict=True)) if a != b), len(ids_m))
-        diffs += [abs(a - b) for a, b in zip(lp_m[:n], lp_t[:n], strict=True)]
-    assert len(diffs) >= 200, f"only {len(diffs)} of 288 tokens agree before a divergence"
-    assert max(diffs) < 0.05, max(diffs)
+    _assert_as_close_as_the_kernel_to_xla(runs["mosaic"], runs["triton"], runs["xla"])
 
 
 @pytest.mark.gpu
@@ -282,26 +281,45 @@ def test_lone_stream_one_kernel_attention_input_matches_separate_kernels(tmp_pat
     rng = np.random.default_rng(1)
     prompts = [rng.integers(5, 995, int(n)).tolist() for n in (300, 700)]
     params = {"temperature": 0, "max_new_tokens": 48, "ignore_eos": True}
+    kw = dict(dtype="bfloat16", max_running_requests=4, context_length=1024, skip_tokenizer_init=True)
+    kw.update(single_token_bucket=True, background_compile=False)  # the 1-token program from the first step
     runs = {}
-    for flag in ("1", "0"):
+    for name, flag, backend in (("fused", "1", "auto"), ("separate", "0", "auto"), ("xla", "0", "reference")):
         monkeypatch.setenv("JAXRT_FUSED_QKV", flag)
-        kw = dict(dtype="bfloat16", max_running_requests=4, context_length=1024, skip_tokenizer_init=True)
-        kw["single_token_bucket"] = True  # the default on GPUs
-        with jaxrt.Engine(model_path=path, **kw) as llm:
-            assert llm.runner.token_buckets[0] == 1
+        with jaxrt.Engine(model_path=path, attention_backend=backend, **kw) as llm:
             picked = record_buckets(llm)
-            outs = [llm.generate(input_ids=p, sampling_params=params, return_logprob=True) for p in prompts]
+            runs[name] = [_greedy_logprobs(llm, [p], params)[0] for p in prompts]
             assert picked.count(1) >= 90, picked
             assert_no_leak(llm)
-        runs[flag] = [
-            (o["output_ids"], [lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]]) for o in outs
-        ]
-    diffs = []
-    for (ids_f, lp_f), (ids_s, lp_s) in zip(runs["1"], runs["0"], strict=True):
-        n = next((i for i, (a, b) in enumerate(zip(ids_f, ids_s, strict=True)) if a != b), len(ids_f))
-        diffs += [abs(a - b) for a, b in zip(lp_f[:n], lp_s[:n], strict=True)]
-    assert len(diffs) >= 60, f"only {len(diffs)} of 96 tokens agree before a divergence"
-    assert max(diffs) < 0.05, max(diffs)
+    _assert_as_close_as_the_kernel_to_xla(runs["fused"], runs["separate"], runs["xla"])
+
+
+def _greedy_logprobs(llm, prompts, params) -> list[tuple[list[int], list[float]]]:
+    outs = llm.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
+    return [(o["output_ids"], [lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]]) for o in outs]
+
+
+def _agreement(a, b) -> tuple[int, list[float]]:
+    """Greedy runs ``a`` and ``b`` (per request: tokens, logprobs): how many tokens agree before each
+    request's first divergence, and the |logprob difference| of those tokens."""
+    agreed, diffs = 0, []
+    for (ids_a, lp_a), (ids_b, lp_b) in zip(a, b, strict=True):
+        n = next((i for i, (x, y) in enumerate(zip(ids_a, ids_b, strict=True)) if x != y), len(ids_a))
+        agreed += n
+        diffs += [abs(x - y) for x, y in zip(lp_a[:n], lp_b[:n], strict=True)]
+    return agreed, diffs
+
+
+def _assert_as_close_as_the_kernel_to_xla(new, kernel, xla) -> None:
+    """bf16 greedy decoding of a random model flips near ties and lets early rounding differences grow
+    along a sequence, so a fixed tolerance says little. The yardstick is the established kernel's own
+    distance from XLA's attention on the same steps: ``new`` must be at least about as close to ``kernel``
+    (tokens agreeing before a divergence, median |logprob difference|)."""
+    agreed, diffs = _agreement(new, kernel)
+    ref_agreed, ref_diffs = _agreement(kernel, xla)
+    assert agreed >= 0.5 * ref_agreed, (agreed, ref_agreed)
+    assert diffs and ref_diffs
+    assert np.median(diffs) <= 2 * np.median(ref_diffs) + 1e-3, (np.median(diffs), np.median(ref_diffs))
 
 
 def _continuous_run(path: str, steps: int, prompts, params, **kw):

@@ -10,7 +10,7 @@ Program ``(h, g)`` owns ``pairs`` rows of head ``h``'s first rotary half and the
 (rotate-half pairs row ``r`` with ``r + half``), so it can rope its outputs itself. Heads are numbered as
 the projection's rows: q heads, then k heads, then v heads; a v head's programs use the same row split and
 skip the rope. A program issues all its loads at once, with no loop: its two ``[pairs, hidden]`` slabs of
-``W_qkv`` (stored ``[out, in]``: each row contiguous; ``pairs_per_program`` keeps a slab within 8 KiB) and the
+``W_qkv`` (stored ``[out, in]``: each row contiguous; 2 rows each, ``pairs_per_program``) and the
 token's row of ``x`` (a few KiB, from L2 for all but the first program), which it normalises itself.
 
 Arithmetic, in XLA's order: ``kernels.reference.rms_norm`` (statistic in f32, the family's order of cast and
@@ -34,8 +34,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-ROW_BYTES = 8 * 1024  # bytes of W_qkv per program and rotary half, at most (unless one row is more)
-MAX_PAIRS = 16
 NUM_WARPS = 4
 
 
@@ -55,14 +53,11 @@ def supports(num_tokens: int, hidden: int, head_dim: int, rotary_dim: int, qk_no
 
 
 def pairs_per_program(hidden: int, head_dim: int) -> int:
-    """Rotate-half row pairs per program: a power of two (1 to ``MAX_PAIRS``) dividing ``head_dim // 2``, as
-    many as keep each slab within ``ROW_BYTES`` of bf16 (Llama-3.2-1B: 2 pairs, 768 programs of 16 KiB).
-    Small programs stream best: each is one round trip of loads, and more of them are in flight at once."""
-    half = head_dim // 2
-    pairs = MAX_PAIRS
-    while pairs > 1 and (half % pairs or pairs * hidden * 2 > ROW_BYTES):
-        pairs //= 2
-    return pairs
+    """Rotate-half row pairs per program: 2 (``supports`` keeps head_dim a multiple of 16). Small programs
+    stream best: each is one round trip of loads, and more of them are in flight at once. On an H200
+    (benchmarks/RESULTS.md) 2 pairs were the fastest of 1-16 for Llama-3.2-1B (hidden 2048: 6.2 us per layer,
+    768 programs of 16 KiB; 8 pairs 7.4-7.9) and Llama-3.1-8B (4096: 18.0 us) and tied 4 for Qwen2.5-0.5B."""
+    return 2
 
 
 def _pieces(n: int) -> list[tuple[int, int]]:

@@ -25,6 +25,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
         "bench_skinny_gemm.py",
         "bench_bandwidth.py",
         "bench_kv_write.py",
+        "bench_decode_qkv.py",
         "bench_mlp.py",
     ],
 )
@@ -54,6 +55,8 @@ def test_benchmark_smoke(script, tmp_path, default_model_dir):
         assert records[0]["completed"] == records[0]["num_prompts"]
     if name == "bench_kv_write.py":  # the kernel checked against XLA's composition, every case
         assert len(records) == 12 and all(r["ok"] for r in records)
+    if name == "bench_decode_qkv.py":  # the kernel checked against the separate kernels, both shapes
+        assert len(records) == 4 and all(r["ok"] for r in records)
     if name == "bench_offline.py":
         assert "Offline Throughput Benchmark Result" in proc.stdout
         assert records[0]["output_throughput"] > 0

@@ -344,25 +344,27 @@ class PagedAttention(nnx.Module):
         cos, sin = rope_cos_sin(
             self.rope, self.rotary_dim, batch.positions, seq_lens, self.max_position_embeddings
         )
-        if input_norm is not None:
+        # The rotary tables, the pools, the slots and the heads: both paths below take them as rope_write_kv does.
+        rope_kv = (cos, sin, kv[0], kv[1], batch.slot_mapping)
+        common = dict(
+            num_q_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            backend=self._kv_write_backend(),
+            interpret=self.interpret,
+        )
+        if input_norm is not None:  # one kernel from the residual stream: norm, q/k/v, rope, KV write
+            bias = None if self.qkv_proj.bias is None else self.qkv_proj.bias[...]
             q, k_pages, v_pages = norm_qkv_rope_write(
                 x,
                 input_norm.weight[...],
                 self.qkv_proj.weight[...],
-                None if self.qkv_proj.bias is None else self.qkv_proj.bias[...],
-                cos,
-                sin,
-                kv[0],
-                kv[1],
-                batch.slot_mapping,
-                num_q_heads=self.num_heads,
-                num_kv_heads=self.num_kv_heads,
-                head_dim=self.head_dim,
+                bias,
+                *rope_kv,
                 eps=input_norm.eps,
                 norm_offset=input_norm.offset,
                 norm_scale_f32=input_norm.scale_f32,
-                backend=self._kv_write_backend(),
-                interpret=self.interpret,
+                **common,
             )
             return self._attend(q, k_pages, v_pages, batch, metadata)
         qkv = self.qkv_proj(x)
@@ -372,20 +374,7 @@ class PagedAttention(nnx.Module):
                 qk_norm=self.qk_norm, qk_norm_weights=(self.q_norm.weight[...], self.k_norm.weight[...])
             )
         # On pallas_gpu one kernel (norms,) ropes q and k and writes k and v, reading qkv's columns in place.
-        q, k_pages, v_pages = rope_write_kv(
-            qkv,
-            cos,
-            sin,
-            kv[0],
-            kv[1],
-            batch.slot_mapping,
-            num_q_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            **norm,
-            backend=self._kv_write_backend(),
-            interpret=self.interpret,
-        )
+        q, k_pages, v_pages = rope_write_kv(qkv, *rope_kv, **norm, **common)
         return self._attend(q, k_pages, v_pages, batch, metadata)
 
     def _attend(self, q, k_pages, v_pages, batch: ForwardBatch, metadata) -> tuple[jax.Array, KVCache]:

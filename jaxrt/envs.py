@@ -47,6 +47,14 @@ def fused_qkv() -> bool:
     return _get("JAXRT_FUSED_QKV", "1") == "1"
 
 
+def fused_gate_up() -> bool:
+    """On the pallas_gpu attention backend a lone decode token's RMSNorm before the MLP, gate/up projection and
+    activation run as one Pallas kernel (``kernels.norm_gate_up``) instead of four kernels.
+    ``JAXRT_FUSED_GATE_UP`` (default 1; 0 keeps XLA's kernels, for A/B measurements). Read when a step is
+    traced."""
+    return _get("JAXRT_FUSED_GATE_UP", "1") == "1"
+
+
 FUSED_MLP_MODES = ("0", "1", "deterministic", "columns", "columns-pdl")
 
 

@@ -15,7 +15,7 @@ from jaxrt.kernels.attention import (
     rope_write_kv,
     write_kv,
 )
-from jaxrt.kernels.mlp import MLP_BACKENDS, gated_mlp, mlp_kernel_applies
+from jaxrt.kernels.mlp import MLP_BACKENDS, gated_mlp, mlp_kernel_applies, norm_gate_up, norm_gate_up_applies
 from jaxrt.kernels.reference import (
     QKNorm,
     apply_rope,
@@ -37,6 +37,8 @@ __all__ = [
     "gated_mlp_reference",
     "greedy_row_stats_reference",
     "mlp_kernel_applies",
+    "norm_gate_up",
+    "norm_gate_up_applies",
     "norm_qkv_kernel_applies",
     "norm_qkv_rope_write",
     "ragged_paged_attention",

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxrt.kernels import mosaic_gpu, mosaic_mlp, mosaic_skinny
-from jaxrt.kernels.reference import MLP_ACTIVATIONS, gated_mlp_reference
+from jaxrt.kernels.attention import resolve_backend
+from jaxrt.kernels.reference import MLP_ACTIVATIONS, gated_mlp_reference, rms_norm
 
 MLP_BACKENDS = ("auto", "mosaic", "reference")
 
@@ -93,3 +94,69 @@ def gated_mlp(
             x, w_gate_up, w_down, act=act, residual=residual, deterministic=deterministic, config=config
         )
     return gated_mlp_reference(x, w_gate_up, w_down, act=act, residual=residual)
+
+
+def norm_gate_up_applies(
+    num_tokens: int, hidden: int, intermediate: int, act: str, backend: str | None
+) -> bool:
+    """Whether ``norm_gate_up`` runs its one kernel (``kernels.decode_mlp``) for this call on ``backend`` (an
+    attention backend name: the kernel is part of ``pallas_gpu``)."""
+    from jaxrt.kernels import decode_mlp
+
+    return (
+        resolve_backend(backend) == "pallas_gpu"
+        and decode_mlp.supports(num_tokens, hidden, intermediate, act) is None
+    )
+
+
+def norm_gate_up(
+    x: jax.Array,
+    norm_weight: jax.Array,
+    w_gate_up: jax.Array,
+    *,
+    eps: float,
+    norm_offset: float = 0.0,
+    norm_scale_f32: bool = False,
+    act: str = "silu",
+    backend: str | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """The MLP's gated product from the residual stream: ``act(gate) * up`` of ``rms_norm(x) @ w_gate_up``.
+
+    x: ``[num_tokens, hidden]``; norm_weight: ``[hidden]`` with ``eps``, ``norm_offset`` and
+    ``norm_scale_f32`` as ``kernels.reference.rms_norm`` takes them; w_gate_up: ``[hidden, 2 * intermediate]``
+    (gate columns, then up columns); act: one of ``kernels.reference.MLP_ACTIVATIONS``. Returns ``[num_tokens,
+    intermediate]`` in x.dtype. On the "pallas_gpu" backend a lone token (``decode_mlp.supports``) takes one
+    Pallas kernel (``kernels.decode_mlp``); everything else the norm, XLA's product and the activation.
+    """
+    if act not in MLP_ACTIVATIONS:
+        raise ValueError(f"act must be one of {sorted(MLP_ACTIVATIONS)}, got {act!r}")
+    if x.ndim != 2:
+        raise ValueError(f"x must be [num_tokens, hidden], got shape {x.shape}")
+    num_tokens, hidden = x.shape
+    if norm_weight.shape != (hidden,):
+        raise ValueError(f"norm_weight must be [{hidden}], got {norm_weight.shape}")
+    if w_gate_up.ndim != 2 or w_gate_up.shape[0] != hidden or w_gate_up.shape[1] % 2:
+        raise ValueError(f"w_gate_up must be [{hidden}, 2 * intermediate], got {w_gate_up.shape}")
+    if not x.dtype == norm_weight.dtype == w_gate_up.dtype:
+        raise ValueError(
+            f"x {x.dtype}, norm_weight {norm_weight.dtype} and w_gate_up {w_gate_up.dtype} must share one dtype"
+        )
+    intermediate = w_gate_up.shape[1] // 2
+    if norm_gate_up_applies(num_tokens, hidden, intermediate, act, backend):
+        from jaxrt.kernels import decode_mlp
+
+        return decode_mlp.norm_gate_up_gpu(
+            x,
+            norm_weight,
+            w_gate_up,
+            eps=float(eps),
+            norm_offset=float(norm_offset),
+            norm_scale_f32=bool(norm_scale_f32),
+            act=act,
+            interpret=interpret,
+        )
+    gate, up = jnp.split(
+        rms_norm(x, norm_weight, eps, offset=norm_offset, scale_f32=norm_scale_f32) @ w_gate_up, 2, axis=-1
+    )
+    return MLP_ACTIVATIONS[act](gate) * up

@@ -26,6 +26,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
         "bench_bandwidth.py",
         "bench_kv_write.py",
         "bench_decode_qkv.py",
+        "bench_decode_mlp.py",
         "bench_mlp.py",
     ],
 )
@@ -56,6 +57,8 @@ def test_benchmark_smoke(script, tmp_path, default_model_dir):
     if name == "bench_kv_write.py":  # the kernel checked against XLA's composition, every case
         assert len(records) == 12 and all(r["ok"] for r in records)
     if name == "bench_decode_qkv.py":  # the kernel checked against the separate kernels, both shapes
+        assert len(records) == 4 and all(r["ok"] for r in records)
+    if name == "bench_decode_mlp.py":  # the kernel checked against XLA's kernels, both shapes
         assert len(records) == 4 and all(r["ok"] for r in records)
     if name == "bench_offline.py":
         assert "Offline Throughput Benchmark Result" in proc.stdout

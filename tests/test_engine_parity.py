@@ -166,13 +166,14 @@ def test_engine_through_pallas_gpu_kernel_interpret(tmp_path, default_model_dir,
     )
     assert plan is not None, "these shapes must run on the kernel, not the reference"
 
-    from jaxrt.kernels import decode_qkv
+    from jaxrt.kernels import decode_mlp, decode_qkv
 
-    traced = []  # the one-token kernel's traces (each layer of the 1-token programs)
-    kernel = decode_qkv.norm_qkv_rope_write_gpu
-    monkeypatch.setattr(
-        decode_qkv, "norm_qkv_rope_write_gpu", lambda *a, **k: traced.append(a[0].shape) or kernel(*a, **k)
-    )
+    traced = []  # the one-token kernels' traces (each layer of the 1-token programs)
+    for module, name in ((decode_qkv, "norm_qkv_rope_write_gpu"), (decode_mlp, "norm_gate_up_gpu")):
+        kernel = getattr(module, name)
+        monkeypatch.setattr(
+            module, name, lambda *a, _k=kernel, _n=name, **k: traced.append((_n, a[0].shape)) or _k(*a, **k)
+        )
     monkeypatch.setenv("JAXRT_ATTENTION_INTERPRET", "1")
     kwargs = dict(
         dtype="float32",
@@ -190,12 +191,16 @@ def test_engine_through_pallas_gpu_kernel_interpret(tmp_path, default_model_dir,
         expected = hf_greedy(hf_model(path), ids, 12)
         assert [o["output_ids"] for o in outs] == expected
         # A lone stream: its decode steps run the 1-token program, whose layers norm, project, rope and
-        # write k / v in one kernel (kernels.norm_qkv_rope_write).
+        # write k / v in one kernel (kernels.norm_qkv_rope_write), and norm and gate their MLP input in
+        # another (kernels.norm_gate_up).
         picked.clear()
         alone = llm.generate(input_ids=ids[1], sampling_params=params)
         assert alone["output_ids"] == expected[1]
         assert picked.count(1) >= 10, picked
-        assert traced and set(traced) == {(1, hf_model(path).config.hidden_size)}, traced
+        hidden = hf_model(path).config.hidden_size
+        assert set(traced) == {(n, (1, hidden)) for n in ("norm_qkv_rope_write_gpu", "norm_gate_up_gpu")}, (
+            traced
+        )
         assert_no_leak(llm)
 
 
@@ -262,10 +267,11 @@ def test_small_decode_programs_on_split_mosaic_tilings_match_triton(tmp_path, mo
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
-def test_lone_stream_one_kernel_attention_input_matches_separate_kernels(tmp_path, monkeypatch):
+def test_lone_stream_one_token_kernels_match_separate_kernels(tmp_path, monkeypatch):
     """bf16 on a GPU: a lone stream's decode steps (the 1-token program) with the norm, q/k/v product, rope
-    and KV write in one kernel agree with the same steps on separate kernels (``JAXRT_FUSED_QKV=0``): greedy
-    tokens and logprobs up to any divergence. Llama-3.2-1B's attention shapes on a tokenizer-free model."""
+    and KV write in one kernel, and the second norm, gate/up product and activation in another, agree with
+    the same steps on separate kernels (``JAXRT_FUSED_QKV=0``, ``JAXRT_FUSED_GATE_UP=0``). Llama-3.2-1B's
+    attention shapes on a tokenizer-free model."""
     path = make_tiny_llama(
         tmp_path / "m",
         None,
@@ -286,6 +292,7 @@ def test_lone_stream_one_kernel_attention_input_matches_separate_kernels(tmp_pat
     runs = {}
     for name, flag, backend in (("fused", "1", "auto"), ("separate", "0", "auto"), ("xla", "0", "reference")):
         monkeypatch.setenv("JAXRT_FUSED_QKV", flag)
+        monkeypatch.setenv("JAXRT_FUSED_GATE_UP", flag)
         with jaxrt.Engine(model_path=path, attention_backend=backend, **kw) as llm:
             picked = record_buckets(llm)
             runs[name] = [_greedy_logprobs(llm, [p], params)[0] for p in prompts]

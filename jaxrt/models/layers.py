@@ -27,6 +27,8 @@ from jaxrt.kernels import (  # apply_rope stays importable from here; its defini
     attention_metadata,
     gated_mlp,
     mlp_kernel_applies,
+    norm_gate_up,
+    norm_gate_up_applies,
     norm_qkv_kernel_applies,
     norm_qkv_rope_write,
     ragged_paged_attention,
@@ -435,8 +437,46 @@ class GatedMLP(nnx.Module):
         self.act = cfg.hidden_act
         self.bias = cfg.mlp_bias
 
-    def __call__(self, x: jax.Array, residual: jax.Array | None = None) -> jax.Array:
-        """x: [num_tokens, hidden] -> [num_tokens, hidden]; ``residual + mlp(x)`` when residual is given."""
+    def takes_input_norm(self, num_tokens: int, backend: str) -> bool:
+        """Whether this call (of ``num_tokens`` tokens, the attention ``backend``'s) takes the residual stream
+        and the RMSNorm before it (``input_norm``) rather than the normed rows: a lone decode token on
+        pallas_gpu, where one kernel norms, multiplies by the gate/up weights and applies the activation
+        (``kernels.norm_gate_up``; ``JAXRT_FUSED_GATE_UP``), unless ``JAXRT_FUSED_MLP`` picks a Mosaic MLP."""
+        act = KERNEL_ACTIVATIONS.get(self.act)
+        w = self.gate_up_proj.kernel
+        return (
+            envs.fused_gate_up()
+            and envs.fused_mlp() == "0"
+            and act is not None
+            and not self.bias
+            and norm_gate_up_applies(num_tokens, w.shape[0], w.shape[1] // 2, act, backend)
+        )
+
+    def __call__(
+        self,
+        x: jax.Array,
+        residual: jax.Array | None = None,
+        input_norm: RMSNorm | None = None,
+        backend: str | None = None,
+        interpret: bool = False,
+    ) -> jax.Array:
+        """x: [num_tokens, hidden] -> [num_tokens, hidden]; ``residual + mlp(x)`` when residual is given. With
+        ``input_norm`` (where ``takes_input_norm``) x is the residual stream and the norm runs in the kernel
+        of the gated product (``backend``, ``interpret``: the attention backend's)."""
+        if input_norm is not None:
+            h = norm_gate_up(
+                x,
+                input_norm.weight[...],
+                self.gate_up_proj.kernel[...],
+                eps=input_norm.eps,
+                norm_offset=input_norm.offset,
+                norm_scale_f32=input_norm.scale_f32,
+                act=KERNEL_ACTIVATIONS[self.act],
+                backend=backend,
+                interpret=interpret,
+            )
+            out = self.down_proj(h)
+            return out if residual is None else residual + out
         act = KERNEL_ACTIVATIONS.get(self.act)
         mode = envs.fused_mlp()
         if act is not None and not self.bias and mode != "0":
@@ -503,6 +543,18 @@ class DecoderLayer(nnx.Module):
                 h, kv = self.self_attn(self.input_layernorm(x), batch, kv, metadata)
             x = self._residual(x, h)
             if self.residual_multiplier == 1.0:  # the add goes into the MLP (one kernel with it on GPUs)
+                attn = self.self_attn
+                if self.mlp.takes_input_norm(
+                    x.shape[0], attn.attention_backend
+                ):  # norm + gate/up: one kernel
+                    norm = self.post_attention_layernorm
+                    return self.mlp(
+                        x,
+                        residual=x,
+                        input_norm=norm,
+                        backend=attn.attention_backend,
+                        interpret=attn.interpret,
+                    ), kv
                 return self.mlp(self.post_attention_layernorm(x), residual=x), kv
             return self._residual(x, self.mlp(self.post_attention_layernorm(x))), kv
         if self.placement == "sandwich":

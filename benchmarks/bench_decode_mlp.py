@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """A lone decode token's MLP input: ``kernels.norm_gate_up``'s one kernel (RMSNorm, gate/up product,
-``act(gate) * up``) against XLA's kernels for the same (the engine's path with ``JAXRT_FUSED_GATE_UP=0``).
+``act(gate) * up``) against XLA's kernels for the same (the engine's default path; ``JAXRT_FUSED_GATE_UP=1``
+takes the kernel).
 
     python benchmarks/bench_decode_mlp.py --shapes llama-3.2-1b --tilings 64/128/8/4,32/128/4/4
 

@@ -48,11 +48,12 @@ def fused_qkv() -> bool:
 
 
 def fused_gate_up() -> bool:
-    """On the pallas_gpu attention backend a lone decode token's RMSNorm before the MLP, gate/up projection and
-    activation run as one Pallas kernel (``kernels.norm_gate_up``) instead of four kernels.
-    ``JAXRT_FUSED_GATE_UP`` (default 1; 0 keeps XLA's kernels, for A/B measurements). Read when a step is
-    traced."""
-    return _get("JAXRT_FUSED_GATE_UP", "1") == "1"
+    """On the pallas_gpu attention backend run a lone decode token's RMSNorm before the MLP, gate/up projection
+    and activation as one Pallas kernel (``kernels.norm_gate_up``) instead of XLA's four kernels.
+    ``JAXRT_FUSED_GATE_UP``: "0" (default) XLA's kernels; "1" the kernel. Off because it is slower on an
+    H200: 27.0 us per Llama-3.2-1B layer at its best tiling against 22.2 for XLA's kernels (benchmarks/
+    RESULTS.md, "Engine", seventeenth round). Read when a step is traced."""
+    return _get("JAXRT_FUSED_GATE_UP", "0") == "1"
 
 
 FUSED_MLP_MODES = ("0", "1", "deterministic", "columns", "columns-pdl")

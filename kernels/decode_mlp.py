@@ -17,7 +17,11 @@ the activations' dtype (gate and up, as the GEMM returns them), then ``act(gate)
 (XLA keeps the fused activation's intermediates in f32). The sums run in another order than cuBLAS's:
 results are within rounding of the jnp composition, not bitwise.
 
-``kernels.mlp.norm_gate_up`` validates and dispatches.
+``kernels.mlp.norm_gate_up`` validates and dispatches. Off in models by default (``JAXRT_FUSED_GATE_UP``):
+on an H200 it is slower than the kernels it replaces (Llama-3.2-1B, 16 layers, ``benchmarks/
+bench_decode_mlp.py``): 27.0 us per layer at the default tiling (64 columns, 256-row steps, 8 warps, 3
+stages; 33-59 us at the six others tried) against 22.2 for XLA's four kernels, so its slabs stream at ~2.5
+TB/s where cuBLAS's GEMM reaches 3.6 (benchmarks/RESULTS.md, "Engine", seventeenth round).
 """
 
 from __future__ import annotations
@@ -31,9 +35,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 BLOCK_N = 64
-BLOCK_K = 128
+BLOCK_K = 256
 NUM_WARPS = 8
-NUM_STAGES = 4
+NUM_STAGES = 3
 ACTIVATIONS = ("silu", "gelu_tanh")
 
 

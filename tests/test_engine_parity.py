@@ -175,6 +175,7 @@ def test_engine_through_pallas_gpu_kernel_interpret(tmp_path, default_model_dir,
             module, name, lambda *a, _k=kernel, _n=name, **k: traced.append((_n, a[0].shape)) or _k(*a, **k)
         )
     monkeypatch.setenv("JAXRT_ATTENTION_INTERPRET", "1")
+    monkeypatch.setenv("JAXRT_FUSED_GATE_UP", "1")  # opt-in: the gate/up kernel runs here too
     kwargs = dict(
         dtype="float32",
         chunked_prefill_size=16,
@@ -191,8 +192,8 @@ def test_engine_through_pallas_gpu_kernel_interpret(tmp_path, default_model_dir,
         expected = hf_greedy(hf_model(path), ids, 12)
         assert [o["output_ids"] for o in outs] == expected
         # A lone stream: its decode steps run the 1-token program, whose layers norm, project, rope and
-        # write k / v in one kernel (kernels.norm_qkv_rope_write), and norm and gate their MLP input in
-        # another (kernels.norm_gate_up).
+        # write k / v in one kernel (kernels.norm_qkv_rope_write), and (opted in) norm and gate their MLP
+        # input in another (kernels.norm_gate_up).
         picked.clear()
         alone = llm.generate(input_ids=ids[1], sampling_params=params)
         assert alone["output_ids"] == expected[1]

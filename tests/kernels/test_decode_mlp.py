@@ -103,14 +103,16 @@ def test_validates(change, match):
 
 
 def test_mlp_takes_the_residual_stream_only_where_the_kernel_runs(monkeypatch):
-    """The MLP takes the residual stream and its RMSNorm (one kernel) for a lone token on pallas_gpu with a
-    kernel activation and no biases; the normed rows otherwise, with ``JAXRT_FUSED_GATE_UP=0``, and when
-    ``JAXRT_FUSED_MLP`` picks a Mosaic MLP."""
+    """Opted in (``JAXRT_FUSED_GATE_UP=1``), the MLP takes the residual stream and its RMSNorm (one kernel)
+    for a lone token on pallas_gpu with a kernel activation and no biases; the normed rows otherwise, by
+    default, and when ``JAXRT_FUSED_MLP`` picks a Mosaic MLP."""
     mlp = dict(gate_up_proj=types.SimpleNamespace(kernel=jnp.zeros((256, 256))), act="silu", bias=False)
 
     def takes(num_tokens=1, backend="pallas_gpu", **change):
         return GatedMLP.takes_input_norm(types.SimpleNamespace(**{**mlp, **change}), num_tokens, backend)
 
+    assert not takes()  # off by default
+    monkeypatch.setenv("JAXRT_FUSED_GATE_UP", "1")
     assert takes()
     assert takes(act="gelu_pytorch_tanh")
     assert not takes(8)

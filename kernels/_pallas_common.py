@@ -68,6 +68,17 @@ def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
 
 
+def pow2_pieces(count: int, start: int = 0) -> list[tuple[int, int]]:
+    """(first, size) pieces covering ``start .. start + count``, each size a power of two, largest first
+    (Triton loads power-of-two tiles: 14 heads are tiles of 8, 4 and 2; 576 columns 512 and 64)."""
+    out, first = [], start
+    for bit in reversed(range(count.bit_length())):
+        if count >> bit & 1:
+            out.append((first, 1 << bit))
+            first += 1 << bit
+    return out
+
+
 def is_pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 

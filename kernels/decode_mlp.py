@@ -34,6 +34,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from jaxrt.kernels import _pallas_common as common
+
 BLOCK_N = 64
 BLOCK_K = 256
 NUM_WARPS = 8
@@ -62,16 +64,6 @@ def block_k(hidden: int, limit: int = BLOCK_K) -> int:
     return bk
 
 
-def _pieces(n: int) -> list[tuple[int, int]]:
-    """(start, width) pieces covering ``0 .. n``, each a power of two (Triton loads power-of-two tiles)."""
-    out, k = [], 0
-    for bit in reversed(range(n.bit_length())):
-        if n >> bit & 1:
-            out.append((k, 1 << bit))
-            k += 1 << bit
-    return out
-
-
 def _activate(g, act: str):
     if act == "silu":
         return g / (1.0 + jnp.exp(-g))
@@ -81,7 +73,7 @@ def _activate(g, act: str):
 def _kernel(x_ref, nw_ref, w_ref, h_ref, *, hidden, intermediate, bn, bk, eps, offset, scale_f32, act):
     j = pl.program_id(0)
     dtype = x_ref.dtype
-    xs = [x_ref[0, pl.ds(k0, n)].astype(jnp.float32) for k0, n in _pieces(hidden)]
+    xs = [x_ref[0, pl.ds(k0, n)].astype(jnp.float32) for k0, n in common.pow2_pieces(hidden)]
     inv = lax.rsqrt(sum(jnp.sum(x * x) for x in xs) / hidden + eps)
     gate_cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
     up_cols = pl.ds(pl.multiple_of(intermediate + j * bn, bn), bn)

@@ -35,6 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from jaxrt.kernels import _pallas_common as common
+
 NUM_WARPS = 4
 
 
@@ -61,16 +63,6 @@ def pairs_per_program(hidden: int, head_dim: int) -> int:
     return 2
 
 
-def _pieces(n: int) -> list[tuple[int, int]]:
-    """(start, width) pieces covering ``0 .. n``, each a power of two (Triton loads power-of-two tiles)."""
-    out, k = [], 0
-    for bit in reversed(range(n.bit_length())):
-        if n >> bit & 1:
-            out.append((k, 1 << bit))
-            k += 1 << bit
-    return out
-
-
 def _kernel(*refs, hq, hkv, half, hidden, pairs, eps, offset, scale_f32, has_bias, num_slots):
     if has_bias:
         x_ref, nw_ref, w_ref, b_ref, cos_ref, sin_ref, slot_ref, _k_in, _v_in, q_ref, k_ref, v_ref = refs
@@ -80,7 +72,7 @@ def _kernel(*refs, hq, hkv, half, hidden, pairs, eps, offset, scale_f32, has_bia
     h = pl.program_id(0)
     g = pl.program_id(1)
     dtype = x_ref.dtype
-    pieces = _pieces(hidden)
+    pieces = common.pow2_pieces(hidden)
     r1 = h * (2 * half) + g * pairs  # the program's rows of W_qkv: r1.. (first half), r1 + half.. (second)
     # Every load is issued up front, the weights' first: no loop, so each program has its whole slab (and
     # the token's row) in flight at once.

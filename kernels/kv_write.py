@@ -36,6 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from jaxrt.kernels import _pallas_common as common
 from jaxrt.kernels.reference import QKNorm
 
 NUM_WARPS = 4
@@ -56,16 +57,6 @@ def supports(num_tokens: int, cos_shape, head_dim: int) -> str | None:
     return None
 
 
-def _pieces(count: int, start: int) -> list[tuple[int, int]]:
-    """(first head, number of heads) tiles covering heads ``start .. start + count``, each a power of two."""
-    out, h = [], start
-    for bit in reversed(range(count.bit_length())):
-        if count >> bit & 1:
-            out.append((h, 1 << bit))
-            h += 1 << bit
-    return out
-
-
 def _kernel(*refs, hq, hkv, half, head_dim, num_slots, norm):
     if norm is None:
         qkv_ref, cos_ref, sin_ref, slot_ref, _k_in, _v_in, q_ref, k_ref, v_ref = refs
@@ -78,8 +69,8 @@ def _kernel(*refs, hq, hkv, half, head_dim, num_slots, norm):
     # Column pieces (first column, width), each a power of two: the rotated halves [0, half) and
     # [half, 2 * half) piece by piece (rotate-half pairs column c with c + half), then the columns past the
     # rotary dims, which pass through (partial rotary).
-    rot = _pieces(half, 0)
-    rest = _pieces(head_dim - 2 * half, 2 * half)
+    rot = common.pow2_pieces(half, 0)
+    rest = common.pow2_pieces(head_dim - 2 * half, 2 * half)
     cos = [cos_ref[pl.ds(t, 1), pl.ds(c0, w)] for c0, w in rot]  # [1, w] f32 each
     sin = [sin_ref[pl.ds(t, 1), pl.ds(c0, w)] for c0, w in rot]
 
@@ -99,7 +90,7 @@ def _kernel(*refs, hq, hkv, half, head_dim, num_slots, norm):
                 [load(h0, n, half + c0, w) for c0, w in rot],
                 [load(h0, n, c0, w) for c0, w in rest],
             )
-            for h0, n in _pieces(count, start)
+            for h0, n in common.pow2_pieces(count, start)
         ]
         if norm is None:
             return tiles
@@ -145,7 +136,9 @@ def _kernel(*refs, hq, hkv, half, head_dim, num_slots, norm):
     def _():
         for h0, n, x1, x2, xr in heads(hq, hkv, wk_ref):
             store(k_ref, slot, pl.ds(h0 - hq, n), x1, x2, xr)
-        for (h0, n), (c0, w) in itertools.product(_pieces(hkv, hq + hkv), _pieces(head_dim, 0)):
+        for (h0, n), (c0, w) in itertools.product(
+            common.pow2_pieces(hkv, hq + hkv), common.pow2_pieces(head_dim, 0)
+        ):
             v = qkv_ref[t, pl.ds(h0, n), pl.ds(c0, w)]
             v_ref[slot, pl.ds(h0 - hq - hkv, n), pl.ds(c0, w)] = v.astype(v_ref.dtype)
 

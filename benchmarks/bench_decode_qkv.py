@@ -120,7 +120,7 @@ def main() -> None:
         for pairs, warps in sweep:
             if pairs and (d // 2) % pairs:
                 continue
-            label = f"kernel pairs {pairs or decode_qkv.pairs_per_program(hidden, d)} warps {warps or decode_qkv.NUM_WARPS}"
+            label = f"kernel pairs {pairs or decode_qkv.PAIRS} warps {warps or decode_qkv.NUM_WARPS}"
             variants.append((label, chain(fused(pairs, warps))))
 
         want = None

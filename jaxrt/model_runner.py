@@ -206,7 +206,6 @@ class ModelRunner:
         # Background compilation (precompile(background=True)): the programs start-up left for later.
         self._background: threading.Thread | None = None
         self._closing = False
-        self.released = False  # release(): the device buffers are gone
         self._unwarmed: list[tuple] = []  # compiled in the background, not run yet (see warm_pending)
         # Called (from a compile thread) each time a background program becomes ready.
         self.on_compiled: Callable[[], None] | None = None
@@ -550,7 +549,6 @@ class ModelRunner:
         self.state = None  # the weights: freed when nothing else holds them
         self._programs.clear()
         self._unwarmed.clear()
-        self.released = True
 
     def _runnable(self, n: int, loop: bool) -> bool:
         """Whether bucket ``n`` has its start-up programs compiled: both decode-loop variants (``loop``), else

@@ -274,6 +274,27 @@ def write_kv(
 _FLOATS = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
+def _check_rope_kv(t, cos, sin, k_pages, v_pages, slot_mapping, num_kv_heads: int, head_dim: int) -> None:
+    """The rotary tables, pools and slots of ``t`` tokens, as ``rope_write_kv`` and ``norm_qkv_rope_write``
+    take them."""
+    for name, arr in (("cos", cos), ("sin", sin)):
+        _check(
+            arr.ndim == 2 and arr.shape[0] == t and 2 * arr.shape[1] <= head_dim,  # 0: no rotary dims
+            f"{name} must be [{t}, rotary_dim // 2] with rotary_dim <= head_dim {head_dim}, got {arr.shape}",
+        )
+        _check(arr.dtype == jnp.float32, f"{name} must be float32, got {arr.dtype}")
+    _check(cos.shape == sin.shape, f"cos {cos.shape} and sin {sin.shape} differ")
+    _check(
+        k_pages.ndim == 4 and k_pages.shape[2:] == (num_kv_heads, head_dim),
+        f"k_pages must be [num_pages, page_size, {num_kv_heads}, {head_dim}], got {k_pages.shape}",
+    )
+    _check(k_pages.shape == v_pages.shape, f"k_pages {k_pages.shape} and v_pages {v_pages.shape} differ")
+    _check(k_pages.dtype == v_pages.dtype, f"k_pages {k_pages.dtype} and v_pages {v_pages.dtype} differ")
+    _check(k_pages.dtype in _FLOATS, f"k_pages dtype {k_pages.dtype} not supported")
+    _check(slot_mapping.shape == (t,), f"slot_mapping must be [{t}], got {slot_mapping.shape}")
+    _check(slot_mapping.dtype == jnp.int32, f"slot_mapping must be int32, got {slot_mapping.dtype}")
+
+
 def rope_write_kv(
     qkv: jax.Array,
     cos: jax.Array,
@@ -317,23 +338,7 @@ def rope_write_kv(
         f"qkv must be [num_tokens, {width}] ((num_q_heads + 2 * num_kv_heads) * head_dim), got {qkv.shape}",
     )
     _check(qkv.dtype in _FLOATS, f"qkv dtype {qkv.dtype} not supported")
-    t = qkv.shape[0]
-    for name, arr in (("cos", cos), ("sin", sin)):
-        _check(
-            arr.ndim == 2 and arr.shape[0] == t and 2 * arr.shape[1] <= head_dim,  # 0: no rotary dims
-            f"{name} must be [{t}, rotary_dim // 2] with rotary_dim <= head_dim {head_dim}, got {arr.shape}",
-        )
-        _check(arr.dtype == jnp.float32, f"{name} must be float32, got {arr.dtype}")
-    _check(cos.shape == sin.shape, f"cos {cos.shape} and sin {sin.shape} differ")
-    _check(
-        k_pages.ndim == 4 and k_pages.shape[2:] == (num_kv_heads, head_dim),
-        f"k_pages must be [num_pages, page_size, {num_kv_heads}, {head_dim}], got {k_pages.shape}",
-    )
-    _check(k_pages.shape == v_pages.shape, f"k_pages {k_pages.shape} and v_pages {v_pages.shape} differ")
-    _check(k_pages.dtype == v_pages.dtype, f"k_pages {k_pages.dtype} and v_pages {v_pages.dtype} differ")
-    _check(k_pages.dtype in _FLOATS, f"k_pages dtype {k_pages.dtype} not supported")
-    _check(slot_mapping.shape == (t,), f"slot_mapping must be [{t}], got {slot_mapping.shape}")
-    _check(slot_mapping.dtype == jnp.int32, f"slot_mapping must be int32, got {slot_mapping.dtype}")
+    _check_rope_kv(qkv.shape[0], cos, sin, k_pages, v_pages, slot_mapping, num_kv_heads, head_dim)
     _check(
         (qk_norm is None) == (qk_norm_weights is None),
         "qk_norm and qk_norm_weights must be given together",
@@ -366,7 +371,7 @@ def rope_write_kv(
     if resolve_backend(backend) == "pallas_gpu":
         from jaxrt.kernels import kv_write
 
-        reason = kv_write.supports(t, cos.shape, head_dim)
+        reason = kv_write.supports(qkv.shape[0], cos.shape, head_dim)
         if reason is None:
             return kv_write.rope_write_kv_gpu(*args, **heads, interpret=interpret)
         if ("rope_write_kv", reason) not in _FALLBACKS_LOGGED:
@@ -439,19 +444,17 @@ def norm_qkv_rope_write(
     if norm_qkv_kernel_applies(t, hidden, head_dim, 2 * cos.shape[-1], None, backend):
         from jaxrt.kernels import decode_qkv
 
-        # rope_write_kv's checks of the rest (cos / sin, pools, slots) on a stand-in of the projection
-        rope_args = (cos, sin, k_pages, v_pages, slot_mapping)
-        jax.eval_shape(
-            functools.partial(rope_write_kv, **heads, backend="reference"),
-            jax.ShapeDtypeStruct((t, width), x.dtype),
-            *rope_args,
-        )
+        _check_rope_kv(t, cos, sin, k_pages, v_pages, slot_mapping, num_kv_heads, head_dim)
         return decode_qkv.norm_qkv_rope_write_gpu(
             x,
             norm_weight,
             w_qkv,
             bias,
-            *rope_args,
+            cos,
+            sin,
+            k_pages,
+            v_pages,
+            slot_mapping,
             **heads,
             eps=float(eps),
             norm_offset=float(norm_offset),

@@ -35,6 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxrt.kernels import _pallas_common as common
+from jaxrt.kernels.reference import rms_scale
 
 BLOCK_N = 64
 BLOCK_K = 256
@@ -82,11 +83,7 @@ def _kernel(x_ref, nw_ref, w_ref, h_ref, *, hidden, intermediate, bn, bk, eps, o
         ag, au = accs
         k0 = pl.multiple_of(i * bk, bk)
         xk = x_ref[0, pl.ds(k0, bk)].astype(jnp.float32) * inv
-        nw = nw_ref[pl.ds(k0, bk)]
-        if scale_f32 or offset:
-            xn = (xk * (nw.astype(jnp.float32) + offset)).astype(dtype)
-        else:
-            xn = (xk.astype(dtype) * nw).astype(dtype)
+        xn = rms_scale(xk, nw_ref[pl.ds(k0, bk)], dtype, offset=offset, scale_f32=scale_f32)
         xn = xn.astype(w_ref.dtype).astype(jnp.float32)[:, None]
         wg = w_ref[pl.ds(k0, bk), gate_cols].astype(jnp.float32)
         wu = w_ref[pl.ds(k0, bk), up_cols].astype(jnp.float32)

@@ -11,7 +11,7 @@ Program ``(h, g)`` owns ``pairs`` rows of head ``h``'s first rotary half and the
 (rotate-half pairs row ``r`` with ``r + half``), so it can rope its outputs itself. Heads are numbered as
 the projection's rows: q heads, then k heads, then v heads; a v head's programs use the same row split and
 skip the rope. A program issues all its loads at once, with no loop: its two ``[pairs, hidden]`` slabs of
-``W_qkv`` (stored ``[out, in]``: each row contiguous; 2 rows each, ``pairs_per_program``) and the
+``W_qkv`` (stored ``[out, in]``: each row contiguous; ``PAIRS`` rows each) and the
 token's row of ``x`` (a few KiB, from L2 for all but the first program), which it normalises itself.
 
 Arithmetic, in XLA's order: ``kernels.reference.rms_norm`` (statistic in f32, the family's order of cast and
@@ -36,8 +36,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxrt.kernels import _pallas_common as common
+from jaxrt.kernels.reference import rms_scale
 
 NUM_WARPS = 4
+# Rotate-half row pairs per program (``supports`` keeps head_dim a multiple of 16). Small programs stream best:
+# each is one round trip of loads, and more of them are in flight at once. On an H200 (benchmarks/RESULTS.md)
+# 2 pairs were the fastest of 1-8 for Llama-3.2-1B (hidden 2048: 6.2 us per layer, 768 programs of 16 KiB;
+# 8 pairs 7.4) and Llama-3.1-8B (4096: 18.0 us), and within 0.3 us of 1 pair for Qwen2.5-0.5B.
+PAIRS = 2
 
 
 def supports(num_tokens: int, hidden: int, head_dim: int, rotary_dim: int, qk_norm) -> str | None:
@@ -53,14 +59,6 @@ def supports(num_tokens: int, hidden: int, head_dim: int, rotary_dim: int, qk_no
     if hidden % 16:
         return f"hidden size {hidden} is not a multiple of 16"
     return None
-
-
-def pairs_per_program(hidden: int, head_dim: int) -> int:
-    """Rotate-half row pairs per program: 2 (``supports`` keeps head_dim a multiple of 16). Small programs
-    stream best: each is one round trip of loads, and more of them are in flight at once. On an H200
-    (benchmarks/RESULTS.md) 2 pairs were the fastest of 1-16 for Llama-3.2-1B (hidden 2048: 6.2 us per layer,
-    768 programs of 16 KiB; 8 pairs 7.4-7.9) and Llama-3.1-8B (4096: 18.0 us) and tied 4 for Qwen2.5-0.5B."""
-    return 2
 
 
 def _kernel(*refs, hq, hkv, half, hidden, pairs, eps, offset, scale_f32, has_bias, num_slots):
@@ -83,11 +81,7 @@ def _kernel(*refs, hq, hkv, half, hidden, pairs, eps, offset, scale_f32, has_bia
     inv = lax.rsqrt(sum(jnp.sum(x * x) for x in xs) / hidden + eps)
     a1 = a2 = None
     for x, nw, p1, p2 in zip(xs, nws, w1, w2, strict=True):
-        x = x * inv
-        if scale_f32 or offset:
-            xn = (x * (nw.astype(jnp.float32) + offset)).astype(dtype)
-        else:
-            xn = (x.astype(dtype) * nw).astype(dtype)
+        xn = rms_scale(x * inv, nw, dtype, offset=offset, scale_f32=scale_f32)
         xn = xn.astype(w_ref.dtype).astype(jnp.float32)[None, :]
         s1 = jnp.sum(p1.astype(jnp.float32) * xn, axis=1)
         s2 = jnp.sum(p2.astype(jnp.float32) * xn, axis=1)
@@ -168,7 +162,7 @@ def norm_qkv_rope_write_gpu(
     flat_k = k_pages.reshape(num_slots, hkv, d)
     flat_v = v_pages.reshape(num_slots, hkv, d)
     half = d // 2
-    pairs = pairs or pairs_per_program(hidden, d)
+    pairs = pairs or PAIRS
 
     def whole(shape):
         return pl.BlockSpec(shape, lambda h, g: (0,) * len(shape))

@@ -37,7 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxrt.kernels import _pallas_common as common
-from jaxrt.kernels.reference import QKNorm
+from jaxrt.kernels.reference import QKNorm, rms_scale
 
 NUM_WARPS = 4
 
@@ -107,10 +107,9 @@ def _kernel(*refs, hq, hkv, half, head_dim, num_slots, norm):
         def scale(x, inv, h0, n, c0, w):
             rows = pl.ds(h0 - start, n) if norm.mode == "full" else pl.ds(0, 1)
             wt = w_ref[rows, pl.ds(c0, w)]
-            x = x * inv
-            if norm.scale_f32 or norm.offset:
-                return (x * (wt.astype(jnp.float32) + norm.offset)).astype(dtype).astype(jnp.float32)
-            return (x.astype(dtype) * wt).astype(dtype).astype(jnp.float32)
+            return rms_scale(x * inv, wt, dtype, offset=norm.offset, scale_f32=norm.scale_f32).astype(
+                jnp.float32
+            )
 
         out = []
         for (h0, n, x1, x2, xr), inv in zip(tiles, invs, strict=True):

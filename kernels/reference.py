@@ -105,9 +105,15 @@ def rms_norm(
     """
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return rms_scale(xf, weight, x.dtype, offset=offset, scale_f32=scale_f32)
+
+
+def rms_scale(xf: jax.Array, weight: jax.Array, dtype, *, offset: float = 0.0, scale_f32: bool = False):
+    """RMSNorm's last step: the normalised f32 rows ``xf`` times ``weight`` (``+ offset``), in ``dtype``, in
+    ``rms_norm``'s order of cast and scale. Plain jnp, so the Pallas kernels that norm inside call it too."""
     if scale_f32 or offset:
-        return (xf * (weight.astype(jnp.float32) + offset)).astype(x.dtype)
-    return (xf.astype(x.dtype) * weight).astype(x.dtype)
+        return (xf * (weight.astype(jnp.float32) + offset)).astype(dtype)
+    return (xf.astype(dtype) * weight).astype(dtype)
 
 
 @dataclass(frozen=True)

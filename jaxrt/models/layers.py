@@ -537,26 +537,19 @@ class DecoderLayer(nnx.Module):
         self, x: jax.Array, batch: ForwardBatch, kv: KVCache, metadata=None
     ) -> tuple[jax.Array, KVCache]:
         if self.placement == "pre":
-            if self.self_attn.takes_input_norm(x.shape[0]):  # one kernel from the norm to the KV write
-                h, kv = self.self_attn(x, batch, kv, metadata, input_norm=self.input_layernorm)
+            attn, t = self.self_attn, x.shape[0]
+            if attn.takes_input_norm(t):  # one kernel from the norm to the KV write
+                h, kv = attn(x, batch, kv, metadata, input_norm=self.input_layernorm)
             else:
-                h, kv = self.self_attn(self.input_layernorm(x), batch, kv, metadata)
+                h, kv = attn(self.input_layernorm(x), batch, kv, metadata)
             x = self._residual(x, h)
-            if self.residual_multiplier == 1.0:  # the add goes into the MLP (one kernel with it on GPUs)
-                attn = self.self_attn
-                if self.mlp.takes_input_norm(
-                    x.shape[0], attn.attention_backend
-                ):  # norm + gate/up: one kernel
-                    norm = self.post_attention_layernorm
-                    return self.mlp(
-                        x,
-                        residual=x,
-                        input_norm=norm,
-                        backend=attn.attention_backend,
-                        interpret=attn.interpret,
-                    ), kv
-                return self.mlp(self.post_attention_layernorm(x), residual=x), kv
-            return self._residual(x, self.mlp(self.post_attention_layernorm(x))), kv
+            if self.residual_multiplier != 1.0:
+                return self._residual(x, self.mlp(self.post_attention_layernorm(x))), kv
+            # The add goes into the MLP (one kernel with it on GPUs).
+            if self.mlp.takes_input_norm(t, attn.attention_backend):  # norm + gate/up: one kernel
+                norm, backend = self.post_attention_layernorm, attn.attention_backend
+                return self.mlp(x, residual=x, input_norm=norm, backend=backend, interpret=attn.interpret), kv
+            return self.mlp(self.post_attention_layernorm(x), residual=x), kv
         if self.placement == "sandwich":
             h, kv = self.self_attn(self.input_layernorm(x), batch, kv, metadata)
             x = self._residual(x, self.post_attention_layernorm(h))

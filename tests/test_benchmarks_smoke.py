@@ -129,3 +129,27 @@ def test_bench_kernels_cold_l2_flush_passes_q_through():
     np.testing.assert_array_equal(np.asarray(out.view(jnp.uint16)), np.asarray(q.view(jnp.uint16)))
     f = lambda q, k: (q.astype(jnp.float32) * k).sum()  # noqa: E731
     assert float(bk.cold_fn(f)(q, 2.0, buf)) == float(f(q, 2.0))
+
+
+def test_one_batch_profile_groups_name_every_jaxrt_kernel():
+    """``bench_one_batch.py --profile-top`` sums kernel time by group: each of jaxrt's Pallas kernels lands in
+    its own group, not in "other fusions" (XLA's elementwise fusions)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_one_batch_groups", BENCH / "bench_one_batch.py")
+    bob = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(bob)
+    finally:
+        sys.path.remove(str(BENCH))
+    names = {  # kernel names as the GPU profile shows them (pallas_call names, cuBLAS, XLA fusions)
+        "jaxrt_norm_qkv_rope_write": "norm + q/k/v + kv write",
+        "jaxrt_norm_gate_up": "norm + gate/up",
+        "jaxrt_rope_write_kv": "kv write",
+        "jaxrt_rpa_mgpu_h1_kv64_st4_s1_c2_mosaic_gpu_kernel": "attention",
+        "jaxrt_greedy_row_stats": "sampler",
+        "nvjet_sm90_tst_128x8_64x12_2x1_v_bz_NNT": "gemm",
+        "loop_multiply_fusion_33": "other fusions",
+    }
+    assert {n: bob.kernel_group(n) for n in names} == names

@@ -47,6 +47,13 @@ def fused_qkv() -> bool:
     return _get("JAXRT_FUSED_QKV", "1") == "1"
 
 
+def fused_add_norm() -> bool:
+    """On the pallas_gpu attention backend the residual add after attention and the RMSNorm before the MLP run
+    as one Pallas kernel for decode-sized steps (``kernels.add_rms_norm``) instead of XLA's two.
+    ``JAXRT_FUSED_ADD_NORM`` (default 1; 0 keeps XLA's, for A/B measurements). Read when a step is traced."""
+    return _get("JAXRT_FUSED_ADD_NORM", "1") == "1"
+
+
 def fused_gate_up() -> bool:
     """On the pallas_gpu attention backend run a lone decode token's RMSNorm before the MLP, gate/up projection
     and activation as one Pallas kernel (``kernels.norm_gate_up``) instead of XLA's four kernels.

@@ -1,8 +1,10 @@
 """jaxrt kernels: ragged paged attention over a paged KV pool, the KV write (alone, or with the rope (and norm)
 of q and k: ``rope_write_kv``; for a lone decode token also with the RMSNorm and the q/k/v projection before
-it: ``norm_qkv_rope_write``), the greedy sampler's statistics (``kernels.greedy``, GPU), the gated MLP block at
-a few tokens (``gated_mlp``: one Mosaic GPU kernel on Hopper), and their pure-jnp references."""
+it: ``norm_qkv_rope_write``), the residual add with the RMSNorm after it (``add_rms_norm``), the greedy
+sampler's statistics (``kernels.greedy``, GPU), the gated MLP block at a few tokens (``gated_mlp``: one Mosaic
+GPU kernel on Hopper), and their pure-jnp references."""
 
+from jaxrt.kernels.add_norm import add_rms_norm, add_rms_norm_kernel_applies
 from jaxrt.kernels.attention import (
     BACKEND_NAMES,
     AttentionMetadata,
@@ -27,6 +29,8 @@ from jaxrt.kernels.reference import (
 )
 
 __all__ = [
+    "add_rms_norm",
+    "add_rms_norm_kernel_applies",
     "BACKEND_NAMES",
     "MLP_BACKENDS",
     "AttentionMetadata",

@@ -166,10 +166,15 @@ def test_engine_through_pallas_gpu_kernel_interpret(tmp_path, default_model_dir,
     )
     assert plan is not None, "these shapes must run on the kernel, not the reference"
 
-    from jaxrt.kernels import decode_mlp, decode_qkv
+    from jaxrt.kernels import add_norm, decode_mlp, decode_qkv
 
-    traced = []  # the one-token kernels' traces (each layer of the 1-token programs)
-    for module, name in ((decode_qkv, "norm_qkv_rope_write_gpu"), (decode_mlp, "norm_gate_up_gpu")):
+    traced = []  # the norm-fused kernels' traces (each layer of the programs that run them)
+    kernels = (
+        (decode_qkv, "norm_qkv_rope_write_gpu"),
+        (decode_mlp, "norm_gate_up_gpu"),
+        (add_norm, "add_rms_norm_gpu"),
+    )
+    for module, name in kernels:
         kernel = getattr(module, name)
         monkeypatch.setattr(
             module, name, lambda *a, _k=kernel, _n=name, **k: traced.append((_n, a[0].shape)) or _k(*a, **k)
@@ -199,9 +204,11 @@ def test_engine_through_pallas_gpu_kernel_interpret(tmp_path, default_model_dir,
         assert alone["output_ids"] == expected[1]
         assert picked.count(1) >= 10, picked
         hidden = hf_model(path).config.hidden_size
-        assert set(traced) == {(n, (1, hidden)) for n in ("norm_qkv_rope_write_gpu", "norm_gate_up_gpu")}, (
-            traced
-        )
+        one_token = {(n, (1, hidden)) for n in ("norm_qkv_rope_write_gpu", "norm_gate_up_gpu")}
+        assert one_token <= set(traced), traced
+        # The 8- and 16-token programs (the three requests' decodes, prefill chunks) add and norm in one kernel.
+        assert {("add_rms_norm_gpu", (8, hidden)), ("add_rms_norm_gpu", (16, hidden))} <= set(traced), traced
+        assert {n for n, _ in traced} == {n for _, n in kernels}, traced
         assert_no_leak(llm)
 
 

@@ -23,6 +23,8 @@ from jaxrt.batch import ForwardBatch
 from jaxrt.config import ModelConfig, RopeConfig
 from jaxrt.kernels import (  # apply_rope stays importable from here; its definition is in kernels.reference
     QKNorm,
+    add_rms_norm,
+    add_rms_norm_kernel_applies,
     apply_rope,  # noqa: F401
     attention_metadata,
     gated_mlp,
@@ -542,14 +544,32 @@ class DecoderLayer(nnx.Module):
                 h, kv = attn(x, batch, kv, metadata, input_norm=self.input_layernorm)
             else:
                 h, kv = attn(self.input_layernorm(x), batch, kv, metadata)
-            x = self._residual(x, h)
+            backend, norm = attn.attention_backend, self.post_attention_layernorm
             if self.residual_multiplier != 1.0:
-                return self._residual(x, self.mlp(self.post_attention_layernorm(x))), kv
-            # The add goes into the MLP (one kernel with it on GPUs).
-            if self.mlp.takes_input_norm(t, attn.attention_backend):  # norm + gate/up: one kernel
-                norm, backend = self.post_attention_layernorm, attn.attention_backend
+                x = self._residual(x, h)
+                return self._residual(x, self.mlp(norm(x))), kv
+            # The MLP's residual add goes into the MLP (one kernel with its down projection on GPUs).
+            if self.mlp.takes_input_norm(t, backend):  # norm + gate/up: one kernel
+                x = x + h
                 return self.mlp(x, residual=x, input_norm=norm, backend=backend, interpret=attn.interpret), kv
-            return self.mlp(self.post_attention_layernorm(x), residual=x), kv
+            if (
+                envs.fused_add_norm()
+                and h.dtype == x.dtype == norm.weight.dtype
+                and add_rms_norm_kernel_applies(t, x.shape[1], backend)
+            ):
+                x, xn = add_rms_norm(  # the add and the norm: one kernel
+                    x,
+                    h,
+                    norm.weight[...],
+                    norm.eps,
+                    offset=norm.offset,
+                    scale_f32=norm.scale_f32,
+                    backend=backend,
+                    interpret=attn.interpret,
+                )
+                return self.mlp(xn, residual=x), kv
+            x = x + h
+            return self.mlp(norm(x), residual=x), kv
         if self.placement == "sandwich":
             h, kv = self.self_attn(self.input_layernorm(x), batch, kv, metadata)
             x = self._residual(x, self.post_attention_layernorm(h))

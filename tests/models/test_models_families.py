@@ -100,14 +100,19 @@ ONE_TOKEN_FAMILIES = ("llama", "mistral", "qwen2", "gemma", "granite")
 
 @pytest.mark.parametrize("name", ONE_TOKEN_FAMILIES)
 def test_one_token_steps_through_the_gpu_kernels(name, tmp_path, monkeypatch):
-    """Steps of one token on pallas_gpu (both kernels in Pallas interpret mode) run the norm + q/k/v + rope +
+    """Steps of one token on pallas_gpu (the kernels in Pallas interpret mode) run the norm + q/k/v + rope +
     KV-write kernel in every layer and, opted in, the norm + gate/up + activation kernel where the MLP has no
-    biases and adds its residual unscaled: the logits at every position of a prompt fed one token per step
-    match transformers'."""
-    from jaxrt.kernels import decode_mlp, decode_qkv
+    biases and adds its residual unscaled; otherwise the residual add + norm kernel where the residual is
+    unscaled: the logits at every position of a prompt fed one token per step match transformers'."""
+    from jaxrt.kernels import add_norm, decode_mlp, decode_qkv
 
     traced = []
-    for module, fn in ((decode_qkv, "norm_qkv_rope_write_gpu"), (decode_mlp, "norm_gate_up_gpu")):
+    kernels = (
+        (decode_qkv, "norm_qkv_rope_write_gpu"),
+        (decode_mlp, "norm_gate_up_gpu"),
+        (add_norm, "add_rms_norm_gpu"),
+    )
+    for module, fn in kernels:
         kernel = getattr(module, fn)
         monkeypatch.setattr(module, fn, lambda *a, _k=kernel, _n=fn, **k: traced.append(_n) or _k(*a, **k))
     monkeypatch.setenv("JAXRT_FUSED_GATE_UP", "1")
@@ -120,8 +125,10 @@ def test_one_token_steps_through_the_gpu_kernels(name, tmp_path, monkeypatch):
     ref = hf_all_logits(hf, prompt)
     for pos in range(len(prompt)):
         assert_logits_close(got[(0, pos)], ref[pos], f"{name} position {pos}")
-    mlp_kernel = name in ("mistral", "qwen2", "gemma")  # llama's test config has MLP biases; granite scales
-    assert set(traced) == {"norm_qkv_rope_write_gpu"} | ({"norm_gate_up_gpu"} if mlp_kernel else set())
+    # llama's test config has MLP biases (no gate/up kernel); granite scales its residual (neither kernel)
+    second = {"mistral": "norm_gate_up_gpu", "qwen2": "norm_gate_up_gpu", "gemma": "norm_gate_up_gpu"}
+    second["llama"] = "add_rms_norm_gpu"
+    assert set(traced) == {"norm_qkv_rope_write_gpu"} | ({second[name]} if name in second else set())
 
 
 def test_engine_greedy_matches_transformers_generate(family):

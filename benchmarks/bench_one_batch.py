@@ -33,6 +33,7 @@ KERNEL_GROUPS = (
     ("mosaic mlp/proj", ("jaxrt_mlp", "jaxrt_skinny")),  # kernels/mosaic_mlp.py, kernels/mosaic_skinny.py
     ("norm + q/k/v + kv write", ("norm_qkv_rope_write",)),  # kernels/decode_qkv.py
     ("norm + gate/up", ("norm_gate_up",)),  # kernels/decode_mlp.py
+    ("add + norm", ("add_rms_norm",)),  # kernels/add_norm.py
     ("kv write", ("rope_write_kv", "write_kv")),  # kernels/kv_write.py
     ("attention", ("jaxrt_rpa", "ragged", "paged", "attention", "_kernel")),
     ("gemm", ("gemm", "nvjet", "cutlass", "cublas", "sm90_xmma", "dot")),

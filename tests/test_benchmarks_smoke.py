@@ -146,6 +146,7 @@ def test_one_batch_profile_groups_name_every_jaxrt_kernel():
     names = {  # kernel names as the GPU profile shows them (pallas_call names, cuBLAS, XLA fusions)
         "jaxrt_norm_qkv_rope_write": "norm + q/k/v + kv write",
         "jaxrt_norm_gate_up": "norm + gate/up",
+        "jaxrt_add_rms_norm": "add + norm",
         "jaxrt_rope_write_kv": "kv write",
         "jaxrt_rpa_mgpu_h1_kv64_st4_s1_c2_mosaic_gpu_kernel": "attention",
         "jaxrt_greedy_row_stats": "sampler",

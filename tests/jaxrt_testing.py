@@ -195,3 +195,22 @@ def record_buckets(llm) -> list[int]:
 
     llm.runner.pick = recording
     return picked
+
+
+def export_triton_for_h100(jitted, *args):
+    """``jax.export`` of ``jitted`` for CUDA on an abstract H100, on any machine (jax >= 0.11): the Pallas ->
+    Triton IR lowering of the Pallas kernels inside (the Triton -> PTX compile happens in XLA on the GPU)."""
+    import jax
+    from jax import export
+    from jax._src import mesh as mesh_lib
+
+    h100 = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    mesh = jax.sharding.AbstractMesh(
+        (1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=h100
+    )
+    with jax.sharding.use_abstract_mesh(mesh):
+        return export.export(
+            jitted,
+            platforms=["cuda"],
+            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(*args)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxrt_testing import export_triton_for_h100
 
 from jaxrt.kernels import add_norm, add_rms_norm, add_rms_norm_kernel_applies
 from jaxrt.models.layers import DecoderLayer
@@ -163,9 +164,6 @@ def test_matches_xla_ops_on_gpu(hidden):
 def test_lowers_for_cuda(hidden, tokens):
     """The Pallas -> Triton IR lowering for an H100 on any machine; the Triton -> PTX compile happens in XLA
     on the GPU."""
-    from jax import export
-    from jax._src import mesh as mesh_lib
-
     bf16 = jnp.bfloat16
     x = jax.ShapeDtypeStruct((tokens, hidden), bf16)
     w = jax.ShapeDtypeStruct((hidden,), bf16)
@@ -173,15 +171,6 @@ def test_lowers_for_cuda(hidden, tokens):
     def f(x, h, w):
         return add_norm.add_rms_norm_gpu(x, h, w, eps=1e-5)
 
-    h100 = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-    mesh = jax.sharding.AbstractMesh(
-        (1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=h100
-    )
-    with jax.sharding.use_abstract_mesh(mesh):
-        exp = export.export(
-            jax.jit(f),
-            platforms=["cuda"],
-            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-        )(x, x, w)
+    exp = export_triton_for_h100(jax.jit(f), x, x, w)
     assert [a.shape for a in exp.out_avals] == [(tokens, hidden), (tokens, hidden)]
     assert "jaxrt_add_rms_norm" in exp.mlir_module()

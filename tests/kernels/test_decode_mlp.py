@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxrt_testing import export_triton_for_h100
 
 from jaxrt.kernels import decode_mlp, norm_gate_up, norm_gate_up_applies
 from jaxrt.models.layers import GatedMLP
@@ -144,22 +145,12 @@ def test_matches_composition_on_gpu(hidden, inter):
 def test_lowers_for_cuda(hidden, inter):
     """The Pallas -> Triton IR lowering for an H100 on any machine; the Triton -> PTX compile happens in XLA on
     the GPU."""
-    from jax import export
-    from jax._src import mesh as mesh_lib
-
     bf16 = jnp.bfloat16
     x = jax.ShapeDtypeStruct((1, hidden), bf16)
     nw = jax.ShapeDtypeStruct((hidden,), bf16)
     w = jax.ShapeDtypeStruct((hidden, 2 * inter), bf16)
-    h100 = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-    mesh = jax.sharding.AbstractMesh(
-        (1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=h100
+    exp = export_triton_for_h100(
+        jax.jit(lambda x, nw, w: decode_mlp.norm_gate_up_gpu(x, nw, w, eps=1e-5)), x, nw, w
     )
-    with jax.sharding.use_abstract_mesh(mesh):
-        exp = export.export(
-            jax.jit(lambda x, nw, w: decode_mlp.norm_gate_up_gpu(x, nw, w, eps=1e-5)),
-            platforms=["cuda"],
-            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-        )(x, nw, w)
     assert [a.shape for a in exp.out_avals] == [(1, inter)]
     assert "jaxrt_norm_gate_up" in exp.mlir_module()

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxrt_testing import export_triton_for_h100
 
 from jaxrt.kernels import decode_qkv, norm_qkv_kernel_applies, norm_qkv_rope_write
 from jaxrt.models.layers import PagedAttention
@@ -196,9 +197,6 @@ def test_matches_composition_on_gpu(hidden, hq, hkv, d, bias):
 def test_lowers_for_cuda(hidden, hq, hkv, d, bias):
     """The Pallas -> Triton IR lowering for an H100 on any machine, the pools aliased to the outputs; the
     Triton -> PTX compile happens in XLA on the GPU."""
-    from jax import export
-    from jax._src import mesh as mesh_lib
-
     width = (hq + 2 * hkv) * d
     bf16 = jnp.bfloat16
     x = jax.ShapeDtypeStruct((1, hidden), bf16)
@@ -214,15 +212,6 @@ def test_lowers_for_cuda(hidden, hq, hkv, d, bias):
             x, nw, w, b, cos, sin, k, v, slots, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, eps=1e-5
         )
 
-    h100 = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-    mesh = jax.sharding.AbstractMesh(
-        (1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=h100
-    )
-    with jax.sharding.use_abstract_mesh(mesh):
-        exp = export.export(
-            jax.jit(f, donate_argnums=(6, 7)),
-            platforms=["cuda"],
-            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-        )(x, nw, w, b, cs, cs, pools, pools, slots)
+    exp = export_triton_for_h100(jax.jit(f, donate_argnums=(6, 7)), x, nw, w, b, cs, cs, pools, pools, slots)
     assert [a.shape for a in exp.out_avals] == [(1, hq, d), pools.shape, pools.shape]
     assert "jaxrt_norm_qkv_rope_write" in exp.mlir_module()

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxrt_testing import export_triton_for_h100
 
 from jaxrt.kernels import greedy_row_stats_reference
 from jaxrt.kernels.greedy import greedy_row_stats
@@ -94,22 +95,10 @@ def test_no_rows():
 def test_lowers_for_cuda():
     """The Pallas -> Triton IR lowering at the decode step's shape, for an H100, on any machine (the Triton ->
     PTX compile happens in XLA on the GPU: ``test_matches_jnp_on_gpu``)."""
-    from jax import export
-    from jax._src import mesh as mesh_lib
-
-    h100 = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-    mesh = jax.sharding.AbstractMesh(
-        (1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=h100
-    )
     x = jax.ShapeDtypeStruct((256, 128256), jnp.bfloat16)
     stops = jax.ShapeDtypeStruct((256, 8), jnp.int32)
     sup = jax.ShapeDtypeStruct((256,), jnp.bool_)
-    with jax.sharding.use_abstract_mesh(mesh):
-        exp = export.export(
-            jax.jit(greedy_row_stats),
-            platforms=["cuda"],
-            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-        )(x, stops, sup)
+    exp = export_triton_for_h100(jax.jit(greedy_row_stats), x, stops, sup)
     assert [a.shape for a in exp.out_avals] == [(256,), (256,), (256,)]
     assert "jaxrt_greedy_row_stats" in exp.mlir_module()
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxrt_testing import export_triton_for_h100
 
 from jaxrt.kernels import QKNorm, rope_write_kv, rope_write_kv_reference
 from jaxrt.kernels.kv_write import rope_write_kv_gpu
@@ -257,9 +258,6 @@ def test_lowers_for_cuda(num_tokens, hq, hkv, d, norm, rotary):
     """The Pallas -> Triton IR lowering for an H100 on any machine (Llama 3.2 1B at decode batch 1 / 256,
     Qwen2 0.5B's 14 q heads, the q/k-norm families, partial rotary), the pools aliased to the outputs; the
     Triton -> PTX compile happens in XLA on the GPU."""
-    from jax import export
-    from jax._src import mesh as mesh_lib
-
     qkv = jax.ShapeDtypeStruct((num_tokens, (hq + 2 * hkv) * d), jnp.bfloat16)
     cs = jax.ShapeDtypeStruct((num_tokens, rotary // 2), jnp.float32)
     pools = jax.ShapeDtypeStruct((512, 16, hkv, d), jnp.bfloat16)
@@ -284,15 +282,6 @@ def test_lowers_for_cuda(num_tokens, hq, hkv, d, norm, rotary):
             qk_norm_weights=None if norm is None else weights,
         )
 
-    h100 = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-    mesh = jax.sharding.AbstractMesh(
-        (1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=h100
-    )
-    with jax.sharding.use_abstract_mesh(mesh):
-        exp = export.export(
-            jax.jit(f, donate_argnums=(3, 4)),
-            platforms=["cuda"],
-            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-        )(qkv, cs, cs, pools, pools, slots, weights)
+    exp = export_triton_for_h100(jax.jit(f, donate_argnums=(3, 4)), qkv, cs, cs, pools, pools, slots, weights)
     assert [a.shape for a in exp.out_avals] == [(num_tokens, hq, d), pools.shape, pools.shape]
     assert "jaxrt_rope_write_kv" in exp.mlir_module()

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxrt_testing import export_triton_for_h100
 
 from jaxrt.kernels import (
     AttentionMetadata,
@@ -546,9 +547,6 @@ def test_lowers_for_cuda(num_tokens, max_seqs, d):
     """The Pallas -> Triton IR lowering of the default tilings (decode buckets with planned splits, whose
     empty programs branch around the kv loops; a mixed batch) for an H100, on any machine. The Triton ->
     PTX compile happens in XLA on the GPU (benchmarks/bench_kernels.py --check)."""
-    from jax import export
-    from jax._src import mesh as mesh_lib
-
     hq, hkv, page = 32, 8, 16
     q = jax.ShapeDtypeStruct((num_tokens, hq, d), jnp.bfloat16)
     pages = jax.ShapeDtypeStruct((512, page, hkv, d), jnp.bfloat16)
@@ -561,16 +559,7 @@ def test_lowers_for_cuda(num_tokens, max_seqs, d):
     def f(q, k, v, kv_lens, pt, cu, ns):
         return ragged_paged_attention_gpu(q, k, v, kv_lens, pt, cu, ns, sm_scale=0.125, config=cfg)
 
-    h100 = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-    mesh = jax.sharding.AbstractMesh(
-        (1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=h100
-    )
-    with jax.sharding.use_abstract_mesh(mesh):
-        exp = export.export(
-            jax.jit(f),
-            platforms=["cuda"],
-            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-        )(q, pages, pages, *ints)
+    exp = export_triton_for_h100(jax.jit(f), q, pages, pages, *ints)
     assert [a.shape for a in exp.out_avals] == [(num_tokens, hq, d)]
     assert "jaxrt_rpa_" in exp.mlir_module()
     if num_tokens <= max_seqs:  # the split merge is a Pallas kernel too

@@ -91,6 +91,22 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         return rms_norm(x, self.weight[...], self.eps, offset=self.offset, scale_f32=self.scale_f32)
 
+    def after_add(
+        self, x: jax.Array, h: jax.Array, backend: str | None, interpret: bool = False
+    ) -> tuple[jax.Array, jax.Array]:
+        """(x + h, this norm of it): one kernel where ``kernels.add_rms_norm`` has one for the call on
+        ``backend`` (decode-sized steps on pallas_gpu; ``JAXRT_FUSED_ADD_NORM``), else XLA's ops."""
+        w = self.weight[...]
+        if (
+            envs.fused_add_norm()
+            and x.dtype == h.dtype == w.dtype
+            and add_rms_norm_kernel_applies(x.shape[0], x.shape[1], backend)
+        ):
+            norm = dict(offset=self.offset, scale_f32=self.scale_f32)
+            return add_rms_norm(x, h, w, self.eps, **norm, backend=backend, interpret=interpret)
+        x = x + h
+        return x, self(x)
+
 
 # ----------------------------------------------------------------------------------------------- rotary
 
@@ -552,24 +568,8 @@ class DecoderLayer(nnx.Module):
             if self.mlp.takes_input_norm(t, backend):  # norm + gate/up: one kernel
                 x = x + h
                 return self.mlp(x, residual=x, input_norm=norm, backend=backend, interpret=attn.interpret), kv
-            if (
-                envs.fused_add_norm()
-                and h.dtype == x.dtype == norm.weight.dtype
-                and add_rms_norm_kernel_applies(t, x.shape[1], backend)
-            ):
-                x, xn = add_rms_norm(  # the add and the norm: one kernel
-                    x,
-                    h,
-                    norm.weight[...],
-                    norm.eps,
-                    offset=norm.offset,
-                    scale_f32=norm.scale_f32,
-                    backend=backend,
-                    interpret=attn.interpret,
-                )
-                return self.mlp(xn, residual=x), kv
-            x = x + h
-            return self.mlp(norm(x), residual=x), kv
+            x, xn = norm.after_add(x, h, backend, attn.interpret)  # one kernel at decode sizes on GPUs
+            return self.mlp(xn, residual=x), kv
         if self.placement == "sandwich":
             h, kv = self.self_attn(self.input_layernorm(x), batch, kv, metadata)
             x = self._residual(x, self.post_attention_layernorm(h))

@@ -11,10 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jaxrt_testing import export_triton_for_h100
 
 from jaxrt.kernels import add_norm, add_rms_norm, add_rms_norm_kernel_applies
-from jaxrt.models.layers import DecoderLayer
+from jaxrt.models.layers import DecoderLayer, RMSNorm
 
 DT = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
@@ -113,12 +114,8 @@ def test_layer_adds_and_norms_in_the_kernel_only_where_it_runs(monkeypatch):
             seen.append(x)
             return residual + x
 
-    def norm(x):
-        from jaxrt.kernels.reference import rms_norm
-
-        return rms_norm(x, norm.weight[...], norm.eps)
-
-    norm.weight, norm.eps, norm.offset, norm.scale_f32 = jnp.linspace(0.5, 1.5, hidden), 1e-5, 0.0, False
+    norm = RMSNorm(hidden, 1e-5, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    norm.weight[...] = jnp.linspace(0.5, 1.5, hidden)
     layer = types.SimpleNamespace(
         placement="pre",
         self_attn=Attn(),

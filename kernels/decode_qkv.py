@@ -20,6 +20,10 @@ dtype, the bias added in that dtype, rope in f32 (``kernels.reference.apply_rope
 their pool slot (none for a padding token, slot < 0). The sums run in another order than XLA's reductions:
 results are within rounding of the jnp composition, not bitwise.
 
+Several tokens keep XLA's norm, cuBLAS's product and ``kv_write``'s kernel: three Triton forms for 2-16
+tokens (this kernel's reductions looped over the tokens; tensor-core products in a loop over column steps; the
+same unrolled) were all slower on an H200 (benchmarks/RESULTS.md, "Engine", eighteenth round).
+
 Scope (``supports``): one token, full rotary, no q/k norms (Llama, Mistral, Qwen2, Granite; Qwen3, Gemma 3,
 OLMo 2 and partial-rotary models keep the norm, the product and ``kv_write``'s kernel). ``kernels.attention.
 norm_qkv_rope_write`` validates and dispatches.

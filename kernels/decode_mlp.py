@@ -35,21 +35,20 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxrt.kernels import _pallas_common as common
-from jaxrt.kernels.reference import rms_scale
+from jaxrt.kernels.reference import MLP_ACTIVATIONS, rms_scale
 
 BLOCK_N = 64
 BLOCK_K = 256
 NUM_WARPS = 8
 NUM_STAGES = 3
-ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 def supports(num_tokens: int, hidden: int, intermediate: int, act: str, block_n: int = BLOCK_N) -> str | None:
     """None if the kernel takes this call, else why XLA's kernels run."""
     if num_tokens != 1:
         return f"{num_tokens} tokens (the kernel is for one)"
-    if act not in ACTIVATIONS:
-        return f"activation {act!r} not in {ACTIVATIONS}"
+    if act not in MLP_ACTIVATIONS:
+        return f"activation {act!r} not in {sorted(MLP_ACTIVATIONS)}"
     if intermediate % block_n:
         return f"intermediate size {intermediate} is not a multiple of {block_n}"
     if hidden % 16:
@@ -63,12 +62,6 @@ def block_k(hidden: int, limit: int = BLOCK_K) -> int:
     while hidden % bk:
         bk //= 2
     return bk
-
-
-def _activate(g, act: str):
-    if act == "silu":
-        return g / (1.0 + jnp.exp(-g))
-    return 0.5 * g * (1.0 + jnp.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
 
 
 def _kernel(x_ref, nw_ref, w_ref, h_ref, *, hidden, intermediate, bn, bk, eps, offset, scale_f32, act):
@@ -93,7 +86,7 @@ def _kernel(x_ref, nw_ref, w_ref, h_ref, *, hidden, intermediate, bn, bk, eps, o
     ag, au = lax.fori_loop(0, hidden // bk, step, (zero, zero))
     gate = jnp.sum(ag, axis=0).astype(dtype).astype(jnp.float32)  # the GEMM's outputs, in the dtype
     up = jnp.sum(au, axis=0).astype(dtype).astype(jnp.float32)
-    h_ref[0, gate_cols] = (_activate(gate, act) * up).astype(h_ref.dtype)
+    h_ref[0, gate_cols] = (MLP_ACTIVATIONS[act](gate) * up).astype(h_ref.dtype)
 
 
 @functools.partial(

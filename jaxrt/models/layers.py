@@ -493,8 +493,18 @@ class GatedMLP(nnx.Module):
                 backend=backend,
                 interpret=interpret,
             )
-            out = self.down_proj(h)
-            return out if residual is None else residual + out
+        else:
+            out = self._mosaic_block(x, residual)
+            if out is not None:
+                return out
+            gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+            h = ACTIVATIONS[self.act](gate) * up
+        out = self.down_proj(h)
+        return out if residual is None else residual + out
+
+    def _mosaic_block(self, x: jax.Array, residual: jax.Array | None) -> jax.Array | None:
+        """The whole block as the Mosaic GPU kernel where ``JAXRT_FUSED_MLP`` asks for it and it applies,
+        else None."""
         act = KERNEL_ACTIVATIONS.get(self.act)
         mode = envs.fused_mlp()
         if act is not None and not self.bias and mode != "0":
@@ -512,9 +522,7 @@ class GatedMLP(nnx.Module):
                     down_by_columns=columns,
                     overlap_down=mode == "columns-pdl",
                 )
-        gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
-        out = self.down_proj(ACTIVATIONS[self.act](gate) * up)
-        return out if residual is None else residual + out
+        return None
 
 
 class DecoderLayer(nnx.Module):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from common import append_jsonl, cupti_seconds, device_name
+from common import check_and_time_layers, device_name
 
 SHAPES = {  # (hidden, intermediate) of real models
     "llama-3.2-1b": (2048, 8192),
@@ -53,7 +53,6 @@ def main() -> None:
     tilings = [tuple(int(v) for v in t.split("/")) for t in args.tilings.split(",") if t] or [()]
 
     def bench_shape(name: str, hidden: int, inter: int) -> int:
-        failures = 0
         rng = np.random.default_rng(hidden + inter)
         bf16 = jnp.bfloat16
         x = jnp.asarray(rng.standard_normal((1, hidden)) * 3, bf16)
@@ -95,41 +94,23 @@ def main() -> None:
             if inter % t[0]:
                 continue
             variants.append(("kernel " + "/".join(map(str, t)), chain(kernel(t))))
-        want = None
-        for label, compiled in variants:
-            got = np.asarray(compiled(x, params)[-1].astype(jnp.float32))
-            if want is None:
-                want, ok, err = got, True, 0.0
-            else:
-                ok = bool(np.allclose(got, want, rtol=2**-7, atol=2**-5))
-                err = float(np.max(np.abs(got - want)))
-            failures += not ok
-            us = kernels = None
-            if timed:
-                seconds, kernels = cupti_seconds(compiled, (x, params), args.iterations)
-                us = seconds / layers * 1e6
-            print(
-                f"{name:>13} {label:22s} {'PASS' if ok else 'FAIL'} max|diff| {err:.3g}"
-                + (f"  {us:6.2f} us per layer ({kernels / layers:.1f} kernels)" if timed else ""),
-                flush=True,
-            )
-            append_jsonl(
-                args.output_file,
-                {
-                    "bench": "decode_mlp",
-                    "device": device_name(),
-                    "shape": name,
-                    "hidden": hidden,
-                    "intermediate": inter,
-                    "variant": label,
-                    "ok": ok,
-                    "max_abs_diff": err,
-                    "us_per_layer": us,
-                    "kernels_per_layer": None if kernels is None else kernels / layers,
-                    "layers": layers,
-                },
-            )
-        return failures
+        return check_and_time_layers(
+            variants,
+            lambda: (x, params),
+            lambda out: [np.asarray(out[-1].astype(jnp.float32))],
+            layers=layers,
+            iterations=args.iterations,
+            timed=timed,
+            output_file=args.output_file,
+            record={
+                "bench": "decode_mlp",
+                "device": device_name(),
+                "shape": name,
+                "hidden": hidden,
+                "intermediate": inter,
+            },
+            label_width=22,
+        )
 
     failures = sum(bench_shape(name, *cfg) for name, cfg in shapes.items())
     print(f"decode_mlp: {failures} failures")

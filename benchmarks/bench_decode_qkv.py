@@ -19,7 +19,7 @@ import argparse
 import itertools
 
 import numpy as np
-from common import append_jsonl, cupti_seconds, device_name
+from common import check_and_time_layers, device_name
 
 # (hidden, q heads, kv heads, head_dim, q/k/v bias) of real models
 SHAPES = {
@@ -57,7 +57,6 @@ def main() -> None:
     options = {"xla_gpu_enable_triton_gemm": False} if timed else {}
 
     def bench_shape(name: str, hidden: int, hq: int, hkv: int, d: int, bias: bool) -> int:
-        failures = 0
         width = (hq + 2 * hkv) * d
         rng = np.random.default_rng(hidden + d)
         bf16 = jnp.bfloat16
@@ -123,48 +122,23 @@ def main() -> None:
             label = f"kernel pairs {pairs or decode_qkv.PAIRS} warps {warps or decode_qkv.NUM_WARPS}"
             variants.append((label, chain(fused(pairs, warps))))
 
-        want = None
-        for label, compiled in variants:
-            qs, kv = compiled(x, params, pools())
-            got = [np.asarray(a.astype(jnp.float32)) for a in (qs[-1], *kv[-1])]
-            if want is None:
-                want, ok, err = got, True, 0.0
-            else:
-                ok = all(
-                    np.array_equal(np.isnan(a), np.isnan(b))
-                    and np.allclose(a, b, rtol=2**-7, atol=2**-5, equal_nan=True)
-                    for a, b in zip(got, want, strict=True)
-                )
-                err = max(float(np.nanmax(np.abs(a - b))) for a, b in zip(got, want, strict=True))
-            failures += not ok
-            us = kernels = None
-            if timed:
-                seconds, kernels = cupti_seconds(
-                    compiled, (x, params, pools()), args.iterations, exclude=("copy",)
-                )
-                us = seconds / layers * 1e6
-            print(
-                f"{name:>13} {label:26s} {'PASS' if ok else 'FAIL'} max|diff| {err:.3g}"
-                + (f"  {us:6.2f} us per layer ({kernels / layers:.1f} kernels)" if timed else ""),
-                flush=True,
-            )
-            append_jsonl(
-                args.output_file,
-                {
-                    "bench": "decode_qkv",
-                    "device": device_name(),
-                    "shape": name,
-                    "hidden": hidden,
-                    "heads": [hq, hkv, d],
-                    "variant": label,
-                    "ok": bool(ok),
-                    "max_abs_diff": err,
-                    "us_per_layer": us,
-                    "kernels_per_layer": None if kernels is None else kernels / layers,
-                    "layers": layers,
-                },
-            )
-        return failures
+        return check_and_time_layers(
+            variants,
+            lambda: (x, params, pools()),
+            lambda out: [np.asarray(a.astype(jnp.float32)) for a in (out[0][-1], *out[1][-1])],
+            layers=layers,
+            iterations=args.iterations,
+            timed=timed,
+            output_file=args.output_file,
+            record={
+                "bench": "decode_qkv",
+                "device": device_name(),
+                "shape": name,
+                "hidden": hidden,
+                "heads": [hq, hkv, d],
+            },
+            exclude=("copy",),
+        )
 
     failures = sum(bench_shape(name, *cfg) for name, cfg in shapes.items())
     print(f"decode_qkv: {failures} failures")

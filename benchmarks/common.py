@@ -283,6 +283,62 @@ def cupti_seconds(compiled, args, iterations: int, exclude: tuple[str, ...] = ()
     return float(np.median([sum(k) for k in kept])) * 1e-3, len(kept[0])
 
 
+def check_and_time_layers(
+    variants,
+    make_args,
+    outputs,
+    *,
+    layers: int,
+    iterations: int,
+    timed: bool,
+    output_file: str | None,
+    record: dict[str, Any],
+    label_width: int = 26,
+    exclude: tuple[str, ...] = (),
+) -> int:
+    """Runs each ``(label, compiled)`` of ``variants`` (a program of ``layers`` layers; the first variant is
+    the reference) on ``make_args()``; ``outputs(result)`` gives numpy arrays (NaN where nothing was
+    written) to compare with the reference's: the same NaN entries, values within a bf16 ulp at magnitudes up
+    to 4 (rtol 2^-7, atol 2^-5). With ``timed``, the GPU kernel time per layer (``cupti_seconds``). Prints a
+    line per variant, appends ``record`` with the results to ``output_file``; returns the failures."""
+    failures, want = 0, None
+    name = record.get("shape", "")
+    for label, compiled in variants:
+        got = outputs(compiled(*make_args()))
+        if want is None:
+            want, ok, err = got, True, 0.0
+        else:
+            ok = all(
+                np.array_equal(np.isnan(a), np.isnan(b))
+                and np.allclose(a, b, rtol=2**-7, atol=2**-5, equal_nan=True)
+                for a, b in zip(got, want, strict=True)
+            )
+            err = max(float(np.nanmax(np.abs(a - b))) for a, b in zip(got, want, strict=True))
+        failures += not ok
+        us = kernels = None
+        if timed:
+            seconds, kernels = cupti_seconds(compiled, make_args(), iterations, exclude=exclude)
+            us = seconds / layers * 1e6
+        print(
+            f"{name:>13} {label:{label_width}s} {'PASS' if ok else 'FAIL'} max|diff| {err:.3g}"
+            + (f"  {us:6.2f} us per layer ({kernels / layers:.1f} kernels)" if timed else ""),
+            flush=True,
+        )
+        append_jsonl(
+            output_file,
+            {
+                **record,
+                "variant": label,
+                "ok": bool(ok),
+                "max_abs_diff": err,
+                "us_per_layer": us,
+                "kernels_per_layer": None if kernels is None else kernels / layers,
+                "layers": layers,
+            },
+        )
+    return failures
+
+
 def print_block(title: str, rows: list[tuple[str, Any]]) -> None:
     print(f"{'=' * 16} {title} {'=' * 16}")
     for k, v in rows:

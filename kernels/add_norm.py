@@ -25,6 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxrt.kernels import _pallas_common as common
+from jaxrt.kernels.attention import _FLOATS, resolve_backend
 from jaxrt.kernels.reference import rms_norm, rms_scale
 
 MAX_TOKENS = 256  # decode batches; longer calls (prefill) keep XLA's kernels
@@ -92,14 +93,9 @@ def add_rms_norm_gpu(
     )(x, h, weight)
 
 
-_FLOATS = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
 def add_rms_norm_kernel_applies(num_tokens: int, hidden: int, backend: str | None) -> bool:
     """Whether ``add_rms_norm`` runs its one kernel for this call on ``backend`` (an attention backend name,
     as the layer has it); else XLA's ops."""
-    from jaxrt.kernels.attention import resolve_backend
-
     return resolve_backend(backend) == "pallas_gpu" and supports(num_tokens, hidden) is None
 
 

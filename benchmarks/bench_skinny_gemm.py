@@ -10,8 +10,9 @@ the bandwidth of reading the weights once. The XLA side is compiled as the engin
 (Triton GEMM fusions off, so every dot is a cuBLAS call); an optimisation barrier per layer keeps XLA from
 merging the dots that share their left operand into one. The Pallas kernel is a prototype kept here for the
 measurement: program (n block, k split) streams its ``[K / splits, bn]`` slab of the weight in ``bk``-row
-steps into an f32 ``[max(16, M), bn]`` accumulator; with ``splits > 1`` XLA sums the f32 partials. ``mosaic``
-is ``kernels.mosaic_skinny`` (Hopper, up to 16 rows): persistent programs that each own 16-64 output columns
+steps into an f32 ``[max(16, M), bn]`` accumulator; with ``splits > 1`` XLA sums the f32 partials. ``xla reduce
+[N,K]`` writes the product as a multiply and a sum over K, the reduction fusion XLA emits by itself for one
+row. ``mosaic`` is ``kernels.mosaic_skinny`` (Hopper, up to 16 rows): persistent programs that each own 16-64 output columns
 and stream their whole ``[K, cols]`` slab through a TMA ring, writing the bf16 output themselves;
 ``--mosaic-configs cols/splits,...`` adds tilings (``splits > 1``: K split, the partials summed in the kernel
 behind a GMEM semaphore; GPU only). Every result is checked against a float64 product. ``--smoke``: CPU,
@@ -87,6 +88,15 @@ def _dot_nk(x, w_nk):
     return x @ w_nk.T
 
 
+def _reduce_nk(x, w_nk):
+    """The same product written as a multiply and a sum over K in f32: what XLA emits by itself for one row
+    (a reduction fusion reading each output's contiguous K), asked for at any row count."""
+    import jax.numpy as jnp
+
+    prod = x[:, None, :].astype(jnp.float32) * w_nk[None, :, :].astype(jnp.float32)
+    return prod.sum(axis=-1).astype(x.dtype)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--shapes", default=",".join(SHAPES))
@@ -145,7 +155,7 @@ def main() -> None:
         for m in (int(v) for v in args.m.split(",")):
             x = jax.random.normal(jax.random.fold_in(key, 10_000 + m), (m, k), jnp.bfloat16)
             want = np.asarray(x.astype(jnp.float32), np.float64) @ w0
-            variants = [("cublas", jnp.dot), ("cublas [N,K]", _dot_nk)]
+            variants = [("cublas", jnp.dot), ("cublas [N,K]", _dot_nk), ("xla reduce [N,K]", _reduce_nk)]
             if (
                 args.mosaic
                 and mosaic_skinny.supports(m, k, n, x.dtype) is None
@@ -172,11 +182,11 @@ def main() -> None:
                         interpret=interpret,
                     ),
                 )
-                for c in configs.split(",")
+                for c in filter(None, configs.split(","))
             ]
             for label, fn in variants:
                 try:
-                    out, t, kernels = timed(fn, x, ws_nk if fn is _dot_nk else ws)
+                    out, t, kernels = timed(fn, x, ws_nk if fn in (_dot_nk, _reduce_nk) else ws)
                 except Exception as e:  # noqa: BLE001 - a tiling that does not compile is reported, not fatal
                     print(f"{name} M={m} {label}: FAIL {type(e).__name__}: {str(e)[:200]}")
                     continue

@@ -23,13 +23,17 @@ from jaxrt.scheduler import SchedulerOutput
 MAX_STOP_IDS = 8  # stop ids suppressed on device while min_new_tokens is not reached
 
 
-def _pytree_dataclass(cls):
+def _pytree_dataclass(cls=None, *, meta: tuple[str, ...] = ()):
+    """A frozen dataclass registered as a pytree: its fields are leaves, except ``meta`` (static: part of
+    the tree's structure, so a jitted function traces each value apart)."""
+    if cls is None:
+        return lambda c: _pytree_dataclass(c, meta=meta)
     cls = dataclass(frozen=True)(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    return jax.tree_util.register_dataclass(cls, data_fields=names, meta_fields=[])
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in meta]
+    return jax.tree_util.register_dataclass(cls, data_fields=names, meta_fields=list(meta))
 
 
-@_pytree_dataclass
+@_pytree_dataclass(meta=("fresh",))
 class ForwardBatch:
     input_ids: jax.Array  # [num_tokens] int32
     positions: jax.Array  # [num_tokens] int32
@@ -51,6 +55,9 @@ class ForwardBatch:
     # Row of the device page table of each sequence (the padding row for padding sequences), or None when
     # ``page_indices`` comes from the host.
     page_rows: jax.Array | None = None
+    # Static: set (to "cudnn", or "xla" in the interpreter) in the programs the runner runs only for a batch of
+    # one fresh prompt, whose attention then skips the pages (``kernels.cudnn_prefill``).
+    fresh: str | None = None
 
 
 @_pytree_dataclass

@@ -26,6 +26,14 @@ def mosaic_decode() -> bool:
     return _get("JAXRT_MOSAIC_DECODE", "1") == "1"
 
 
+def cudnn_prefill() -> bool:
+    """On the pallas_gpu attention backend a step that is one fresh prompt in a bucket of >= 2048 tokens (no
+    cached prefix) runs a program whose attention is cuDNN's fused flash attention instead of the paged Triton
+    kernel (``kernels.cudnn_prefill``). ``JAXRT_CUDNN_PREFILL`` (default 1; 0 compiles no such program).
+    Read when the engine starts."""
+    return _get("JAXRT_CUDNN_PREFILL", "1") == "1"
+
+
 def greedy_kernel() -> bool:
     """On GPUs the greedy sampler's statistics (logsumexp, argmax) come from one Pallas kernel reading the
     logits once instead of XLA's reductions. ``JAXRT_GREEDY_KERNEL`` (default 1; 0 keeps XLA's)."""

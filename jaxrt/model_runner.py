@@ -29,6 +29,7 @@ from jaxrt.batch import (
     token_buckets,
 )
 from jaxrt.config import EngineConfig
+from jaxrt.kernels import cudnn_prefill, resolve_backend
 from jaxrt.models.layers import KVCache
 from jaxrt.page_table import NULL_PAGE
 from jaxrt.scheduler import SchedulerOutput, cdiv
@@ -167,6 +168,20 @@ class ModelRunner:
             cfg.scheduler.chunked_prefill_size, single=cfg.scheduler.single_token_bucket
         )
         self.history_buckets = history_buckets(cfg.scheduler.context_length)
+        # Fresh-prompt programs (kernels.cudnn_prefill): on pallas_gpu with cuDNN (XLA's attention in the
+        # interpreter), half-precision models, the token buckets of >= MIN_TOKENS.
+        interpret = envs.attention_interpret()
+        half = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        fresh_ok = (
+            resolve_backend(cfg.attention_backend) == "pallas_gpu"
+            and cudnn_prefill.available(interpret)
+            and jnp.dtype(cfg.dtype) in half
+            and kv_dtype == jnp.dtype(cfg.dtype)
+        )
+        self.fresh_impl = ("xla" if interpret else "cudnn") if fresh_ok else None
+        self.fresh_buckets = (
+            [n for n in self.token_buckets if n >= cudnn_prefill.MIN_TOKENS] if self.fresh_impl else []
+        )
         # One jitted model function inside every program: its trace for a token bucket is made once and
         # serves the single step and both decode-loop variants of that bucket (jit caches it by argument types).
         forward = jax.jit(forward)
@@ -278,6 +293,7 @@ class ModelRunner:
     # drifted is an error instead of a silent recompile. Host data reaches each as one packed buffer (one
     # host-to-device copy per program call; see PackedLayout). Keys:
     #   ("forward", num_tokens)                      the model on a token bucket
+    #   ("forward", num_tokens, "fresh")             the same for a batch of one fresh prompt (cudnn_prefill)
     #   ("sample", num_seqs, history_len, SampleMode) the sampler variant
     #   ("decode_loop", num_tokens, SampleMode)       num_decode_steps decode steps in one program
 
@@ -343,7 +359,8 @@ class ModelRunner:
     def _lower(self, key: tuple) -> jax.stages.Lowered:
         args = self._example_args(key, abstract=True)
         if key[0] == "forward":
-            return self._forward.lower(*args, layout=self.layout(key))
+            fresh = self.fresh_impl if key[2:] == ("fresh",) else None
+            return self._forward.lower(*args, layout=self.layout(key), fresh=fresh)
         fn = self._sample if key[0] == "sample" else self._decode_loop
         assert fn is not None, key
         return fn.lower(*args, layout=self.layout(key), mode=key[-1])
@@ -397,7 +414,7 @@ class ModelRunner:
         ]
         if self._decode_loop is not None:
             keys += [("decode_loop", n, m) for n in self.decode_buckets for m in _START_MODES]
-        return keys
+        return keys + [("forward", n, "fresh") for n in self.fresh_buckets]
 
     def first_keys(self) -> list[tuple]:
         """The programs that can run any step on their own: the model on the largest token bucket and on the
@@ -597,12 +614,21 @@ class ModelRunner:
         """Pack a laid-out step (host arrays) and its page-table ``delta`` (:meth:`take_delta`; none if
         None) and start their copies to the device."""
         n = fb.input_ids.shape[0]
-        forward_key = ("forward", n)
+        forward_key = self._forward_key(fb, n)
         sample_key = ("sample", self.num_seqs_for(n), sb.history.shape[-1], mode)
         if delta is None:
             delta = self.take_delta(SchedulerOutput(), self.delta_capacity(forward_key))
         bufs = (self.layout(forward_key).pack((fb, delta)), self.layout(sample_key).pack(sb))
         return StagedStep(forward_key, sample_key, *jax.device_put(bufs, self.device))
+
+    def _forward_key(self, fb: ForwardBatch, n: int) -> tuple:
+        """The model program for a laid-out batch on bucket ``n``: the fresh-prompt one where the batch is one
+        fresh prompt and that program is compiled (or would compile on use anyway: no background compiles)."""
+        if n in self.fresh_buckets and cudnn_prefill.batch_is_fresh(fb.kv_lens, fb.cu_q_lens, fb.num_seqs):
+            key = ("forward", n, "fresh")
+            if key in self._programs or not self.compiling:
+                return key
+        return ("forward", n)
 
     def run_staged(self, staged: StagedStep, prev_tokens: jax.Array | None = None) -> StepOutput:
         """Enqueue the model and the sampler on a staged step (asynchronous: returns device arrays at once).

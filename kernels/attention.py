@@ -230,6 +230,7 @@ def ragged_paged_attention(
     backend: str | None = None,
     interpret: bool = False,
     metadata: AttentionMetadata | None = None,
+    fresh_prompt: str | None = None,
 ) -> jax.Array:
     """Causal attention of a ragged batch (prefill chunks and decodes mixed) over a paged KV pool.
 
@@ -238,9 +239,17 @@ def ragged_paged_attention(
     cu_q_lens: [max_num_seqs + 1] int32; num_seqs: [1] int32. See `kernels.reference` for the semantics.
     metadata: ``attention_metadata(q, k_pages, kv_lens, page_indices, cu_q_lens, num_seqs, backend=backend)``
     of this batch, to share the planning between layers; computed here when None.
+    fresh_prompt: None, or the caller's promise that the batch is one sequence with no cached prefix
+    (``kernels.cudnn_prefill.batch_is_fresh``); then "pallas_gpu" attends with ``jax.nn.dot_product_attention``
+    of that implementation ("cudnn"; "xla" in the interpreter) over the gathered pages, where
+    ``cudnn_prefill.applies``.
     Returns [num_tokens, num_q_heads, head_dim] in q.dtype (padding rows zero).
     """
     validate_inputs(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sliding_window, soft_cap)
+    _check(
+        fresh_prompt in (None, "cudnn", "xla"),
+        f"fresh_prompt must be None, 'cudnn' or 'xla', got {fresh_prompt!r}",
+    )
     name = _runnable_backend(backend, q, k_pages)
     if metadata is not None and metadata.backend != name:
         raise ValueError(
@@ -250,6 +259,15 @@ def ragged_paged_attention(
     kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if name == "reference":
         return ragged_paged_attention_reference(*args, **kwargs)
+    if name == "pallas_gpu":
+        from jaxrt.kernels import cudnn_prefill
+
+        if fresh_prompt is not None and cudnn_prefill.applies(
+            q, k_pages, page_indices, sliding_window, soft_cap
+        ):
+            return cudnn_prefill.fresh_attention(
+                q, k_pages, v_pages, kv_lens, page_indices, sm_scale=sm_scale, implementation=fresh_prompt
+            )
     entry = _BACKENDS[name]
     if entry.metadata_fn is not None:
         kwargs["metadata"] = None if metadata is None else metadata.plan

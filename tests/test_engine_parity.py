@@ -212,6 +212,58 @@ def test_engine_through_pallas_gpu_kernel_interpret(tmp_path, default_model_dir,
         assert_no_leak(llm)
 
 
+def test_fresh_prompt_program_matches_the_paged_kernel(tmp_path, monkeypatch):
+    """A step that is one fresh prompt runs its own program, whose attention is ``jax.nn.
+    dot_product_attention`` over the gathered pages (cuDNN on GPUs; XLA's in the interpreter, here): the
+    program is used for such a step only, and its first token and top-20 log-probabilities match the paged
+    kernel's (a second engine with ``JAXRT_CUDNN_PREFILL=0``) in bf16."""
+    from jaxrt.kernels import cudnn_prefill
+
+    monkeypatch.setattr(cudnn_prefill, "_ENABLED", True)  # restored after the engines below set it
+    monkeypatch.setattr(cudnn_prefill, "MIN_TOKENS", 32)  # small buckets stand in for long prompts
+    monkeypatch.setenv("JAXRT_ATTENTION_INTERPRET", "1")
+    path = make_tiny_llama(
+        tmp_path / "m", None, vocab_size=512, num_attention_heads=4, num_key_value_heads=1, head_dim=64
+    )
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 500, 40).tolist(), rng.integers(3, 500, 20).tolist()]
+    kwargs = dict(
+        dtype="bfloat16",
+        chunked_prefill_size=64,
+        max_running_requests=4,
+        context_length=128,
+        num_pages=64,
+        skip_tokenizer_init=True,
+        attention_backend="pallas_gpu",
+    )
+    params = {"temperature": 0, "max_new_tokens": 4, "min_new_tokens": 4}
+    results = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("JAXRT_CUDNN_PREFILL", flag)
+        with jaxrt.Engine(model_path=path, **kwargs) as llm:
+            assert llm.runner.fresh_buckets == ([32, 64] if flag == "1" else [])
+            keys = []
+            choose = llm.runner._forward_key
+            llm.runner._forward_key = lambda fb, n, keys=keys, choose=choose: (
+                keys.append(choose(fb, n)) or keys[-1]
+            )
+            outs = [
+                llm.generate(input_ids=p, sampling_params=params, return_logprob=True, top_logprobs_num=20)
+                for p in prompts
+            ]
+            results[flag] = [(o["output_ids"], o["meta_info"]["output_top_logprobs"][0]) for o in outs]
+            assert_no_leak(llm)
+            if flag == "1":  # both prompts' prefills (buckets 64 and 32), then single decode steps
+                assert keys.count(("forward", 64, "fresh")) == 1 and keys.count(("forward", 32, "fresh")) == 1
+                assert sum(len(k) == 3 for k in keys) == 2, keys
+    for (ids, top), (ids0, top0) in zip(results["1"], results["0"], strict=True):
+        assert ids[0] == ids0[0]
+        lp, lp0 = ({tok: v for v, tok, _ in t} for t in (top, top0))
+        both = lp.keys() & lp0.keys()
+        assert len(both) >= 15
+        assert max(abs(lp[k] - lp0[k]) for k in both) < 0.1  # bf16: 0.03 here; 0.56 with a 1.5x scale
+
+
 @pytest.mark.gpu
 @mosaic_gpu_marks()[2]
 def test_small_decode_programs_on_split_mosaic_tilings_match_triton(tmp_path, monkeypatch):

@@ -413,6 +413,7 @@ class PagedAttention(nnx.Module):
             backend=self.attention_backend,
             interpret=self.interpret,
             metadata=metadata,
+            fresh_prompt=batch.fresh,
         )
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim)), (k_pages, v_pages)
 

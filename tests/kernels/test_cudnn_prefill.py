@@ -1,0 +1,173 @@
+"""The fresh-prompt path of ``pallas_gpu`` attention (``kernels.cudnn_prefill``).
+
+On CPU the path's own code (gathering the pages, masking past the prompt, the host's choice, the routing in
+``ragged_paged_attention``) runs with ``jax.nn.dot_product_attention``'s XLA implementation against the
+float64 oracle on NaN-poisoned pools; on an NVIDIA GPU the whole call, cuDNN included, against the oracle.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrt.kernels import cudnn_prefill, ragged_paged_attention
+from jaxrt.kernels.testing import make_batch, oracle, rel_err
+
+HEADS = dict(num_q_heads=8, num_kv_heads=2, head_dim=64)
+
+
+def _batch(seed, q_lens, kv_lens, num_tokens, dtype=jnp.bfloat16, page_size=16):
+    return make_batch(
+        np.random.default_rng(seed),
+        q_lens,
+        kv_lens,
+        **HEADS,
+        page_size=page_size,
+        dtype=dtype,
+        max_num_seqs=4,
+        num_tokens=num_tokens,
+    )
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 64])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_fresh_attention_matches_the_oracle(n, dtype):
+    """One prompt of n tokens in a 64-token step: its rows match dense causal attention, the padding rows
+    are zero, and no NaN from the poisoned slots past the prompt (or pages past its table) gets in."""
+    b = _batch(n, [n], [n], 64, dtype)
+    args = [jnp.asarray(a) for a in b.args()]
+    got = cudnn_prefill.fresh_attention(
+        args[0], args[1], args[2], args[3], args[4], sm_scale=0.125, implementation="xla"
+    )
+    want = oracle(b, sm_scale=0.125)
+    got = np.asarray(got.astype(jnp.float32))
+    assert not np.isnan(got).any()
+    assert rel_err(got[:n], want[:n]) < 1e-2
+    assert (got[n:] == 0).all()
+
+
+CHOICE_CASES = [
+    # (q_lens, kv_lens, fresh)
+    ([40], [40], True),
+    ([64], [64], True),
+    ([40], [56], False),  # a cached prefix
+    ([20, 20], [20, 20], False),  # two prompts
+    ([1], [30], False),  # a decode
+    ([30, 1], [30, 30], False),  # a prompt beside a decode
+]
+
+
+@pytest.mark.parametrize("q_lens,kv_lens,fresh", CHOICE_CASES, ids=[str(c[:2]) for c in CHOICE_CASES])
+def test_batch_is_fresh(q_lens, kv_lens, fresh):
+    """Exactly one sequence without a prefix is a fresh batch (the host's choice of program)."""
+    b = _batch(7, q_lens, kv_lens, 64)
+    assert cudnn_prefill.batch_is_fresh(b.kv_lens, b.cu_q_lens, b.num_seqs) == fresh
+
+
+def test_pallas_gpu_attention_takes_the_fresh_path_only_when_told(monkeypatch):
+    """``ragged_paged_attention`` on pallas_gpu (interpreted) runs ``fresh_attention`` with ``fresh_prompt``
+    and the paged kernel without: both against the oracle, and the two differ (another computation, not the
+    same one twice)."""
+    monkeypatch.setattr(cudnn_prefill, "MIN_TOKENS", 64)  # a small step stands in for a long prompt's
+    b = _batch(3, [40], [40], 64, page_size=16)
+    args = [jnp.asarray(a) for a in b.args()]
+
+    def call(fresh=None):
+        o = ragged_paged_attention(
+            *args, sm_scale=0.125, backend="pallas_gpu", interpret=True, fresh_prompt=fresh
+        )
+        return np.asarray(o.astype(jnp.float32))
+
+    paged, fresh = call(), call("xla")
+    want = oracle(b, sm_scale=0.125)
+    for got in (paged, fresh):
+        assert rel_err(got[:40], want[:40]) < 1e-2
+        assert (got[40:] == 0).all()
+    assert not np.array_equal(paged, fresh)
+
+
+@pytest.mark.parametrize(
+    "change,reason",
+    [
+        (dict(num_tokens=1024), "tokens"),
+        (dict(q_dtype=jnp.float32, kv_dtype=jnp.float32), "dtypes"),
+        (dict(kv_dtype=jnp.float16), "dtypes"),
+        (dict(head_dim=72 + 4), "head_dim"),
+        (dict(head_dim=512), "head_dim"),
+        (dict(soft_cap=50.0), "soft-cap"),
+        (dict(sliding_window=128), "sliding window"),
+        (dict(page_size=48), "pages"),
+    ],
+)
+def test_scope(change, reason):
+    """Calls outside the path's scope keep the paged kernel, and say why."""
+    base = dict(
+        num_tokens=4096,
+        q_dtype=jnp.bfloat16,
+        kv_dtype=jnp.bfloat16,
+        head_dim=128,
+        page_size=16,
+        soft_cap=None,
+        sliding_window=None,
+    )
+    assert _why(**base) is None
+    base.update(change)
+    why = _why(**base)
+    assert why is not None and reason in why
+
+
+def _why(num_tokens, q_dtype, kv_dtype, head_dim, page_size, soft_cap, sliding_window):
+    return cudnn_prefill.supports(
+        (num_tokens, 32, head_dim),
+        q_dtype,
+        (100, page_size, 8, head_dim),
+        kv_dtype,
+        64,
+        sliding_window,
+        soft_cap,
+    )
+
+
+def test_available_in_the_interpreter_unless_disabled():
+    assert cudnn_prefill.available(interpret=True)
+    cudnn_prefill.set_enabled(False)
+    try:
+        assert not cudnn_prefill.available(interpret=True)
+    finally:
+        cudnn_prefill.set_enabled(True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cudnn_prefill.cudnn_available(), reason="needs an NVIDIA GPU with cuDNN")
+@pytest.mark.parametrize(
+    "q_lens,kv_lens,num_tokens",
+    [([2000], [2000], 2048), ([2048], [2048], 2048), ([1500], [1500], 4096), ([1500], [1700], 2048)],
+)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_pallas_gpu_calls_against_the_oracle_on_gpu(q_lens, kv_lens, num_tokens, head_dim):
+    """Through ``ragged_paged_attention`` on pallas_gpu: fresh prompts take cuDNN (``fresh_prompt``), the
+    prefixed one the paged kernel; every real row matches the oracle, padding rows are zero."""
+    b = make_batch(
+        np.random.default_rng(head_dim),
+        q_lens,
+        kv_lens,
+        num_q_heads=16,
+        num_kv_heads=4,
+        head_dim=head_dim,
+        page_size=16,
+        dtype=jnp.bfloat16,
+        max_num_seqs=4,
+        num_tokens=num_tokens,
+    )
+    args = [jnp.asarray(a) for a in b.args()]
+    assert cudnn_prefill.applies(args[0], args[1], b.page_indices, None, None)
+    fresh = cudnn_prefill.batch_is_fresh(b.kv_lens, b.cu_q_lens, b.num_seqs)
+    assert fresh == (q_lens == kv_lens)
+    got = ragged_paged_attention(
+        *args, sm_scale=head_dim**-0.5, backend="pallas_gpu", fresh_prompt="cudnn" if fresh else None
+    )
+    got = np.asarray(got.astype(jnp.float32))
+    n = b.num_real_tokens
+    assert rel_err(got[:n], oracle(b, sm_scale=head_dim**-0.5)[:n]) < 1e-2
+    assert (got[n:] == 0).all()

@@ -28,6 +28,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
         "bench_decode_qkv.py",
         "bench_decode_mlp.py",
         "bench_mlp.py",
+        "bench_l2_prefetch.py",
     ],
 )
 def test_benchmark_smoke(script, tmp_path, default_model_dir):

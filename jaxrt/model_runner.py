@@ -171,12 +171,8 @@ class ModelRunner:
         # Fresh-prompt programs (kernels.cudnn_prefill): on pallas_gpu with cuDNN (XLA's attention in the
         # interpreter), half-precision models, the token buckets of >= MIN_TOKENS.
         interpret = envs.attention_interpret()
-        half = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        fresh_ok = (
-            resolve_backend(cfg.attention_backend) == "pallas_gpu"
-            and cudnn_prefill.available(interpret)
-            and jnp.dtype(cfg.dtype) in half
-            and kv_dtype == jnp.dtype(cfg.dtype)
+        fresh_ok = resolve_backend(cfg.attention_backend) == "pallas_gpu" and cudnn_prefill.available(
+            interpret, cfg.dtype, kv_dtype
         )
         self.fresh_impl = ("xla" if interpret else "cudnn") if fresh_ok else None
         self.fresh_buckets = (

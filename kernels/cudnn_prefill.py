@@ -28,8 +28,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-# From 2k tokens it wins on an H200 (Llama-3.2-1B prefill 2k / 4k / 8k: -4.5 / -7.7 / -12.9%); at 512 and 1k the
-# gathers cost what cuDNN saves (+1-3%, benchmarks/RESULTS.md, "Engine", nineteenth round).
+# From 2k tokens it wins on an H200 (Llama-3.2-1B prefill 2k / 4k / 8k in two A/B pairs: -4.5 to -5.2 / -7.7 to
+# -8.4 / -11.7 to -12.9%); at 512 and 1k the gathers cost more than cuDNN saves (+2-3%; benchmarks/RESULTS.md,
+# "Engine", nineteenth round).
 MIN_TOKENS = 2048
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _ENABLED = True
@@ -84,14 +85,12 @@ def max_head_dim() -> int:
     return 256 if float(cc or 0) >= 9.0 else 128
 
 
-def enabled() -> bool:
-    return _ENABLED
-
-
-def available(interpret: bool) -> bool:
-    """Whether fresh-prompt programs can be made: enabled, and cuDNN there (the interpreter runs the path with
-    XLA's attention instead)."""
-    return _ENABLED and (interpret or cudnn_available())
+def available(interpret: bool, dtype, kv_dtype) -> bool:
+    """Whether fresh-prompt programs can be made for a model of this compute and KV dtype: enabled, a
+    half-precision model with its pool in the same dtype, and cuDNN there (the interpreter runs the path
+    with XLA's attention instead)."""
+    half = jnp.dtype(dtype) in _HALF and jnp.dtype(kv_dtype) == jnp.dtype(dtype)
+    return _ENABLED and half and (interpret or cudnn_available())
 
 
 def applies(q, k_pages, page_indices, sliding_window, soft_cap) -> bool:
@@ -136,9 +135,8 @@ def fresh_attention(
         kv = pool[ids].reshape(1, s, num_kv_heads, head_dim)
         return jnp.where(live, kv, jnp.zeros((), kv.dtype))
 
-    lens = jnp.reshape(jnp.maximum(n, 1), (1,)).astype(
-        jnp.int32
-    )  # an empty batch (warm-up) attends 1 zero row
+    # At least 1: an empty batch (the warm-up run) attends one zero row, returned as zeros.
+    lens = jnp.reshape(jnp.maximum(n, 1), (1,)).astype(jnp.int32)
     o = jax.nn.dot_product_attention(
         q[None],
         gather(k_pages),

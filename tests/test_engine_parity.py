@@ -212,11 +212,12 @@ def test_engine_through_pallas_gpu_kernel_interpret(tmp_path, default_model_dir,
         assert_no_leak(llm)
 
 
-def test_fresh_prompt_program_matches_the_paged_kernel(tmp_path, monkeypatch):
+@pytest.mark.parametrize("impl", ["native", "transformers"])
+def test_fresh_prompt_program_matches_the_paged_kernel(tmp_path, monkeypatch, impl):
     """A step that is one fresh prompt runs its own program, whose attention is ``jax.nn.
     dot_product_attention`` over the gathered pages (cuDNN on GPUs; XLA's in the interpreter, here): the
     program is used for such a step only, and its first token and top-20 log-probabilities match the paged
-    kernel's (a second engine with ``JAXRT_CUDNN_PREFILL=0``) in bf16."""
+    kernel's (a second engine with ``JAXRT_CUDNN_PREFILL=0``) in bf16; native and through the fallback."""
     from jaxrt.kernels import cudnn_prefill
 
     monkeypatch.setattr(cudnn_prefill, "_ENABLED", True)  # restored after the engines below set it
@@ -235,6 +236,7 @@ def test_fresh_prompt_program_matches_the_paged_kernel(tmp_path, monkeypatch):
         num_pages=64,
         skip_tokenizer_init=True,
         attention_backend="pallas_gpu",
+        impl=impl,
     )
     params = {"temperature": 0, "max_new_tokens": 4, "min_new_tokens": 4}
     results = {}

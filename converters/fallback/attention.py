@@ -266,6 +266,7 @@ class StepContext:
             soft_cap=spec.soft_cap,
             backend=self.backend,
             interpret=self.interpret,
+            fresh_prompt=getattr(b, "fresh", None),
         )
         return out[None, :, :, : spec.v_head_dim]  # [1, T, Hq, Dv]
 

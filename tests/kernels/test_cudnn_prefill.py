@@ -129,13 +129,14 @@ def _why(num_tokens, q_dtype, kv_dtype, head_dim, page_size, soft_cap, sliding_w
     )
 
 
-def test_available_in_the_interpreter_unless_disabled():
-    assert cudnn_prefill.available(interpret=True)
+def test_available_for_half_precision_models_unless_disabled(monkeypatch):
+    monkeypatch.setattr(cudnn_prefill, "_ENABLED", True)
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    assert cudnn_prefill.available(True, bf16, bf16)
+    assert not cudnn_prefill.available(True, f32, f32)
+    assert not cudnn_prefill.available(True, bf16, f32)
     cudnn_prefill.set_enabled(False)
-    try:
-        assert not cudnn_prefill.available(interpret=True)
-    finally:
-        cudnn_prefill.set_enabled(True)
+    assert not cudnn_prefill.available(True, bf16, bf16)
 
 
 @pytest.mark.gpu

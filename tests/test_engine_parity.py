@@ -363,6 +363,50 @@ def test_lone_stream_one_token_kernels_match_separate_kernels(tmp_path, monkeypa
     _assert_as_close_as_the_kernel_to_xla(runs["fused"], runs["separate"], runs["xla"])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
+def test_fresh_prompt_cudnn_program_matches_the_paged_kernel_on_gpu(tmp_path, monkeypatch):
+    """bf16 on a GPU: prompts prefilled alone, each a fresh prompt in a bucket of >= 2048 tokens, run the
+    fresh-prompt program (cuDNN's attention); their greedy tokens and log-probabilities agree with the paged
+    kernel's (``JAXRT_CUDNN_PREFILL=0``) about as closely as the paged kernel's agree with XLA's attention."""
+    from jaxrt.kernels import cudnn_prefill
+
+    monkeypatch.setattr(cudnn_prefill, "_ENABLED", True)  # restored after the engines below set it
+    path = make_tiny_llama(
+        tmp_path / "m",
+        None,
+        vocab_size=1000,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        max_position_embeddings=4096,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+    )
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(5, 995, n).tolist() for n in (1500, 2100)]
+    params = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
+    kw = dict(dtype="bfloat16", max_running_requests=4, context_length=4096, skip_tokenizer_init=True)
+    kw.update(background_compile=False)  # the fresh-prompt programs from the first step
+    runs = {}
+    for name, flag, backend in (("cudnn", "1", "auto"), ("paged", "0", "auto"), ("xla", "0", "reference")):
+        monkeypatch.setenv("JAXRT_CUDNN_PREFILL", flag)
+        with jaxrt.Engine(model_path=path, attention_backend=backend, **kw) as llm:
+            keys = []
+            choose = llm.runner._forward_key
+            llm.runner._forward_key = lambda fb, n, keys=keys, choose=choose: (
+                keys.append(choose(fb, n)) or keys[-1]
+            )
+            runs[name] = [_greedy_logprobs(llm, [p], params)[0] for p in prompts]
+            fresh = [k for k in keys if len(k) == 3]
+            assert fresh == (
+                [("forward", 2048, "fresh"), ("forward", 4096, "fresh")] if flag == "1" else []
+            ), keys
+            assert_no_leak(llm)
+    _assert_as_close_as_the_kernel_to_xla(runs["cudnn"], runs["paged"], runs["xla"])
+
+
 def _greedy_logprobs(llm, prompts, params) -> list[tuple[list[int], list[float]]]:
     outs = llm.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
     return [(o["output_ids"], [lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]]) for o in outs]

@@ -214,7 +214,11 @@ def test_api_server_count_two_processes_one_engine(server, tiny_llama_dir, tmp_p
         pids, engine_pids = set(), set()
         deadline = time.monotonic() + 60
         while len(pids) < 2 and time.monotonic() < deadline:
-            info = httpx.get(url + "/get_server_info", timeout=30).json()  # a new connection each time
+            r = httpx.get(url + "/get_server_info", timeout=30)  # a new connection each time
+            if r.status_code == 503:  # this process is still connecting to the engine (Retry-After)
+                time.sleep(0.5)
+                continue
+            info = r.json()
             pids.add(info["server_pid"])
             engine_pids.add(info["engine_process_pid"])
             wait_http(url + "/health", timeout=30)  # /health waits for the engine in each process

@@ -346,9 +346,6 @@ class Engine(EngineAPI):
             from jaxrt.kernels import pallas_gpu
 
             pallas_gpu.set_mosaic_decode(envs.mosaic_decode())
-        from jaxrt.kernels import cudnn_prefill
-
-        cudnn_prefill.set_enabled(envs.cudnn_prefill())
         from jaxrt.sampler import set_greedy_kernel
 
         set_greedy_kernel("gpu" if _platform() == "gpu" and envs.greedy_kernel() else None)

@@ -168,11 +168,13 @@ class ModelRunner:
             cfg.scheduler.chunked_prefill_size, single=cfg.scheduler.single_token_bucket
         )
         self.history_buckets = history_buckets(cfg.scheduler.context_length)
-        # Fresh-prompt programs (kernels.cudnn_prefill): on pallas_gpu with cuDNN (XLA's attention in the
-        # interpreter), half-precision models, the token buckets of >= MIN_TOKENS.
+        # Fresh-prompt programs (kernels.cudnn_prefill; JAXRT_CUDNN_PREFILL): on pallas_gpu with cuDNN (XLA's
+        # attention in the interpreter), half-precision models, the token buckets of >= MIN_TOKENS.
         interpret = envs.attention_interpret()
-        fresh_ok = resolve_backend(cfg.attention_backend) == "pallas_gpu" and cudnn_prefill.available(
-            interpret, cfg.dtype, kv_dtype
+        fresh_ok = (
+            envs.cudnn_prefill()
+            and resolve_backend(cfg.attention_backend) == "pallas_gpu"
+            and cudnn_prefill.available(interpret, cfg.dtype, kv_dtype)
         )
         self.fresh_impl = ("xla" if interpret else "cudnn") if fresh_ok else None
         self.fresh_buckets = (

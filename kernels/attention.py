@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxrt.kernels import cudnn_prefill
 from jaxrt.kernels.reference import (
     QKNorm,
     ragged_paged_attention_reference,
@@ -259,15 +260,11 @@ def ragged_paged_attention(
     kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if name == "reference":
         return ragged_paged_attention_reference(*args, **kwargs)
-    if name == "pallas_gpu":
-        from jaxrt.kernels import cudnn_prefill
-
-        if fresh_prompt is not None and cudnn_prefill.applies(
-            q, k_pages, page_indices, sliding_window, soft_cap
-        ):
-            return cudnn_prefill.fresh_attention(
-                q, k_pages, v_pages, kv_lens, page_indices, sm_scale=sm_scale, implementation=fresh_prompt
-            )
+    fresh = fresh_prompt is not None and name == "pallas_gpu"
+    if fresh and cudnn_prefill.applies(q, k_pages, page_indices, sliding_window, soft_cap):
+        return cudnn_prefill.fresh_attention(
+            q, k_pages, v_pages, kv_lens, page_indices, sm_scale=sm_scale, implementation=fresh_prompt
+        )
     entry = _BACKENDS[name]
     if entry.metadata_fn is not None:
         kwargs["metadata"] = None if metadata is None else metadata.plan

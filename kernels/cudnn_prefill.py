@@ -33,13 +33,6 @@ import jax.numpy as jnp
 # "Engine", nineteenth round).
 MIN_TOKENS = 2048
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-_ENABLED = True
-
-
-def set_enabled(enabled: bool) -> None:
-    """Let ``pallas_gpu`` steps take the cuDNN path where it applies (the default) or never."""
-    global _ENABLED
-    _ENABLED = bool(enabled)
 
 
 def supports(
@@ -86,11 +79,11 @@ def max_head_dim() -> int:
 
 
 def available(interpret: bool, dtype, kv_dtype) -> bool:
-    """Whether fresh-prompt programs can be made for a model of this compute and KV dtype: enabled, a
-    half-precision model with its pool in the same dtype, and cuDNN there (the interpreter runs the path
-    with XLA's attention instead)."""
+    """Whether fresh-prompt programs can be made for a model of this compute and KV dtype: a half-precision
+    model with its pool in the same dtype, and cuDNN there (the interpreter runs the path with XLA's
+    attention instead)."""
     half = jnp.dtype(dtype) in _HALF and jnp.dtype(kv_dtype) == jnp.dtype(dtype)
-    return _ENABLED and half and (interpret or cudnn_available())
+    return half and (interpret or cudnn_available())
 
 
 def applies(q, k_pages, page_indices, sliding_window, soft_cap) -> bool:

@@ -197,6 +197,20 @@ def record_buckets(llm) -> list[int]:
     return picked
 
 
+def record_forward_keys(llm) -> list[tuple]:
+    """The model program key of every single step ``llm`` stages from now on (``("forward", n)`` or
+    ``("forward", n, "fresh")``), appended to the returned list (the runner's choice itself is unchanged)."""
+    keys: list[tuple] = []
+    choose = llm.runner._forward_key
+
+    def recording(fb, n: int) -> tuple:
+        keys.append(choose(fb, n))
+        return keys[-1]
+
+    llm.runner._forward_key = recording
+    return keys
+
+
 def export_triton_for_h100(jitted, *args):
     """``jax.export`` of ``jitted`` for CUDA on an abstract H100, on any machine (jax >= 0.11): the Pallas ->
     Triton IR lowering of the Pallas kernels inside (the Triton -> PTX compile happens in XLA on the GPU)."""

@@ -14,6 +14,7 @@ from jaxrt_testing import (
     make_tiny_llama,
     mosaic_gpu_marks,
     record_buckets,
+    record_forward_keys,
 )
 
 import jaxrt
@@ -221,7 +222,6 @@ def test_fresh_prompt_program_matches_the_paged_kernel(tmp_path, monkeypatch, im
     second engine with ``JAXRT_CUDNN_PREFILL=0``) in bf16; native and through the fallback."""
     from jaxrt.kernels import cudnn_prefill
 
-    monkeypatch.setattr(cudnn_prefill, "_ENABLED", True)  # restored after the engines below set it
     monkeypatch.setattr(cudnn_prefill, "MIN_TOKENS", 32)  # small buckets stand in for long prompts
     monkeypatch.setenv("JAXRT_ATTENTION_INTERPRET", "1")
     path = make_tiny_llama(
@@ -248,11 +248,7 @@ def test_fresh_prompt_program_matches_the_paged_kernel(tmp_path, monkeypatch, im
         monkeypatch.setenv("JAXRT_CUDNN_PREFILL", flag)
         with jaxrt.Engine(model_path=path, **kwargs) as llm:
             assert llm.runner.fresh_buckets == ([32, 64] if flag == "1" else [])
-            keys = []
-            choose = llm.runner._forward_key
-            llm.runner._forward_key = lambda fb, n, keys=keys, choose=choose: (
-                keys.append(choose(fb, n)) or keys[-1]
-            )
+            keys = record_forward_keys(llm)
             outs = [
                 llm.generate(input_ids=p, sampling_params=params, return_logprob=True, top_logprobs_num=20)
                 for p in prompts
@@ -378,9 +374,6 @@ def test_fresh_prompt_cudnn_program_matches_the_paged_kernel_on_gpu(tmp_path, mo
     """bf16 on a GPU: prompts prefilled alone, each a fresh prompt in a bucket of >= 2048 tokens, run the
     fresh-prompt program (cuDNN's attention); their greedy tokens and log-probabilities agree with the paged
     kernel's (``JAXRT_CUDNN_PREFILL=0``) about as closely as the paged kernel's agree with XLA's attention."""
-    from jaxrt.kernels import cudnn_prefill
-
-    monkeypatch.setattr(cudnn_prefill, "_ENABLED", True)  # restored after the engines below set it
     path = make_tiny_llama(
         tmp_path / "m",
         None,
@@ -402,11 +395,7 @@ def test_fresh_prompt_cudnn_program_matches_the_paged_kernel_on_gpu(tmp_path, mo
     for name, flag, backend in (("cudnn", "1", "auto"), ("paged", "0", "auto"), ("xla", "0", "reference")):
         monkeypatch.setenv("JAXRT_CUDNN_PREFILL", flag)
         with jaxrt.Engine(model_path=path, attention_backend=backend, **kw) as llm:
-            keys = []
-            choose = llm.runner._forward_key
-            llm.runner._forward_key = lambda fb, n, keys=keys, choose=choose: (
-                keys.append(choose(fb, n)) or keys[-1]
-            )
+            keys = record_forward_keys(llm)
             runs[name] = [_greedy_logprobs(llm, [p], params)[0] for p in prompts]
             fresh = [k for k in keys if len(k) == 3]
             assert fresh == (

@@ -129,14 +129,11 @@ def _why(num_tokens, q_dtype, kv_dtype, head_dim, page_size, soft_cap, sliding_w
     )
 
 
-def test_available_for_half_precision_models_unless_disabled(monkeypatch):
-    monkeypatch.setattr(cudnn_prefill, "_ENABLED", True)
+def test_available_for_half_precision_models():
     bf16, f32 = jnp.bfloat16, jnp.float32
     assert cudnn_prefill.available(True, bf16, bf16)
     assert not cudnn_prefill.available(True, f32, f32)
     assert not cudnn_prefill.available(True, bf16, f32)
-    cudnn_prefill.set_enabled(False)
-    assert not cudnn_prefill.available(True, bf16, bf16)
 
 
 @pytest.mark.gpu

@@ -56,7 +56,7 @@ class ForwardBatch:
     # ``page_indices`` comes from the host.
     page_rows: jax.Array | None = None
     # Static: set (to "cudnn", or "xla" in the interpreter) in the programs the runner runs only for a batch of
-    # one fresh prompt, whose attention then skips the pages (``kernels.cudnn_prefill``).
+    # fresh prompts (``kernels.cudnn_prefill.batch_is_fresh``), whose attention then skips the pages.
     fresh: str | None = None
 
 

@@ -27,8 +27,8 @@ def mosaic_decode() -> bool:
 
 
 def cudnn_prefill() -> bool:
-    """On the pallas_gpu attention backend a step that is one fresh prompt in a bucket of >= 2048 tokens (no
-    cached prefix) runs a program whose attention is cuDNN's fused flash attention instead of the paged Triton
+    """On the pallas_gpu attention backend a step of fresh prompts (no cached prefix, at most 8) in a bucket of
+    >= 2048 tokens runs a program whose attention is cuDNN's fused flash attention instead of the paged Triton
     kernel (``kernels.cudnn_prefill``). ``JAXRT_CUDNN_PREFILL`` (default 1; 0 compiles no such program).
     Read when the engine's model runner is built."""
     return _get("JAXRT_CUDNN_PREFILL", "1") == "1"

@@ -291,7 +291,7 @@ class ModelRunner:
     # drifted is an error instead of a silent recompile. Host data reaches each as one packed buffer (one
     # host-to-device copy per program call; see PackedLayout). Keys:
     #   ("forward", num_tokens)                      the model on a token bucket
-    #   ("forward", num_tokens, "fresh")             the same for a batch of one fresh prompt (cudnn_prefill)
+    #   ("forward", num_tokens, "fresh")             the same for a batch of fresh prompts (cudnn_prefill)
     #   ("sample", num_seqs, history_len, SampleMode) the sampler variant
     #   ("decode_loop", num_tokens, SampleMode)       num_decode_steps decode steps in one program
 
@@ -620,9 +620,10 @@ class ModelRunner:
         return StagedStep(forward_key, sample_key, *jax.device_put(bufs, self.device))
 
     def _forward_key(self, fb: ForwardBatch, n: int) -> tuple:
-        """The model program for a laid-out batch on bucket ``n``: the fresh-prompt one where the batch is one
-        fresh prompt and that program is compiled (or would compile on use anyway: no background compiles)."""
-        if n in self.fresh_buckets and cudnn_prefill.batch_is_fresh(fb.kv_lens, fb.cu_q_lens, fb.num_seqs):
+        """The model program for a laid-out batch on bucket ``n``: the fresh-prompt one where the batch is fresh
+        prompts that it suits (``cudnn_prefill.prefers_fresh``) and that program is compiled (or would compile
+        on use anyway: no background compiles)."""
+        if n in self.fresh_buckets and cudnn_prefill.prefers_fresh(fb.kv_lens, fb.cu_q_lens, fb.num_seqs):
             key = ("forward", n, "fresh")
             if key in self._programs or not self.compiling:
                 return key

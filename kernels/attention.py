@@ -240,10 +240,10 @@ def ragged_paged_attention(
     cu_q_lens: [max_num_seqs + 1] int32; num_seqs: [1] int32. See `kernels.reference` for the semantics.
     metadata: ``attention_metadata(q, k_pages, kv_lens, page_indices, cu_q_lens, num_seqs, backend=backend)``
     of this batch, to share the planning between layers; computed here when None.
-    fresh_prompt: None, or the caller's promise that the batch is one sequence with no cached prefix
-    (``kernels.cudnn_prefill.batch_is_fresh``); then "pallas_gpu" attends with ``jax.nn.dot_product_attention``
-    of that implementation ("cudnn"; "xla" in the interpreter) over the gathered pages, where
-    ``cudnn_prefill.applies``.
+    fresh_prompt: None, or the caller's promise that the batch is 1 to ``cudnn_prefill.MAX_SEQS`` prompts with
+    no cached prefix (``kernels.cudnn_prefill.batch_is_fresh``); then "pallas_gpu" attends with
+    ``cudnn_prefill.fresh_attention`` of that implementation ("cudnn"; "xla" in the interpreter) over the
+    gathered K/V rows, where ``cudnn_prefill.applies``.
     Returns [num_tokens, num_q_heads, head_dim] in q.dtype (padding rows zero).
     """
     validate_inputs(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sliding_window, soft_cap)
@@ -262,9 +262,7 @@ def ragged_paged_attention(
         return ragged_paged_attention_reference(*args, **kwargs)
     fresh = fresh_prompt is not None and name == "pallas_gpu"
     if fresh and cudnn_prefill.applies(q, k_pages, page_indices, sliding_window, soft_cap):
-        return cudnn_prefill.fresh_attention(
-            q, k_pages, v_pages, kv_lens, page_indices, sm_scale=sm_scale, implementation=fresh_prompt
-        )
+        return cudnn_prefill.fresh_attention(*args, sm_scale=sm_scale, implementation=fresh_prompt)
     entry = _BACKENDS[name]
     if entry.metadata_fn is not None:
         kwargs["metadata"] = None if metadata is None else metadata.plan

@@ -215,23 +215,24 @@ def test_engine_through_pallas_gpu_kernel_interpret(tmp_path, default_model_dir,
 
 @pytest.mark.parametrize("impl", ["native", "transformers"])
 def test_fresh_prompt_program_matches_the_paged_kernel(tmp_path, monkeypatch, impl):
-    """A step that is one fresh prompt runs its own program, whose attention is ``jax.nn.
-    dot_product_attention`` over the gathered pages (cuDNN on GPUs; XLA's in the interpreter, here): the
-    program is used for such a step only (not for a long prompt's second chunk, nor for a prompt behind a
-    cached prefix), and each request's first token and top-20 log-probabilities match the paged kernel's (a
-    second engine with ``JAXRT_CUDNN_PREFILL=0``) in bf16; native and through the fallback."""
+    """A step of fresh prompts runs its own program, whose attention is cuDNN's over the gathered K/V rows
+    (XLA's attention with a segment mask in the interpreter, here): the program is used for such steps only
+    (one prompt or two together; not for a long prompt's second chunk, nor for a prompt behind a cached
+    prefix), and each request's first token and top-20 log-probabilities match the paged kernel's (a second
+    engine with ``JAXRT_CUDNN_PREFILL=0``) in bf16; native and through the fallback."""
     from jaxrt.kernels import cudnn_prefill
 
     monkeypatch.setattr(cudnn_prefill, "MIN_TOKENS", 32)  # small buckets stand in for long prompts
+    monkeypatch.setattr(cudnn_prefill, "MIN_WORK", 0)
     monkeypatch.setenv("JAXRT_ATTENTION_INTERPRET", "1")
     path = make_tiny_llama(
         tmp_path / "m", None, vocab_size=512, num_attention_heads=4, num_key_value_heads=1, head_dim=64
     )
     rng = np.random.default_rng(0)
-    first, second, long = (rng.integers(3, 500, n).tolist() for n in (40, 20, 100))
+    first, second, long, a, b = (rng.integers(3, 500, n).tolist() for n in (40, 20, 100, 30, 25))
     # Fresh prefills (buckets 64 and 32); a 100-token prompt in chunks of 64 (fresh) and 36 (behind its first
-    # chunk); the first prompt again (behind its cached pages).
-    prompts = [first, second, long, first]
+    # chunk); the first prompt again (behind its cached pages); two prompts in one step (bucket 64).
+    prompts = [[first], [second], [long], [first], [a, b]]
     kwargs = dict(
         dtype="bfloat16",
         chunked_prefill_size=64,
@@ -249,10 +250,12 @@ def test_fresh_prompt_program_matches_the_paged_kernel(tmp_path, monkeypatch, im
         with jaxrt.Engine(model_path=path, **kwargs) as llm:
             assert llm.runner.fresh_buckets == ([32, 64] if flag == "1" else [])
             keys = record_forward_keys(llm)
-            outs = [
-                llm.generate(input_ids=p, sampling_params=params, return_logprob=True, top_logprobs_num=20)
-                for p in prompts
-            ]
+            outs = []
+            for p in prompts:
+                got = llm.generate(
+                    input_ids=p, sampling_params=params, return_logprob=True, top_logprobs_num=20
+                )
+                outs += got
             results[flag] = [(o["output_ids"], o["meta_info"]["output_top_logprobs"][0]) for o in outs]
             assert_no_leak(llm)
             assert outs[3]["meta_info"]["cached_tokens"] > 0
@@ -261,6 +264,7 @@ def test_fresh_prompt_program_matches_the_paged_kernel(tmp_path, monkeypatch, im
                 assert fresh == [
                     ("forward", 64, "fresh"),
                     ("forward", 32, "fresh"),
+                    ("forward", 64, "fresh"),
                     ("forward", 64, "fresh"),
                 ], keys
     for (ids, top), (ids0, top0) in zip(results["1"], results["0"], strict=True):
@@ -371,7 +375,7 @@ def test_lone_stream_one_token_kernels_match_separate_kernels(tmp_path, monkeypa
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
 def test_fresh_prompt_cudnn_program_matches_the_paged_kernel_on_gpu(tmp_path, monkeypatch):
-    """bf16 on a GPU: prompts prefilled alone, each a fresh prompt in a bucket of >= 2048 tokens, run the
+    """bf16 on a GPU: steps of fresh prompts in buckets of >= 2048 tokens (one prompt, or two packed) run the
     fresh-prompt program (cuDNN's attention); their greedy tokens and log-probabilities agree with the paged
     kernel's (``JAXRT_CUDNN_PREFILL=0``) about as closely as the paged kernel's agree with XLA's attention."""
     path = make_tiny_llama(
@@ -387,7 +391,9 @@ def test_fresh_prompt_cudnn_program_matches_the_paged_kernel_on_gpu(tmp_path, mo
         head_dim=64,
     )
     rng = np.random.default_rng(2)
-    prompts = [rng.integers(5, 995, n).tolist() for n in (1500, 2100)]
+    # Two prompts alone (buckets 2048 and 4096), then two together (packed segments, bucket 4096).
+    prompts = [[rng.integers(5, 995, n).tolist()] for n in (2048, 2100)]
+    prompts.append([rng.integers(5, 995, n).tolist() for n in (2000, 1500)])
     params = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
     kw = dict(dtype="bfloat16", max_running_requests=4, context_length=4096, skip_tokenizer_init=True)
     kw.update(background_compile=False)  # the fresh-prompt programs from the first step
@@ -396,11 +402,10 @@ def test_fresh_prompt_cudnn_program_matches_the_paged_kernel_on_gpu(tmp_path, mo
         monkeypatch.setenv("JAXRT_CUDNN_PREFILL", flag)
         with jaxrt.Engine(model_path=path, attention_backend=backend, **kw) as llm:
             keys = record_forward_keys(llm)
-            runs[name] = [_greedy_logprobs(llm, [p], params)[0] for p in prompts]
+            runs[name] = [out for p in prompts for out in _greedy_logprobs(llm, p, params)]
             fresh = [k for k in keys if len(k) == 3]
-            assert fresh == (
-                [("forward", 2048, "fresh"), ("forward", 4096, "fresh")] if flag == "1" else []
-            ), keys
+            want = [("forward", 2048, "fresh"), ("forward", 4096, "fresh"), ("forward", 4096, "fresh")]
+            assert fresh == (want if flag == "1" else []), keys
             assert_no_leak(llm)
     _assert_as_close_as_the_kernel_to_xla(runs["cudnn"], runs["paged"], runs["xla"])
 

@@ -30,18 +30,21 @@ def _batch(seed, q_lens, kv_lens, num_tokens, dtype=jnp.bfloat16, page_size=16):
     )
 
 
-@pytest.mark.parametrize("n", [1, 15, 16, 17, 64])
+FRESH_CASES = [[1], [15], [16], [17], [64], [1, 1], [15, 17], [16, 16, 31], [7, 30, 1, 20]]
+
+
+@pytest.mark.parametrize("q_lens", FRESH_CASES, ids=str)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_fresh_attention_matches_the_oracle(n, dtype):
-    """One prompt of n tokens in a 64-token step: its rows match dense causal attention, the padding rows
-    are zero, and no NaN from the poisoned slots past the prompt (or pages past its table) gets in."""
-    b = _batch(n, [n], [n], 64, dtype)
+def test_fresh_attention_matches_the_oracle(q_lens, dtype):
+    """Fresh prompts packed in a 64-token step: their rows match dense causal attention within each prompt,
+    the padding rows are zero, and no NaN from the poisoned slots past a prompt (or pages past its table)
+    gets in."""
+    b = _batch(sum(q_lens) + len(q_lens), q_lens, q_lens, 64, dtype)
     args = [jnp.asarray(a) for a in b.args()]
-    got = cudnn_prefill.fresh_attention(
-        args[0], args[1], args[2], args[3], args[4], sm_scale=0.125, implementation="xla"
-    )
+    got = cudnn_prefill.fresh_attention(*args, sm_scale=0.125, implementation="xla")
     want = oracle(b, sm_scale=0.125)
     got = np.asarray(got.astype(jnp.float32))
+    n = b.num_real_tokens
     assert not np.isnan(got).any()
     assert rel_err(got[:n], want[:n]) < 1e-2
     assert (got[n:] == 0).all()
@@ -52,17 +55,46 @@ CHOICE_CASES = [
     ([40], [40], True),
     ([64], [64], True),
     ([40], [56], False),  # a cached prefix
-    ([20, 20], [20, 20], False),  # two prompts
+    ([20, 20], [20, 20], True),  # two prompts
+    ([20, 1, 5], [20, 1, 5], True),  # a one-token prompt is fresh too
+    ([20, 20], [20, 36], False),  # one of two behind a prefix
     ([1], [30], False),  # a decode
     ([30, 1], [30, 30], False),  # a prompt beside a decode
+    ([4] * 8, [4] * 8, True),  # MAX_SEQS prompts
+    ([4] * 9, [4] * 9, False),  # more: the packed segments' slots are MAX_SEQS
 ]
 
 
 @pytest.mark.parametrize("q_lens,kv_lens,fresh", CHOICE_CASES, ids=[str(c[:2]) for c in CHOICE_CASES])
 def test_batch_is_fresh(q_lens, kv_lens, fresh):
-    """Exactly one sequence without a prefix is a fresh batch (the host's choice of program)."""
-    b = _batch(7, q_lens, kv_lens, 64)
+    """1 to MAX_SEQS prompts without a prefix make a fresh batch (what a fresh-prompt program may run)."""
+    b = make_batch(
+        np.random.default_rng(0), q_lens, kv_lens, **HEADS, page_size=16, max_num_seqs=10, num_tokens=64
+    )
     assert cudnn_prefill.batch_is_fresh(b.kv_lens, b.cu_q_lens, b.num_seqs) == fresh
+
+
+@pytest.mark.parametrize(
+    "q_lens,prefers",
+    [
+        ([2048], True),
+        ([2047], False),
+        ([1024] * 4, True),
+        ([1024] * 2, False),
+        ([512] * 8, False),
+        ([2000, 500], True),
+        ([1500], False),
+    ],
+)
+def test_prefers_fresh_weighs_the_causal_work(q_lens, prefers):
+    """The host takes the fresh program for fresh batches with at least a 2048-token prompt's causal work
+    (sum of squared lengths), not for shorter or fewer prompts."""
+    assert cudnn_prefill.MIN_WORK == 2048 * 2048
+    b = make_batch(
+        np.random.default_rng(0), q_lens, q_lens, **HEADS, page_size=16, max_num_seqs=8, poison=False
+    )
+    assert cudnn_prefill.batch_is_fresh(b.kv_lens, b.cu_q_lens, b.num_seqs)
+    assert cudnn_prefill.prefers_fresh(b.kv_lens, b.cu_q_lens, b.num_seqs) == prefers
 
 
 def test_pallas_gpu_attention_takes_the_fresh_path_only_when_told(monkeypatch):
@@ -140,12 +172,22 @@ def test_available_for_half_precision_models():
 @pytest.mark.skipif(not cudnn_prefill.cudnn_available(), reason="needs an NVIDIA GPU with cuDNN")
 @pytest.mark.parametrize(
     "q_lens,kv_lens,num_tokens",
-    [([2000], [2000], 2048), ([2048], [2048], 2048), ([1500], [1500], 4096), ([1500], [1700], 2048)],
+    [
+        ([2000], [2000], 2048),
+        ([2048], [2048], 2048),
+        ([1500], [1500], 4096),
+        ([1500], [1700], 2048),
+        ([700, 1300], [700, 1300], 2048),
+        ([1000, 1, 17, 900], [1000, 1, 17, 900], 2048),
+        ([512] * 4, [512] * 4, 2048),
+        ([700, 1300], [700, 1400], 2048),
+    ],
 )
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_pallas_gpu_calls_against_the_oracle_on_gpu(q_lens, kv_lens, num_tokens, head_dim):
-    """Through ``ragged_paged_attention`` on pallas_gpu: fresh prompts take cuDNN (``fresh_prompt``), the
-    prefixed one the paged kernel; every real row matches the oracle, padding rows are zero."""
+    """Through ``ragged_paged_attention`` on pallas_gpu: batches of fresh prompts take cuDNN (``fresh_prompt``;
+    one prompt or several packed), those with a prefix the paged kernel; every real row matches the oracle,
+    padding rows are zero."""
     b = make_batch(
         np.random.default_rng(head_dim),
         q_lens,

@@ -45,7 +45,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 
-from jaxrt.kernels import pallas_gpu, ragged_paged_attention_reference  # noqa: E402
+from jaxrt.kernels import cudnn_prefill, pallas_gpu, ragged_paged_attention_reference  # noqa: E402
 from jaxrt.kernels.mosaic_gpu import MosaicConfig  # noqa: E402
 from jaxrt.kernels.pallas_gpu import GpuConfig  # noqa: E402
 from jaxrt.kernels.testing import make_batch, oracle, rel_err  # noqa: E402
@@ -1036,6 +1036,15 @@ def dense_prefill_fn(sm_scale, n_seq, q_len, kv_len, implementation):
     return f
 
 
+def fresh_fn(sm_scale):
+    """``cudnn_prefill.fresh_attention`` (cuDNN) on a batch of fresh prompts, whatever its size."""
+
+    def f(q, k, v, kvl, pt, cu, ns):
+        return cudnn_prefill.fresh_attention(q, k, v, kvl, pt, cu, ns, sm_scale=sm_scale)
+
+    return f
+
+
 PREFILL_DEFAULT = [(1, 1024, 1024), (1, 2048, 2048), (1, 4096, 4096), (1, 8192, 8192), (4, 2048, 4096)]
 
 
@@ -1092,6 +1101,14 @@ def run_prefill(args, cases, shapes, tune_points=()):
                 jobs.append(("cudnn", dense_prefill_fn(sm, n_seq, q_len, kv_len, "cudnn"), q, (kd, vd), it))
             if "reference" in baselines:
                 jobs.append(("xla_reference", reference_fn(sm), q, ins[1:], 2))
+            jobs.append(("pallas_shared", pallas_fn(sm, shared_plan=True), q, (*ins[1:], plan_for(ins)), it))
+            if "fresh" in baselines and q_len == kv_len:
+                # The fresh-prompt path as a fresh-prompt program runs it: gathers + cuDNN (packed segments;
+                # with one sequence also the one-row table's padded form, "fresh1")
+                jobs.append(("fresh", fresh_fn(sm), q, ins[1:], it))
+                if n_seq == 1:
+                    one = (*ins[1:4], ins[4][:1], ins[5][:2], ins[6])
+                    jobs.append(("fresh1", fresh_fn(sm), q, one, it))
             if (shape, n_seq, q_len, kv_len) in tune_points:
                 for tc in prefill_tune_configs(cfg, d, jnp.dtype(dtype).itemsize):
                     jobs.append((("tune", tc), pallas_fn(sm, tc), q, ins[1:], it))
@@ -1127,10 +1144,10 @@ def run_prefill(args, cases, shapes, tune_points=()):
 
 def prefill_header():
     return (
-        "| shape | seqs x q_len (kv_len) | pallas µs | TFLOP/s | pallas kernel only µs | pallas+prefetch µs | "
-        "XLA dense µs | cuDNN µs | XLA reference µs | pallas / XLA dense time | pallas config | "
-        "best tuned µs config |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| shape | seqs x q_len (kv_len) | pallas µs | TFLOP/s | pallas kernel only µs | pallas, shared plan µs | "
+        "pallas+prefetch µs | XLA dense µs | cuDNN µs | fresh path µs | fresh, one-row table µs | "
+        "XLA reference µs | pallas / XLA dense time | pallas config | best tuned µs config |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
 
 
@@ -1143,7 +1160,9 @@ def prefill_row(r):
     best = f"{fmt_t(tb)} {cfg_str(r['tune_best'])}" if tb else "-"
     return (
         f"| {r['shape']} | {r['n_seq']} x {r['q_len']} ({r['kv_len']}) | {fmt_t(t)} | {tf:.0f} | "
-        f"{fmt_t(r.get('pallas_kernel'))} | {fmt_t(r.get('pallas_pf'))} | {fmt_t(xd)} | {fmt_t(r.get('cudnn'))} | {fmt_t(r.get('xla_reference'))} | "
+        f"{fmt_t(r.get('pallas_kernel'))} | {fmt_t(r.get('pallas_shared'))} | {fmt_t(r.get('pallas_pf'))} | "
+        f"{fmt_t(xd)} | {fmt_t(r.get('cudnn'))} | {fmt_t(r.get('fresh'))} | {fmt_t(r.get('fresh1'))} | "
+        f"{fmt_t(r.get('xla_reference'))} | "
         f"{ratio} | {cfg_str(r['config'])} | {best} |"
     )
 

@@ -10,6 +10,7 @@ side (building the batch, reading the tokens back). Floor = (weight bytes + KV b
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import numpy as np
@@ -102,6 +103,12 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=ints, default=[1, 8, 32, 64, 128, 256])
     p.add_argument("--context-lens", type=ints, default=[1024])
     p.add_argument("--prefill-lens", type=ints, default=[128, 1024, 4096])
+    p.add_argument(
+        "--prefill-seqs",
+        type=ints,
+        default=[1],
+        help="prompts per prefill step: each --prefill-lens point runs S prompts of that length together",
+    )
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument(
         "--bandwidth",
@@ -144,8 +151,8 @@ def main() -> None:
         skip_warmup=True,
         page_size=args.page_size,
         context_length=max(max_ctx, max(args.prefill_lens)) + args.page_size,
-        max_running_requests=max_b,
-        chunked_prefill_size=max(max_b, max(args.prefill_lens)),
+        max_running_requests=max(max_b, max(args.prefill_seqs)),
+        chunked_prefill_size=max(max_b, max(args.prefill_lens) * max(args.prefill_seqs)),
         mem_fraction_static=args.mem_fraction_static,
         attention_backend=args.attention_backend,
     )
@@ -240,15 +247,16 @@ def main() -> None:
                     "attention_backend": llm.config.attention_backend,
                 },
             )
-    for n in args.prefill_lens:
-        sched = fake_batch(1, n, n)
+    for s, n in itertools.product(args.prefill_seqs, args.prefill_lens):
+        sched = fake_batch(s, n, n)
         if sched is None:
             continue
-        engine_s, device_s = time_step(sched, f"prefill L={n}")
+        label = f"prefill L={n}" if s == 1 else f"prefill {s} x L={n}"
+        engine_s, device_s = time_step(sched, label)
         rows.append(
             (
-                f"prefill L={n}",
-                f"device {device_s * 1e3:.3f} ms  engine {engine_s * 1e3:.3f} ms  {n / device_s:.0f} tok/s",
+                label,
+                f"device {device_s * 1e3:.3f} ms  engine {engine_s * 1e3:.3f} ms  {s * n / device_s:.0f} tok/s",
             )
         )
         append_jsonl(
@@ -258,6 +266,7 @@ def main() -> None:
                 "device": device_name(),
                 "model": args.model_path or args.random_model,
                 "tokens": n,
+                "seqs": s,
                 "device_ms": device_s * 1e3,
                 "engine_ms": engine_s * 1e3,
             },

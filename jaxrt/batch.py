@@ -75,13 +75,15 @@ class SamplingBatch:
     suppress_stop: jax.Array  # [num_seqs] bool: min_new_tokens not reached yet
     history: jax.Array  # [num_seqs, history_len] int32 token ids (prompt + output), -1 padding
     history_is_output: jax.Array  # [num_seqs, history_len] bool
+    # Nonzero: the entry is not a token of the sequence but its logit bias for that id (``logit_bias``).
+    history_bias: jax.Array  # [num_seqs, history_len] f32
 
 
 class SampleMode(NamedTuple):
     """Which sampler variant a step needs: static (compiled per variant), so the step has no device-side
     branch. A branch on a device value makes XLA read the predicate back to the host mid-program, which
     blocks the dispatching thread until the forward pass is done and defeats overlap scheduling.
-    Penalties are implied by the history bucket (``history_len > 1``)."""
+    Penalties and logit biases are implied by the history bucket (``history_len > 1``)."""
 
     sampling: bool = False  # some row is not greedy (temperature / top-k / top-p / min-p / seed)
     top_logprobs: bool = False  # some row asked for top log-probabilities
@@ -257,6 +259,7 @@ def build_batch(
     suppress = np.zeros(num_seqs, bool)
     history = np.full((num_seqs, history_len), -1, np.int32)
     history_is_output = np.zeros((num_seqs, history_len), bool)
+    history_bias = np.zeros((num_seqs, history_len), np.float32)
     any_sampling = any_top = False
 
     if n:
@@ -357,13 +360,18 @@ def build_batch(
                 any_sampling = True
             if sp.top_logprobs_num > 0:
                 any_top = True
+            bias = sp.bias_items
             if sp.uses_penalties:
                 rep[i], freq[i], pres[i] = sp.repetition_penalty, sp.frequency_penalty, sp.presence_penalty
-                hist = req.all_token_ids[-history_len:]
+                room = history_len - len(bias)  # the most recent tokens, beside the bias entries
+                hist = req.all_token_ids[-room:] if room > 0 else []
                 history[i, : len(hist)] = hist
                 n_out = min(len(req.output_token_ids), len(hist))
                 if n_out:
                     history_is_output[i, len(hist) - n_out : len(hist)] = True
+            if bias:
+                history[i, history_len - len(bias) :] = [t for t, _ in bias]
+                history_bias[i, history_len - len(bias) :] = [b for _, b in bias]
 
     fb = ForwardBatch(
         input_ids=input_ids,
@@ -392,6 +400,7 @@ def build_batch(
         suppress_stop=suppress,
         history=history,
         history_is_output=history_is_output,
+        history_bias=history_bias,
     )
     return fb, sb, SampleMode(sampling=any_sampling, top_logprobs=any_top)
 

@@ -698,6 +698,7 @@ class Engine(EngineAPI):
         if not self.overlap_schedule:
             return False
         s = self.scheduler
+        # Penalties read the tokens sampled by the step before; a logit bias alone is fixed per request.
         return not any(r.sampling_params.uses_penalties for r in (*s.running, *s.waiting))
 
     def _apply(self, kind: str, payload: Any) -> None:
@@ -793,9 +794,10 @@ class _Phases:
 
 def _continuous_ok(req: Request) -> bool:
     """Whether ``req`` may take several decode steps per dispatch: its sampling needs nothing from the host
-    between tokens (no penalties over the token history, no stop-id suppression, no top log-probs)."""
+    between tokens (no penalties over the token history or logit bias, no stop-id suppression, no top
+    log-probs)."""
     sp = req.sampling_params
-    return not sp.uses_penalties and req.num_outputs >= sp.min_new_tokens and sp.top_logprobs_num == 0
+    return not sp.uses_history and req.num_outputs >= sp.min_new_tokens and sp.top_logprobs_num == 0
 
 
 class _AsyncStream:

@@ -32,6 +32,7 @@ from jaxrt.config import EngineConfig
 from jaxrt.kernels import cudnn_prefill, resolve_backend
 from jaxrt.models.layers import KVCache
 from jaxrt.page_table import NULL_PAGE
+from jaxrt.sampling_params import MAX_LOGIT_BIAS
 from jaxrt.scheduler import SchedulerOutput, cdiv
 from jaxrt.step import (
     ForwardFn,
@@ -167,7 +168,8 @@ class ModelRunner:
         self.token_buckets = token_buckets(
             cfg.scheduler.chunked_prefill_size, single=cfg.scheduler.single_token_bucket
         )
-        self.history_buckets = history_buckets(cfg.scheduler.context_length)
+        # Penalties read up to a context's tokens, besides up to MAX_LOGIT_BIAS bias entries.
+        self.history_buckets = history_buckets(cfg.scheduler.context_length + MAX_LOGIT_BIAS)
         # Fresh-prompt programs (kernels.cudnn_prefill; JAXRT_CUDNN_PREFILL): on pallas_gpu with cuDNN (XLA's
         # attention in the interpreter), half-precision models, the token buckets of >= MIN_TOKENS.
         interpret = envs.attention_interpret()
@@ -599,11 +601,15 @@ class ModelRunner:
         """Lay out a scheduled step in its bucket (host arrays)."""
         n = self.pick(sched.num_tokens)
         history_len = 1
-        if any(s.sample and s.request.sampling_params.uses_penalties for s in sched.scheduled):
+        need = [s.request for s in sched.scheduled if s.sample and s.request.sampling_params.uses_history]
+        if need:
             longest = max(
-                s.request.num_tokens for s in sched.scheduled if s.request.sampling_params.uses_penalties
+                (r.num_tokens if r.sampling_params.uses_penalties else 0) + len(r.sampling_params.bias_items)
+                for r in need
             )
-            history_len = pick_bucket(self.history_buckets, longest)
+            # A history of one entry means "none" to the sampler: at least 2. A row longer than the largest
+            # bucket keeps its most recent tokens (build_batch).
+            history_len = pick_bucket(self.history_buckets, min(max(longest, 2), self.history_buckets[-1]))
         return self._batch(sched, n, history_len, stop_ids)
 
     def stage(

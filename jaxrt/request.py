@@ -86,7 +86,7 @@ class Request:
     def needs_row_setup(self) -> bool:
         """Whether the batch needs per-step work beyond the plain row (stop suppression, penalties, ...)."""
         sp = self.sampling_params
-        return sp.min_new_tokens > 0 or sp.uses_penalties or sp.top_logprobs_num > 0 or not sp.is_greedy
+        return sp.min_new_tokens > 0 or sp.uses_history or sp.top_logprobs_num > 0 or not sp.is_greedy
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """Known tokens ``[start, end)`` without building the whole prompt + output list."""

@@ -26,13 +26,19 @@ def set_greedy_kernel(mode: str | None) -> None:
 
 
 def apply_penalties(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
-    """Repetition penalty over prompt+output (transformers' rule), frequency/presence over output (OpenAI's).
+    """The logit biases (OpenAI's ``logit_bias``: added first), then the repetition penalty over prompt+output
+    (transformers' rule), frequency/presence over output (OpenAI's).
 
-    logits: [num_seqs, vocab] f32.
+    logits: [num_seqs, vocab] f32. History entries with a nonzero ``history_bias`` are biases, not tokens.
     """
     num_seqs, vocab = logits.shape
     rows = jnp.arange(num_seqs)[:, None]
+    is_bias = sb.history_bias != 0
     ids = jnp.where(sb.history < 0, vocab, sb.history)  # padding -> out of range, dropped
+    logits = logits + jnp.zeros((num_seqs, vocab), jnp.float32).at[rows, ids].add(
+        sb.history_bias, mode="drop"
+    )
+    ids = jnp.where(is_bias, vocab, ids)  # the tokens alone from here
     seen = jnp.zeros((num_seqs, vocab), jnp.bool_).at[rows, ids].set(True, mode="drop")
     out_counts = (
         jnp.zeros((num_seqs, vocab), jnp.float32)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_TOP_LOGPROBS = 20
+# OpenAI's limit on logit_bias entries; each takes one slot of the sampler's token history.
+MAX_LOGIT_BIAS = 300
 
 
 @dataclass
@@ -35,6 +37,9 @@ class SamplingParams:
     seed: int | None = None
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    # Token id -> additive bias on its logit before penalties and sampling, in [-100, 100] (OpenAI's; -100
+    # bans a token, 100 all but forces it). Keys may be ints or decimal strings (JSON objects).
+    logit_bias: dict[int, float] | None = None
 
     @classmethod
     def from_dict(cls, params: dict[str, Any] | SamplingParams | None) -> SamplingParams:
@@ -51,6 +56,8 @@ class SamplingParams:
         values = {k: v for k, v in params.items() if v is not None}
         if isinstance(values.get("stop"), str):
             values["stop"] = [values["stop"]]
+        if isinstance(values.get("logit_bias"), dict):
+            values["logit_bias"] = _token_keys(values["logit_bias"])
         out = cls(**values)
         out.validate()
         return out
@@ -108,6 +115,23 @@ class SamplingParams:
             bad("stop_token_ids", f"must be < vocab size {vocab_size}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             bad("seed", "must be an integer")
+        if self.logit_bias is not None:
+            lb = self.logit_bias
+            if not isinstance(lb, dict) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in lb
+            ):
+                bad("logit_bias", "must map non-negative integer token ids to numbers")
+            if not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and -100 <= v <= 100
+                for v in lb.values()
+            ):
+                bad("logit_bias", "values must be numbers in [-100, 100]")
+            if len(lb) > MAX_LOGIT_BIAS:
+                raise ValueError(
+                    f"sampling_params.logit_bias may have at most {MAX_LOGIT_BIAS} entries, got {len(lb)}"
+                )
+            if vocab_size is not None and any(t >= vocab_size for t in lb):
+                bad("logit_bias", f"token ids must be < vocab size {vocab_size}")
 
     @property
     def is_greedy(self) -> bool:
@@ -116,3 +140,24 @@ class SamplingParams:
     @property
     def uses_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+    @property
+    def bias_items(self) -> list[tuple[int, float]]:
+        """``logit_bias`` as (token id, bias) pairs, zero biases left out."""
+        return [(t, float(b)) for t, b in sorted((self.logit_bias or {}).items()) if b != 0]
+
+    @property
+    def uses_history(self) -> bool:
+        """Whether the sampler needs this request's row of the token history: penalties read its tokens,
+        and a logit bias takes one entry per biased token."""
+        return self.uses_penalties or bool(self.bias_items)
+
+
+def _token_keys(bias: dict) -> dict:
+    """JSON object keys are strings: decimal token ids become ints (anything else is left for ``validate``)."""
+    out = {}
+    for k, v in bias.items():
+        if isinstance(k, str) and k.strip().lstrip("-").isdigit():
+            k = int(k)
+        out[k] = v
+    return out

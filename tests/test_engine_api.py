@@ -113,6 +113,7 @@ def _sampling_batch(rows: int, **fields):
         suppress_stop=z.astype(bool),
         history=np.zeros((rows, 1), np.int32),
         history_is_output=np.zeros((rows, 1), bool),
+        history_bias=np.zeros((rows, 1), np.float32),
     )
     return SamplingBatch(**{**base, **fields})
 
@@ -140,6 +141,7 @@ def test_penalties_match_transformers_and_openai_rules():
         presence_penalty=pres,
         history=history,
         history_is_output=is_out,
+        history_bias=np.zeros((rows, hist), np.float32),
     )
     ours = np.asarray(apply_penalties(logits, sb))
     for r in range(rows):
@@ -151,6 +153,44 @@ def test_penalties_match_transformers_and_openai_rules():
         counts = np.bincount(outs, minlength=vocab).astype(np.float32)
         expected = expected - freq[r] * counts - pres[r] * (counts > 0)
         np.testing.assert_allclose(ours[r], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_logit_bias_entries_add_first_and_are_not_tokens():
+    """History entries with a bias add it to their token's logit before the penalties (so the repetition
+    penalty scales the biased logit), and are not tokens of the sequence: a token that is only biased is
+    neither "seen" (repetition) nor counted (frequency / presence)."""
+    from jaxrt.sampler import apply_penalties
+
+    rng = np.random.default_rng(4)
+    vocab, rows = 30, 2
+    logits = rng.normal(size=(rows, vocab)).astype(np.float32) * 3
+    history = np.array([[4, 9, 9, 17, 4, -1], [2, 2, 11, 5, -1, -1]], np.int32)
+    is_out = np.array([[0, 1, 1, 0, 0, 0], [0, 1, 0, 0, 0, 0]], bool)
+    bias = np.array([[0, 0, 0, -100, 2.5, 0], [0, 0, 7, 0, 0, 0]], np.float32)  # 17 and 4 / 11 biased
+    rep = np.array([1.5, 1.0], np.float32)
+    freq = np.array([0.5, 0.25], np.float32)
+    sb = _sampling_batch(
+        rows,
+        repetition_penalty=rep,
+        frequency_penalty=freq,
+        presence_penalty=np.zeros(rows, np.float32),
+        history=history,
+        history_is_output=is_out,
+        history_bias=bias,
+    )
+    ours = np.asarray(apply_penalties(logits, sb))
+    want = logits.copy()
+    for r in range(rows):
+        for t, b in zip(history[r], bias[r], strict=True):
+            if b:
+                want[r, t] += b
+        tokens = [t for t, b in zip(history[r], bias[r], strict=True) if t >= 0 and not b]
+        for t in set(tokens):
+            want[r, t] = want[r, t] / rep[r] if want[r, t] > 0 else want[r, t] * rep[r]
+        outs = history[r][(history[r] >= 0) & is_out[r] & (bias[r] == 0)]
+        want[r] -= freq[r] * np.bincount(outs, minlength=vocab)
+    np.testing.assert_allclose(ours, want, rtol=1e-6, atol=1e-5)
+    assert ours[0, 17] < -90  # biased only: banned, not penalised as seen
 
 
 def test_suppress_stops_masks_only_rows_under_min_new_tokens():
@@ -254,6 +294,55 @@ def test_repetition_penalty_greedy_matches_transformers(llm, tiny_llama_dir):
             pad_token_id=ref.config.pad_token_id,
         )[0, len(ids) :].tolist()
     assert out["output_ids"] == exp
+
+
+def test_logit_bias_greedy_matches_transformers(llm, tiny_llama_dir):
+    """Greedy tokens with a logit bias (the unbiased run's first two tokens banned, pushes up and down) equal
+    transformers' ``sequence_bias`` on one-token sequences, with and without a repetition penalty beside
+    it, and with a single banned token; a request without a bias in the same step is unchanged."""
+    import torch
+    from jaxrt_testing import hf_model
+
+    ids = llm.tokenizer.encode("bias the next tokens")
+    plain = {"temperature": 0, "max_new_tokens": 12, "min_new_tokens": 12}
+    base = llm.generate(input_ids=ids, sampling_params=plain)["output_ids"]
+    # A prompt token pushed up too: with a repetition penalty, the order of the two matters for it.
+    bias = {str(base[0]): -100.0, str(base[1]): -100.0, "7": 3.0, "11": -2.5, str(ids[1]): 6.0}
+    ref = hf_model(tiny_llama_dir)
+    cases = [({}, bias), ({"repetition_penalty": 1.3}, bias), ({}, {str(base[0]): -100.0})]
+    for extra, bias in cases:
+        params = {**plain, **extra, "logit_bias": bias}
+        outs = llm.generate(input_ids=[ids, ids], sampling_params=[params, plain])
+        with torch.no_grad():
+            exp = ref.generate(
+                torch.tensor([ids]),
+                do_sample=False,
+                max_new_tokens=12,
+                min_new_tokens=12,
+                sequence_bias={(int(t),): b for t, b in bias.items()},
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                pad_token_id=ref.config.pad_token_id,
+                **extra,
+            )[0, len(ids) :].tolist()
+        assert outs[0]["output_ids"] == exp
+        assert base[0] not in outs[0]["output_ids"] and outs[0]["output_ids"] != base
+        assert outs[1]["output_ids"] == base
+    assert_no_leak(llm)
+
+
+def test_logit_bias_is_validated(llm):
+    vocab = llm.config.model.vocab_size
+    for bad, match in (
+        ({"5": 101}, r"logit_bias values must be numbers in \[-100, 100\]"),
+        ({"x": 1}, "logit_bias must map non-negative integer token ids"),
+        ({str(vocab): 1}, f"logit_bias token ids must be < vocab size {vocab}"),
+        ({str(i): 1 for i in range(301)}, "logit_bias may have at most 300 entries, got 301"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            llm.generate(input_ids=[1, 2], sampling_params={"max_new_tokens": 1, "logit_bias": bad})
+    out = llm.generate(input_ids=[1, 2], sampling_params={"temperature": 0, "max_new_tokens": 2})
+    assert len(out["output_ids"]) == 2
+    assert_no_leak(llm)
 
 
 def test_logprobs_match_a_log_softmax(llm):

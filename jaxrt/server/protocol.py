@@ -200,8 +200,6 @@ def check_unsupported(req: _SamplingRequest) -> None:
             f"response_format type {rf.get('type')!r} is not supported (only 'text')",
             param="response_format",
         )
-    if req.logit_bias:
-        raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
     if req.n < 1:
         raise APIError(400, f"n must be at least 1, got {req.n}", param="n")
 
@@ -224,6 +222,7 @@ def sampling_dict(req: _SamplingRequest, max_new_tokens: int | None) -> dict[str
         "skip_special_tokens": req.skip_special_tokens,
         "n": req.n,
         "seed": req.seed,
+        "logit_bias": req.logit_bias,
     }
     return {k: v for k, v in d.items() if v is not None}
 

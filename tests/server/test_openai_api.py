@@ -132,6 +132,34 @@ def test_chat_non_stream_and_extra_sampling_keys(oai, model_name, server):
     assert extra.usage.completion_tokens == 6
 
 
+def test_logit_bias(oai, server, model_name):
+    """OpenAI's logit_bias (token id strings -> [-100, 100]) reaches the sampler: banning the greedy first
+    token changes it to what the engine gives for the same bias, and a strong push picks a token."""
+    ids = server.engine.tokenizer.encode("The weather today")
+    plain = oai.completions.create(model=model_name, prompt=ids, max_tokens=4, temperature=0)
+    first = server.engine.generate(input_ids=ids, sampling_params={"temperature": 0, "max_new_tokens": 4})
+    assert plain.choices[0].text == first["text"]
+    banned = first["output_ids"][0]
+    r = oai.completions.create(
+        model=model_name, prompt=ids, max_tokens=4, temperature=0, logit_bias={str(banned): -100}
+    )
+    ref = server.engine.generate(
+        input_ids=ids,
+        sampling_params={"temperature": 0, "max_new_tokens": 4, "logit_bias": {banned: -100}},
+    )
+    assert banned not in ref["output_ids"] and r.choices[0].text == ref["text"] != plain.choices[0].text
+    forced = oai.chat.completions.create(
+        model=model_name,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        temperature=0.7,
+        logit_bias={"42": 100},
+        extra_body={"ignore_eos": True},
+    )
+    assert forced.usage.completion_tokens == 3
+    assert forced.choices[0].message.content == server.engine.tokenizer.decode([42] * 3)
+
+
 def test_chat_logprobs(oai, model_name):
     r = oai.chat.completions.create(
         model=model_name,

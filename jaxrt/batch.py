@@ -77,6 +77,10 @@ class SamplingBatch:
     history_is_output: jax.Array  # [num_seqs, history_len] bool
     # Nonzero: the entry is not a token of the sequence but its logit bias for that id (``logit_bias``).
     history_bias: jax.Array  # [num_seqs, history_len] f32
+    # Constrained decoding: the tokens each row may sample, a bitmask of int32 words (bit t % 32 of word
+    # t // 32 is token t; all ones for unconstrained rows). [num_seqs, ceil(vocab / 32)] in programs with
+    # SampleMode.constrained, else [num_seqs, 1] and unused.
+    allowed: jax.Array
 
 
 class SampleMode(NamedTuple):
@@ -87,6 +91,7 @@ class SampleMode(NamedTuple):
 
     sampling: bool = False  # some row is not greedy (temperature / top-k / top-p / min-p / seed)
     top_logprobs: bool = False  # some row asked for top log-probabilities
+    constrained: bool = False  # some row samples under a grammar (SamplingBatch.allowed)
 
 
 @_pytree_dataclass
@@ -225,6 +230,7 @@ def build_batch(
     history_len: int,
     stop_ids: dict[str, list[int]],
     pad_row: int = 0,
+    constrained: bool = False,
 ) -> tuple[ForwardBatch, SamplingBatch, SampleMode]:
     """Lay out one scheduled step as padded numpy arrays (host side, then handed to the jitted step).
 
@@ -260,6 +266,7 @@ def build_batch(
     history = np.full((num_seqs, history_len), -1, np.int32)
     history_is_output = np.zeros((num_seqs, history_len), bool)
     history_bias = np.zeros((num_seqs, history_len), np.float32)
+    allowed = np.full((num_seqs, -(-vocab_size // 32) if constrained else 1), -1, np.int32)
     any_sampling = any_top = False
 
     if n:
@@ -372,6 +379,9 @@ def build_batch(
             if bias:
                 history[i, history_len - len(bias) :] = [t for t, _ in bias]
                 history_bias[i, history_len - len(bias) :] = [b for _, b in bias]
+            if req.grammar is not None:
+                assert constrained, "a batch with a grammar's row needs constrained=True"
+                req.grammar.fill(allowed, i)
 
     fb = ForwardBatch(
         input_ids=input_ids,
@@ -401,8 +411,9 @@ def build_batch(
         history=history,
         history_is_output=history_is_output,
         history_bias=history_bias,
+        allowed=allowed,
     )
-    return fb, sb, SampleMode(sampling=any_sampling, top_logprobs=any_top)
+    return fb, sb, SampleMode(sampling=any_sampling, top_logprobs=any_top, constrained=constrained)
 
 
 __all__ = [

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from jaxrt.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from jaxrt.grammar import GrammarTokenizer, compile_grammar
 from jaxrt.output import OutputProcessor, Sink, Track
 from jaxrt.page_table import PageAllocator
 from jaxrt.radix_cache import RadixCache
@@ -251,6 +252,7 @@ class EngineAPI:
                 sp.validate()
             sp.validate(vocab)
             self._validate_ids(ids)
+            grammar = self._compile_constraint(sp)
             max_new = min(sp.max_new_tokens, self.context_length - len(ids))
             pages = max_pages_for(len(ids) + max_new, self.context_length, page_size)
             if pages > self._num_usable_pages:
@@ -260,10 +262,23 @@ class EngineAPI:
                 )
             for i in range(sp.n):
                 seed = sp.seed + i if sp.seed is not None else int(self._rng.integers(0, 2**31 - 1))
-                specs.append({"ids": ids, "sp": sp, "seed": seed, "max_new": max_new})
+                specs.append({"ids": ids, "sp": sp, "seed": seed, "max_new": max_new, "grammar": grammar})
             if sp.n > 1:
                 single = False
         return specs, single
+
+    def _compile_constraint(self, sp: SamplingParams) -> str | None:
+        """The llguidance grammar of ``sp``'s regex / json_schema / ebnf (None without one); a ValueError
+        naming the field if it is not valid or the engine has no tokenizer."""
+        if sp.constraint is None:
+            return None
+        kind, text = sp.constraint
+        if self.tokenizer is None:
+            raise ValueError(
+                f"sampling_params.{kind}: constrained decoding needs the tokenizer "
+                "(engine started with skip_tokenizer_init)"
+            )
+        return compile_grammar(kind, text)
 
     def _validate_ids(self, ids: list[int]) -> None:
         if not ids:
@@ -455,6 +470,7 @@ class Engine(EngineAPI):
         self.runner.on_compiled = self._wake  # the loop runs each background-compiled program once when idle
         self._stopping = False
         self._dead: BaseException | None = None
+        self._grammar_tok: GrammarTokenizer | None = None
         # Called on the loop's thread after every pass that may have handed outputs to sinks (and after the
         # last); the engine process sends the pass's OutputDelta records in one message from here.
         self.on_loop_end: Callable[[], None] | None = None
@@ -613,6 +629,8 @@ class Engine(EngineAPI):
             sampling_params=sp,
             seed=spec["seed"],
         )
+        if spec.get("grammar") is not None:
+            req.grammar = self._grammar_tokenizer().matcher(spec["grammar"])
         stop_ids = list(sp.stop_token_ids) + ([] if sp.ignore_eos else sorted(self.eos_ids))
         deltas = bool(spec.get("deltas"))
         # With deltas the text is made on the other side; here only stop strings need it.
@@ -629,6 +647,14 @@ class Engine(EngineAPI):
             top_logprobs_num=sp.top_logprobs_num,
         )
         return track
+
+    def _grammar_tokenizer(self) -> GrammarTokenizer:
+        """llguidance's view of the tokenizer, made on the first constrained request."""
+        if self._grammar_tok is None:
+            self._grammar_tok = GrammarTokenizer(
+                self.tokenizer.hf, self.config.model.vocab_size, sorted(self.eos_ids)
+            )
+        return self._grammar_tok
 
     def _wake(self) -> None:
         with self._cv:
@@ -698,8 +724,8 @@ class Engine(EngineAPI):
         if not self.overlap_schedule:
             return False
         s = self.scheduler
-        # Penalties read the tokens sampled by the step before; a logit bias alone is fixed per request.
-        return not any(r.sampling_params.uses_penalties for r in (*s.running, *s.waiting))
+        # Penalties and grammars read the tokens sampled by the step before; a logit bias alone is fixed.
+        return not any(r.sampling_params.uses_penalties or r.grammar for r in (*s.running, *s.waiting))
 
     def _apply(self, kind: str, payload: Any) -> None:
         if kind == "add":
@@ -797,7 +823,12 @@ def _continuous_ok(req: Request) -> bool:
     between tokens (no penalties over the token history or logit bias, no stop-id suppression, no top
     log-probs)."""
     sp = req.sampling_params
-    return not sp.uses_history and req.num_outputs >= sp.min_new_tokens and sp.top_logprobs_num == 0
+    return (
+        not sp.uses_history
+        and req.grammar is None
+        and req.num_outputs >= sp.min_new_tokens
+        and sp.top_logprobs_num == 0
+    )
 
 
 class _AsyncStream:

@@ -243,7 +243,12 @@ class ModelRunner:
         return min(num_tokens, self.cfg.scheduler.max_running_requests)
 
     def _batch(
-        self, sched: SchedulerOutput, num_tokens: int, history_len: int, stop_ids: dict[str, list[int]]
+        self,
+        sched: SchedulerOutput,
+        num_tokens: int,
+        history_len: int,
+        stop_ids: dict[str, list[int]],
+        constrained: bool = False,
     ) -> tuple[ForwardBatch, SamplingBatch, SampleMode]:
         return build_batch(
             sched,
@@ -255,6 +260,7 @@ class ModelRunner:
             history_len=history_len,
             stop_ids=stop_ids,
             pad_row=self.pad_row,
+            constrained=constrained,
         )
 
     def delta_capacity(self, key: tuple) -> int:
@@ -298,12 +304,18 @@ class ModelRunner:
     #   ("decode_loop", num_tokens, SampleMode)       num_decode_steps decode steps in one program
 
     def _host_data(
-        self, kind: str, n: int, history_len: int, sched: SchedulerOutput, stop_ids: dict[str, list[int]]
+        self,
+        kind: str,
+        n: int,
+        history_len: int,
+        constrained: bool,
+        sched: SchedulerOutput,
+        stop_ids: dict[str, list[int]],
     ) -> tuple[Any, SampleMode]:
         """What a ``kind`` program on token bucket ``n`` takes from the host for ``sched``, as the tree its
         :class:`PackedLayout` packs, and the sampler variant the batch needs. The model programs' trees carry the
         page-table delta, which this marks as held (see :meth:`take_delta`): once per dispatched step."""
-        fb, sb, mode = self._batch(sched, n, history_len, stop_ids)
+        fb, sb, mode = self._batch(sched, n, history_len, stop_ids, constrained)
         if kind == "sample":
             return sb, mode
         delta = self.take_delta(sched, self.delta_capacity((kind, n)))
@@ -314,9 +326,11 @@ class ModelRunner:
         return (fb, sb, steps, delta), mode
 
     @staticmethod
-    def _bucket(key: tuple) -> tuple[str, int, int]:
-        """(kind, token bucket, history length) of program ``key``."""
-        return key[0], key[1], key[2] if key[0] == "sample" else 1
+    def _bucket(key: tuple) -> tuple[str, int, int, bool]:
+        """(kind, token bucket, history length, constrained) of program ``key``."""
+        if key[0] == "sample":
+            return key[0], key[1], key[2], key[3].constrained
+        return key[0], key[1], 1, False
 
     def layout(self, key: tuple) -> PackedLayout:
         """How program ``key``'s host data is packed (from its empty batch: the bucket fixes every shape)."""
@@ -610,7 +624,8 @@ class ModelRunner:
             # A history of one entry means "none" to the sampler: at least 2. A row longer than the largest
             # bucket keeps its most recent tokens (build_batch).
             history_len = pick_bucket(self.history_buckets, min(max(longest, 2), self.history_buckets[-1]))
-        return self._batch(sched, n, history_len, stop_ids)
+        constrained = any(s.sample and s.request.grammar is not None for s in sched.scheduled)
+        return self._batch(sched, n, history_len, stop_ids, constrained)
 
     def stage(
         self, fb: ForwardBatch, sb: SamplingBatch, mode: SampleMode, delta: np.ndarray | None = None
@@ -675,7 +690,7 @@ class ModelRunner:
     ) -> DecodeLoopOutput:
         assert self._decode_loop is not None and sched.num_steps <= self.num_decode_steps
         n = self.pick(sched.num_tokens, loop=True)
-        tree, mode = self._host_data("decode_loop", n, 1, sched, stop_ids)
+        tree, mode = self._host_data("decode_loop", n, 1, False, sched, stop_ids)
         assert not mode.top_logprobs, "top log-probabilities need single steps"
         key = ("decode_loop", n, mode)
         buf = jax.device_put(self.layout(key).pack(tree), self.device)

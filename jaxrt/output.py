@@ -158,8 +158,9 @@ class OutputProcessor:
     ) -> FinishReason | None:
         """Append a row's sampled tokens (one step's, or a continuous decode's) to ``req`` in order, up to the
         first that finishes it; returns why it finished, if it did. A token finishes the request when it is a
-        stop id or EOS past ``min_new_tokens``, completes a stop string past ``min_new_tokens``, or reaches
-        ``max_new_tokens`` or the context length. Tokens sampled past the end are dropped. The text is decoded
+        stop id or EOS past ``min_new_tokens``, completes a stop string past ``min_new_tokens``, leaves the
+        request's grammar nothing more to take (constrained decoding), or reaches ``max_new_tokens`` or the
+        context length. Tokens sampled past the end are dropped. The text is decoded
         token by token only for stop strings; a stream's is decoded once per chunk that goes out (``emit``)."""
         sp = req.sampling_params
         outs = req.output_token_ids
@@ -173,8 +174,13 @@ class OutputProcessor:
             if by_token:
                 outs.append(token)
                 delta = track.detok.step(outs)
+            grammar = req.grammar.consume(token) if req.grammar is not None else None
             if past_min and token in track.stop_set:
                 reason = FinishReason("stop", matched=token)
+            elif grammar == "done":  # the grammar can take no further token (its EOS, or its end)
+                reason = FinishReason("stop", matched=token if token in track.stop_set else None)
+            elif grammar is not None:
+                reason = FinishReason("abort", message=f"constrained decoding: {grammar}")
             elif by_token and past_min and delta:
                 reason = self._stop_string(track, sp.stop, delta)
             if reason is None and j + 1 >= room:

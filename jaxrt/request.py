@@ -66,6 +66,8 @@ class Request:
     # Rows of in-flight step outputs holding this request's sampled-but-unread tokens, oldest first
     # (overlap scheduling: step N+1 is dispatched before step N's tokens are read back).
     pending_rows: list[int] = field(default_factory=list)
+    # Constrained decoding: the grammar's state (jaxrt.grammar.Matcher), fed each sampled token.
+    grammar: Any = None
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -86,7 +88,13 @@ class Request:
     def needs_row_setup(self) -> bool:
         """Whether the batch needs per-step work beyond the plain row (stop suppression, penalties, ...)."""
         sp = self.sampling_params
-        return sp.min_new_tokens > 0 or sp.uses_history or sp.top_logprobs_num > 0 or not sp.is_greedy
+        return (
+            sp.min_new_tokens > 0
+            or sp.uses_history
+            or sp.top_logprobs_num > 0
+            or not sp.is_greedy
+            or self.grammar is not None
+        )
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """Known tokens ``[start, end)`` without building the whole prompt + output list."""

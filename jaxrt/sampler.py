@@ -70,6 +70,17 @@ def mask_stop_ids(logits: jax.Array, stop_ids: jax.Array, suppress: jax.Array) -
     return jnp.where(hit, NEG_INF, logits)
 
 
+def mask_disallowed(logits: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Constrained decoding: -inf at every token whose bit is clear in the row's bitmask ``allowed``
+    ([num_seqs, ceil(vocab / 32)] int32; bit ``t % 32`` of word ``t // 32``). Elementwise over the vocabulary,
+    so XLA fuses it into the reductions that read the logits."""
+    num_seqs, vocab = logits.shape
+    shifts = jnp.arange(32, dtype=jnp.int32)
+    bits = jax.lax.shift_right_logical(allowed[:, :, None], shifts[None, None, :]) & 1
+    bits = bits.reshape(num_seqs, -1)[:, :vocab]
+    return jnp.where(bits == 1, logits, NEG_INF)
+
+
 def row_stats(raw: jax.Array, masked: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``[num_seqs, vocab]`` f32 -> (logsumexp of ``raw``, argmax of ``masked``, max of ``masked``).
 
@@ -131,8 +142,10 @@ def sample(logits: jax.Array, sb: SamplingBatch, mode: SampleMode = SampleMode()
     num_seqs, vocab = raw.shape
     penalties = sb.history.shape[1] > 1
     logits = suppress_stops(apply_penalties(raw, sb) if penalties else raw, sb)
+    if mode.constrained:
+        logits = mask_disallowed(logits, sb.allowed)
     # The normaliser of the raw distribution and the greedy choice.
-    if _GREEDY_KERNEL is not None and not penalties:
+    if _GREEDY_KERNEL is not None and not penalties and not mode.constrained:
         from jaxrt.kernels.greedy import greedy_row_stats
 
         lse, greedy, greedy_logit = greedy_row_stats(
@@ -150,7 +163,7 @@ def sample(logits: jax.Array, sb: SamplingBatch, mode: SampleMode = SampleMode()
         tokens = jnp.where(sb.temperature > 0, _sample(logits, sb), greedy)
     else:
         tokens = greedy
-    if mode.sampling or penalties:  # the raw logit of the chosen token (penalties change the others)
+    if mode.sampling or penalties or mode.constrained:  # the raw logit of the chosen token
         chosen = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]
     else:  # greedy: the chosen logit is the row's max (a suppressed stop id is never chosen)
         chosen = greedy_logit

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,11 @@ class SamplingParams:
     # Token id -> additive bias on its logit before penalties and sampling, in [-100, 100] (OpenAI's; -100
     # bans a token, 100 all but forces it). Keys may be ints or decimal strings (JSON objects).
     logit_bias: dict[int, float] | None = None
+    # Constrained decoding (at most one): the output must match a regular expression, a JSON schema (a JSON
+    # string; a dict is accepted and serialised), or an EBNF grammar (GBNF / Lark syntax). See jaxrt.grammar.
+    regex: str | None = None
+    json_schema: str | None = None
+    ebnf: str | None = None
 
     @classmethod
     def from_dict(cls, params: dict[str, Any] | SamplingParams | None) -> SamplingParams:
@@ -58,6 +64,8 @@ class SamplingParams:
             values["stop"] = [values["stop"]]
         if isinstance(values.get("logit_bias"), dict):
             values["logit_bias"] = _token_keys(values["logit_bias"])
+        if isinstance(values.get("json_schema"), dict):
+            values["json_schema"] = json.dumps(values["json_schema"])
         out = cls(**values)
         out.validate()
         return out
@@ -132,6 +140,15 @@ class SamplingParams:
                 )
             if vocab_size is not None and any(t >= vocab_size for t in lb):
                 bad("logit_bias", f"token ids must be < vocab size {vocab_size}")
+        constraints = [k for k in ("regex", "json_schema", "ebnf") if getattr(self, k) is not None]
+        for name in constraints:
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                bad(name, "must be a non-empty string")
+        if len(constraints) > 1:
+            raise ValueError(
+                f"sampling_params.{constraints[1]}: at most one of regex, json_schema and ebnf may be set, "
+                f"got {', '.join(constraints)}"
+            )
 
     @property
     def is_greedy(self) -> bool:
@@ -145,6 +162,15 @@ class SamplingParams:
     def bias_items(self) -> list[tuple[int, float]]:
         """``logit_bias`` as (token id, bias) pairs, zero biases left out."""
         return [(t, float(b)) for t, b in sorted((self.logit_bias or {}).items()) if b != 0]
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """(kind, text) of the output constraint (``regex`` / ``json_schema`` / ``ebnf``), if any."""
+        for kind in ("regex", "json_schema", "ebnf"):
+            text = getattr(self, kind)
+            if text is not None:
+                return kind, text
+        return None
 
     @property
     def uses_history(self) -> bool:

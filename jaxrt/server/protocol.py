@@ -155,7 +155,7 @@ class _SamplingRequest(OpenAIBase):
     no_stop_trim: bool = False  # SGLang's name for include_stop_str_in_output
     rid: str | None = None
     regex: str | None = None
-    json_schema: str | None = None
+    json_schema: str | dict[str, Any] | None = None
     ebnf: str | None = None
 
 
@@ -190,18 +190,35 @@ def check_unsupported(req: _SamplingRequest) -> None:
     """Reject what we cannot honour instead of silently ignoring it."""
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
-    for name in ("regex", "json_schema", "ebnf"):
-        if getattr(req, name) is not None:
-            raise APIError(400, f"{name}: constrained decoding is not supported by this server", param=name)
-    rf = req.response_format
-    if rf and rf.get("type", "text") != "text":
-        raise APIError(
-            400,
-            f"response_format type {rf.get('type')!r} is not supported (only 'text')",
-            param="response_format",
-        )
+    response_format_schema(req)
     if req.n < 1:
         raise APIError(400, f"n must be at least 1, got {req.n}", param="n")
+
+
+def response_format_schema(req: _SamplingRequest) -> str | None:
+    """The JSON schema that OpenAI's ``response_format`` asks for: None for "text" (or none), any JSON object
+    for "json_object", ``json_schema.schema`` for "json_schema"; 400 for anything else."""
+    rf = req.response_format
+    kind = (rf or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json.dumps({"type": "object"})
+    if kind == "json_schema":
+        spec = rf.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise APIError(
+                400,
+                "response_format.json_schema.schema must be a JSON schema object",
+                param="response_format",
+            )
+        return json.dumps(schema)
+    raise APIError(
+        400,
+        f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
+        param="response_format",
+    )
 
 
 def sampling_dict(req: _SamplingRequest, max_new_tokens: int | None) -> dict[str, Any]:
@@ -223,7 +240,19 @@ def sampling_dict(req: _SamplingRequest, max_new_tokens: int | None) -> dict[str
         "n": req.n,
         "seed": req.seed,
         "logit_bias": req.logit_bias,
+        "regex": req.regex,
+        "json_schema": req.json_schema,
+        "ebnf": req.ebnf,
     }
+    schema = response_format_schema(req)
+    if schema is not None:
+        if any(d[k] is not None for k in ("regex", "json_schema", "ebnf")):
+            raise APIError(
+                400,
+                "response_format cannot be combined with regex, json_schema or ebnf",
+                param="response_format",
+            )
+        d["json_schema"] = schema
     return {k: v for k, v in d.items() if v is not None}
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -78,6 +79,17 @@ def test_generate_matches_the_in_process_engine(server, ep_http):
         rlp = [lp for lp, _, _ in r["meta_info"]["output_token_logprobs"]]
         assert glp == pytest.approx(rlp, abs=1e-5)
         assert g["meta_info"]["ttft"] <= g["meta_info"]["e2e_latency"]
+
+
+def test_constrained_decoding_matches_the_in_process_engine(server, ep_http):
+    """A grammar is compiled by the front (validation) and matched in the engine's process."""
+    sp = {"temperature": 0, "max_new_tokens": 16, "regex": "[a-z]{1,6} [0-9]{2}"}
+    ref = server.engine.generate("Label:", sp)
+    got = ep_http.post("/generate", json={"text": "Label:", "sampling_params": sp}).json()
+    assert got["output_ids"] == ref["output_ids"] and got["text"] == ref["text"]
+    assert re.fullmatch("[a-z]{1,6} [0-9]{2}", got["text"])
+    bad = ep_http.post("/generate", json={"text": "Label:", "sampling_params": {"regex": "(["}})
+    assert bad.status_code == 400 and "regex" in bad.text
 
 
 def test_streams_and_stop_strings_match(server, ep_http):

@@ -44,7 +44,16 @@ BAD_BODIES = [
     (CHAT, {"messages": MSG, "top_k": 0}, "top_k"),
     (CHAT, {"messages": MSG, "min_tokens": 9, "max_tokens": 3}, "min_tokens"),
     (CHAT, {"messages": MSG, "stop_token_ids": [-1]}, "stop_token_ids"),
-    (CHAT, {"messages": MSG, "response_format": {"type": "json_object"}}, "response_format"),
+    (CHAT, {"messages": MSG, "response_format": {"type": "grammar"}}, "response_format"),
+    (
+        CHAT,
+        {"messages": MSG, "response_format": {"type": "json_schema", "json_schema": {}}},
+        "response_format",
+    ),
+    (CHAT, {"messages": MSG, "regex": "(["}, "regex"),
+    (COMP, {"prompt": "x", "json_schema": "{nope"}, "json_schema"),
+    (COMP, {"prompt": "x", "regex": "a", "response_format": {"type": "json_object"}}, "response_format"),
+    ("/generate", {"text": "x", "sampling_params": {"ebnf": "root ::= ("}}, "ebnf"),
     (CHAT, {"messages": [{"content": "no role"}]}, "messages.0.role"),
     (
         CHAT,

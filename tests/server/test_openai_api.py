@@ -160,6 +160,51 @@ def test_logit_bias(oai, server, model_name):
     assert forced.choices[0].message.content == server.engine.tokenizer.decode([42] * 3)
 
 
+def test_structured_outputs(oai, http, model_name):
+    """response_format (json_schema, json_object) and SGLang's regex / ebnf in the request body constrain the
+    output; the native /generate takes them in sampling_params."""
+    import json
+    import re
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 8}, "rank": {"type": "integer", "maximum": 9}},
+        "required": ["city", "rank"],
+        "additionalProperties": False,
+        "x-guidance": {"whitespace_flexible": False},
+    }
+    msgs = [{"role": "user", "content": "A city as JSON"}]
+    r = oai.chat.completions.create(
+        model=model_name,
+        messages=msgs,
+        max_tokens=40,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+    )
+    obj = json.loads(r.choices[0].message.content)
+    assert set(obj) == {"city", "rank"} and obj["rank"] <= 9 and r.choices[0].finish_reason == "stop"
+    r = oai.chat.completions.create(
+        model=model_name, messages=msgs, max_tokens=8, temperature=0, response_format={"type": "json_object"}
+    )
+    assert r.choices[0].message.content.startswith("{")
+    r = oai.completions.create(
+        model=model_name,
+        prompt="Code:",
+        max_tokens=12,
+        temperature=0,
+        extra_body={"regex": "[A-Z]{3}-[0-9]{2}"},
+    )
+    assert re.fullmatch("[A-Z]{3}-[0-9]{2}", r.choices[0].text) and r.choices[0].finish_reason == "stop"
+    g = http.post(
+        "/generate",
+        json={
+            "text": "Pick:",
+            "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ebnf": 'root ::= "left" | "right"'},
+        },
+    )
+    assert g.status_code == 200 and g.json()["text"] in ("left", "right")
+
+
 def test_chat_logprobs(oai, model_name):
     r = oai.chat.completions.create(
         model=model_name,

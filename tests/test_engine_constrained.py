@@ -1,0 +1,189 @@
+"""Constrained decoding (``regex`` / ``json_schema`` / ``ebnf``): outputs match their grammar, greedy tokens equal
+transformers' greedy choice under the same grammar's mask, unconstrained requests beside them are unchanged,
+and bad grammars are clear errors."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from jaxrt_testing import assert_no_leak
+
+import jaxrt
+
+LLM = dict(
+    dtype="float32",
+    chunked_prefill_size=32,
+    max_running_requests=8,
+    context_length=256,
+    num_pages=400,
+    page_size=8,
+)
+# Compact JSON: a random model would otherwise fill the allowed whitespace until max_new_tokens.
+COMPACT = {"x-guidance": {"whitespace_flexible": False}}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+        "pet": {"enum": ["cat", "dog"]},
+    },
+    "required": ["name", "age", "pet"],
+    "additionalProperties": False,
+    **COMPACT,
+}
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir):
+    engine = jaxrt.Engine(model_path=tiny_llama_dir, **LLM)
+    yield engine
+    engine.shutdown()
+
+
+def test_mask_disallowed_keeps_exactly_the_set_bits():
+    import jax.numpy as jnp
+
+    from jaxrt.sampler import mask_disallowed
+
+    rng = np.random.default_rng(0)
+    rows, vocab = 3, 70  # 3 words, the last partly past the vocabulary
+    logits = rng.normal(size=(rows, vocab)).astype(np.float32)
+    keep = rng.random((rows, vocab)) < 0.3
+    keep[2] = True
+    padded = np.zeros((rows, 96), bool)
+    padded[:, :vocab] = keep
+    words = np.packbits(padded, axis=1, bitorder="little").view(np.int32)
+    got = np.asarray(mask_disallowed(jnp.asarray(logits), jnp.asarray(words)))
+    np.testing.assert_array_equal(got, np.where(keep, logits, -np.inf))
+
+
+def test_regex_output_matches(llm):
+    rx = r"(yes|no), [0-9]{3}"
+    out = llm.generate("Answer:", {"temperature": 0, "max_new_tokens": 20, "regex": rx})
+    assert re.fullmatch(rx, out["text"]), out["text"]
+    assert out["meta_info"]["finish_reason"]["type"] == "stop"
+    assert_no_leak(llm)
+
+
+def test_json_schema_output_parses_and_conforms(llm):
+    outs = llm.generate(
+        ["JSON:", "Person:"],
+        [
+            {"temperature": 0, "max_new_tokens": 60, "json_schema": json.dumps(SCHEMA)},
+            {
+                "temperature": 0.9,
+                "seed": 5,
+                "max_new_tokens": 60,
+                "json_schema": SCHEMA,
+            },  # a dict is serialised
+        ],
+    )
+    for out in outs:
+        obj = json.loads(out["text"])
+        assert set(obj) == {"name", "age", "pet"}
+        assert isinstance(obj["name"], str) and len(obj["name"]) <= 6
+        assert isinstance(obj["age"], int) and 0 <= obj["age"] <= 99
+        assert obj["pet"] in ("cat", "dog")
+        assert out["meta_info"]["finish_reason"]["type"] == "stop"
+
+
+def test_ebnf_with_sampling_and_seeds(llm):
+    grammar = 'root ::= ("cat" | "dog" | "bird") (", " ("cat" | "dog" | "bird"))?'
+    params = {"temperature": 1.0, "max_new_tokens": 20, "ebnf": grammar}
+    outs = llm.generate(["Pets:"] * 4, [{**params, "seed": s} for s in (1, 2, 3, 1)])
+    pat = r"(cat|dog|bird)(, (cat|dog|bird))?"
+    assert all(re.fullmatch(pat, o["text"]) for o in outs), [o["text"] for o in outs]
+    assert outs[0]["output_ids"] == outs[3]["output_ids"]  # same seed, same draw
+
+
+def test_greedy_tokens_equal_transformers_under_the_same_mask(llm, tiny_llama_dir):
+    """transformers' greedy generate, with a logits processor that masks each step by an llguidance matcher
+    of the same grammar, picks the same tokens (then its EOS, which the engine does not need: the grammar
+    ended); an unconstrained request in the same step is unchanged."""
+    import llguidance
+    import torch
+    from jaxrt_testing import hf_model
+    from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
+    from transformers import LogitsProcessor
+
+    from jaxrt.grammar import GrammarTokenizer, compile_grammar
+
+    ids = llm.tokenizer.encode("Describe:")
+    plain = {"temperature": 0, "max_new_tokens": 12}
+    alone = llm.generate(input_ids=ids, sampling_params=plain)["output_ids"]
+    vocab = llm.config.model.vocab_size
+    for kind, text in (
+        ("json_schema", json.dumps(SCHEMA)),
+        ("regex", r"[a-z]{2,5}( [a-z]{2,5}){2}"),
+    ):
+        outs = llm.generate(
+            input_ids=[ids, ids],
+            sampling_params=[{"temperature": 0, "max_new_tokens": 60, kind: text}, plain],
+        )
+        assert outs[1]["output_ids"] == alone
+        matcher = (
+            GrammarTokenizer(llm.tokenizer.hf, vocab, sorted(llm.eos_ids))
+            .matcher(compile_grammar(kind, text))
+            ._m
+        )
+        assert isinstance(matcher, llguidance.LLMatcher)
+
+        class Mask(LogitsProcessor):
+            def __init__(self, matcher):
+                self.matcher = matcher
+                self.seen = len(ids)
+                self.bits = allocate_token_bitmask(1, vocab)
+
+            def __call__(self, input_ids, scores):
+                for t in input_ids[0, self.seen :].tolist():
+                    assert self.matcher.consume_token(t)
+                self.seen = input_ids.shape[1]
+                fill_next_token_bitmask(self.matcher, self.bits, 0)
+                keep = np.unpackbits(self.bits[0].view(np.uint8), bitorder="little")[: scores.shape[1]]
+                return scores.masked_fill(torch.from_numpy(keep == 0)[None], -float("inf"))
+
+        ref = hf_model(tiny_llama_dir)
+        with torch.no_grad():
+            exp = ref.generate(
+                torch.tensor([ids]),
+                do_sample=False,
+                max_new_tokens=61,
+                logits_processor=[Mask(matcher)],
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                pad_token_id=ref.config.pad_token_id,
+                eos_token_id=sorted(llm.eos_ids),
+            )[0, len(ids) :].tolist()
+        got = outs[0]["output_ids"]
+        assert exp[: len(got)] == got and set(exp[len(got) :]) <= llm.eos_ids, (got, exp)
+    assert_no_leak(llm)
+
+
+@pytest.mark.parametrize(
+    "params,match",
+    [
+        ({"regex": "(["}, "sampling_params.regex is not a valid regex"),
+        ({"json_schema": "{not json"}, "sampling_params.json_schema is not valid JSON"),
+        ({"json_schema": json.dumps({"type": "nonsense"})}, "sampling_params.json_schema is not a valid"),
+        ({"ebnf": "root ::= ("}, "sampling_params.ebnf is not a valid ebnf"),
+        ({"regex": "a", "ebnf": 'root ::= "a"'}, "at most one of regex, json_schema and ebnf"),
+        ({"regex": ""}, "sampling_params.regex must be a non-empty string"),
+    ],
+)
+def test_bad_constraints_are_value_errors(llm, params, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        llm.generate("x", {"max_new_tokens": 2, **params})
+    out = llm.generate("x", {"temperature": 0, "max_new_tokens": 2})
+    assert len(out["output_ids"]) == 2
+    assert_no_leak(llm)
+
+
+def test_constraints_need_the_tokenizer(tiny_llama_dir):
+    needs = "sampling_params.regex: constrained decoding needs the tokenizer"
+    with (
+        jaxrt.Engine(model_path=tiny_llama_dir, skip_tokenizer_init=True, **LLM) as engine,
+        pytest.raises(ValueError, match=needs),
+    ):
+        engine.generate(input_ids=[1, 2, 3], sampling_params={"regex": "a+"})

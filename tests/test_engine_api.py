@@ -114,6 +114,7 @@ def _sampling_batch(rows: int, **fields):
         history=np.zeros((rows, 1), np.int32),
         history_is_output=np.zeros((rows, 1), bool),
         history_bias=np.zeros((rows, 1), np.float32),
+        allowed=np.full((rows, 1), -1, np.int32),
     )
     return SamplingBatch(**{**base, **fields})
 

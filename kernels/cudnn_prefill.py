@@ -18,7 +18,7 @@ before. A first form chose on the device with a ``lax.cond`` in every layer; its
 idle gaps, and at 512 and 1k tokens it lost more than cuDNN gained.
 
 Static scope (``supports``): bf16/f16 queries and pools of one dtype, head_dim a multiple of 8 up to 256 (128
-before Hopper), no logit soft-cap and no sliding window, whole pages; layers out of scope keep the paged kernel
+before Hopper), no logit soft-cap and no sliding window; layers out of scope keep the paged kernel
 inside a fresh-prompt program. ``JAXRT_CUDNN_PREFILL=0`` turns it off.
 """
 
@@ -64,8 +64,8 @@ def supports(
         return "logit soft-cap"
     if sliding_window is not None:
         return "sliding window"
-    if num_tokens % page_size or pages_per_seq < 1:
-        return f"{num_tokens} tokens in pages of {page_size}"
+    if pages_per_seq < 1:
+        return "no page-table columns"
     return None
 
 

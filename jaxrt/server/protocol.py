@@ -157,6 +157,10 @@ class _SamplingRequest(OpenAIBase):
     regex: str | None = None
     json_schema: str | dict[str, Any] | None = None
     ebnf: str | None = None
+    # vLLM's names for the same constraints
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(_SamplingRequest):
@@ -244,6 +248,12 @@ def sampling_dict(req: _SamplingRequest, max_new_tokens: int | None) -> dict[str
         "json_schema": req.json_schema,
         "ebnf": req.ebnf,
     }
+    for vllm, ours in (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_grammar", "ebnf")):
+        value = getattr(req, vllm)
+        if value is not None:
+            if d[ours] is not None:
+                raise APIError(400, f"{vllm} and {ours} are the same constraint: set one", param=vllm)
+            d[ours] = value
     schema = response_format_schema(req)
     if schema is not None:
         if any(d[k] is not None for k in ("regex", "json_schema", "ebnf")):

@@ -50,6 +50,18 @@ def test_fresh_attention_matches_the_oracle(q_lens, dtype):
     assert (got[n:] == 0).all()
 
 
+@pytest.mark.parametrize("page_size", [8, 48])
+def test_fresh_attention_takes_any_page_size(page_size):
+    """The K/V rows are gathered token by token, so prompts need not fill whole pages of any size."""
+    b = _batch(page_size, [30, 17], [30, 17], 64, page_size=page_size)
+    args = [jnp.asarray(a) for a in b.args()]
+    got = np.asarray(
+        cudnn_prefill.fresh_attention(*args, sm_scale=0.125, implementation="xla").astype(jnp.float32)
+    )
+    assert rel_err(got[:47], oracle(b, sm_scale=0.125)[:47]) < 1e-2
+    assert (got[47:] == 0).all()
+
+
 CHOICE_CASES = [
     # (q_lens, kv_lens, fresh)
     ([40], [40], True),
@@ -129,7 +141,7 @@ def test_pallas_gpu_attention_takes_the_fresh_path_only_when_told(monkeypatch):
         (dict(head_dim=512), "head_dim"),
         (dict(soft_cap=50.0), "soft-cap"),
         (dict(sliding_window=128), "sliding window"),
-        (dict(page_size=48), "pages"),
+        (dict(pages_per_seq=0), "page-table"),
     ],
 )
 def test_scope(change, reason):
@@ -142,20 +154,22 @@ def test_scope(change, reason):
         page_size=16,
         soft_cap=None,
         sliding_window=None,
+        pages_per_seq=64,
     )
     assert _why(**base) is None
+    assert _why(**{**base, "page_size": 48}) is None  # rows are gathered per token: any page size
     base.update(change)
     why = _why(**base)
     assert why is not None and reason in why
 
 
-def _why(num_tokens, q_dtype, kv_dtype, head_dim, page_size, soft_cap, sliding_window):
+def _why(num_tokens, q_dtype, kv_dtype, head_dim, page_size, soft_cap, sliding_window, pages_per_seq):
     return cudnn_prefill.supports(
         (num_tokens, 32, head_dim),
         q_dtype,
         (100, page_size, 8, head_dim),
         kv_dtype,
-        64,
+        pages_per_seq,
         sliding_window,
         soft_cap,
     )

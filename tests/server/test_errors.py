@@ -51,6 +51,7 @@ BAD_BODIES = [
         "response_format",
     ),
     (CHAT, {"messages": MSG, "regex": "(["}, "regex"),
+    (CHAT, {"messages": MSG, "guided_regex": "a", "regex": "b"}, "guided_regex"),
     (COMP, {"prompt": "x", "json_schema": "{nope"}, "json_schema"),
     (COMP, {"prompt": "x", "regex": "a", "response_format": {"type": "json_object"}}, "response_format"),
     ("/generate", {"text": "x", "sampling_params": {"ebnf": "root ::= ("}}, "ebnf"),

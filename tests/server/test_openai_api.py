@@ -195,6 +195,14 @@ def test_structured_outputs(oai, http, model_name):
         extra_body={"regex": "[A-Z]{3}-[0-9]{2}"},
     )
     assert re.fullmatch("[A-Z]{3}-[0-9]{2}", r.choices[0].text) and r.choices[0].finish_reason == "stop"
+    vllm = oai.completions.create(
+        model=model_name,
+        prompt="Code:",
+        max_tokens=12,
+        temperature=0,
+        extra_body={"guided_regex": "[A-Z]{3}-[0-9]{2}"},  # vLLM's name
+    )
+    assert vllm.choices[0].text == r.choices[0].text
     g = http.post(
         "/generate",
         json={

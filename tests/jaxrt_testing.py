@@ -20,6 +20,17 @@ TINY_LLAMA = dict(
 )
 
 
+# A small engine for the tiny random Llama on CPU (the engine-API modules' settings).
+TINY_ENGINE = dict(
+    dtype="float32",
+    chunked_prefill_size=32,
+    max_running_requests=8,
+    context_length=256,
+    num_pages=400,
+    page_size=8,
+)
+
+
 def make_tiny_llama(out: Path, tokenizer_from: str | None, seed: int = 0, **overrides: Any) -> str:
     """Random-weight LlamaForCausalLM with the default model's tokenizer, saved as a transformers checkpoint.
     ``tokenizer_from=None``: no tokenizer (engines run it with ``skip_tokenizer_init=True``; the overrides

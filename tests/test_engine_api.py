@@ -10,19 +10,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from jaxrt_testing import assert_no_leak
+from jaxrt_testing import TINY_ENGINE, assert_no_leak
 
 import jaxrt
 
 # The module engine's settings (tests that need a second engine like it reuse them).
-LLM = dict(
-    dtype="float32",
-    chunked_prefill_size=32,
-    max_running_requests=8,
-    context_length=256,
-    num_pages=400,
-    page_size=8,
-)
+LLM = TINY_ENGINE
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,11 @@ import re
 
 import numpy as np
 import pytest
-from jaxrt_testing import assert_no_leak
+from jaxrt_testing import TINY_ENGINE, assert_no_leak
 
 import jaxrt
 
-LLM = dict(
-    dtype="float32",
-    chunked_prefill_size=32,
-    max_running_requests=8,
-    context_length=256,
-    num_pages=400,
-    page_size=8,
-)
+LLM = TINY_ENGINE
 # Compact JSON: a random model would otherwise fill the allowed whitespace until max_new_tokens.
 COMPACT = {"x-guidance": {"whitespace_flexible": False}}
 SCHEMA = {

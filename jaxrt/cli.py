@@ -73,18 +73,30 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def sampling_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``jaxrt generate``'s flags as SGLang sampling params (a ValueError for a --logit-bias that is not JSON)."""
+    params: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    for name in ("top_p", "top_k", "seed", "regex", "json_schema", "ebnf"):
+        if getattr(args, name) is not None:
+            params[name] = getattr(args, name)
+    if args.logit_bias is not None:
+        try:
+            params["logit_bias"] = json.loads(args.logit_bias)
+        except ValueError as e:
+            raise ValueError(f"sampling_params.logit_bias: --logit-bias is not JSON: {e}") from None
+    return params
+
+
 def _generate(args: argparse.Namespace) -> int:
     from jaxrt.engine import Engine
     from jaxrt.sampling_params import SamplingParams
 
-    params: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
-    if args.top_p is not None:
-        params["top_p"] = args.top_p
-    if args.top_k is not None:
-        params["top_k"] = args.top_k
-    if args.seed is not None:
-        params["seed"] = args.seed
-    SamplingParams.from_dict(params)  # fail before loading anything
+    params = sampling_from_args(args)
+    sp = SamplingParams.from_dict(params)  # fail before loading anything
+    if sp.constraint is not None:
+        from jaxrt.grammar import compile_grammar
+
+        compile_grammar(*sp.constraint)
     with Engine(**engine_kwargs(args)) as llm:
         if args.chat:
             ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
@@ -135,6 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--regex", default=None, help="constrain the output to match this regular expression")
+    g.add_argument(
+        "--json-schema", default=None, help="constrain the output to this JSON schema (a JSON string)"
+    )
+    g.add_argument("--ebnf", default=None, help="constrain the output to this EBNF (GBNF / Lark) grammar")
+    g.add_argument(
+        "--logit-bias", default=None, help="token id -> bias in [-100, 100], as JSON: '{\"1234\": -100}'"
+    )
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--stream", action="store_true")
     g.add_argument("--json", action="store_true", help="print the whole SGLang-style result as JSON")

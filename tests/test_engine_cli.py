@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -38,9 +39,14 @@ def test_cli_chat_stream_and_bad_flag(default_model_dir):
         "16",
         "--chunked-prefill-size",
         "64",
+        "--regex",
+        "(The capital of France is )?(Paris|London|Rome)\\.?",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.fullmatch(r"(The capital of France is )?(Paris|London|Rome)\.?", proc.stdout.strip()), (
+        proc.stdout
+    )
     assert "Paris" in proc.stdout
     bad = subprocess.run(
         [
@@ -59,3 +65,14 @@ def test_cli_chat_stream_and_bad_flag(default_model_dir):
         timeout=600,
     )
     assert bad.returncode == 2 and "temperature" in bad.stderr
+    for flags, field in (
+        (["--regex", "(["], "sampling_params.regex"),
+        (["--logit-bias", "{1:"], "logit_bias"),
+    ):
+        bad = subprocess.run(
+            [sys.executable, "-m", "jaxrt.cli", "generate", "x", *flags],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert bad.returncode == 2 and field in bad.stderr, bad.stderr[-2000:]  # before loading the model

@@ -470,7 +470,12 @@ class Engine(EngineAPI):
         self.runner.on_compiled = self._wake  # the loop runs each background-compiled program once when idle
         self._stopping = False
         self._dead: BaseException | None = None
-        self._grammar_tok: GrammarTokenizer | None = None
+        # llguidance's view of the tokenizer (it reads the vocabulary on the first constrained request).
+        self._grammar_tok = (
+            GrammarTokenizer(self.tokenizer.hf, self.config.model.vocab_size, sorted(self.eos_ids))
+            if self.tokenizer is not None
+            else None
+        )
         # Called on the loop's thread after every pass that may have handed outputs to sinks (and after the
         # last); the engine process sends the pass's OutputDelta records in one message from here.
         self.on_loop_end: Callable[[], None] | None = None
@@ -630,7 +635,7 @@ class Engine(EngineAPI):
             seed=spec["seed"],
         )
         if spec.get("grammar") is not None:
-            req.grammar = self._grammar_tokenizer().matcher(spec["grammar"])
+            req.grammar = self._grammar_tok.matcher(spec["grammar"])
         stop_ids = list(sp.stop_token_ids) + ([] if sp.ignore_eos else sorted(self.eos_ids))
         deltas = bool(spec.get("deltas"))
         # With deltas the text is made on the other side; here only stop strings need it.
@@ -647,14 +652,6 @@ class Engine(EngineAPI):
             top_logprobs_num=sp.top_logprobs_num,
         )
         return track
-
-    def _grammar_tokenizer(self) -> GrammarTokenizer:
-        """llguidance's view of the tokenizer, made on the first constrained request."""
-        if self._grammar_tok is None:
-            self._grammar_tok = GrammarTokenizer(
-                self.tokenizer.hf, self.config.model.vocab_size, sorted(self.eos_ids)
-            )
-        return self._grammar_tok
 
     def _wake(self) -> None:
         with self._cv:

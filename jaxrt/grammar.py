@@ -18,12 +18,7 @@ from typing import Any
 
 import numpy as np
 
-KINDS = ("regex", "json_schema", "ebnf")
-
-
-def words(vocab_size: int) -> int:
-    """int32 words of a token bitmask over ``vocab_size`` ids."""
-    return -(-vocab_size // 32)
+from jaxrt.sampling_params import CONSTRAINTS
 
 
 def compile_grammar(kind: str, text: str) -> str:
@@ -31,8 +26,8 @@ def compile_grammar(kind: str, text: str) -> str:
     ``sampling_params.<kind>`` when it is not valid."""
     import llguidance
 
-    if kind not in KINDS:
-        raise ValueError(f"constraint kind must be one of {KINDS}, got {kind!r}")
+    if kind not in CONSTRAINTS:
+        raise ValueError(f"constraint kind must be one of {CONSTRAINTS}, got {kind!r}")
     if kind == "json_schema":
         try:
             json.loads(text)

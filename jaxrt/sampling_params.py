@@ -10,6 +10,8 @@ from typing import Any
 MAX_TOP_LOGPROBS = 20
 # OpenAI's limit on logit_bias entries; each takes one slot of the sampler's token history.
 MAX_LOGIT_BIAS = 300
+# The output constraints (SGLang's names), at most one per request: see jaxrt.grammar.
+CONSTRAINTS = ("regex", "json_schema", "ebnf")
 
 
 @dataclass
@@ -140,7 +142,7 @@ class SamplingParams:
                 )
             if vocab_size is not None and any(t >= vocab_size for t in lb):
                 bad("logit_bias", f"token ids must be < vocab size {vocab_size}")
-        constraints = [k for k in ("regex", "json_schema", "ebnf") if getattr(self, k) is not None]
+        constraints = [k for k in CONSTRAINTS if getattr(self, k) is not None]
         for name in constraints:
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 bad(name, "must be a non-empty string")
@@ -166,7 +168,7 @@ class SamplingParams:
     @property
     def constraint(self) -> tuple[str, str] | None:
         """(kind, text) of the output constraint (``regex`` / ``json_schema`` / ``ebnf``), if any."""
-        for kind in ("regex", "json_schema", "ebnf"):
+        for kind in CONSTRAINTS:
             text = getattr(self, kind)
             if text is not None:
                 return kind, text
@@ -176,7 +178,7 @@ class SamplingParams:
     def uses_history(self) -> bool:
         """Whether the sampler needs this request's row of the token history: penalties read its tokens,
         and a logit bias takes one entry per biased token."""
-        return self.uses_penalties or bool(self.bias_items)
+        return self.uses_penalties or any(b != 0 for b in (self.logit_bias or {}).values())
 
 
 def _token_keys(bias: dict) -> dict:

@@ -261,7 +261,7 @@ def ragged_paged_attention(
     if name == "reference":
         return ragged_paged_attention_reference(*args, **kwargs)
     fresh = fresh_prompt is not None and name == "pallas_gpu"
-    if fresh and cudnn_prefill.applies(q, k_pages, page_indices, sliding_window, soft_cap):
+    if fresh and cudnn_prefill.applies(q, k_pages, sliding_window, soft_cap):
         return cudnn_prefill.fresh_attention(*args, sm_scale=sm_scale, implementation=fresh_prompt)
     entry = _BACKENDS[name]
     if entry.metadata_fn is not None:

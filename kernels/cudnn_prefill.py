@@ -47,11 +47,11 @@ _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def supports(
-    q_shape, q_dtype, k_shape, kv_dtype, pages_per_seq: int, sliding_window, soft_cap, max_head_dim: int = 256
+    q_shape, q_dtype, k_shape, kv_dtype, sliding_window, soft_cap, max_head_dim: int = 256
 ) -> str | None:
     """None if a step of these static shapes may take the cuDNN path, else why the paged kernel runs."""
     num_tokens, num_q_heads, head_dim = q_shape
-    _, page_size, num_kv_heads, _ = k_shape
+    num_kv_heads = k_shape[2]
     if num_tokens < MIN_TOKENS:
         return f"{num_tokens} tokens (< {MIN_TOKENS})"
     if jnp.dtype(q_dtype) not in _HALF or jnp.dtype(kv_dtype) != jnp.dtype(q_dtype):
@@ -64,8 +64,6 @@ def supports(
         return "logit soft-cap"
     if sliding_window is not None:
         return "sliding window"
-    if pages_per_seq < 1:
-        return "no page-table columns"
     return None
 
 
@@ -97,21 +95,13 @@ def available(interpret: bool, dtype, kv_dtype) -> bool:
     return half and (interpret or cudnn_available())
 
 
-def applies(q, k_pages, page_indices, sliding_window, soft_cap) -> bool:
+def applies(q, k_pages, sliding_window, soft_cap) -> bool:
     """Whether a ``pallas_gpu`` call of these static shapes on a fresh prompt runs ``fresh_attention``
     (within ``supports``)."""
     head_max = max_head_dim() if cudnn_available() else 256
-    why = supports(
-        q.shape,
-        q.dtype,
-        k_pages.shape,
-        k_pages.dtype,
-        page_indices.shape[1],
-        sliding_window,
-        soft_cap,
-        head_max,
+    return (
+        supports(q.shape, q.dtype, k_pages.shape, k_pages.dtype, sliding_window, soft_cap, head_max) is None
     )
-    return why is None
 
 
 def fresh_attention(
@@ -137,8 +127,9 @@ def fresh_attention(
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, num_kv_heads, _ = k_pages.shape
     n = num_seqs.reshape(())
+    total = cu_q_lens[n]
     t = jnp.arange(num_tokens, dtype=jnp.int32)
-    valid = t < cu_q_lens[n]
+    valid = t < total
     # Token t's sequence: how many sequences end at or before it, counted in one fused comparison (a
     # searchsorted of the default method is a device loop, whose trips cost a host round trip each on GPUs).
     ends = jnp.where(jnp.arange(cu_q_lens.shape[0] - 1) < n, cu_q_lens[1:], num_tokens)
@@ -156,7 +147,6 @@ def fresh_attention(
         return jnp.where(live, kv, jnp.zeros((), kv.dtype))
 
     k, v = gather(k_pages), gather(v_pages)
-    total = cu_q_lens[n]
     if implementation == "xla":
         same = (seq_ids[:, None] == seq_ids[None, :]) & (positions[:, None] >= positions[None, :])
         mask = (same & valid[:, None] & valid[None, :])[None, None]

@@ -64,6 +64,22 @@ def hf_model(path: str):
     return m.eval()
 
 
+def hf_generate(model, ids: list[int], **kwargs) -> list[int]:
+    """transformers' greedy ``generate`` of one prompt (no padding): its new tokens. ``kwargs`` go to generate
+    (lengths, penalties, ``sequence_bias``, logits processors, ...)."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]),
+            do_sample=False,
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            pad_token_id=model.config.pad_token_id,
+            **kwargs,
+        )
+    return out[0, len(ids) :].tolist()
+
+
 def hf_greedy(model, prompts_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """transformers' greedy generate, one prompt at a time (no padding effects), eos suppressed throughout."""
     import torch

@@ -263,8 +263,7 @@ def test_sampler_greedy_kernel_gives_the_same_step_output():
 
 
 def test_repetition_penalty_greedy_matches_transformers(llm, tiny_llama_dir):
-    import torch
-    from jaxrt_testing import hf_model
+    from jaxrt_testing import hf_generate, hf_model
 
     ids = llm.tokenizer.encode("repeat repeat repeat")
     out = llm.generate(
@@ -276,17 +275,9 @@ def test_repetition_penalty_greedy_matches_transformers(llm, tiny_llama_dir):
             "repetition_penalty": 1.3,
         },
     )
-    ref = hf_model(tiny_llama_dir)
-    with torch.no_grad():
-        exp = ref.generate(
-            torch.tensor([ids]),
-            do_sample=False,
-            max_new_tokens=16,
-            min_new_tokens=16,
-            repetition_penalty=1.3,
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            pad_token_id=ref.config.pad_token_id,
-        )[0, len(ids) :].tolist()
+    exp = hf_generate(
+        hf_model(tiny_llama_dir), ids, max_new_tokens=16, min_new_tokens=16, repetition_penalty=1.3
+    )
     assert out["output_ids"] == exp
 
 
@@ -294,8 +285,7 @@ def test_logit_bias_greedy_matches_transformers(llm, tiny_llama_dir):
     """Greedy tokens with a logit bias (the unbiased run's first two tokens banned, pushes up and down) equal
     transformers' ``sequence_bias`` on one-token sequences, with and without a repetition penalty beside
     it, and with a single banned token; a request without a bias in the same step is unchanged."""
-    import torch
-    from jaxrt_testing import hf_model
+    from jaxrt_testing import hf_generate, hf_model
 
     ids = llm.tokenizer.encode("bias the next tokens")
     plain = {"temperature": 0, "max_new_tokens": 12, "min_new_tokens": 12}
@@ -307,17 +297,14 @@ def test_logit_bias_greedy_matches_transformers(llm, tiny_llama_dir):
     for extra, bias in cases:
         params = {**plain, **extra, "logit_bias": bias}
         outs = llm.generate(input_ids=[ids, ids], sampling_params=[params, plain])
-        with torch.no_grad():
-            exp = ref.generate(
-                torch.tensor([ids]),
-                do_sample=False,
-                max_new_tokens=12,
-                min_new_tokens=12,
-                sequence_bias={(int(t),): b for t, b in bias.items()},
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                pad_token_id=ref.config.pad_token_id,
-                **extra,
-            )[0, len(ids) :].tolist()
+        exp = hf_generate(
+            ref,
+            ids,
+            max_new_tokens=12,
+            min_new_tokens=12,
+            sequence_bias={(int(t),): b for t, b in bias.items()},
+            **extra,
+        )
         assert outs[0]["output_ids"] == exp
         assert base[0] not in outs[0]["output_ids"] and outs[0]["output_ids"] != base
         assert outs[1]["output_ids"] == base
@@ -454,14 +441,7 @@ def test_skip_tokenizer_init_ids_in_ids_out(tiny_llama_dir, llm):
         "output_ids"
     ]
     with jaxrt.Engine(
-        model_path=tiny_llama_dir,
-        dtype="float32",
-        chunked_prefill_size=32,
-        max_running_requests=8,
-        context_length=256,
-        num_pages=100,
-        page_size=8,
-        skip_tokenizer_init=True,
+        model_path=tiny_llama_dir, **{**LLM, "num_pages": 100}, skip_tokenizer_init=True
     ) as raw:
         out = raw.generate(input_ids=ids, sampling_params={"temperature": 0, "max_new_tokens": 6})
         assert out["output_ids"] == expected and out["text"] == ""

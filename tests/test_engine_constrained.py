@@ -93,13 +93,11 @@ def test_ebnf_with_sampling_and_seeds(llm):
 
 
 def test_greedy_tokens_equal_transformers_under_the_same_mask(llm, tiny_llama_dir):
-    """transformers' greedy generate, with a logits processor that masks each step by an llguidance matcher
-    of the same grammar, picks the same tokens (then its EOS, which the engine does not need: the grammar
-    ended); an unconstrained request in the same step is unchanged."""
-    import llguidance
+    """transformers' greedy generate, with a logits processor that masks each step by a matcher of the same
+    grammar, picks the same tokens (then its EOS, which the engine does not need: the grammar ended); an
+    unconstrained request in the same step is unchanged."""
     import torch
-    from jaxrt_testing import hf_model
-    from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
+    from jaxrt_testing import hf_generate, hf_model
     from transformers import LogitsProcessor
 
     from jaxrt.grammar import GrammarTokenizer, compile_grammar
@@ -108,6 +106,24 @@ def test_greedy_tokens_equal_transformers_under_the_same_mask(llm, tiny_llama_di
     plain = {"temperature": 0, "max_new_tokens": 12}
     alone = llm.generate(input_ids=ids, sampling_params=plain)["output_ids"]
     vocab = llm.config.model.vocab_size
+    grammars = GrammarTokenizer(llm.tokenizer.hf, vocab, sorted(llm.eos_ids))
+    ref = hf_model(tiny_llama_dir)
+
+    class Mask(LogitsProcessor):
+        """-inf outside the tokens the grammar allows, the matcher fed what was generated so far."""
+
+        def __init__(self, matcher):
+            self.matcher, self.seen = matcher, len(ids)
+            self.bits = np.zeros((1, -(-vocab // 32)), np.int32)
+
+        def __call__(self, input_ids, scores):
+            for t in input_ids[0, self.seen :].tolist():
+                assert self.matcher.consume(t) in (None, "done")
+            self.seen = input_ids.shape[1]
+            self.matcher.fill(self.bits, 0)
+            keep = np.unpackbits(self.bits[0].view(np.uint8), bitorder="little")[: scores.shape[1]]
+            return scores.masked_fill(torch.from_numpy(keep == 0)[None], -float("inf"))
+
     for kind, text in (
         ("json_schema", json.dumps(SCHEMA)),
         ("regex", r"[a-z]{2,5}( [a-z]{2,5}){2}"),
@@ -117,38 +133,10 @@ def test_greedy_tokens_equal_transformers_under_the_same_mask(llm, tiny_llama_di
             sampling_params=[{"temperature": 0, "max_new_tokens": 60, kind: text}, plain],
         )
         assert outs[1]["output_ids"] == alone
-        matcher = (
-            GrammarTokenizer(llm.tokenizer.hf, vocab, sorted(llm.eos_ids))
-            .matcher(compile_grammar(kind, text))
-            ._m
+        mask = Mask(grammars.matcher(compile_grammar(kind, text)))
+        exp = hf_generate(
+            ref, ids, max_new_tokens=61, logits_processor=[mask], eos_token_id=sorted(llm.eos_ids)
         )
-        assert isinstance(matcher, llguidance.LLMatcher)
-
-        class Mask(LogitsProcessor):
-            def __init__(self, matcher):
-                self.matcher = matcher
-                self.seen = len(ids)
-                self.bits = allocate_token_bitmask(1, vocab)
-
-            def __call__(self, input_ids, scores):
-                for t in input_ids[0, self.seen :].tolist():
-                    assert self.matcher.consume_token(t)
-                self.seen = input_ids.shape[1]
-                fill_next_token_bitmask(self.matcher, self.bits, 0)
-                keep = np.unpackbits(self.bits[0].view(np.uint8), bitorder="little")[: scores.shape[1]]
-                return scores.masked_fill(torch.from_numpy(keep == 0)[None], -float("inf"))
-
-        ref = hf_model(tiny_llama_dir)
-        with torch.no_grad():
-            exp = ref.generate(
-                torch.tensor([ids]),
-                do_sample=False,
-                max_new_tokens=61,
-                logits_processor=[Mask(matcher)],
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                pad_token_id=ref.config.pad_token_id,
-                eos_token_id=sorted(llm.eos_ids),
-            )[0, len(ids) :].tolist()
         got = outs[0]["output_ids"]
         assert exp[: len(got)] == got and set(exp[len(got) :]) <= llm.eos_ids, (got, exp)
     assert_no_leak(llm)

@@ -12,6 +12,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 from starlette.responses import StreamingResponse
 
+from jaxrt.sampling_params import CONSTRAINTS
+
 # --------------------------------------------------------------------------------------------- errors
 
 
@@ -194,12 +196,34 @@ def check_unsupported(req: _SamplingRequest) -> None:
     """Reject what we cannot honour instead of silently ignoring it."""
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
-    response_format_schema(req)
+    _normalise_constraints(req)
     if req.n < 1:
         raise APIError(400, f"n must be at least 1, got {req.n}", param="n")
 
 
-def response_format_schema(req: _SamplingRequest) -> str | None:
+def _normalise_constraints(req: _SamplingRequest) -> None:
+    """Move vLLM's ``guided_*`` fields and OpenAI's ``response_format`` onto SGLang's ``regex`` / ``json_schema``
+    / ``ebnf`` (once per request), with a 400 for a constraint set twice."""
+    for vllm, ours in (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_grammar", "ebnf")):
+        value = getattr(req, vllm)
+        if value is not None:
+            if getattr(req, ours) is not None:
+                raise APIError(400, f"{vllm} and {ours} are the same constraint: set one", param=vllm)
+            setattr(req, ours, value)
+            setattr(req, vllm, None)
+    schema = _response_format_schema(req)
+    if schema is not None:
+        if any(getattr(req, k) is not None for k in CONSTRAINTS):
+            raise APIError(
+                400,
+                "response_format cannot be combined with regex, json_schema or ebnf",
+                param="response_format",
+            )
+        req.json_schema = schema
+        req.response_format = None
+
+
+def _response_format_schema(req: _SamplingRequest) -> str | None:
     """The JSON schema that OpenAI's ``response_format`` asks for: None for "text" (or none), any JSON object
     for "json_object", ``json_schema.schema`` for "json_schema"; 400 for anything else."""
     rf = req.response_format
@@ -226,7 +250,8 @@ def response_format_schema(req: _SamplingRequest) -> str | None:
 
 
 def sampling_dict(req: _SamplingRequest, max_new_tokens: int | None) -> dict[str, Any]:
-    """OpenAI fields -> SGLang sampling_params keys (only the ones the client set)."""
+    """OpenAI fields -> SGLang sampling_params keys (only the ones the client set; the constraints as
+    ``check_unsupported`` left them)."""
     d: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "min_new_tokens": req.min_tokens,
@@ -248,21 +273,6 @@ def sampling_dict(req: _SamplingRequest, max_new_tokens: int | None) -> dict[str
         "json_schema": req.json_schema,
         "ebnf": req.ebnf,
     }
-    for vllm, ours in (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_grammar", "ebnf")):
-        value = getattr(req, vllm)
-        if value is not None:
-            if d[ours] is not None:
-                raise APIError(400, f"{vllm} and {ours} are the same constraint: set one", param=vllm)
-            d[ours] = value
-    schema = response_format_schema(req)
-    if schema is not None:
-        if any(d[k] is not None for k in ("regex", "json_schema", "ebnf")):
-            raise APIError(
-                400,
-                "response_format cannot be combined with regex, json_schema or ebnf",
-                param="response_format",
-            )
-        d["json_schema"] = schema
     return {k: v for k, v in d.items() if v is not None}
 
 

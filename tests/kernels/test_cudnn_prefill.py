@@ -141,7 +141,6 @@ def test_pallas_gpu_attention_takes_the_fresh_path_only_when_told(monkeypatch):
         (dict(head_dim=512), "head_dim"),
         (dict(soft_cap=50.0), "soft-cap"),
         (dict(sliding_window=128), "sliding window"),
-        (dict(pages_per_seq=0), "page-table"),
     ],
 )
 def test_scope(change, reason):
@@ -154,7 +153,6 @@ def test_scope(change, reason):
         page_size=16,
         soft_cap=None,
         sliding_window=None,
-        pages_per_seq=64,
     )
     assert _why(**base) is None
     assert _why(**{**base, "page_size": 48}) is None  # rows are gathered per token: any page size
@@ -163,13 +161,12 @@ def test_scope(change, reason):
     assert why is not None and reason in why
 
 
-def _why(num_tokens, q_dtype, kv_dtype, head_dim, page_size, soft_cap, sliding_window, pages_per_seq):
+def _why(num_tokens, q_dtype, kv_dtype, head_dim, page_size, soft_cap, sliding_window):
     return cudnn_prefill.supports(
         (num_tokens, 32, head_dim),
         q_dtype,
         (100, page_size, 8, head_dim),
         kv_dtype,
-        pages_per_seq,
         sliding_window,
         soft_cap,
     )
@@ -215,7 +212,7 @@ def test_pallas_gpu_calls_against_the_oracle_on_gpu(q_lens, kv_lens, num_tokens,
         num_tokens=num_tokens,
     )
     args = [jnp.asarray(a) for a in b.args()]
-    assert cudnn_prefill.applies(args[0], args[1], b.page_indices, None, None)
+    assert cudnn_prefill.applies(args[0], args[1], None, None)
     fresh = cudnn_prefill.batch_is_fresh(b.kv_lens, b.cu_q_lens, b.num_seqs)
     assert fresh == (q_lens == kv_lens)
     got = ragged_paged_attention(

@@ -109,6 +109,13 @@ def main() -> None:
         default=[1],
         help="prompts per prefill step: each --prefill-lens point runs S prompts of that length together",
     )
+    p.add_argument(
+        "--prefix-lens",
+        type=ints,
+        default=[0],
+        help="cached tokens before each prefill prompt: P > 0 times a chunk of L new tokens behind P cached "
+        "ones (a long prompt's later chunk, or a radix-cache hit)",
+    )
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument(
         "--bandwidth",
@@ -150,7 +157,7 @@ def main() -> None:
         skip_tokenizer_init=True,
         skip_warmup=True,
         page_size=args.page_size,
-        context_length=max(max_ctx, max(args.prefill_lens)) + args.page_size,
+        context_length=max(max_ctx, max(args.prefill_lens) + max(args.prefix_lens)) + args.page_size,
         max_running_requests=max(max_b, max(args.prefill_seqs)),
         chunked_prefill_size=max(max_b, max(args.prefill_lens) * max(args.prefill_seqs)),
         mem_fraction_static=args.mem_fraction_static,
@@ -201,7 +208,8 @@ def main() -> None:
         # If the call itself takes about as long as the step, dispatch is not asynchronous (a host sync
         # inside the program) and the engine cannot overlap host work with it.
         print(
-            f"[dispatch] {label}: the call returns after {call_s / args.iters * 1e3:.3f} ms (step {device_s * 1e3:.3f} ms)"
+            f"[dispatch] {label}: the call returns after {call_s / args.iters * 1e3:.3f} ms (step {device_s * 1e3:.3f} ms,"
+            f" program {staged.forward_key})"
         )
         if args.trace:
 
@@ -247,11 +255,12 @@ def main() -> None:
                     "attention_backend": llm.config.attention_backend,
                 },
             )
-    for s, n in itertools.product(args.prefill_seqs, args.prefill_lens):
-        sched = fake_batch(s, n, n)
+    for s, n, pre in itertools.product(args.prefill_seqs, args.prefill_lens, args.prefix_lens):
+        sched = fake_batch(s, pre + n, n)
         if sched is None:
+            print(f"skip prefill {s} x L={n} P={pre}: KV pool too small")
             continue
-        label = f"prefill L={n}" if s == 1 else f"prefill {s} x L={n}"
+        label = (f"prefill L={n}" if s == 1 else f"prefill {s} x L={n}") + (f" P={pre}" if pre else "")
         engine_s, device_s = time_step(sched, label)
         rows.append(
             (
@@ -267,6 +276,7 @@ def main() -> None:
                 "model": args.model_path or args.random_model,
                 "tokens": n,
                 "seqs": s,
+                "prefix": pre,
                 "device_ms": device_s * 1e3,
                 "engine_ms": engine_s * 1e3,
             },

@@ -33,7 +33,7 @@ def _pytree_dataclass(cls=None, *, meta: tuple[str, ...] = ()):
     return jax.tree_util.register_dataclass(cls, data_fields=names, meta_fields=list(meta))
 
 
-@_pytree_dataclass(meta=("fresh",))
+@_pytree_dataclass(meta=("fresh", "prefix_capacity"))
 class ForwardBatch:
     input_ids: jax.Array  # [num_tokens] int32
     positions: jax.Array  # [num_tokens] int32
@@ -58,6 +58,9 @@ class ForwardBatch:
     # Static: set (to "cudnn", or "xla" in the interpreter) in the programs the runner runs only for a batch of
     # fresh prompts (``kernels.cudnn_prefill.batch_is_fresh``), whose attention then skips the pages.
     fresh: str | None = None
+    # Static, with ``fresh``: > 0 in the programs for prompts behind a cached prefix (at most ``MAX_SEQS``
+    # sequences whose prefixes fit a packed buffer of this many rows, ``kernels.cudnn_prefill.choose``).
+    prefix_capacity: int = 0
 
 
 @_pytree_dataclass

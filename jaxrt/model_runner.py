@@ -182,6 +182,11 @@ class ModelRunner:
         self.fresh_buckets = (
             [n for n in self.token_buckets if n >= cudnn_prefill.MIN_TOKENS] if self.fresh_impl else []
         )
+        # The same for prompts behind a cached prefix (later chunks of long prompts, radix-cache hits): one
+        # program per packed prefix buffer size on each of those buckets.
+        self.prefix_capacities = (
+            cudnn_prefill.prefix_capacities(cfg.scheduler.context_length) if self.fresh_buckets else []
+        )
         # One jitted model function inside every program: its trace for a token bucket is made once and
         # serves the single step and both decode-loop variants of that bucket (jit caches it by argument types).
         forward = jax.jit(forward)
@@ -300,6 +305,7 @@ class ModelRunner:
     # host-to-device copy per program call; see PackedLayout). Keys:
     #   ("forward", num_tokens)                      the model on a token bucket
     #   ("forward", num_tokens, "fresh")             the same for a batch of fresh prompts (cudnn_prefill)
+    #   ("forward", num_tokens, "prefixed", capacity) for a few prompts behind cached prefixes (cudnn_prefill)
     #   ("sample", num_seqs, history_len, SampleMode) the sampler variant
     #   ("decode_loop", num_tokens, SampleMode)       num_decode_steps decode steps in one program
 
@@ -373,8 +379,9 @@ class ModelRunner:
     def _lower(self, key: tuple) -> jax.stages.Lowered:
         args = self._example_args(key, abstract=True)
         if key[0] == "forward":
-            fresh = self.fresh_impl if key[2:] == ("fresh",) else None
-            return self._forward.lower(*args, layout=self.layout(key), fresh=fresh)
+            fresh = self.fresh_impl if key[2:3] in (("fresh",), ("prefixed",)) else None
+            capacity = key[3] if key[2:3] == ("prefixed",) else 0
+            return self._forward.lower(*args, layout=self.layout(key), fresh=fresh, prefix_capacity=capacity)
         fn = self._sample if key[0] == "sample" else self._decode_loop
         assert fn is not None, key
         return fn.lower(*args, layout=self.layout(key), mode=key[-1])
@@ -428,7 +435,10 @@ class ModelRunner:
         ]
         if self._decode_loop is not None:
             keys += [("decode_loop", n, m) for n in self.decode_buckets for m in _START_MODES]
-        return keys + [("forward", n, "fresh") for n in self.fresh_buckets]
+        keys += [("forward", n, "fresh") for n in self.fresh_buckets]
+        return keys + [
+            ("forward", n, "prefixed", c) for n in self.fresh_buckets for c in self.prefix_capacities
+        ]
 
     def first_keys(self) -> list[tuple]:
         """The programs that can run any step on their own: the model on the largest token bucket and on the
@@ -641,13 +651,15 @@ class ModelRunner:
         return StagedStep(forward_key, sample_key, *jax.device_put(bufs, self.device))
 
     def _forward_key(self, fb: ForwardBatch, n: int) -> tuple:
-        """The model program for a laid-out batch on bucket ``n``: the fresh-prompt one where the batch is fresh
-        prompts that it suits (``cudnn_prefill.prefers_fresh``) and that program is compiled (or would compile
+        """The model program for a laid-out batch on bucket ``n``: a cuDNN one (fresh prompts, or prompts behind
+        cached prefixes) where ``cudnn_prefill.choose`` picks it and that program is compiled (or would compile
         on use anyway: no background compiles)."""
-        if n in self.fresh_buckets and cudnn_prefill.prefers_fresh(fb.kv_lens, fb.cu_q_lens, fb.num_seqs):
-            key = ("forward", n, "fresh")
-            if key in self._programs or not self.compiling:
-                return key
+        if n in self.fresh_buckets:
+            capacity = cudnn_prefill.choose(fb.kv_lens, fb.cu_q_lens, fb.num_seqs, self.prefix_capacities)
+            if capacity is not None:
+                key = ("forward", n, "fresh") if capacity == 0 else ("forward", n, "prefixed", capacity)
+                if key in self._programs or not self.compiling:
+                    return key
         return ("forward", n)
 
     def run_staged(self, staged: StagedStep, prev_tokens: jax.Array | None = None) -> StepOutput:

@@ -232,6 +232,7 @@ def ragged_paged_attention(
     interpret: bool = False,
     metadata: AttentionMetadata | None = None,
     fresh_prompt: str | None = None,
+    prefix_capacity: int = 0,
 ) -> jax.Array:
     """Causal attention of a ragged batch (prefill chunks and decodes mixed) over a paged KV pool.
 
@@ -243,13 +244,19 @@ def ragged_paged_attention(
     fresh_prompt: None, or the caller's promise that the batch is 1 to ``cudnn_prefill.MAX_SEQS`` prompts with
     no cached prefix (``kernels.cudnn_prefill.batch_is_fresh``); then "pallas_gpu" attends with
     ``cudnn_prefill.fresh_attention`` of that implementation ("cudnn"; "xla" in the interpreter) over the
-    gathered K/V rows, where ``cudnn_prefill.applies``.
+    gathered K/V rows, where ``cudnn_prefill.applies``. With ``prefix_capacity > 0`` the promise is wider: at
+    most ``MAX_SEQS`` sequences, each with new tokens, whose cached prefixes fit a packed buffer of that many
+    rows (``cudnn_prefill.prefix_rows``); they are attended in two parts, own tokens and prefix, and merged.
     Returns [num_tokens, num_q_heads, head_dim] in q.dtype (padding rows zero).
     """
     validate_inputs(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sliding_window, soft_cap)
     _check(
         fresh_prompt in (None, "cudnn", "xla"),
         f"fresh_prompt must be None, 'cudnn' or 'xla', got {fresh_prompt!r}",
+    )
+    _check(
+        isinstance(prefix_capacity, int) and prefix_capacity >= 0,
+        f"prefix_capacity must be an int >= 0, got {prefix_capacity!r}",
     )
     name = _runnable_backend(backend, q, k_pages)
     if metadata is not None and metadata.backend != name:
@@ -262,7 +269,9 @@ def ragged_paged_attention(
         return ragged_paged_attention_reference(*args, **kwargs)
     fresh = fresh_prompt is not None and name == "pallas_gpu"
     if fresh and cudnn_prefill.applies(q, k_pages, sliding_window, soft_cap):
-        return cudnn_prefill.fresh_attention(*args, sm_scale=sm_scale, implementation=fresh_prompt)
+        return cudnn_prefill.fresh_attention(
+            *args, sm_scale=sm_scale, implementation=fresh_prompt, prefix_capacity=prefix_capacity
+        )
     entry = _BACKENDS[name]
     if entry.metadata_fn is not None:
         kwargs["metadata"] = None if metadata is None else metadata.plan

@@ -43,6 +43,8 @@ MAX_SEQS = 8
 # an H200 the packed path saves 10 us at one prompt of 2048 tokens, 15 at eight of 1024, 68 at four of 2048, and
 # loses 6 / 15 / 19 us at two of 1024 / four of 512 / eight of 256 (benchmarks/RESULTS.md, twentieth round).
 MIN_WORK = 2048 * 2048
+# The smallest packed prefix buffer (rows) of the programs for chunks behind a cached prefix; ``prefix_capacities``.
+MIN_PREFIX_CAPACITY = 8192
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -115,58 +117,130 @@ def fresh_attention(
     *,
     sm_scale: float,
     implementation: str = "cudnn",
+    prefix_capacity: int = 0,
 ) -> jax.Array:
-    """Causal attention of a batch of fresh prompts (``batch_is_fresh``: at most ``MAX_SEQS`` sequences, each
-    one's keys exactly its query tokens), in the ragged layout of ``ragged_paged_attention`` (padding rows
-    returned as zeros).
+    """Causal attention of a batch of at most ``MAX_SEQS`` prompts or prompt chunks, in the ragged layout of
+    ``ragged_paged_attention`` (padding rows returned as zeros).
 
-    The K/V rows of the step's tokens are gathered from their pages into the order of ``q``, so the batch is
-    cuDNN's packed layout: one row of segments at offsets ``cu_q_lens`` (``implementation="cudnn"``); "xla"
-    computes the same with a dense segment mask, for the interpreter and tests. A one-row page table (one
-    sequence at most) takes ``jax.nn.dot_product_attention``'s public padded form instead."""
-    num_tokens, num_q_heads, head_dim = q.shape
-    num_pages, page_size, num_kv_heads, _ = k_pages.shape
+    ``prefix_capacity == 0``: the batch is fresh (``batch_is_fresh``: each sequence's keys are exactly its query
+    tokens). The K/V rows of the step's tokens are gathered from their pages into the order of ``q``, so the
+    batch is cuDNN's packed layout: one row of segments at offsets ``cu_q_lens`` (``implementation="cudnn"``);
+    "xla" computes the same with a dense segment mask, for the interpreter and tests. A one-row page table (one
+    sequence at most) takes ``jax.nn.dot_product_attention``'s public padded form instead.
+
+    ``prefix_capacity > 0``: sequences may have a cached prefix (later chunks of long prompts, prompts that hit
+    the radix cache), whose rows, ``sum(max(prefix, 1))`` of them, must fit in ``prefix_capacity``
+    (``prefix_rows``). cuDNN's causal mask in the packed layout is aligned top-left (row ``i`` of a segment sees
+    keys ``<= i``), which is right for a chunk's own tokens but not behind a prefix, so each sequence is
+    attended in two parts: its chunk against its own new rows (causal, as above) and against its prefix rows,
+    gathered into a packed buffer of ``prefix_capacity`` rows (no mask: every prefix key precedes every query);
+    the two normalised parts are merged by their log-sum-exps (cuDNN returns them), as split-kv decoding does.
+    """
+    num_tokens = q.shape[0]
+    n, valid, seq_ids, local = _token_layout(cu_q_lens, num_seqs, num_tokens)
+    prefix = jnp.maximum(kv_lens - (cu_q_lens[1:] - cu_q_lens[:-1]), 0) if prefix_capacity else None
+    positions = local if prefix is None else prefix[seq_ids] + local
+    k, v = (_gather(pool, page_indices, seq_ids, positions, valid) for pool in (k_pages, v_pages))
+    if prefix_capacity == 0:
+        if implementation == "xla":
+            same = (seq_ids[:, None] == seq_ids[None, :]) & (local[:, None] >= local[None, :])
+            mask = same & valid[:, None] & valid[None, :]
+            o = jax.nn.dot_product_attention(
+                q[None], k, v, mask=mask[None, None], scale=sm_scale, implementation="xla"
+            )[0]
+        elif page_indices.shape[0] == 1:
+            # At least 1: an empty batch (the warm-up run) attends one zero row, returned as zeros.
+            lens = jnp.reshape(jnp.maximum(cu_q_lens[n], 1), (1,)).astype(jnp.int32)
+            o = jax.nn.dot_product_attention(
+                q[None],
+                k,
+                v,
+                scale=sm_scale,
+                is_causal=True,
+                query_seq_lengths=lens,
+                key_value_seq_lengths=lens,
+                implementation="cudnn",
+            )[0]
+        else:
+            o = _packed_cudnn(q, k, v, cu_q_lens, cu_q_lens, n, sm_scale, causal=True, stats=False)
+        return jnp.where(valid[:, None, None], o, jnp.zeros((), o.dtype)).astype(q.dtype)
+
+    # The prefix rows, packed: sequence i's at [starts[i], starts[i] + max(prefix[i], 1)); an empty prefix keeps
+    # one zeroed row (cuDNN's segments are never empty), whose part the merge drops.
+    m = min(cu_q_lens.shape[0] - 1, MAX_SEQS)
+    has_prefix = prefix[:m] > 0
+    seg = jnp.arange(m, dtype=jnp.int32)
+    rows = jnp.where(seg < n, jnp.maximum(prefix[:m], 1), 0)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(rows, dtype=jnp.int32)])
+    r = jnp.arange(prefix_capacity, dtype=jnp.int32)
+    r_valid = r < starts[m]
+    r_seq = jnp.where(r_valid, jnp.sum(starts[None, 1:] <= r[:, None], axis=1, dtype=jnp.int32), 0)
+    r_pos = jnp.where(r_valid, r - starts[r_seq], 0)
+    r_live = r_valid & (r_pos < prefix[r_seq])
+    kp, vp = (_gather(pool, page_indices, r_seq, r_pos, r_live) for pool in (k_pages, v_pages))
+    if implementation == "xla":
+        own = (seq_ids[:, None] == seq_ids[None, :]) & (local[:, None] >= local[None, :])
+        own &= valid[:, None] & valid[None, :]
+        o_own, lse_own = _dense_attention(q, k[0], v[0], own, sm_scale)
+        before = (seq_ids[:, None] == r_seq[None, :]) & valid[:, None] & r_live[None, :]
+        o_pre, lse_pre = _dense_attention(q, kp[0], vp[0], before, sm_scale)
+    else:
+        o_own, stats = _packed_cudnn(q, k, v, cu_q_lens, cu_q_lens, n, sm_scale, causal=True, stats=True)
+        lse_own = _token_stats(stats, seq_ids, local)
+        o_pre, stats = _packed_cudnn(q, kp, vp, cu_q_lens, starts, n, sm_scale, causal=False, stats=True)
+        lse_pre = _token_stats(stats, seq_ids, local)
+    use_pre = (has_prefix[jnp.minimum(seq_ids, m - 1)] & valid)[:, None]
+    lse_pre = jnp.where(use_pre, lse_pre, -jnp.inf)
+    top = jnp.maximum(lse_own, lse_pre)
+    w_own, w_pre = jnp.exp(lse_own - top)[..., None], jnp.exp(lse_pre - top)[..., None]
+    o = (o_own.astype(jnp.float32) * w_own + o_pre.astype(jnp.float32) * w_pre) / (w_own + w_pre)
+    return jnp.where(valid[:, None, None], o, 0.0).astype(q.dtype)
+
+
+def _token_layout(cu_q_lens, num_seqs, num_tokens):
+    """(n, valid [T], seq_ids [T], local [T]): the batch's sequence count, which rows are real tokens, and each
+    token's sequence and index within the sequence's part of the step (0 for padding rows)."""
     n = num_seqs.reshape(())
-    total = cu_q_lens[n]
     t = jnp.arange(num_tokens, dtype=jnp.int32)
-    valid = t < total
+    valid = t < cu_q_lens[n]
     # Token t's sequence: how many sequences end at or before it, counted in one fused comparison (a
     # searchsorted of the default method is a device loop, whose trips cost a host round trip each on GPUs).
     ends = jnp.where(jnp.arange(cu_q_lens.shape[0] - 1) < n, cu_q_lens[1:], num_tokens)
     seq_ids = jnp.where(valid, jnp.sum(ends[None, :] <= t[:, None], axis=1, dtype=jnp.int32), 0)
-    positions = jnp.where(valid, t - cu_q_lens[seq_ids], 0)  # fresh: kv position = position in the prompt
+    local = jnp.where(valid, t - cu_q_lens[seq_ids], 0)
+    return n, valid, seq_ids, local
+
+
+def _gather(pool, page_indices, seq_ids, positions, live):
+    """``[1, R, Hkv, D]``: the pool's K or V rows of sequences ``seq_ids`` at kv ``positions`` (``[R]`` each);
+    rows where ``live`` is false zeroed (a stale or NaN slot: 0 * NaN would leak through P @ V)."""
+    num_pages, page_size, num_kv_heads, head_dim = pool.shape
     pages = page_indices[seq_ids, jnp.minimum(positions // page_size, page_indices.shape[1] - 1)]
-    slots = jnp.where(valid, pages * page_size + positions % page_size, 0)
-    live = valid[None, :, None, None]
+    slots = jnp.where(live, pages * page_size + positions % page_size, 0)
+    rows = pool.reshape(num_pages * page_size, num_kv_heads * head_dim)
+    kv = _wide(rows)[slots]
+    kv = kv if kv.dtype == rows.dtype else lax.bitcast_convert_type(kv, rows.dtype)
+    kv = kv.reshape(1, slots.shape[0], num_kv_heads, head_dim)
+    return jnp.where(live[None, :, None, None], kv, jnp.zeros((), kv.dtype))
 
-    def gather(pool):  # [1, T, Hkv, D]; padding rows zeroed (a stale or NaN slot: 0 * NaN would leak)
-        rows = pool.reshape(num_pages * page_size, num_kv_heads * head_dim)
-        kv = _wide(rows)[slots]
-        kv = kv if kv.dtype == rows.dtype else lax.bitcast_convert_type(kv, rows.dtype)
-        kv = kv.reshape(1, num_tokens, num_kv_heads, head_dim)
-        return jnp.where(live, kv, jnp.zeros((), kv.dtype))
 
-    k, v = gather(k_pages), gather(v_pages)
-    if implementation == "xla":
-        same = (seq_ids[:, None] == seq_ids[None, :]) & (positions[:, None] >= positions[None, :])
-        mask = (same & valid[:, None] & valid[None, :])[None, None]
-        o = jax.nn.dot_product_attention(q[None], k, v, mask=mask, scale=sm_scale, implementation="xla")[0]
-    elif page_indices.shape[0] == 1:
-        # At least 1: an empty batch (the warm-up run) attends one zero row, returned as zeros.
-        lens = jnp.reshape(jnp.maximum(total, 1), (1,)).astype(jnp.int32)
-        o = jax.nn.dot_product_attention(
-            q[None],
-            k,
-            v,
-            scale=sm_scale,
-            is_causal=True,
-            query_seq_lengths=lens,
-            key_value_seq_lengths=lens,
-            implementation="cudnn",
-        )[0]
-    else:
-        o = _packed_cudnn(q, k, v, cu_q_lens, n, sm_scale)
-    return jnp.where(valid[:, None, None], o, jnp.zeros((), o.dtype)).astype(q.dtype)
+def _dense_attention(q, k, v, mask, sm_scale):
+    """Reference attention with its log-sum-exp, f32: ``q [T, Hq, D]``, ``k, v [S, Hkv, D]``, ``mask [T, S]``
+    -> (``o [T, Hq, D]``, ``lse [T, Hq]``; -inf and zeros for rows that see no key). The interpreter's stand-in
+    for cuDNN's two calls."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (jnp.repeat(x.astype(jnp.float32), group, axis=1) for x in (k, v))
+    s = jnp.einsum("thd,shd->hts", q.astype(jnp.float32), k) * sm_scale
+    s = jnp.where(mask[None], s, -jnp.inf)
+    lse = jax.nn.logsumexp(s, axis=-1)  # [Hq, T]
+    p = jnp.where(mask[None], jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]), 0.0)
+    return jnp.einsum("hts,shd->thd", p, v), lse.T
+
+
+def _token_stats(stats, seq_ids, local):
+    """cuDNN's log-sum-exps of a packed call, ``[segments, Hq, T]`` with segment ``i``'s rows from 0, as
+    ``[T, Hq]`` for the step's tokens."""
+    return stats[seq_ids, :, local]
 
 
 def _wide(rows: jax.Array) -> jax.Array:
@@ -178,48 +252,91 @@ def _wide(rows: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(rows.reshape(n, w // 2, 2), jnp.uint32)
 
 
-def _packed_cudnn(q, k, v, cu_q_lens, n, sm_scale):
-    """cuDNN's flash attention over the packed segments ``[cu_q_lens[i], cu_q_lens[i + 1])``, ``i < n``
-    (jax's cuDNN module: the packed layout is not in ``jax.nn.dot_product_attention``)."""
+def _packed_cudnn(q, k, v, cu_q_lens, kv_starts, n, sm_scale, *, causal, stats):
+    """cuDNN's flash attention over packed segments: query segment ``i < n`` is ``[cu_q_lens[i], cu_q_lens[i +
+    1])``, its keys ``[kv_starts[i], kv_starts[i + 1])``, causal (aligned top-left) or unmasked. Returns
+    ``o [T, Hq, D]``, and with ``stats`` also cuDNN's log-sum-exps (``_token_stats``). Through jax's cuDNN
+    module: the packed layout is not in ``jax.nn.dot_product_attention``."""
     from jax._src.cudnn import fused_attention_stablehlo as fa
 
     m = min(cu_q_lens.shape[0] - 1, MAX_SEQS)
-    cu_q_lens = cu_q_lens[: m + 1]
+    cu_q_lens, kv_starts = cu_q_lens[: m + 1], kv_starts[: m + 1]
     # An empty batch (the warm-up run) attends one zero row as one segment, returned as zeros.
     n = jnp.maximum(n, 1)
     seg = jnp.arange(m + 1, dtype=jnp.int32)
-    lens = jnp.maximum(cu_q_lens[1:] - cu_q_lens[:-1], 1)
-    lens = jnp.where(seg[:m] < n, lens, -1)[None].astype(jnp.int32)
-    # Starts of the real segments; -1 past them (cuDNN's packed-layout convention in jax).
-    offsets = jnp.where(seg < n, cu_q_lens, -1)[None].astype(jnp.int32)
-    return fa.dot_product_attention(
+
+    def lens(cu):  # segment lengths, at least 1; -1 past the real segments
+        return jnp.where(seg[:m] < n, jnp.maximum(cu[1:] - cu[:-1], 1), -1)[None].astype(jnp.int32)
+
+    def offsets(cu):  # starts of the real segments; -1 past them (cuDNN's packed-layout convention in jax)
+        return jnp.where(seg < n, cu, -1)[None].astype(jnp.int32)
+
+    out = fa.dot_product_attention(
         q[None],
         k,
         v,
-        q_seqlen=lens,
-        kv_seqlen=lens,
-        q_offsets=offsets,
-        kv_offsets=offsets,
+        q_seqlen=lens(cu_q_lens),
+        kv_seqlen=lens(kv_starts),
+        q_offsets=offsets(cu_q_lens),
+        kv_offsets=offsets(kv_starts),
         scale=sm_scale,
-        mask_type=fa.MaskType.PADDING_CAUSAL,
-    )[0]
+        mask_type=fa.MaskType.PADDING_CAUSAL if causal else fa.MaskType.PADDING,
+        return_residual=stats,
+    )
+    return (out[0][0], out[1]) if stats else out[0]
 
 
 def batch_is_fresh(kv_lens, cu_q_lens, num_seqs) -> bool:
     """Whether a laid-out batch (host arrays) is what a fresh-prompt program (``ForwardBatch.fresh``) can run:
     1 to ``MAX_SEQS`` sequences, each a prompt whose keys are exactly its query tokens (no cached prefix, no
     decode)."""
-    n = int(num_seqs[0])
-    q_lens = np.diff(np.asarray(cu_q_lens[: n + 1]))
-    fresh = bool((q_lens > 0).all()) and bool((q_lens == np.asarray(kv_lens[:n])).all())
-    return 0 < n <= MAX_SEQS and fresh
+    q_lens, prefix = _lens(kv_lens, cu_q_lens, num_seqs)
+    return _packable(q_lens, prefix) and not prefix.any()
+
+
+def prefix_rows(kv_lens, cu_q_lens, num_seqs) -> int:
+    """Rows of the packed prefix buffer a batch needs (``fresh_attention``'s ``prefix_capacity``): each
+    sequence's cached prefix, at least one row."""
+    _, prefix = _lens(kv_lens, cu_q_lens, num_seqs)
+    return int(np.maximum(prefix, 1).sum())
+
+
+def prefix_capacities(context_length: int) -> list[int]:
+    """The prefix buffer sizes the engine compiles programs for: ``MIN_PREFIX_CAPACITY`` rows, then x4 until
+    one holds a context. A batch takes the smallest that fits, so the gather moves at most 4x its prefix (the
+    unused rows are zeros, and cuDNN skips them)."""
+    caps = [MIN_PREFIX_CAPACITY]
+    while caps[-1] < context_length:
+        caps.append(caps[-1] * 4)
+    return caps
+
+
+def choose(kv_lens, cu_q_lens, num_seqs, capacities=()) -> int | None:
+    """The host's choice for a laid-out batch (host arrays): None (the paged kernel), 0 (the fresh program) or
+    the smallest of ``capacities`` that holds the batch's ``prefix_rows`` (the program for prompts behind a
+    cached prefix). cuDNN takes at most ``MAX_SEQS`` sequences, each with at least one new token, and only pays
+    for its gathers and packing with at least ``MIN_WORK`` of attention: twice the query-key pairs of the
+    batch's causal attention (``sum(q * q + 2 * q * prefix)``)."""
+    q_lens, prefix = _lens(kv_lens, cu_q_lens, num_seqs)
+    if not _packable(q_lens, prefix) or int((q_lens * (q_lens + 2 * prefix)).sum()) < MIN_WORK:
+        return None
+    if not prefix.any():
+        return 0
+    need = int(np.maximum(prefix, 1).sum())
+    return next((c for c in sorted(capacities) if c >= need), None)
 
 
 def prefers_fresh(kv_lens, cu_q_lens, num_seqs) -> bool:
-    """The host's choice: a fresh batch (``batch_is_fresh``) whose causal attention is at least ``MIN_WORK``
-    query-key pairs' worth (sum of squared prompt lengths), where cuDNN's kernel saves more than the gathers
-    and the packing cost."""
-    if not batch_is_fresh(kv_lens, cu_q_lens, num_seqs):
-        return False
-    q_lens = np.diff(np.asarray(cu_q_lens[: int(num_seqs[0]) + 1])).astype(np.int64)
-    return int((q_lens**2).sum()) >= MIN_WORK
+    """Whether the host runs the fresh program for this batch (``choose`` gives 0)."""
+    return choose(kv_lens, cu_q_lens, num_seqs) == 0
+
+
+def _lens(kv_lens, cu_q_lens, num_seqs) -> tuple[np.ndarray, np.ndarray]:
+    """(query lengths, cached prefix lengths) of a laid-out batch's sequences, int64."""
+    n = int(num_seqs[0])
+    q_lens = np.diff(np.asarray(cu_q_lens[: n + 1])).astype(np.int64)
+    return q_lens, np.asarray(kv_lens[:n]).astype(np.int64) - q_lens
+
+
+def _packable(q_lens, prefix) -> bool:
+    return 0 < len(q_lens) <= MAX_SEQS and bool((q_lens > 0).all()) and bool((prefix >= 0).all())

@@ -216,23 +216,25 @@ def test_engine_through_pallas_gpu_kernel_interpret(tmp_path, default_model_dir,
 @pytest.mark.parametrize("impl", ["native", "transformers"])
 def test_fresh_prompt_program_matches_the_paged_kernel(tmp_path, monkeypatch, impl):
     """A step of fresh prompts runs its own program, whose attention is cuDNN's over the gathered K/V rows
-    (XLA's attention with a segment mask in the interpreter, here): the program is used for such steps only
-    (one prompt or two together; not for a long prompt's second chunk, nor for a prompt behind a cached
-    prefix), and each request's first token and top-20 log-probabilities match the paged kernel's (a second
-    engine with ``JAXRT_CUDNN_PREFILL=0``) in bf16; native and through the fallback."""
+    (XLA's attention with a segment mask in the interpreter, here), and a step of prompts behind cached
+    prefixes (a long prompt's second chunk; a prompt that hits the radix cache) the prefixed program (own rows
+    and prefix rows attended apart and merged). Each request's first token and top-20 log-probabilities match
+    the paged kernel's (a second engine with ``JAXRT_CUDNN_PREFILL=0``) in bf16; native and through the
+    fallback."""
     from jaxrt.kernels import cudnn_prefill
 
     monkeypatch.setattr(cudnn_prefill, "MIN_TOKENS", 32)  # small buckets stand in for long prompts
     monkeypatch.setattr(cudnn_prefill, "MIN_WORK", 0)
+    monkeypatch.setattr(cudnn_prefill, "MIN_PREFIX_CAPACITY", 128)
     monkeypatch.setenv("JAXRT_ATTENTION_INTERPRET", "1")
     path = make_tiny_llama(
         tmp_path / "m", None, vocab_size=512, num_attention_heads=4, num_key_value_heads=1, head_dim=64
     )
     rng = np.random.default_rng(0)
-    first, second, long, a, b = (rng.integers(3, 500, n).tolist() for n in (40, 20, 100, 30, 25))
+    first, second, long, more, a, b = (rng.integers(3, 500, n).tolist() for n in (40, 20, 100, 30, 30, 25))
     # Fresh prefills (buckets 64 and 32); a 100-token prompt in chunks of 64 (fresh) and 36 (behind its first
-    # chunk); the first prompt again (behind its cached pages); two prompts in one step (bucket 64).
-    prompts = [[first], [second], [long], [first], [a, b]]
+    # chunk); the first prompt and 30 more tokens (38 new behind its 32 cached); two prompts in one step.
+    prompts = [[first], [second], [long], [first + more], [a, b]]
     kwargs = dict(
         dtype="bfloat16",
         chunked_prefill_size=64,
@@ -260,11 +262,14 @@ def test_fresh_prompt_program_matches_the_paged_kernel(tmp_path, monkeypatch, im
             assert_no_leak(llm)
             assert outs[3]["meta_info"]["cached_tokens"] > 0
             if flag == "1":
-                fresh = [k for k in keys if len(k) == 3]
-                assert fresh == [
+                assert llm.runner.prefix_capacities == [128]
+                cudnn = [k for k in keys if len(k) > 2]
+                assert cudnn == [
                     ("forward", 64, "fresh"),
                     ("forward", 32, "fresh"),
                     ("forward", 64, "fresh"),
+                    ("forward", 64, "prefixed", 128),
+                    ("forward", 64, "prefixed", 128),
                     ("forward", 64, "fresh"),
                 ], keys
     for (ids, top), (ids0, top0) in zip(results["1"], results["0"], strict=True):

@@ -267,6 +267,7 @@ class StepContext:
             backend=self.backend,
             interpret=self.interpret,
             fresh_prompt=getattr(b, "fresh", None),
+            prefix_capacity=getattr(b, "prefix_capacity", 0),
         )
         return out[None, :, :, : spec.v_head_dim]  # [1, T, Hq, Dv]
 

@@ -414,6 +414,7 @@ class PagedAttention(nnx.Module):
             interpret=self.interpret,
             metadata=metadata,
             fresh_prompt=batch.fresh,
+            prefix_capacity=batch.prefix_capacity,
         )
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim)), (k_pages, v_pages)
 

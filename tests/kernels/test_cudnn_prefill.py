@@ -62,6 +62,78 @@ def test_fresh_attention_takes_any_page_size(page_size):
     assert (got[47:] == 0).all()
 
 
+PREFIXED_CASES = [
+    # (q_lens, kv_lens): chunks behind cached prefixes, decodes, and fresh prompts beside them
+    ([16], [40]),
+    ([1], [30]),
+    ([17], [17 + 32]),  # a prefix of whole pages
+    ([20, 17], [20, 50]),  # a fresh prompt beside a chunk behind a prefix
+    ([5, 1, 30], [5, 33, 94]),
+    ([10, 3, 9, 12], [26, 3, 100, 13]),
+]
+
+
+@pytest.mark.parametrize("q_lens,kv_lens", PREFIXED_CASES, ids=str)
+def test_prefixed_attention_matches_the_oracle(q_lens, kv_lens):
+    """Chunks behind cached prefixes, attended as their own tokens (causal) and their prefix (gathered into the
+    packed buffer, unmasked), merged by log-sum-exp: every real row matches the oracle over the whole kv,
+    padding rows are zero, and no NaN from poisoned slots gets in. Without the prefix part the rows behind a
+    prefix would differ (checked: the merge is what makes them right)."""
+    b = _batch(sum(kv_lens), q_lens, kv_lens, 64)
+    args = [jnp.asarray(a) for a in b.args()]
+    need = cudnn_prefill.prefix_rows(b.kv_lens, b.cu_q_lens, b.num_seqs)
+    assert need == sum(max(kv - q, 1) for q, kv in zip(q_lens, kv_lens, strict=True))
+    got = cudnn_prefill.fresh_attention(*args, sm_scale=0.125, implementation="xla", prefix_capacity=256)
+    got = np.asarray(got.astype(jnp.float32))
+    want = oracle(b, sm_scale=0.125)
+    n = b.num_real_tokens
+    assert not np.isnan(got).any()
+    assert rel_err(got[:n], want[:n]) < 1e-2
+    assert (got[n:] == 0).all()
+    # A capacity of exactly what the batch needs gives the same rows.
+    tight = cudnn_prefill.fresh_attention(*args, sm_scale=0.125, implementation="xla", prefix_capacity=need)
+    np.testing.assert_allclose(np.asarray(tight.astype(jnp.float32)), got, atol=1e-2)
+    own = cudnn_prefill.fresh_attention(*args, sm_scale=0.125, implementation="xla")
+    assert rel_err(np.asarray(own.astype(jnp.float32))[:n], want[:n]) > 0.05
+
+
+CHOOSE_CASES = [
+    # (q_lens, kv_lens, choice with capacities (8192, 32768)): None = paged kernel, 0 = fresh program
+    ([2048], [2048], 0),
+    ([2047], [2047], None),
+    ([1024], [2048], None),  # 1024 * (1024 + 2 * 1024) < 2048^2
+    ([1024], [2560], 8192),  # 1024 * (1024 + 2 * 1536) >= 2048^2
+    ([2048], [6000], 8192),
+    ([1000, 1000], [9000, 1000], 8192),  # 8000 + 1 prefix rows
+    ([1000, 1000], [9300, 1000], 32768),  # 8300 + 1
+    ([512], [40000], None),  # no capacity holds the prefix
+    ([100], [30100], 32768),  # a short chunk behind a long prefix: work 100 * 60100 > 2048^2
+    ([1, 2048], [4000, 2048], 8192),  # a decode beside a fresh prompt
+    ([1], [5000], None),  # a decode alone: too little work
+    ([1024] * 9, [2048] * 9, None),  # more than MAX_SEQS
+]
+
+
+@pytest.mark.parametrize("q_lens,kv_lens,choice", CHOOSE_CASES, ids=[str(c[:2]) for c in CHOOSE_CASES])
+def test_choose_weighs_the_work_and_fits_the_prefix(q_lens, kv_lens, choice):
+    """The host's choice: the fresh program for fresh batches, the prefixed one with the smallest buffer that
+    holds the prefixes, and the paged kernel for more than MAX_SEQS sequences, too little attention
+    (``q * (q + 2 * prefix)`` summed under ``MIN_WORK``) or a prefix no buffer holds."""
+    assert cudnn_prefill.MIN_WORK == 2048 * 2048
+    b = make_batch(
+        np.random.default_rng(0), q_lens, kv_lens, **HEADS, page_size=16, max_num_seqs=10, poison=False
+    )
+    assert cudnn_prefill.choose(b.kv_lens, b.cu_q_lens, b.num_seqs, (8192, 32768)) == choice
+    assert cudnn_prefill.prefers_fresh(b.kv_lens, b.cu_q_lens, b.num_seqs) == (choice == 0)
+
+
+def test_prefix_capacities_step_by_four_to_a_context():
+    assert cudnn_prefill.prefix_capacities(2048) == [8192]
+    assert cudnn_prefill.prefix_capacities(8192) == [8192]
+    assert cudnn_prefill.prefix_capacities(8193) == [8192, 32768]
+    assert cudnn_prefill.prefix_capacities(131072) == [8192, 32768, 131072]
+
+
 CHOICE_CASES = [
     # (q_lens, kv_lens, fresh)
     ([40], [40], True),
@@ -192,13 +264,18 @@ def test_available_for_half_precision_models():
         ([1000, 1, 17, 900], [1000, 1, 17, 900], 2048),
         ([512] * 4, [512] * 4, 2048),
         ([700, 1300], [700, 1400], 2048),
+        ([2048], [6000], 2048),
+        ([100, 1, 1900], [9000, 700, 1900], 2048),
+        ([1024, 1024], [1024, 3000], 2048),
+        ([1, 1], [4000, 17], 2048),
     ],
 )
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_pallas_gpu_calls_against_the_oracle_on_gpu(q_lens, kv_lens, num_tokens, head_dim):
     """Through ``ragged_paged_attention`` on pallas_gpu: batches of fresh prompts take cuDNN (``fresh_prompt``;
-    one prompt or several packed), those with a prefix the paged kernel; every real row matches the oracle,
-    padding rows are zero."""
+    one prompt or several packed), those with prefixes cuDNN in two parts merged by cuDNN's log-sum-exps
+    (``prefix_capacity``), and the same batches the paged kernel; every real row matches the oracle, padding
+    rows are zero."""
     b = make_batch(
         np.random.default_rng(head_dim),
         q_lens,
@@ -215,10 +292,11 @@ def test_pallas_gpu_calls_against_the_oracle_on_gpu(q_lens, kv_lens, num_tokens,
     assert cudnn_prefill.applies(args[0], args[1], None, None)
     fresh = cudnn_prefill.batch_is_fresh(b.kv_lens, b.cu_q_lens, b.num_seqs)
     assert fresh == (q_lens == kv_lens)
-    got = ragged_paged_attention(
-        *args, sm_scale=head_dim**-0.5, backend="pallas_gpu", fresh_prompt="cudnn" if fresh else None
-    )
-    got = np.asarray(got.astype(jnp.float32))
+    need = cudnn_prefill.prefix_rows(b.kv_lens, b.cu_q_lens, b.num_seqs)
+    want = oracle(b, sm_scale=head_dim**-0.5)
     n = b.num_real_tokens
-    assert rel_err(got[:n], oracle(b, sm_scale=head_dim**-0.5)[:n]) < 1e-2
-    assert (got[n:] == 0).all()
+    for how in [dict(fresh_prompt=None), dict(fresh_prompt="cudnn", prefix_capacity=0 if fresh else need)]:
+        got = ragged_paged_attention(*args, sm_scale=head_dim**-0.5, backend="pallas_gpu", **how)
+        got = np.asarray(got.astype(jnp.float32))
+        assert rel_err(got[:n], want[:n]) < 1e-2, how
+        assert (got[n:] == 0).all(), how

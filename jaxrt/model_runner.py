@@ -183,7 +183,9 @@ class ModelRunner:
             [n for n in self.token_buckets if n >= cudnn_prefill.MIN_TOKENS] if self.fresh_impl else []
         )
         # The same for prompts behind a cached prefix (later chunks of long prompts, radix-cache hits): one
-        # program per packed prefix buffer size on each of those buckets.
+        # program per packed prefix buffer size, on the largest bucket only (where a long prompt's chunks land),
+        # so start-up compiles a few more programs, not a few per bucket.
+        self.prefixed_buckets = self.fresh_buckets[-1:]
         self.prefix_capacities = (
             cudnn_prefill.prefix_capacities(cfg.scheduler.context_length) if self.fresh_buckets else []
         )
@@ -437,7 +439,7 @@ class ModelRunner:
             keys += [("decode_loop", n, m) for n in self.decode_buckets for m in _START_MODES]
         keys += [("forward", n, "fresh") for n in self.fresh_buckets]
         return keys + [
-            ("forward", n, "prefixed", c) for n in self.fresh_buckets for c in self.prefix_capacities
+            ("forward", n, "prefixed", c) for n in self.prefixed_buckets for c in self.prefix_capacities
         ]
 
     def first_keys(self) -> list[tuple]:
@@ -655,7 +657,8 @@ class ModelRunner:
         cached prefixes) where ``cudnn_prefill.choose`` picks it and that program is compiled (or would compile
         on use anyway: no background compiles)."""
         if n in self.fresh_buckets:
-            capacity = cudnn_prefill.choose(fb.kv_lens, fb.cu_q_lens, fb.num_seqs, self.prefix_capacities)
+            caps = self.prefix_capacities if n in self.prefixed_buckets else ()
+            capacity = cudnn_prefill.choose(fb.kv_lens, fb.cu_q_lens, fb.num_seqs, caps)
             if capacity is not None:
                 key = ("forward", n, "fresh") if capacity == 0 else ("forward", n, "prefixed", capacity)
                 if key in self._programs or not self.compiling:

@@ -316,12 +316,16 @@ def choose(kv_lens, cu_q_lens, num_seqs, capacities=()) -> int | None:
     the smallest of ``capacities`` that holds the batch's ``prefix_rows`` (the program for prompts behind a
     cached prefix). cuDNN takes at most ``MAX_SEQS`` sequences, each with at least one new token, and only pays
     for its gathers and packing with at least ``MIN_WORK`` of attention: twice the query-key pairs of the
-    batch's causal attention (``sum(q * q + 2 * q * prefix)``)."""
+    batch's causal attention (``sum(q * q + 2 * q * prefix)``); behind prefixes, also at least ``MIN_TOKENS``
+    new tokens (on an H200, 1B heads, 2048-token bucket: 1100 new tokens behind 1500 / 4096 cached lost 8 / 2%,
+    2048 behind 1500 gained 7%; benchmarks/RESULTS.md, "Engine", twenty-first round)."""
     q_lens, prefix = _lens(kv_lens, cu_q_lens, num_seqs)
     if not _packable(q_lens, prefix) or int((q_lens * (q_lens + 2 * prefix)).sum()) < MIN_WORK:
         return None
     if not prefix.any():
         return 0
+    if int(q_lens.sum()) < MIN_TOKENS:
+        return None
     need = int(np.maximum(prefix, 1).sum())
     return next((c for c in sorted(capacities) if c >= need), None)
 

@@ -102,12 +102,14 @@ CHOOSE_CASES = [
     ([2048], [2048], 0),
     ([2047], [2047], None),
     ([1024], [2048], None),  # 1024 * (1024 + 2 * 1024) < 2048^2
-    ([1024], [2560], 8192),  # 1024 * (1024 + 2 * 1536) >= 2048^2
+    ([1024], [2560], None),  # 1024 * (1024 + 2 * 1536) >= 2048^2, but under MIN_TOKENS new tokens
     ([2048], [6000], 8192),
-    ([1000, 1000], [9000, 1000], 8192),  # 8000 + 1 prefix rows
-    ([1000, 1000], [9300, 1000], 32768),  # 8300 + 1
+    ([1024, 1024], [9024, 1024], 8192),  # 8000 + 1 prefix rows
+    ([1024, 1024], [9324, 1024], 32768),  # 8300 + 1
     ([512], [40000], None),  # no capacity holds the prefix
-    ([100], [30100], 32768),  # a short chunk behind a long prefix: work 100 * 60100 > 2048^2
+    ([100], [30100], None),  # a short chunk behind a long prefix: work enough, but under MIN_TOKENS new
+    ([1100], [5196], None),  # likewise (measured slower)
+    ([2048], [3548], 8192),
     ([1, 2048], [4000, 2048], 8192),  # a decode beside a fresh prompt
     ([1], [5000], None),  # a decode alone: too little work
     ([1024] * 9, [2048] * 9, None),  # more than MAX_SEQS
@@ -118,7 +120,8 @@ CHOOSE_CASES = [
 def test_choose_weighs_the_work_and_fits_the_prefix(q_lens, kv_lens, choice):
     """The host's choice: the fresh program for fresh batches, the prefixed one with the smallest buffer that
     holds the prefixes, and the paged kernel for more than MAX_SEQS sequences, too little attention
-    (``q * (q + 2 * prefix)`` summed under ``MIN_WORK``) or a prefix no buffer holds."""
+    (``q * (q + 2 * prefix)`` summed under ``MIN_WORK``), fewer than MIN_TOKENS new tokens behind a prefix, or
+    a prefix no buffer holds."""
     assert cudnn_prefill.MIN_WORK == 2048 * 2048
     b = make_batch(
         np.random.default_rng(0), q_lens, kv_lens, **HEADS, page_size=16, max_num_seqs=10, poison=False

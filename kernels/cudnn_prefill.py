@@ -1,4 +1,4 @@
-"""Fresh prompts' attention through cuDNN's fused flash attention, on NVIDIA GPUs.
+"""Prompts' attention through cuDNN's fused flash attention, on NVIDIA GPUs.
 
 When a step's sequences are all prompts with nothing cached before them (new prompts, or their first chunks:
 what sets the time to first token of long prompts), each one's keys and values are exactly its own tokens in
@@ -9,11 +9,18 @@ cuDNN's kernel takes 0.55-0.6x the paged Triton kernel's time per layer at 1k-8k
 offsets and the masking of padding rows cost ~10-130 us per layer, so a step gains from about 2k tokens of
 prompts on (benchmarks/RESULTS.md, "Engine", nineteenth and twentieth rounds).
 
+Prompts behind a cached prefix (a long prompt's later chunks, radix-cache hits) take cuDNN too
+(``prefix_capacity > 0``): cuDNN's causal mask in the packed layout is aligned top-left, so each sequence's new
+tokens are attended against their own rows (causal) and, in a second call, against its prefix rows gathered
+into a packed buffer (no mask), and the two parts merged by cuDNN's log-sum-exps. 22-28% off an 8k chunk
+behind 8k-24k cached tokens of a 1B model on an H200 (twenty-first round).
+
 The host makes the choice: the engine compiles a second model program for each token bucket of at least
-``MIN_TOKENS`` (``ForwardBatch.fresh`` set, a static field; in the background after start-up) and runs it for
-a step that ``prefers_fresh`` (``batch_is_fresh``: 1 to ``MAX_SEQS`` fresh prompts; with at least
-``MIN_WORK`` of causal work); its attention calls pass ``ragged_paged_attention(fresh_prompt=...)``. Any other
-step (a prefix from the radix cache, a later chunk, decodes, many short prompts) runs the paged kernel as
+``MIN_TOKENS`` (``ForwardBatch.fresh`` set, a static field; in the background after start-up), and on the
+largest of them one per prefix buffer size (``prefix_capacities``; ``ForwardBatch.prefix_capacity``), and runs
+the one ``choose`` names (1 to ``MAX_SEQS`` sequences with at least ``MIN_WORK`` of causal work; behind
+prefixes also ``MIN_TOKENS`` new tokens); its attention calls pass ``ragged_paged_attention(fresh_prompt=...,
+prefix_capacity=...)``. Any other step (decodes, mixed batches, many short prompts) runs the paged kernel as
 before. A first form chose on the device with a ``lax.cond`` in every layer; its steps had 0.26-0.9 ms more
 idle gaps, and at 512 and 1k tokens it lost more than cuDNN gained.
 

@@ -28,9 +28,9 @@ from jaxrt.batch import (
     pick_bucket,
     token_buckets,
 )
-from jaxrt.config import EngineConfig
+from jaxrt.config import EngineConfig, ModelConfig
 from jaxrt.kernels import cudnn_prefill, resolve_backend
-from jaxrt.models.layers import KVCache
+from jaxrt.models.layers import KVCache, is_sliding_layer
 from jaxrt.page_table import NULL_PAGE
 from jaxrt.sampling_params import MAX_LOGIT_BIAS
 from jaxrt.scheduler import SchedulerOutput, cdiv
@@ -141,6 +141,15 @@ class StagedStep(NamedTuple):
     sample_buf: jax.Array  # [layout size] int32: SamplingBatch
 
 
+def has_cudnn_layers(m: ModelConfig) -> bool:
+    """Whether any attention layer of the model may take cuDNN's prefill path (``cudnn_prefill.supports``: no
+    logit soft-cap, no sliding window). Where none can (Gemma 2 soft-caps every layer; a window on every layer),
+    the fresh-prompt and prefixed programs would trace the same as the normal ones, so none are made."""
+    if m.attn_logit_softcap is not None:
+        return False
+    return any(not is_sliding_layer(m, i) for i in range(m.num_layers))
+
+
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, forward: ForwardFn, params: Any) -> None:
         """``forward`` is the model as a pure function (see `jaxrt.step`); ``params`` its weights pytree."""
@@ -177,6 +186,7 @@ class ModelRunner:
             envs.cudnn_prefill()
             and resolve_backend(cfg.attention_backend) == "pallas_gpu"
             and cudnn_prefill.available(interpret, cfg.dtype, kv_dtype)
+            and has_cudnn_layers(m)
         )
         self.fresh_impl = ("xla" if interpret else "cudnn") if fresh_ok else None
         self.fresh_buckets = (

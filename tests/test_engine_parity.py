@@ -280,6 +280,26 @@ def test_fresh_prompt_program_matches_the_paged_kernel(tmp_path, monkeypatch, im
         assert max(abs(lp[k] - lp0[k]) for k in both) < 0.1  # bf16: 0.03 here; 0.56 with a 1.5x scale
 
 
+@pytest.mark.parametrize(
+    "change,has",
+    [
+        ({}, True),
+        (dict(attn_logit_softcap=50.0), False),  # Gemma 2: every layer soft-capped
+        (dict(sliding_window=64), False),  # a window on every layer
+        (dict(sliding_window=64, layer_types=("sliding_attention", "full_attention")), True),  # Gemma 3
+        (dict(sliding_window=64, layer_types=("sliding_attention",) * 2), False),
+    ],
+)
+def test_cudnn_programs_only_for_models_with_a_layer_in_scope(change, has):
+    """The fresh-prompt and prefixed programs are made only when some attention layer can take cuDNN's path;
+    otherwise they would trace the same as the normal programs and only cost start-up compiles."""
+    from jaxrt.config import ModelConfig
+    from jaxrt.model_runner import has_cudnn_layers
+
+    cfg = ModelConfig("llama", 64, 32, 64, 2, 4, 2, 16, 256, **change)
+    assert has_cudnn_layers(cfg) == has
+
+
 @pytest.mark.gpu
 @mosaic_gpu_marks()[2]
 def test_small_decode_programs_on_split_mosaic_tilings_match_triton(tmp_path, monkeypatch):

@@ -168,3 +168,22 @@ def test_constraints_need_the_tokenizer(tiny_llama_dir):
         pytest.raises(ValueError, match=needs),
     ):
         engine.generate(input_ids=[1, 2, 3], sampling_params={"regex": "a+"})
+
+
+def test_min_new_tokens_does_not_outlast_a_complete_grammar(llm):
+    """``min_new_tokens`` holds back the stop tokens, and a grammar may allow nothing else once complete: the
+    request then ends when its grammar does (finish "stop"), with the grammar's text and no token forced past
+    it, beside a request with the same floor and no grammar, which runs to its floor."""
+    rx = r"(yes|no)"
+    outs = llm.generate(
+        ["Answer:", "Answer:"],
+        [
+            {"temperature": 0, "max_new_tokens": 20, "min_new_tokens": 10, "regex": rx},
+            {"temperature": 0, "max_new_tokens": 12, "min_new_tokens": 10},
+        ],
+    )
+    assert re.fullmatch(rx, outs[0]["text"]), outs[0]["text"]
+    assert outs[0]["meta_info"]["finish_reason"]["type"] == "stop"
+    assert outs[0]["meta_info"]["completion_tokens"] < 10
+    assert outs[1]["meta_info"]["completion_tokens"] >= 10
+    assert_no_leak(llm)

@@ -148,15 +148,16 @@ def fresh_attention(
     prefix = jnp.maximum(kv_lens - (cu_q_lens[1:] - cu_q_lens[:-1]), 0) if prefix_capacity else None
     positions = local if prefix is None else prefix[seq_ids] + local
     k, v = (_gather(pool, page_indices, seq_ids, positions, valid) for pool in (k_pages, v_pages))
+    # The "xla" stand-in's mask of each token's own rows: its sequence's, up to itself.
+    own = (seq_ids[:, None] == seq_ids[None, :]) & (local[:, None] >= local[None, :])
+    own &= valid[:, None] & valid[None, :]
     if prefix_capacity == 0:
         if implementation == "xla":
-            same = (seq_ids[:, None] == seq_ids[None, :]) & (local[:, None] >= local[None, :])
-            mask = same & valid[:, None] & valid[None, :]
             o = jax.nn.dot_product_attention(
-                q[None], k, v, mask=mask[None, None], scale=sm_scale, implementation="xla"
+                q[None], k, v, mask=own[None, None], scale=sm_scale, implementation="xla"
             )[0]
         elif page_indices.shape[0] == 1:
-            # At least 1: an empty batch (the warm-up run) attends one zero row, returned as zeros.
+            # At least 1: an empty batch (the warm-up run) attends one row, returned as zeros.
             lens = jnp.reshape(jnp.maximum(cu_q_lens[n], 1), (1,)).astype(jnp.int32)
             o = jax.nn.dot_product_attention(
                 q[None],
@@ -186,8 +187,6 @@ def fresh_attention(
     r_live = r_valid & (r_pos < prefix[r_seq])
     kp, vp = (_gather(pool, page_indices, r_seq, r_pos, r_live) for pool in (k_pages, v_pages))
     if implementation == "xla":
-        own = (seq_ids[:, None] == seq_ids[None, :]) & (local[:, None] >= local[None, :])
-        own &= valid[:, None] & valid[None, :]
         o_own, lse_own = _dense_attention(q, k[0], v[0], own, sm_scale)
         before = (seq_ids[:, None] == r_seq[None, :]) & valid[:, None] & r_live[None, :]
         o_pre, lse_pre = _dense_attention(q, kp[0], vp[0], before, sm_scale)
@@ -270,7 +269,7 @@ def _packed_cudnn(q, k, v, cu_q_lens, kv_starts, n, sm_scale, *, causal, stats):
 
     m = min(cu_q_lens.shape[0] - 1, MAX_SEQS)
     cu_q_lens, kv_starts = cu_q_lens[: m + 1], kv_starts[: m + 1]
-    # An empty batch (the warm-up run) attends one zero row as one segment, returned as zeros.
+    # An empty batch (the warm-up run) attends one row as one segment, returned as zeros.
     n = jnp.maximum(n, 1)
     seg = jnp.arange(m + 1, dtype=jnp.int32)
 

@@ -18,6 +18,7 @@ import threading
 from typing import Any
 
 from jaxrt.cli import add_engine_args, engine_kwargs
+from jaxrt.server.tools import TOOL_CALL_PARSERS
 
 logger = logging.getLogger("jaxrt.server")
 
@@ -64,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--incremental-streaming-output",
         action="store_true",
         help="/generate streams: each chunk carries only the new text and output_ids (default: all so far)",
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=TOOL_CALL_PARSERS,
+        help="read tool calls out of chat replies with tool_choice 'auto' (OpenAI's default with tools): hermes "
+        "(<tool_call> blocks: Qwen2.5/3, Hermes) or llama3_json (Llama 3.1+); without it 'auto' is a 400",
     )
     return p
 
@@ -112,6 +120,7 @@ def build_state(args: argparse.Namespace, factory=None):
         api_key=args.api_key,
         max_queued_requests=args.max_queued_requests,
         incremental_streaming_output=args.incremental_streaming_output,
+        tool_call_parser=args.tool_call_parser,
         freeze_gc=True,
         args={"server_args": shown},
     )

@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from jaxrt.sampling_params import MAX_TOP_LOGPROBS
+from jaxrt.sampling_params import CONSTRAINTS, MAX_TOP_LOGPROBS
 from jaxrt.server.protocol import (
     SSE_DONE,
     APIError,
@@ -33,6 +33,8 @@ from jaxrt.server.protocol import (
     usage,
 )
 from jaxrt.server.state import ServerState
+from jaxrt.server.tools import ToolPlan, ToolStream, template_messages, tool_call_objects
+from jaxrt.server.tools import plan as tool_plan
 
 logger = logging.getLogger("jaxrt.server")
 
@@ -100,6 +102,7 @@ class _Job:
     max_new: list[int]
     lp_args: dict[str, Any]
     top_k: int  # how many top logprobs to report
+    tools: ToolPlan | None = None  # chat: how replies become tool calls (None: plain text)
 
     @property
     def n(self) -> int:
@@ -152,6 +155,15 @@ async def _run(job: _Job, request: Request):
     return EventStreamResponse(_events(job, ss, model, text_of))
 
 
+def _finish(job: _Job, fr: dict[str, Any] | None, called: bool) -> str | None:
+    """OpenAI's finish_reason: "tool_calls" for a reply that made calls and stopped on its own (a named function
+    keeps "stop", as OpenAI does)."""
+    reason = finish_reason(fr)
+    if called and reason == "stop" and job.tools is not None and job.tools.choice != "named":
+        return "tool_calls"
+    return reason
+
+
 def _response(job: _Job, results: list[dict[str, Any]], model: str, text_of: TokenText) -> dict[str, Any]:
     req = job.req
     choices = []
@@ -169,6 +181,7 @@ def _response(job: _Job, results: list[dict[str, Any]], model: str, text_of: Tok
         text = r["text"] + _extra_text(req, fr)
         lps = meta.get("output_token_logprobs") or []
         tops = meta.get("output_top_logprobs") or []
+        calls: list[dict[str, str]] = []
         if job.kind == "completion":
             prefix = job.prompt_texts[p] if req.echo else ""
             logprobs = (
@@ -177,8 +190,12 @@ def _response(job: _Job, results: list[dict[str, Any]], model: str, text_of: Tok
             choice = {"index": k, "text": prefix + text, "logprobs": logprobs}
         else:
             logprobs = chat_logprobs(text_of, lps, tops, job.top_k) if job.lp_args else None
-            choice = {"index": k, "message": {"role": "assistant", "content": text}, "logprobs": logprobs}
-        choice["finish_reason"] = finish_reason(fr)
+            content, calls = job.tools.parse(text) if job.tools else (text, [])
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = tool_call_objects(calls)
+            choice = {"index": k, "message": message, "logprobs": logprobs}
+        choice["finish_reason"] = _finish(job, fr, bool(calls))
         choice["matched_stop"] = matched_stop(fr)
         choices.append(choice)
     prompt_tokens = sum(len(ids) for ids in job.prompts)
@@ -212,6 +229,7 @@ async def _events(job: _Job, ss, model: str, text_of: TokenText) -> AsyncIterato
     cached = [0] * n_streams
     prompt_tokens = sum(len(ids) for ids in job.prompts)
     left = n_streams  # streams without their final chunk yet; the last one's event carries the end
+    tool_streams = [ToolStream(job.tools) for _ in range(n_streams)] if chat and job.tools else None
 
     def running_usage() -> dict[str, Any]:
         return usage(prompt_tokens, sum(completion), sum(cached[:: job.n]))
@@ -265,12 +283,21 @@ async def _events(job: _Job, ss, model: str, text_of: TokenText) -> AsyncIterato
                 sent_tokens[i] += len(lps)
             completion[i] = meta.get("completion_tokens", 0)
             cached[i] = meta.get("cached_tokens", 0)
+            calls: list[dict[str, str]] = []
+            if tool_streams is not None:
+                delta = tool_streams[i].feed(delta)
+                if fr is not None:
+                    tail, calls = tool_streams[i].finish()
+                    delta += tail
             if not delta and fr is None and not lps:
                 continue
             if chat:
+                d: dict[str, Any] = {"content": delta} if delta else {}
+                if calls:
+                    d["tool_calls"] = [{"index": j, **c} for j, c in enumerate(tool_call_objects(calls))]
                 choice: dict[str, Any] = {
                     "index": i,
-                    "delta": {"content": delta} if delta else {},
+                    "delta": d,
                     "logprobs": chat_logprobs(text_of, lps, tops, job.top_k) if job.lp_args else None,
                 }
             else:
@@ -279,7 +306,7 @@ async def _events(job: _Job, ss, model: str, text_of: TokenText) -> AsyncIterato
                 )
                 offsets[i] += sum(len(t) for t in logprobs["tokens"]) if logprobs else len(delta)
                 choice = {"index": i, "text": delta, "logprobs": logprobs}
-            choice["finish_reason"] = finish_reason(fr)
+            choice["finish_reason"] = _finish(job, fr, bool(calls))
             if fr is not None:
                 choice["matched_stop"] = matched_stop(fr)
                 left -= 1
@@ -385,8 +412,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     engine = state.require_engine()
     check_model(engine, body.model)
     check_unsupported(body)
-    if body.tools and body.tool_choice != "none":
-        raise APIError(400, "tool calling is not supported by this server", param="tools")
+    tools = tool_plan(body, state.tool_call_parser)
+    schema = tools.schema() if tools else None
+    if schema is not None:
+        if any(getattr(body, k) is not None for k in CONSTRAINTS):
+            raise APIError(
+                400,
+                f'tool_choice "{tools.choice}" constrains the reply itself: it cannot be combined with '
+                "response_format, regex, json_schema or ebnf",
+                param="tool_choice",
+            )
+        body.json_schema = schema
     name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     check_max_tokens(name, max_tokens, body.min_tokens)
@@ -399,8 +435,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 400, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top}", param="top_logprobs"
             )
     tok = _tokenizer(engine)
-    messages = _chat_messages(body)
+    messages = template_messages(_chat_messages(body))
     kwargs = dict(body.chat_template_kwargs or {})
+    if body.tools:
+        kwargs["tools"] = body.tools
     add_gen = body.add_generation_prompt
     if body.continue_final_message:
         kwargs["continue_final_message"] = True
@@ -419,5 +457,5 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     check_context(len(ids), max_tokens, ctx, "messages")
     max_new = [max_tokens if max_tokens is not None else ctx - len(ids)]
     lp_args = {"return_logprob": True, "top_logprobs_num": top or 0} if body.logprobs else {}
-    job = _Job("chat", body, [ids], [""], max_new, lp_args, top or 0)
+    job = _Job("chat", body, [ids], [""], max_new, lp_args, top or 0, tools)
     return await _run(job, request)

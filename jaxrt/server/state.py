@@ -54,6 +54,7 @@ class ServerState:
         owns_engine: bool = True,
         health_check_timeout: float = 20.0,
         incremental_streaming_output: bool = False,
+        tool_call_parser: str | None = None,
         freeze_gc: bool = False,
         args: dict[str, Any] | None = None,
     ) -> None:
@@ -64,6 +65,8 @@ class ServerState:
         # /generate streams: each chunk carries only the text and output_ids new since the previous chunk
         # of its sequence (SGLang's --incremental-streaming-output) instead of everything so far.
         self.incremental_streaming_output = incremental_streaming_output
+        # /v1/chat/completions: how replies with tool_choice "auto" are read for tool calls (jaxrt.server.tools).
+        self.tool_call_parser = tool_call_parser
         self.api_key = api_key
         self.max_queued_requests = max_queued_requests
         self.owns_engine = owns_engine

@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="read tool calls out of chat replies with tool_choice 'auto' (OpenAI's default with tools): hermes "
         "(<tool_call> blocks: Qwen2.5/3, Hermes) or llama3_json (Llama 3.1+); without it 'auto' is a 400",
     )
+    p.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="vLLM's flag, taken for compatibility: 'auto' tool choice is on whenever --tool-call-parser is set "
+        "(it needs one)",
+    )
     return p
 
 
@@ -221,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.api_server_count < 1:
         print("error: --api-server-count must be >= 1", file=sys.stderr)
+        return 2
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        print("error: --enable-auto-tool-choice needs --tool-call-parser", file=sys.stderr)
         return 2
     if args.api_server_count > 1:
         if args.disable_frontend_multiprocessing:

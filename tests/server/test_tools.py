@@ -283,6 +283,11 @@ def test_the_servers_tool_call_parser_flag():
 
     parser = build_parser()
     assert build_state(parser.parse_args([]), object).tool_call_parser is None
-    assert build_state(parser.parse_args(["--tool-call-parser", "hermes"]), object).tool_call_parser == "hermes"
+    assert (
+        build_state(parser.parse_args(["--tool-call-parser", "hermes"]), object).tool_call_parser == "hermes"
+    )
     with pytest.raises(SystemExit):
         parser.parse_args(["--tool-call-parser", "nope"])
+    from jaxrt.launch_server import main
+
+    assert main(["--enable-auto-tool-choice"]) == 2  # vLLM's flag needs a parser, as in vLLM

@@ -283,18 +283,19 @@ async def _events(job: _Job, ss, model: str, text_of: TokenText) -> AsyncIterato
                 sent_tokens[i] += len(lps)
             completion[i] = meta.get("completion_tokens", 0)
             cached[i] = meta.get("cached_tokens", 0)
-            calls: list[dict[str, str]] = []
+            calls: list[dict[str, Any]] = []  # this event's delta.tool_calls entries
+            called = False
             if tool_streams is not None:
-                delta = tool_streams[i].feed(delta)
+                delta, calls = tool_streams[i].feed(delta)
                 if fr is not None:
-                    tail, calls = tool_streams[i].finish()
-                    delta += tail
-            if not delta and fr is None and not lps:
+                    tail, more, called = tool_streams[i].finish()
+                    delta, calls = delta + tail, calls + more
+            if not delta and fr is None and not lps and not calls:
                 continue
             if chat:
                 d: dict[str, Any] = {"content": delta} if delta else {}
                 if calls:
-                    d["tool_calls"] = [{"index": j, **c} for j, c in enumerate(tool_call_objects(calls))]
+                    d["tool_calls"] = calls
                 choice: dict[str, Any] = {
                     "index": i,
                     "delta": d,
@@ -306,7 +307,7 @@ async def _events(job: _Job, ss, model: str, text_of: TokenText) -> AsyncIterato
                 )
                 offsets[i] += sum(len(t) for t in logprobs["tokens"]) if logprobs else len(delta)
                 choice = {"index": i, "text": delta, "logprobs": logprobs}
-            choice["finish_reason"] = _finish(job, fr, bool(calls))
+            choice["finish_reason"] = _finish(job, fr, called)
             if fr is not None:
                 choice["matched_stop"] = matched_stop(fr)
                 left -= 1

@@ -14,8 +14,8 @@ model then writes becomes ``message.tool_calls`` according to ``tool_choice``:
 - ``"none"``: the tools reach the template, nothing is parsed.
 
 ``finish_reason`` is "tool_calls" when the reply holds calls (OpenAI gives "stop" for a named function, and so
-does this server). Streams send the reply's text as it comes until a call may begin, then the calls in one
-delta at the end (a named function's or "required" replies send no text). A JSON schema's ``x-guidance``
+does this server). Streams send a named function's arguments as they come; other replies' text until a call
+may begin, then the calls in one delta at the end ("required" replies send no text). A JSON schema's ``x-guidance``
 options (``whitespace_flexible``, ...) in a tool's ``parameters`` apply to the whole constrained reply.
 """
 
@@ -160,37 +160,54 @@ def tool_call_objects(calls: list[dict[str, str]]) -> list[dict[str, Any]]:
 
 
 class ToolStream:
-    """One streamed choice's text under a tool plan: ``feed`` a new piece of the reply, get the text to send now;
-    ``finish`` at the end gives the rest of the text and the calls."""
+    """One streamed choice's reply under a tool plan. ``feed`` a new piece of the reply; get the text to send now
+    as content and the ``delta.tool_calls`` entries to send with it. ``finish`` at the end gives the rest of
+    both and whether the reply made calls.
+
+    A named function's reply is its call's arguments, so they stream as they come (the first entry carries the
+    call's id and name, as OpenAI's do). Other plans send text until a call may begin (a possible marker's
+    start is held back), then their calls, complete, at the end."""
 
     def __init__(self, tools: ToolPlan) -> None:
         self.tools = tools
         self.text = ""
         self.sent = 0  # characters of text sent as content
-        self.held = tools.choice != "auto"  # from here on nothing is sent: a call may have begun
+        self.held = tools.choice != "auto"  # from here on nothing is sent as content: a call may have begun
+        self.header: dict[str, Any] | None = None  # a named call's first entry, once sent
 
-    def feed(self, delta: str) -> str:
+    def feed(self, delta: str) -> tuple[str, list[dict[str, Any]]]:
         self.text += delta
+        if self.tools.choice == "named":
+            return "", self._named(delta) if delta else []
         if self.held:
-            return ""
+            return "", []
         start = self._call_start()
         if start is not None:
             self.held = True
             out, self.sent = self.text[self.sent : start], start
-            return out
+            return out, []
         # Keep back a tail that could be the beginning of a call's marker.
         end = len(self.text) - _marker_overlap(self.text, self._marker())
         out, self.sent = self.text[self.sent : end], max(self.sent, end)
-        return out
+        return out, []
 
-    def finish(self) -> tuple[str, list[dict[str, str]]]:
+    def finish(self) -> tuple[str, list[dict[str, Any]], bool]:
+        if self.tools.choice == "named":
+            return "", [] if self.header else self._named(""), True
         auto = self.tools.choice == "auto"
         content, calls = self.tools.parse(self.text[self.sent :] if auto else self.text)
         if not calls:
-            return self.text[self.sent :], []
+            return self.text[self.sent :], [], False
+        entries = [{"index": j, **obj} for j, obj in enumerate(tool_call_objects(calls))]
         # "auto": what the parse leaves outside the calls, after the text already sent (hermes: text after or
         # between blocks).
-        return (content or "") if auto else "", calls
+        return (content or "") if auto else "", entries, True
+
+    def _named(self, arguments: str) -> list[dict[str, Any]]:
+        if self.header is None:
+            (self.header,) = tool_call_objects([{"name": self.tools.named, "arguments": arguments}])
+            return [{"index": 0, **self.header}]
+        return [{"index": 0, "function": {"arguments": arguments}}]
 
     def _marker(self) -> str:
         return _HERMES_OPEN if self.tools.parser == "hermes" else "{"

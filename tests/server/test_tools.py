@@ -105,10 +105,19 @@ def test_parsers():
 
 
 def _stream(tools, pieces):
+    """(all text sent, the text sent per piece, the calls as {name, arguments} joined from every entry)."""
     s = ToolStream(tools)
-    sent = [s.feed(p) for p in pieces]
-    tail, calls = s.finish()
-    return "".join(sent) + tail, sent, calls
+    fed = [s.feed(p) for p in pieces]
+    tail, entries, called = s.finish()
+    entries = [e for _, es in fed for e in es] + entries
+    calls: dict[int, dict[str, str]] = {}
+    for e in entries:
+        call = calls.setdefault(e["index"], {"name": "", "arguments": ""})
+        call["name"] += e["function"].get("name", "")
+        call["arguments"] += e["function"]["arguments"]
+    assert called == bool(calls)
+    sent = [t for t, _ in fed]
+    return "".join(sent) + tail, sent, [calls[j] for j in sorted(calls)]
 
 
 def test_streams_send_text_until_a_call_may_begin():
@@ -138,6 +147,14 @@ def test_streams_send_text_until_a_call_may_begin():
     assert (
         text == "" and sent == ["", ""] and calls == [{"name": "get_weather", "arguments": '{"city":"Oslo"}'}]
     )
+    s = ToolStream(named)  # the arguments stream as they come: id and name once, then fragments
+    first, second = s.feed('{"city"')[1], s.feed(':"Oslo"}')[1]
+    assert first[0]["id"].startswith("call_") and first[0]["function"] == {
+        "name": "get_weather",
+        "arguments": '{"city"',
+    }
+    assert second == [{"index": 0, "function": {"arguments": ':"Oslo"}'}}] and s.finish() == ("", [], True)
+    assert _stream(named, [])[2] == [{"name": "get_weather", "arguments": ""}]  # an empty reply still calls
 
 
 def test_template_messages_give_templates_the_arguments_as_a_mapping():
@@ -189,10 +206,16 @@ def test_named_and_required_tool_choice_through_the_server(oai, model_name):
         )
         content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         deltas = [t for c in chunks if c.choices for t in (c.choices[0].delta.tool_calls or [])]
-        assert content == "" and len(deltas) == 1 and chunks[-1].choices[0].finish_reason == fin
+        assert (
+            content == "" and {d.index for d in deltas} == {0} and chunks[-1].choices[0].finish_reason == fin
+        )
+        name = "".join(d.function.name or "" for d in deltas)
+        arguments = "".join(d.function.arguments or "" for d in deltas)
         unstreamed = oai.chat.completions.create(tool_choice=choice, parallel_tool_calls=False, **kw)
         want = unstreamed.choices[0].message.tool_calls[0].function
-        assert (deltas[0].function.name, deltas[0].function.arguments) == (want.name, want.arguments)
+        assert (name, arguments) == (want.name, want.arguments)
+        if choice != "required":
+            assert len(deltas) > 1  # a named function's arguments stream in pieces
 
 
 def test_auto_tool_choice_reads_calls_with_the_servers_parser(oai, model_name, server):

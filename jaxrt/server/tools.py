@@ -9,8 +9,9 @@ model then writes becomes ``message.tool_calls`` according to ``tool_choice``:
   object, one of the tools each (a single one with ``parallel_tool_calls: false``), as vLLM does;
 - ``"auto"`` (OpenAI's default with tools): the model writes freely and the server's ``--tool-call-parser``
   reads calls out of its text: ``hermes`` (``<tool_call>{"name": ..., "arguments": ...}</tool_call>`` blocks:
-  Qwen2.5/3, Hermes) or ``llama3_json`` (the whole reply one JSON object ``{"name", "parameters"}``, or several
-  separated by ``;``: Llama 3.1+). Without a parser ``"auto"`` is a 400, as in vLLM;
+  Qwen2.5/3, Hermes), ``llama3_json`` (the whole reply one JSON object ``{"name", "parameters"}``, or several
+  separated by ``;``: Llama 3.1+) or ``pythonic`` (the whole reply a Python list of calls, ``[f(a=1)]``: Llama
+  3.2 and 4). Without a parser ``"auto"`` is a 400, as in vLLM;
 - ``"none"``: the tools reach the template, nothing is parsed.
 
 ``finish_reason`` is "tool_calls" when the reply holds calls (OpenAI gives "stop" for a named function, and so
@@ -21,6 +22,7 @@ options (``whitespace_flexible``, ...) in a tool's ``parameters`` apply to the w
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import re
@@ -29,7 +31,9 @@ from typing import Any
 
 from jaxrt.server.protocol import APIError
 
-TOOL_CALL_PARSERS = ("hermes", "llama3_json")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "pythonic")
+# The parsers whose calls are the whole reply, by the character a call starts with.
+_WHOLE_REPLY_START = {"llama3_json": "{", "pythonic": "["}
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _HERMES_OPEN, _HERMES_CLOSE = "<tool_call>", "</tool_call>"
 _HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
@@ -82,6 +86,8 @@ class ToolPlan:
             return (None, calls) if calls else (text, [])
         if self.parser == "hermes":
             return _parse_hermes(text)
+        if self.parser == "pythonic":
+            return _parse_pythonic(text)
         return _parse_llama3_json(text)
 
 
@@ -210,17 +216,17 @@ class ToolStream:
         return [{"index": 0, "function": {"arguments": arguments}}]
 
     def _marker(self) -> str:
-        return _HERMES_OPEN if self.tools.parser == "hermes" else "{"
+        return _HERMES_OPEN if self.tools.parser == "hermes" else _WHOLE_REPLY_START[self.tools.parser]
 
     def _call_start(self) -> int | None:
         if self.tools.parser == "hermes":
             i = self.text.find(_HERMES_OPEN)
             return None if i < 0 else i
-        # llama3_json: a reply that is a call starts with "{" (after whitespace).
+        # llama3_json, pythonic: a reply that is calls starts with "{" / "[" (after whitespace).
         stripped = self.text.lstrip()
         if not stripped:
             return None
-        return len(self.text) - len(stripped) if stripped[0] == "{" else None
+        return len(self.text) - len(stripped) if stripped[0] == self._marker() else None
 
 
 def _marker_overlap(text: str, marker: str) -> int:
@@ -282,3 +288,23 @@ def _parse_llama3_json(text: str) -> tuple[str | None, list[dict[str, str]]]:
             return (text or None), []
         calls += found
     return (None, calls) if calls else ((text or None), [])
+
+
+def _parse_pythonic(text: str) -> tuple[str | None, list[dict[str, str]]]:
+    """The whole reply a Python list of calls with literal keyword arguments, ``[f(a=1), g(b="x")]`` (Llama 3.2
+    and 4's pythonic format); any other reply is content."""
+    try:
+        tree = ast.parse(text.strip(), mode="eval").body
+        if not isinstance(tree, ast.List) or not tree.elts:
+            raise ValueError
+        calls = []
+        for call in tree.elts:
+            if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.args:
+                raise ValueError
+            args = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg is not None}
+            if len(args) != len(call.keywords):  # a **mapping
+                raise ValueError
+            calls.append({"name": call.func.id, "arguments": json.dumps(args)})
+    except (SyntaxError, ValueError, TypeError):
+        return (text or None), []
+    return None, calls

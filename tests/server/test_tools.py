@@ -101,6 +101,13 @@ def test_parsers():
     content, calls = llama.parse('{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"x": 1}}')
     assert content is None and [c["name"] for c in calls] == ["a", "b"]
     assert llama.parse("It is sunny.") == ("It is sunny.", [])
+
+    py = plan(_body([WEATHER]), "pythonic")
+    content, calls = py.parse(' [get_weather(city="Oslo"), get_time(), f(x=[1, None], ok=True)]')
+    assert content is None and [c["name"] for c in calls] == ["get_weather", "get_time", "f"]
+    assert [json.loads(c["arguments"]) for c in calls] == [{"city": "Oslo"}, {}, {"x": [1, None], "ok": True}]
+    for not_calls in ("[1, 2]", "[]", "[f(1)]", "[f(x=g())]", "[f(**d)]", "[a.b(x=1)]", "Sunny.", "[f(x="):
+        assert py.parse(not_calls) == (not_calls, []), not_calls
     assert llama.parse('{"answer": 42}') == ('{"answer": 42}', [])  # JSON, but not a call
 
 
@@ -141,6 +148,14 @@ def test_streams_send_text_until_a_call_may_begin():
     assert text == "" and calls[0]["name"] == "get_weather"
     text, sent, calls = _stream(llama, ['{"answer": ', "42}"])
     assert text == '{"answer": 42}' and sent == ["", ""] and calls == []  # JSON, not a call: sent at the end
+
+    py = plan(_body([WEATHER]), "pythonic")
+    text, sent, calls = _stream(py, [" [get_weather(", 'city="Oslo")]'])
+    assert (
+        sent == [" ", ""]
+        and text == " "
+        and calls == [{"name": "get_weather", "arguments": '{"city": "Oslo"}'}]
+    )
 
     named = plan(_body([WEATHER], {"type": "function", "function": {"name": "get_weather"}}), None)
     text, sent, calls = _stream(named, ['{"city"', ':"Oslo"}'])

@@ -148,9 +148,9 @@ def fresh_attention(
     prefix = jnp.maximum(kv_lens - (cu_q_lens[1:] - cu_q_lens[:-1]), 0) if prefix_capacity else None
     positions = local if prefix is None else prefix[seq_ids] + local
     k, v = (_gather(pool, page_indices, seq_ids, positions, valid) for pool in (k_pages, v_pages))
-    # The "xla" stand-in's mask of each token's own rows: its sequence's, up to itself.
-    own = (seq_ids[:, None] == seq_ids[None, :]) & (local[:, None] >= local[None, :])
-    own &= valid[:, None] & valid[None, :]
+    if implementation == "xla":  # the stand-in's mask of each token's own rows: its sequence's, up to itself
+        own = (seq_ids[:, None] == seq_ids[None, :]) & (local[:, None] >= local[None, :])
+        own &= valid[:, None] & valid[None, :]
     if prefix_capacity == 0:
         if implementation == "xla":
             o = jax.nn.dot_product_attention(
@@ -305,14 +305,13 @@ def batch_is_fresh(kv_lens, cu_q_lens, num_seqs) -> bool:
 def prefix_rows(kv_lens, cu_q_lens, num_seqs) -> int:
     """Rows of the packed prefix buffer a batch needs (``fresh_attention``'s ``prefix_capacity``): each
     sequence's cached prefix, at least one row."""
-    _, prefix = _lens(kv_lens, cu_q_lens, num_seqs)
-    return int(np.maximum(prefix, 1).sum())
+    return _rows(_lens(kv_lens, cu_q_lens, num_seqs)[1])
 
 
 def prefix_capacities(context_length: int) -> list[int]:
     """The prefix buffer sizes the engine compiles programs for: ``MIN_PREFIX_CAPACITY`` rows, then x4 until
-    one holds a context. A batch takes the smallest that fits, so the gather moves at most 4x its prefix (the
-    unused rows are zeros, and cuDNN skips them)."""
+    one holds a context. A batch takes the smallest that fits, so the gather moves at most 4x its prefix (cuDNN
+    reads no row past the segments)."""
     caps = [MIN_PREFIX_CAPACITY]
     while caps[-1] < context_length:
         caps.append(caps[-1] * 4)
@@ -334,13 +333,8 @@ def choose(kv_lens, cu_q_lens, num_seqs, capacities=()) -> int | None:
         return 0
     if int(q_lens.sum()) < MIN_TOKENS:
         return None
-    need = int(np.maximum(prefix, 1).sum())
+    need = _rows(prefix)
     return next((c for c in sorted(capacities) if c >= need), None)
-
-
-def prefers_fresh(kv_lens, cu_q_lens, num_seqs) -> bool:
-    """Whether the host runs the fresh program for this batch (``choose`` gives 0)."""
-    return choose(kv_lens, cu_q_lens, num_seqs) == 0
 
 
 def _lens(kv_lens, cu_q_lens, num_seqs) -> tuple[np.ndarray, np.ndarray]:
@@ -348,6 +342,11 @@ def _lens(kv_lens, cu_q_lens, num_seqs) -> tuple[np.ndarray, np.ndarray]:
     n = int(num_seqs[0])
     q_lens = np.diff(np.asarray(cu_q_lens[: n + 1])).astype(np.int64)
     return q_lens, np.asarray(kv_lens[:n]).astype(np.int64) - q_lens
+
+
+def _rows(prefix) -> int:
+    """Packed prefix buffer rows for these prefix lengths: each at least one (cuDNN's segments are never empty)."""
+    return int(np.maximum(prefix, 1).sum())
 
 
 def _packable(q_lens, prefix) -> bool:

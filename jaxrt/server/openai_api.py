@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from jaxrt.sampling_params import CONSTRAINTS, MAX_TOP_LOGPROBS
+from jaxrt.sampling_params import MAX_TOP_LOGPROBS
 from jaxrt.server.protocol import (
     SSE_DONE,
     APIError,
@@ -29,6 +29,7 @@ from jaxrt.server.protocol import (
     new_id,
     now,
     sampling_dict,
+    set_reply_schema,
     sse,
     usage,
 )
@@ -415,15 +416,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     check_unsupported(body)
     tools = tool_plan(body, state.tool_call_parser)
     schema = tools.schema() if tools else None
-    if schema is not None:
-        if any(getattr(body, k) is not None for k in CONSTRAINTS):
-            raise APIError(
-                400,
-                f'tool_choice "{tools.choice}" constrains the reply itself: it cannot be combined with '
-                "response_format, regex, json_schema or ebnf",
-                param="tool_choice",
-            )
-        body.json_schema = schema
+    if schema is not None:  # a named function or "required" constrain the reply
+        set_reply_schema(body, schema, "tool_choice")
     name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     check_max_tokens(name, max_tokens, body.min_tokens)

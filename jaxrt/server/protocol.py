@@ -214,14 +214,16 @@ def _normalise_constraints(req: _SamplingRequest) -> None:
             setattr(req, vllm, None)
     schema = _response_format_schema(req)
     if schema is not None:
-        if any(getattr(req, k) is not None for k in CONSTRAINTS):
-            raise APIError(
-                400,
-                "response_format cannot be combined with regex, json_schema or ebnf",
-                param="response_format",
-            )
-        req.json_schema = schema
+        set_reply_schema(req, schema, "response_format")
         req.response_format = None
+
+
+def set_reply_schema(req: _SamplingRequest, schema: str, field: str) -> None:
+    """Constrain the reply to ``schema``, which request field ``field`` implies (``response_format``, a tool
+    choice): a 400 naming that field when the request sets another constraint."""
+    if any(getattr(req, k) is not None for k in CONSTRAINTS):
+        raise APIError(400, f"{field} cannot be combined with regex, json_schema or ebnf", param=field)
+    req.json_schema = schema
 
 
 def _response_format_schema(req: _SamplingRequest) -> str | None:

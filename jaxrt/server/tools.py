@@ -35,7 +35,7 @@ TOOL_CALL_PARSERS = ("hermes", "llama3_json", "pythonic")
 # The parsers whose calls are the whole reply, by the character a call starts with.
 _WHOLE_REPLY_START = {"llama3_json": "{", "pythonic": "["}
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_HERMES_OPEN, _HERMES_CLOSE = "<tool_call>", "</tool_call>"
+_HERMES_OPEN = "<tool_call>"
 _HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 _EMPTY_PARAMETERS = {"type": "object", "properties": {}}
 
@@ -82,7 +82,7 @@ class ToolPlan:
         if self.choice == "named":
             return None, [{"name": self.named, "arguments": text}]
         if self.choice == "required":
-            calls = _calls(_json(text), args_key="parameters")
+            calls = _calls(_json(text))
             return (None, calls) if calls else (text, [])
         if self.parser == "hermes":
             return _parse_hermes(text)
@@ -119,7 +119,7 @@ def plan(body: Any, parser: str | None) -> ToolPlan | None:
         if not isinstance(params, dict):
             raise APIError(400, f"tools[{k}].function.parameters must be a JSON schema object", param="tools")
         parameters[name] = params
-    parallel = getattr(body, "parallel_tool_calls", None) is not False
+    parallel = body.parallel_tool_calls is not False
     if choice is None or choice == "auto":
         if parser is None:
             raise APIError(
@@ -244,15 +244,15 @@ def _json(text: str) -> Any:
         return None
 
 
-def _calls(obj: Any, args_key: str) -> list[dict[str, str]]:
-    """``[{"name", "arguments"}]`` from a parsed call or list of calls (each ``{"name", args_key: ...}``); [] if
-    any is not one."""
+def _calls(obj: Any) -> list[dict[str, str]]:
+    """``[{"name", "arguments"}]`` from a parsed call or list of calls (each ``{"name", "arguments" or
+    "parameters": ...}``); [] if any is not one."""
     items = obj if isinstance(obj, list) else [obj]
     calls = []
     for item in items:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             return []
-        args = item.get(args_key, item.get("arguments", item.get("parameters", {})))
+        args = item.get("arguments", item.get("parameters", {}))  # hermes' name / llama3's and "required"'s
         calls.append({"name": item["name"], "arguments": args if isinstance(args, str) else json.dumps(args)})
     return calls
 
@@ -260,7 +260,7 @@ def _calls(obj: Any, args_key: str) -> list[dict[str, str]]:
 def _parse_hermes(text: str) -> tuple[str | None, list[dict[str, str]]]:
     calls, kept, pos = [], [], 0
     for m in _HERMES_BLOCK.finditer(text):
-        found = _calls(_json(m.group(1)), args_key="arguments")
+        found = _calls(_json(m.group(1)))
         if len(found) != 1:
             continue  # not a call: leave it in the content
         calls += found
@@ -283,7 +283,7 @@ def _parse_llama3_json(text: str) -> tuple[str | None, list[dict[str, str]]]:
             obj, pos = decoder.raw_decode(text, pos)
         except ValueError:
             return (text or None), []
-        found = _calls(obj, args_key="parameters")
+        found = _calls(obj)
         if len(found) != 1:
             return (text or None), []
         calls += found

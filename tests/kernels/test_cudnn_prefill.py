@@ -127,7 +127,6 @@ def test_choose_weighs_the_work_and_fits_the_prefix(q_lens, kv_lens, choice):
         np.random.default_rng(0), q_lens, kv_lens, **HEADS, page_size=16, max_num_seqs=10, poison=False
     )
     assert cudnn_prefill.choose(b.kv_lens, b.cu_q_lens, b.num_seqs, (8192, 32768)) == choice
-    assert cudnn_prefill.prefers_fresh(b.kv_lens, b.cu_q_lens, b.num_seqs) == (choice == 0)
 
 
 def test_prefix_capacities_step_by_four_to_a_context():
@@ -173,7 +172,7 @@ def test_batch_is_fresh(q_lens, kv_lens, fresh):
         ([1500], False),
     ],
 )
-def test_prefers_fresh_weighs_the_causal_work(q_lens, prefers):
+def test_choose_weighs_a_fresh_batchs_causal_work(q_lens, prefers):
     """The host takes the fresh program for fresh batches with at least a 2048-token prompt's causal work
     (sum of squared lengths), not for shorter or fewer prompts."""
     assert cudnn_prefill.MIN_WORK == 2048 * 2048
@@ -181,7 +180,7 @@ def test_prefers_fresh_weighs_the_causal_work(q_lens, prefers):
         np.random.default_rng(0), q_lens, q_lens, **HEADS, page_size=16, max_num_seqs=8, poison=False
     )
     assert cudnn_prefill.batch_is_fresh(b.kv_lens, b.cu_q_lens, b.num_seqs)
-    assert cudnn_prefill.prefers_fresh(b.kv_lens, b.cu_q_lens, b.num_seqs) == prefers
+    assert (cudnn_prefill.choose(b.kv_lens, b.cu_q_lens, b.num_seqs) == 0) == prefers
 
 
 def test_pallas_gpu_attention_takes_the_fresh_path_only_when_told(monkeypatch):

@@ -116,6 +116,14 @@ def main() -> None:
         help="cached tokens before each prefill prompt: P > 0 times a chunk of L new tokens behind P cached "
         "ones (a long prompt's later chunk, or a radix-cache hit)",
     )
+    p.add_argument(
+        "--mixed-decodes",
+        type=ints,
+        default=[0],
+        help="decoding sequences in each prefill step, laid out before the prompts (the serving case: a "
+        "prompt's chunk beside running requests), each at --mixed-context tokens",
+    )
+    p.add_argument("--mixed-context", type=int, default=1024)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument(
         "--bandwidth",
@@ -157,9 +165,12 @@ def main() -> None:
         skip_tokenizer_init=True,
         skip_warmup=True,
         page_size=args.page_size,
-        context_length=max(max_ctx, max(args.prefill_lens) + max(args.prefix_lens)) + args.page_size,
-        max_running_requests=max(max_b, max(args.prefill_seqs)),
-        chunked_prefill_size=max(max_b, max(args.prefill_lens) * max(args.prefill_seqs)),
+        context_length=max(max_ctx, max(args.prefill_lens) + max(args.prefix_lens), args.mixed_context)
+        + args.page_size,
+        max_running_requests=max(max_b, max(args.prefill_seqs) + max(args.mixed_decodes)),
+        chunked_prefill_size=max(
+            max_b, max(args.prefill_lens) * max(args.prefill_seqs) + max(args.mixed_decodes)
+        ),
         mem_fraction_static=args.mem_fraction_static,
         attention_backend=args.attention_backend,
     )
@@ -171,16 +182,21 @@ def main() -> None:
     rng = np.random.default_rng(0)
     greedy = SamplingParams(temperature=0.0, max_new_tokens=1)
 
-    def fake_batch(batch: int, ctx: int, q_len: int) -> SchedulerOutput | None:
-        pps = cdiv(ctx, args.page_size)
-        if batch * pps > usable:
+    def fake_batch(batch: int, ctx: int, q_len: int, decodes: int = 0) -> SchedulerOutput | None:
+        """``decodes`` one-token sequences at ``--mixed-context`` first, then ``batch`` of ``q_len`` new
+        tokens at context ``ctx``."""
+        seqs = [(args.mixed_context, 1)] * decodes + [(ctx, q_len)] * batch
+        if sum(cdiv(c, args.page_size) for c, _ in seqs) > usable:
             return None
         out = SchedulerOutput()
-        for i in range(batch):
-            req = Request(str(i), rng.integers(10, m.vocab_size - 10, ctx).tolist(), greedy, seed=i)
-            req.page_ids = list(range(1 + i * pps, 1 + (i + 1) * pps))
+        first = 1
+        for i, (c, q) in enumerate(seqs):
+            req = Request(str(i), rng.integers(10, m.vocab_size - 10, c).tolist(), greedy, seed=i)
+            pps = cdiv(c, args.page_size)
+            req.page_ids = list(range(first, first + pps))
+            first += pps
             req.page_row = i  # its row of the runner's page table (the scheduler hands these out)
-            out.scheduled.append(ScheduledRequest(req, ctx - q_len, q_len, True))
+            out.scheduled.append(ScheduledRequest(req, c - q, q, True))
         return out
 
     def time_step(sched: SchedulerOutput, label: str) -> tuple[float, float]:
@@ -255,12 +271,14 @@ def main() -> None:
                     "attention_backend": llm.config.attention_backend,
                 },
             )
-    for s, n, pre in itertools.product(args.prefill_seqs, args.prefill_lens, args.prefix_lens):
-        sched = fake_batch(s, pre + n, n)
+    points = itertools.product(args.prefill_seqs, args.prefill_lens, args.prefix_lens, args.mixed_decodes)
+    for s, n, pre, dec in points:
+        sched = fake_batch(s, pre + n, n, dec)
         if sched is None:
-            print(f"skip prefill {s} x L={n} P={pre}: KV pool too small")
+            print(f"skip prefill {s} x L={n} P={pre} D={dec}: KV pool too small")
             continue
         label = (f"prefill L={n}" if s == 1 else f"prefill {s} x L={n}") + (f" P={pre}" if pre else "")
+        label += f" + {dec} decodes at {args.mixed_context}" if dec else ""
         engine_s, device_s = time_step(sched, label)
         rows.append(
             (
@@ -277,6 +295,8 @@ def main() -> None:
                 "tokens": n,
                 "seqs": s,
                 "prefix": pre,
+                "decodes": dec,
+                "decode_context": args.mixed_context if dec else 0,
                 "device_ms": device_s * 1e3,
                 "engine_ms": engine_s * 1e3,
             },

@@ -241,12 +241,15 @@ def ragged_paged_attention(
     cu_q_lens: [max_num_seqs + 1] int32; num_seqs: [1] int32. See `kernels.reference` for the semantics.
     metadata: ``attention_metadata(q, k_pages, kv_lens, page_indices, cu_q_lens, num_seqs, backend=backend)``
     of this batch, to share the planning between layers; computed here when None.
-    fresh_prompt: None, or the caller's promise that the batch is 1 to ``cudnn_prefill.MAX_SEQS`` prompts with
-    no cached prefix (``kernels.cudnn_prefill.batch_is_fresh``); then "pallas_gpu" attends with
+    fresh_prompt: None, or the caller's promise that the batch is leading one-token sequences (decodes, any
+    number), then 1 to ``cudnn_prefill.MAX_SEQS`` prompts with no cached prefix
+    (``kernels.cudnn_prefill.batch_is_fresh``); then "pallas_gpu" attends the prompts with
     ``cudnn_prefill.fresh_attention`` of that implementation ("cudnn"; "xla" in the interpreter) over the
-    gathered K/V rows, where ``cudnn_prefill.applies``. With ``prefix_capacity > 0`` the promise is wider: at
-    most ``MAX_SEQS`` sequences, each with new tokens, whose cached prefixes fit a packed buffer of that many
-    rows (``cudnn_prefill.prefix_rows``); they are attended in two parts, own tokens and prefix, and merged.
+    gathered K/V rows, where ``cudnn_prefill.applies``, and the decodes with its paged kernel on their own
+    (``cudnn_prefill.split_attention``). With ``prefix_capacity > 0`` the promise is wider: the sequences
+    after the decodes, at most ``MAX_SEQS``, each with new tokens, have cached prefixes that fit a packed
+    buffer of that many rows (``cudnn_prefill.prefix_rows``); they are attended in two parts, own tokens and
+    prefix, and merged.
     Returns [num_tokens, num_q_heads, head_dim] in q.dtype (padding rows zero).
     """
     validate_inputs(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sliding_window, soft_cap)
@@ -269,9 +272,17 @@ def ragged_paged_attention(
         return ragged_paged_attention_reference(*args, **kwargs)
     fresh = fresh_prompt is not None and name == "pallas_gpu"
     if fresh and cudnn_prefill.applies(q, k_pages, sliding_window, soft_cap):
-        return cudnn_prefill.fresh_attention(
-            *args, sm_scale=sm_scale, implementation=fresh_prompt, prefix_capacity=prefix_capacity
-        )
+        cudnn = dict(sm_scale=sm_scale, implementation=fresh_prompt, prefix_capacity=prefix_capacity)
+        if kv_lens.shape[0] == 1:  # no room for decodes beside the prompt
+            return cudnn_prefill.fresh_attention(*args, **cudnn)
+
+        def paged(q_rows, decodes):  # the leading decodes: the paged kernel on a decode batch's shape
+            return ragged_paged_attention(
+                q_rows, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, decodes,
+                sm_scale=sm_scale, backend=name, interpret=interpret,
+            )  # fmt: skip
+
+        return cudnn_prefill.split_attention(*args, paged=paged, **cudnn)
     entry = _BACKENDS[name]
     if entry.metadata_fn is not None:
         kwargs["metadata"] = None if metadata is None else metadata.plan

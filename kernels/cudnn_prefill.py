@@ -203,12 +203,67 @@ def fresh_attention(
     return jnp.where(valid[:, None, None], o, 0.0).astype(q.dtype)
 
 
+def split_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    kv_lens: jax.Array,
+    page_indices: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float,
+    paged,
+    implementation: str = "cudnn",
+    prefix_capacity: int = 0,
+) -> jax.Array:
+    """``fresh_attention`` for a batch that may begin with one-token sequences (decodes): a step of one long
+    prompt's chunk and many decodes is the serving case under load, and has more than ``MAX_SEQS`` sequences.
+    The scheduler's order puts the decodes first: running requests before new ones, and a prompt still in
+    chunks is the last one admitted (its chunk took the rest of the step's budget). A one-token sequence after
+    a prompt is attended with the prompts, as a chunk behind its prefix (``choose`` counts it there).
+
+    The leading one-token sequences, ``d`` of them, are attended by ``paged(q_rows, num_seqs)``: the paged
+    kernel over the first ``min(T, max_num_seqs)`` rows of ``q`` (they hold the ``d`` tokens) with ``num_seqs``
+    cut to ``d``, a decode batch's shape and so its tiling. The other sequences (at most ``MAX_SEQS``, with
+    ``prefix_capacity`` as in ``fresh_attention``) take ``fresh_attention`` on the sequence arrays shifted past
+    the decodes, whose token rows then start at ``cu_q_lens[d]``. Rows are picked from the two results.
+    """
+    num_tokens = q.shape[0]
+    max_seqs = kv_lens.shape[0]
+    m = min(max_seqs, MAX_SEQS)
+    n = num_seqs.reshape(())
+    seq = jnp.arange(max_seqs, dtype=jnp.int32)
+    lead = (seq < n) & (cu_q_lens[1:] - cu_q_lens[:-1] == 1)
+    d = jnp.where(lead.all(), max_seqs, jnp.argmin(lead)).astype(jnp.int32)  # the leading run's length
+    shift = jnp.minimum(d + jnp.arange(m + 1, dtype=jnp.int32), max_seqs)
+    rest = jnp.minimum(shift[:m], max_seqs - 1)
+    o = fresh_attention(
+        q,
+        k_pages,
+        v_pages,
+        kv_lens[rest],
+        page_indices[rest],
+        cu_q_lens[shift],
+        jnp.maximum(n - d, 0).reshape(1),
+        sm_scale=sm_scale,
+        implementation=implementation,
+        prefix_capacity=prefix_capacity,
+    )
+    rows = min(num_tokens, max_seqs)
+    o_dec = paged(q[:rows], d.reshape(1))
+    head = jnp.where((jnp.arange(rows) < d)[:, None, None], o_dec.astype(o.dtype), o[:rows])
+    return jnp.concatenate([head, o[rows:]]) if rows < num_tokens else head
+
+
 def _token_layout(cu_q_lens, num_seqs, num_tokens):
-    """(n, valid [T], seq_ids [T], local [T]): the batch's sequence count, which rows are real tokens, and each
-    token's sequence and index within the sequence's part of the step (0 for padding rows)."""
+    """(n, valid [T], seq_ids [T], local [T]): the batch's sequence count, which rows are its tokens (from
+    ``cu_q_lens[0]``, 0 unless ``split_attention`` shifted the batch past its leading decodes, to
+    ``cu_q_lens[n]``), and each token's sequence and index within the sequence's part of the step (0 for the
+    other rows)."""
     n = num_seqs.reshape(())
     t = jnp.arange(num_tokens, dtype=jnp.int32)
-    valid = t < cu_q_lens[n]
+    valid = (t >= cu_q_lens[0]) & (t < cu_q_lens[n])
     # Token t's sequence: how many sequences end at or before it, counted in one fused comparison (a
     # searchsorted of the default method is a device loop, whose trips cost a host round trip each on GPUs).
     ends = jnp.where(jnp.arange(cu_q_lens.shape[0] - 1) < n, cu_q_lens[1:], num_tokens)
@@ -296,16 +351,16 @@ def _packed_cudnn(q, k, v, cu_q_lens, kv_starts, n, sm_scale, *, causal, stats):
 
 def batch_is_fresh(kv_lens, cu_q_lens, num_seqs) -> bool:
     """Whether a laid-out batch (host arrays) is what a fresh-prompt program (``ForwardBatch.fresh``) can run:
-    1 to ``MAX_SEQS`` sequences, each a prompt whose keys are exactly its query tokens (no cached prefix, no
-    decode)."""
-    q_lens, prefix = _lens(kv_lens, cu_q_lens, num_seqs)
+    leading one-token sequences (decodes; ``split_attention``), then 1 to ``MAX_SEQS`` prompts whose keys are
+    exactly their query tokens (no cached prefix)."""
+    q_lens, prefix = _prompts(*_lens(kv_lens, cu_q_lens, num_seqs))
     return _packable(q_lens, prefix) and not prefix.any()
 
 
 def prefix_rows(kv_lens, cu_q_lens, num_seqs) -> int:
-    """Rows of the packed prefix buffer a batch needs (``fresh_attention``'s ``prefix_capacity``): each
-    sequence's cached prefix, at least one row."""
-    return _rows(_lens(kv_lens, cu_q_lens, num_seqs)[1])
+    """Rows of the packed prefix buffer a batch needs (``fresh_attention``'s ``prefix_capacity``): each cached
+    prefix of a sequence after the leading one-token ones, at least one row."""
+    return _rows(_prompts(*_lens(kv_lens, cu_q_lens, num_seqs))[1])
 
 
 def prefix_capacities(context_length: int) -> list[int]:
@@ -321,12 +376,13 @@ def prefix_capacities(context_length: int) -> list[int]:
 def choose(kv_lens, cu_q_lens, num_seqs, capacities=()) -> int | None:
     """The host's choice for a laid-out batch (host arrays): None (the paged kernel), 0 (the fresh program) or
     the smallest of ``capacities`` that holds the batch's ``prefix_rows`` (the program for prompts behind a
-    cached prefix). cuDNN takes at most ``MAX_SEQS`` sequences, each with at least one new token, and only pays
-    for its gathers and packing with at least ``MIN_WORK`` of attention: twice the query-key pairs of the
-    batch's causal attention (``sum(q * q + 2 * q * prefix)``); behind prefixes, also at least ``MIN_TOKENS``
-    new tokens (on an H200, 1B heads, 2048-token bucket: 1100 new tokens behind 1500 / 4096 cached lost 8 / 2%,
+    cached prefix). Leading one-token sequences (decodes) take the paged kernel inside either program
+    (``split_attention``) and do not count below. cuDNN takes the others, at most ``MAX_SEQS``, and only pays
+    for its gathers and packing with at least ``MIN_WORK`` of attention: twice the query-key pairs of their
+    causal attention (``sum(q * q + 2 * q * prefix)``); behind prefixes, also at least ``MIN_TOKENS`` new
+    tokens (on an H200, 1B heads, 2048-token bucket: 1100 new tokens behind 1500 / 4096 cached lost 8 / 2%,
     2048 behind 1500 gained 7%; benchmarks/RESULTS.md, "Engine", twenty-first round)."""
-    q_lens, prefix = _lens(kv_lens, cu_q_lens, num_seqs)
+    q_lens, prefix = _prompts(*_lens(kv_lens, cu_q_lens, num_seqs))
     if not _packable(q_lens, prefix) or int((q_lens * (q_lens + 2 * prefix)).sum()) < MIN_WORK:
         return None
     if not prefix.any():
@@ -342,6 +398,12 @@ def _lens(kv_lens, cu_q_lens, num_seqs) -> tuple[np.ndarray, np.ndarray]:
     n = int(num_seqs[0])
     q_lens = np.diff(np.asarray(cu_q_lens[: n + 1])).astype(np.int64)
     return q_lens, np.asarray(kv_lens[:n]).astype(np.int64) - q_lens
+
+
+def _prompts(q_lens, prefix) -> tuple[np.ndarray, np.ndarray]:
+    """The sequences after the leading one-token ones (what ``split_attention`` gives cuDNN)."""
+    d = len(q_lens) if (q_lens == 1).all() else int(np.argmin(q_lens == 1))
+    return q_lens[d:], prefix[d:]
 
 
 def _rows(prefix) -> int:

@@ -218,23 +218,28 @@ def test_fresh_prompt_program_matches_the_paged_kernel(tmp_path, monkeypatch, im
     """A step of fresh prompts runs its own program, whose attention is cuDNN's over the gathered K/V rows
     (XLA's attention with a segment mask in the interpreter, here), and a step of prompts behind cached
     prefixes (a long prompt's second chunk; a prompt that hits the radix cache) the prefixed program (own rows
-    and prefix rows attended apart and merged). Each request's first token and top-20 log-probabilities match
-    the paged kernel's (a second engine with ``JAXRT_CUDNN_PREFILL=0``) in bf16; native and through the
+    and prefix rows attended apart and merged), with decodes before them taken by the paged kernel. Each
+    request's first two tokens and their top-20 log-probabilities match the paged kernel's (a second engine with ``JAXRT_CUDNN_PREFILL=0``) in bf16; native and through the
     fallback."""
     from jaxrt.kernels import cudnn_prefill
 
     monkeypatch.setattr(cudnn_prefill, "MIN_TOKENS", 32)  # small buckets stand in for long prompts
     monkeypatch.setattr(cudnn_prefill, "MIN_WORK", 0)
     monkeypatch.setattr(cudnn_prefill, "MIN_PREFIX_CAPACITY", 128)
+    monkeypatch.setattr(cudnn_prefill, "MAX_SEQS", 2)
     monkeypatch.setenv("JAXRT_ATTENTION_INTERPRET", "1")
     path = make_tiny_llama(
         tmp_path / "m", None, vocab_size=512, num_attention_heads=4, num_key_value_heads=1, head_dim=64
     )
     rng = np.random.default_rng(0)
-    first, second, long, more, a, b = (rng.integers(3, 500, n).tolist() for n in (40, 20, 100, 30, 30, 25))
+    sizes = (40, 20, 100, 30, 30, 25, 10, 11, 12, 95)
+    first, second, long, more, a, b, *short, later = (rng.integers(3, 500, n).tolist() for n in sizes)
     # Fresh prefills (buckets 64 and 32); a 100-token prompt in chunks of 64 (fresh) and 36 (behind its first
-    # chunk); the first prompt and 30 more tokens (38 new behind its 32 cached); two prompts in one step.
-    prompts = [[first], [second], [long], [first + more], [a, b]]
+    # chunk); the first prompt and 30 more tokens (38 new behind its 32 cached); two prompts in one step; three
+    # short prompts with a long one's first chunk (four prompts: the paged kernel), then their decodes beside
+    # the long one's second chunk: three decodes and a chunk, more sequences than cuDNN's slots (cut to 2
+    # here), so the decodes must go to the paged kernel on their own (split_attention).
+    prompts = [[first], [second], [long], [first + more], [a, b], [*short, later]]
     kwargs = dict(
         dtype="bfloat16",
         chunked_prefill_size=64,
@@ -258,7 +263,7 @@ def test_fresh_prompt_program_matches_the_paged_kernel(tmp_path, monkeypatch, im
                     input_ids=p, sampling_params=params, return_logprob=True, top_logprobs_num=20
                 )
                 outs += got
-            results[flag] = [(o["output_ids"], o["meta_info"]["output_top_logprobs"][0]) for o in outs]
+            results[flag] = [(o["output_ids"], o["meta_info"]["output_top_logprobs"][:2]) for o in outs]
             assert_no_leak(llm)
             assert outs[3]["meta_info"]["cached_tokens"] > 0
             if flag == "1":
@@ -271,13 +276,15 @@ def test_fresh_prompt_program_matches_the_paged_kernel(tmp_path, monkeypatch, im
                     ("forward", 64, "prefixed", 128),
                     ("forward", 64, "prefixed", 128),
                     ("forward", 64, "fresh"),
+                    ("forward", 64, "prefixed", 128),
                 ], keys
-    for (ids, top), (ids0, top0) in zip(results["1"], results["0"], strict=True):
-        assert ids[0] == ids0[0]
-        lp, lp0 = ({tok: v for v, tok, _ in t} for t in (top, top0))
-        both = lp.keys() & lp0.keys()
-        assert len(both) >= 15
-        assert max(abs(lp[k] - lp0[k]) for k in both) < 0.1  # bf16: 0.03 here; 0.56 with a 1.5x scale
+    for (ids, tops), (ids0, tops0) in zip(results["1"], results["0"], strict=True):
+        assert ids[:2] == ids0[:2]
+        for top, top0 in zip(tops, tops0, strict=True):
+            lp, lp0 = ({tok: v for v, tok, _ in t} for t in (top, top0))
+            both = lp.keys() & lp0.keys()
+            assert len(both) >= 15
+            assert max(abs(lp[k] - lp0[k]) for k in both) < 0.1  # bf16: 0.03 here; 0.56 with a 1.5x scale
 
 
 @pytest.mark.parametrize(

@@ -81,8 +81,10 @@ def test_prefixed_attention_matches_the_oracle(q_lens, kv_lens):
     prefix would differ (checked: the merge is what makes them right)."""
     b = _batch(sum(kv_lens), q_lens, kv_lens, 64)
     args = [jnp.asarray(a) for a in b.args()]
-    need = cudnn_prefill.prefix_rows(b.kv_lens, b.cu_q_lens, b.num_seqs)
-    assert need == sum(max(kv - q, 1) for q, kv in zip(q_lens, kv_lens, strict=True))
+    need = sum(max(kv - q, 1) for q, kv in zip(q_lens, kv_lens, strict=True))  # every sequence's, packed
+    lead = next((i for i, q in enumerate(q_lens) if q != 1), len(q_lens))  # split_attention's decodes
+    rest = sum(max(kv - q, 1) for q, kv in zip(q_lens[lead:], kv_lens[lead:], strict=True))
+    assert cudnn_prefill.prefix_rows(b.kv_lens, b.cu_q_lens, b.num_seqs) == rest
     got = cudnn_prefill.fresh_attention(*args, sm_scale=0.125, implementation="xla", prefix_capacity=256)
     got = np.asarray(got.astype(jnp.float32))
     want = oracle(b, sm_scale=0.125)
@@ -110,21 +112,28 @@ CHOOSE_CASES = [
     ([100], [30100], None),  # a short chunk behind a long prefix: work enough, but under MIN_TOKENS new
     ([1100], [5196], None),  # likewise (measured slower)
     ([2048], [3548], 8192),
-    ([1, 2048], [4000, 2048], 8192),  # a decode beside a fresh prompt
-    ([1], [5000], None),  # a decode alone: too little work
-    ([1024] * 9, [2048] * 9, None),  # more than MAX_SEQS
+    ([1, 2048], [4000, 2048], 0),  # a decode before a fresh prompt: the paged kernel takes it
+    ([2048, 1], [2048, 4000], 8192),  # one after it: packed with its prefix, as a chunk
+    ([1] * 9 + [2048], [3000] * 9 + [2048], 0),  # more than MAX_SEQS sequences, the decodes first
+    ([1] * 9 + [2048], [30000] * 9 + [8192], 8192),  # decodes before a chunk behind a prefix
+    ([1] * 9 + [1024], [3000] * 9 + [1024], None),  # the prompt alone weighs: too little work
+    ([1], [5000], None),  # a decode alone: nothing for cuDNN
+    ([1] * 3, [5000] * 3, None),
+    ([1024] * 9, [2048] * 9, None),  # more than MAX_SEQS prompts
+    ([1] + [1024] * 9, [70] + [2048] * 9, None),
 ]
 
 
 @pytest.mark.parametrize("q_lens,kv_lens,choice", CHOOSE_CASES, ids=[str(c[:2]) for c in CHOOSE_CASES])
 def test_choose_weighs_the_work_and_fits_the_prefix(q_lens, kv_lens, choice):
     """The host's choice: the fresh program for fresh batches, the prefixed one with the smallest buffer that
-    holds the prefixes, and the paged kernel for more than MAX_SEQS sequences, too little attention
-    (``q * (q + 2 * prefix)`` summed under ``MIN_WORK``), fewer than MIN_TOKENS new tokens behind a prefix, or
-    a prefix no buffer holds."""
+    holds the prefixes, and the paged kernel for more than MAX_SEQS sequences after the leading one-token ones
+    (which the paged kernel takes inside the cuDNN programs), too little attention (``q * (q + 2 * prefix)``
+    summed under ``MIN_WORK``), fewer than MIN_TOKENS new tokens behind a prefix, or a prefix no buffer
+    holds."""
     assert cudnn_prefill.MIN_WORK == 2048 * 2048
     b = make_batch(
-        np.random.default_rng(0), q_lens, kv_lens, **HEADS, page_size=16, max_num_seqs=10, poison=False
+        np.random.default_rng(0), q_lens, kv_lens, **HEADS, page_size=16, max_num_seqs=12, poison=False
     )
     assert cudnn_prefill.choose(b.kv_lens, b.cu_q_lens, b.num_seqs, (8192, 32768)) == choice
 
@@ -145,7 +154,10 @@ CHOICE_CASES = [
     ([20, 1, 5], [20, 1, 5], True),  # a one-token prompt is fresh too
     ([20, 20], [20, 36], False),  # one of two behind a prefix
     ([1], [30], False),  # a decode
-    ([30, 1], [30, 30], False),  # a prompt beside a decode
+    ([30, 1], [30, 30], False),  # a decode after a prompt (packed with its prefix, so not fresh)
+    ([1, 1, 30], [30, 7, 30], True),  # decodes before a prompt (split_attention)
+    ([1] * 12 + [4] * 8, [9] * 12 + [4] * 8, True),
+    ([1, 30, 20], [30, 30, 40], False),
     ([4] * 8, [4] * 8, True),  # MAX_SEQS prompts
     ([4] * 9, [4] * 9, False),  # more: the packed segments' slots are MAX_SEQS
 ]
@@ -153,9 +165,10 @@ CHOICE_CASES = [
 
 @pytest.mark.parametrize("q_lens,kv_lens,fresh", CHOICE_CASES, ids=[str(c[:2]) for c in CHOICE_CASES])
 def test_batch_is_fresh(q_lens, kv_lens, fresh):
-    """1 to MAX_SEQS prompts without a prefix make a fresh batch (what a fresh-prompt program may run)."""
+    """1 to MAX_SEQS prompts without a prefix, after any one-token sequences, make a fresh batch (what a
+    fresh-prompt program may run)."""
     b = make_batch(
-        np.random.default_rng(0), q_lens, kv_lens, **HEADS, page_size=16, max_num_seqs=10, num_tokens=64
+        np.random.default_rng(0), q_lens, kv_lens, **HEADS, page_size=16, max_num_seqs=20, num_tokens=64
     )
     assert cudnn_prefill.batch_is_fresh(b.kv_lens, b.cu_q_lens, b.num_seqs) == fresh
 
@@ -203,6 +216,43 @@ def test_pallas_gpu_attention_takes_the_fresh_path_only_when_told(monkeypatch):
         assert rel_err(got[:40], want[:40]) < 1e-2
         assert (got[40:] == 0).all()
     assert not np.array_equal(paged, fresh)
+
+
+SPLIT_CASES = [
+    # (q_lens, kv_lens, prefix_capacity): decodes first, then prompts or chunks; more sequences than MAX_SEQS
+    ([1, 1, 1, 20, 9], [40, 1, 17, 20, 9], 0),  # decodes (one of them a one-token prompt), fresh prompts
+    ([1, 1, 1, 1, 16, 30], [33, 90, 16, 5, 50, 30], 128),  # a chunk behind a prefix, a fresh prompt
+    ([1, 1, 1, 12, 1], [70, 3, 48, 40, 20], 128),  # a decode after the chunk goes with it
+    ([20, 9], [20, 9], 0),  # no decodes
+    ([1, 1, 1], [30, 16, 65], 0),  # decodes alone (the program never gets this, but it must hold)
+]
+
+
+@pytest.mark.parametrize("q_lens,kv_lens,capacity", SPLIT_CASES, ids=str)
+def test_split_attention_takes_the_leading_decodes_apart(monkeypatch, q_lens, kv_lens, capacity):
+    """Through ``ragged_paged_attention`` on pallas_gpu (interpreted) with ``fresh_prompt``: the leading
+    one-token sequences go to the paged kernel, the rest to ``fresh_attention`` shifted past them. With
+    cuDNN's segment slots cut to 2 (``MAX_SEQS``), batches of up to six sequences still match the oracle in
+    every real row (the decodes cannot have gone through the packed path), padding rows are zero, and no NaN
+    from the poisoned slots gets in."""
+    monkeypatch.setattr(cudnn_prefill, "MAX_SEQS", 2)
+    monkeypatch.setattr(cudnn_prefill, "MIN_TOKENS", 64)  # a small step stands in for a long prompt's
+    b = make_batch(
+        np.random.default_rng(sum(kv_lens)), q_lens, kv_lens, **HEADS, page_size=16, dtype=jnp.bfloat16,
+        max_num_seqs=8, num_tokens=64,
+    )  # fmt: skip
+    args = [jnp.asarray(a) for a in b.args()]
+    assert cudnn_prefill.prefix_rows(b.kv_lens, b.cu_q_lens, b.num_seqs) <= max(capacity, 3)
+    got = ragged_paged_attention(
+        *args, sm_scale=0.125, backend="pallas_gpu", interpret=True, fresh_prompt="xla",
+        prefix_capacity=capacity,
+    )  # fmt: skip
+    got = np.asarray(got.astype(jnp.float32))
+    want = oracle(b, sm_scale=0.125)
+    n = b.num_real_tokens
+    assert not np.isnan(got).any()
+    assert rel_err(got[:n], want[:n]) < 1e-2
+    assert (got[n:] == 0).all()
 
 
 @pytest.mark.parametrize(
@@ -302,3 +352,39 @@ def test_pallas_gpu_calls_against_the_oracle_on_gpu(q_lens, kv_lens, num_tokens,
         got = np.asarray(got.astype(jnp.float32))
         assert rel_err(got[:n], want[:n]) < 1e-2, how
         assert (got[n:] == 0).all(), how
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cudnn_prefill.cudnn_available(), reason="needs an NVIDIA GPU with cuDNN")
+@pytest.mark.parametrize(
+    "decodes,context,q_len,prefix,num_tokens",
+    [
+        (64, 1000, 2048, 0, 4096),  # a fresh prompt beside a full decode batch (the Mosaic decode kernel)
+        (200, 500, 2048, 6000, 4096),  # a chunk behind a prefix
+        (5, 3000, 1500, 2000, 2048),  # a few long decodes (the Triton kernel's split decode tiling)
+    ],
+)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_split_attention_against_the_oracle_on_gpu(decodes, context, q_len, prefix, num_tokens, head_dim):
+    """Decodes laid out before a prompt, more sequences than cuDNN's slots: through ``ragged_paged_attention``
+    on pallas_gpu with ``fresh_prompt="cudnn"``, the decodes take the paged kernel on a decode batch's shape
+    (``split_attention``) and the prompt cuDNN; every real row matches the oracle, padding rows are zero."""
+    q_lens = [1] * decodes + [q_len]
+    kv_lens = [context] * decodes + [prefix + q_len]
+    b = make_batch(
+        np.random.default_rng(decodes + head_dim), q_lens, kv_lens, num_q_heads=16, num_kv_heads=4,
+        head_dim=head_dim, page_size=16, dtype=jnp.bfloat16, max_num_seqs=256, num_tokens=num_tokens,
+    )  # fmt: skip
+    args = [jnp.asarray(a) for a in b.args()]
+    need = cudnn_prefill.prefix_rows(b.kv_lens, b.cu_q_lens, b.num_seqs)
+    assert need == max(prefix, 1)
+    got = ragged_paged_attention(
+        *args, sm_scale=head_dim**-0.5, backend="pallas_gpu", fresh_prompt="cudnn",
+        prefix_capacity=need if prefix else 0,
+    )  # fmt: skip
+    got = np.asarray(got.astype(jnp.float32))
+    want = oracle(b, sm_scale=head_dim**-0.5)
+    n = b.num_real_tokens
+    assert rel_err(got[:decodes], want[:decodes]) < 1e-2
+    assert rel_err(got[decodes:n], want[decodes:n]) < 1e-2
+    assert (got[n:] == 0).all()

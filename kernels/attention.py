@@ -127,16 +127,19 @@ def _runnable_backend(backend: str | None, q, k_pages) -> str:
     return "reference"
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["plan"], meta_fields=["backend"])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["plan", "split"], meta_fields=["backend"])
 @dataclasses.dataclass(frozen=True)
 class AttentionMetadata:
     """Per-batch planning of one backend, shared by every attention call over the same batch.
 
     A pytree (it passes through ``jit`` / ``scan`` / nnx like any array); ``plan`` is backend-specific.
+    ``split``: with ``attention_metadata(..., fresh=True)`` on pallas_gpu, how a cuDNN program's calls divide
+    the batch (``cudnn_prefill.SplitPlan``) and the planning of its leading decodes' paged call.
     """
 
     backend: str
     plan: Any
+    split: Any = None
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -199,6 +202,7 @@ def attention_metadata(
     num_seqs: jax.Array,
     *,
     backend: str | None = None,
+    fresh: bool = False,
 ) -> AttentionMetadata | None:
     """The planning ``ragged_paged_attention`` would do for this batch, to compute once and share.
 
@@ -206,14 +210,21 @@ def attention_metadata(
     (e.g. ``jax.ShapeDtypeStruct``): only the static shapes are read. The result is valid for every call
     with the same ``q`` / ``k_pages`` shapes and dtypes, the same batch arrays and the same ``backend``,
     whatever its ``sm_scale``, ``sliding_window`` or ``soft_cap``. None when the selected backend does no
-    planning (the reference) or would hand these shapes to the reference.
+    planning (the reference) or would hand these shapes to the reference. ``fresh``: for calls with
+    ``fresh_prompt`` (a cuDNN program's), also their split of the batch (``AttentionMetadata.split``).
     """
     validate_inputs(q, k_pages, k_pages, kv_lens, page_indices, cu_q_lens, num_seqs, None, None)
     name = _runnable_backend(backend, q, k_pages)
     metadata_fn = _BACKENDS[name].metadata_fn
     if metadata_fn is None:
         return None
-    return AttentionMetadata(name, metadata_fn(q, k_pages, kv_lens, page_indices, cu_q_lens, num_seqs))
+    split = None
+    if fresh and name == "pallas_gpu" and kv_lens.shape[0] > 1:
+        plan = cudnn_prefill.plan_split(kv_lens, cu_q_lens, num_seqs, page_indices)
+        rows = jax.ShapeDtypeStruct((min(q.shape[0], kv_lens.shape[0]), *q.shape[1:]), q.dtype)
+        split = (plan, attention_metadata(rows, k_pages, kv_lens, page_indices, cu_q_lens, plan.decodes))
+    plan = metadata_fn(q, k_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    return AttentionMetadata(name, plan, split)
 
 
 def ragged_paged_attention(
@@ -276,13 +287,15 @@ def ragged_paged_attention(
         if kv_lens.shape[0] == 1:  # no room for decodes beside the prompt
             return cudnn_prefill.fresh_attention(*args, **cudnn)
 
+        split, decodes_plan = (None, None) if metadata is None or metadata.split is None else metadata.split
+
         def paged(q_rows, decodes):  # the leading decodes: the paged kernel on a decode batch's shape
             return ragged_paged_attention(
                 q_rows, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, decodes,
-                sm_scale=sm_scale, backend=name, interpret=interpret,
+                sm_scale=sm_scale, backend=name, interpret=interpret, metadata=decodes_plan,
             )  # fmt: skip
 
-        return cudnn_prefill.split_attention(*args, paged=paged, **cudnn)
+        return cudnn_prefill.split_attention(*args, paged=paged, plan=split, **cudnn)
     entry = _BACKENDS[name]
     if entry.metadata_fn is not None:
         kwargs["metadata"] = None if metadata is None else metadata.plan

@@ -31,6 +31,7 @@ inside a fresh-prompt program. ``JAXRT_CUDNN_PREFILL=0`` turns it off.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -203,6 +204,39 @@ def fresh_attention(
     return jnp.where(valid[:, None, None], o, 0.0).astype(q.dtype)
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["decodes", "kv_lens", "page_indices", "cu_q_lens", "num_seqs"],
+    meta_fields=[],
+)
+@dataclasses.dataclass(frozen=True)
+class SplitPlan:
+    """How ``split_attention`` divides a batch: its leading one-token sequences (``decodes``, ``[1]``) and the
+    sequence arrays of the rest, shifted past them (``m = min(max_num_seqs, MAX_SEQS)`` rows; ``cu_q_lens``
+    keeps absolute token offsets, so their rows start at the decodes' count). One per step
+    (``attention_metadata(..., fresh=True)``), shared by every layer."""
+
+    decodes: jax.Array
+    kv_lens: jax.Array  # [m]
+    page_indices: jax.Array  # [m, pages_per_seq]
+    cu_q_lens: jax.Array  # [m + 1]
+    num_seqs: jax.Array  # [1]
+
+
+def plan_split(kv_lens: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, page_indices: jax.Array):
+    """The ``SplitPlan`` of a batch (device arrays, traced)."""
+    max_seqs = kv_lens.shape[0]
+    m = min(max_seqs, MAX_SEQS)
+    n = num_seqs.reshape(())
+    lead = (jnp.arange(max_seqs, dtype=jnp.int32) < n) & (cu_q_lens[1:] - cu_q_lens[:-1] == 1)
+    d = jnp.where(lead.all(), max_seqs, jnp.argmin(lead)).astype(jnp.int32)  # the leading run's length
+    shift = jnp.minimum(d + jnp.arange(m + 1, dtype=jnp.int32), max_seqs)
+    rest = jnp.minimum(shift[:m], max_seqs - 1)
+    return SplitPlan(
+        d.reshape(1), kv_lens[rest], page_indices[rest], cu_q_lens[shift], jnp.maximum(n - d, 0).reshape(1)
+    )
+
+
 def split_attention(
     q: jax.Array,
     k_pages: jax.Array,
@@ -216,6 +250,7 @@ def split_attention(
     paged,
     implementation: str = "cudnn",
     prefix_capacity: int = 0,
+    plan: SplitPlan | None = None,
 ) -> jax.Array:
     """``fresh_attention`` for a batch that may begin with one-token sequences (decodes): a step of one long
     prompt's chunk and many decodes is the serving case under load, and has more than ``MAX_SEQS`` sequences.
@@ -227,33 +262,26 @@ def split_attention(
     kernel over the first ``min(T, max_num_seqs)`` rows of ``q`` (they hold the ``d`` tokens) with ``num_seqs``
     cut to ``d``, a decode batch's shape and so its tiling. The other sequences (at most ``MAX_SEQS``, with
     ``prefix_capacity`` as in ``fresh_attention``) take ``fresh_attention`` on the sequence arrays shifted past
-    the decodes, whose token rows then start at ``cu_q_lens[d]``. Rows are picked from the two results.
+    the decodes (``plan``, from ``plan_split`` when None), whose token rows then start at ``cu_q_lens[d]``.
+    Rows are picked from the two results.
     """
-    num_tokens = q.shape[0]
-    max_seqs = kv_lens.shape[0]
-    m = min(max_seqs, MAX_SEQS)
-    n = num_seqs.reshape(())
-    seq = jnp.arange(max_seqs, dtype=jnp.int32)
-    lead = (seq < n) & (cu_q_lens[1:] - cu_q_lens[:-1] == 1)
-    d = jnp.where(lead.all(), max_seqs, jnp.argmin(lead)).astype(jnp.int32)  # the leading run's length
-    shift = jnp.minimum(d + jnp.arange(m + 1, dtype=jnp.int32), max_seqs)
-    rest = jnp.minimum(shift[:m], max_seqs - 1)
+    plan = plan_split(kv_lens, cu_q_lens, num_seqs, page_indices) if plan is None else plan
     o = fresh_attention(
         q,
         k_pages,
         v_pages,
-        kv_lens[rest],
-        page_indices[rest],
-        cu_q_lens[shift],
-        jnp.maximum(n - d, 0).reshape(1),
+        plan.kv_lens,
+        plan.page_indices,
+        plan.cu_q_lens,
+        plan.num_seqs,
         sm_scale=sm_scale,
         implementation=implementation,
         prefix_capacity=prefix_capacity,
     )
-    rows = min(num_tokens, max_seqs)
-    o_dec = paged(q[:rows], d.reshape(1))
-    head = jnp.where((jnp.arange(rows) < d)[:, None, None], o_dec.astype(o.dtype), o[:rows])
-    return jnp.concatenate([head, o[rows:]]) if rows < num_tokens else head
+    rows = min(q.shape[0], kv_lens.shape[0])
+    o_dec = paged(q[:rows], plan.decodes)
+    head = jnp.where((jnp.arange(rows) < plan.decodes[0])[:, None, None], o_dec.astype(o.dtype), o[:rows])
+    return lax.dynamic_update_slice(o, head, (0, 0, 0))
 
 
 def _token_layout(cu_q_lens, num_seqs, num_tokens):

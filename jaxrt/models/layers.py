@@ -337,6 +337,7 @@ class PagedAttention(nnx.Module):
             batch.cu_q_lens,
             batch.num_seqs,
             backend=self.attention_backend,
+            fresh=batch.fresh is not None,
         )
 
     def takes_input_norm(self, num_tokens: int) -> bool:

@@ -33,7 +33,7 @@ def _pytree_dataclass(cls=None, *, meta: tuple[str, ...] = ()):
     return jax.tree_util.register_dataclass(cls, data_fields=names, meta_fields=list(meta))
 
 
-@_pytree_dataclass(meta=("fresh", "prefix_capacity"))
+@_pytree_dataclass(meta=("fresh", "prefix_capacity", "decodes"))
 class ForwardBatch:
     input_ids: jax.Array  # [num_tokens] int32
     positions: jax.Array  # [num_tokens] int32
@@ -61,6 +61,9 @@ class ForwardBatch:
     # Static, with ``fresh``: > 0 in the programs for prompts behind a cached prefix (at most ``MAX_SEQS``
     # sequences whose prefixes fit a packed buffer of this many rows, ``kernels.cudnn_prefill.choose``).
     prefix_capacity: int = 0
+    # Static, with ``fresh``: the batch begins with one-token sequences (decodes beside the prompts), which the
+    # paged kernel attends apart (``kernels.cudnn_prefill.split_attention``).
+    decodes: bool = False
 
 
 @_pytree_dataclass

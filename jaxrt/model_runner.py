@@ -318,6 +318,7 @@ class ModelRunner:
     #   ("forward", num_tokens)                      the model on a token bucket
     #   ("forward", num_tokens, "fresh")             the same for a batch of fresh prompts (cudnn_prefill)
     #   ("forward", num_tokens, "prefixed", capacity) for a few prompts behind cached prefixes (cudnn_prefill)
+    #   either of those + ("decodes",)               the same with decodes before the prompts (split_attention)
     #   ("sample", num_seqs, history_len, SampleMode) the sampler variant
     #   ("decode_loop", num_tokens, SampleMode)       num_decode_steps decode steps in one program
 
@@ -393,7 +394,10 @@ class ModelRunner:
         if key[0] == "forward":
             fresh = self.fresh_impl if key[2:3] in (("fresh",), ("prefixed",)) else None
             capacity = key[3] if key[2:3] == ("prefixed",) else 0
-            return self._forward.lower(*args, layout=self.layout(key), fresh=fresh, prefix_capacity=capacity)
+            decodes = key[-1] == "decodes"
+            return self._forward.lower(
+                *args, layout=self.layout(key), fresh=fresh, prefix_capacity=capacity, decodes=decodes
+            )
         fn = self._sample if key[0] == "sample" else self._decode_loop
         assert fn is not None, key
         return fn.lower(*args, layout=self.layout(key), mode=key[-1])
@@ -447,10 +451,11 @@ class ModelRunner:
         ]
         if self._decode_loop is not None:
             keys += [("decode_loop", n, m) for n in self.decode_buckets for m in _START_MODES]
-        keys += [("forward", n, "fresh") for n in self.fresh_buckets]
-        return keys + [
+        cudnn = [("forward", n, "fresh") for n in self.fresh_buckets]
+        cudnn += [
             ("forward", n, "prefixed", c) for n in self.prefixed_buckets for c in self.prefix_capacities
         ]
+        return keys + cudnn + [(*k, "decodes") for k in cudnn if self.num_seqs_for(k[1]) > 1]
 
     def first_keys(self) -> list[tuple]:
         """The programs that can run any step on their own: the model on the largest token bucket and on the
@@ -671,6 +676,8 @@ class ModelRunner:
             capacity = cudnn_prefill.choose(fb.kv_lens, fb.cu_q_lens, fb.num_seqs, caps)
             if capacity is not None:
                 key = ("forward", n, "fresh") if capacity == 0 else ("forward", n, "prefixed", capacity)
+                if cudnn_prefill.leading_decodes(fb.kv_lens, fb.cu_q_lens, fb.num_seqs):
+                    key += ("decodes",)
                 if key in self._programs or not self.compiling:
                     return key
         return ("forward", n)

@@ -168,18 +168,21 @@ def make_packed_programs(forward_step: Callable, sample_step: Callable, decode_l
     first, and return it.
 
     - forward: ``(params, kv[donated], buf = (ForwardBatch, delta), prev_tokens, page_table[donated]) ->
-      (logits, kv, page_table)``; ``fresh`` and ``prefix_capacity`` (static) set ``ForwardBatch``'s fields
-      of those names: a program for batches of a few prompts only (``kernels.cudnn_prefill.choose``)
+      (logits, kv, page_table)``; ``fresh``, ``prefix_capacity`` and ``decodes`` (static) set
+      ``ForwardBatch``'s fields of those names: a program for batches of a few prompts, after decodes with
+      ``decodes`` (``kernels.cudnn_prefill.choose``)
     - sample: ``(logits, buf = SamplingBatch) -> StepOutput`` (``mode`` static)
     - decode loop: ``(params, kv[donated], buf = (ForwardBatch, SamplingBatch, steps, delta), prev_tokens,
       page_table[donated]) -> (DecodeLoopOutput, kv, page_table)`` (``mode`` static)
     """
 
-    def forward(params, kv_caches, buf, prev_tokens, page_table, layout, fresh=None, prefix_capacity=0):
+    def forward(
+        params, kv_caches, buf, prev_tokens, page_table, layout, fresh=None, prefix_capacity=0, decodes=False
+    ):
         fb, delta = layout.unpack(buf)
         page_table = _apply_delta(page_table, delta)
         if fresh is not None:
-            fb = dataclasses.replace(fb, fresh=fresh, prefix_capacity=prefix_capacity)
+            fb = dataclasses.replace(fb, fresh=fresh, prefix_capacity=prefix_capacity, decodes=decodes)
         logits, kv_caches = forward_step(params, kv_caches, fb, prev_tokens, page_table)
         return logits, kv_caches, page_table
 
@@ -193,7 +196,9 @@ def make_packed_programs(forward_step: Callable, sample_step: Callable, decode_l
         return out, kv_caches, page_table
 
     return (
-        jax.jit(forward, donate_argnums=(1, 4), static_argnames=("layout", "fresh", "prefix_capacity")),
+        jax.jit(
+            forward, donate_argnums=(1, 4), static_argnames=("layout", "fresh", "prefix_capacity", "decodes")
+        ),
         jax.jit(sample, static_argnames=("layout", "mode")),
         jax.jit(loop, donate_argnums=(1, 4), static_argnames=("layout", "mode"))
         if decode_loop is not None

@@ -133,8 +133,8 @@ class AttentionMetadata:
     """Per-batch planning of one backend, shared by every attention call over the same batch.
 
     A pytree (it passes through ``jit`` / ``scan`` / nnx like any array); ``plan`` is backend-specific.
-    ``split``: with ``attention_metadata(..., fresh=True)`` on pallas_gpu, how a cuDNN program's calls divide
-    the batch (``cudnn_prefill.SplitPlan``) and the planning of its leading decodes' paged call.
+    ``split``: with ``attention_metadata(..., decodes=True)`` on pallas_gpu, how a cuDNN program's calls
+    divide the batch (``cudnn_prefill.SplitPlan``) and the planning of its leading decodes' paged call.
     """
 
     backend: str
@@ -202,7 +202,7 @@ def attention_metadata(
     num_seqs: jax.Array,
     *,
     backend: str | None = None,
-    fresh: bool = False,
+    decodes: bool = False,
 ) -> AttentionMetadata | None:
     """The planning ``ragged_paged_attention`` would do for this batch, to compute once and share.
 
@@ -210,8 +210,9 @@ def attention_metadata(
     (e.g. ``jax.ShapeDtypeStruct``): only the static shapes are read. The result is valid for every call
     with the same ``q`` / ``k_pages`` shapes and dtypes, the same batch arrays and the same ``backend``,
     whatever its ``sm_scale``, ``sliding_window`` or ``soft_cap``. None when the selected backend does no
-    planning (the reference) or would hand these shapes to the reference. ``fresh``: for calls with
-    ``fresh_prompt`` (a cuDNN program's), also their split of the batch (``AttentionMetadata.split``).
+    planning (the reference) or would hand these shapes to the reference. ``decodes``: for calls with
+    ``fresh_prompt`` and ``decodes`` (a cuDNN program's for decodes beside prompts), also their split of the
+    batch (``AttentionMetadata.split``).
     """
     validate_inputs(q, k_pages, k_pages, kv_lens, page_indices, cu_q_lens, num_seqs, None, None)
     name = _runnable_backend(backend, q, k_pages)
@@ -219,7 +220,7 @@ def attention_metadata(
     if metadata_fn is None:
         return None
     split = None
-    if fresh and name == "pallas_gpu" and kv_lens.shape[0] > 1:
+    if decodes and name == "pallas_gpu" and kv_lens.shape[0] > 1:
         plan = cudnn_prefill.plan_split(kv_lens, cu_q_lens, num_seqs, page_indices)
         rows = jax.ShapeDtypeStruct((min(q.shape[0], kv_lens.shape[0]), *q.shape[1:]), q.dtype)
         split = (plan, attention_metadata(rows, k_pages, kv_lens, page_indices, cu_q_lens, plan.decodes))
@@ -244,6 +245,7 @@ def ragged_paged_attention(
     metadata: AttentionMetadata | None = None,
     fresh_prompt: str | None = None,
     prefix_capacity: int = 0,
+    decodes: bool = False,
 ) -> jax.Array:
     """Causal attention of a ragged batch (prefill chunks and decodes mixed) over a paged KV pool.
 
@@ -252,13 +254,13 @@ def ragged_paged_attention(
     cu_q_lens: [max_num_seqs + 1] int32; num_seqs: [1] int32. See `kernels.reference` for the semantics.
     metadata: ``attention_metadata(q, k_pages, kv_lens, page_indices, cu_q_lens, num_seqs, backend=backend)``
     of this batch, to share the planning between layers; computed here when None.
-    fresh_prompt: None, or the caller's promise that the batch is leading one-token sequences (decodes, any
-    number), then 1 to ``cudnn_prefill.MAX_SEQS`` prompts with no cached prefix
-    (``kernels.cudnn_prefill.batch_is_fresh``); then "pallas_gpu" attends the prompts with
-    ``cudnn_prefill.fresh_attention`` of that implementation ("cudnn"; "xla" in the interpreter) over the
-    gathered K/V rows, where ``cudnn_prefill.applies``, and the decodes with its paged kernel on their own
+    fresh_prompt: None, or the caller's promise that the batch is 1 to ``cudnn_prefill.MAX_SEQS`` prompts with
+    no cached prefix (``kernels.cudnn_prefill.batch_is_fresh``), after leading one-token sequences (decodes,
+    any number) if ``decodes``; then "pallas_gpu" attends the prompts with ``cudnn_prefill.fresh_attention``
+    of that implementation ("cudnn"; "xla" in the interpreter) over the gathered K/V rows, where
+    ``cudnn_prefill.applies``, and the decodes with its paged kernel on their own
     (``cudnn_prefill.split_attention``). With ``prefix_capacity > 0`` the promise is wider: the sequences
-    after the decodes, at most ``MAX_SEQS``, each with new tokens, have cached prefixes that fit a packed
+    (after the decodes), at most ``MAX_SEQS``, each with new tokens, have cached prefixes that fit a packed
     buffer of that many rows (``cudnn_prefill.prefix_rows``); they are attended in two parts, own tokens and
     prefix, and merged.
     Returns [num_tokens, num_q_heads, head_dim] in q.dtype (padding rows zero).
@@ -284,7 +286,7 @@ def ragged_paged_attention(
     fresh = fresh_prompt is not None and name == "pallas_gpu"
     if fresh and cudnn_prefill.applies(q, k_pages, sliding_window, soft_cap):
         cudnn = dict(sm_scale=sm_scale, implementation=fresh_prompt, prefix_capacity=prefix_capacity)
-        if kv_lens.shape[0] == 1:  # no room for decodes beside the prompt
+        if not decodes or kv_lens.shape[0] == 1:
             return cudnn_prefill.fresh_attention(*args, **cudnn)
 
         split, decodes_plan = (None, None) if metadata is None or metadata.split is None else metadata.split

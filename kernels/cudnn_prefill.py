@@ -428,9 +428,19 @@ def _lens(kv_lens, cu_q_lens, num_seqs) -> tuple[np.ndarray, np.ndarray]:
     return q_lens, np.asarray(kv_lens[:n]).astype(np.int64) - q_lens
 
 
+def leading_decodes(kv_lens, cu_q_lens, num_seqs) -> int:
+    """How many one-token sequences (decodes) a laid-out batch (host arrays) begins with: what a program for it
+    must attend apart (``split_attention``; ``ForwardBatch.decodes``)."""
+    return _lead(_lens(kv_lens, cu_q_lens, num_seqs)[0])
+
+
+def _lead(q_lens) -> int:
+    return len(q_lens) if (q_lens == 1).all() else int(np.argmin(q_lens == 1))
+
+
 def _prompts(q_lens, prefix) -> tuple[np.ndarray, np.ndarray]:
     """The sequences after the leading one-token ones (what ``split_attention`` gives cuDNN)."""
-    d = len(q_lens) if (q_lens == 1).all() else int(np.argmin(q_lens == 1))
+    d = _lead(q_lens)
     return q_lens[d:], prefix[d:]
 
 

@@ -276,7 +276,7 @@ def test_fresh_prompt_program_matches_the_paged_kernel(tmp_path, monkeypatch, im
                     ("forward", 64, "prefixed", 128),
                     ("forward", 64, "prefixed", 128),
                     ("forward", 64, "fresh"),
-                    ("forward", 64, "prefixed", 128),
+                    ("forward", 64, "prefixed", 128, "decodes"),
                 ], keys
     for (ids, tops), (ids0, tops0) in zip(results["1"], results["0"], strict=True):
         assert ids[:2] == ids0[:2]

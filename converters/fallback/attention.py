@@ -268,6 +268,7 @@ class StepContext:
             interpret=self.interpret,
             fresh_prompt=getattr(b, "fresh", None),
             prefix_capacity=getattr(b, "prefix_capacity", 0),
+            decodes=getattr(b, "decodes", False),
         )
         return out[None, :, :, : spec.v_head_dim]  # [1, T, Hq, Dv]
 

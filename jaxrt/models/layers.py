@@ -337,7 +337,7 @@ class PagedAttention(nnx.Module):
             batch.cu_q_lens,
             batch.num_seqs,
             backend=self.attention_backend,
-            fresh=batch.fresh is not None,
+            decodes=batch.fresh is not None and batch.decodes,
         )
 
     def takes_input_norm(self, num_tokens: int) -> bool:
@@ -416,6 +416,7 @@ class PagedAttention(nnx.Module):
             metadata=metadata,
             fresh_prompt=batch.fresh,
             prefix_capacity=batch.prefix_capacity,
+            decodes=batch.decodes,
         )
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim)), (k_pages, v_pages)
 

@@ -136,6 +136,8 @@ def test_choose_weighs_the_work_and_fits_the_prefix(q_lens, kv_lens, choice):
         np.random.default_rng(0), q_lens, kv_lens, **HEADS, page_size=16, max_num_seqs=12, poison=False
     )
     assert cudnn_prefill.choose(b.kv_lens, b.cu_q_lens, b.num_seqs, (8192, 32768)) == choice
+    lead = next((i for i, q in enumerate(q_lens) if q != 1), len(q_lens))
+    assert cudnn_prefill.leading_decodes(b.kv_lens, b.cu_q_lens, b.num_seqs) == lead
 
 
 def test_prefix_capacities_step_by_four_to_a_context():
@@ -230,8 +232,8 @@ SPLIT_CASES = [
 
 @pytest.mark.parametrize("q_lens,kv_lens,capacity", SPLIT_CASES, ids=str)
 def test_split_attention_takes_the_leading_decodes_apart(monkeypatch, q_lens, kv_lens, capacity):
-    """Through ``ragged_paged_attention`` on pallas_gpu (interpreted) with ``fresh_prompt``: the leading
-    one-token sequences go to the paged kernel, the rest to ``fresh_attention`` shifted past them. With
+    """Through ``ragged_paged_attention`` on pallas_gpu (interpreted) with ``fresh_prompt`` and ``decodes``:
+    the leading one-token sequences go to the paged kernel, the rest to ``fresh_attention`` shifted past them. With
     cuDNN's segment slots cut to 2 (``MAX_SEQS``), batches of up to six sequences still match the oracle in
     every real row (the decodes cannot have gone through the packed path), padding rows are zero, and no NaN
     from the poisoned slots gets in."""
@@ -245,7 +247,7 @@ def test_split_attention_takes_the_leading_decodes_apart(monkeypatch, q_lens, kv
     assert cudnn_prefill.prefix_rows(b.kv_lens, b.cu_q_lens, b.num_seqs) <= max(capacity, 3)
     got = ragged_paged_attention(
         *args, sm_scale=0.125, backend="pallas_gpu", interpret=True, fresh_prompt="xla",
-        prefix_capacity=capacity,
+        prefix_capacity=capacity, decodes=True,
     )  # fmt: skip
     got = np.asarray(got.astype(jnp.float32))
     want = oracle(b, sm_scale=0.125)
@@ -380,7 +382,7 @@ def test_split_attention_against_the_oracle_on_gpu(decodes, context, q_len, pref
     assert need == max(prefix, 1)
     got = ragged_paged_attention(
         *args, sm_scale=head_dim**-0.5, backend="pallas_gpu", fresh_prompt="cudnn",
-        prefix_capacity=need if prefix else 0,
+        prefix_capacity=need if prefix else 0, decodes=True,
     )  # fmt: skip
     got = np.asarray(got.astype(jnp.float32))
     want = oracle(b, sm_scale=head_dim**-0.5)

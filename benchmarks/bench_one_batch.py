@@ -124,6 +124,12 @@ def main() -> None:
         "prompt's chunk beside running requests), each at --mixed-context tokens",
     )
     p.add_argument("--mixed-context", type=int, default=1024)
+    p.add_argument(
+        "--chunked-prefill-size",
+        type=int,
+        default=None,
+        help="the engine's largest token bucket (default: what the largest step needs)",
+    )
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument(
         "--bandwidth",
@@ -168,9 +174,8 @@ def main() -> None:
         context_length=max(max_ctx, max(args.prefill_lens) + max(args.prefix_lens), args.mixed_context)
         + args.page_size,
         max_running_requests=max(max_b, max(args.prefill_seqs) + max(args.mixed_decodes)),
-        chunked_prefill_size=max(
-            max_b, max(args.prefill_lens) * max(args.prefill_seqs) + max(args.mixed_decodes)
-        ),
+        chunked_prefill_size=args.chunked_prefill_size
+        or max(max_b, max(args.prefill_lens) * max(args.prefill_seqs) + max(args.mixed_decodes)),
         mem_fraction_static=args.mem_fraction_static,
         attention_backend=args.attention_backend,
     )

@@ -192,12 +192,10 @@ class ModelRunner:
         self.fresh_buckets = (
             [n for n in self.token_buckets if n >= cudnn_prefill.MIN_TOKENS] if self.fresh_impl else []
         )
-        # The same for prompts behind a cached prefix (later chunks of long prompts, radix-cache hits): one
-        # program per packed prefix buffer size, on the largest bucket only (where a long prompt's chunks land),
-        # so start-up compiles a few more programs, not a few per bucket.
-        self.prefixed_buckets = self.fresh_buckets[-1:]
-        self.prefix_capacities = (
-            cudnn_prefill.prefix_capacities(cfg.scheduler.context_length) if self.fresh_buckets else []
+        # The same for prompts behind a cached prefix (later chunks of long prompts, radix-cache hits): programs
+        # per packed prefix buffer size on a few buckets (cudnn_prefill.bucket_capacities).
+        self.bucket_capacities = cudnn_prefill.bucket_capacities(
+            self.fresh_buckets, cfg.scheduler.context_length
         )
         # One jitted model function inside every program: its trace for a token bucket is made once and
         # serves the single step and both decode-loop variants of that bucket (jit caches it by argument types).
@@ -452,9 +450,7 @@ class ModelRunner:
         if self._decode_loop is not None:
             keys += [("decode_loop", n, m) for n in self.decode_buckets for m in _START_MODES]
         cudnn = [("forward", n, "fresh") for n in self.fresh_buckets]
-        cudnn += [
-            ("forward", n, "prefixed", c) for n in self.prefixed_buckets for c in self.prefix_capacities
-        ]
+        cudnn += [("forward", n, "prefixed", c) for n, caps in self.bucket_capacities.items() for c in caps]
         return keys + cudnn + [(*k, "decodes") for k in cudnn if self.num_seqs_for(k[1]) > 1]
 
     def first_keys(self) -> list[tuple]:
@@ -672,7 +668,7 @@ class ModelRunner:
         cached prefixes) where ``cudnn_prefill.choose`` picks it and that program is compiled (or would compile
         on use anyway: no background compiles)."""
         if n in self.fresh_buckets:
-            caps = self.prefix_capacities if n in self.prefixed_buckets else ()
+            caps = self.bucket_capacities.get(n, ())
             capacity = cudnn_prefill.choose(fb.kv_lens, fb.cu_q_lens, fb.num_seqs, caps)
             if capacity is not None:
                 key = ("forward", n, "fresh") if capacity == 0 else ("forward", n, "prefixed", capacity)

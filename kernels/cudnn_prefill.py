@@ -404,6 +404,18 @@ def prefix_capacities(context_length: int) -> list[int]:
     return caps
 
 
+def bucket_capacities(fresh_buckets, context_length: int) -> dict[int, list[int]]:
+    """The prefixed programs the engine compiles: token bucket -> prefix buffer sizes. Every size of
+    ``prefix_capacities`` on the largest bucket (where a long prompt's chunks land), and the smallest on the
+    smaller buckets that hold more than ``MIN_TOKENS`` new tokens (a turn of a few thousand tokens behind a
+    cached conversation or system prompt, or beside decodes); a bucket of ``MIN_TOKENS`` could only take a
+    chunk of exactly that many. So start-up compiles a few more programs, not a few per bucket."""
+    if not fresh_buckets:
+        return {}
+    caps, top = prefix_capacities(context_length), max(fresh_buckets)
+    return {n: caps if n == top else caps[:1] for n in sorted(fresh_buckets) if n == top or n > MIN_TOKENS}
+
+
 def choose(kv_lens, cu_q_lens, num_seqs, capacities=()) -> int | None:
     """The host's choice for a laid-out batch (host arrays): None (the paged kernel), 0 (the fresh program) or
     the smallest of ``capacities`` that holds the batch's ``prefix_rows`` (the program for prompts behind a

@@ -267,7 +267,7 @@ def test_fresh_prompt_program_matches_the_paged_kernel(tmp_path, monkeypatch, im
             assert_no_leak(llm)
             assert outs[3]["meta_info"]["cached_tokens"] > 0
             if flag == "1":
-                assert llm.runner.prefix_capacities == [128]
+                assert llm.runner.bucket_capacities == {64: [128]}
                 cudnn = [k for k in keys if len(k) > 2]
                 assert cudnn == [
                     ("forward", 64, "fresh"),

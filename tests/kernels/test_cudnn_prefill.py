@@ -140,6 +140,15 @@ def test_choose_weighs_the_work_and_fits_the_prefix(q_lens, kv_lens, choice):
     assert cudnn_prefill.leading_decodes(b.kv_lens, b.cu_q_lens, b.num_seqs) == lead
 
 
+def test_bucket_capacities_all_sizes_on_the_largest_bucket_one_below():
+    assert cudnn_prefill.bucket_capacities([2048, 4096, 8192], 131072) == {
+        4096: [8192],
+        8192: [8192, 32768, 131072],
+    }
+    assert cudnn_prefill.bucket_capacities([2048], 4096) == {2048: [8192]}
+    assert cudnn_prefill.bucket_capacities([], 4096) == {}
+
+
 def test_prefix_capacities_step_by_four_to_a_context():
     assert cudnn_prefill.prefix_capacities(2048) == [8192]
     assert cudnn_prefill.prefix_capacities(8192) == [8192]

@@ -171,7 +171,11 @@ def main() -> None:
         skip_tokenizer_init=True,
         skip_warmup=True,
         page_size=args.page_size,
-        context_length=max(max_ctx, max(args.prefill_lens) + max(args.prefix_lens), args.mixed_context)
+        context_length=max(
+            max_ctx,
+            max(args.prefill_lens) + max(args.prefix_lens),
+            args.mixed_context if max(args.mixed_decodes) else 0,
+        )
         + args.page_size,
         max_running_requests=max(max_b, max(args.prefill_seqs) + max(args.mixed_decodes)),
         chunked_prefill_size=args.chunked_prefill_size

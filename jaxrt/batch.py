@@ -64,6 +64,9 @@ class ForwardBatch:
     # Static, with ``fresh``: the batch begins with one-token sequences (decodes beside the prompts), which the
     # paged kernel attends apart (``kernels.cudnn_prefill.split_attention``).
     decodes: bool = False
+    # [num_tokens] int32, or None: in steps that compute prompt log-probabilities, the prompt token each row
+    # predicts (the next position's) where its log-probability is wanted, else -1 (``prompt_logprobs``).
+    targets: jax.Array | None = None
 
 
 @_pytree_dataclass
@@ -106,6 +109,26 @@ class StepOutput:
     logprobs: jax.Array  # [num_seqs] f32, log p(token) under the raw model distribution
     top_ids: jax.Array  # [num_seqs, MAX_TOP_LOGPROBS] int32
     top_logprobs: jax.Array  # [num_seqs, MAX_TOP_LOGPROBS] f32
+    # Steps with ``ForwardBatch.targets``: per token row, log p(target) and the row's top tokens.
+    prompt: PromptLogprobs | None = None
+
+
+@_pytree_dataclass
+class PromptLogprobs:
+    logprobs: jax.Array  # [num_tokens] f32: log p(targets[t]) at row t (0 where targets[t] < 0)
+    top_ids: jax.Array  # [num_tokens, MAX_TOP_LOGPROBS] int32
+    top_logprobs: jax.Array  # [num_tokens, MAX_TOP_LOGPROBS] f32
+
+
+def prompt_logprobs(logits: jax.Array, targets: jax.Array) -> PromptLogprobs:
+    """Each row's log-probability of its target and its ``MAX_TOP_LOGPROBS`` most likely tokens (f32), from
+    the logits of every token row ``[num_tokens, vocab]``."""
+    import jax.numpy as jnp
+
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(logp, MAX_TOP_LOGPROBS)
+    return PromptLogprobs(jnp.where(targets >= 0, picked, 0.0), top_ids.astype(jnp.int32), top_lp)
 
 
 @_pytree_dataclass
@@ -389,6 +412,15 @@ def build_batch(
                 assert constrained, "a batch with a grammar's row needs constrained=True"
                 req.grammar.fill(allowed, i)
 
+    targets = None
+    wanting = [(i, s) for i, s in enumerate(sched.scheduled) if s.request.input_logprob_next is not None]
+    if wanting:
+        targets = np.full(num_tokens, -1, np.int32)
+        for i, s in wanting:
+            req, nxt = s.request, s.request.input_logprob_next
+            prompt = req.prompt_token_ids
+            q = np.arange(max(s.start + 1, nxt), min(s.start + s.num_new_tokens + 1, len(prompt)))
+            targets[cu_q_lens[i] + q - 1 - s.start] = np.asarray(prompt, np.int32)[q] if q.size else []
     fb = ForwardBatch(
         input_ids=input_ids,
         positions=positions,
@@ -401,6 +433,7 @@ def build_batch(
         prev_index=prev_index,
         state_slots=state_slots,
         page_rows=page_rows,
+        targets=targets,
     )
     sb = SamplingBatch(
         temperature=temperature,

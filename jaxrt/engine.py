@@ -103,9 +103,18 @@ class EngineAPI:
         stream: bool = False,
         return_logprob: bool | None = None,
         top_logprobs_num: int | None = None,
+        logprob_start_len: int | None = None,
     ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
-        """Generate for one prompt or a batch. Returns SGLang-shaped dicts; ``stream=True`` yields chunks."""
-        specs, single = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num)
+        """Generate for one prompt or a batch. Returns SGLang-shaped dicts; ``stream=True`` yields chunks.
+
+        ``return_logprob``: each output token's log-probability in ``meta_info.output_token_logprobs`` (with
+        ``top_logprobs_num`` > 0 also the most likely tokens, ``output_top_logprobs``); with
+        ``logprob_start_len`` >= 0 also the prompt's tokens from that position on (``input_token_logprobs`` /
+        ``input_top_logprobs``; the prompt's first token has None), as SGLang's. Those positions are computed,
+        not read from the prefix cache."""
+        specs, single = self._prepare(
+            prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, logprob_start_len
+        )
         if stream:
             if len(specs) != 1:
                 raise ValueError("stream=True takes a single prompt with n=1")
@@ -149,6 +158,7 @@ class EngineAPI:
         stream: bool = False,
         return_logprob: bool | None = None,
         top_logprobs_num: int | None = None,
+        logprob_start_len: int | None = None,
     ):
         """Async twin of :meth:`generate`.
 
@@ -156,7 +166,9 @@ class EngineAPI:
         async iterator of chunks (``async for chunk in engine.async_generate(..., stream=True)``; awaiting it
         first also works, as in SGLang).
         """
-        specs, single = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num)
+        specs, single = self._prepare(
+            prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, logprob_start_len
+        )
         if stream:
             if len(specs) != 1:
                 raise ValueError("stream=True takes a single prompt with n=1")
@@ -214,7 +226,9 @@ class EngineAPI:
 
     # ====================================================================================== intake
 
-    def _prepare(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num):
+    def _prepare(
+        self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, logprob_start_len=None
+    ):
         """Validate everything up front; a bad request raises ValueError before anything is queued."""
         if (prompt is None) == (input_ids is None):
             raise ValueError("pass exactly one of prompt or input_ids")
@@ -249,6 +263,9 @@ class EngineAPI:
                 sp.return_logprob = bool(return_logprob)
             if top_logprobs_num is not None:
                 sp.top_logprobs_num = int(top_logprobs_num)
+            if logprob_start_len is not None:
+                sp.logprob_start_len = logprob_start_len
+            if top_logprobs_num is not None or logprob_start_len is not None:
                 sp.validate()
             sp.validate(vocab)
             self._validate_ids(ids)

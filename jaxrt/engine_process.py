@@ -75,6 +75,11 @@ class _Seq:
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_ids: list[int] | None = (
+        None  # kept only for prompt log-probabilities (output_dict's input_logprobs)
+    )
+    input_logprobs: list[float] = field(default_factory=list)
+    input_top: list[list[tuple[int, float]]] | None = None
 
 
 class EngineProcess(EngineAPI):
@@ -259,6 +264,7 @@ class EngineProcess(EngineAPI):
                 else None,
                 return_logprob=sp.return_logprob or sp.top_logprobs_num > 0,
                 top_logprobs=sp.top_logprobs_num > 0,
+                prompt_ids=list(spec["ids"]) if sp.logprob_start_len >= 0 else None,
             )
             specs.append({**spec, "rid": rid, "deltas": True})
             rids.append(rid)
@@ -396,7 +402,9 @@ class EngineProcess(EngineAPI):
 
     def _absorb(self, seq: _Seq, d: tuple, now: float) -> dict[str, Any]:
         """Add a delta to its request's output and return the output dict the Engine would have sent."""
-        _, new_ids, new_logprobs, new_top, final, reason, stop_text, prompt_tokens, cached_tokens, _ = d
+        _, new_ids, new_logprobs, new_top, final, reason, stop_text, prompt_tokens, cached_tokens, _ = d[:10]
+        if d[10] is not None:
+            seq.input_logprobs, seq.input_top = d[10], d[11]
         seq.ids.extend(new_ids)
         if new_logprobs is not None:
             seq.logprobs.extend(new_logprobs)
@@ -426,6 +434,9 @@ class EngineProcess(EngineAPI):
             ttft=None if seq.first_token_time is None else seq.first_token_time - seq.arrival,
             logprobs=seq.logprobs if seq.return_logprob else None,
             top_logprobs=seq.top if seq.top_logprobs else None,
+            input_logprobs=None
+            if seq.prompt_ids is None or not seq.return_logprob
+            else (seq.sp.logprob_start_len, seq.prompt_ids, seq.input_logprobs, seq.input_top),
         )
 
 

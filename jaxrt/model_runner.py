@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import threading
@@ -317,6 +318,7 @@ class ModelRunner:
     #   ("forward", num_tokens, "fresh")             the same for a batch of fresh prompts (cudnn_prefill)
     #   ("forward", num_tokens, "prefixed", capacity) for a few prompts behind cached prefixes (cudnn_prefill)
     #   either of those + ("decodes",)               the same with decodes before the prompts (split_attention)
+    #   ("forward", num_tokens, "logprobs")          also the prompt log-probabilities of every row (on first use)
     #   ("sample", num_seqs, history_len, SampleMode) the sampler variant
     #   ("decode_loop", num_tokens, SampleMode)       num_decode_steps decode steps in one program
 
@@ -353,16 +355,23 @@ class ModelRunner:
         """How program ``key``'s host data is packed (from its empty batch: the bucket fixes every shape)."""
         layout = self._layouts.get(key)
         if layout is None:
-            tree = self._host_data(*self._bucket(key), SchedulerOutput(), {})[0]
-            layout = self._layouts[key] = PackedLayout.of(tree)
+            layout = self._layouts[key] = PackedLayout.of(self._empty_tree(key))
         return layout
+
+    def _empty_tree(self, key: tuple) -> Any:
+        """Program ``key``'s host data for an empty batch."""
+        tree = self._host_data(*self._bucket(key), SchedulerOutput(), {})[0]
+        if key[-1] == "logprobs":
+            fb, delta = tree
+            tree = (dataclasses.replace(fb, targets=np.full(key[1], -1, np.int32)), delta)
+        return tree
 
     def _example_args(self, key: tuple, abstract: bool = False) -> tuple:
         """The dynamic arguments of program ``key`` for an empty batch (no sequence: nothing is read or written).
         ``abstract``: params, pool, prev_tokens, page table and the sampler's logits as shapes only (lowering)."""
         kind, n = key[0], key[1]
         layout = self.layout(key)
-        buf = layout.pack(self._host_data(*self._bucket(key), SchedulerOutput(), {})[0])
+        buf = layout.pack(self._empty_tree(key))
         if not abstract:
             buf = jax.device_put(buf, self.device)
         state, kv_caches, no_prev, table = (
@@ -664,9 +673,12 @@ class ModelRunner:
         return StagedStep(forward_key, sample_key, *jax.device_put(bufs, self.device))
 
     def _forward_key(self, fb: ForwardBatch, n: int) -> tuple:
-        """The model program for a laid-out batch on bucket ``n``: a cuDNN one (fresh prompts, or prompts behind
-        cached prefixes) where ``cudnn_prefill.choose`` picks it and that program is compiled (or would compile
-        on use anyway: no background compiles)."""
+        """The model program for a laid-out batch on bucket ``n``: the one that also computes prompt
+        log-probabilities for a batch with ``targets``; a cuDNN one (fresh prompts, or prompts behind cached
+        prefixes) where ``cudnn_prefill.choose`` picks it and that program is compiled (or would compile on use
+        anyway: no background compiles)."""
+        if fb.targets is not None:
+            return ("forward", n, "logprobs")
         if n in self.fresh_buckets:
             caps = self.bucket_capacities.get(n, ())
             capacity = cudnn_prefill.choose(fb.kv_lens, fb.cu_q_lens, fb.num_seqs, caps)
@@ -683,10 +695,11 @@ class ModelRunner:
         Running the same staged step again is allowed (its page-table delta writes the same entries)."""
         prev_tokens = self._no_prev if prev_tokens is None else prev_tokens
         forward, sample = self._program(staged.forward_key), self._program(staged.sample_key)
-        logits, self.kv_caches, self.page_table = forward(
+        logits, self.kv_caches, self.page_table, *prompt = forward(
             self.state, self.kv_caches, staged.forward_buf, prev_tokens, self.page_table
         )
-        return sample(logits, staged.sample_buf)
+        out = sample(logits, staged.sample_buf)
+        return dataclasses.replace(out, prompt=prompt[0]) if prompt else out
 
     def device_step(
         self, fb: ForwardBatch, sb: SamplingBatch, mode: SampleMode, prev_tokens: jax.Array | None = None
@@ -743,6 +756,7 @@ class ModelRunner:
             logprobs=np.asarray(host.logprobs[:num_rows]),
             top_ids=np.asarray(host.top_ids[:num_rows]),
             top_logprobs=np.asarray(host.top_logprobs[:num_rows]),
+            prompt=host.prompt,
         )
 
     def run(self, sched: SchedulerOutput, stop_ids: dict[str, list[int]]) -> StepOutput:

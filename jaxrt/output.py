@@ -46,6 +46,9 @@ class OutputDelta(NamedTuple):
     prompt_tokens: int = 0
     cached_tokens: int = 0
     error: BaseException | None = None
+    # The prompt's log-probabilities (``input_token_logprobs``), whole, in the request's first delta.
+    input_logprobs: list[float] | None = None
+    input_top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 # Field positions of an OutputDelta that crossed the pipe as a plain tuple.
@@ -111,6 +114,8 @@ class OutputProcessor:
         """Take a step's host outputs (``out``, its rows in ``sched.scheduled`` order): append each sampled
         row's tokens, and stream them or finish the request (``finish`` hands it back to the scheduler)."""
         multi = sched.num_steps > 1  # a continuous-decode dispatch returned a DecodeLoopOutput
+        if not multi and out.prompt is not None:
+            self._prompt_logprobs(sched, out.prompt)
         # Row i's tokens (and log-probabilities) as Python lists, converted once for the whole batch.
         tokens = out.all_tokens.T.tolist() if multi else out.tokens[:, None].tolist()
         logprobs = None
@@ -146,6 +151,27 @@ class OutputProcessor:
                 if track.emitted == 0 or n_out - track.emitted >= self.stream_interval:
                     track.emitted = n_out
                     self.emit(track, final=False)
+
+    def _prompt_logprobs(self, sched: SchedulerOutput, prompt: Any) -> None:
+        """Append the prompt log-probabilities a step computed (``StepOutput.prompt``, per token row) to the
+        requests that want them, in position order: row ``p``'s entry is prompt token ``p + 1``'s."""
+        row0 = 0
+        for s in sched.scheduled:
+            req, first = s.request, row0
+            row0 += s.num_new_tokens
+            nxt = req.input_logprob_next
+            track = self.tracks.get(req.request_id)
+            if nxt is None or track is None or req.is_finished or nxt <= s.start:
+                continue  # (nxt <= start: rows before this chunk are missing; the prefix cap prevents it)
+            end = min(s.start + s.num_new_tokens + 1, len(req.prompt_token_ids))
+            rows = [first + q - 1 - s.start for q in range(nxt, end)]
+            req.input_logprobs.extend(prompt.logprobs[rows].tolist())
+            k = track.top_logprobs_num
+            if k:
+                ids, lps = prompt.top_ids[rows, :k].tolist(), prompt.top_logprobs[rows, :k].tolist()
+                req.input_top_logprobs.extend(
+                    [list(zip(i, lp, strict=True)) for i, lp in zip(ids, lps, strict=True)]
+                )
 
     def _accept(
         self,
@@ -249,6 +275,7 @@ class OutputProcessor:
                 ttft=ttft,
                 logprobs=req.output_logprobs if track.return_logprob else None,
                 top_logprobs=req.output_top_logprobs if track.top_logprobs_num else None,
+                input_logprobs=_input_logprobs(req),
             )
         )
 
@@ -268,8 +295,20 @@ class OutputProcessor:
                 track.stop_text if final else None,
                 req.num_prompt_tokens,
                 req.num_cached_tokens,
+                None,
+                req.input_logprobs if n == 0 and req.input_logprob_start is not None else None,
+                req.input_top_logprobs if n == 0 and req.input_logprob_start is not None else None,
             )
         )
+
+
+def _input_logprobs(req: Request) -> tuple | None:
+    """(logprob_start_len, prompt ids, log-probabilities, top lists or None) for ``output_dict``, when the
+    request asked for its prompt's log-probabilities."""
+    if req.input_logprob_start is None:
+        return None
+    top = req.input_top_logprobs if req.sampling_params.top_logprobs_num else None
+    return req.sampling_params.logprob_start_len, req.prompt_token_ids, req.input_logprobs, top
 
 
 def hold_back(text: str, stops: list[str]) -> str:
@@ -295,9 +334,13 @@ def output_dict(
     ttft: float | None,
     logprobs: list[float] | None,
     top_logprobs: list[list[tuple[int, float]]] | None,
+    input_logprobs: tuple | None = None,
 ) -> dict[str, Any]:
     """One SGLang-shaped output: ``text``, ``output_ids`` and ``meta_info`` (copies; the caller keeps its lists).
-    ``logprobs`` / ``top_logprobs``: per output token, when the request asked for them."""
+    ``logprobs`` / ``top_logprobs``: per output token, when the request asked for them. ``input_logprobs``:
+    ``(logprob_start_len, prompt ids, log-probabilities from position max(logprob_start_len, 1), top lists or
+    None)``, given as ``input_token_logprobs`` / ``input_top_logprobs`` from ``logprob_start_len`` (the first
+    prompt token's log-probability is None)."""
     meta: dict[str, Any] = {
         "id": request_id,
         "finish_reason": finish_reason,
@@ -312,4 +355,13 @@ def output_dict(
         meta["output_token_logprobs"] = [(lp, t, None) for lp, t in zip(logprobs, output_ids, strict=False)]
         if top_logprobs is not None:
             meta["output_top_logprobs"] = [[(lp, t, None) for t, lp in row] for row in top_logprobs]
+    if input_logprobs is not None:
+        start, ids, lps, top = input_logprobs
+        lead = 1 if start == 0 and ids else 0  # the first prompt token: no log-probability
+        first = start + lead
+        meta["input_token_logprobs"] = [(None, ids[0], None)] * lead + [
+            (lp, t, None) for lp, t in zip(lps, ids[first:], strict=False)
+        ]
+        if top is not None:
+            meta["input_top_logprobs"] = [None] * lead + [[(lp, t, None) for t, lp in row] for row in top]
     return {"text": text, "output_ids": list(output_ids), "meta_info": meta}

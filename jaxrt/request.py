@@ -68,6 +68,30 @@ class Request:
     pending_rows: list[int] = field(default_factory=list)
     # Constrained decoding: the grammar's state (jaxrt.grammar.Matcher), fed each sampled token.
     grammar: Any = None
+    # Prompt log-probabilities (``SamplingParams.logprob_start_len`` >= 0): prompt token p's log-probability
+    # given the tokens before it, and its top alternatives, from ``input_logprob_start`` on, appended as the
+    # rows before them are computed; the next position to fill is ``input_logprob_next``.
+    input_logprobs: list[float] = field(default_factory=list)
+    input_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+    @property
+    def input_logprob_start(self) -> int | None:
+        """The first prompt position whose log-probability the request wants (>= 1: the first token has none),
+        or None."""
+        sp = self.sampling_params
+        if sp.logprob_start_len < 0 or not (sp.return_logprob or sp.top_logprobs_num):
+            return None
+        return max(sp.logprob_start_len, 1)
+
+    @property
+    def input_logprob_next(self) -> int | None:
+        """The next prompt position whose log-probability is still to compute (its row is the one before it),
+        or None when there is none."""
+        start = self.input_logprob_start
+        if start is None:
+            return None
+        nxt = start + len(self.input_logprobs)
+        return nxt if nxt < len(self.prompt_token_ids) else None
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -40,6 +40,9 @@ class SamplingParams:
     seed: int | None = None
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    # With return_logprob: the prompt position from which the prompt's own tokens get log-probabilities too
+    # (``meta_info.input_token_logprobs``; the first prompt token has none). -1: output tokens only (SGLang's).
+    logprob_start_len: int = -1
     # Token id -> additive bias on its logit before penalties and sampling, in [-100, 100] (OpenAI's; -100
     # bans a token, 100 all but forces it). Keys may be ints or decimal strings (JSON objects).
     logit_bias: dict[int, float] | None = None
@@ -76,7 +79,7 @@ class SamplingParams:
         def bad(name: str, why: str) -> None:
             raise ValueError(f"sampling_params.{name} {why}, got {getattr(self, name)!r}")
 
-        ints = ("max_new_tokens", "min_new_tokens", "top_k", "n", "top_logprobs_num")
+        ints = ("max_new_tokens", "min_new_tokens", "top_k", "n", "top_logprobs_num", "logprob_start_len")
         for name in ints:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
@@ -115,6 +118,8 @@ class SamplingParams:
             bad("n", "must be >= 1")
         if not 0 <= self.top_logprobs_num <= MAX_TOP_LOGPROBS:
             bad("top_logprobs_num", f"must be in [0, {MAX_TOP_LOGPROBS}]")
+        if self.logprob_start_len < -1:
+            bad("logprob_start_len", "must be -1 (output tokens only) or >= 0")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             bad("stop", "must be a non-empty string or a list of non-empty strings")
         if not isinstance(self.stop_token_ids, list) or not all(

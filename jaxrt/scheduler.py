@@ -23,6 +23,10 @@ from jaxrt.page_table import OutOfPagesError, PageAllocator
 from jaxrt.radix_cache import RadixCache
 from jaxrt.request import FinishReason, Request, RequestStatus
 
+# A step that computes a prompt's log-probabilities makes logits for every token row ([tokens, vocab]), so it
+# holds at most this many tokens (512 MiB of bf16 logits at a 128k vocabulary).
+PROMPT_LOGPROB_TOKENS = 2048
+
 
 @dataclass
 class ScheduledRequest:
@@ -157,8 +161,12 @@ class Scheduler:
         req.state_slot = req.page_row if self.num_state_slots else None
         tokens = req.all_token_ids
         pages, node = self.radix.match_prefix(tokens)
-        # At least one token must be computed to produce logits.
+        # At least one token must be computed to produce logits; prompt log-probabilities still to compute
+        # need the rows before their positions.
         max_cached_pages = (req.num_tokens - 1) // self.page_size
+        nxt = req.input_logprob_next
+        if nxt is not None:
+            max_cached_pages = min(max_cached_pages, (nxt - 1) // self.page_size)
         pages = pages[:max_cached_pages]
         self.allocator.incref(pages)
         self.radix.lock(node)
@@ -187,6 +195,11 @@ class Scheduler:
                 i += 1  # its last token is sampled; it finishes when that token is read back
                 continue
             grant = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.input_logprob_next is not None:
+                grant, budget = self._logprob_grant(out, grant, budget)
+                if grant == 0:
+                    i += 1
+                    continue
             while not self._ensure_pages(req, req.num_computed_tokens + grant):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -209,9 +222,16 @@ class Scheduler:
             if self.done_sampling(req):
                 j += 1  # preempted after its last sample: it finishes when that token is read back
                 continue
-            grant = self._admit(req, budget)
+            cap = budget
+            if req.input_logprob_next is not None:
+                cap, _ = self._logprob_grant(out, budget, budget)
+                if cap == 0:
+                    break  # the step holds enough rows of logits: it waits for the next one (FCFS)
+            grant = self._admit(req, cap)
             if grant == 0:
                 break  # pool is full of running work: wait for it to finish (FCFS, no overtaking)
+            if cap < budget:
+                budget = cap  # counted below: the rest of the step fits the rows of logits left
             del self.waiting[j]
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -222,6 +242,13 @@ class Scheduler:
             )
             budget -= grant
         return out
+
+    @staticmethod
+    def _logprob_grant(out: SchedulerOutput, grant: int, budget: int) -> tuple[int, int]:
+        """(grant, budget left) for a request whose prompt log-probabilities are still to compute: its step
+        computes logits for every token row, so it holds at most ``PROMPT_LOGPROB_TOKENS`` tokens."""
+        room = max(PROMPT_LOGPROB_TOKENS - out.num_tokens, 0)
+        return min(grant, room), min(budget, room)
 
     def done_sampling(self, req: Request) -> bool:
         """No further token may be sampled: max_new_tokens or the context is reached."""

@@ -19,7 +19,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxrt.batch import DecodeLoopOutput, ForwardBatch, SampleMode, SamplingBatch, StepOutput
+from jaxrt.batch import (
+    DecodeLoopOutput,
+    ForwardBatch,
+    SampleMode,
+    SamplingBatch,
+    StepOutput,
+    prompt_logprobs,
+)
 from jaxrt.models.layers import KVCache
 from jaxrt.sampler import sample
 
@@ -168,7 +175,7 @@ def make_packed_programs(forward_step: Callable, sample_step: Callable, decode_l
     first, and return it.
 
     - forward: ``(params, kv[donated], buf = (ForwardBatch, delta), prev_tokens, page_table[donated]) ->
-      (logits, kv, page_table)``; ``fresh``, ``prefix_capacity`` and ``decodes`` (static) set
+      (logits, kv, page_table)``, and a ``PromptLogprobs`` after them for a batch with ``targets``; ``fresh``, ``prefix_capacity`` and ``decodes`` (static) set
       ``ForwardBatch``'s fields of those names: a program for batches of a few prompts, after decodes with
       ``decodes`` (``kernels.cudnn_prefill.choose``)
     - sample: ``(logits, buf = SamplingBatch) -> StepOutput`` (``mode`` static)
@@ -183,6 +190,12 @@ def make_packed_programs(forward_step: Callable, sample_step: Callable, decode_l
         page_table = _apply_delta(page_table, delta)
         if fresh is not None:
             fb = dataclasses.replace(fb, fresh=fresh, prefix_capacity=prefix_capacity, decodes=decodes)
+        if fb.targets is not None:  # prompt log-probabilities: the logits of every token row
+            rows = jnp.arange(fb.input_ids.shape[0], dtype=jnp.int32)
+            every, kv_caches = forward_step(
+                params, kv_caches, dataclasses.replace(fb, logits_indices=rows), prev_tokens, page_table
+            )
+            return every[fb.logits_indices], kv_caches, page_table, prompt_logprobs(every, fb.targets)
         logits, kv_caches = forward_step(params, kv_caches, fb, prev_tokens, page_table)
         return logits, kv_caches, page_table
 

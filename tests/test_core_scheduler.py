@@ -334,3 +334,36 @@ def test_token_buckets(max_tokens, single):
     for n in range(1, max_tokens + 1, max(1, max_tokens // 64)):
         b = pick_bucket(buckets, n)
         assert b >= n and all(c < n for c in buckets if c < b)
+
+
+def test_steps_computing_prompt_logprobs_hold_a_bounded_number_of_tokens(monkeypatch):
+    """A step with a request whose prompt log-probabilities are still to compute makes logits for every row,
+    so it holds at most PROMPT_LOGPROB_TOKENS tokens (6 here, against a 16-token budget); the request's cached
+    prefix stops before the rows its positions need; other steps keep the whole budget."""
+    from jaxrt import scheduler as sched_mod
+
+    monkeypatch.setattr(sched_mod, "PROMPT_LOGPROB_TOKENS", 6)
+    s = make(chunk=16)
+    warm = Request("warm", list(range(1, 21)), SamplingParams(max_new_tokens=1), seed=0)
+    run_to_completion(s, [warm])  # its 20 prompt tokens' full pages go to the radix cache
+    wants = SamplingParams(max_new_tokens=2, return_logprob=True, logprob_start_len=9)
+    req = Request("lp", list(range(1, 21)), wants, seed=0)
+    plain = Request("plain", list(range(50, 70)), SamplingParams(max_new_tokens=2), seed=0)
+    s.add_request(plain)
+    s.add_request(req)
+    sizes, computed = [], []
+    while s.has_work:
+        out = s.schedule()
+        sizes.append(out.num_tokens)
+        for sr in out.scheduled:
+            r = sr.request
+            if r is req and req.input_logprob_next is not None:
+                computed.append((sr.start, sr.num_new_tokens))
+                n = min(sr.start + sr.num_new_tokens + 1, len(r.prompt_token_ids)) - r.input_logprob_next
+                r.input_logprobs.extend([0.0] * max(n, 0))  # what the engine reads back for its rows
+        s.commit(out)
+        sample_and_finish(s, out)
+    assert sizes[0] == 16  # the plain prompt alone fills the budget; the other waits (FCFS)
+    assert computed[0][0] == 8  # cached pages stop at the row before position 9 (page size 4)
+    assert all(n <= 6 for n in sizes[1 : 1 + len(computed)])
+    assert req.input_logprob_next is None and len(req.input_logprobs) == 20 - 9

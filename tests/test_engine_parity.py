@@ -556,3 +556,55 @@ def test_tokens_accepted_at_once_match_token_by_token(tiny_llama_dir):
     for a, b in zip(outs_at_once, outs_each, strict=True):
         assert a["meta_info"]["finish_reason"] == b["meta_info"]["finish_reason"]
         assert a["meta_info"]["output_token_logprobs"] == b["meta_info"]["output_token_logprobs"]
+
+
+@pytest.mark.parametrize("impl", ["native", "transformers"])
+def test_prompt_logprobs_match_transformers(tiny_llama_dir, impl):
+    """``logprob_start_len`` (SGLang's): the prompt's own tokens get log-probabilities, each from the logits
+    of the row before it, equal to transformers' log-softmax over the prompt; top alternatives too. In chunks
+    (a 40-token prompt in a 16-token budget), beside a request without them, and for a prompt the radix cache
+    holds (its wanted positions are computed again, not read from the cache); a start past 0 returns only
+    from there. f32."""
+    import torch
+
+    from jaxrt.scheduler import PROMPT_LOGPROB_TOKENS
+
+    assert PROMPT_LOGPROB_TOKENS >= 16
+    rng = np.random.default_rng(3)
+    ref = hf_model(tiny_llama_dir)
+    vocab = ref.config.vocab_size
+    prompt, other = (rng.integers(3, vocab, n).tolist() for n in (40, 23))
+    with torch.no_grad():
+        logp = torch.log_softmax(ref(torch.tensor([prompt])).logits[0].double(), -1).numpy()
+    want = [logp[p - 1, prompt[p]] for p in range(1, len(prompt))]
+    top_want = [np.argsort(-logp[p - 1])[:3].tolist() for p in range(1, len(prompt))]
+    kwargs = dict(dtype="float32", chunked_prefill_size=16, max_running_requests=4, page_size=4, impl=impl)
+    with jaxrt.Engine(model_path=tiny_llama_dir, **kwargs) as llm:
+        params = {"temperature": 0, "max_new_tokens": 2}
+        for attempt in range(2):  # the second time the prompt's pages are in the radix cache
+            a, b = llm.generate(
+                input_ids=[prompt, other],
+                sampling_params=params,
+                return_logprob=True,
+                top_logprobs_num=3,
+                logprob_start_len=0,
+            )
+            got = a["meta_info"]["input_token_logprobs"]
+            assert [t for _, t, _ in got] == prompt
+            assert got[0][0] is None and a["meta_info"]["input_top_logprobs"][0] is None
+            np.testing.assert_allclose([lp for lp, _, _ in got[1:]], want, atol=2e-4)
+            tops = a["meta_info"]["input_top_logprobs"][1:]
+            assert [[t for _, t, _ in row] for row in tops] == top_want
+            assert len(b["meta_info"]["input_token_logprobs"]) == len(other)
+            if attempt:
+                assert a["meta_info"]["cached_tokens"] == 0  # cached pages, not read for wanted positions
+        late = llm.generate(
+            input_ids=prompt, sampling_params=params, return_logprob=True, logprob_start_len=30
+        )
+        got = late["meta_info"]["input_token_logprobs"]
+        assert [t for _, t, _ in got] == prompt[30:]
+        np.testing.assert_allclose([lp for lp, _, _ in got], want[29:], atol=2e-4)
+        assert 0 < late["meta_info"]["cached_tokens"] <= 29  # the positions before 29 came from the cache
+        plain = llm.generate(input_ids=prompt, sampling_params=params, return_logprob=True)
+        assert "input_token_logprobs" not in plain["meta_info"]
+        assert_no_leak(llm)

@@ -326,7 +326,11 @@ async def _native_generate(state: ServerState, request: Request, body: dict[str,
     top_n = body.get("top_logprobs_num")
     with_text = bool(body.get("return_text_in_logprobs", False))
     key = "prompt" if text is not None else "input_ids"
-    gen = {"return_logprob": return_logprob, "top_logprobs_num": top_n}
+    gen = {
+        "return_logprob": return_logprob,
+        "top_logprobs_num": top_n,
+        "logprob_start_len": body.get("logprob_start_len"),
+    }
 
     def finish(out: dict[str, Any], i: int) -> dict[str, Any]:
         if rid is not None:
@@ -335,14 +339,17 @@ async def _native_generate(state: ServerState, request: Request, body: dict[str,
             )
         if with_text and engine.tokenizer is not None:
             meta = out["meta_info"]
-            for k in ("output_token_logprobs",):
+            for k in ("output_token_logprobs", "input_token_logprobs"):
                 if k in meta:
                     meta[k] = [(lp, t, engine.tokenizer.decode([t], False)) for lp, t, *_ in meta[k]]
-            if "output_top_logprobs" in meta:
-                meta["output_top_logprobs"] = [
-                    [(lp, t, engine.tokenizer.decode([t], False)) for lp, t, *_ in row]
-                    for row in meta["output_top_logprobs"]
-                ]
+            for k in ("output_top_logprobs", "input_top_logprobs"):
+                if k in meta:
+                    meta[k] = [
+                        None
+                        if row is None
+                        else [(lp, t, engine.tokenizer.decode([t], False)) for lp, t, *_ in row]
+                        for row in meta[k]
+                    ]
         return out
 
     if not body.get("stream", False):

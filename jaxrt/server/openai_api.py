@@ -185,9 +185,10 @@ def _response(job: _Job, results: list[dict[str, Any]], model: str, text_of: Tok
         calls: list[dict[str, str]] = []
         if job.kind == "completion":
             prefix = job.prompt_texts[p] if req.echo else ""
-            logprobs = (
-                completion_logprobs(text_of, lps, tops, job.top_k, len(prefix)) if job.lp_args else None
-            )
+            offset = len(prefix)
+            if req.echo and job.lp_args:  # the prompt's entries first, from offset 0
+                lps, tops, offset = _with_prompt(meta, lps), _with_prompt_top(meta, tops), 0
+            logprobs = completion_logprobs(text_of, lps, tops, job.top_k, offset) if job.lp_args else None
             choice = {"index": k, "text": prefix + text, "logprobs": logprobs}
         else:
             logprobs = chat_logprobs(text_of, lps, tops, job.top_k) if job.lp_args else None
@@ -208,6 +209,18 @@ def _response(job: _Job, results: list[dict[str, Any]], model: str, text_of: Tok
         "choices": choices,
         "usage": usage(prompt_tokens, completion_tokens, cached),
     }
+
+
+def _with_prompt(meta: dict[str, Any], lps: list) -> list:
+    """``output_token_logprobs`` after the prompt's ``input_token_logprobs`` (echo with logprobs)."""
+    return list(meta.get("input_token_logprobs") or []) + list(lps)
+
+
+def _with_prompt_top(meta: dict[str, Any], tops: list) -> list:
+    """``output_top_logprobs`` after the prompt's ``input_top_logprobs`` (None for its first token)."""
+    n = len(meta.get("input_token_logprobs") or [])
+    prompt = list(meta.get("input_top_logprobs") or [[] for _ in range(n)])
+    return prompt + list(tops)
 
 
 async def _events(job: _Job, ss, model: str, text_of: TokenText) -> AsyncIterator[str]:
@@ -255,11 +268,12 @@ async def _events(job: _Job, ss, model: str, text_of: TokenText) -> AsyncIterato
                         "finish_reason": None,
                     }
                 )
-        elif req.echo:
+        elif req.echo and not job.lp_args:
             for i in range(n_streams):
                 prefix = job.prompt_texts[i // job.n]
                 offsets[i] = len(prefix)
                 yield event({"index": i, "text": prefix, "logprobs": None, "finish_reason": None})
+        echoing = [bool(req.echo and job.lp_args and not chat)] * n_streams  # prompt event still to send
         async for i, chunk in ss:
             if isinstance(chunk, BaseException):
                 logger.error("stream failed: %s", chunk)
@@ -273,6 +287,14 @@ async def _events(job: _Job, ss, model: str, text_of: TokenText) -> AsyncIterato
                 yield sse(err.body())
                 yield SSE_DONE
                 return
+            if echoing[i]:  # echo with logprobs: the prompt, with its log-probabilities, once they exist
+                echoing[i] = False
+                prompt_lp = completion_logprobs(
+                    text_of, _with_prompt(meta, []), _with_prompt_top(meta, []), job.top_k, 0
+                )
+                offsets[i] = sum(len(t) for t in prompt_lp["tokens"])
+                prefix = job.prompt_texts[i // job.n]
+                yield event({"index": i, "text": prefix, "logprobs": prompt_lp, "finish_reason": None})
             text = chunk["text"]
             delta = text[sent_chars[i] :]
             sent_chars[i] = max(sent_chars[i], len(text))
@@ -344,10 +366,6 @@ async def completions(body: CompletionRequest, request: Request):
         raise APIError(400, "suffix is not supported", param="suffix")
     if body.best_of not in (None, 1, body.n):
         raise APIError(400, "best_of other than n is not supported", param="best_of")
-    if body.echo and body.logprobs is not None:
-        raise APIError(
-            400, "echo with logprobs needs prompt logprobs, which this server does not compute", param="echo"
-        )
     check_max_tokens("max_tokens", body.max_tokens, body.min_tokens)
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_LOGPROBS:
         raise APIError(
@@ -378,6 +396,8 @@ async def completions(body: CompletionRequest, request: Request):
         check_context(len(ids), body.max_tokens, ctx, "prompt")
     max_new = [body.max_tokens if body.max_tokens is not None else ctx - len(ids) for ids in prompts]
     lp_args = {} if body.logprobs is None else {"return_logprob": True, "top_logprobs_num": body.logprobs}
+    if body.echo and lp_args:  # the prompt's tokens with their log-probabilities too (the first has none)
+        lp_args["logprob_start_len"] = 0
     job = _Job("completion", body, prompts, texts, max_new, lp_args, body.logprobs or 0)
     return await _run(job, request)
 

@@ -367,18 +367,22 @@ class TokenText:
 
 
 def completion_logprobs(text_of: TokenText, lps: list, tops: list, k: int, offset0: int) -> dict[str, Any]:
-    """OpenAI completions ``logprobs`` for the given slice of ``output_token_logprobs`` / ``output_top_logprobs``."""
+    """OpenAI completions ``logprobs`` for the given slice of ``output_token_logprobs`` / ``output_top_logprobs``
+    (with echo, the prompt's ``input_token_logprobs`` before them: a None log-probability gives a None top entry)."""
     tokens, token_logprobs, top, offsets = [], [], [], []
     pos = offset0
     for i, (lp, tid, *_rest) in enumerate(lps):
         s = text_of(tid)
         tokens.append(s)
         token_logprobs.append(lp)
-        d: dict[str, float] = {}
-        for lp2, tid2, *_r in (tops[i] if i < len(tops) else [])[:k]:
-            d.setdefault(text_of(tid2), lp2)
-        d.setdefault(s, lp)
-        top.append(d)
+        if lp is None:  # a prompt's first token (echo): no log-probability, no alternatives
+            top.append(None)
+        else:
+            d: dict[str, float] = {}
+            for lp2, tid2, *_r in (tops[i] if i < len(tops) and tops[i] else [])[:k]:
+                d.setdefault(text_of(tid2), lp2)
+            d.setdefault(s, lp)
+            top.append(d)
         offsets.append(pos)
         pos += len(s)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}

@@ -81,6 +81,27 @@ def test_generate_matches_the_in_process_engine(server, ep_http):
         assert g["meta_info"]["ttft"] <= g["meta_info"]["e2e_latency"]
 
 
+def test_prompt_logprobs_match_the_in_process_engine(server, ep_http):
+    """/generate with ``logprob_start_len`` through the engine process (the prompt's log-probabilities cross
+    the pipe in a request's first delta), streamed and not: the in-process engine's, with their texts on
+    ``return_text_in_logprobs``."""
+    kw = dict(return_logprob=True, top_logprobs_num=2, logprob_start_len=1)
+    ref = server.engine.generate(PROMPTS[1], GREEDY, **kw)["meta_info"]
+    body = {"text": PROMPTS[1], "sampling_params": GREEDY, **kw, "return_text_in_logprobs": True}
+    got = ep_http.post("/generate", json=body).json()["meta_info"]
+    with ep_http.stream("POST", "/generate", json={**body, "stream": True}) as resp:
+        last = [e for e in sse_events(resp) if e != "[DONE]"][-1]["meta_info"]
+    want = [lp for lp, _, _ in ref["input_token_logprobs"]]
+    assert len(want) == ref["prompt_tokens"] - 1 and all(lp is not None for lp in want)
+    for meta in (got, last):
+        assert [lp for lp, _, _ in meta["input_token_logprobs"]] == pytest.approx(want, abs=1e-5)
+        assert [t for _, t, _ in meta["input_token_logprobs"]] == [
+            t for _, t, _ in ref["input_token_logprobs"]
+        ]
+        assert all(isinstance(text, str) for _, _, text in meta["input_token_logprobs"])
+        assert [len(row) for row in meta["input_top_logprobs"]] == [2] * len(want)
+
+
 def test_constrained_decoding_matches_the_in_process_engine(server, ep_http):
     """A grammar is compiled by the front (validation) and matched in the engine's process."""
     sp = {"temperature": 0, "max_new_tokens": 16, "regex": "[a-z]{1,6} [0-9]{2}"}

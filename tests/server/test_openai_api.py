@@ -92,6 +92,44 @@ def test_completion_logprobs(oai, model_name):
     assert all(len(d) == 1 for d in zero.choices[0].logprobs.top_logprobs)
 
 
+def test_completion_echo_with_logprobs(oai, http, model_name, server):
+    """``echo`` with ``logprobs`` (what lm-eval's loglikelihood requests send): the prompt's tokens come first
+    with their log-probabilities (None for the first token and its alternatives), as the engine's
+    ``input_token_logprobs``, then the completion's; streamed, the prompt's entries arrive in one event
+    before the completion's."""
+    tok = server.engine.tokenizer
+    prompt = "Scores for every token"
+    ids = tok.encode(prompt)
+    ref = server.engine.generate(
+        prompt, {"temperature": 0, "max_new_tokens": 2}, return_logprob=True, logprob_start_len=0
+    )
+    want = [lp for lp, _, _ in ref["meta_info"]["input_token_logprobs"]]
+    assert want[0] is None and len(want) == len(ids)
+    r = oai.completions.create(
+        model=model_name, prompt=prompt, max_tokens=2, temperature=0, echo=True, logprobs=2
+    )
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text.startswith(prompt)
+    assert len(lp.tokens) == len(ids) + r.usage.completion_tokens
+    assert lp.tokens[: len(ids)] == [tok.decode([t], skip_special_tokens=False) for t in ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx(want[1:], abs=1e-5)
+    assert all(2 <= len(d) <= 3 for d in lp.top_logprobs[1:])
+    assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
+
+    body = dict(
+        model=model_name, prompt=prompt, max_tokens=2, temperature=0, echo=True, logprobs=1, stream=True
+    )
+    with http.stream("POST", "/v1/completions", json=body) as resp:
+        events = sse_events(resp)
+    chunks = [e for e in events if e != "[DONE]"]
+    first = chunks[0]["choices"][0]
+    assert first["text"] == prompt and first["logprobs"]["token_logprobs"][0] is None
+    assert first["logprobs"]["token_logprobs"][1:] == pytest.approx(want[1:], abs=1e-5)
+    streamed = [t for c in chunks for t in (c["choices"][0]["logprobs"] or {}).get("tokens", [])]
+    assert streamed == lp.tokens
+
+
 def test_chat_non_stream_and_extra_sampling_keys(oai, model_name, server):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
     r = oai.chat.completions.create(model=model_name, messages=msgs, max_tokens=8, temperature=0)

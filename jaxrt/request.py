@@ -74,7 +74,7 @@ class Request:
     input_logprobs: list[float] = field(default_factory=list)
     input_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
-    @property
+    @cached_property
     def input_logprob_start(self) -> int | None:
         """The first prompt position whose log-probability the request wants (>= 1: the first token has none),
         or None."""

@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         choices=TOOL_CALL_PARSERS,
         help="read tool calls out of chat replies with tool_choice 'auto' (OpenAI's default with tools): hermes "
-        "(<tool_call> blocks: Qwen2.5/3, Hermes), llama3_json (Llama 3.1+) or pythonic ([f(a=1)]: Llama 3.2/4); "
-        "without it 'auto' is a 400",
+        "(<tool_call> blocks: Qwen2.5/3, Hermes), llama3_json (Llama 3.1+), pythonic ([f(a=1)]: Llama 3.2/4) or "
+        "mistral ([TOOL_CALLS]: Mistral, whose replies then keep special tokens); without it 'auto' is a 400",
     )
     p.add_argument(
         "--enable-auto-tool-choice",

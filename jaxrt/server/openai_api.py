@@ -273,7 +273,7 @@ async def _events(job: _Job, ss, model: str, text_of: TokenText) -> AsyncIterato
                 prefix = job.prompt_texts[i // job.n]
                 offsets[i] = len(prefix)
                 yield event({"index": i, "text": prefix, "logprobs": None, "finish_reason": None})
-        echoing = [bool(req.echo and job.lp_args and not chat)] * n_streams  # prompt event still to send
+        echoing = [not chat and bool(req.echo and job.lp_args)] * n_streams  # prompt event still to send
         async for i, chunk in ss:
             if isinstance(chunk, BaseException):
                 logger.error("stream failed: %s", chunk)
@@ -435,6 +435,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     check_model(engine, body.model)
     check_unsupported(body)
     tools = tool_plan(body, state.tool_call_parser)
+    if tools is not None and tools.keeps_special_tokens:
+        body.skip_special_tokens = False  # the calls' marker is a special token
     schema = tools.schema() if tools else None
     if schema is not None:  # a named function or "required" constrain the reply
         set_reply_schema(body, schema, "tool_choice")

@@ -10,8 +10,10 @@ model then writes becomes ``message.tool_calls`` according to ``tool_choice``:
 - ``"auto"`` (OpenAI's default with tools): the model writes freely and the server's ``--tool-call-parser``
   reads calls out of its text: ``hermes`` (``<tool_call>{"name": ..., "arguments": ...}</tool_call>`` blocks:
   Qwen2.5/3, Hermes), ``llama3_json`` (the whole reply one JSON object ``{"name", "parameters"}``, or several
-  separated by ``;``: Llama 3.1+) or ``pythonic`` (the whole reply a Python list of calls, ``[f(a=1)]``: Llama
-  3.2 and 4). Without a parser ``"auto"`` is a 400, as in vLLM;
+  separated by ``;``: Llama 3.1+), ``pythonic`` (the whole reply a Python list of calls, ``[f(a=1)]``: Llama
+  3.2 and 4) or ``mistral`` (text, then the ``[TOOL_CALLS]`` control token and a JSON list of calls, or
+  ``name[ARGS]{...}`` per call in newer tokenizers; replies under it are decoded with special tokens). Without
+  a parser ``"auto"`` is a 400, as in vLLM;
 - ``"none"``: the tools reach the template, nothing is parsed.
 
 ``finish_reason`` is "tool_calls" when the reply holds calls (OpenAI gives "stop" for a named function, and so
@@ -31,12 +33,16 @@ from typing import Any
 
 from jaxrt.server.protocol import APIError
 
-TOOL_CALL_PARSERS = ("hermes", "llama3_json", "pythonic")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "pythonic", "mistral")
 # The parsers whose calls are the whole reply, by the character a call starts with.
 _WHOLE_REPLY_START = {"llama3_json": "{", "pythonic": "["}
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _HERMES_OPEN = "<tool_call>"
 _HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+# Mistral's calls follow its [TOOL_CALLS] control token: a JSON list of calls (v3 tokenizers), or ``name[ARGS]{...}``
+# per call (v11+). The token is special, so replies under this parser keep special tokens in their text.
+_MISTRAL_OPEN = "[TOOL_CALLS]"
+_MISTRAL_ARGS = "[ARGS]"
 _EMPTY_PARAMETERS = {"type": "object", "properties": {}}
 
 
@@ -88,7 +94,14 @@ class ToolPlan:
             return _parse_hermes(text)
         if self.parser == "pythonic":
             return _parse_pythonic(text)
+        if self.parser == "mistral":
+            return _parse_mistral(text)
         return _parse_llama3_json(text)
+
+    @property
+    def keeps_special_tokens(self) -> bool:
+        """Whether the reply must be decoded with its special tokens (the parser reads a control token)."""
+        return self.choice == "auto" and self.parser == "mistral"
 
 
 def plan(body: Any, parser: str | None) -> ToolPlan | None:
@@ -216,17 +229,20 @@ class ToolStream:
         return [{"index": 0, "function": {"arguments": arguments}}]
 
     def _marker(self) -> str:
-        return _HERMES_OPEN if self.tools.parser == "hermes" else _WHOLE_REPLY_START[self.tools.parser]
+        return _OPEN.get(self.tools.parser) or _WHOLE_REPLY_START[self.tools.parser]
 
     def _call_start(self) -> int | None:
-        if self.tools.parser == "hermes":
-            i = self.text.find(_HERMES_OPEN)
+        if self.tools.parser in _OPEN:
+            i = self.text.find(_OPEN[self.tools.parser])
             return None if i < 0 else i
         # llama3_json, pythonic: a reply that is calls starts with "{" / "[" (after whitespace).
         stripped = self.text.lstrip()
         if not stripped:
             return None
         return len(self.text) - len(stripped) if stripped[0] == self._marker() else None
+
+
+_OPEN = {"hermes": _HERMES_OPEN, "mistral": _MISTRAL_OPEN}  # parsers whose calls follow a marker in the text
 
 
 def _marker_overlap(text: str, marker: str) -> int:
@@ -308,3 +324,24 @@ def _parse_pythonic(text: str) -> tuple[str | None, list[dict[str, str]]]:
     except (SyntaxError, ValueError, TypeError):
         return (text or None), []
     return None, calls
+
+
+def _parse_mistral(text: str) -> tuple[str | None, list[dict[str, str]]]:
+    """Text, then ``[TOOL_CALLS]`` and the calls: a JSON list (or one object) of ``{"name", "arguments"}``, or
+    ``name[ARGS]{...}`` after each ``[TOOL_CALLS]``. Calls that do not parse leave the reply all content."""
+    i = text.find(_MISTRAL_OPEN)
+    if i < 0:
+        return (text or None), []
+    calls = []
+    for part in text[i:].split(_MISTRAL_OPEN)[1:]:
+        name, sep, args = (x.strip() for x in part.partition(_MISTRAL_ARGS))
+        if sep:
+            obj = _json(args)
+            ok = _NAME.fullmatch(name) is not None and isinstance(obj, dict)
+            found = _calls({"name": name, "arguments": obj}) if ok else []
+        else:
+            found = _calls(_json(part.strip()))
+        if not found:
+            return (text or None), []
+        calls += found
+    return (text[:i].strip() or None), calls

@@ -93,6 +93,22 @@ def test_parsers():
     assert hermes.parse("No tools needed.") == ("No tools needed.", [])
     assert hermes.parse("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
 
+    mistral = plan(_body([WEATHER]), "mistral")
+    assert mistral.keeps_special_tokens and not hermes.keeps_special_tokens
+    v3 = 'Checking.[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "b", "arguments": {}}]'
+    assert mistral.parse(v3) == (
+        "Checking.",
+        [{"name": "get_weather", "arguments": '{"city": "Paris"}'}, {"name": "b", "arguments": "{}"}],
+    )
+    v11 = '[TOOL_CALLS]get_weather[ARGS]{"city": "[ARGS]"}[TOOL_CALLS]b[ARGS]{}'
+    assert mistral.parse(v11) == (
+        None,
+        [{"name": "get_weather", "arguments": '{"city": "[ARGS]"}'}, {"name": "b", "arguments": "{}"}],
+    )
+    assert mistral.parse("No tools.") == ("No tools.", [])
+    for bad in ("[TOOL_CALLS]not json", "[TOOL_CALLS]get weather[ARGS]{}", "[TOOL_CALLS]f[ARGS][1]"):
+        assert mistral.parse(bad) == (bad, [])
+
     llama = plan(_body([WEATHER]), "llama3_json")
     assert llama.parse(' {"name": "get_weather", "parameters": {"city": "a;b"}}') == (
         None,
@@ -142,6 +158,10 @@ def test_streams_send_text_until_a_call_may_begin():
     text, sent, calls = _stream(hermes, ["No <to", "ol> here."])  # "<to" may begin "<tool_call>": held
     assert text == "No <tool> here." and calls == [] and sent == ["No ", "<tool> here."]
     assert _stream(hermes, ["No <ta", "ble>"])[1] == ["No <ta", "ble>"]  # "<ta" cannot
+
+    mistral = plan(_body([WEATHER]), "mistral")
+    text, sent, calls = _stream(mistral, ["Sure [TOOL", '_CALLS]get_weather[ARGS]{"city": "Oslo"}'])
+    assert sent == ["Sure ", ""] and text == "Sure " and calls[0]["arguments"] == '{"city": "Oslo"}'
 
     llama = plan(_body([WEATHER]), "llama3_json")
     text, _, calls = _stream(llama, ['{"name": "get_weather", ', '"parameters": {"city": "Oslo"}}'])

@@ -460,7 +460,9 @@ class ModelRunner:
             keys += [("decode_loop", n, m) for n in self.decode_buckets for m in _START_MODES]
         cudnn = [("forward", n, "fresh") for n in self.fresh_buckets]
         cudnn += [("forward", n, "prefixed", c) for n, caps in self.bucket_capacities.items() for c in caps]
-        return keys + cudnn + [(*k, "decodes") for k in cudnn if self.num_seqs_for(k[1]) > 1]
+        # The variants with decodes before the prompts: only where a decode fits beside the least prompt work
+        # cuDNN takes (MIN_WORK needs MIN_TOKENS prompt tokens), so not on the MIN_TOKENS bucket itself.
+        return keys + cudnn + [(*k, "decodes") for k in cudnn if k[1] > cudnn_prefill.MIN_TOKENS]
 
     def first_keys(self) -> list[tuple]:
         """The programs that can run any step on their own: the model on the largest token bucket and on the

@@ -268,6 +268,10 @@ def test_fresh_prompt_program_matches_the_paged_kernel(tmp_path, monkeypatch, im
             assert outs[3]["meta_info"]["cached_tokens"] > 0
             if flag == "1":
                 assert llm.runner.bucket_capacities == {64: [128]}
+                started = llm.runner.startup_keys()
+                assert ("forward", 64, "prefixed", 128, "decodes") in started
+                assert ("forward", 64, "fresh", "decodes") in started
+                assert ("forward", 32, "fresh", "decodes") not in started  # no room beside 32 prompt tokens
                 cudnn = [k for k in keys if len(k) > 2]
                 assert cudnn == [
                     ("forward", 64, "fresh"),

@@ -265,8 +265,6 @@ class EngineAPI:
                 sp.top_logprobs_num = int(top_logprobs_num)
             if logprob_start_len is not None:
                 sp.logprob_start_len = logprob_start_len
-            if top_logprobs_num is not None or logprob_start_len is not None:
-                sp.validate()
             sp.validate(vocab)
             self._validate_ids(ids)
             grammar = self._compile_constraint(sp)

@@ -75,9 +75,8 @@ class _Seq:
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top: list[list[tuple[int, float]]] = field(default_factory=list)
-    prompt_ids: list[int] | None = (
-        None  # kept only for prompt log-probabilities (output_dict's input_logprobs)
-    )
+    # Kept only for prompt log-probabilities (output_dict's input_logprobs).
+    prompt_ids: list[int] | None = None
     input_logprobs: list[float] = field(default_factory=list)
     input_top: list[list[tuple[int, float]]] | None = None
 
@@ -402,9 +401,22 @@ class EngineProcess(EngineAPI):
 
     def _absorb(self, seq: _Seq, d: tuple, now: float) -> dict[str, Any]:
         """Add a delta to its request's output and return the output dict the Engine would have sent."""
-        _, new_ids, new_logprobs, new_top, final, reason, stop_text, prompt_tokens, cached_tokens, _ = d[:10]
-        if d[10] is not None:
-            seq.input_logprobs, seq.input_top = d[10], d[11]
+        (
+            _,
+            new_ids,
+            new_logprobs,
+            new_top,
+            final,
+            reason,
+            stop_text,
+            prompt_tokens,
+            cached_tokens,
+            _,
+            lps,
+            tops,
+        ) = d
+        if lps is not None:
+            seq.input_logprobs, seq.input_top = lps, tops
         seq.ids.extend(new_ids)
         if new_logprobs is not None:
             seq.logprobs.extend(new_logprobs)

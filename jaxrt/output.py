@@ -284,6 +284,7 @@ class OutputProcessor:
         req = track.request
         n = track.sent
         track.sent = len(req.output_token_ids)
+        first = n == 0 and req.input_logprob_start is not None  # the prompt's log-probabilities go once
         track.sink(
             OutputDelta(
                 req.request_id,
@@ -296,8 +297,7 @@ class OutputProcessor:
                 req.num_prompt_tokens,
                 req.num_cached_tokens,
                 None,
-                req.input_logprobs if n == 0 and req.input_logprob_start is not None else None,
-                req.input_top_logprobs if n == 0 and req.input_logprob_start is not None else None,
+                *((req.input_logprobs, req.input_top_logprobs) if first else (None, None)),
             )
         )
 

@@ -196,7 +196,8 @@ class Scheduler:
                 continue
             grant = min(req.num_tokens - req.num_computed_tokens, budget)
             if req.input_logprob_next is not None:
-                grant, budget = self._logprob_grant(out, grant, budget)
+                room = self._logprob_room(out)
+                grant, budget = min(grant, room), min(budget, room)
                 if grant == 0:
                     i += 1
                     continue
@@ -222,16 +223,13 @@ class Scheduler:
             if self.done_sampling(req):
                 j += 1  # preempted after its last sample: it finishes when that token is read back
                 continue
-            cap = budget
             if req.input_logprob_next is not None:
-                cap, _ = self._logprob_grant(out, budget, budget)
-                if cap == 0:
+                budget = min(budget, self._logprob_room(out))  # the rest of the step fits its rows of logits
+                if budget == 0:
                     break  # the step holds enough rows of logits: it waits for the next one (FCFS)
-            grant = self._admit(req, cap)
+            grant = self._admit(req, budget)
             if grant == 0:
                 break  # pool is full of running work: wait for it to finish (FCFS, no overtaking)
-            if cap < budget:
-                budget = cap  # counted below: the rest of the step fits the rows of logits left
             del self.waiting[j]
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -244,11 +242,10 @@ class Scheduler:
         return out
 
     @staticmethod
-    def _logprob_grant(out: SchedulerOutput, grant: int, budget: int) -> tuple[int, int]:
-        """(grant, budget left) for a request whose prompt log-probabilities are still to compute: its step
-        computes logits for every token row, so it holds at most ``PROMPT_LOGPROB_TOKENS`` tokens."""
-        room = max(PROMPT_LOGPROB_TOKENS - out.num_tokens, 0)
-        return min(grant, room), min(budget, room)
+    def _logprob_room(out: SchedulerOutput) -> int:
+        """Tokens a step may still take once it holds a request whose prompt log-probabilities are still to
+        compute: that step computes logits for every token row, so it holds at most ``PROMPT_LOGPROB_TOKENS``."""
+        return max(PROMPT_LOGPROB_TOKENS - out.num_tokens, 0)
 
     def done_sampling(self, req: Request) -> bool:
         """No further token may be sampled: max_new_tokens or the context is reached."""

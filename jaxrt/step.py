@@ -175,9 +175,9 @@ def make_packed_programs(forward_step: Callable, sample_step: Callable, decode_l
     first, and return it.
 
     - forward: ``(params, kv[donated], buf = (ForwardBatch, delta), prev_tokens, page_table[donated]) ->
-      (logits, kv, page_table)``, and a ``PromptLogprobs`` after them for a batch with ``targets``; ``fresh``, ``prefix_capacity`` and ``decodes`` (static) set
-      ``ForwardBatch``'s fields of those names: a program for batches of a few prompts, after decodes with
-      ``decodes`` (``kernels.cudnn_prefill.choose``)
+      (logits, kv, page_table)``, and a ``PromptLogprobs`` after them for a batch with ``targets``;
+      ``fresh``, ``prefix_capacity`` and ``decodes`` (static) set ``ForwardBatch``'s fields of those names: a
+      program for batches of a few prompts, after decodes with ``decodes`` (``kernels.cudnn_prefill.choose``)
     - sample: ``(logits, buf = SamplingBatch) -> StepOutput`` (``mode`` static)
     - decode loop: ``(params, kv[donated], buf = (ForwardBatch, SamplingBatch, steps, delta), prev_tokens,
       page_table[donated]) -> (DecodeLoopOutput, kv, page_table)`` (``mode`` static)

@@ -24,8 +24,8 @@ prefix_capacity=...)``. Decodes laid out before those prompts (a prompt arriving
 serving case under load) are attended apart by the paged kernel in a variant of each program
 (``split_attention``, ``ForwardBatch.decodes``): -12% on an 8k step of a fresh prompt beside 255 decodes, -20%
 behind 8k cached tokens (twenty-second round). Any other step (decodes alone, many short prompts) runs the
-paged kernel as before. A first form chose on the device with a ``lax.cond`` in every layer; its steps had 0.26-0.9 ms more
-idle gaps, and at 512 and 1k tokens it lost more than cuDNN gained.
+paged kernel as before. A first form chose on the device with a ``lax.cond`` in every layer; its steps had
+0.26-0.9 ms more idle gaps, and at 512 and 1k tokens it lost more than cuDNN gained.
 
 Static scope (``supports``): bf16/f16 queries and pools of one dtype, head_dim a multiple of 8 up to 256 (128
 before Hopper), no logit soft-cap and no sliding window; layers out of scope keep the paged kernel
@@ -217,7 +217,7 @@ class SplitPlan:
     """How ``split_attention`` divides a batch: its leading one-token sequences (``decodes``, ``[1]``) and the
     sequence arrays of the rest, shifted past them (``m = min(max_num_seqs, MAX_SEQS)`` rows; ``cu_q_lens``
     keeps absolute token offsets, so their rows start at the decodes' count). One per step
-    (``attention_metadata(..., fresh=True)``), shared by every layer."""
+    (``attention_metadata(..., decodes=True)``), shared by every layer."""
 
     decodes: jax.Array
     kv_lens: jax.Array  # [m]

@@ -337,7 +337,7 @@ class PagedAttention(nnx.Module):
             batch.cu_q_lens,
             batch.num_seqs,
             backend=self.attention_backend,
-            decodes=batch.fresh is not None and batch.decodes,
+            decodes=batch.decodes,  # set only in cuDNN programs (with ``fresh``)
         )
 
     def takes_input_norm(self, num_tokens: int) -> bool:

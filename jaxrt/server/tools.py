@@ -43,6 +43,7 @@ _HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTAL
 # per call (v11+). The token is special, so replies under this parser keep special tokens in their text.
 _MISTRAL_OPEN = "[TOOL_CALLS]"
 _MISTRAL_ARGS = "[ARGS]"
+_OPEN = {"hermes": _HERMES_OPEN, "mistral": _MISTRAL_OPEN}  # parsers whose calls follow a marker in the text
 _EMPTY_PARAMETERS = {"type": "object", "properties": {}}
 
 
@@ -90,13 +91,7 @@ class ToolPlan:
         if self.choice == "required":
             calls = _calls(_json(text))
             return (None, calls) if calls else (text, [])
-        if self.parser == "hermes":
-            return _parse_hermes(text)
-        if self.parser == "pythonic":
-            return _parse_pythonic(text)
-        if self.parser == "mistral":
-            return _parse_mistral(text)
-        return _parse_llama3_json(text)
+        return _PARSE[self.parser](text)
 
     @property
     def keeps_special_tokens(self) -> bool:
@@ -242,9 +237,6 @@ class ToolStream:
         return len(self.text) - len(stripped) if stripped[0] == self._marker() else None
 
 
-_OPEN = {"hermes": _HERMES_OPEN, "mistral": _MISTRAL_OPEN}  # parsers whose calls follow a marker in the text
-
-
 def _marker_overlap(text: str, marker: str) -> int:
     """Length of the longest end of ``text`` that begins ``marker`` (0 if none)."""
     for n in range(min(len(text), len(marker) - 1), 0, -1):
@@ -345,3 +337,12 @@ def _parse_mistral(text: str) -> tuple[str | None, list[dict[str, str]]]:
             return (text or None), []
         calls += found
     return (text[:i].strip() or None), calls
+
+
+# --tool-call-parser -> the function that reads a reply's calls (ToolPlan.parse).
+_PARSE = {
+    "hermes": _parse_hermes,
+    "llama3_json": _parse_llama3_json,
+    "pythonic": _parse_pythonic,
+    "mistral": _parse_mistral,
+}

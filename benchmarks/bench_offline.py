@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import add_model_args, append_jsonl, device_name, ensure_checkpoint, print_block, random_requests
+from common import add_model_args, append_jsonl, ensure_checkpoint, print_block, random_requests
 
 
 def main() -> None:
@@ -34,6 +34,12 @@ def main() -> None:
     p.add_argument("--dtype", default=None)
     p.add_argument(
         "--impl", default="auto", choices=["auto", "native", "transformers"], help="model implementation"
+    )
+    p.add_argument(
+        "--dp-size",
+        type=int,
+        default=1,
+        help="data-parallel replicas, one GPU each (jaxrt.Engine(dp_size=...); SGLang's flag)",
     )
     p.add_argument("--output-file", default=None)
     p.add_argument("--smoke", action="store_true", help="tiny CPU run that checks the script works")
@@ -61,6 +67,7 @@ def main() -> None:
         num_continuous_decode_steps=args.num_continuous_decode_steps,
         attention_backend=args.attention_backend,
         impl=args.impl,
+        dp_size=args.dp_size,
     )
     startup = time.perf_counter() - t0
     vocab = llm.config.model.vocab_size
@@ -79,9 +86,11 @@ def main() -> None:
             np.random.default_rng(args.seed + 1).integers(100, vocab - 100, args.shared_prefix_len).tolist()
         )
         reqs = [(prefix + ids, o) for ids, o in reqs]
-    # Warm-up: one short request so the timed run sees no first-call costs.
+    # Warm-up: one short request (one per replica) so the timed run sees no first-call costs.
     t1 = time.perf_counter()
-    llm.generate(input_ids=reqs[0][0], sampling_params={"max_new_tokens": 1, "temperature": 0})
+    llm.generate(
+        input_ids=[reqs[0][0]] * args.dp_size, sampling_params={"max_new_tokens": 1, "temperature": 0}
+    )
     first_token = time.perf_counter() - t1
     # Programs compiling in the background (the engine's default on GPU/TPU) finish before the timed run.
     llm.wait_compiled()
@@ -95,6 +104,9 @@ def main() -> None:
     outs = llm.generate(input_ids=ids, sampling_params=params)
     dur = time.perf_counter() - t2
     stats = llm.load_stats()
+    device = llm.device[
+        1
+    ]  # not jax.devices() here: with --dp-size this process has no JAX backend of its own
     llm.shutdown()
 
     import numpy as np
@@ -110,7 +122,7 @@ def main() -> None:
     assert n_out == sum(o for _, o in reqs), "every request must produce exactly its output length"
     rows = [
         ("Backend", f"jaxrt engine ({llm.config.impl})"),
-        ("Device", device_name()),
+        ("Device", device + (f" x {args.dp_size} (data parallel)" if args.dp_size > 1 else "")),
         ("Model", args.model_path or f"random {args.random_model} ({args.random_dtype})"),
         ("Successful requests", len(outs)),
         ("Input lengths (min/max)", f"{min(len(i) for i in ids)}/{max(len(i) for i in ids)}"),
@@ -141,9 +153,10 @@ def main() -> None:
         args.output_file,
         {
             "bench": "offline",
-            "device": device_name(),
+            "device": device,
             "model": args.model_path or args.random_model,
             "impl": llm.config.impl,
+            "dp_size": args.dp_size,
             "num_continuous_decode_steps": llm.config.scheduler.num_continuous_decode_steps,
             "num_prompts": len(outs),
             "input_len": args.random_input_len,

@@ -313,7 +313,17 @@ class Engine(EngineAPI):
 
     ``Engine()`` with no ``model_path`` uses the default model (SmolLM2-135M-Instruct, fully offline).
     Use as a context manager, or call :meth:`shutdown`.
+
+    ``dp_size=N`` (N > 1; SGLang's data parallelism) returns a `jaxrt.data_parallel.DataParallelEngine`
+    instead: N replicas of the engine, each in a process of its own on one GPU, behind this same API.
     """
+
+    def __new__(cls, *args: Any, dp_size: int = 1, **kwargs: Any):
+        if isinstance(dp_size, int) and not isinstance(dp_size, bool) and dp_size > 1:
+            from jaxrt.data_parallel import DataParallelEngine
+
+            return DataParallelEngine(*args, dp_size=dp_size, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -340,6 +350,7 @@ class Engine(EngineAPI):
         background_compile: bool | None = None,
         stream_interval: int = 1,
         single_token_bucket: bool | None = None,
+        dp_size: int = 1,
     ) -> None:
         import jax
 
@@ -355,6 +366,8 @@ class Engine(EngineAPI):
         from jaxrt.step import nnx_forward
 
         t0 = time.perf_counter()
+        if dp_size != 1:  # > 1 never gets here (__new__)
+            raise ValueError(f"dp_size must be an integer >= 1, got {dp_size!r}")
         if impl not in ("auto", "native", "transformers"):
             raise ValueError(f"impl must be 'auto', 'native' or 'transformers', got {impl!r}")
         if model_path is None:
@@ -458,6 +471,7 @@ class Engine(EngineAPI):
             phases.mark("weights_s")
             self.runner = ModelRunner(self.config, nnx_forward(graphdef), state)
         phases.mark("pool_s")
+        self.device = (platform, jax.devices()[0].device_kind)  # where the engine runs: (platform, kind)
         self.allocator = PageAllocator(self.runner.num_pages)
         self.radix = RadixCache(self.allocator, page_size, disabled=disable_radix_cache)
         self.scheduler = Scheduler(

@@ -91,9 +91,14 @@ class EngineProcess(EngineAPI):
     a failure there raises RuntimeError with the child's error.
     """
 
-    def __init__(self, model_path: str | None = None, **engine_kwargs: Any) -> None:
+    def __init__(
+        self, model_path: str | None = None, *, visible_devices: str | None = None, **engine_kwargs: Any
+    ) -> None:
+        """``visible_devices``: the GPUs the engine process may see (``CUDA_VISIBLE_DEVICES`` in its
+        environment; None: those this process sees). `jaxrt.data_parallel` gives each replica one."""
         t0 = time.perf_counter()
-        self._proc, (self._conn,) = start_core(1)
+        env = None if visible_devices is None else {**os.environ, "CUDA_VISIBLE_DEVICES": visible_devices}
+        self._proc, (self._conn,) = start_core(1, env)
         level = logging.getLogger("jaxrt").getEffectiveLevel()
         msg = _handshake(self._conn, self._proc, ({"model_path": model_path, **engine_kwargs}, level, False))
         if msg[0] != "ready":
@@ -134,6 +139,7 @@ class EngineProcess(EngineAPI):
         self._stats: dict[str, Any] = info["stats"]
         self._startup_breakdown = info["startup_breakdown"]
         self._core_pid = info["pid"]
+        self.device = info["device"]  # (platform, device kind) the engine runs on
         # The other handles on this engine (other HTTP processes): with none, an abort broadcast has no one
         # to reach and costs no round trip.
         self._num_peers = info.get("num_frontends", 1) - 1
@@ -414,6 +420,7 @@ class EngineProcess(EngineAPI):
             _,
             lps,
             tops,
+            core_ttft,
         ) = d
         if lps is not None:
             seq.input_logprobs, seq.input_top = lps, tops
@@ -423,7 +430,9 @@ class EngineProcess(EngineAPI):
         if new_top is not None:
             seq.top.extend(new_top)
         if seq.first_token_time is None and seq.ids:
-            seq.first_token_time = now
+            # Only a stream's first chunk tells when its first token came; a request that is not streamed
+            # hears of its tokens at its end, and takes the engine's count.
+            seq.first_token_time = now if core_ttft is None else seq.arrival + core_ttft
         tok = self.tokenizer
         if final:
             if stop_text is not None:
@@ -463,14 +472,17 @@ def _settle(fut: Future, ok: bool, value: Any) -> None:
 # ======================================================================================= the child
 
 
-def start_core(num_links: int) -> tuple[subprocess.Popen, list[Connection]]:
-    """Start an engine process with ``num_links`` connections to it; returns it and our ends. The first
+def start_core(
+    num_links: int, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, list[Connection]]:
+    """Start an engine process with ``num_links`` connections to it (and environment ``env``, None: this
+    process's); returns it and our ends. The first
     connection must send ``(engine_kwargs, log_level, control)`` (``_handshake``); ``control``: that
     connection only starts and stops the engine (it gets no outputs or load reports) and the others serve
     requests. Every connection then gets ``("ready", info)`` or ``("failed", message)``."""
     pairs = [socket.socketpair() for _ in range(num_links)]
     fds = [theirs.fileno() for _, theirs in pairs]
-    proc = spawn_python("jaxrt.engine_process", "_core_main", [str(fd) for fd in fds], fds)
+    proc = spawn_python("jaxrt.engine_process", "_core_main", [str(fd) for fd in fds], fds, env)
     conns = []
     for ours, theirs in pairs:
         theirs.close()
@@ -478,13 +490,18 @@ def start_core(num_links: int) -> tuple[subprocess.Popen, list[Connection]]:
     return proc, conns
 
 
-def spawn_python(module: str, func: str, args: list[str], pass_fds: list[int]) -> subprocess.Popen:
+def spawn_python(
+    module: str, func: str, args: list[str], pass_fds: list[int], env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """A fresh interpreter that runs ``module.func(*args)``, resolving imports as this process does
     (multiprocessing's spawn passes ``sys.path`` the same way) and importing nothing of our ``__main__``."""
     path = [p or os.getcwd() for p in sys.path]
     code = f"import sys, json; sys.path[:] = json.loads(sys.argv[1]); from {module} import {func}; {func}(*sys.argv[2:])"
     return subprocess.Popen(
-        [sys.executable, "-c", code, json.dumps(path), *args], pass_fds=pass_fds, stdin=subprocess.DEVNULL
+        [sys.executable, "-c", code, json.dumps(path), *args],
+        pass_fds=pass_fds,
+        stdin=subprocess.DEVNULL,
+        env=env,
     )
 
 
@@ -613,6 +630,7 @@ class _Core:
             "stats": e.load_stats(),
             "startup_breakdown": e.startup_breakdown,
             "pid": os.getpid(),
+            "device": e.device,
             "num_frontends": sum(link.serves for link in self.links),
         }
         for link in self.links:

@@ -62,6 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
         "connections, all served by one engine process (vLLM's flag; default 1)",
     )
     p.add_argument(
+        "--dp-size",
+        "--data-parallel-size",
+        dest="dp_size",
+        type=int,
+        default=1,
+        help="data parallelism: this many engine replicas, each in a process of its own on one GPU (the first "
+        "N of CUDA_VISIBLE_DEVICES), requests spread over them (SGLang's flag; default 1)",
+    )
+    p.add_argument(
+        "--load-balance-method",
+        default="round_robin",
+        choices=["round_robin", "shortest_queue"],
+        help="how --dp-size spreads requests: replicas in turn, or the one with the fewest in flight",
+    )
+    p.add_argument(
         "--incremental-streaming-output",
         action="store_true",
         help="/generate streams: each chunk carries only the new text and output_ids (default: all so far)",
@@ -113,6 +128,12 @@ def build_state(args: argparse.Namespace, factory=None):
     kwargs = server_engine_kwargs(args)
 
     def default_factory():
+        if args.dp_size > 1:
+            from jaxrt.data_parallel import DataParallelEngine
+
+            return DataParallelEngine(
+                **kwargs, dp_size=args.dp_size, load_balance_method=args.load_balance_method
+            )
         if args.disable_frontend_multiprocessing:
             from jaxrt.engine import Engine
 
@@ -228,6 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.api_server_count < 1:
         print("error: --api-server-count must be >= 1", file=sys.stderr)
+        return 2
+    if args.dp_size < 1:
+        print("error: --dp-size must be >= 1", file=sys.stderr)
+        return 2
+    if args.dp_size > 1 and (args.api_server_count > 1 or args.disable_frontend_multiprocessing):
+        print(
+            "error: --dp-size > 1 runs its replicas behind one HTTP process: it takes neither "
+            "--api-server-count > 1 nor --disable-frontend-multiprocessing",
+            file=sys.stderr,
+        )
         return 2
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         print("error: --enable-auto-tool-choice needs --tool-call-parser", file=sys.stderr)

@@ -49,6 +49,9 @@ class OutputDelta(NamedTuple):
     # The prompt's log-probabilities (``input_token_logprobs``), whole, in the request's first delta.
     input_logprobs: list[float] | None = None
     input_top_logprobs: list[list[tuple[int, float]]] | None = None
+    # Seconds from the request's arrival in the engine to its first output token, in the final delta: the
+    # frontend measures a stream's itself, but a request that is not streamed sends nothing before its end.
+    ttft: float | None = None
 
 
 # Field positions of an OutputDelta that crossed the pipe as a plain tuple.
@@ -298,6 +301,9 @@ class OutputProcessor:
                 req.num_cached_tokens,
                 None,
                 *((req.input_logprobs, req.input_top_logprobs) if first else (None, None)),
+                req.first_token_time - req.arrival_time
+                if final and req.first_token_time is not None
+                else None,
             )
         )
 

@@ -16,6 +16,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
     "script",
     [
         "bench_offline.py",
+        "bench_offline.py --dp-size 2",
         "bench_one_batch.py",
         "bench_hf.py",
         "bench_serving.py",
@@ -64,6 +65,7 @@ def test_benchmark_smoke(script, tmp_path, default_model_dir):
     if name == "bench_offline.py":
         assert "Offline Throughput Benchmark Result" in proc.stdout
         assert records[0]["output_throughput"] > 0
+        assert records[0]["dp_size"] == (2 if "--dp-size" in extra else 1)
 
 
 def test_random_model_presets_load_natively(tmp_path):

@@ -12,7 +12,8 @@ each goes to one replica, chosen by ``load_balance_method`` (SGLang's names):
 The ``n`` samples of one prompt go to the same replica, so they share its prefix cache. Each replica has its own
 KV pool and radix cache (a prefix cached by one replica is not seen by the others). Aborts go to the replica
 that holds the request; ``load_stats`` sums the replicas' counters; ``get_server_info`` adds ``dp_size`` and
-each replica's own info under ``replicas``.
+each replica's own info under ``replicas``. The server's HTTP processes (``--api-server-count``) each hold a
+handle (``DataParallelEngine.attach``) connected to every replica.
 
 On CPU (``JAX_PLATFORMS=cpu``) the replicas are processes of their own on the one CPU device, which tests use.
 TPUs are not split this way (one process owns a host's chips): ``dp_size > 1`` there is refused.
@@ -94,22 +95,45 @@ class DataParallelEngine(EngineAPI):
             futures = [
                 pool.submit(EngineProcess, model_path, visible_devices=d, **engine_kwargs) for d in devices
             ]
+        self._setup(futures, devices, load_balance_method, engine_kwargs.get("random_seed", 0), 0, t0)
+
+    @classmethod
+    def attach(
+        cls, fds: list[int], index: int, load_balance_method: str = "round_robin", **engine_kwargs: Any
+    ) -> DataParallelEngine:
+        """A handle on replicas that another process started (``start_core``), one connection ``fd`` each:
+        what each HTTP process of ``--dp-size`` with ``--api-server-count`` holds (``index`` as in
+        ``EngineProcess.attach``). Every HTTP process is connected to every replica, so an abort broadcast
+        through replica 0 reaches each other process once."""
+        from jaxrt.engine_process import EngineProcess
+
+        validate_dp_args(len(fds), load_balance_method)
+        t0 = time.perf_counter()
+        self = cls.__new__(cls)
+        with ThreadPoolExecutor(len(fds), thread_name_prefix="jaxrt-dp-attach") as pool:
+            futures = [pool.submit(EngineProcess.attach, fd, index, **engine_kwargs) for fd in fds]
+        seed = engine_kwargs.get("random_seed", 0)
+        self._setup(futures, [None] * len(fds), load_balance_method, seed, index, t0)
+        return self
+
+    def _setup(self, futures, devices, load_balance_method: str, seed: int, index: int, t0: float) -> None:
         replicas, errors = [], []
         for i, fut in enumerate(futures):
             try:
                 replicas.append(fut.result())
             except BaseException as e:  # noqa: BLE001 - reported below, after the others are stopped
-                errors.append(f"replica {i} (CUDA_VISIBLE_DEVICES={devices[i]}): {e}")
+                where = f" (CUDA_VISIBLE_DEVICES={devices[i]})" if devices[i] is not None else ""
+                errors.append(f"replica {i}{where}: {e}")
         platforms = {r.device[0] for r in replicas}
         if not errors and len(platforms) > 1:
             errors.append(f"the replicas run on different platforms: {[r.device for r in replicas]}")
-        if not errors and platforms == {"tpu"} and dp_size > 1:
+        if not errors and platforms == {"tpu"} and len(replicas) > 1:
             errors.append("dp_size > 1 splits GPUs; on TPU one engine process owns the host's chips")
         if errors:
             _shutdown_all(replicas)
             raise RuntimeError("data-parallel start failed: " + "; ".join(errors))
         self.replicas: list[Any] = replicas
-        self.dp_size = dp_size
+        self.dp_size = len(replicas)
         self.load_balance_method = load_balance_method
         first = replicas[0]
         self.config = first.config
@@ -118,16 +142,33 @@ class DataParallelEngine(EngineAPI):
         self.served_model_name = first.served_model_name
         self.eos_ids = first.eos_ids
         self.device = first.device
-        self._rng = np.random.default_rng(engine_kwargs.get("random_seed", 0))
+        self._rng = np.random.default_rng(seed if index == 0 else [seed, index])
         self._turn = itertools.count()
         self.startup_seconds = time.perf_counter() - t0
         logger.info(
-            "%d replicas ready in %.1f s (%s, devices %s)",
-            dp_size,
-            self.startup_seconds,
-            load_balance_method,
-            devices,
+            "%d replicas ready in %.1f s (%s)", self.dp_size, self.startup_seconds, load_balance_method
         )
+
+    # ============================================================== several HTTP processes (aborts)
+
+    @property
+    def on_abort_broadcast(self):
+        """Another HTTP process's abort by client id (``EngineProcess.on_abort_broadcast``): they come through
+        replica 0, which every HTTP process is connected to."""
+        return self.replicas[0].on_abort_broadcast
+
+    @on_abort_broadcast.setter
+    def on_abort_broadcast(self, callback) -> None:
+        self.replicas[0].on_abort_broadcast = callback
+
+    @property
+    def abort_broadcast_timeout(self) -> float:
+        return self.replicas[0].abort_broadcast_timeout
+
+    def broadcast_abort(self, rid: str | None, abort_all: bool = False):
+        """Ask the other HTTP processes to abort their requests with client id ``rid`` (or all): through
+        replica 0 only, so each hears it once (``EngineProcess.broadcast_abort``)."""
+        return self.replicas[0].broadcast_abort(rid, abort_all)
 
     # ===================================================================================== routing
 

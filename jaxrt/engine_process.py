@@ -56,6 +56,7 @@ from jaxrt.sampling_params import SamplingParams
 from jaxrt.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger("jaxrt")
+_TOKENIZER_LOCK = threading.Lock()
 
 
 @dataclass
@@ -143,15 +144,17 @@ class EngineProcess(EngineAPI):
         # The other handles on this engine (other HTTP processes): with none, an abort broadcast has no one
         # to reach and costs no round trip.
         self._num_peers = info.get("num_frontends", 1) - 1
-        self.tokenizer = (
-            None
-            if engine_kwargs.get("skip_tokenizer_init")
-            else Tokenizer(
-                self.model_path,
-                engine_kwargs.get("trust_remote_code", False),
-                engine_kwargs.get("chat_template"),
-            )
-        )
+        if engine_kwargs.get("skip_tokenizer_init"):
+            self.tokenizer = None
+        else:
+            # Data-parallel handles set up their replicas on threads at once, and transformers' lazy imports
+            # are not thread-safe ("cannot import name 'AutoTokenizer'" in one of two threads).
+            with _TOKENIZER_LOCK:
+                self.tokenizer = Tokenizer(
+                    self.model_path,
+                    engine_kwargs.get("trust_remote_code", False),
+                    engine_kwargs.get("chat_template"),
+                )
         seed = engine_kwargs.get("random_seed", 0)
         self._rng = np.random.default_rng(seed if index == 0 else [seed, index])
         # Called (on the reader thread) with (rid, abort_all, reply) when another process's handle asks every

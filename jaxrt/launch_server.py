@@ -253,13 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.dp_size < 1:
         print("error: --dp-size must be >= 1", file=sys.stderr)
         return 2
-    if args.dp_size > 1 and (args.api_server_count > 1 or args.disable_frontend_multiprocessing):
-        print(
-            "error: --dp-size > 1 runs its replicas behind one HTTP process: it takes neither "
-            "--api-server-count > 1 nor --disable-frontend-multiprocessing",
-            file=sys.stderr,
-        )
-        return 2
+    if args.dp_size > 1:
+        if args.disable_frontend_multiprocessing:
+            print("error: --dp-size > 1 runs each replica in a process of its own", file=sys.stderr)
+            return 2
+        from jaxrt.data_parallel import replica_devices
+
+        try:
+            replica_devices(args.dp_size)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         print("error: --enable-auto-tool-choice needs --tool-call-parser", file=sys.stderr)
         return 2
@@ -298,10 +302,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve_multi(args: argparse.Namespace, argv: list[str], kwargs: dict[str, Any]) -> int:
-    """``--api-server-count N``: this process binds the port, starts one engine process and N HTTP processes
-    that accept on the shared socket (each an `EngineProcess` handle on the engine), and supervises them.
-    SIGTERM / SIGINT: the HTTP processes drain (``--shutdown-timeout``), then the engine stops. If any of
-    them dies, or the engine fails to start, everything stops and the exit code is 1."""
+    """``--api-server-count N``: this process binds the port, starts one engine process (one per replica with
+    ``--dp-size``, each on its own GPU) and N HTTP processes that accept on the shared socket (each an
+    `EngineProcess` handle on the engine, or a `DataParallelEngine` over the replicas), and supervises them.
+    SIGTERM / SIGINT: the HTTP processes drain (``--shutdown-timeout``), then the engines stop. If any of
+    them dies, or an engine fails to start, everything stops and the exit code is 1."""
     import shutil
     import subprocess
     import tempfile
@@ -321,30 +326,43 @@ def _serve_multi(args: argparse.Namespace, argv: list[str], kwargs: dict[str, An
     own_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if own_metrics_dir:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="jaxrt-metrics-")
-    core, (control, *links) = start_core(args.api_server_count + 1)
-    control.send((kwargs, logging.getLogger("jaxrt").getEffectiveLevel(), True))
+    # One engine process, or one per data-parallel replica (each on its own GPU); every HTTP process gets a
+    # connection to each.
+    from jaxrt.data_parallel import replica_devices
+
+    cores, controls, core_links = [], [], []
+    for device in replica_devices(args.dp_size) if args.dp_size > 1 else [None]:
+        env = None if device is None else {**os.environ, "CUDA_VISIBLE_DEVICES": device}
+        core, (control, *links) = start_core(args.api_server_count + 1, env)
+        control.send((kwargs, logging.getLogger("jaxrt").getEffectiveLevel(), True))
+        cores.append(core)
+        controls.append(control)
+        core_links.append(links)
     workers = []
-    for i, link in enumerate(links):
-        fds = [link.fileno(), sock.fileno()]
-        workers.append(
-            spawn_python("jaxrt.launch_server", "_http_process_main", [str(i), *map(str, fds), *argv], fds)
-        )
-        link.close()
+    for i in range(args.api_server_count):
+        link_fds = [links[i].fileno() for links in core_links]
+        fds = [sock.fileno(), *link_fds]
+        spec = [str(i), str(sock.fileno()), str(len(link_fds)), *map(str, link_fds), *argv]
+        workers.append(spawn_python("jaxrt.launch_server", "_http_process_main", spec, fds))
+        for links in core_links:
+            links[i].close()
     print(f"jaxrt server listening on http://{args.host}:{sock.getsockname()[1]}", flush=True)
     rc = 0
-    while not stop.wait(0.2):
-        if control.poll():
-            try:
-                msg = control.recv()
-            except (EOFError, OSError):
-                msg = ("failed", "the engine process exited")
-            if msg[0] == "failed":
-                logger.error("the engine failed to start: %s", msg[1])
+    while not stop.wait(0.2) and rc == 0:
+        for control in controls:
+            if control.poll():
+                try:
+                    msg = control.recv()
+                except (EOFError, OSError):
+                    msg = ("failed", "the engine process exited")
+                if msg[0] == "failed":
+                    logger.error("the engine failed to start: %s", msg[1])
+                    rc = 1
+        for core in cores:
+            if rc == 0 and core.poll() is not None:
+                logger.error("the engine process exited (code %s)", core.returncode)
                 rc = 1
-                break
-        if core.poll() is not None:
-            logger.error("the engine process exited (code %s)", core.returncode)
-            rc = 1
+        if rc:
             break
         gone = [w for w in workers if w.poll() is not None]
         if gone:
@@ -361,32 +379,42 @@ def _serve_multi(args: argparse.Namespace, argv: list[str], kwargs: dict[str, An
         except subprocess.TimeoutExpired:
             w.kill()
             w.wait()
-    try:
-        control.send(("shutdown",))
-        core.wait(timeout=90)
-    except (OSError, subprocess.TimeoutExpired):
-        core.kill()
-        core.wait()
-    control.close()
+    for control in controls:
+        try:
+            control.send(("shutdown",))
+        except OSError:
+            pass
+    for core, control in zip(cores, controls, strict=True):
+        try:
+            core.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            core.kill()
+            core.wait()
+        control.close()
     if own_metrics_dir:
         shutil.rmtree(os.environ.pop("PROMETHEUS_MULTIPROC_DIR"), ignore_errors=True)
     return rc
 
 
 def _http_process_main(*argv: str) -> None:
-    """One HTTP process of ``--api-server-count``: ``argv`` = index, engine connection fd, listening socket
-    fd, then the server's own flags."""
-    index, link_fd, sock_fd = map(int, argv[:3])
-    args = build_parser().parse_args(argv[3:])
+    """One HTTP process of ``--api-server-count``: ``argv`` = index, listening socket fd, the number of engine
+    processes (``--dp-size``), a connection fd to each, then the server's own flags."""
+    index, sock_fd, n = map(int, argv[:3])
+    link_fds = [int(fd) for fd in argv[3 : 3 + n]]
+    args = build_parser().parse_args(argv[3 + n :])
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     kwargs = server_engine_kwargs(args)
 
     def factory():
+        if n > 1:
+            from jaxrt.data_parallel import DataParallelEngine
+
+            return DataParallelEngine.attach(link_fds, index, args.load_balance_method, **kwargs)
         from jaxrt.engine_process import EngineProcess
 
-        return EngineProcess.attach(link_fd, index, **kwargs)
+        return EngineProcess.attach(link_fds[0], index, **kwargs)
 
     from jaxrt.server.app import create_app
 

@@ -174,9 +174,72 @@ def test_replica_devices():
         replica_devices(3, {"CUDA_VISIBLE_DEVICES": "0,1"})
 
 
-def test_server_flags(tmp_path):
+def test_server_flags(monkeypatch, capsys):
     from jaxrt.launch_server import main
 
-    assert main(["--dp-size", "2", "--api-server-count", "2"]) == 2
     assert main(["--dp-size", "2", "--disable-frontend-multiprocessing"]) == 2
     assert main(["--dp-size", "0"]) == 2
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert main(["--dp-size", "2"]) == 2
+    assert "dp_size: 2 replicas need 2 GPUs" in capsys.readouterr().err
+
+
+def test_two_http_processes_over_two_replicas(server, tiny_llama_dir, tmp_path):
+    """``--dp-size 2 --api-server-count 2``: two HTTP processes, each connected to both replicas; both answer
+    with the in-process engine's greedy tokens, /abort_request through either process reaches a stream the
+    other holds (on whichever replica), and SIGTERM stops all five processes with exit code 0."""
+    import os
+    import signal
+
+    from server_testing import spawn_server, wait_http
+
+    args = ["--model-path", tiny_llama_dir, "--dtype", "float32", "--context-length", "512",
+            "--num-pages", str(ENGINE_ARGS["num_pages"]), "--max-running-requests", "32",
+            "--chunked-prefill-size", "64", "--api-server-count", "2", "--dp-size", "2"]  # fmt: skip
+    proc, url = spawn_server(args, cwd=str(tmp_path))
+    try:
+        wait_http(url + "/health", timeout=300)
+        pids, engine_pids = set(), set()
+        deadline = time.monotonic() + 60
+        while len(pids) < 2 and time.monotonic() < deadline:
+            r = httpx.get(url + "/get_server_info", timeout=30)  # a new connection each time
+            if r.status_code == 503:  # this process is still connecting to the engines
+                time.sleep(0.5)
+                continue
+            info = r.json()
+            assert info["dp_size"] == 2
+            pids.add(info["server_pid"])
+            engine_pids.add(tuple(info["engine_process_pid"]))
+            wait_http(url + "/health", timeout=30)
+        assert len(pids) == 2 and len(engine_pids) == 1 and len(next(iter(engine_pids))) == 2
+
+        prompts = [f"Process test {i}: once upon a time" for i in range(6)]
+        ref = server.engine.generate(prompts, GREEDY)
+        for p, r in zip(prompts, ref, strict=True):
+            got = httpx.post(
+                url + "/generate", json={"text": p, "sampling_params": GREEDY}, timeout=60
+            ).json()
+            assert got["output_ids"] == r["output_ids"]
+
+        for n, rid in enumerate(
+            ["dp-rid-1", "dp-rid-2"]
+        ):  # two streams: round robin puts them on both replicas
+            body = {"text": f"long {n}", "stream": True, "rid": rid,
+                    "sampling_params": {"max_new_tokens": 480, "ignore_eos": True}}  # fmt: skip
+            with httpx.stream("POST", url + "/generate", json=body, timeout=120) as r:
+                lines = r.iter_lines()
+                next(line for line in lines if line.startswith("data:"))
+                got = httpx.post(url + "/abort_request", json={"rid": rid}, timeout=30)
+                assert got.status_code == 200 and got.json()["num_aborted"] == 1
+                events = [line for line in lines if line.startswith("data:")]
+            assert '"abort"' in events[-2] and events[-1] == "data: [DONE]"
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, "".join(proc.output_lines[-30:])
+        for pid in pids | set(next(iter(engine_pids))):
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -144,6 +144,23 @@ def wait_idle(http: httpx.Client, timeout: float = 60) -> dict[str, Any]:
     raise AssertionError(f"server not idle after {timeout}s: {info}")
 
 
+def http_process_infos(url: str, count: int, timeout: float = 60) -> dict[int, dict[str, Any]]:
+    """``/get_server_info`` of each of ``count`` HTTP processes sharing ``url``'s port (``--api-server-count``),
+    by server pid: new connections until every process has answered once its engine handle is ready."""
+    infos: dict[int, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    while len(infos) < count and time.monotonic() < deadline:
+        r = httpx.get(url + "/get_server_info", timeout=30)  # a new connection each time
+        if r.status_code == 503:  # this process is still connecting to the engine (Retry-After)
+            time.sleep(0.5)
+            continue
+        info = r.json()
+        infos[info["server_pid"]] = info
+        wait_http(url + "/health", timeout=30)  # /health waits for the engine in each process
+    assert len(infos) == count, f"{len(infos)} of {count} HTTP processes answered"
+    return infos
+
+
 def metric(text: str, name: str, **labels: str) -> float:
     """Sum of the samples of ``name`` whose labels include ``labels`` in a Prometheus text page."""
     total, found = 0.0, False

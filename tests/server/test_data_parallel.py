@@ -192,7 +192,7 @@ def test_two_http_processes_over_two_replicas(server, tiny_llama_dir, tmp_path):
     import os
     import signal
 
-    from server_testing import spawn_server, wait_http
+    from server_testing import http_process_infos, spawn_server, wait_http
 
     args = ["--model-path", tiny_llama_dir, "--dtype", "float32", "--context-length", "512",
             "--num-pages", str(ENGINE_ARGS["num_pages"]), "--max-running-requests", "32",
@@ -200,19 +200,11 @@ def test_two_http_processes_over_two_replicas(server, tiny_llama_dir, tmp_path):
     proc, url = spawn_server(args, cwd=str(tmp_path))
     try:
         wait_http(url + "/health", timeout=300)
-        pids, engine_pids = set(), set()
-        deadline = time.monotonic() + 60
-        while len(pids) < 2 and time.monotonic() < deadline:
-            r = httpx.get(url + "/get_server_info", timeout=30)  # a new connection each time
-            if r.status_code == 503:  # this process is still connecting to the engines
-                time.sleep(0.5)
-                continue
-            info = r.json()
-            assert info["dp_size"] == 2
-            pids.add(info["server_pid"])
-            engine_pids.add(tuple(info["engine_process_pid"]))
-            wait_http(url + "/health", timeout=30)
-        assert len(pids) == 2 and len(engine_pids) == 1 and len(next(iter(engine_pids))) == 2
+        infos = http_process_infos(url, 2)
+        assert all(i["dp_size"] == 2 for i in infos.values())
+        pids = set(infos)
+        engine_pids = {tuple(i["engine_process_pid"]) for i in infos.values()}
+        assert len(engine_pids) == 1 and len(next(iter(engine_pids))) == 2
 
         prompts = [f"Process test {i}: once upon a time" for i in range(6)]
         ref = server.engine.generate(prompts, GREEDY)

@@ -14,7 +14,7 @@ import time
 import httpx
 import openai
 import pytest
-from server_testing import metric, spawn_server, wait_http
+from server_testing import http_process_infos, metric, spawn_server, wait_http
 
 TEMPLATE = "{% for m in messages %}<<{{ m['role'] }}:{{ m['content'] }}>>{% endfor %}"
 
@@ -211,18 +211,10 @@ def test_api_server_count_two_processes_one_engine(server, tiny_llama_dir, tmp_p
     proc, url = spawn_server(args, cwd=str(tmp_path))
     try:
         wait_http(url + "/health", timeout=300)
-        pids, engine_pids = set(), set()
-        deadline = time.monotonic() + 60
-        while len(pids) < 2 and time.monotonic() < deadline:
-            r = httpx.get(url + "/get_server_info", timeout=30)  # a new connection each time
-            if r.status_code == 503:  # this process is still connecting to the engine (Retry-After)
-                time.sleep(0.5)
-                continue
-            info = r.json()
-            pids.add(info["server_pid"])
-            engine_pids.add(info["engine_process_pid"])
-            wait_http(url + "/health", timeout=30)  # /health waits for the engine in each process
-        assert len(pids) == 2 and len(engine_pids) == 1
+        infos = http_process_infos(url, 2)
+        pids = set(infos)
+        engine_pids = {i["engine_process_pid"] for i in infos.values()}
+        assert len(engine_pids) == 1
         assert proc.pid not in pids | engine_pids
 
         greedy = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}

@@ -7,7 +7,12 @@ Engine's API on top of them: requests are validated and tokenized once here (``E
 each goes to one replica, chosen by ``load_balance_method`` (SGLang's names):
 
 - ``round_robin`` (the default, as in SGLang): replicas in turn;
-- ``shortest_queue``: the replica with the fewest of this handle's requests in flight (ties in turn).
+- ``shortest_queue``: the replica with the fewest of this handle's requests in flight (ties in turn);
+- ``cache_aware`` (sglang-router's policy): the replica that was last sent the longest page-aligned prefix of
+  the prompt, when that covers at least half of it (a conversation's next turn, a shared system prompt), so
+  the prompt meets its cached pages there; otherwise, or when the replicas' loads differ by more than
+  ``CACHE_AWARE_BALANCE`` requests, the shortest queue. The prefixes are remembered here, per page of tokens
+  (``CachePrefixIndex``), not read from the replicas: a replica may have evicted one since.
 
 The ``n`` samples of one prompt go to the same replica, so they share its prefix cache. Each replica has its own
 KV pool and radix cache (a prefix cached by one replica is not seen by the others). Aborts go to the replica
@@ -25,7 +30,9 @@ import asyncio
 import itertools
 import logging
 import os
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -37,7 +44,46 @@ from jaxrt.output import Sink
 
 logger = logging.getLogger("jaxrt")
 
-LOAD_BALANCE_METHODS = ("round_robin", "shortest_queue")
+LOAD_BALANCE_METHODS = ("round_robin", "shortest_queue", "cache_aware")
+# cache_aware: the least share of a prompt a replica's remembered prefix must cover, and the load gap (requests
+# in flight) past which the shortest queue wins regardless (sglang-router's cache_threshold and
+# balance_abs_threshold defaults).
+CACHE_AWARE_MIN_MATCH = 0.5
+CACHE_AWARE_BALANCE = 32
+
+
+class CachePrefixIndex:
+    """Which replica was last sent each page-aligned prefix of the prompts routed so far: a chained hash per
+    ``page_size`` tokens, least recently used ones dropped past ``capacity`` entries."""
+
+    def __init__(self, page_size: int, capacity: int = 1 << 20) -> None:
+        self.page_size = page_size
+        self.capacity = capacity
+        self._owner: OrderedDict[int, int] = OrderedDict()
+
+    def _keys(self, ids: list[int]) -> list[int]:
+        keys, h, p = [], 0, self.page_size
+        for start in range(0, len(ids) - p + 1, p):
+            h = hash((h, *ids[start : start + p]))
+            keys.append(h)
+        return keys
+
+    def match(self, ids: list[int]) -> tuple[int | None, int]:
+        """(the replica holding the longest remembered prefix of ``ids``, its length in tokens); (None, 0)."""
+        best, length = None, 0
+        for i, key in enumerate(self._keys(ids)):
+            owner = self._owner.get(key)
+            if owner is None:
+                break
+            best, length = owner, (i + 1) * self.page_size
+        return best, length
+
+    def insert(self, ids: list[int], replica: int) -> None:
+        for key in self._keys(ids):
+            self._owner[key] = replica
+            self._owner.move_to_end(key)
+        while len(self._owner) > self.capacity:
+            self._owner.popitem(last=False)
 
 
 def validate_dp_args(dp_size: Any, load_balance_method: Any = "round_robin") -> None:
@@ -144,6 +190,8 @@ class DataParallelEngine(EngineAPI):
         self.device = first.device
         self._rng = np.random.default_rng(seed if index == 0 else [seed, index])
         self._turn = itertools.count()
+        self._prefixes = CachePrefixIndex(self.config.cache.page_size)
+        self._route_lock = threading.Lock()  # the prefix index: requests come from several threads
         self.startup_seconds = time.perf_counter() - t0
         logger.info(
             "%d replicas ready in %.1f s (%s)", self.dp_size, self.startup_seconds, load_balance_method
@@ -172,10 +220,20 @@ class DataParallelEngine(EngineAPI):
 
     # ===================================================================================== routing
 
-    def _pick(self, load: list[int] | None) -> int:
+    def _pick(self, load: list[int] | None, ids: list[int]) -> int:
         start = next(self._turn) % self.dp_size
         if load is None:
             return start
+        if self.load_balance_method == "cache_aware":
+            with self._route_lock:
+                owner, matched = self._prefixes.match(ids)
+                balanced = max(load) - min(load) <= CACHE_AWARE_BALANCE
+                if owner is not None and balanced and matched >= CACHE_AWARE_MIN_MATCH * len(ids):
+                    chosen = owner
+                else:
+                    chosen = min(range(self.dp_size), key=lambda j: (load[j], (j - start) % self.dp_size))
+                self._prefixes.insert(ids, chosen)
+            return chosen
         return min(range(self.dp_size), key=lambda j: (load[j], (j - start) % self.dp_size))
 
     def _submit_many(
@@ -185,13 +243,13 @@ class DataParallelEngine(EngineAPI):
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> list[str]:
         self._check_alive()
-        load = [len(r._seqs) for r in self.replicas] if self.load_balance_method == "shortest_queue" else None
+        load = [len(r._seqs) for r in self.replicas] if self.load_balance_method != "round_robin" else None
         by_prompt: dict[int, int] = {}  # id of a prompt's token list -> its replica (n > 1 shares the list)
         groups: dict[int, list[int]] = {}
         for i, (spec, _) in enumerate(items):
             r = by_prompt.get(id(spec["ids"]))
             if r is None:
-                r = by_prompt[id(spec["ids"])] = self._pick(load)
+                r = by_prompt[id(spec["ids"])] = self._pick(load, spec["ids"])
             if load is not None:
                 load[r] += 1
             groups.setdefault(r, []).append(i)

@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--load-balance-method",
         default="round_robin",
-        choices=["round_robin", "shortest_queue"],
-        help="how --dp-size spreads requests: replicas in turn, or the one with the fewest in flight",
+        choices=["round_robin", "shortest_queue", "cache_aware"],
+        help="how --dp-size spreads requests: replicas in turn, the one with the fewest in flight, or the one "
+        "last sent most of the prompt's prefix (so it finds it cached; else the fewest in flight)",
     )
     p.add_argument(
         "--incremental-streaming-output",

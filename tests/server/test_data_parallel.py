@@ -115,6 +115,49 @@ def test_shortest_queue_sends_work_to_the_idle_replica(dp_server, dp_http):
     assert info["num_running_reqs"] == 0
 
 
+def test_cache_aware_sends_a_next_turn_where_its_prefix_is_cached(dp_server):
+    """A conversation's next turn (its prompt extends the last one) meets its cached pages with
+    ``cache_aware``; in turn (``round_robin``) it lands on the other replica, which has none of them."""
+    import numpy as np
+
+    dp = dp_server.engine
+    vocab = dp.config.model.vocab_size
+    rng = np.random.default_rng(7)
+
+    def turns(method: str) -> list[int]:
+        dp.load_balance_method = method
+        first = rng.integers(10, vocab - 10, 100).tolist()  # 6 full pages of 16
+        second = first + rng.integers(10, vocab - 10, 20).tolist()
+        cached = []
+        for ids in (first, second):
+            cached.append(dp.generate(input_ids=ids, sampling_params=GREEDY)["meta_info"]["cached_tokens"])
+        return cached
+
+    try:
+        assert turns("round_robin") == [0, 0]
+        _, cached = turns("cache_aware")
+        assert cached >= 96, cached
+    finally:
+        dp.load_balance_method = "round_robin"
+
+
+def test_cache_prefix_index():
+    from jaxrt.data_parallel import CachePrefixIndex
+
+    index = CachePrefixIndex(page_size=4, capacity=6)
+    a = list(range(10))  # two full pages
+    assert index.match(a) == (None, 0)
+    index.insert(a, 1)
+    assert index.match(a + [99, 98]) == (1, 8)
+    assert index.match(a[:7]) == (1, 4)
+    assert index.match([5] + a[1:]) == (None, 0)  # the first page differs, so no page after it matches
+    index.insert(a[:4] + [7, 7, 7, 7], 0)  # shares the first page, which now points at replica 0
+    assert index.match(a) == (1, 8)  # the deepest page decides
+    assert index.match(a[:4] + [7, 7, 7, 7, 1]) == (0, 8)
+    index.insert(list(range(100, 120)), 1)  # 5 more pages: past the capacity, the oldest go
+    assert index.match(a) == (None, 0)
+
+
 def test_abort_reaches_the_replica_that_holds_the_request(dp_server, dp_http):
     dp = dp_server.engine
     streams = [dp.generate(p, {**GREEDY, "max_new_tokens": 400}, stream=True) for p in PROMPTS[:2]]

@@ -278,3 +278,37 @@ def test_two_http_processes_over_two_replicas(server, tiny_llama_dir, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_dead_replica_fails_its_requests_and_new_ones_name_it(tiny_llama_dir):
+    import os
+    import signal
+
+    from jaxrt.data_parallel import DataParallelEngine
+
+    dp = DataParallelEngine(model_path=tiny_llama_dir, dp_size=2, **ENGINE_ARGS)
+    try:
+        streams = [dp.generate(p, {**GREEDY, "max_new_tokens": 400}, stream=True) for p in PROMPTS[:2]]
+        for s in streams:
+            next(s)
+        victim, held = dp.replicas[1], streams[1]  # round robin put the second stream on replica 1
+        assert len(victim._seqs) == 1
+        os.kill(dp.get_server_info()["engine_process_pid"][1], signal.SIGKILL)
+        with pytest.raises(RuntimeError):
+            for _ in held:
+                pass
+        deadline = time.monotonic() + 30
+        while victim._dead is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(RuntimeError, match="data-parallel replica 1"):
+            dp.generate("hello", GREEDY)
+        streams[0].close()  # the live replica's stream ends with an abort
+    finally:
+        dp.shutdown()
+
+
+def test_a_replica_that_cannot_start_stops_the_others(tmp_path):
+    from jaxrt.data_parallel import DataParallelEngine
+
+    with pytest.raises(RuntimeError, match="data-parallel start failed: replica 0.*replica 1"):
+        DataParallelEngine(model_path=str(tmp_path / "no-such-model"), dp_size=2, **ENGINE_ARGS)

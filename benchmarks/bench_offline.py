@@ -104,9 +104,8 @@ def main() -> None:
     outs = llm.generate(input_ids=ids, sampling_params=params)
     dur = time.perf_counter() - t2
     stats = llm.load_stats()
-    device = llm.device[
-        1
-    ]  # not jax.devices() here: with --dp-size this process has no JAX backend of its own
+    # Not jax.devices() here: with --dp-size this process has no JAX backend of its own.
+    device = llm.device[1]
     llm.shutdown()
 
     import numpy as np

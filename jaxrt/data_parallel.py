@@ -221,20 +221,21 @@ class DataParallelEngine(EngineAPI):
     # ===================================================================================== routing
 
     def _pick(self, load: list[int] | None, ids: list[int]) -> int:
+        """The replica for a prompt: in turn without ``load``, else the shortest queue (ties in turn), unless
+        ``cache_aware`` finds one holding most of its prefix."""
         start = next(self._turn) % self.dp_size
         if load is None:
             return start
-        if self.load_balance_method == "cache_aware":
-            with self._route_lock:
-                owner, matched = self._prefixes.match(ids)
-                balanced = max(load) - min(load) <= CACHE_AWARE_BALANCE
-                if owner is not None and balanced and matched >= CACHE_AWARE_MIN_MATCH * len(ids):
-                    chosen = owner
-                else:
-                    chosen = min(range(self.dp_size), key=lambda j: (load[j], (j - start) % self.dp_size))
-                self._prefixes.insert(ids, chosen)
+        chosen = min(range(self.dp_size), key=lambda j: (load[j], (j - start) % self.dp_size))
+        if self.load_balance_method != "cache_aware":
             return chosen
-        return min(range(self.dp_size), key=lambda j: (load[j], (j - start) % self.dp_size))
+        with self._route_lock:
+            owner, matched = self._prefixes.match(ids)
+            balanced = max(load) - min(load) <= CACHE_AWARE_BALANCE
+            if owner is not None and balanced and matched >= CACHE_AWARE_MIN_MATCH * len(ids):
+                chosen = owner
+            self._prefixes.insert(ids, chosen)
+        return chosen
 
     def _submit_many(
         self,

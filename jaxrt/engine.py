@@ -319,7 +319,7 @@ class Engine(EngineAPI):
     """
 
     def __new__(cls, *args: Any, dp_size: int = 1, **kwargs: Any):
-        if isinstance(dp_size, int) and not isinstance(dp_size, bool) and dp_size > 1:
+        if dp_size != 1 or isinstance(dp_size, bool):  # it validates dp_size (a ValueError naming it)
             from jaxrt.data_parallel import DataParallelEngine
 
             return DataParallelEngine(*args, dp_size=dp_size, **kwargs)
@@ -350,7 +350,7 @@ class Engine(EngineAPI):
         background_compile: bool | None = None,
         stream_interval: int = 1,
         single_token_bucket: bool | None = None,
-        dp_size: int = 1,
+        dp_size: int = 1,  # taken by __new__: only 1 gets here
     ) -> None:
         import jax
 
@@ -366,8 +366,6 @@ class Engine(EngineAPI):
         from jaxrt.step import nnx_forward
 
         t0 = time.perf_counter()
-        if dp_size != 1:  # > 1 never gets here (__new__)
-            raise ValueError(f"dp_size must be an integer >= 1, got {dp_size!r}")
         if impl not in ("auto", "native", "transformers"):
             raise ValueError(f"impl must be 'auto', 'native' or 'transformers', got {impl!r}")
         if model_path is None:

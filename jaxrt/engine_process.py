@@ -56,7 +56,6 @@ from jaxrt.sampling_params import SamplingParams
 from jaxrt.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger("jaxrt")
-_TOKENIZER_LOCK = threading.Lock()
 
 
 @dataclass
@@ -98,8 +97,7 @@ class EngineProcess(EngineAPI):
         """``visible_devices``: the GPUs the engine process may see (``CUDA_VISIBLE_DEVICES`` in its
         environment; None: those this process sees). `jaxrt.data_parallel` gives each replica one."""
         t0 = time.perf_counter()
-        env = None if visible_devices is None else {**os.environ, "CUDA_VISIBLE_DEVICES": visible_devices}
-        self._proc, (self._conn,) = start_core(1, env)
+        self._proc, (self._conn,) = start_core(1, visible_devices)
         level = logging.getLogger("jaxrt").getEffectiveLevel()
         msg = _handshake(self._conn, self._proc, ({"model_path": model_path, **engine_kwargs}, level, False))
         if msg[0] != "ready":
@@ -144,17 +142,15 @@ class EngineProcess(EngineAPI):
         # The other handles on this engine (other HTTP processes): with none, an abort broadcast has no one
         # to reach and costs no round trip.
         self._num_peers = info.get("num_frontends", 1) - 1
-        if engine_kwargs.get("skip_tokenizer_init"):
-            self.tokenizer = None
-        else:
-            # Data-parallel handles set up their replicas on threads at once, and transformers' lazy imports
-            # are not thread-safe ("cannot import name 'AutoTokenizer'" in one of two threads).
-            with _TOKENIZER_LOCK:
-                self.tokenizer = Tokenizer(
-                    self.model_path,
-                    engine_kwargs.get("trust_remote_code", False),
-                    engine_kwargs.get("chat_template"),
-                )
+        self.tokenizer = (
+            None
+            if engine_kwargs.get("skip_tokenizer_init")
+            else Tokenizer(
+                self.model_path,
+                engine_kwargs.get("trust_remote_code", False),
+                engine_kwargs.get("chat_template"),
+            )
+        )
         seed = engine_kwargs.get("random_seed", 0)
         self._rng = np.random.default_rng(seed if index == 0 else [seed, index])
         # Called (on the reader thread) with (rid, abort_all, reply) when another process's handle asks every
@@ -476,15 +472,16 @@ def _settle(fut: Future, ok: bool, value: Any) -> None:
 
 
 def start_core(
-    num_links: int, env: dict[str, str] | None = None
+    num_links: int, visible_devices: str | None = None
 ) -> tuple[subprocess.Popen, list[Connection]]:
-    """Start an engine process with ``num_links`` connections to it (and environment ``env``, None: this
-    process's); returns it and our ends. The first
+    """Start an engine process with ``num_links`` connections to it (seeing the GPUs ``visible_devices`` as its
+    ``CUDA_VISIBLE_DEVICES``; None: those this process sees); returns it and our ends. The first
     connection must send ``(engine_kwargs, log_level, control)`` (``_handshake``); ``control``: that
     connection only starts and stops the engine (it gets no outputs or load reports) and the others serve
     requests. Every connection then gets ``("ready", info)`` or ``("failed", message)``."""
     pairs = [socket.socketpair() for _ in range(num_links)]
     fds = [theirs.fileno() for _, theirs in pairs]
+    env = None if visible_devices is None else {**os.environ, "CUDA_VISIBLE_DEVICES": visible_devices}
     proc = spawn_python("jaxrt.engine_process", "_core_main", [str(fd) for fd in fds], fds, env)
     conns = []
     for ours, theirs in pairs:

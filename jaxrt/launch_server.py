@@ -251,16 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.api_server_count < 1:
         print("error: --api-server-count must be >= 1", file=sys.stderr)
         return 2
-    if args.dp_size < 1:
-        print("error: --dp-size must be >= 1", file=sys.stderr)
-        return 2
-    if args.dp_size > 1:
+    if args.dp_size != 1:
         if args.disable_frontend_multiprocessing:
             print("error: --dp-size > 1 runs each replica in a process of its own", file=sys.stderr)
             return 2
-        from jaxrt.data_parallel import replica_devices
+        from jaxrt.data_parallel import replica_devices, validate_dp_args
 
         try:
+            validate_dp_args(args.dp_size, args.load_balance_method)
             replica_devices(args.dp_size)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -333,8 +331,7 @@ def _serve_multi(args: argparse.Namespace, argv: list[str], kwargs: dict[str, An
 
     cores, controls, core_links = [], [], []
     for device in replica_devices(args.dp_size) if args.dp_size > 1 else [None]:
-        env = None if device is None else {**os.environ, "CUDA_VISIBLE_DEVICES": device}
-        core, (control, *links) = start_core(args.api_server_count + 1, env)
+        core, (control, *links) = start_core(args.api_server_count + 1, device)
         control.send((kwargs, logging.getLogger("jaxrt").getEffectiveLevel(), True))
         cores.append(core)
         controls.append(control)
@@ -349,21 +346,11 @@ def _serve_multi(args: argparse.Namespace, argv: list[str], kwargs: dict[str, An
             links[i].close()
     print(f"jaxrt server listening on http://{args.host}:{sock.getsockname()[1]}", flush=True)
     rc = 0
-    while not stop.wait(0.2) and rc == 0:
-        for control in controls:
-            if control.poll():
-                try:
-                    msg = control.recv()
-                except (EOFError, OSError):
-                    msg = ("failed", "the engine process exited")
-                if msg[0] == "failed":
-                    logger.error("the engine failed to start: %s", msg[1])
-                    rc = 1
-        for core in cores:
-            if rc == 0 and core.poll() is not None:
-                logger.error("the engine process exited (code %s)", core.returncode)
-                rc = 1
-        if rc:
+    while not stop.wait(0.2):
+        trouble = _engine_trouble(cores, controls)
+        if trouble:
+            logger.error("%s", trouble)
+            rc = 1
             break
         gone = [w for w in workers if w.poll() is not None]
         if gone:
@@ -395,6 +382,21 @@ def _serve_multi(args: argparse.Namespace, argv: list[str], kwargs: dict[str, An
     if own_metrics_dir:
         shutil.rmtree(os.environ.pop("PROMETHEUS_MULTIPROC_DIR"), ignore_errors=True)
     return rc
+
+
+def _engine_trouble(cores: list, controls: list) -> str | None:
+    """Why the engine processes cannot serve (one failed to start, or exited), or None."""
+    for core, control in zip(cores, controls, strict=True):
+        if control.poll():
+            try:
+                msg = control.recv()
+            except (EOFError, OSError):
+                msg = ("failed", "the engine process exited")
+            if msg[0] == "failed":
+                return f"the engine failed to start: {msg[1]}"
+        if core.poll() is not None:
+            return f"the engine process exited (code {core.returncode})"
+    return None
 
 
 def _http_process_main(*argv: str) -> None:

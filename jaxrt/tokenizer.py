@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
+
+# transformers' lazy imports are not thread-safe: two threads loading a tokenizer at once (a data-parallel
+# handle setting up its replicas) saw "cannot import name 'AutoTokenizer'" in one of them.
+_LOAD_LOCK = threading.Lock()
 
 
 class Tokenizer:
     def __init__(
         self, model_path: str, trust_remote_code: bool = False, chat_template: str | None = None
     ) -> None:
-        from transformers import AutoTokenizer
+        with _LOAD_LOCK:
+            from transformers import AutoTokenizer
 
-        self.hf = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+            self.hf = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         if chat_template is not None:
             self.hf.chat_template = chat_template
         self.eos_token_ids: set[int] = set()

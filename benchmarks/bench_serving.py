@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from common import append_jsonl, make_random_checkpoint, print_block, random_requests
+from common import append_jsonl, make_random_checkpoint, print_block, random_requests, shared_prefix_requests
 
 
 @dataclass
@@ -169,6 +169,8 @@ def summarize(args, results: list[Result], dur: float) -> None:
             "request_rate": args.request_rate,
             "max_concurrency": args.max_concurrency,
             "num_prompts": len(results),
+            "dataset": args.dataset_name,
+            "input_tokens": sum(r.prompt_tokens for r in results),
             "completed": len(ok),
             "duration_s": dur,
             "output_throughput": n_out / dur,
@@ -221,6 +223,7 @@ def main() -> None:
     p.add_argument(
         "--model", default=None, help="model name for the OpenAI backend (default: first of /v1/models)"
     )
+    p.add_argument("--dataset-name", default="random", choices=["random", "generated-shared-prefix"])
     p.add_argument("--num-prompts", type=int, default=200)
     p.add_argument("--random-input-len", type=int, default=128)
     p.add_argument("--random-output-len", type=int, default=256)
@@ -233,6 +236,11 @@ def main() -> None:
         "e.g. `transformers serve`; the benchmarks' random checkpoints carry a tokenizer whose text encodes back "
         "to the same ids); without it prompts go as token ids",
     )
+    p.add_argument("--gsp-num-groups", type=int, default=64, help="generated-shared-prefix: system prompts")
+    p.add_argument("--gsp-prompts-per-group", type=int, default=16)
+    p.add_argument("--gsp-system-prompt-len", type=int, default=2048)
+    p.add_argument("--gsp-question-len", type=int, default=128)
+    p.add_argument("--gsp-output-len", type=int, default=256)
     p.add_argument("--request-rate", type=float, default=float("inf"))
     p.add_argument(
         "--disable-ignore-eos",
@@ -251,18 +259,31 @@ def main() -> None:
     if args.smoke:
         args.num_prompts, args.random_input_len, args.random_output_len, args.vocab_size = 6, 16, 6, 500
         args.request_rate, args.max_concurrency = 20.0, 4
+        args.gsp_num_groups, args.gsp_prompts_per_group, args.gsp_system_prompt_len = 2, 3, 24
+        args.gsp_question_len, args.gsp_output_len = 8, 6
         proc = start_smoke_server(args)
     args.base_url = args.base_url or f"http://{args.host}:{args.port}"
     try:
         wait_compiled(args.base_url)
-        reqs = random_requests(
-            args.num_prompts,
-            args.random_input_len,
-            args.random_output_len,
-            args.random_range_ratio,
-            args.vocab_size,
-            args.seed,
-        )
+        if args.dataset_name == "generated-shared-prefix":
+            reqs = shared_prefix_requests(
+                args.gsp_num_groups,
+                args.gsp_prompts_per_group,
+                args.gsp_system_prompt_len,
+                args.gsp_question_len,
+                args.gsp_output_len,
+                args.vocab_size,
+                args.seed,
+            )
+        else:
+            reqs = random_requests(
+                args.num_prompts,
+                args.random_input_len,
+                args.random_output_len,
+                args.random_range_ratio,
+                args.vocab_size,
+                args.seed,
+            )
         results = bench(args, reqs)
         if args.smoke:
             assert all(r.ok for r in results), [r.error for r in results]

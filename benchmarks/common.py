@@ -201,6 +201,28 @@ def random_requests(
     ]
 
 
+def shared_prefix_requests(
+    num_groups: int,
+    per_group: int,
+    system_len: int,
+    question_len: int,
+    output_len: int,
+    vocab: int,
+    seed: int,
+) -> list[tuple[list[int], int]]:
+    """SGLang's 'generated-shared-prefix' dataset: ``num_groups`` random system prompts of ``system_len``
+    tokens, each followed by ``per_group`` random questions of ``question_len``; the requests of all groups
+    are shuffled together (seeded), as conversations of many users interleave."""
+    rng = np.random.default_rng(seed)
+    reqs = []
+    for _ in range(num_groups):
+        system = rng.integers(100, vocab - 100, size=system_len).tolist()
+        for _ in range(per_group):
+            reqs.append((system + rng.integers(100, vocab - 100, size=question_len).tolist(), output_len))
+    order = rng.permutation(len(reqs))
+    return [reqs[i] for i in order]
+
+
 def git_commit() -> str:
     if os.environ.get("JAXRT_COMMIT"):
         return os.environ["JAXRT_COMMIT"]

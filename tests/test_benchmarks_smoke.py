@@ -21,6 +21,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
         "bench_hf.py",
         "bench_serving.py",
         "bench_serving.py --backend openai",
+        "bench_serving.py --dataset-name generated-shared-prefix",
         "bench_load.py",
         "bench_sampler.py",
         "bench_skinny_gemm.py",
@@ -56,6 +57,8 @@ def test_benchmark_smoke(script, tmp_path, default_model_dir):
     if name == "bench_serving.py":
         assert "Serving Benchmark Result" in proc.stdout
         assert records[0]["completed"] == records[0]["num_prompts"]
+        if "generated-shared-prefix" in extra:  # 2 groups x 3 prompts of 24 shared + 8 own tokens
+            assert records[0]["num_prompts"] == 6 and records[0]["input_tokens"] == 6 * 32
     if name == "bench_kv_write.py":  # the kernel checked against XLA's composition, every case
         assert len(records) == 12 and all(r["ok"] for r in records)
     if name == "bench_decode_qkv.py":  # the kernel checked against the separate kernels, both shapes

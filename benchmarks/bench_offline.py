@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--num-continuous-decode-steps", type=int, default=None)
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--quantization", default=None, choices=["fp8"], help="jaxrt.Engine(quantization=...)")
     p.add_argument(
         "--impl", default="auto", choices=["auto", "native", "transformers"], help="model implementation"
     )
@@ -67,6 +68,7 @@ def main() -> None:
         num_continuous_decode_steps=args.num_continuous_decode_steps,
         attention_backend=args.attention_backend,
         impl=args.impl,
+        quantization=args.quantization,
         dp_size=args.dp_size,
     )
     startup = time.perf_counter() - t0
@@ -156,6 +158,7 @@ def main() -> None:
             "model": args.model_path or args.random_model,
             "impl": llm.config.impl,
             "dp_size": args.dp_size,
+            "quantization": args.quantization,
             "num_continuous_decode_steps": llm.config.scheduler.num_continuous_decode_steps,
             "num_prompts": len(outs),
             "input_len": args.random_input_len,

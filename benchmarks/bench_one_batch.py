@@ -139,6 +139,7 @@ def main() -> None:
     )
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--attention-backend", default=None)
+    p.add_argument("--quantization", default=None, choices=["fp8"], help="jaxrt.Engine(quantization=...)")
     p.add_argument("--mem-fraction-static", type=float, default=0.85)
     p.add_argument("--output-file", default=None)
     p.add_argument(
@@ -182,6 +183,7 @@ def main() -> None:
         or max(max_b, max(args.prefill_lens) * max(args.prefill_seqs) + max(args.mixed_decodes)),
         mem_fraction_static=args.mem_fraction_static,
         attention_backend=args.attention_backend,
+        quantization=args.quantization,
     )
     runner = llm.runner
     m = llm.config.model
@@ -278,6 +280,7 @@ def main() -> None:
                     "floor_ms": floor * 1e3,
                     "read_bw": args.bandwidth,
                     "attention_backend": llm.config.attention_backend,
+                    "quantization": args.quantization,
                 },
             )
     points = itertools.product(args.prefill_seqs, args.prefill_lens, args.prefix_lens, args.mixed_decodes)
@@ -308,6 +311,7 @@ def main() -> None:
                 "decode_context": args.mixed_context if dec else 0,
                 "device_ms": device_s * 1e3,
                 "engine_ms": engine_s * 1e3,
+                "quantization": args.quantization,
             },
         )
     llm.shutdown()

@@ -147,12 +147,24 @@ def build_native_model(
     attention_backend: str,
     interpret: bool = False,
     use_cache: bool | None = None,
+    quantization: str | None = None,
 ) -> tuple[nnx.GraphDef, nnx.State]:
     """Abstract-init the nnx model (no random weights materialised), then load its params into it.
 
     ``use_cache``: None follows ``JAXRT_CONVERTED_CACHE`` and the size policy of ``checkpoint``; True always
-    writes the cache entry; False neither reads nor writes it.
+    writes the cache entry; False neither reads nor writes it. ``quantization`` ("fp8"): the loaded
+    projections are quantized on the device (``jaxrt.models.quantization``); caches hold the unquantized
+    params.
     """
     graphdef, abstract_state = abstract_model(cfg, dtype, attention_backend, interpret)
     state = load_params(cfg, model_path, abstract_state, dtype, use_cache)
-    return graphdef, state
+    if quantization is None:
+        return graphdef, state
+    from jaxrt.models.quantization import quantize_model
+
+    model = nnx.merge(graphdef, state)
+    del state  # the bf16 projections go as each is replaced
+    t0 = time.perf_counter()
+    n = quantize_model(model, quantization)
+    logger.info("quantized %d projections to %s in %.1f s", n, quantization, time.perf_counter() - t0)
+    return nnx.split(model)

@@ -19,6 +19,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--impl", default="auto", choices=["auto", "native", "transformers"])
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument(
+        "--quantization",
+        default=None,
+        choices=["fp8"],
+        help="fp8: the decoder layers' projection weights in float8_e4m3fn with a scale per output channel, "
+        "activations quantized per token (native models)",
+    )
     p.add_argument("--context-length", type=int, default=None)
     p.add_argument("--mem-fraction-static", type=float, default=0.85)
     p.add_argument("--max-running-requests", type=int, default=None)
@@ -58,6 +65,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "impl": args.impl,
         "dtype": args.dtype,
         "trust_remote_code": args.trust_remote_code,
+        "quantization": args.quantization,
         "context_length": args.context_length,
         "mem_fraction_static": args.mem_fraction_static,
         "max_running_requests": args.max_running_requests,

@@ -167,12 +167,20 @@ class EngineConfig:
     compile_buckets: bool = True
     trust_remote_code: bool = False
     stream_interval: int = 1  # output tokens between a stream's chunks (the first token goes at once)
+    quantization: str | None = None  # None | "fp8" (jaxrt.models.quantization)
 
     def __post_init__(self) -> None:
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         if self.impl not in ("native", "transformers"):
             raise ValueError(f"impl must be 'native' or 'transformers', got {self.impl!r}")
+        if self.quantization not in (None, "fp8"):
+            raise ValueError(f"quantization must be 'fp8' or None, got {self.quantization!r}")
+        if self.quantization is not None and self.impl != "native":
+            raise ValueError(
+                f"quantization={self.quantization!r} needs a native model; {self.model.architecture} runs "
+                "through the transformers fallback"
+            )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.scheduler.context_length > self.model.max_position_embeddings:

@@ -331,6 +331,7 @@ class Engine(EngineAPI):
         impl: str = "auto",
         dtype: str | None = None,
         trust_remote_code: bool = False,
+        quantization: str | None = None,
         page_size: int = 16,
         mem_fraction_static: float = 0.85,
         max_running_requests: int | None = None,
@@ -368,6 +369,9 @@ class Engine(EngineAPI):
         t0 = time.perf_counter()
         if impl not in ("auto", "native", "transformers"):
             raise ValueError(f"impl must be 'auto', 'native' or 'transformers', got {impl!r}")
+        from jaxrt.models.quantization import validate_quantization
+
+        validate_quantization(quantization)
         if model_path is None:
             from jaxrt.default_model import DEFAULT_MODEL_NAME, default_model_path
 
@@ -394,6 +398,11 @@ class Engine(EngineAPI):
         if impl == "auto":
             impl = "native" if has_native(arch) else "transformers"
             logger.info("impl=auto chose %s for %s", impl, arch)
+        if quantization is not None and impl != "native":
+            raise ValueError(
+                f"quantization={quantization!r} needs a native model: {arch} runs through the transformers "
+                "fallback (impl='transformers')"
+            )
         fallback = None
         if impl == "transformers":
             from jaxrt.converters.fallback import build_fallback, checkpoint_dtype
@@ -449,6 +458,7 @@ class Engine(EngineAPI):
             random_seed=random_seed,
             trust_remote_code=trust_remote_code,
             stream_interval=stream_interval,
+            quantization=quantization,
         )
         # skip_tokenizer_init (SGLang's flag): token ids in, token ids out, no text.
         self.tokenizer = (
@@ -464,7 +474,12 @@ class Engine(EngineAPI):
             self.runner = ModelRunner(self.config, fallback[1], fallback[2])
         else:
             graphdef, state = build_native_model(
-                model_cfg, model_path, dtype, backend, interpret=envs.attention_interpret()
+                model_cfg,
+                model_path,
+                dtype,
+                backend,
+                interpret=envs.attention_interpret(),
+                quantization=quantization,
             )
             phases.mark("weights_s")
             self.runner = ModelRunner(self.config, nnx_forward(graphdef), state)
@@ -575,6 +590,7 @@ class Engine(EngineAPI):
             "stream_interval": c.stream_interval,
             "disable_radix_cache": c.cache.disable_radix_cache,
             "attention_backend": c.attention_backend,
+            "quantization": c.quantization,
             "token_buckets": self.runner.token_buckets,
             "startup_seconds": self.startup_seconds,
             "startup_breakdown": self.startup_breakdown,

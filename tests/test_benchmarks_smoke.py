@@ -25,6 +25,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
         "bench_load.py",
         "bench_sampler.py",
         "bench_skinny_gemm.py",
+        "bench_fp8_gemm.py",
         "bench_bandwidth.py",
         "bench_kv_write.py",
         "bench_decode_qkv.py",

@@ -344,6 +344,8 @@ class PagedAttention(nnx.Module):
         """Whether this call (of ``num_tokens`` tokens) takes the residual stream and the RMSNorm before it
         (``input_norm``) rather than the normed rows: a lone decode token on pallas_gpu, where one kernel
         norms, projects, ropes and writes k and v (``kernels.norm_qkv_rope_write``; ``JAXRT_FUSED_QKV``)."""
+        if not isinstance(self.qkv_proj, OutInLinear):  # a quantized projection: XLA's products
+            return False
         return envs.fused_qkv() and norm_qkv_kernel_applies(
             num_tokens,
             self.qkv_proj.weight.shape[1],
@@ -465,6 +467,8 @@ class GatedMLP(nnx.Module):
         pallas_gpu, where one kernel norms, multiplies by the gate/up weights and applies the activation
         (``kernels.norm_gate_up``; ``JAXRT_FUSED_GATE_UP``), unless ``JAXRT_FUSED_MLP`` picks a Mosaic MLP."""
         act = KERNEL_ACTIVATIONS.get(self.act)
+        if not isinstance(self.gate_up_proj, nnx.Linear):  # a quantized projection: XLA's products
+            return False
         w = self.gate_up_proj.kernel
         return (
             envs.fused_gate_up()
@@ -511,7 +515,8 @@ class GatedMLP(nnx.Module):
         else None."""
         act = KERNEL_ACTIVATIONS.get(self.act)
         mode = envs.fused_mlp()
-        if act is not None and not self.bias and mode != "0":
+        quantized = not isinstance(self.gate_up_proj, nnx.Linear)
+        if act is not None and not self.bias and mode != "0" and not quantized:
             wgu, wd = self.gate_up_proj.kernel[...], self.down_proj.kernel[...]
             columns = mode.startswith("columns")
             if mlp_kernel_applies(x.shape[0], wd.shape[1], wd.shape[0], x.dtype, act, columns):

@@ -5,7 +5,9 @@
 
 For each projection shape of the Llama-3.2-1B / 3.1-8B decoder layers and each row count M: the bf16
 product ``x @ W.T`` (W ``[N, K]``), the engine's fp8 product (``fp8_linear``: the rows quantized, one
-fp8 x fp8 product with an f32 result, both scales applied) and the fp8 product alone on pre-quantized rows.
+fp8 x fp8 product, both scales applied; weight-only below ``MIN_FP8_GEMM_ROWS`` rows) and the fp8 x fp8
+product alone on pre-quantized rows; and ``w8a16 triton``: bf16 rows times the fp8 weights converted inside
+the GEMM, compiled with XLA's Triton GEMM fusions on (``JAXRT_FP8_WEIGHT_ONLY_ROWS``).
 Each call runs ``--layers`` distinct weights (read from HBM, not L2), an optimisation barrier per layer so
 XLA keeps the dots apart, and is timed as the sum of its GPU kernel times (CUPTI), per product; the kernel
 XLA chose is named (a cuBLASLt fp8 GEMM is ``__cublas$lt$matmul$f8``). Every result is checked against a
@@ -47,7 +49,7 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
-    from jaxrt.models.quantization import dequantize, fp8_linear, quantize_rows
+    from jaxrt.models.quantization import MIN_FP8_GEMM_ROWS, dequantize, fp8_linear, quantize_rows
 
     shapes = {n: SHAPES[n] for n in args.shapes.split(",")}
     if args.smoke:
@@ -61,6 +63,12 @@ def main() -> None:
 
     def fp8(x, wq, ws):
         return fp8_linear(x, wq, ws)
+
+    def w8a16(x, wq, ws):  # weight-only: the conversion inside the GEMM where Triton fusions are on
+        y = jax.lax.dot_general(
+            x, wq.astype(x.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )
+        return (y * ws[None, :]).astype(x.dtype)
 
     def fp8_dot(xq, wq):
         return jax.lax.dot_general(xq, wq, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -87,7 +95,8 @@ def main() -> None:
         for m in (int(v) for v in args.m.split(",")):
             x = jax.random.normal(jax.random.fold_in(key, 10_000 + m), (m, k), jnp.bfloat16)
             xq, sx = quantize_rows(x)
-            x_deq = np.asarray(dequantize(xq, sx), np.float64)
+            # the engine's product quantizes the rows from MIN_FP8_GEMM_ROWS on (fewer: weight-only)
+            x_deq = np.asarray(dequantize(xq, sx) if m >= MIN_FP8_GEMM_ROWS else x, np.float64)
             variants = [
                 (
                     "bf16",
@@ -98,9 +107,11 @@ def main() -> None:
                 ),
                 ("fp8 (engine)", program(fp8, 3), (x, qs), k * n, x_deq @ w0.T),
                 ("fp8 dot only", program(fp8_dot, 2), (xq, [q for q, _ in qs]), k * n, None),
+                ("w8a16 triton", program(w8a16, 3), (x, qs), k * n, np.asarray(x, np.float64) @ w0.T),
             ]
             for label, fn, fargs, nbytes, want in variants:
-                c = jax.jit(fn).lower(*fargs).compile(options)
+                # the weight-only form as XLA compiles it with its Triton GEMM fusions on (its default)
+                c = jax.jit(fn).lower(*fargs).compile({} if "triton" in label else options)
                 out = jax.block_until_ready(c(*fargs))
                 hlo = c.as_text()
                 calls = sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo)))

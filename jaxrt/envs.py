@@ -112,6 +112,14 @@ def triton_gemm() -> bool:
     return _get("JAXRT_TRITON_GEMM", "0") == "1"
 
 
+def fp8_weight_only_rows() -> int:
+    """Products of fp8 layers (``quantization="fp8"``) with at most this many rows multiply the bf16 activations
+    by the fp8 weights converted inside the GEMM (weight-only), instead of quantizing the activations: one kernel
+    where XLA's Triton GEMM fusions take the conversion (``JAXRT_TRITON_GEMM=1``), a converted copy of the weights
+    per call where they do not. ``JAXRT_FP8_WEIGHT_ONLY_ROWS`` (default 0: off)."""
+    return int(_get("JAXRT_FP8_WEIGHT_ONLY_ROWS", "0"))
+
+
 def compile_workers(platform: str) -> int:
     """Threads that compile the step's buckets side by side at start-up. ``JAXRT_COMPILE_WORKERS``
     (default: up to 8 on accelerators, 1 (serial) on CPU, where the compiles compete with the host)."""

@@ -4,7 +4,8 @@ The scheme is vLLM's and SGLang's ``fp8`` online quantization with finer scales 
 ``FP8_DYNAMIC``): after the bf16 checkpoint is loaded, each projection weight of the decoder layers (q/k/v,
 o, gate/up, down) becomes ``float8_e4m3fn`` with one f32 scale per output channel (its absolute maximum over
 448, e4m3's largest value); at run time each token's activations are quantized the same way, with a scale per
-row, and the product runs on the two fp8 operands with an f32 result: ``y = (xq @ wq.T) * sx * sw``. Hopper
+row, and the product runs on the two fp8 operands: ``y = (xq @ wq.T) * sx * sw`` (a lone token's product
+is weight-only, see ``fp8_linear``). Hopper
 GPUs (and Ada) multiply fp8 at twice bf16's rate, and a decode step reads half the weight bytes. Embeddings,
 the LM head and norms keep the model's dtype.
 
@@ -17,6 +18,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxrt import envs
 
 METHODS = ("fp8",)
 FP8 = jnp.float8_e4m3fn
@@ -41,15 +44,34 @@ def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return xq, scale
 
 
+# Below this many rows the product is weight-only (see fp8_linear): XLA runs a row count under cuBLASLt's
+# fp8 minimum as a bf16 GEMM on weights converted every call (4x slower than bf16 for Llama-3.2-1B's MLP on an
+# H200, benchmarks/RESULTS.md), while the reduction form reads the fp8 weights once.
+MIN_FP8_GEMM_ROWS = 8
+
+
 def fp8_linear(
     x: jax.Array, weight: jax.Array, weight_scale: jax.Array, bias: jax.Array | None = None
 ) -> jax.Array:
     """x [num_tokens, in] (any float dtype) @ dequantized ``weight`` [out, in] fp8 (``weight_scale`` [out] f32)
-    -> [num_tokens, out] in x's dtype: x quantized per token, one fp8 x fp8 product with an f32 result, both
-    scales applied to it."""
-    xq, sx = quantize_rows(x)
-    y = jax.lax.dot_general(xq, weight, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    y = y * sx[:, None] * weight_scale[None, :]
+    -> [num_tokens, out] in x's dtype.
+
+    From ``MIN_FP8_GEMM_ROWS`` rows: x quantized per token, one fp8 x fp8 product (cuBLASLt's fp8 GEMM on
+    Hopper) with its result in x's dtype (f32 for f32 inputs), both scales applied in one elementwise pass
+    that XLA fuses into the consumer where it can. Fewer rows (a lone decode token): x stays unquantized and
+    the product is a multiply-and-sum over ``in`` in f32, one reduction kernel that reads the fp8 weights."""
+    if x.shape[0] < MIN_FP8_GEMM_ROWS:
+        prod = x.astype(jnp.float32)[:, None, :] * weight.astype(jnp.float32)[None, :, :]
+        y = prod.sum(axis=-1) * weight_scale[None, :]
+    elif x.shape[0] <= envs.fp8_weight_only_rows():
+        w = weight.astype(x.dtype)
+        y = jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        y = y * weight_scale[None, :]
+    else:
+        xq, sx = quantize_rows(x)
+        acc = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
+        y = jax.lax.dot_general(xq, weight, (((1,), (1,)), ((), ())), preferred_element_type=acc)
+        y = y.astype(jnp.float32) * sx[:, None] * weight_scale[None, :]
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(x.dtype)

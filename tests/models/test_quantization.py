@@ -13,6 +13,7 @@ from jaxrt.converters.checkpoint import state_to_flat
 from jaxrt.converters.loader import build_native_model, load_hf_config, native_model_config
 from jaxrt.models.quantization import (
     FP8_MAX,
+    MIN_FP8_GEMM_ROWS,
     Fp8Linear,
     dequantize,
     fp8_linear,
@@ -43,28 +44,36 @@ def test_quantize_rows_error_bound():
     np.testing.assert_array_equal(top, FP8_MAX)
 
 
+@pytest.mark.parametrize("rows", [1, MIN_FP8_GEMM_ROWS + 1])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fp8_linear_matches_float64_reference(bias):
+def test_fp8_linear_matches_float64_reference(bias, rows):
+    """From MIN_FP8_GEMM_ROWS rows both operands are fp8; below it only the weight is (a lone token)."""
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.standard_normal((5, 64)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((rows, 64)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((48, 64)) * 0.05, jnp.float32)  # [out, in]
     b = jnp.asarray(rng.standard_normal(48), jnp.float32) if bias else None
     lin = Fp8Linear.from_weight(w, b)
     assert lin.weight[...].dtype == jnp.float8_e4m3fn and lin.weight_scale[...].shape == (48,)
     got = np.asarray(lin(x), np.float64)
-    xq, sx = quantize_rows(x)
-    want = (
-        np.asarray(dequantize(xq, sx), np.float64)
-        @ np.asarray(dequantize(lin.weight[...], lin.weight_scale[...]), np.float64).T
-    )
+    x_used = np.asarray(x, np.float64)
+    if rows >= MIN_FP8_GEMM_ROWS:
+        x_used = np.asarray(dequantize(*quantize_rows(x)), np.float64)
+    want = x_used @ np.asarray(dequantize(lin.weight[...], lin.weight_scale[...]), np.float64).T
     if bias:
         want += np.asarray(b, np.float64)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # and the quantized product is close to the exact one: a few percent of its scale
     exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T + (np.asarray(b) if bias else 0)
     assert np.abs(got - exact).max() < 0.1 * np.abs(exact).max()
-    # bf16 activations give bf16 outputs
-    assert fp8_linear(x.astype(jnp.bfloat16), lin.weight[...], lin.weight_scale[...]).dtype == jnp.bfloat16
+    # bf16 activations give bf16 outputs, within bf16 rounding of the f32 path
+    got16 = fp8_linear(x.astype(jnp.bfloat16), lin.weight[...], lin.weight_scale[...])
+    assert got16.dtype == jnp.bfloat16
+    ref16 = np.asarray(
+        fp8_linear(x.astype(jnp.bfloat16).astype(jnp.float32), lin.weight[...], lin.weight_scale[...])
+    )
+    np.testing.assert_allclose(
+        np.asarray(got16, np.float32), ref16, rtol=2**-6, atol=2**-6 * np.abs(ref16).max()
+    )
 
 
 def test_validate_quantization_names_the_field():

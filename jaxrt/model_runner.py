@@ -409,14 +409,25 @@ class ModelRunner:
         assert fn is not None, key
         return fn.lower(*args, layout=self.layout(key), mode=key[-1])
 
-    def _compile(self, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
-        """XLA-compile one program. On GPU the matrix products go to cuBLAS, not XLA's Triton GEMM fusions
-        (``JAXRT_TRITON_GEMM``): measured faster on the whole step (cuBLAS takes the residual adds into its
-        epilogue) although some lone GEMMs are slower."""
+    def _compile(self, lowered: jax.stages.Lowered, key: tuple) -> jax.stages.Compiled:
+        """XLA-compile the program ``key``. On GPU the matrix products go to cuBLAS, not XLA's Triton GEMM
+        fusions (``JAXRT_TRITON_GEMM``): measured faster on the whole step (cuBLAS takes the residual adds
+        into its epilogue) although some lone GEMMs are slower. Except in an fp8 model's programs whose
+        products are weight-only GEMMs (``quantization.fp8_linear``): there a Triton fusion converts the fp8
+        weights inside the GEMM, which cuBLAS cannot."""
         options = {}
-        if self.device.platform == "gpu" and not envs.triton_gemm():
+        if self.device.platform == "gpu" and not (envs.triton_gemm() or self._weight_only_gemms(key)):
             options["xla_gpu_enable_triton_gemm"] = False
         return lowered.compile(compiler_options=options or None)
+
+    def _weight_only_gemms(self, key: tuple) -> bool:
+        from jaxrt.models.quantization import MIN_FP8_GEMM_ROWS
+
+        return (
+            self.cfg.quantization == "fp8"
+            and key[0] in ("forward", "decode_loop")
+            and MIN_FP8_GEMM_ROWS <= key[1] <= envs.fp8_weight_only_rows()
+        )
 
     def _warm(self, key: tuple) -> None:
         """Run a compiled program once on an empty batch, so the first request finds its device code loaded."""
@@ -431,7 +442,7 @@ class ModelRunner:
         program = self._programs.get(key)
         if program is None:
             t0 = time.perf_counter()
-            program = self._programs[key] = self._compile(self._lower(key))
+            program = self._programs[key] = self._compile(self._lower(key), key)
             if self._ready:
                 logger.info("compiled %s on first use in %.2f s", key, time.perf_counter() - t0)
         return program
@@ -506,13 +517,13 @@ class ModelRunner:
 
             # Each program goes to the compile threads as soon as it is lowered: compiles overlap tracing.
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxrt-compile") as pool:
-                futures = [pool.submit(self._compile, self._lower(k)) for k in bar]
+                futures = [pool.submit(self._compile, self._lower(k), k) for k in bar]
                 t1 = time.perf_counter()
                 compiled = [f.result() for f in futures]
         else:
             lowered = [self._lower(k) for k in bar]
             t1 = time.perf_counter()
-            compiled = [self._compile(low) for low in lowered]
+            compiled = [self._compile(low, k) for low, k in zip(lowered, keys, strict=True)]
         self._programs.update(zip(keys, compiled, strict=True))
         t2 = time.perf_counter()
         for key in keys:
@@ -563,7 +574,7 @@ class ModelRunner:
         if self._closing:
             return
         try:
-            program = self._compile(lowered)
+            program = self._compile(lowered, key)
         except Exception:  # noqa: BLE001 - the step compiles it on first use and reports there
             logger.exception("background compile of %s failed", key)
             return

@@ -68,6 +68,7 @@ def test_cli_chat_stream_and_bad_flag(default_model_dir):
     for flags, field in (
         (["--regex", "(["], "sampling_params.regex"),
         (["--logit-bias", "{1:"], "logit_bias"),
+        (["--quantization", "int4"], "--quantization"),
     ):
         bad = subprocess.run(
             [sys.executable, "-m", "jaxrt.cli", "generate", "x", *flags],

@@ -56,10 +56,13 @@ def fp8_linear(
     """x [num_tokens, in] (any float dtype) @ dequantized ``weight`` [out, in] fp8 (``weight_scale`` [out] f32)
     -> [num_tokens, out] in x's dtype.
 
-    From ``MIN_FP8_GEMM_ROWS`` rows: x quantized per token, one fp8 x fp8 product (cuBLASLt's fp8 GEMM on
-    Hopper) with its result in x's dtype (f32 for f32 inputs), both scales applied in one elementwise pass
-    that XLA fuses into the consumer where it can. Fewer rows (a lone decode token): x stays unquantized and
-    the product is a multiply-and-sum over ``in`` in f32, one reduction kernel that reads the fp8 weights."""
+    - Fewer than ``MIN_FP8_GEMM_ROWS`` rows (a lone decode token): x stays unquantized and the product is a
+      multiply-and-sum over ``in`` in f32, one reduction kernel that reads the fp8 weights.
+    - Up to ``envs.fp8_weight_only_rows()`` rows (small decode batches): x stays unquantized, the weights are
+      converted inside the GEMM (XLA's Triton fusion; the engine turns those on for these programs).
+    - More: x quantized per token, one fp8 x fp8 product (cuBLASLt's fp8 GEMM on Hopper) with its result in
+      x's dtype (f32 for f32 inputs), both scales applied in one elementwise pass that XLA fuses into the
+      consumer where it can. Prefill and large batches: twice bf16's tensor-core rate."""
     if x.shape[0] < MIN_FP8_GEMM_ROWS:
         prod = x.astype(jnp.float32)[:, None, :] * weight.astype(jnp.float32)[None, :, :]
         y = prod.sum(axis=-1) * weight_scale[None, :]

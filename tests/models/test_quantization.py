@@ -44,10 +44,11 @@ def test_quantize_rows_error_bound():
     np.testing.assert_array_equal(top, FP8_MAX)
 
 
-@pytest.mark.parametrize("rows", [1, MIN_FP8_GEMM_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, MIN_FP8_GEMM_ROWS + 1, 40])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fp8_linear_matches_float64_reference(bias, rows):
-    """From MIN_FP8_GEMM_ROWS rows both operands are fp8; below it only the weight is (a lone token)."""
+def test_fp8_linear_matches_float64_reference(bias, rows, monkeypatch):
+    """Above JAXRT_FP8_WEIGHT_ONLY_ROWS (16 here) rows both operands are fp8; up to it only the weight is."""
+    monkeypatch.setenv("JAXRT_FP8_WEIGHT_ONLY_ROWS", "16")
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((rows, 64)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((48, 64)) * 0.05, jnp.float32)  # [out, in]
@@ -56,7 +57,7 @@ def test_fp8_linear_matches_float64_reference(bias, rows):
     assert lin.weight[...].dtype == jnp.float8_e4m3fn and lin.weight_scale[...].shape == (48,)
     got = np.asarray(lin(x), np.float64)
     x_used = np.asarray(x, np.float64)
-    if rows >= MIN_FP8_GEMM_ROWS:
+    if rows > 16:
         x_used = np.asarray(dequantize(*quantize_rows(x)), np.float64)
     want = x_used @ np.asarray(dequantize(lin.weight[...], lin.weight_scale[...]), np.float64).T
     if bias:
@@ -116,11 +117,17 @@ TEXT = (
 )
 
 
-def test_fp8_default_model_matches_transformers_with_the_same_weights(default_model_dir):
+@pytest.mark.parametrize("weight_only_rows", ["0", "256"])
+def test_fp8_default_model_matches_transformers_with_the_same_weights(
+    default_model_dir, weight_only_rows, monkeypatch
+):
     """SmolLM2-135M quantized: last-token logits of each prompt against transformers running the same fp8
     weights (the only difference left is the per-token activation quantization), and against the unquantized
-    model (what quantizing costs)."""
+    model (what quantizing costs). With JAXRT_FP8_WEIGHT_ONLY_ROWS=0 every product of the 8-row and larger
+    buckets quantizes its activations; with 256 (the batch here is 256 rows) every product is weight-only."""
     from transformers import AutoTokenizer
+
+    monkeypatch.setenv("JAXRT_FP8_WEIGHT_ONLY_ROWS", weight_only_rows)
 
     tok = AutoTokenizer.from_pretrained(default_model_dir)
     words = TEXT.split()
@@ -157,6 +164,10 @@ def test_fp8_engine_greedy_and_prompt_logprobs(default_model_dir):
         model_path=default_model_dir, quantization="fp8", chunked_prefill_size=32, max_running_requests=4
     ) as llm:
         assert llm.get_server_info()["quantization"] == "fp8"
+        # programs of 8-32 rows are the weight-only ones (compiled with XLA's Triton GEMM fusions on GPUs)
+        wo = llm.runner._weight_only_gemms
+        assert wo(("forward", 8)) and wo(("decode_loop", 32, None)) and wo(("forward", 16, "logprobs"))
+        assert not wo(("forward", 1)) and not wo(("forward", 64)) and not wo(("sample", 8, 0, None))
         out = llm.generate(
             input_ids=ids,
             sampling_params={"max_new_tokens": 1, "temperature": 0},
@@ -173,6 +184,7 @@ def test_fp8_engine_greedy_and_prompt_logprobs(default_model_dir):
         assert_no_leak(llm)
     with jaxrt.Engine(model_path=default_model_dir, chunked_prefill_size=32, max_running_requests=4) as llm:
         plain = llm.generate(["The capital of France is"], greedy)
+        assert not llm.runner._weight_only_gemms(("forward", 8))
     for q, p in zip(quantized, plain, strict=True):
         assert q["output_ids"][:3] == p["output_ids"][:3], (q["text"], p["text"])
 

@@ -77,3 +77,14 @@ def test_cli_chat_stream_and_bad_flag(default_model_dir):
             timeout=600,
         )
         assert bad.returncode == 2 and field in bad.stderr, bad.stderr[-2000:]  # before loading the model
+
+
+def test_engine_flags_reach_the_engine_kwargs():
+    import argparse
+
+    from jaxrt.cli import add_engine_args, engine_kwargs
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    assert engine_kwargs(p.parse_args(["--quantization", "fp8"]))["quantization"] == "fp8"
+    assert engine_kwargs(p.parse_args([]))["quantization"] is None

@@ -205,3 +205,52 @@ def test_quantized_params_are_fp8(tiny_llama_dir):
     assert all(dtypes[k] == jnp.float8_e4m3fn for k in proj)
     assert all(dtypes[k.replace(".weight", ".weight_scale")] == jnp.float32 for k in proj)
     assert all(v == jnp.float32 for k, v in dtypes.items() if "proj" not in k)
+
+
+def test_fp8_on_the_gpu_kernel_path(tmp_path, monkeypatch):
+    """On pallas_gpu (interpret mode here) a quantized model keeps the kernels that read no weights (attention,
+    the add + norm kernel) and steps around those that read bf16 weights (the one-token norm + q/k/v kernel,
+    the norm + gate/up kernel): greedy tokens equal the quantized model's on the reference path, including a
+    lone stream's 1-token program."""
+    from jaxrt_testing import make_tiny_llama, record_buckets
+
+    from jaxrt.kernels import add_norm, decode_mlp, decode_qkv
+
+    traced = []
+    for module, name in (
+        (decode_qkv, "norm_qkv_rope_write_gpu"),
+        (decode_mlp, "norm_gate_up_gpu"),
+        (add_norm, "add_rms_norm_gpu"),
+    ):
+        kernel = getattr(module, name)
+        monkeypatch.setattr(
+            module, name, lambda *a, _k=kernel, _n=name, **k: traced.append(_n) or _k(*a, **k)
+        )
+    monkeypatch.setenv("JAXRT_ATTENTION_INTERPRET", "1")
+    monkeypatch.setenv("JAXRT_FUSED_GATE_UP", "1")
+    path = make_tiny_llama(tmp_path / "m", None, vocab_size=512)
+    kwargs = dict(
+        quantization="fp8",
+        skip_tokenizer_init=True,
+        dtype="float32",
+        chunked_prefill_size=16,
+        max_running_requests=4,
+        context_length=128,
+        num_pages=64,
+        single_token_bucket=True,
+    )
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(3, 500, n).tolist() for n in (5, 19, 11)]
+    params = {"temperature": 0, "max_new_tokens": 10, "min_new_tokens": 10}
+    outs = {}
+    for backend in ("reference", "pallas_gpu"):
+        with jaxrt.Engine(model_path=path, attention_backend=backend, **kwargs) as llm:
+            picked = record_buckets(llm)
+            batch = llm.generate(input_ids=ids, sampling_params=params)
+            alone = llm.generate(input_ids=ids[1], sampling_params=params)
+            outs[backend] = [o["output_ids"] for o in batch] + [alone["output_ids"]]
+            assert picked.count(1) >= 9, picked  # the lone stream's decodes: the 1-token program
+            assert_no_leak(llm)
+    assert outs["pallas_gpu"] == outs["reference"]
+    assert "add_rms_norm_gpu" in traced
+    assert "norm_qkv_rope_write_gpu" not in traced and "norm_gate_up_gpu" not in traced

@@ -8,6 +8,8 @@ import logging
 import sys
 from typing import Any
 
+from jaxrt.config import QUANTIZATION_METHODS
+
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine flags with SGLang's names (shared by ``generate`` and the server)."""
@@ -22,7 +24,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantization",
         default=None,
-        choices=["fp8"],
+        choices=list(QUANTIZATION_METHODS),
         help="fp8: the decoder layers' projection weights in float8_e4m3fn with a scale per output channel, "
         "activations quantized per token (native models)",
     )

@@ -154,6 +154,18 @@ class SchedulerConfig:
             raise ValueError(f"context_length must be >= 2, got {self.context_length}")
 
 
+QUANTIZATION_METHODS = ("fp8",)  # jaxrt.models.quantization
+
+
+def validate_quantization(quantization: str | None) -> str | None:
+    """``None`` or a supported method; a ValueError naming the field otherwise."""
+    if quantization is None or quantization in QUANTIZATION_METHODS:
+        return quantization
+    raise ValueError(
+        f"quantization must be one of {list(QUANTIZATION_METHODS)} or None, got {quantization!r}"
+    )
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model_path: str
@@ -174,8 +186,7 @@ class EngineConfig:
             raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         if self.impl not in ("native", "transformers"):
             raise ValueError(f"impl must be 'native' or 'transformers', got {self.impl!r}")
-        if self.quantization not in (None, "fp8"):
-            raise ValueError(f"quantization must be 'fp8' or None, got {self.quantization!r}")
+        validate_quantization(self.quantization)
         if self.quantization is not None and self.impl != "native":
             raise ValueError(
                 f"quantization={self.quantization!r} needs a native model; {self.model.architecture} runs "

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxrt.config import validate_quantization
 from jaxrt.engine import EngineAPI
 from jaxrt.output import Sink
 
@@ -135,6 +136,7 @@ class DataParallelEngine(EngineAPI):
         from jaxrt.engine_process import EngineProcess
 
         validate_dp_args(dp_size, load_balance_method)
+        validate_quantization(engine_kwargs.get("quantization"))
         t0 = time.perf_counter()
         devices = replica_devices(dp_size)
         with ThreadPoolExecutor(dp_size, thread_name_prefix="jaxrt-dp-start") as pool:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxrt.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from jaxrt.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, validate_quantization
 from jaxrt.grammar import GrammarTokenizer, compile_grammar
 from jaxrt.output import OutputProcessor, Sink, Track
 from jaxrt.page_table import PageAllocator
@@ -369,8 +369,6 @@ class Engine(EngineAPI):
         t0 = time.perf_counter()
         if impl not in ("auto", "native", "transformers"):
             raise ValueError(f"impl must be 'auto', 'native' or 'transformers', got {impl!r}")
-        from jaxrt.models.quantization import validate_quantization
-
         validate_quantization(quantization)
         if model_path is None:
             from jaxrt.default_model import DEFAULT_MODEL_NAME, default_model_path

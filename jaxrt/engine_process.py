@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxrt.config import validate_quantization
 from jaxrt.engine import EngineAPI
 from jaxrt.output import DELTA_ERROR, OutputDelta, Sink, delta_ends, hold_back, output_dict
 from jaxrt.sampling_params import SamplingParams
@@ -96,6 +97,7 @@ class EngineProcess(EngineAPI):
     ) -> None:
         """``visible_devices``: the GPUs the engine process may see (``CUDA_VISIBLE_DEVICES`` in its
         environment; None: those this process sees). `jaxrt.data_parallel` gives each replica one."""
+        validate_quantization(engine_kwargs.get("quantization"))  # here, not as the child's start failure
         t0 = time.perf_counter()
         self._proc, (self._conn,) = start_core(1, visible_devices)
         level = logging.getLogger("jaxrt").getEffectiveLevel()

@@ -20,19 +20,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrt import envs
+from jaxrt.config import validate_quantization
 
-METHODS = ("fp8",)
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
 # Scales never fall below this: an all-zero row or weight channel quantizes to zeros, not NaN.
 _MIN_SCALE = 1e-12
-
-
-def validate_quantization(quantization: str | None) -> str | None:
-    """``None`` or a supported method; a ValueError naming the field otherwise."""
-    if quantization is None or quantization in METHODS:
-        return quantization
-    raise ValueError(f"quantization must be one of {list(METHODS)} or None, got {quantization!r}")
 
 
 def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -192,6 +192,8 @@ def test_fp8_engine_greedy_and_prompt_logprobs(default_model_dir):
 def test_fp8_argument_errors(default_model_dir, tiny_llama_dir):
     with pytest.raises(ValueError, match="quantization"):
         jaxrt.Engine(model_path=tiny_llama_dir, quantization="int4")
+    with pytest.raises(ValueError, match="quantization"):  # in this process, before any replica starts
+        jaxrt.Engine(model_path=tiny_llama_dir, quantization="int4", dp_size=2)
     with pytest.raises(ValueError, match="quantization.*native"):
         jaxrt.Engine(model_path=tiny_llama_dir, impl="transformers", quantization="fp8")
 

@@ -174,6 +174,36 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
             embedding_multiplier=float(hf.embedding_multiplier) if granite else 1.0,
             residual_multiplier=float(hf.residual_multiplier) if granite else 1.0,
             logits_scaling=float(hf.logits_scaling) if granite else 1.0,
+            **_checkpoint_quantization(hf),
         )
     except AttributeError as e:
         raise ValueError(f"config of {arch} lacks a field jaxrt needs: {e}") from e
+
+
+def _checkpoint_quantization(hf: Any) -> dict[str, Any]:
+    """``checkpoint_quantization`` / ``checkpoint_block_size`` from ``quantization_config``: "fp8" for
+    transformers' fp8 checkpoints (``quant_method: fp8``, scales per tensor or per ``weight_block_size`` block)
+    and compressed-tensors' float8 ones (per tensor, channel or block); any other method by its name (the
+    native loader refuses those). GGUF files are dequantized by the loader itself."""
+    qc = getattr(hf, "quantization_config", None)
+    if not qc:
+        return {}
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    method = qc.get("quant_method")
+    if method in (None, "gguf"):
+        return {}
+    block = None
+    if method == "fp8":
+        block = qc.get("weight_block_size")
+    elif method == "compressed-tensors":
+        weights = [g.get("weights") or {} for g in (qc.get("config_groups") or {}).values()]
+        if weights and all(w.get("type") == "float" and w.get("num_bits") == 8 for w in weights):
+            method = "fp8"
+            blocks = {tuple(w["block_structure"]) for w in weights if w.get("block_structure")}
+            block = blocks.pop() if len(blocks) == 1 else None
+        else:
+            method = "compressed-tensors (not float8)"
+    return {
+        "checkpoint_quantization": method,
+        "checkpoint_block_size": tuple(int(b) for b in block) if block else None,
+    }

@@ -19,7 +19,14 @@ from flax import nnx
 from jaxrt.config import ModelConfig
 from jaxrt.converters import checkpoint
 from jaxrt.converters.hf_config import model_config_from_hf
-from jaxrt.converters.weights import WEIGHT_MAPS, gguf_file, iter_tensors, load_weights
+from jaxrt.converters.weights import (
+    WEIGHT_MAPS,
+    WeightLoadError,
+    dequantize_fp8,
+    gguf_file,
+    iter_tensors,
+    load_weights,
+)
 from jaxrt.models import MODEL_REGISTRY, get_model_class
 
 logger = logging.getLogger(__name__)
@@ -104,7 +111,15 @@ def stream_weights(
         raise ValueError(f"no weight map for {cfg.architecture}")
     skip = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
     rules = WEIGHT_MAPS[cfg.architecture]
-    return load_weights(abstract_state, iter_tensors(model_path), rules, dtype, skip, stats)
+    tensors = iter_tensors(model_path)
+    if cfg.checkpoint_quantization == "fp8":
+        tensors = dequantize_fp8(tensors, cfg.checkpoint_block_size)
+    elif cfg.checkpoint_quantization is not None:
+        raise WeightLoadError(
+            f"{model_path}: quantization_config.quant_method {cfg.checkpoint_quantization!r} is not supported "
+            "(jaxrt reads fp8 checkpoints: quant_method 'fp8', or compressed-tensors with float8 weights)"
+        )
+    return load_weights(abstract_state, tensors, rules, dtype, skip, stats)
 
 
 def load_params(

@@ -279,6 +279,65 @@ def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, Any]]:
         yield from iter_safetensors(model_dir)
 
 
+# FP8 checkpoints: a ``*.weight`` in float8 comes with ``*.weight_scale_inv`` (transformers' fp8 format) or
+# ``*.weight_scale`` (compressed-tensors); both multiply. Static activation and KV scales are not used (jaxrt
+# quantizes activations per token, and keeps its KV cache in the model's dtype).
+_FP8_DTYPES = (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
+_SCALE_SUFFIXES = (".weight_scale_inv", ".weight_scale")
+_UNUSED_SCALES = re.compile(r".*\.(input_scale|k_scale|v_scale|kv_scale)$")
+
+
+def dequantize_fp8(
+    tensors: Iterator[tuple[str, Any]], block_size: tuple[int, int] | None = None
+) -> Iterator[tuple[str, Any]]:
+    """``tensors`` with each float8 weight and its scale joined into the f32 weight they stand for (under the
+    weight's name); scales per tensor (one value), per output channel (``[out]`` or ``[out, 1]``) or per
+    ``block_size`` block (``[ceil(out / bo), ceil(in / bi)]``). Other tensors pass through. A weight or scale
+    left without its partner is a WeightLoadError."""
+    weights: dict[str, Any] = {}  # base name -> float8 weight awaiting its scale
+    scales: dict[str, Any] = {}
+    for name, arr in tensors:
+        if _UNUSED_SCALES.fullmatch(name):
+            continue
+        suffix = next((x for x in _SCALE_SUFFIXES if name.endswith(x)), None)
+        if suffix is not None:
+            base = name[: -len(suffix)]
+            if base in weights:
+                yield base + ".weight", _dequantize(base, weights.pop(base), arr, block_size)
+            else:
+                scales[base] = arr
+        elif name.endswith(".weight") and np.dtype(arr.dtype) in _FP8_DTYPES:
+            base = name[: -len(".weight")]
+            if base in scales:
+                yield name, _dequantize(base, arr, scales.pop(base), block_size)
+            else:
+                weights[base] = arr
+        else:
+            yield name, arr
+    if weights or scales:
+        raise WeightLoadError(
+            f"fp8 checkpoint: weights without a scale {sorted(weights)}, scales without a weight {sorted(scales)}"
+        )
+
+
+def _dequantize(base: str, w: Any, scale: Any, block_size: tuple[int, int] | None) -> np.ndarray:
+    w = np.asarray(w).astype(np.float32)
+    s = np.asarray(scale).astype(np.float32)
+    out, inp = w.shape
+    if s.size == 1:
+        return w * s.reshape(())
+    if s.shape in ((out,), (out, 1)):
+        return w * s.reshape(out, 1)
+    if block_size is not None and s.ndim == 2:
+        bo, bi = block_size
+        if s.shape == (-(-out // bo), -(-inp // bi)):
+            return w * np.repeat(np.repeat(s, bo, axis=0), bi, axis=1)[:out, :inp]
+    raise WeightLoadError(
+        f"{base}: fp8 scale of shape {list(s.shape)} fits neither a tensor, its {out} output channels nor "
+        f"blocks of {block_size} of its {[out, inp]}"
+    )
+
+
 # ---------------------------------------------------------------------------------------------- mapping
 
 

@@ -81,6 +81,11 @@ class ModelConfig:
     # the model reads them; empty for attention-only models. ``num_layers`` counts the KV (attention) layers
     # only, so a model without attention has ``num_layers == 0`` and at least one state spec.
     state_specs: tuple[StateSpec, ...] = ()
+    # How the checkpoint stores its weights when quantized (its ``quantization_config.quant_method``; "fp8":
+    # float8 projection weights with scales, read by dequantizing them), and the fp8 scales' block shape
+    # ``(out, in)`` when they are per block.
+    checkpoint_quantization: str | None = None
+    checkpoint_block_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "head_dim"):

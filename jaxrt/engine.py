@@ -417,6 +417,9 @@ class Engine(EngineAPI):
         if fallback:
             phases.mark("weights_s")  # the traced transformers model with its weights on the device
         model_cfg: ModelConfig = fallback[0] if fallback else native_model_config(hf_config)
+        if quantization is None and not fallback and model_cfg.checkpoint_quantization == "fp8":
+            quantization = "fp8"  # an fp8 checkpoint is served in fp8 (as vLLM and SGLang do)
+            logger.info("the checkpoint stores fp8 weights: serving with quantization='fp8'")
         platform = _platform()
         dtype = dtype or _default_dtype(model_cfg.dtype, platform)
         context_length = context_length or model_cfg.max_position_embeddings

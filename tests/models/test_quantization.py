@@ -256,3 +256,130 @@ def test_fp8_on_the_gpu_kernel_path(tmp_path, monkeypatch):
     assert outs["pallas_gpu"] == outs["reference"]
     assert "add_rms_norm_gpu" in traced
     assert "norm_qkv_rope_write_gpu" not in traced and "norm_gate_up_gpu" not in traced
+
+
+# ------------------------------------------------------------------------------------ fp8 checkpoints
+
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CT_CONFIG = {  # compressed-tensors' FP8_DYNAMIC scheme: float8 weights per channel, activations per token
+    "quant_method": "compressed-tensors",
+    "format": "float-quantized",
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True},
+            "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True},
+        }
+    },
+    "ignore": ["lm_head"],
+}
+
+
+def _write_fp8_checkpoint(src: str, dst, scheme: str) -> dict:
+    """``src``'s tiny Llama saved as an fp8 checkpoint: each projection weight in float8_e4m3fn with
+    ``weight_scale_inv`` per 32 x 32 block (transformers' "fp8", scheme "block") or ``weight_scale`` per
+    output channel (compressed-tensors, "channel"). Returns the dequantized weights by name (numpy f32)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    dst = Path(dst)
+    dst.mkdir()
+    state = load_file(str(Path(src) / "model.safetensors"))
+    out, deq = {}, {}
+    for name, t in state.items():
+        if name.rsplit(".", 2)[-2] not in PROJ:
+            out[name] = t
+            continue
+        w = t.float()
+        if scheme == "block":
+            o, i = w.shape
+            blocks = w.reshape(o // 32, 32, i // 32, 32).abs().amax(dim=(1, 3))
+            scale = blocks / 448.0
+            full = scale.repeat_interleave(32, 0).repeat_interleave(32, 1)
+            out[name.replace(".weight", ".weight_scale_inv")] = scale
+        else:
+            scale = w.abs().amax(dim=1, keepdim=True) / 448.0
+            full = scale
+            out[name.replace(".weight", ".weight_scale")] = scale
+        q = (w / full).to(torch.float8_e4m3fn)
+        out[name] = q
+        deq[name] = (q.float() * full).numpy()
+    save_file(out, str(dst / "model.safetensors"))
+    cfg = json.loads((Path(src) / "config.json").read_text())
+    if scheme == "block":
+        cfg["quantization_config"] = {
+            "quant_method": "fp8",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [32, 32],
+        }
+    else:
+        cfg["quantization_config"] = CT_CONFIG
+    (dst / "config.json").write_text(json.dumps(cfg))
+    for f in Path(src).iterdir():
+        if f.name not in ("config.json", "model.safetensors"):
+            shutil.copy(f, dst / f.name)
+    return deq
+
+
+@pytest.fixture(scope="module")
+def tiny_src(tmp_path_factory):
+    from jaxrt_testing import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("src"), None, vocab_size=512)
+
+
+@pytest.mark.parametrize("scheme", ["block", "channel"])
+def test_fp8_checkpoint_matches_transformers_on_its_dequantized_weights(tiny_src, tmp_path, scheme):
+    """A checkpoint stored in fp8 (transformers' block-scaled format, compressed-tensors' per-channel one)
+    loads as the weights it stands for: logits equal transformers' on those weights; an Engine serves it in
+    fp8 (as vLLM does) without being asked."""
+    import torch
+
+    deq = _write_fp8_checkpoint(tiny_src, tmp_path / "fp8", scheme)
+    path = str(tmp_path / "fp8")
+    cfg = native_model_config(load_hf_config(path))
+    assert cfg.checkpoint_quantization == "fp8"
+    assert cfg.checkpoint_block_size == ((32, 32) if scheme == "block" else None)
+    ref = hf_model(tiny_src)
+    with torch.no_grad():
+        for name, w in deq.items():
+            ref.get_parameter(name).copy_(torch.from_numpy(w))
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 500, n).tolist() for n in (4, 13, 30)]
+    graphdef, state = build_native_model(cfg, path, "float32", "reference")
+    ours = chunked_prefill_logits(nnx_forward(graphdef), state, cfg, prompts, 4, 2, 64, 8)
+    for i, ids in enumerate(prompts):
+        np.testing.assert_allclose(ours[i], _all_logits(ref, ids)[-1], atol=2e-4, rtol=1e-4)
+    with jaxrt.Engine(model_path=path, skip_tokenizer_init=True, chunked_prefill_size=32) as llm:
+        assert llm.get_server_info()["quantization"] == "fp8"
+        out = llm.generate(input_ids=prompts[1], sampling_params={"max_new_tokens": 4, "temperature": 0})
+        assert len(out["output_ids"]) == 4
+        assert_no_leak(llm)
+
+
+def test_fp8_checkpoint_errors(tiny_src, tmp_path):
+    """A quantization method jaxrt does not read, and an fp8 weight without its scale, are errors naming
+    them."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    _write_fp8_checkpoint(tiny_src, tmp_path / "gptq", "channel")
+    cfg_file = tmp_path / "gptq" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="quant_method 'gptq'"):
+        jaxrt.Engine(model_path=str(tmp_path / "gptq"), skip_tokenizer_init=True)
+
+    _write_fp8_checkpoint(tiny_src, tmp_path / "noscale", "channel")
+    st = tmp_path / "noscale" / "model.safetensors"
+    tensors = load_file(str(st))
+    del tensors["model.layers.1.mlp.down_proj.weight_scale"]
+    save_file(tensors, str(st))
+    with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj"):
+        jaxrt.Engine(model_path=str(tmp_path / "noscale"), skip_tokenizer_init=True)

@@ -37,6 +37,7 @@ from jaxrt.kernels import (  # apply_rope stays importable from here; its defini
     rope_write_kv,
 )
 from jaxrt.kernels.reference import rms_norm, token_metadata
+from jaxrt.models.quantization import Fp8Linear
 
 KVCache = tuple[jax.Array, jax.Array]  # (k_pages, v_pages): [num_pages, page_size, num_kv_heads, head_dim]
 
@@ -344,7 +345,7 @@ class PagedAttention(nnx.Module):
         """Whether this call (of ``num_tokens`` tokens) takes the residual stream and the RMSNorm before it
         (``input_norm``) rather than the normed rows: a lone decode token on pallas_gpu, where one kernel
         norms, projects, ropes and writes k and v (``kernels.norm_qkv_rope_write``; ``JAXRT_FUSED_QKV``)."""
-        if not isinstance(self.qkv_proj, OutInLinear):  # a quantized projection: XLA's products
+        if isinstance(self.qkv_proj, Fp8Linear):  # a quantized projection: XLA's products
             return False
         return envs.fused_qkv() and norm_qkv_kernel_applies(
             num_tokens,
@@ -467,7 +468,7 @@ class GatedMLP(nnx.Module):
         pallas_gpu, where one kernel norms, multiplies by the gate/up weights and applies the activation
         (``kernels.norm_gate_up``; ``JAXRT_FUSED_GATE_UP``), unless ``JAXRT_FUSED_MLP`` picks a Mosaic MLP."""
         act = KERNEL_ACTIVATIONS.get(self.act)
-        if not isinstance(self.gate_up_proj, nnx.Linear):  # a quantized projection: XLA's products
+        if isinstance(self.gate_up_proj, Fp8Linear):  # a quantized projection: XLA's products
             return False
         w = self.gate_up_proj.kernel
         return (
@@ -515,7 +516,7 @@ class GatedMLP(nnx.Module):
         else None."""
         act = KERNEL_ACTIVATIONS.get(self.act)
         mode = envs.fused_mlp()
-        quantized = not isinstance(self.gate_up_proj, nnx.Linear)
+        quantized = isinstance(self.gate_up_proj, Fp8Linear)
         if act is not None and not self.bias and mode != "0" and not quantized:
             wgu, wd = self.gate_up_proj.kernel[...], self.down_proj.kernel[...]
             columns = mode.startswith("columns")

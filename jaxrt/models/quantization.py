@@ -1,13 +1,14 @@
 """FP8 quantization of a loaded model's linear layers (``Engine(quantization="fp8")``, ``--quantization fp8``).
 
 The scheme is vLLM's and SGLang's ``fp8`` online quantization with finer scales (as compressed-tensors'
-``FP8_DYNAMIC``): after the bf16 checkpoint is loaded, each projection weight of the decoder layers (q/k/v,
-o, gate/up, down) becomes ``float8_e4m3fn`` with one f32 scale per output channel (its absolute maximum over
-448, e4m3's largest value); at run time each token's activations are quantized the same way, with a scale per
-row, and the product runs on the two fp8 operands: ``y = (xq @ wq.T) * sx * sw`` (a lone token's product
-is weight-only, see ``fp8_linear``). Hopper
-GPUs (and Ada) multiply fp8 at twice bf16's rate, and a decode step reads half the weight bytes. Embeddings,
-the LM head and norms keep the model's dtype.
+``FP8_DYNAMIC``): after the checkpoint is loaded, each projection weight of the decoder layers (q/k/v, o,
+gate/up, down) becomes ``float8_e4m3fn`` with one f32 scale per output channel (its absolute maximum over 448,
+e4m3's largest value). Products of more than ``envs.fp8_weight_only_rows()`` rows quantize each token's
+activations the same way and run on the two fp8 operands, ``y = (xq @ wq.T) * sx * sw`` (Hopper and Ada GPUs
+multiply fp8 at twice bf16's rate); smaller ones (decode steps) multiply the unquantized activations by the
+fp8 weights, which halves the bytes they read (see ``fp8_linear``). Embeddings, the LM head and norms keep
+the model's dtype. Checkpoints stored in fp8 are dequantized as they load (``converters.weights
+.dequantize_fp8``) and quantized here like any other.
 
 Weights are stored ``[out, in]`` (each output's inputs contiguous), the layout fp8 GEMMs take. Layers with an
 fp8 weight run XLA's products, never the fused Mosaic kernels that read bf16 weights.

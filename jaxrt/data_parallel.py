@@ -140,8 +140,10 @@ class DataParallelEngine(EngineAPI):
         t0 = time.perf_counter()
         devices = replica_devices(dp_size)
         with ThreadPoolExecutor(dp_size, thread_name_prefix="jaxrt-dp-start") as pool:
+            shared: dict = {}  # one tokenizer for every replica's handle
             futures = [
-                pool.submit(EngineProcess, model_path, visible_devices=d, **engine_kwargs) for d in devices
+                pool.submit(EngineProcess, model_path, visible_devices=d, tokenizers=shared, **engine_kwargs)
+                for d in devices
             ]
         self._setup(futures, devices, load_balance_method, engine_kwargs.get("random_seed", 0), 0, t0)
 
@@ -159,7 +161,8 @@ class DataParallelEngine(EngineAPI):
         t0 = time.perf_counter()
         self = cls.__new__(cls)
         with ThreadPoolExecutor(len(fds), thread_name_prefix="jaxrt-dp-attach") as pool:
-            futures = [pool.submit(EngineProcess.attach, fd, index, **engine_kwargs) for fd in fds]
+            shared: dict = {}  # one tokenizer for every replica's handle
+            futures = [pool.submit(EngineProcess.attach, fd, index, shared, **engine_kwargs) for fd in fds]
         seed = engine_kwargs.get("random_seed", 0)
         self._setup(futures, [None] * len(fds), load_balance_method, seed, index, t0)
         return self

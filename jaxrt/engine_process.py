@@ -82,6 +82,10 @@ class _Seq:
     input_top: list[list[tuple[int, float]]] | None = None
 
 
+# Guards the shared tokenizer dicts of data-parallel handles (their replicas set up on threads).
+_TOKENIZERS_LOCK = threading.Lock()
+
+
 class EngineProcess(EngineAPI):
     """An :class:`jaxrt.engine.Engine` running in a child process, behind the same API.
 
@@ -93,10 +97,17 @@ class EngineProcess(EngineAPI):
     """
 
     def __init__(
-        self, model_path: str | None = None, *, visible_devices: str | None = None, **engine_kwargs: Any
+        self,
+        model_path: str | None = None,
+        *,
+        visible_devices: str | None = None,
+        tokenizers: dict[tuple, Tokenizer] | None = None,
+        **engine_kwargs: Any,
     ) -> None:
         """``visible_devices``: the GPUs the engine process may see (``CUDA_VISIBLE_DEVICES`` in its
-        environment; None: those this process sees). `jaxrt.data_parallel` gives each replica one."""
+        environment; None: those this process sees). `jaxrt.data_parallel` gives each replica one.
+        ``tokenizers``: a dict that handles on replicas of one model share: the first to need a tokenizer
+        builds it there, the others use that one (a data-parallel frontend loads it once, not per replica)."""
         validate_quantization(engine_kwargs.get("quantization"))  # here, not as the child's start failure
         t0 = time.perf_counter()
         self._proc, (self._conn,) = start_core(1, visible_devices)
@@ -109,10 +120,12 @@ class EngineProcess(EngineAPI):
             except subprocess.TimeoutExpired:
                 self._proc.kill()
             raise RuntimeError(f"the engine process failed to start: {msg[1]}")
-        self._setup(msg[1], engine_kwargs, 0, t0)
+        self._setup(msg[1], engine_kwargs, 0, t0, tokenizers)
 
     @classmethod
-    def attach(cls, fd: int, index: int, **engine_kwargs: Any) -> EngineProcess:
+    def attach(
+        cls, fd: int, index: int, tokenizers: dict[tuple, Tokenizer] | None = None, **engine_kwargs: Any
+    ) -> EngineProcess:
         """A handle on an engine process that another process started (``start_core``), over the
         connection ``fd``: what each HTTP process of ``--api-server-count`` holds. ``engine_kwargs`` are those
         the engine was started with (the tokenizer's are read from them); ``index`` tells handles apart
@@ -128,10 +141,17 @@ class EngineProcess(EngineAPI):
         if msg[0] != "ready":
             self._conn.close()
             raise RuntimeError(f"the engine process failed to start: {msg[1]}")
-        self._setup(msg[1], engine_kwargs, index, t0)
+        self._setup(msg[1], engine_kwargs, index, t0, tokenizers)
         return self
 
-    def _setup(self, info: dict[str, Any], engine_kwargs: dict[str, Any], index: int, t0: float) -> None:
+    def _setup(
+        self,
+        info: dict[str, Any],
+        engine_kwargs: dict[str, Any],
+        index: int,
+        t0: float,
+        tokenizers: dict[tuple, Tokenizer] | None,
+    ) -> None:
         self.config = info["config"]
         self.model_path = info["model_path"]
         self.served_model_name = info["served_model_name"]
@@ -144,15 +164,19 @@ class EngineProcess(EngineAPI):
         # The other handles on this engine (other HTTP processes): with none, an abort broadcast has no one
         # to reach and costs no round trip.
         self._num_peers = info.get("num_frontends", 1) - 1
-        self.tokenizer = (
-            None
-            if engine_kwargs.get("skip_tokenizer_init")
-            else Tokenizer(
+        self.tokenizer = None
+        if not engine_kwargs.get("skip_tokenizer_init"):
+            key = (
                 self.model_path,
                 engine_kwargs.get("trust_remote_code", False),
                 engine_kwargs.get("chat_template"),
             )
-        )
+            with _TOKENIZERS_LOCK:
+                if tokenizers is None or key not in tokenizers:
+                    tok = Tokenizer(*key)
+                    if tokenizers is not None:
+                        tokenizers[key] = tok
+                self.tokenizer = tokenizers[key] if tokenizers is not None else tok
         seed = engine_kwargs.get("random_seed", 0)
         self._rng = np.random.default_rng(seed if index == 0 else [seed, index])
         # Called (on the reader thread) with (rid, abort_all, reply) when another process's handle asks every

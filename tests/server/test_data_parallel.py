@@ -58,6 +58,8 @@ def test_two_replicas_in_processes_of_their_own(dp_server, dp_http):
     assert len(set(pids)) == 2
     assert info["num_pages"] == 2 * ENGINE_ARGS["num_pages"]
     assert [r["num_pages"] for r in info["replicas"]] == [ENGINE_ARGS["num_pages"]] * 2
+    # one tokenizer in the frontend, shared by both replicas' handles
+    assert dp.tokenizer is not None and all(r.tokenizer is dp.tokenizer for r in dp.replicas)
 
 
 def test_batch_matches_the_in_process_engine_spread_over_both(server, dp_server, dp_http):

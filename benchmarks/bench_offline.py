@@ -11,6 +11,8 @@ import time
 
 from common import add_model_args, append_jsonl, ensure_checkpoint, print_block, random_requests
 
+from jaxrt.config import QUANTIZATION_METHODS
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
@@ -32,7 +34,9 @@ def main() -> None:
     p.add_argument("--num-continuous-decode-steps", type=int, default=None)
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--dtype", default=None)
-    p.add_argument("--quantization", default=None, choices=["fp8"], help="jaxrt.Engine(quantization=...)")
+    p.add_argument(
+        "--quantization", default=None, choices=QUANTIZATION_METHODS, help="jaxrt.Engine(quantization=...)"
+    )
     p.add_argument(
         "--impl", default="auto", choices=["auto", "native", "transformers"], help="model implementation"
     )

@@ -24,6 +24,8 @@ from common import (
     trace_timeline,
 )
 
+from jaxrt.config import QUANTIZATION_METHODS
+
 
 def ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
@@ -139,7 +141,9 @@ def main() -> None:
     )
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--attention-backend", default=None)
-    p.add_argument("--quantization", default=None, choices=["fp8"], help="jaxrt.Engine(quantization=...)")
+    p.add_argument(
+        "--quantization", default=None, choices=QUANTIZATION_METHODS, help="jaxrt.Engine(quantization=...)"
+    )
     p.add_argument("--mem-fraction-static", type=float, default=0.85)
     p.add_argument("--output-file", default=None)
     p.add_argument(

@@ -50,7 +50,6 @@ from typing import Any
 
 import numpy as np
 
-from jaxrt.config import validate_quantization
 from jaxrt.engine import EngineAPI
 from jaxrt.output import DELTA_ERROR, OutputDelta, Sink, delta_ends, hold_back, output_dict
 from jaxrt.sampling_params import SamplingParams
@@ -108,7 +107,6 @@ class EngineProcess(EngineAPI):
         environment; None: those this process sees). `jaxrt.data_parallel` gives each replica one.
         ``tokenizers``: a dict that handles on replicas of one model share: the first to need a tokenizer
         builds it there, the others use that one (a data-parallel frontend loads it once, not per replica)."""
-        validate_quantization(engine_kwargs.get("quantization"))  # here, not as the child's start failure
         t0 = time.perf_counter()
         self._proc, (self._conn,) = start_core(1, visible_devices)
         level = logging.getLogger("jaxrt").getEffectiveLevel()
@@ -171,12 +169,13 @@ class EngineProcess(EngineAPI):
                 engine_kwargs.get("trust_remote_code", False),
                 engine_kwargs.get("chat_template"),
             )
-            with _TOKENIZERS_LOCK:
-                if tokenizers is None or key not in tokenizers:
-                    tok = Tokenizer(*key)
-                    if tokenizers is not None:
-                        tokenizers[key] = tok
-                self.tokenizer = tokenizers[key] if tokenizers is not None else tok
+            if tokenizers is None:
+                self.tokenizer = Tokenizer(*key)
+            else:
+                with _TOKENIZERS_LOCK:  # the replicas' handles set up on threads at once
+                    if key not in tokenizers:
+                        tokenizers[key] = Tokenizer(*key)
+                    self.tokenizer = tokenizers[key]
         seed = engine_kwargs.get("random_seed", 0)
         self._rng = np.random.default_rng(seed if index == 0 else [seed, index])
         # Called (on the reader thread) with (rid, abort_all, reply) when another process's handle asks every
